@@ -1,0 +1,88 @@
+"""`python -m eagle_gto`: generate with speculative decoding and compare with
+plain decoding side by side. With no model paths it runs the embedded demo
+pair (a small Python-code model and its draft head), offline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import EaModel
+from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eagle_gto", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
+    p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
+    p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
+                   help="chat template; 'plain' sends the prompt as is (default: auto)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (a user message for chat models)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (not the tree's)")
+    p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: auto)")
+    p.add_argument("--depth", type=int, default=7)
+    p.add_argument("--tree-top-k", type=int, default=10)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" to shard over GPUs')
+    p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
+    return p.parse_args(argv)
+
+
+def load_model(args) -> EaModel:
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float16" if torch.cuda.is_available() else "float32"
+    kwargs = dict(dtype=getattr(torch, dtype))
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = "cuda"
+    return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
+                                   depth=args.depth, top_k=args.tree_top_k, **kwargs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = load_model(args)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        print("the base model has no tokenizer; use the Python API with token ids", file=sys.stderr)
+        return 2
+    text = build_prompt([{"role": "user", "content": args.prompt}], args.model_type, tokenizer)
+    ids = torch.tensor([encode_prompt(text, tokenizer, args.model_type)])
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   max_new_tokens=args.max_new_tokens, is_llama3=chat_format(args.model_type).is_llama3)
+    model.eagenerate(ids, max_new_tokens=8)  # warm-up
+    out = model.eagenerate(ids, **options)
+    spec = model.last_stats
+    print(args.prompt, end="")
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    print("-" * 60)
+    rows = [("speculative", spec)]
+    if not args.no_compare:
+        plain = model.naivegenerate(ids, **options)
+        rows.append(("plain", model.last_stats))
+        if args.temperature == 0:
+            print(f"greedy outputs identical: {'yes' if plain.tolist() == out.tolist() else 'NO'}")
+    print(f"{'decoding':<12} {'tokens':>6} {'iterations':>10} {'tau':>6} {'tokens/s':>9}")
+    for name, st in rows:
+        print(f"{name:<12} {st.new_tokens:>6} {st.iterations:>10} {st.mean_accepted_length:>6.2f} "
+              f"{st.tokens_per_second:>9.1f}")
+    if len(rows) == 2:
+        print(f"speedup {spec.tokens_per_second / rows[1][1].tokens_per_second:.2f}x "
+              f"({'CUDA' if torch.cuda.is_available() else 'CPU'}, tree {model.tree.total_token}/"
+              f"{model.tree.depth}/{model.tree.top_k})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Conversation prompts per model type, shared by the web UI, the HTTP API,
+the benchmarks and the trainer.
+
+`--model-type` names follow the EAGLE reference (vicuna, llama2-chat, llama3,
+qwen, mixtral) plus `auto` (the tokenizer's own chat template, falling back
+to `plain`) and `plain` (turns joined as text, for base/code models such as
+the demo pair).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one model type writes a conversation."""
+
+    is_llama3: bool = False  # stop at <|eot_id|> as the reference does
+    stop_strings: tuple[str, ...] = ()
+
+
+MODEL_TYPES = ("auto", "plain", "vicuna", "llama2-chat", "llama3", "qwen", "mixtral")
+
+
+def _vicuna(messages, system):
+    text = (system or VICUNA_SYSTEM) + " "
+    for m in messages:
+        if m["role"] == "user":
+            text += f"USER: {m['content']} ASSISTANT:"
+        elif m["role"] == "assistant":
+            text += f" {m['content']}</s>"
+    return text
+
+
+def _llama2(messages, system):
+    text, first = "", True
+    for m in messages:
+        if m["role"] == "user":
+            content = m["content"]
+            if first:
+                content = f"<<SYS>>\n{system or LLAMA2_SYSTEM}\n<</SYS>>\n\n{content}"
+                first = False
+            text += f"<s>[INST] {content} [/INST]"
+        elif m["role"] == "assistant":
+            text += f" {m['content']} </s>"
+    return text
+
+
+def _llama3(messages, system):
+    text = "<|begin_of_text|>"
+    if system:
+        text += f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+    for m in messages:
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+    return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def _chatml(messages, system):
+    text = f"<|im_start|>system\n{system or 'You are a helpful assistant.'}<|im_end|>\n"
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+    return text + "<|im_start|>assistant\n"
+
+
+def _mixtral(messages, system):
+    text = "<s>"
+    for m in messages:
+        if m["role"] == "user":
+            text += f"[INST] {m['content']} [/INST]"
+        elif m["role"] == "assistant":
+            text += f" {m['content']}</s>"
+    return text
+
+
+def _plain(messages, system):
+    # A base/code model continues text: the conversation is its turns in order.
+    return "".join(m["content"] for m in messages)
+
+
+_TEMPLATES = {"vicuna": _vicuna, "llama2-chat": _llama2, "llama3": _llama3, "qwen": _chatml,
+              "mixtral": _mixtral, "plain": _plain}
+FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
+
+
+def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None, system: str | None = None) -> str:
+    """Text that asks the model for the next assistant turn. `messages` are
+    {"role": "user"|"assistant"|"system", "content": str} dicts."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {model_type!r}; choose from {', '.join(MODEL_TYPES)}")
+    system = system or next((m["content"] for m in messages if m["role"] == "system"), None)
+    turns = [m for m in messages if m["role"] != "system"]
+    if model_type == "auto":
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            full = ([{"role": "system", "content": system}] if system else []) + turns
+            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
+        model_type = "plain"
+    return _TEMPLATES[model_type](turns, system)
+
+
+def chat_format(model_type: str) -> ChatFormat:
+    return FORMATS.get(model_type, ChatFormat())
+
+
+def encode_prompt(text: str, tokenizer, model_type: str = "auto") -> list[int]:
+    """Token ids of a prompt. Templates that write their own <s>/BOS must not
+    get a second one from the tokenizer."""
+    writes_bos = model_type in ("llama2-chat", "llama3", "mixtral") or (
+        model_type == "auto" and getattr(tokenizer, "chat_template", None)
+    )
+    return tokenizer(text, add_special_tokens=not writes_bos).input_ids

@@ -1,0 +1,240 @@
+"""Draft-head checkpoints: found, read and validated at the door.
+
+A head folder (local, or a hub id) holds `config.json` and `pytorch_model.bin`
+(read with weights_only=True, tried first as the reference does) or
+`model.safetensors`. The kind is told from the config (`draft_vocab_size`,
+vLLM's `speculators_model_type`) and the weight keys (`midlayer.`), never from
+`architectures`. Every tensor is checked against the shape the config implies
+and the head is checked against the base model; each error names the file,
+the tensor, the expected and the found shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .heads import HEAD_CLASSES, DraftHead, HeadConfig
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A draft head or base model that cannot be used, with the reason."""
+
+
+def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path | None:
+    """A local file of a folder, or a file downloaded from a hub repository."""
+    local = Path(os.path.expanduser(str(path_or_id)))
+    if local.is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if required:
+            raise CheckpointError(f"{local}: no {filename} in this folder")
+        return None
+    if local.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
+        raise CheckpointError(f"{path_or_id}: no such folder")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(path_or_id), filename))
+    except EntryNotFoundError:
+        if required:
+            raise CheckpointError(f"{path_or_id}: the hub repository has no {filename}") from None
+        return None
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"{path_or_id}: not a local folder, and the hub could not be reached to download "
+            f"{filename} (offline?): {err}"
+        ) from None
+    except Exception as err:  # repository missing, auth, network: report and stop
+        raise CheckpointError(f"{path_or_id}: not a local folder and not downloadable from the hub: {err}") from None
+
+
+def read_config(path_or_id: str) -> dict:
+    file = resolve_file(path_or_id, "config.json")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    # vLLM "speculators" configs nest the layer's settings.
+    nested = cfg.get("transformer_layer_config")
+    if isinstance(nested, dict):
+        cfg = {**nested, **{k: v for k, v in cfg.items() if k != "transformer_layer_config"}}
+    return cfg
+
+
+def read_weights(path_or_id: str) -> tuple[dict[str, torch.Tensor], Path]:
+    for name in WEIGHT_FILES:
+        file = resolve_file(path_or_id, name, required=False)
+        if file is not None:
+            return _load_tensors(file), file
+    raise CheckpointError(f"{path_or_id}: no draft weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file}: holds more than tensors, refused (only plain tensor state dicts are loaded): {err}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensor names to tensors")
+    return state
+
+
+def detect_kind(cfg: dict, state: dict[str, torch.Tensor]) -> str:
+    if "draft_vocab_size" in cfg or cfg.get("speculators_model_type") == "eagle3":
+        return "eagle3"
+    if any(k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in state):
+        return "eagle3"
+    return "eagle1"
+
+
+def normalise_keys(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Accept vLLM speculators naming (`layers.0.` for `midlayer.`) and
+    strip a leading `model.` some exports add."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("rotary_emb.inv_freq"):  # a buffer old exports saved; recomputed from the config
+            continue
+        if key.startswith("model."):
+            key = key[len("model.") :]
+        if kind == "eagle3" and key.startswith("layers.0."):
+            key = "midlayer." + key[len("layers.0.") :]
+        out[key] = value
+    return out
+
+
+@dataclass
+class HeadCheckpoint:
+    config: HeadConfig
+    state: dict[str, torch.Tensor]
+    weights_file: Path
+
+
+REQUIRED_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None) -> HeadCheckpoint:
+    cfg = read_config(path_or_id)
+    state, file = read_weights(path_or_id)
+    kind = detect_kind(cfg, state)
+    if use_eagle3 is not None and use_eagle3 != (kind == "eagle3"):
+        raise CheckpointError(
+            f"{path_or_id}: use_eagle3={use_eagle3} but the checkpoint is an "
+            f"{'EAGLE-3' if kind == 'eagle3' else 'EAGLE-1/2'} head (leave use_eagle3=None to detect it)"
+        )
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path_or_id}/config.json: missing {', '.join(missing)} needed by a {kind} head")
+    return HeadCheckpoint(HeadConfig.from_dict(cfg, kind), normalise_keys(state, kind), file)
+
+
+def build_head(ckpt: HeadCheckpoint) -> DraftHead:
+    """Instantiate the head and load the weights, checking every tensor."""
+    cfg = ckpt.config
+    with torch.device("meta"):
+        head = HEAD_CLASSES[cfg.kind](cfg)
+    expected = {k: v.shape for k, v in head.state_dict().items()}
+    state = dict(ckpt.state)
+    embedding = state.pop("embed_tokens.weight", None)
+    problems = []
+    for key, shape in expected.items():
+        if key not in state:
+            problems.append(f"missing tensor {key} (expected shape {list(shape)})")
+        elif state[key].shape != shape:
+            problems.append(f"tensor {key}: expected shape {list(shape)}, found {list(state[key].shape)}")
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        problems.append(f"unexpected tensors {', '.join(unknown)}")
+    if embedding is not None and tuple(embedding.shape) != (cfg.vocab_size, cfg.hidden_size):
+        problems.append(
+            f"tensor embed_tokens.weight: expected shape {[cfg.vocab_size, cfg.hidden_size]}, "
+            f"found {list(embedding.shape)}"
+        )
+    if problems:
+        raise CheckpointError(f"{ckpt.weights_file}: " + "; ".join(problems))
+    head = HEAD_CLASSES[cfg.kind](cfg)
+    head.load_state_dict(state)
+    if embedding is not None:
+        head.embed_tokens = torch.nn.Embedding.from_pretrained(embedding, freeze=True)
+    if cfg.kind == "eagle3":
+        targets = torch.arange(cfg.draft_vocab_size) + head.d2t
+        if targets.min() < 0 or targets.max() >= cfg.vocab_size:
+            raise CheckpointError(f"{ckpt.weights_file}: d2t maps draft ids outside the target vocabulary")
+    head.eval().requires_grad_(False)
+    return head
+
+
+def check_against_base(head: DraftHead, base_config, where: str) -> None:
+    """The head must fit the base model it drafts for."""
+    cfg = head.config
+    base_hidden = base_config.hidden_size
+    base_vocab = base_config.vocab_size
+    if cfg.vocab_size != base_vocab:
+        raise CheckpointError(f"{where}: head vocab_size {cfg.vocab_size} != base model vocab_size {base_vocab}")
+    if cfg.kind == "eagle1" and cfg.hidden_size != base_hidden:
+        raise CheckpointError(f"{where}: EAGLE-1 head hidden_size {cfg.hidden_size} != base hidden_size {base_hidden}")
+    if cfg.kind == "eagle3" and cfg.target_hidden_size != base_hidden:
+        raise CheckpointError(
+            f"{where}: EAGLE-3 head expects target features of width {cfg.target_hidden_size} "
+            f"(target_hidden_size, or hidden_size when absent), base hidden_size is {base_hidden}"
+        )
+    if head.embed_tokens is None and cfg.hidden_size != base_hidden:
+        raise CheckpointError(
+            f"{where}: head hidden_size {cfg.hidden_size} != base hidden_size {base_hidden} and the head "
+            "carries no embed_tokens.weight of its own"
+        )
+
+
+def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = False) -> Path:
+    """Write a head as config.json + model.safetensors (+ pytorch_model.bin),
+    with the official key names so other engines load it too."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = head.config
+    config = dict(cfg.raw)
+    config.update(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        vocab_size=cfg.vocab_size, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        hidden_act=cfg.hidden_act, model_type=config.get("model_type", "llama"),
+    )
+    if cfg.kind == "eagle3":
+        config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=cfg.draft_vocab_size,
+                      num_hidden_layers=1)
+        if cfg.target_hidden_size != cfg.hidden_size:
+            config["target_hidden_size"] = cfg.target_hidden_size
+    else:
+        config.update(architectures=["LlamaForCausalLM"], bias=cfg.fc_bias, num_hidden_layers=cfg.num_layers)
+        if cfg.qkv_bias:
+            config["qkv_bias"] = True
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    if pytorch_bin:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder

@@ -1,0 +1,280 @@
+"""`EaModel`: the EAGLE-compatible front of the engine.
+
+Same names, arguments, defaults and return values as the EAGLE reference
+(`from_pretrained`, `eagenerate`, `ea_generate`, `naivegenerate`,
+`naive_generate`, `tokenizer`, `get_tokenizer`), all thin wrappers over
+`generation.generate_steps`. `generate_steps` is public too: it yields one
+`Step` per iteration with the accepted length and timing, and `last_stats`
+holds the record of the latest generation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .acceptance import SamplingParams
+from .checkpoint import CheckpointError, build_head, check_against_base, load_checkpoint, resolve_file
+from .drafter import Drafter
+from .generation import GenerationStats, Step, TreeParams, generate_steps
+from .heads import DraftHead
+from .target import TargetRunner, decoder_layers, eagle3_feature_layers
+from .tree import check_tree_params
+
+AUTO_TREE_CANDIDATES = (32, 40, 48, 56, 60)
+CPU_AUTO_TOTAL_TOKEN = 30
+
+
+class EaModel(nn.Module):
+    def __init__(self, base_model: nn.Module, ea_layer: DraftHead, tokenizer=None, total_token: int = 60,
+                 depth: int = 7, top_k: int = 10, threshold: float = 1.0):
+        super().__init__()
+        self.base_model = base_model
+        self.ea_layer = ea_layer
+        self.tokenizer = tokenizer
+        self.threshold = threshold  # accepted for compatibility; the reference does not use it either
+        self.use_eagle3 = ea_layer.kind == "eagle3"
+        layers = decoder_layers(base_model)
+        features = eagle3_feature_layers(len(layers)) if self.use_eagle3 else None
+        self._target = TargetRunner(base_model, features)
+        self._lock = threading.Lock()
+        self._lock_owner: int | None = None
+        self._cache = None
+        self._drafter: Drafter | None = None
+        self.last_stats: GenerationStats | None = None
+        if total_token == -1:
+            total_token = self._pick_total_token(depth, top_k)
+        check_tree_params(total_token, depth, top_k)
+        self.tree = TreeParams(total_token, depth, top_k)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, base_model_path=None, ea_model_path=None, total_token: int = 60, depth: int = 7,
+                        top_k: int = 10, threshold: float = 1.0, use_eagle3: bool | None = None, **kwargs) -> "EaModel":
+        """Load a base model (local folder or hub id) with transformers'
+        `AutoModelForCausalLM` and a draft head; kwargs go to the base
+        model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
+        paths at all, the embedded demo pair is used."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if base_model_path is None and ea_model_path is None:
+            from .demo import demo_paths
+
+            base_model_path, ea_model_path = demo_paths()
+        if base_model_path is None or ea_model_path is None:
+            raise ValueError("give both base_model_path and ea_model_path (or neither, for the demo pair)")
+        checkpoint = load_checkpoint(ea_model_path, use_eagle3)  # cheap: fail before loading the base
+        if "torch_dtype" in kwargs and "dtype" not in kwargs:
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        resolve_file(base_model_path, "config.json")  # a clear error for a wrong path or an offline hub id
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_model_path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{base_model_path}: cannot load the base model: {err}") from None
+        base.eval()
+        head = build_head(checkpoint)
+        check_against_base(head, base.config, str(ea_model_path))
+        attach_head(base, head)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # a base saved without a tokenizer still generates from token ids
+        return cls(base, head, tokenizer, total_token, depth, top_k, threshold)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # --------------------------------------------------------------- generation
+    def generate_steps(self, input_ids, temperature: float = 0.0, top_p: float = 0.0, top_k: float = 0.0,
+                       max_new_tokens: int = 512, max_length: int = 2048, is_llama3: bool = False,
+                       stop_token_ids=None, speculative: bool = True,
+                       generator: torch.Generator | None = None) -> Iterator[Step]:
+        """Yield one `Step` per target forward (the prefill first). Requests
+        on one model run one at a time; `last_stats` records the run."""
+        prompt = self._check_prompt(input_ids)
+        sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
+        sampling.validate()
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        width = self.tree.total_token if speculative else 1
+        if prompt.shape[0] + width > max_length:
+            raise ValueError(
+                f"the prompt has {prompt.shape[0]} tokens; with {width} more for "
+                f"{'the draft tree' if speculative else 'the next token'} it does not fit in max_length={max_length}"
+            )
+        self._check_window(max_length)
+        stops = self._stop_ids(is_llama3, stop_token_ids)
+        stats = GenerationStats(prompt_length=prompt.shape[0])
+        self.last_stats = stats
+        with self._exclusive():
+            cache, drafter = self._caches(max_length)
+            yield from generate_steps(self._target, drafter if speculative else None, cache,
+                                      prompt, sampling, self.tree, int(max_new_tokens), stops, stats, generator)
+
+    def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
+        prompt = torch.as_tensor(input_ids)
+        device = prompt.device
+        tokens = prompt.reshape(-1).tolist()
+        steps = self.generate_steps(input_ids, speculative=speculative, **options)
+        if stream:
+            return _growing_ids(tokens, steps, device)
+        for step in steps:
+            tokens += step.tokens
+        output = torch.tensor([tokens], device=device)
+        if log:
+            stats = self.last_stats
+            return output, stats.new_tokens, stats.iterations - 1
+        return output
+
+    @torch.no_grad()
+    def eagenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+                   log=False, is_llama3=False, stop_token_ids=None):
+        """Speculative generation. Returns input_ids [1, prompt + new] or, with
+        log=True, (input_ids, new_token, idx): idx is the 0-based index of the
+        last iteration (target forwards, prefill included)."""
+        return self._generate(input_ids, True, log, False, temperature=temperature, top_p=top_p, top_k=top_k,
+                              max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
+                              stop_token_ids=stop_token_ids)
+
+    @torch.no_grad()
+    def naivegenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+                      log=False, is_llama3=False, stop_token_ids=None):
+        """Plain decoding through the same loop; same returns as `eagenerate`."""
+        return self._generate(input_ids, False, log, False, temperature=temperature, top_p=top_p, top_k=top_k,
+                              max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
+                              stop_token_ids=stop_token_ids)
+
+    def ea_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+                    log=False, is_llama3=False, stop_token_ids=None):
+        """Yield the growing input_ids once per iteration (speculative)."""
+        with torch.no_grad():
+            yield from self._generate(input_ids, True, False, True, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, max_new_tokens=max_new_tokens, max_length=max_length,
+                                      is_llama3=is_llama3, stop_token_ids=stop_token_ids)
+
+    def naive_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512,
+                       max_length=2048, log=False, is_llama3=False, stop_token_ids=None):
+        """Yield the growing input_ids once per token (plain decoding)."""
+        with torch.no_grad():
+            yield from self._generate(input_ids, False, False, True, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, max_new_tokens=max_new_tokens, max_length=max_length,
+                                      is_llama3=is_llama3, stop_token_ids=stop_token_ids)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_prompt(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of shape [1, n]")
+            ids = ids[0]
+        elif ids.dim() != 1:
+            raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty: give at least one prompt token")
+        vocab = self.base_model.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
+        return ids.to(self._target.input_device, torch.long)
+
+    def _check_window(self, max_length: int) -> None:
+        config = self.base_model.config
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None) or []
+        sliding = "sliding_attention" in layer_types if layer_types else bool(window)
+        if sliding and window and max_length > window:
+            raise ValueError(
+                f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
+                f"full attention, so max_length must be <= {window}, got {max_length}"
+            )
+
+    def _stop_ids(self, is_llama3: bool, extra) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        if is_llama3:
+            if self.tokenizer is None:
+                raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>")
+            ids.add(self.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+        if extra is not None:
+            ids.update([extra] if isinstance(extra, int) else [int(t) for t in extra])
+        return ids
+
+    def _caches(self, max_length: int):
+        if self._cache is None or self._cache.capacity != max_length:
+            self._cache = self._target.new_cache(max_length)
+            self._drafter = Drafter(self.ea_layer, max_length + self.tree.top_k * (self.tree.depth + 1))
+        return self._cache, self._drafter
+
+    @contextmanager
+    def _exclusive(self):
+        """One generation at a time per model: the caches are shared."""
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            raise RuntimeError("a generation on this model is still running in this thread: "
+                               "finish or close its generator before starting another")
+        with self._lock:
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
+
+    def _pick_total_token(self, depth: int, top_k: int) -> int:
+        """total_token=-1: time a tree-sized target forward per candidate size
+        and keep the best time per expected token. The expected gain of a
+        larger tree is modest, so each size's time is divided by a factor
+        that grows slowly with size. On the CPU, verification cost grows
+        linearly with the tree, so a fixed mid-size tree is used."""
+        device = self._target.input_device
+        if device.type != "cuda":
+            return CPU_AUTO_TOTAL_TOKEN
+        best, best_cost = AUTO_TREE_CANDIDATES[0], float("inf")
+        vocab = self.base_model.config.vocab_size
+        for size in AUTO_TREE_CANDIDATES:
+            ids = torch.randint(0, vocab, (1, size), device=device)
+            with torch.no_grad():
+                self.base_model(ids)  # warm-up
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(10):
+                    self.base_model(ids)
+                torch.cuda.synchronize(device)
+            gain = 1 + 0.13 * (size - AUTO_TREE_CANDIDATES[0]) / (AUTO_TREE_CANDIDATES[-1] - AUTO_TREE_CANDIDATES[0])
+            cost = (time.perf_counter() - start) / gain
+            if cost < best_cost:
+                best, best_cost = size, cost
+        return best
+
+
+def _growing_ids(tokens: list[int], steps: Iterator[Step], device) -> Iterator[torch.Tensor]:
+    for step in steps:
+        tokens = tokens + step.tokens
+        yield torch.tensor([tokens], device=device)
+
+
+def head_device(base: nn.Module) -> torch.device:
+    """The device of the base model's last decoder layer (where its final
+    features are produced)."""
+    return next(decoder_layers(base)[-1].parameters()).device
+
+
+def attach_head(base: nn.Module, head: DraftHead) -> None:
+    """Place the head beside the base's last layer, in the base's dtype, and
+    give it the base's embedding (and lm_head for EAGLE-1) when it has none."""
+    device = head_device(base)
+    dtype = next(base.parameters()).dtype
+    head.to(device=device, dtype=dtype)
+    if head.embed_tokens is None:
+        weight = base.get_input_embeddings().weight.detach()
+        head.attach_embedding(weight if weight.device == device else weight.to(device))
+    if head.kind == "eagle1":
+        head.attach_lm_head(base.get_output_embeddings())

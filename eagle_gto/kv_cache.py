@@ -1,0 +1,118 @@
+"""Pre-allocated KV caches for the target model and the draft head.
+
+Speculative decoding writes a whole draft tree into the cache, then keeps only
+the accepted branch. Both caches therefore work on fixed buffers: new keys
+and values are written after the committed prefix, and after verification the
+accepted positions are gathered down onto the prefix (`keep`) instead of
+re-allocating or concatenating tensors every step.
+
+`TargetKVCache` implements transformers' `Cache` interface so that stock
+`AutoModelForCausalLM` models write into it through their public forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class KVBuffer:
+    """One attention layer's keys and values in buffers of `capacity` slots.
+
+    Shapes: keys/values [batch=1, kv_heads, capacity, head_dim]. `length` is
+    the number of valid slots; everything after it is scratch space.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `key`/`value` [1, kv_heads, n, head_dim] after the valid slots
+        and return all valid keys and values, the new ones included."""
+        if self.keys is None:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self.keys = key.new_zeros(shape)
+            self.values = value.new_zeros(shape[:3] + (value.shape[3],))
+        n = key.shape[2]
+        end = self.length + n
+        if end > self.capacity:
+            raise RuntimeError(
+                f"KV cache overflow: {end} positions needed, {self.capacity} allocated "
+                "(raise max_length)"
+            )
+        self.keys[:, :, self.length : end] = key
+        self.values[:, :, self.length : end] = value
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def keep(self, start: int, indices: torch.Tensor) -> None:
+        """Keep slots `start + indices` (ascending) as slots start, start+1, ...
+        and drop everything after them."""
+        if self.keys is not None:
+            idx = indices.to(self.keys.device) + start
+            n = idx.shape[0]
+            # index_select makes a copy first, so overlapping source/target is safe.
+            self.keys[:, :, start : start + n] = self.keys.index_select(2, idx)
+            self.values[:, :, start : start + n] = self.values.index_select(2, idx)
+        self.length = start + indices.shape[0]
+
+
+class _TargetLayer(CacheLayerMixin):
+    """transformers cache layer backed by a `KVBuffer`."""
+
+    is_sliding = False
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.buffer = KVBuffer(capacity)
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers are made on first append
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.is_initialized = True
+        keys, values = self.buffer.append(key_states, value_states)
+        self.keys, self.values = self.buffer.keys, self.buffer.values
+        return keys, values
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        # Only consulted when transformers builds a mask itself; the engine always passes a 4-D mask.
+        query_length = args[0] if args and isinstance(args[0], int) else 0
+        return self.buffer.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.buffer.length
+
+    def get_max_length(self) -> int:
+        return self.buffer.capacity
+
+    def reset(self) -> None:
+        self.buffer.length = 0
+
+
+class TargetKVCache(Cache):
+    """KV cache of the base model: one `KVBuffer` per decoder layer.
+
+    Layers allocate lazily on their own device, so a model sharded with
+    `device_map="auto"` keeps each layer's cache beside the layer.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[_TargetLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].buffer.length
+
+    def keep(self, start: int, indices: torch.Tensor) -> None:
+        """Compact every layer: see `KVBuffer.keep`."""
+        for layer in self.layers:
+            layer.buffer.keep(start, indices)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.buffer.length = length

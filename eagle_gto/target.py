@@ -1,0 +1,107 @@
+"""Drives a stock transformers causal LM through its public forward.
+
+The engine hands the decoder a ready 4-D additive attention mask, explicit
+position ids and the project's own `TargetKVCache`; transformers passes a
+4-D mask through unchanged, which is all tree attention needs. The features a
+draft head reads are taken without touching model code: the final (normed)
+hidden state from the decoder's output (EAGLE-1), or the hidden states
+entering three decoder layers from forward pre-hooks (EAGLE-3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kv_cache import TargetKVCache
+
+
+def eagle3_feature_layers(num_layers: int) -> list[int]:
+    """Layers whose input EAGLE-3 reads: 2, N//2 and N-3 (formats.md)."""
+    layers = [2, num_layers // 2, num_layers - 3]
+    if min(layers) < 0 or max(layers) > num_layers:
+        raise ValueError(f"EAGLE-3 heads need a base model with at least 3 decoder layers, got {num_layers}")
+    return layers
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected `.layers`)")
+    return layers
+
+
+class TargetRunner:
+    def __init__(self, model: nn.Module, feature_layers: list[int] | None):
+        """feature_layers: EAGLE-3 layer indices, or None for EAGLE-1's final
+        hidden state (also fine when no head is used)."""
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.layers = decoder_layers(model)
+        self.feature_layers = feature_layers
+        self.dtype = next(model.parameters()).dtype
+        self.input_device = model.get_input_embeddings().weight.device
+        self._captured: dict[int, torch.Tensor] | None = None
+        if feature_layers is not None:
+            for index in sorted(set(feature_layers)):
+                self._hook(index)
+
+    def _hook(self, index: int) -> None:
+        # The input of layer i is hidden_states[i]; index N is the last layer's output.
+        def keep_input(module, args, kwargs):
+            if self._captured is not None:
+                self._captured[index] = args[0] if args else kwargs["hidden_states"]
+
+        def keep_output(module, args, kwargs, output):
+            if self._captured is not None:
+                self._captured[index] = output[0] if isinstance(output, tuple) else output
+
+        if index < len(self.layers):
+            self.layers[index].register_forward_pre_hook(keep_input, with_kwargs=True)
+        else:
+            self.layers[-1].register_forward_hook(keep_output, with_kwargs=True)
+
+    def new_cache(self, capacity: int) -> TargetKVCache:
+        return TargetKVCache(len(self.layers), capacity)
+
+    def additive_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """bool [n, kv_len] (True = visible) -> float [1, 1, n, kv_len]."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.input_device)
+        return mask.masked_fill(~visible.to(self.input_device), torch.finfo(self.dtype).min)[None, None]
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        visible: torch.Tensor,
+        cache: TargetKVCache,
+        features: bool = False,
+        logits_from: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, position_ids [n]; visible bool [n, cache.length + n].
+        Returns logits [n - logits_from, V] (float32) and, when asked, the
+        head's features [n, F]."""
+        self._captured = {} if features and self.feature_layers is not None else None
+        try:
+            out = self.decoder(
+                input_ids=input_ids.to(self.input_device)[None],
+                attention_mask=self.additive_mask(visible),
+                position_ids=position_ids.to(self.input_device)[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state[0]
+            feats = None
+            if features:
+                if self.feature_layers is None:
+                    feats = hidden
+                else:
+                    parts = [self._captured[i][0] for i in self.feature_layers]
+                    feats = torch.cat([p.to(hidden.device) for p in parts], dim=-1)
+        finally:
+            self._captured = None
+        logits = self.lm_head(hidden[logits_from:])
+        return logits.float(), feats

@@ -1,0 +1,263 @@
+"""The EAGLE-compatible surface: loading, return values, streaming, stops,
+and a clear error for every kind of bad input."""
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_pairs import VOCAB, trained_pair
+from transformers import AutoModelForCausalLM
+
+from eagle_gto import CheckpointError, EaModel
+from eagle_gto.checkpoint import save_head
+from eagle_gto.tiny import base_config, head_config, random_head
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    """A saved tiny base and one head of each kind."""
+    root = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    cfg = base_config("llama", vocab_size=VOCAB)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
+    save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=40)), root / "eagle3")
+    save_head(random_head(head_config(cfg, "eagle1")), root / "eagle1", pytorch_bin=True)
+    (root / "eagle1" / "model.safetensors").unlink()  # only the .bin remains
+    return root
+
+
+def load(dirs, head="eagle3", **kw):
+    return EaModel.from_pretrained(str(dirs / "base"), str(dirs / head), dtype=torch.float32,
+                                   total_token=12, depth=3, top_k=3, **kw)
+
+
+def test_loads_both_kinds_and_formats(pair_dirs):
+    m3 = load(pair_dirs, "eagle3")
+    assert m3.use_eagle3 and m3.ea_layer.kind == "eagle3"
+    m1 = load(pair_dirs, "eagle1")
+    assert not m1.use_eagle3
+    ids = torch.randint(0, VOCAB, (1, 5))
+    for m in (m1, m3):
+        assert m.eagenerate(ids, max_new_tokens=16).tolist() == m.naivegenerate(ids, max_new_tokens=16).tolist()
+
+
+def test_export_has_official_names(pair_dirs):
+    config = json.loads((pair_dirs / "eagle3" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 40
+    keys = set(load_file(str(pair_dirs / "eagle3" / "model.safetensors")))
+    assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight",
+            "norm.weight", "lm_head.weight", "d2t", "t2d"} <= keys
+
+
+def test_speculators_naming_and_own_embedding(pair_dirs, tmp_path):
+    """vLLM speculators keys (`layers.0.`), a nested config, and a head that
+    carries its own embedding all load and draft the same tokens."""
+    state = load_file(str(pair_dirs / "eagle3" / "model.safetensors"))
+    renamed = {k.replace("midlayer.", "layers.0."): v for k, v in state.items()}
+    base = AutoModelForCausalLM.from_pretrained(str(pair_dirs / "base"))
+    renamed["embed_tokens.weight"] = base.get_input_embeddings().weight.detach().clone()
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    save_file(renamed, str(folder / "model.safetensors"))
+    cfg = json.loads((pair_dirs / "eagle3" / "config.json").read_text())
+    nested = {"speculators_model_type": "eagle3", "draft_vocab_size": cfg.pop("draft_vocab_size"),
+              "transformer_layer_config": cfg}
+    (folder / "config.json").write_text(json.dumps(nested))
+    m = EaModel.from_pretrained(str(pair_dirs / "base"), str(folder), total_token=12, depth=3, top_k=3)
+    ref = load(pair_dirs)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    a, na, ia = m.eagenerate(ids, max_new_tokens=20, log=True)
+    b, nb, ib = ref.eagenerate(ids, max_new_tokens=20, log=True)
+    assert a.tolist() == b.tolist() and (na, ia) == (nb, ib)
+    assert m.ea_layer.embed_tokens is not None
+
+
+def test_log_counts_and_streaming_prefixes():
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    out, new_token, idx = model.eagenerate(ids, max_new_tokens=30, log=True)
+    stats = model.last_stats
+    assert new_token == out.shape[1] - 7 == 30 == stats.new_tokens
+    assert idx == stats.iterations - 1 and idx < new_token - 1  # drafts were accepted
+    assert stats.mean_accepted_length == pytest.approx(new_token / (idx + 1))
+    streamed = list(model.ea_generate(ids, max_new_tokens=30))
+    assert len(streamed) == idx + 1
+    for before, after in zip(streamed, streamed[1:]):
+        assert after.shape[1] > before.shape[1] and after[0, : before.shape[1]].tolist() == before[0].tolist()
+    assert streamed[-1].tolist() == out.tolist()
+    plain = list(model.naive_generate(ids, max_new_tokens=30))
+    assert len(plain) == 30 and plain[-1].tolist() == out.tolist()
+    _, n_plain, idx_plain = model.naivegenerate(ids, max_new_tokens=30, log=True)
+    assert (n_plain, idx_plain) == (30, 29) and model.last_stats.mean_accepted_length == 1.0
+
+
+def test_stop_tokens_end_generation_at_the_first_stop():
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    full = model.naivegenerate(ids, max_new_tokens=40)[0, 7:].tolist()
+    stop = full[12]
+    cut = full[: full.index(stop) + 1]
+    for fn in (model.eagenerate, model.naivegenerate):
+        out = fn(ids, max_new_tokens=40, stop_token_ids=[stop])
+        assert out[0, 7:].tolist() == cut
+        assert model.last_stats.finish_reason == "stop"
+    out = model.eagenerate(ids, max_new_tokens=40, stop_token_ids=stop)  # a bare int works too
+    assert out[0, 7:].tolist() == cut
+
+
+def test_eos_from_the_model_config_stops():
+    model = trained_pair("qwen3", "eagle1")
+    ids = torch.randint(0, VOCAB, (1, 5))
+    full = model.naivegenerate(ids, max_new_tokens=30)[0, 5:].tolist()
+    model.base_model.generation_config.eos_token_id = full[5]
+    try:
+        out = model.eagenerate(ids, max_new_tokens=30)[0, 5:].tolist()
+        assert out == full[: full.index(full[5]) + 1]
+    finally:
+        model.base_model.generation_config.eos_token_id = None
+
+
+def test_max_length_ends_generation_before_the_cache_overflows():
+    model = trained_pair("llama", "eagle3")  # total_token 24
+    ids = torch.randint(0, VOCAB, (1, 10))
+    out = model.eagenerate(ids, max_new_tokens=500, max_length=60)
+    assert model.last_stats.finish_reason == "length"
+    assert out.shape[1] <= 60
+    plain = model.naivegenerate(ids, max_new_tokens=500, max_length=60)
+    assert plain.shape[1] == 60 and plain[0, : out.shape[1]].tolist() == out[0].tolist()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+    (dict(input_ids=torch.zeros(2, 5, dtype=torch.long)), "batch size 2"),
+    (dict(input_ids=torch.zeros(1, 5)), "integer"),
+    (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(input_ids=torch.zeros(1, 100, dtype=torch.long), max_length=110), "does not fit"),
+])
+def test_bad_generation_input(kwargs, message):
+    model = trained_pair("llama", "eagle3")
+    kwargs.setdefault("input_ids", torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=message):
+        model.eagenerate(**kwargs)
+    # The model still works afterwards.
+    assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
+
+
+def test_concurrent_generations_do_not_interleave():
+    model = trained_pair("qwen2", "eagle3")
+    prompts = [torch.randint(0, VOCAB, (1, 4 + i)) for i in range(6)]
+    alone = [model.eagenerate(p, max_new_tokens=24).tolist() for p in prompts]
+    results = {}
+
+    def worker(i):
+        results[i] = model.eagenerate(prompts[i], max_new_tokens=24).tolist()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(6)] == alone
+
+
+def test_a_second_generation_in_the_same_thread_is_refused():
+    model = trained_pair("llama", "eagle3")
+    first = model.ea_generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=20)
+    next(first)
+    with pytest.raises(RuntimeError, match="still running"):
+        model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4)
+    first.close()
+    assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
+
+
+# ----------------------------------------------------------------- bad checkpoints
+def copy_head(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_missing_folder_and_offline_hub_id(pair_dirs, monkeypatch, tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load(pair_dirs, "does-not-exist/../nowhere")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="hub"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), "someone/some-eagle-head")
+
+
+def test_contradicting_use_eagle3(pair_dirs):
+    with pytest.raises(CheckpointError, match="use_eagle3=False"):
+        load(pair_dirs, "eagle3", use_eagle3=False)
+    with pytest.raises(CheckpointError, match="use_eagle3=True"):
+        load(pair_dirs, "eagle1", use_eagle3=True)
+
+
+def test_config_missing_keys(pair_dirs, tmp_path):
+    head = copy_head(pair_dirs / "eagle3", tmp_path / "h")
+    cfg = json.loads((head / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (head / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing intermediate_size"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
+
+
+def test_wrong_tensor_shape_names_file_tensor_and_shapes(pair_dirs, tmp_path):
+    head = copy_head(pair_dirs / "eagle3", tmp_path / "h")
+    state = load_file(str(head / "model.safetensors"))
+    state["midlayer.mlp.up_proj.weight"] = torch.zeros(7, 64)
+    save_file(state, str(head / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*midlayer.mlp.up_proj.weight: expected shape \[128, 64\], found \[7, 64\]"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
+
+
+def test_head_not_matching_the_base(pair_dirs, tmp_path):
+    other = base_config("llama", vocab_size=VOCAB + 10)
+    save_head(random_head(head_config(other, "eagle3", draft_vocab_size=40)), tmp_path / "vocab")
+    with pytest.raises(CheckpointError, match="vocab_size 106 != base model vocab_size 96"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(tmp_path / "vocab"))
+    wide = base_config("llama", vocab_size=VOCAB, hidden_size=128)
+    save_head(random_head(head_config(wide, "eagle3")), tmp_path / "wide")
+    with pytest.raises(CheckpointError, match="width 128"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(tmp_path / "wide"))
+
+
+def test_corrupt_and_truncated_weights(pair_dirs, tmp_path):
+    head = copy_head(pair_dirs / "eagle3", tmp_path / "h")
+    data = (head / "model.safetensors").read_bytes()
+    (head / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
+    bin_head = copy_head(pair_dirs / "eagle1", tmp_path / "b")
+    (bin_head / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated|more than tensors"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(bin_head))
+
+
+class NotATensor:
+    pass
+
+
+def test_bin_with_more_than_tensors_is_refused(pair_dirs, tmp_path):
+    head = copy_head(pair_dirs / "eagle1", tmp_path / "h")
+    state = torch.load(head / "pytorch_model.bin", weights_only=True)
+    state["payload"] = NotATensor()
+    torch.save(state, head / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="more than tensors"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
+
+
+def test_missing_or_broken_base_model(pair_dirs, tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        EaModel.from_pretrained(str(tmp_path), str(pair_dirs / "eagle3"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="cannot load the base model"):
+        EaModel.from_pretrained(str(tmp_path), str(pair_dirs / "eagle3"))
+    with pytest.raises(CheckpointError, match="no such folder"):
+        EaModel.from_pretrained(str(tmp_path / "missing"), str(pair_dirs / "eagle3"))

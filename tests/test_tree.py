@@ -1,0 +1,167 @@
+"""The draft tree against brute force.
+
+The brute-force builder below follows formats.md literally with Python loops:
+it runs the head along each branch one token at a time (no tree attention),
+keeps the global top_k of every level, then picks the best total_token - 1
+candidates and walks parent pointers for the mask, depths and leaf paths.
+"""
+
+import pytest
+import torch
+
+from eagle_gto.drafter import Drafter
+from eagle_gto.kv_cache import KVBuffer
+from eagle_gto.tiny import head_config, random_head, base_config
+from eagle_gto.tree import check_tree_params, select_tree
+
+
+def run_branch(head, features, tokens, branch):
+    """Head output after the prefix and then `branch` (tokens), fed one at a
+    time with the head's own output as the next hidden state."""
+    caches = [KVBuffer(256) for _ in range(head.num_layers)]
+    drafter = Drafter(head, 256)
+    drafter.caches = caches
+    out = drafter.extend(features, tokens)
+    for i, token in enumerate(branch):
+        pos = torch.tensor([[caches[0].length]])
+        mask = torch.ones(1, 1, 1, caches[0].length + 1, dtype=torch.bool)
+        out = head(out[None, None], torch.tensor([[token]]), pos, mask, caches)[0, -1]
+    return out
+
+
+def brute_force_candidates(head, features, tokens, depth, top_k):
+    """Returns a list of (token, score, parent_candidate_number_or_-1)."""
+    def children(branch):
+        out = run_branch(head, features, tokens, branch)
+        logp = torch.log_softmax(head.draft_logits(out[None]).float(), -1)[0]
+        p, ids = logp.topk(top_k)
+        return [(int(head.to_target_ids(i)), float(v)) for i, v in zip(ids, p)]
+
+    cands = []  # (token, score, parent, branch)
+    for tok, lp in children([]):
+        cands.append((tok, lp, -1, [tok]))
+    frontier = list(range(top_k))
+    for _ in range(depth):
+        level = []
+        for number in frontier:
+            tok0, score0, _, branch = cands[number]
+            for tok, lp in children(branch):
+                level.append((tok, score0 + lp, number, branch + [tok]))
+        start = len(cands)
+        cands.extend(level)
+        scores = torch.tensor([c[1] for c in level])
+        frontier = [start + int(i) for i in scores.topk(top_k).indices]
+    return cands
+
+
+def brute_force_select(cands, root, total_token):
+    order = sorted(range(len(cands)), key=lambda i: (-cands[i][1], i))[: total_token - 1]
+    kept = sorted(order)
+    node_of = {c: n + 1 for n, c in enumerate(kept)}
+    parents = [0] + [node_of.get(cands[c][2], 0) if cands[c][2] >= 0 else 0 for c in kept]
+    T = len(parents)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        j = i
+        mask[i, j] = True
+        while j != 0:
+            j = parents[j]
+            mask[i, j] = True
+    tokens = [root] + [cands[c][0] for c in kept]
+    depths = mask.sum(1) - 1
+    leaves = [i for i in range(T) if i not in parents[1:]]
+    paths = []
+    for leaf in leaves:
+        path, j = [leaf], leaf
+        while j != 0:
+            j = parents[j]
+            path.append(j)
+        paths.append(path[::-1])
+    width = int(depths.max()) + 1
+    retrieve = torch.tensor([p + [-1] * (width - len(p)) for p in paths])
+    return tokens, parents, mask, depths, retrieve
+
+
+@pytest.mark.parametrize("kind,total_token,depth,top_k", [
+    ("eagle3", 20, 4, 4), ("eagle1", 12, 3, 3), ("eagle3", 60, 5, 5), ("eagle3", 5, 2, 2),
+])
+def test_draft_tree_matches_brute_force(kind, total_token, depth, top_k):
+    torch.manual_seed(3)
+    base = base_config("llama", vocab_size=50, hidden_size=32, num_heads=4, num_kv_heads=2)
+    cfg = head_config(base, kind, draft_vocab_size=40 if kind == "eagle3" else None)
+    head = random_head(cfg, seed=1, token_counts=torch.rand(50))
+    # Large weights make the head's distributions peaky and branch-dependent.
+    for p in head.parameters():
+        p.data.mul_(20)
+    head.attach_embedding(torch.randn(50, 32))
+    if kind == "eagle1":
+        head.attach_lm_head(torch.nn.Linear(32, 50, bias=False).requires_grad_(False))
+    feat_dim = 3 * 32 if kind == "eagle3" else 32
+    features = torch.randn(7, feat_dim)
+    tokens = torch.randint(0, 50, (7,))
+    root = int(tokens[-1])
+
+    drafter = Drafter(head, 512)
+    last = drafter.extend(features, tokens)
+    tree = drafter.draft_tree(last, torch.tensor(root), total_token, depth, top_k)
+    assert drafter.length == 7  # scratch entries dropped
+
+    cands = brute_force_candidates(head, features, tokens, depth, top_k)
+    exp_tokens, exp_parents, exp_mask, exp_depths, exp_retrieve = brute_force_select(cands, root, total_token)
+    assert tree.tokens.tolist() == exp_tokens
+    assert tree.parents.tolist() == exp_parents
+    assert torch.equal(tree.mask, exp_mask)
+    assert tree.depths.tolist() == exp_depths.tolist()
+    assert torch.equal(tree.retrieve_indices(), exp_retrieve)
+    assert tree.size == total_token
+
+
+def random_candidates(depth, top_k, seed, quantize=False):
+    """Candidate arrays with the expansion's structure: level 0 has top_k
+    children of the root, each later level top_k children of each of the
+    previous level's top_k frontier nodes."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(top_k, generator=g) * 3
+    if quantize:  # exact ties, including log-prob 0 (a child scoring as high as its parent)
+        logp = (logp * 2).round() / 2
+    tokens = [torch.randint(0, 100, (top_k,), generator=g)]
+    scores, parents = [logp], [torch.zeros(top_k, dtype=torch.long)]
+    frontier, f_scores, offset = torch.arange(top_k), logp, top_k
+    for _ in range(depth):
+        lp = -torch.rand(top_k, top_k, generator=g) * 3
+        if quantize:
+            lp = (lp * 2).round() / 2
+        cum = (f_scores[:, None] + lp).flatten()
+        tokens.append(torch.randint(0, 100, (top_k * top_k,), generator=g))
+        scores.append(cum)
+        parents.append((frontier + 1).repeat_interleave(top_k))
+        f_scores, best = cum.topk(top_k)
+        frontier = offset + best
+        offset += top_k * top_k
+    return torch.cat(tokens), torch.cat(scores), torch.cat(parents)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_select_tree_matches_brute_force(seed, quantize):
+    depth, top_k, total_token = 4, 3, 16
+    tokens, scores, parents = random_candidates(depth, top_k, seed, quantize)
+    tree = select_tree(torch.tensor(7), tokens, scores, parents, total_token, depth + 1)
+    cands = [(int(t), float(s), int(p) - 1) for t, s, p in zip(tokens, scores, parents)]
+    exp_tokens, exp_parents, exp_mask, exp_depths, exp_retrieve = brute_force_select(cands, 7, total_token)
+    assert tree.tokens.tolist() == exp_tokens
+    assert tree.parents.tolist() == exp_parents
+    assert torch.equal(tree.mask, exp_mask)
+    assert torch.equal(tree.depths, exp_depths)
+    assert torch.equal(tree.retrieve_indices(), exp_retrieve)
+    # Every kept node's parent is kept (closure), even with exact ties.
+    assert all(p < i for i, p in enumerate(tree.parents.tolist()) if i > 0)
+
+
+def test_tree_params_are_checked():
+    with pytest.raises(ValueError, match="candidates"):
+        check_tree_params(100, 2, 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        check_tree_params(10, 0, 3)
+    with pytest.raises(ValueError, match=">= 2"):
+        check_tree_params(1, 3, 3)
