@@ -31,63 +31,58 @@ class ChatFormat:
 MODEL_TYPES = ("auto", "plain", "vicuna", "llama2-chat", "llama3", "qwen", "mixtral")
 
 
-def _vicuna(messages, system):
-    text = (system or VICUNA_SYSTEM) + " "
-    for m in messages:
-        if m["role"] == "user":
-            text += f"USER: {m['content']} ASSISTANT:"
-        elif m["role"] == "assistant":
-            text += f" {m['content']}</s>"
-    return text
+@dataclass(frozen=True)
+class Template:
+    """A conversation as header + one piece per turn + footer; `{system}` in
+    the header is filled with the system prompt (or the template's default)."""
+
+    header: str
+    user: str
+    assistant: str
+    footer: str = ""
+    default_system: str = ""
+
+    def render(self, turns, system):
+        text = self.header.format(system=system or self.default_system)
+        for m in turns:
+            text += (self.user if m["role"] == "user" else self.assistant).format(m["content"])
+        return text + self.footer
 
 
-def _llama2(messages, system):
+def _llama2(turns, system):
+    # Llama-2 chat puts the system prompt inside the first user turn.
     text, first = "", True
-    for m in messages:
+    for m in turns:
         if m["role"] == "user":
             content = m["content"]
             if first:
                 content = f"<<SYS>>\n{system or LLAMA2_SYSTEM}\n<</SYS>>\n\n{content}"
                 first = False
             text += f"<s>[INST] {content} [/INST]"
-        elif m["role"] == "assistant":
+        else:
             text += f" {m['content']} </s>"
     return text
 
 
-def _llama3(messages, system):
-    text = "<|begin_of_text|>"
-    if system:
-        text += f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-    for m in messages:
-        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
-    return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+def _llama3(turns, system):
+    header = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
+    return Template("<|begin_of_text|>" + header.replace("{", "{{").replace("}", "}}"),
+                    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n{}<|eot_id|>",
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n").render(turns, None)
 
 
-def _chatml(messages, system):
-    text = f"<|im_start|>system\n{system or 'You are a helpful assistant.'}<|im_end|>\n"
-    for m in messages:
-        text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-    return text + "<|im_start|>assistant\n"
-
-
-def _mixtral(messages, system):
-    text = "<s>"
-    for m in messages:
-        if m["role"] == "user":
-            text += f"[INST] {m['content']} [/INST]"
-        elif m["role"] == "assistant":
-            text += f" {m['content']}</s>"
-    return text
-
-
-def _plain(messages, system):
+_TEMPLATES = {
+    "vicuna": Template("{system} ", "USER: {} ASSISTANT:", " {}</s>", default_system=VICUNA_SYSTEM).render,
+    "llama2-chat": _llama2,
+    "llama3": _llama3,
+    "qwen": Template("<|im_start|>system\n{system}<|im_end|>\n", "<|im_start|>user\n{}<|im_end|>\n",
+                     "<|im_start|>assistant\n{}<|im_end|>\n", "<|im_start|>assistant\n",
+                     default_system="You are a helpful assistant.").render,
+    "mixtral": Template("<s>", "[INST] {} [/INST]", " {}</s>").render,
     # A base/code model continues text: the conversation is its turns in order.
-    return "".join(m["content"] for m in messages)
-
-
-_TEMPLATES = {"vicuna": _vicuna, "llama2-chat": _llama2, "llama3": _llama3, "qwen": _chatml,
-              "mixtral": _mixtral, "plain": _plain}
+    "plain": Template("", "{}", "{}\n\n").render,
+}
 FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
 
 

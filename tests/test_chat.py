@@ -1,0 +1,30 @@
+"""Conversation prompts per model type."""
+
+import pytest
+
+from eagle_gto.chat import MODEL_TYPES, build_prompt
+
+TURNS = [{"role": "user", "content": "Q1 {braces}"}, {"role": "assistant", "content": "A1"},
+         {"role": "user", "content": "Q2"}]
+
+
+@pytest.mark.parametrize("model_type,expected", [
+    ("vicuna", "questions. USER: Q1 {braces} ASSISTANT: A1</s>USER: Q2 ASSISTANT:"),
+    ("llama2-chat", "<</SYS>>\n\nQ1 {braces} [/INST] A1 </s><s>[INST] Q2 [/INST]"),
+    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("qwen", "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"),
+    ("mixtral", "<s>[INST] Q1 {braces} [/INST] A1</s>[INST] Q2 [/INST]"),
+    ("plain", "Q1 {braces}A1\n\nQ2"),
+])
+def test_templates_end_with_the_assistant_prompt(model_type, expected):
+    assert build_prompt(TURNS, model_type).endswith(expected)
+
+
+def test_system_prompt_and_auto_fallback():
+    msgs = [{"role": "system", "content": "Be brief."}] + TURNS
+    assert build_prompt(msgs, "qwen").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert build_prompt(msgs, "llama3").startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.")
+    assert build_prompt(TURNS, "auto", tokenizer=None) == build_prompt(TURNS, "plain")
+    assert "auto" in MODEL_TYPES
+    with pytest.raises(ValueError, match="unknown model type"):
+        build_prompt(TURNS, "gpt")
