@@ -151,12 +151,15 @@ def generate_steps(
             visible = torch.cat((torch.ones(draft.size, past, dtype=torch.bool, device=draft.mask.device), draft.mask), dim=1)
             logits, features = target.forward(draft.tokens, past + draft.depths, visible, cache, True)
             result = accept(draft, choose_tokens(logits, sampling, generator).to(draft.tokens.device))
-            num_accepted = int(result.num_accepted)  # the step's one host synchronisation
+            # The step's one host transfer: the accepted count, the branch's tokens and the bonus.
+            branch_tokens = draft.tokens[result.path.clamp(max=draft.size - 1)]
+            host = torch.cat((result.num_accepted[None], branch_tokens, result.bonus[None])).tolist()
+            num_accepted = host[0]
+            tokens = host[2 : 2 + num_accepted] + host[-1:]
             path = result.path[: num_accepted + 1]
             cache.keep(past, path)
-            new = torch.cat((draft.tokens[path[1:]], result.bonus[None]))
             last = result.bonus
-            tokens = new.tolist()
+            new = torch.cat((draft.tokens[path[1:]], last[None]))  # the same tokens, kept on the device
         else:
             visible = torch.ones(1, past + 1, dtype=torch.bool)
             logits, _ = target.forward(last[None], torch.tensor([past]), visible, cache)
