@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     install_requires=core,
     extras_require={
-        "webui": ["gradio>=5,<7"],
+        "webui": ["gradio>=6,<7"],
         "api": ["fastapi>=0.110", "uvicorn>=0.29"],
         "train": ["matplotlib>=3.7"],
         "eval": ["matplotlib>=3.7"],

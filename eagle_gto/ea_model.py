@@ -110,8 +110,8 @@ class EaModel(nn.Module):
         self._check_window(max_length)
         stops = self._stop_ids(is_llama3, stop_token_ids)
         stats = GenerationStats(prompt_length=prompt.shape[0])
-        self.last_stats = stats
         with self._exclusive():
+            self.last_stats = stats  # set only once this generation owns the model
             cache, drafter = self._caches(max_length)
             yield from generate_steps(self._target, drafter if speculative else None, cache,
                                       prompt, sampling, self.tree, int(max_new_tokens), stops, stats, generator)

@@ -18,17 +18,30 @@ def prompts(seed: int):
             for _ in range(NUM_PROMPTS)]
 
 
+def assert_same_or_near_tie(model, out, expected):
+    """float32 sums in a different order (a tree forward vs a one-token
+    forward) may flip the argmax where two logits tie to ~1e-5; any other
+    divergence is a bug."""
+    if out.tolist() == expected.tolist():
+        return
+    first = next(i for i in range(min(out.shape[1], expected.shape[1])) if out[0, i] != expected[0, i])
+    with torch.no_grad():
+        logits = model.base_model(expected[:, :first]).logits[0, -1]
+    margin = logits[expected[0, first]] - logits[out[0, first]]
+    assert abs(float(margin)) < 1e-4, f"divergence at {first} is not a near-tie (margin {float(margin)})"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equals_transformers_generate(arch, kind):
     model = trained_pair(arch, kind)
     taus = []
-    for ids in prompts(seed=hash((arch, kind)) % 1000):
+    for ids in prompts(seed=ARCHS.index(arch) * 10 + KINDS.index(kind)):
         out = model.eagenerate(ids, max_new_tokens=NEW_TOKENS)
         taus.append(model.last_stats.mean_accepted_length)
         expected = model.base_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
                                              attention_mask=torch.ones_like(ids), pad_token_id=0)
-        assert out.tolist() == expected.tolist()
+        assert_same_or_near_tie(model, out, expected)
         assert model.naivegenerate(ids, max_new_tokens=NEW_TOKENS).tolist() == expected.tolist()
     tau = sum(taus) / len(taus)
     print(f"{arch}/{kind}: mean accepted length {tau:.2f}")

@@ -1,0 +1,301 @@
+"""OpenAI-compatible HTTP API over one speculative-decoding model.
+
+    python -m application.api_server [--base-model-path ... --ea-model-path ...] [--port 8000]
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
+`"stream": true` for server-sent events), GET /v1/models, GET /health.
+Responses carry OpenAI's fields plus `speculative_stats` (iterations, mean
+accepted length, tokens/s); requests may add `"speculative": false` for
+plain decoding. Requests run one at a time on the model, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from .common import ChatRunner, ContextLengthError, GenerationOptions, build_parser, load_model, model_name
+
+log = logging.getLogger("eagle_gto.api")
+
+
+# ---------------------------------------------------------------- requests
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields both endpoints take; defaults are OpenAI's. Unknown fields are ignored."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    speculative: bool = True  # an extension: false decodes plainly, for comparison
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------- answers
+class StopStrings:
+    """Cuts the answer before the first stop string. Text that might be the
+    start of one is held back until the next text shows it is not."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.hit = False
+
+    def feed(self, new: str) -> str:
+        self.text += new
+        cut = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            return self._send(cut)
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._send(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._send(len(self.text))
+
+    def _send(self, end: int) -> str:
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+class Endpoint:
+    """How one endpoint writes an answer: chat messages or plain text."""
+
+    def __init__(self, chat: bool):
+        self.chat = chat
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.id_prefix = "chatcmpl-" if chat else "cmpl-"
+
+    def choice(self, text: str, finish_reason: str | None, delta: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if delta:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, stats) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": prompt_tokens + stats.new_tokens}
+
+
+def speculative_stats(stats, speculative: bool) -> dict:
+    return {"speculative": speculative, "iterations": stats.iterations,
+            "accepted_draft_tokens": sum(s.num_accepted for s in stats.steps),
+            "mean_accepted_length": round(stats.mean_accepted_length, 4),
+            "tokens_per_second": round(stats.tokens_per_second, 2), "seconds": round(stats.seconds, 4)}
+
+
+class ModelStream(StreamingResponse):
+    """An event stream that closes its generation however the response ends,
+    a client disconnect included, so the model is freed for the next request."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+# --------------------------------------------------------------------- app
+def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
+    app = FastAPI(title="eagle-gto API")
+    # Waiting requests queue here, in arrival order, without holding a thread;
+    # the runner's own lock is the guarantee, this is the fair queue in front of it.
+    model_lock = asyncio.Lock()
+
+    async def answer(prompt_ids: list[int], options: GenerationOptions, stops: list[str]) -> AsyncIterator[tuple]:
+        """(new text, finish_reason or None, stats) per iteration, stop strings applied."""
+        async with model_lock:
+            updates = runner.generate(prompt_ids, options)
+            try:
+                stopper = StopStrings(stops)
+                while True:
+                    # Not cancellable mid-step: a disconnect waits for the step, then closes the generation.
+                    update = await anyio.to_thread.run_sync(next, updates)
+                    text = stopper.feed(update.text)
+                    if stopper.hit:
+                        yield text, "stop", update.stats
+                        return
+                    if update.step.finished:
+                        yield text + stopper.flush(), update.step.finish_reason, update.stats
+                        return
+                    yield text, None, update.stats
+            finally:
+                updates.close()
+
+    async def complete(endpoint: Endpoint, request: Sampling, prompt_ids: list[int], max_tokens: int | None):
+        if request.model not in (None, name):
+            raise APIError(404, f"the model {request.model!r} does not exist; this server serves {name!r}",
+                           "model", "model_not_found")
+        # The server's --max-new-tokens is both the default and the upper bound.
+        options = GenerationOptions(min(max_tokens or max_new_tokens, max_new_tokens), request.temperature,
+                                    request.top_p, request.speculative, request.seed)
+        param = "messages" if endpoint.chat else "prompt"
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param)
+        try:
+            runner.check_fits(prompt_ids, options.speculative)
+        except ContextLengthError as err:
+            raise APIError(400, str(err), param, "context_length_exceeded") from err
+        head = {"id": endpoint.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": name}
+        events = answer(prompt_ids, options, request.stops())
+        if request.stream:
+            return ModelStream(stream(endpoint, head, events, len(prompt_ids), request), media_type="text/event-stream")
+        text, reason, stats = "", None, None
+        try:
+            async for piece, reason, stats in events:
+                text += piece
+        except Exception as err:
+            log.exception("generation failed")
+            raise APIError(500, f"generation failed: {err}", kind="server_error") from err
+        return {**head, "object": endpoint.object, "choices": [endpoint.choice(text, reason)],
+                "usage": usage(len(prompt_ids), stats),
+                "speculative_stats": speculative_stats(stats, request.speculative)}
+
+    async def stream(endpoint: Endpoint, head: dict, events, prompt_tokens: int, request: Sampling):
+        chunk = {**head, "object": endpoint.chunk_object}
+        if endpoint.chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield sse({**chunk, "choices": [first]})
+        try:
+            async for text, reason, stats in events:
+                if text or reason:
+                    body = {**chunk, "choices": [endpoint.choice(text, reason, delta=True)]}
+                    if reason:
+                        body["speculative_stats"] = speculative_stats(stats, request.speculative)
+                    yield sse(body)
+        except Exception as err:  # the status line is sent already: report in the stream
+            log.exception("generation failed")
+            yield sse(APIError(500, f"generation failed: {err}", kind="server_error").body())
+            return
+        finally:
+            await events.aclose()
+        if request.stream_options and request.stream_options.include_usage:
+            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, stats)})
+        yield sse("[DONE]")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        try:
+            prompt_ids = runner.chat_prompt([m.as_dict() for m in request.messages])
+        except ValueError as err:
+            raise APIError(400, str(err), "messages") from err
+        return await complete(Endpoint(chat=True), request, prompt_ids,
+                              request.max_completion_tokens or request.max_tokens)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if len(prompts) != 1:
+            raise APIError(400, f"give one prompt per request, got {len(prompts)}", "prompt")
+        return await complete(Endpoint(chat=False), request, runner.text_prompt(prompts[0]), request.max_tokens)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "busy": model_lock.locked()}
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        if first["type"] == "json_invalid":
+            message, where = "the request body is not valid JSON", ""
+        elif not where:
+            message = f"the request body must be a JSON object: {first['msg']}"
+        else:
+            message = f"{where}: {first['msg']}"
+        return await api_error(_, APIError(400, message, where or None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):
+        return await api_error(_, APIError(err.status_code, str(err.detail)))
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = build_parser("python -m application.api_server",
+                          "OpenAI-compatible HTTP API over an EAGLE speculative-decoding model.", port=8000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = ChatRunner(load_model(args), args.model_type, args.max_length)
+    app = create_app(runner, model_name(args), args.max_new_tokens)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""What the web UI and the HTTP API share: the command line, model loading,
+and `ChatRunner`, which turns one request into a stream of text updates on
+the one shared model, one request at a time."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from eagle_gto import EaModel, GenerationStats, Step
+from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+
+DEMO_MODEL_NAME = "eagle-gto-demo"
+
+
+def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentParser:
+    """Model and server options; each server adds its own extras."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    model = parser.add_argument_group("model")
+    model.add_argument("--base-model-path", help="base model: local folder or hub id (default: the demo pair)")
+    model.add_argument("--ea-model-path", help="draft head: local folder or hub id (default: the demo pair)")
+    model.add_argument("--model-type", choices=MODEL_TYPES, default="auto",
+                       help="chat template; auto: the tokenizer's own, else plain text (default: auto)")
+    model.add_argument("--total-token", type=int, default=60,
+                       help="draft tree size: nodes verified per step, -1 picks one (default: 60)")
+    model.add_argument("--depth", type=int, default=7, help="draft tree depth (default: 7)")
+    model.add_argument("--top-k", type=int, default=10, help="draft tree branching per level (default: 10)")
+    model.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                       help="weights dtype; auto: float16 on CUDA, float32 on CPU (default: auto)")
+    model.add_argument("--device-map", help='accelerate device map, e.g. "auto", "cuda:0" or "none" '
+                                            '(default: "auto" on CUDA, none on CPU)')
+    model.add_argument("--max-new-tokens", type=int, default=512,
+                       help="most tokens one answer may have (default: 512)")
+    model.add_argument("--max-length", type=int, default=2048,
+                       help="context: prompt + answer + draft tree, in tokens (default: 2048)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
+    return parser
+
+
+def load_model(args: argparse.Namespace) -> EaModel:
+    cuda = torch.cuda.is_available()
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if cuda else "float32")
+    device_map = args.device_map or ("auto" if cuda else "none")
+    options = {"dtype": getattr(torch, dtype)}
+    if device_map != "none":
+        options["device_map"] = device_map
+    return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
+                                   depth=args.depth, top_k=args.top_k, **options)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The id clients name the model by: the base model's path or hub id."""
+    return args.base_model_path or DEMO_MODEL_NAME
+
+
+class ContextLengthError(ValueError):
+    """The prompt leaves no room in the context for an answer."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    speculative: bool = True  # False: plain decoding through the same loop
+    seed: int | None = None
+
+
+@dataclass
+class Update:
+    """One iteration's new text. `pieces` split it by origin: True where the
+    text comes from accepted draft tokens, False where the target produced
+    the token itself (the bonus token, or every token in plain decoding)."""
+
+    pieces: list[tuple[str, bool]]
+    step: Step
+    stats: GenerationStats  # the whole generation so far
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.pieces)
+
+
+class TextStream:
+    """Incremental detokenization. A token may end inside a character (byte
+    level BPE), which decodes to U+FFFD until the rest arrives, so such text
+    is held back; and tokenizers that drop a leading space when a token is
+    decoded alone need the previous tokens as context."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # ids[start:read] were emitted last time: the context for the next text
+        self.read = 0
+
+    def add(self, ids: list[int], final: bool = False) -> str:
+        if not ids and not final:
+            return ""
+        self.ids += ids
+        before = self.tokenizer.decode(self.ids[self.start:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        if after.endswith("\ufffd") and not final:
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+class ChatRunner:
+    """Prompts in, text out, on one shared model. Generations never
+    interleave: the model's caches are shared, so each generation holds a
+    lock from its first step until it ends or its iterator is closed."""
+
+    def __init__(self, model: EaModel, model_type: str = "auto", max_length: int = 2048):
+        if model.tokenizer is None:
+            raise ValueError("the base model has no tokenizer; the servers need one to turn text into tokens")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.model_type = model_type
+        self.max_length = max_length
+        template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
+        chat = chat_format(model_type)
+        self.is_llama3 = chat.is_llama3
+        vocab = self.tokenizer.get_vocab()
+        self.stop_token_ids = [vocab[s] for s in chat.stop_strings if s in vocab]
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        text = build_prompt(messages, self.model_type, self.tokenizer)
+        return encode_prompt(text, self.tokenizer, self.model_type)
+
+    def text_prompt(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def check_fits(self, prompt_ids: list[int], speculative: bool) -> None:
+        """The engine's rule: the prompt plus one step's tokens (the whole draft
+        tree, or one token) must fit in the context."""
+        width = self.model.tree.total_token if speculative else 1
+        if len(prompt_ids) + width > self.max_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens, too many for the context of {self.max_length} tokens "
+                f"({width} of which one decoding step needs); shorten it or clear the conversation"
+            )
+
+    def generate(self, prompt_ids: list[int], options: GenerationOptions) -> Iterator[Update]:
+        """One `Update` per iteration; the last one's step is finished. Close
+        the iterator to stop early: that frees the model for the next request."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.check_fits(prompt_ids, options.speculative)
+        generator = None
+        if options.seed is not None:
+            device = self.model.base_model.get_output_embeddings().weight.device  # where sampling happens
+            generator = torch.Generator(device=device).manual_seed(options.seed)
+        with self._lock:
+            steps = self.model.generate_steps(
+                torch.tensor([prompt_ids]), temperature=options.temperature, top_p=options.top_p,
+                max_new_tokens=options.max_new_tokens, max_length=self.max_length, is_llama3=self.is_llama3,
+                stop_token_ids=self.stop_token_ids, speculative=options.speculative, generator=generator)
+            text = TextStream(self.tokenizer)
+            stats = GenerationStats(prompt_length=len(prompt_ids))
+            with closing(steps):
+                for step in steps:
+                    stats.steps.append(step)
+                    drafted = step.tokens[:step.num_accepted]
+                    pieces = [(text.add(drafted), True), (text.add(step.tokens[len(drafted):], step.finished), False)]
+                    yield Update([p for p in pieces if p[0]], step, stats)

@@ -1,0 +1,165 @@
+"""Gradio chat UI over one speculative-decoding model.
+
+    python -m application.webui [--base-model-path ... --ea-model-path ...] [--port 7860]
+
+Answers stream as they are verified, with live tokens/s and the mean
+accepted length; a switch compares speculative with plain decoding, and the
+last answer can be shown split into text from accepted draft tokens and text
+the target produced itself. All users share the one model: generation runs
+through Gradio's queue one request at a time, and waiting users see so.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from contextlib import closing
+
+import gradio as gr
+
+from .common import ChatRunner, ContextLengthError, GenerationOptions, build_parser, load_model, model_name
+
+log = logging.getLogger("eagle_gto.webui")
+
+CODE_EXAMPLES = ["def fibonacci(n):", "import os\n\n\ndef list_python_files(folder):",
+                 "class Stack:\n    def __init__(self):"]
+CHAT_EXAMPLES = ["Write a Python function that checks whether a number is prime.",
+                 "Explain speculative decoding in three sentences."]
+DRAFT_STYLE = "background:#bbf7d0;border-radius:3px"  # green: text from accepted draft tokens
+WAITING = "Waiting for the model: another answer is being generated…"
+GENERATING, STOPPED = "Generating…", "Stopped."
+FINISHED = {"stop": "Done: the model ended its answer.", "length": "Done: the token limit is reached."}
+
+
+def code_block(text: str) -> str:
+    """Markdown that shows `text` verbatim: a fence longer than any run of backticks in it."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}\n{text}\n{fence}"
+
+
+def by_origin(text: str, drafted: bool) -> str:
+    text = html.escape(text)
+    return f'<span style="{DRAFT_STYLE}">{text}</span>' if drafted else text
+
+
+def origin_box(spans: str) -> str:
+    """The answer with text from accepted draft tokens on green, the rest
+    (tokens the target produced itself) plain."""
+    legend = f'<span style="{DRAFT_STYLE}">accepted draft tokens</span> · plain: tokens the target produced itself'
+    return (f'<div style="font-size:0.85em;opacity:0.8">{legend}</div>'
+            f'<pre style="white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0">{spans}</pre>')
+
+
+def stats_line(stats, speculative: bool) -> str:
+    mode = "speculative decoding" if speculative else "plain decoding"
+    return (f"**{stats.tokens_per_second:.1f} tokens/s** · mean accepted length "
+            f"**{stats.mean_accepted_length:.2f}** tokens/iteration · {stats.new_tokens} tokens in "
+            f"{stats.iterations} iterations · {mode}")
+
+
+def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
+    def show(history: list[dict]) -> list[dict]:
+        """The chat as displayed: a plain code model's turns are code, shown verbatim."""
+        if not runner.plain_text:
+            return history
+        return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
+
+    def add_message(message: str, history: list[dict]):
+        if not message.strip():
+            raise gr.Error("The message is empty: type something first.", title="Empty message",
+                           print_exception=False)
+        history = history + [{"role": "user", "content": message}]
+        return "", history, show(history), WAITING if runner.busy else ""
+
+    def drop_answer(history: list[dict]):
+        if history and history[-1]["role"] == "assistant":
+            history = history[:-1]
+        if not history:
+            raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
+                           print_exception=False)
+        return history, show(history), WAITING if runner.busy else ""
+
+    def respond(history: list[dict], speculative: bool, temperature: float, top_p: float, max_new: int):
+        options = GenerationOptions(int(max_new), float(temperature), float(top_p), bool(speculative))
+        answer, pieces = "", ""
+        try:
+            with closing(runner.generate(runner.chat_prompt(history), options)) as updates:
+                for update in updates:
+                    answer += update.text
+                    pieces += "".join(by_origin(text, drafted) for text, drafted in update.pieces)
+                    chat = history + [{"role": "assistant", "content": answer}]
+                    # The state line changes at the start and at the end only, so that a step still on
+                    # its way to the browser when Stop is pressed cannot overwrite "Stopped".
+                    state = (FINISHED[update.step.finish_reason] if update.step.finished
+                             else GENERATING if update.stats.iterations == 1 else gr.skip())
+                    yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state
+        except Exception as err:  # shown to the user; the turn that failed is taken back
+            too_long = isinstance(err, ContextLengthError)
+            if not too_long:
+                log.exception("generation failed")
+            yield history[:-1], show(history[:-1]), "", "", ""
+            raise gr.Error(str(err), title="Prompt too long" if too_long else "Generation failed",
+                           print_exception=False) from err
+
+    with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
+        tree = runner.model.tree
+        gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
+                    f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
+        history = gr.State([])
+        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"])
+        notice = gr.Markdown(elem_id="notice")
+        stats = gr.Markdown(elem_id="stats")
+        with gr.Row():
+            message = gr.Textbox(placeholder="Code to continue" if runner.plain_text else "Your message",
+                                 show_label=False, lines=2, scale=5, elem_id="message")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            stop = gr.Button("Stop", elem_id="stop")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            clear = gr.Button("Clear", elem_id="clear")
+        gr.Examples(CODE_EXAMPLES if runner.plain_text else CHAT_EXAMPLES, inputs=message)
+        with gr.Accordion("Decoding", open=True):
+            with gr.Row():
+                speculative = gr.Checkbox(True, label="Speculative decoding (off: plain decoding)",
+                                          elem_id="speculative")
+                show_drafts = gr.Checkbox(True, label="Highlight accepted draft tokens")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p (1: off)")
+                max_new = gr.Slider(1, max_new_tokens, value=min(256, max_new_tokens), step=1, label="Max new tokens",
+                                    elem_id="max-new-tokens")
+        drafts = gr.HTML(elem_id="drafts")
+
+        generation = dict(fn=respond, inputs=[history, speculative, temperature, top_p, max_new],
+                          outputs=[history, chatbot, stats, drafts, notice], show_progress="minimal",
+                          concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
+        asked = [message.submit, send.click]
+        turn = dict(fn=add_message, inputs=[message, history], outputs=[message, history, chatbot, notice],
+                    concurrency_limit=None)
+        events = [ask(**turn).success(**generation) for ask in asked]
+        events.append(regenerate.click(drop_answer, history, [history, chatbot, notice], concurrency_limit=None)
+                      .success(**generation))
+        # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
+        stop.click(None, cancels=events).then(lambda state: STOPPED if state == GENERATING else state,
+                                              notice, notice, concurrency_limit=None)
+        clear.click(lambda: ([], [], "", "", ""), outputs=[history, chatbot, stats, drafts, notice], cancels=events,
+                    queue=False)
+        show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("python -m application.webui", "Gradio chat UI over an EAGLE speculative-decoding model.",
+                          port=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (default: off)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = ChatRunner(load_model(args), args.model_type, args.max_length)
+    demo = build_ui(runner, model_name(args), args.max_new_tokens)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the engine itself (cost per step, independent of acceptance)."""

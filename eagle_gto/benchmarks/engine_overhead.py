@@ -1,0 +1,272 @@
+"""What one decoding step and one draft-and-verify iteration cost.
+
+    python -m eagle_gto.benchmarks.engine_overhead [--shape {tiny,small,llama3-8b}] [--device cuda|cpu] [--json OUT]
+
+Builds a Llama-shaped base model with random weights directly on the device,
+and a random EAGLE-3 head of the matching shape, then measures in one run
+(one warm-up, median of `--repeats`):
+
+- the bandwidth floor of a decode step: all weight bytes / the device's
+  copy bandwidth (bytes read + written per second by a large tensor copy);
+- ms per plain decode step: the engine's `naivegenerate` (its steps after
+  the prefill, from `last_stats`) and transformers' own greedy `generate`
+  ((time for N tokens - time for 1 token) / (N - 1), no eos);
+- ms per draft-and-verify iteration of `eagenerate` at each tree size
+  (`last_stats`: time of the steps after the prefill / their count).
+
+Random weights accept almost no draft, so this measures the cost of an
+iteration, not the speedup; the speedup a head with acceptance length tau
+would give is about tau x t_plain / t_iteration (`--tau`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..ea_model import EaModel, attach_head
+from ..generation import TreeParams
+from ..tiny import head_config, random_head
+from ..tree import check_tree_params
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    draft_vocab_size: int | None = None  # None: the full target vocabulary
+    llama3_rope: bool = False
+
+
+SHAPES = {
+    "tiny": Shape(64, 6, 4, 2, 128, 256),
+    # Llama-3-8B's proportions scaled to hidden 512 (MLP 3.5x, 4 query heads
+    # per KV head, vocab ~31x and draft vocab ~8x the width), small enough for a CPU.
+    "small": Shape(512, 8, 8, 2, 1792, 16000, draft_vocab_size=4000),
+    "llama3-8b": Shape(4096, 32, 32, 8, 14336, 128256, draft_vocab_size=32000, llama3_rope=True),
+}
+
+
+def llama_config(shape: Shape):
+    from transformers import LlamaConfig
+
+    rope = {}
+    if shape.llama3_rope:
+        rope = dict(rope_theta=500000.0, max_position_embeddings=131072,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    return LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                       num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                       num_key_value_heads=shape.num_kv_heads, intermediate_size=shape.intermediate_size,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False, **rope)
+
+
+def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: TreeParams) -> EaModel:
+    """Random base and EAGLE-3 head of `shape`, created on the device (an 8B
+    model initialised on the CPU first would take minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = llama_config(shape)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        head_cfg = head_config(cfg, "eagle3", draft_vocab_size=shape.draft_vocab_size)
+        head_cfg["intermediate_size"] = shape.intermediate_size  # official heads copy the target's MLP width
+        head = random_head(head_cfg)
+    attach_head(base, head)
+    return EaModel(base, head, None, tree.total_token, tree.depth, tree.top_k)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_of(fn, repeats: int) -> float:
+    """Median of `repeats` results of fn() after one unrecorded warm-up call."""
+    fn()
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def copy_bandwidth(device: torch.device, repeats: int) -> float:
+    """Bytes per second moved (read + write) by a large device-to-device copy."""
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+
+    def run() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        synchronize(device)
+        return 2 * nbytes * 5 / (time.perf_counter() - start)
+
+    return median_of(run, repeats)
+
+
+def ms_per_later_step(model: EaModel) -> float:
+    """Mean ms of the steps after the prefill in the latest generation."""
+    later = model.last_stats.steps[1:]
+    return 1000 * sum(s.seconds for s in later) / len(later)
+
+
+def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens: list[int], repeats: int,
+            max_length: int) -> dict:
+    device = prompt.device
+    base = model.base_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    bandwidth = copy_bandwidth(device, repeats)
+
+    def hf_seconds(n: int):
+        def run() -> float:
+            synchronize(device)
+            start = time.perf_counter()
+            base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False)
+            synchronize(device)
+            return time.perf_counter() - start
+        return run
+
+    hf_ms = 1000 * (median_of(hf_seconds(new_tokens), repeats) - median_of(hf_seconds(1), repeats)) / (new_tokens - 1)
+
+    def plain() -> float:
+        model.naivegenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
+        return ms_per_later_step(model)
+
+    plain_ms = median_of(plain, repeats)
+    iterations = {}
+    for size in total_tokens:
+        model.tree = replace(model.tree, total_token=size)
+        taus = []
+
+        def speculative() -> float:
+            model.eagenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
+            taus.append(model.last_stats.mean_accepted_length)
+            return ms_per_later_step(model)
+
+        iterations[size] = {"ms": median_of(speculative, repeats), "tau": statistics.median(taus)}
+    return {"weight_bytes": weight_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "floor_ms": 1000 * weight_bytes / bandwidth, "hf_generate_ms": hf_ms, "plain_ms": plain_ms,
+            "iterations": iterations}
+
+
+def add_ratios(result: dict, tau: float) -> None:
+    floor, plain = result["floor_ms"], result["plain_ms"]
+    result["plain_x_floor"] = plain / floor
+    result["hf_generate_x_floor"] = result["hf_generate_ms"] / floor
+    result["hf_generate_x_plain"] = result["hf_generate_ms"] / plain
+    for it in result["iterations"].values():
+        it["x_plain"] = it["ms"] / plain
+        it["x_floor"] = it["ms"] / floor
+        it["predicted_speedup"] = tau * plain / it["ms"]
+
+
+def format_table(r: dict) -> str:
+    """A markdown table (ms and ratios), headed by what was measured where."""
+    s, tree = r["shape"], r["tree"]
+
+    def row(what: str, ms: float, x_plain: float | None = None) -> str:
+        plain = f"{x_plain:.2f}" if x_plain is not None else ""
+        return f"| {what} | {ms:.3f} | {ms / r['floor_ms']:.2f} | {plain} |"
+
+    lines = [
+        f"engine overhead, {r['device_name']}, {r['dtype']}, {r['date']}: hidden {s['hidden_size']}, "
+        f"{s['num_layers']} layers, heads {s['num_heads']}/{s['num_kv_heads']}, intermediate "
+        f"{s['intermediate_size']}, vocab {s['vocab_size']}; prompt {r['prompt_length']}, "
+        f"{r['new_tokens']} new tokens, median of {r['repeats']}",
+        "",
+        "| what | ms | x floor | x plain |",
+        "|---|---|---|---|",
+        row(f"bandwidth floor ({r['weight_bytes'] / 1e9:.3f} GB / {r['copy_bandwidth_gb_s']:.1f} GB/s copy)",
+            r["floor_ms"]),
+        row("transformers `generate`, per token", r["hf_generate_ms"], r["hf_generate_x_plain"]),
+        row("`naivegenerate`, per token", r["plain_ms"], 1.0),
+    ]
+    for size, it in r["iterations"].items():
+        lines.append(row(f"`eagenerate` total_token {size}, depth {tree['depth']}, top_k {tree['top_k']}, "
+                         "per iteration", it["ms"], it["x_plain"]))
+    lines += ["", f"predicted speedup at tau {r['tau_assumed']} (tau x plain / iteration): "
+              + ", ".join(f"total_token {size}: {it['predicted_speedup']:.2f}x" for size, it in r["iterations"].items()),
+              "measured tau with these random weights: "
+              + ", ".join(f"{it['tau']:.2f}" for it in r["iterations"].values())]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, help="preset (default: llama3-8b on GPU, small on CPU)")
+    for name in ("hidden-size", "num-layers", "num-heads", "num-kv-heads", "intermediate-size", "vocab-size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--prompt-length", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--total-tokens", default="10,30,60,100", help="comma-separated tree sizes")
+    p.add_argument("--depth", type=int, default=7)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--max-length", type=int, default=2048, help="KV cache capacity, as in eagenerate")
+    p.add_argument("--tau", type=float, default=6.52,
+                   help="acceptance length for the predicted speedup (default: GTO's Llama-3.1-8B average)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
+        p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark, print the table; returns (and optionally writes) the results."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    preset = SHAPES[args.shape or ("llama3-8b" if device.type == "cuda" else "small")]
+    overrides = {f: getattr(args, f) for f in
+                 ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")}
+    shape = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if shape.draft_vocab_size is not None and shape.draft_vocab_size >= shape.vocab_size:
+        shape = replace(shape, draft_vocab_size=None)  # a smaller --vocab-size: draft over all of it
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
+    total_tokens = [int(t) for t in args.total_tokens.split(",")]
+    for size in total_tokens:  # fail before building a large model
+        check_tree_params(size, args.depth, args.top_k)
+
+    torch.manual_seed(args.seed)
+    model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
+    prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
+    with torch.no_grad():
+        result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length)
+    result["iterations"] = {str(k): v for k, v in result["iterations"].items()}
+    result.update(
+        shape=asdict(shape), device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
+        dtype=dtype, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},
+        tau_assumed=args.tau,
+    )
+    add_ratios(result, args.tau)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Answer a benchmark question set and record the speed of every turn.
+
+    python -m eagle_gto.evaluation.gen_answer --bench-name mt_bench \\
+        --base-model-path BASE --ea-model-path HEAD --model-type llama3 \\
+        --mode ea --answer-file runs/eval/mt_bench/ea.jsonl
+
+One command for every model family (`--model-type` picks the prompt format;
+see `eagle_gto.chat`). Without model paths the embedded demo pair is used.
+Both modes run the engine's one generation loop (`generate_steps`), with
+speculation (`--mode ea`) or without (`--mode baseline`), so the two sides
+are timed and counted the same way:
+
+- the prompt is built turn by turn, each answer carried into the next turn;
+- a few warm-up generations run first and are not recorded;
+- wall time covers the whole turn, prefill included (the device is
+  synchronised at both ends);
+- new_tokens, idxs (iterations - 1; iterations are target forwards, the
+  prefill included) and the tokens of every iteration (`accept_lengths`)
+  come from `model.last_stats`.
+
+Answers are appended one line per question in the EAGLE reference's format
+(plus `category`, `mode` and per-turn `accept_lengths`); question ids already
+in the answer file are skipped, so an interrupted run resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+from ..ea_model import EaModel
+from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench-name", choices=BENCHES, default="mt_bench")
+    p.add_argument("--question-file", help="questions (JSON lines); default DATA_DIR/BENCH/question.jsonl")
+    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
+    p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
+    p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="prompt format")
+    p.add_argument("--mode", choices=("ea", "baseline"), default="ea", help="speculative or plain decoding")
+    p.add_argument("--model-id", help="name written in the answers (default: base name, mode, temperature)")
+    p.add_argument("--answer-file", help="output JSON lines (default runs/eval/BENCH/MODEL_ID.jsonl)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: automatic)")
+    p.add_argument("--depth", type=int, default=7)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn")
+    p.add_argument("--max-length", type=int, default=2048, help="context budget: prompt + answer + tree")
+    p.add_argument("--limit", type=int, help="answer only the first N questions of the file")
+    p.add_argument("--warmup", type=int, default=3, help="unrecorded generations before timing")
+    p.add_argument("--seed", type=int, default=0, help="reset before each question (sampling)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs)")
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def load_model(args: argparse.Namespace):
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.device == "cpu" else "bfloat16")
+    model = EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
+                                    depth=args.depth, top_k=args.top_k, dtype=DTYPES[dtype], device_map=args.device)
+    if model.tokenizer is None:
+        raise ValueError("the base model has no tokenizer: gen_answer needs one to build and decode prompts")
+    return model
+
+
+def stop_token_ids(tokenizer, model_type: str) -> list[int]:
+    """Stop strings of the prompt format that are single tokens (e.g. Qwen's
+    <|im_end|>); the model's eos ids are added by the engine."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
+
+
+class Answerer:
+    """Generates turns with one model and one set of settings."""
+
+    def __init__(self, model, args: argparse.Namespace):
+        self.model = model
+        self.args = args
+        self.speculative = args.mode == "ea"
+        self.stops = stop_token_ids(model.tokenizer, args.model_type)
+        self.is_llama3 = chat_format(args.model_type).is_llama3
+        # Same prompt budget in both modes (the tree's width in both), so the
+        # two sides see identical prompts and neither runs out of context.
+        self.prompt_budget = args.max_length - args.max_new_tokens - model.tree.total_token
+        if self.prompt_budget < 1:
+            raise ValueError(f"--max-length {args.max_length} leaves no room for a prompt with "
+                             f"--max-new-tokens {args.max_new_tokens} and a tree of {model.tree.total_token}")
+
+    def _sync(self) -> None:
+        # Kernels run asynchronously on a GPU: wait for them so wall time is the turn's own.
+        if self.args.device != "cpu" and torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(index)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = build_prompt(messages, self.args.model_type, self.model.tokenizer)
+        ids = encode_prompt(text, self.model.tokenizer, self.args.model_type)
+        if len(ids) > self.prompt_budget:
+            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {self.prompt_budget} to fit --max-length")
+            ids = ids[-self.prompt_budget:]
+        return ids
+
+    def generate(self, ids: list[int]) -> tuple[list[int], float]:
+        """New tokens of one turn and its wall time (prefill included)."""
+        a = self.args
+        self._sync()
+        start = time.perf_counter()
+        tokens: list[int] = []
+        for step in self.model.generate_steps(torch.tensor([ids]), temperature=a.temperature,
+                                              max_new_tokens=a.max_new_tokens, max_length=a.max_length,
+                                              is_llama3=self.is_llama3, stop_token_ids=self.stops,
+                                              speculative=self.speculative):
+            tokens += step.tokens
+        self._sync()
+        return tokens, time.perf_counter() - start
+
+    def decode(self, tokens: list[int]) -> str:
+        text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in chat_format(self.args.model_type).stop_strings:
+            text = text.split(stop)[0]
+        return text.strip()
+
+    def answer(self, question: dict) -> dict:
+        """One choice in the reference's format, plus per-turn accept_lengths."""
+        torch.manual_seed(self.args.seed)
+        messages: list[dict] = []
+        choice = {"index": 0, "turns": [], "idxs": [], "new_tokens": [], "wall_time": [], "accept_lengths": []}
+        for turn in question["turns"]:
+            messages.append({"role": "user", "content": turn})
+            tokens, seconds = self.generate(self.prompt_ids(messages))
+            stats = self.model.last_stats
+            text = self.decode(tokens)
+            messages.append({"role": "assistant", "content": text})
+            choice["turns"].append(text)
+            choice["idxs"].append(stats.iterations - 1)
+            choice["new_tokens"].append(stats.new_tokens)
+            choice["wall_time"].append(seconds)
+            choice["accept_lengths"].append([len(s.tokens) for s in stats.steps])
+        return choice
+
+    def warm_up(self, question: dict) -> None:
+        ids = self.prompt_ids([{"role": "user", "content": question["turns"][0]}])
+        for _ in tqdm(range(self.args.warmup), desc="warm-up", leave=False):
+            self.generate(ids)
+
+
+def default_model_id(args: argparse.Namespace) -> str:
+    base = Path(args.base_model_path).name if args.base_model_path else "demo"
+    return f"{base}-{args.mode}-temperature-{args.temperature}"
+
+
+def main(argv=None) -> Path:
+    """Run the benchmark; returns the answer file's path."""
+    args = parse_args(argv)
+    questions_path = Path(args.question_file) if args.question_file else question_file(args.bench_name, args.data_dir)
+    model_id = args.model_id or default_model_id(args)
+    answer_file = Path(args.answer_file or Path("runs", "eval", args.bench_name, f"{model_id}.jsonl"))
+    questions = load_questions(questions_path, args.limit)
+    done = answered_ids(answer_file)
+    todo = [q for q in questions if q["question_id"] not in done]
+    print(f"{len(questions)} questions from {questions_path}; {len(questions) - len(todo)} already in {answer_file}")
+    if not todo:
+        return answer_file
+
+    model = load_model(args)
+    answerer = Answerer(model, args)
+    with torch.no_grad():
+        answerer.warm_up(todo[0])
+        for question in tqdm(todo, desc=f"{args.bench_name} {args.mode}"):
+            record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                      "category": question.get("category"), "mode": args.mode,
+                      "choices": [answerer.answer(question)], "tstamp": time.time()}
+            append_answer(answer_file, record)
+    sort_answers(answer_file)
+    print(f"answers written to {answer_file}")
+    return answer_file
+
+
+if __name__ == "__main__":
+    main()

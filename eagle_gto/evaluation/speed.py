@@ -1,0 +1,162 @@
+"""Compare a speculative and a plain answer file written by `gen_answer`.
+
+    python -m eagle_gto.evaluation.speed --ea-file EA.jsonl --baseline-file BASE.jsonl [--out-dir DIR]
+
+Questions are paired by question_id (ids present in only one file are left
+out and listed). For question q and one side, T_q is the sum of new_tokens
+over its turns, S_q the sum of wall_time and I_q the sum of (idxs + 1), the
+number of iterations (target forwards, prefill included). Both sides come
+from the same loop and are counted the same way. For a group of questions
+(all of them, or one category):
+
+- tokens/s of a side = sum T_q / sum S_q;
+- speedup = mean over q of (T_q / S_q with speculation) / (T_q / S_q plain),
+  the per-question ratio the reference reports;
+- speedup_total = tokens/s with speculation / tokens/s plain, i.e. the ratio
+  of total tokens over total time (long answers weigh more);
+- tau = sum T_q / sum I_q with speculation, tokens per iteration with the
+  bonus token counted (plain decoding has exactly 1; reported as a check).
+
+Prints a table, writes `speed.json` and, with matplotlib, `speedup_tau.png`
+(speedup and tau per category) and `accept_lengths.png`: the histogram of
+tokens emitted per draft-and-verify iteration (accepted drafts + the bonus
+token), from the answers' `accept_lengths`, prefill steps left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from .questions import read_jsonl
+
+ALL = "all"
+
+
+def question_totals(answer: dict) -> dict:
+    """T_q, S_q, I_q of one answer (its first choice)."""
+    choice = answer["choices"][0]
+    totals = {"tokens": sum(choice["new_tokens"]), "seconds": sum(choice["wall_time"]),
+              "iterations": sum(i + 1 for i in choice["idxs"])}
+    if totals["seconds"] <= 0:
+        raise ValueError(f"question {answer['question_id']}: wall time must be positive")
+    return totals
+
+
+def group_stats(pairs: list[tuple[dict, dict]]) -> dict:
+    """Statistics of (speculative, plain) question totals, as in the module docstring."""
+    def total(side: int, key: str) -> float:
+        return sum(pair[side][key] for pair in pairs)
+
+    ratios = [(ea["tokens"] / ea["seconds"]) / (base["tokens"] / base["seconds"]) for ea, base in pairs]
+    ea_tps = total(0, "tokens") / total(0, "seconds")
+    base_tps = total(1, "tokens") / total(1, "seconds")
+    return {
+        "questions": len(pairs),
+        "ea_tokens": total(0, "tokens"), "ea_seconds": total(0, "seconds"), "ea_iterations": total(0, "iterations"),
+        "baseline_tokens": total(1, "tokens"), "baseline_seconds": total(1, "seconds"),
+        "baseline_iterations": total(1, "iterations"),
+        "ea_tokens_per_second": ea_tps,
+        "baseline_tokens_per_second": base_tps,
+        "speedup": sum(ratios) / len(ratios),
+        "speedup_total": ea_tps / base_tps,
+        "tau": total(0, "tokens") / total(0, "iterations"),
+        "baseline_tau": total(1, "tokens") / total(1, "iterations"),
+    }
+
+
+def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
+    """The speed report of two answer lists (see the module docstring)."""
+    ea = {a["question_id"]: a for a in ea_answers}
+    base = {a["question_id"]: a for a in baseline_answers}
+    paired = sorted(ea.keys() & base.keys())
+    if not paired:
+        raise ValueError("the two answer files have no question id in common")
+    by_group: dict[str, list] = {ALL: []}
+    histogram: Counter = Counter()
+    for qid in paired:
+        pair = (question_totals(ea[qid]), question_totals(base[qid]))
+        category = ea[qid].get("category") or base[qid].get("category") or "unknown"
+        by_group[ALL].append(pair)
+        by_group.setdefault(category, []).append(pair)
+        for lengths in ea[qid]["choices"][0].get("accept_lengths", []):
+            histogram.update(lengths[1:])  # the prefill yields one token without drafting
+    return {
+        "questions": len(paired),
+        "unpaired": sorted(ea.keys() ^ base.keys()),
+        "groups": {name: group_stats(pairs) for name, pairs in by_group.items()},
+        "accept_length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+    }
+
+
+def format_table(summary: dict) -> str:
+    header = f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
+    lines = [header, "-" * len(header)]
+    for name, g in summary["groups"].items():
+        lines.append(f"{name:<14}{g['questions']:>5}{g['ea_tokens_per_second']:>11.2f}"
+                     f"{g['baseline_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
+                     f"{g['tau']:>7.2f}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out_dir: Path) -> list[Path]:
+    """Bar charts of speedup and tau per category, and the accept-length histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    names = list(summary["groups"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(names) * 2), 4))
+    for ax, key, title in ((axes[0], "speedup", "speedup (mean over questions)"), (axes[1], "tau", "tau")):
+        values = [summary["groups"][n][key] for n in names]
+        ax.bar(names, values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    paths = [out_dir / "speedup_tau.png", out_dir / "accept_lengths.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    hist = summary["accept_length_histogram"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([int(k) for k in hist], list(hist.values()))
+    ax.set_xlabel("tokens emitted per iteration (accepted drafts + 1)")
+    ax.set_ylabel("iterations")
+    ax.set_title(f"draft-and-verify iterations (tau incl. prefill = {summary['groups'][ALL]['tau']:.2f})")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> dict:
+    """Print the table, write speed.json and the plots; returns the summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ea-file", required=True, help="answers with speculation (gen_answer --mode ea)")
+    p.add_argument("--baseline-file", required=True, help="answers with plain decoding (--mode baseline)")
+    p.add_argument("--out-dir", help="where speed.json and the plots go (default: beside --ea-file)")
+    args = p.parse_args(argv)
+    summary = summarize(read_jsonl(args.ea_file), read_jsonl(args.baseline_file))
+    summary.update(ea_file=str(args.ea_file), baseline_file=str(args.baseline_file))
+    out_dir = Path(args.out_dir or Path(args.ea_file).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(format_table(summary))
+    if summary["unpaired"]:
+        print(f"left out (answered in one file only): {summary['unpaired']}")
+    (out_dir / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        paths = plot(summary, out_dir)
+        print("plots: " + ", ".join(str(p) for p in paths))
+    except ImportError:
+        print("matplotlib is not installed (pip install 'eagle-gto[eval]'): no plots")
+    print(f"summary: {out_dir / 'speed.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

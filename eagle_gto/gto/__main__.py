@@ -1,0 +1,57 @@
+"""python -m eagle_gto.gto [options]: GTO fine-tuning of an EAGLE-3 head.
+
+    python -m eagle_gto.gto --out runs/gto                      # the demo pair
+    python -m eagle_gto.gto --base BASE --head HEAD --data train.jsonl --out runs/gto
+    python -m eagle_gto.gto experiment --out runs/gto-experiment  # GTO vs control and ablations
+    python -m eagle_gto.gto sweep --grid lr=1e-4,3e-4 omega=1,4     # choose defaults on the validation slice
+
+Every option and its default: `python -m eagle_gto.gto --help` (one source:
+`GTOConfig` in trainer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from .trainer import GTOConfig, train
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(GTOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"]
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> GTOConfig:
+    """The GTOConfig part of parsed arguments; applies --threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return GTOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GTOConfig)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["experiment"], ["sweep"]):
+        from . import experiment
+
+        return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
+    args = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).").parse_args(argv)
+    summary = train(config_from(args))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

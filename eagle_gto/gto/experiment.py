@@ -1,0 +1,210 @@
+"""GTO against continued token-level training, with ablations, on the demo
+pair; and the small option sweep that chose the defaults.
+
+    python -m eagle_gto.gto experiment --out runs/gto-experiment [training options] [--ship]
+    python -m eagle_gto.gto sweep --grid lr=1e-4,3e-4 omega=1,4 [training options]
+
+Every run starts from the same head (the demo EAGLE-3 head by default), sees
+the same training windows in the same order and takes the same number of
+optimizer steps:
+- control: L_token only (continued EAGLE-3 training);
+- gto: L_token + omega * L_GTO (smooth max, debiased by the frozen start head);
+- gto-no-debias, gto-mean, gto-max: the ablations.
+Then tau (greedy decoding, 60/7/10 by default, `model.last_stats`: generated
+tokens / target forwards over a prompt set) of the start head and of every
+trained head on the held-out stdlib prompts and the HumanEval prompts of
+`eagle_gto.demo.measure`. Training never sees either prompt set.
+`--ship` copies the GTO head into eagle_gto/demo/assets/gto and writes
+assets/heads.json naming the better of eagle3 and gto as the demo default.
+
+The sweep trains one GTO run per grid point (plus, with --control, one
+L_token-only run per learning rate) and scores each by the validation slice
+(trees at 60/7/10 on held-out training-split text, see trainer.Validator),
+never by the evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .trainer import GTOConfig, load_models, load_streams, train
+
+RUNS = {
+    "control": dict(objective="token"),
+    "gto": {},
+    "gto-no-debias": dict(debias=False),
+    "gto-mean": dict(reward="mean"),
+    "gto-max": dict(reward="max"),
+}
+
+
+def accepted_length(model, prompts: list[list[int]], max_new_tokens: int) -> float:
+    """tau over a prompt set: generated tokens / target forwards (the bonus
+    token counted, the prefill a forward), pooled over the prompts as
+    `eagle_gto.demo.measure` counts it."""
+    new_tokens = iterations = 0
+    for prompt in prompts:
+        model.eagenerate(torch.tensor([prompt]), max_new_tokens=max_new_tokens)
+        new_tokens += model.last_stats.new_tokens
+        iterations += model.last_stats.iterations
+    return new_tokens / iterations
+
+
+def prompt_sets(tokenizer, humaneval: Path, limit: int) -> dict[str, list[list[int]]]:
+    from ..demo.measure import heldout_prompts, humaneval_prompts
+
+    sets = {"heldout": heldout_prompts(tokenizer)[:limit]}
+    if humaneval.is_file():
+        sets["humaneval"] = humaneval_prompts(humaneval, tokenizer)[:limit]
+    return sets
+
+
+def evaluate(base_path: str, head_path: str, sets: dict, tree: tuple[int, int, int], max_new_tokens: int) -> dict:
+    from .. import EaModel
+
+    total_token, depth, top_k = tree
+    model = EaModel.from_pretrained(base_path, head_path, total_token=total_token, depth=depth, top_k=top_k,
+                                    dtype=torch.float32)
+    return {name: accepted_length(model, prompts, max_new_tokens) for name, prompts in sets.items()}
+
+
+def table(results: dict, names: list[str]) -> str:
+    sets = list(next(iter(results.values()))["tau"])
+    control = results.get("control", {}).get("tau")
+    lines = ["| head | " + " | ".join(f"tau {s}" for s in sets) + " | mean | vs control |",
+             "|---|" + "---|" * (len(sets) + 2)]
+    for name in names:
+        tau = results[name]["tau"]
+        mean = sum(tau.values()) / len(tau)
+        versus = f"{100 * (mean / (sum(control.values()) / len(control)) - 1):+.1f}%" if control else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{tau[s]:.3f}" for s in sets) + f" | {mean:.3f} | {versus} |")
+    return "\n".join(lines)
+
+
+def ship(run_dir: Path, results: dict, settings: dict) -> None:
+    """GTO head -> assets/gto (its export is float16); heads.json names the better default."""
+    from ..demo import ASSETS
+
+    target = ASSETS / "gto"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(run_dir / "head", target)
+    (target / "gto_training.json").write_text(json.dumps({**settings, "results": results}, indent=2) + "\n")
+    mean = {name: sum(results[key]["tau"].values()) / len(results[key]["tau"])
+            for name, key in (("eagle3", "start"), ("gto", "gto"))}
+    index = {"default": max(mean, key=mean.get),
+             "tau": {"eagle3": results["start"]["tau"], "gto": results["gto"]["tau"]},
+             "measured": settings["measured"], "date": settings["date"]}
+    (ASSETS / "heads.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .__main__ import config_from, config_parser
+
+    parser = config_parser("GTO vs continued token-level training (and ablations) on one start head.")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--eval-tree", default="60,7,10", help="total_token,depth,top_k of the tau measurement")
+    parser.add_argument("--humaneval", type=Path,
+                        default=Path(__file__).resolve().parents[3] / "shared" / "data" / "humaneval" / "question.jsonl")
+    parser.add_argument("--ship", action="store_true", help="install the GTO head as the demo's gto head")
+    parser.set_defaults(out="runs/gto-experiment", export_dtype="float16")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = set(names) - set(RUNS)
+    if unknown:
+        raise ValueError(f"unknown runs {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
+    tree = tuple(int(x) for x in args.eval_tree.split(","))
+    options = dataclasses.asdict(config_from(args))
+    out = Path(options.pop("out"))
+    torch.manual_seed(options["seed"])
+    started = time.perf_counter()
+    models = load_models(GTOConfig(**options))
+    base_path = models.base.name_or_path
+    head_path = options["head"] or _demo_head_path()
+    streams = load_streams(GTOConfig(**options), models)  # once: every run sees the same data
+    sets = prompt_sets(models.tokenizer, args.humaneval, args.limit)
+    results = {"start": {"tau": evaluate(base_path, head_path, sets, tree, args.max_new_tokens)}}
+    print("start", results["start"], flush=True)
+    for name in names:
+        cfg = GTOConfig(**{**options, **RUNS[name], "out": str(out / name)})
+        run_started = time.perf_counter()
+        summary = train(cfg, load_models(cfg, models), streams)
+        results[name] = {"tau": evaluate(base_path, str(out / name / "head"), sets, tree, args.max_new_tokens),
+                         "train": summary, "seconds": round(time.perf_counter() - run_started, 1)}
+        print(name, results[name], flush=True)
+    settings = {
+        "command": "python -m eagle_gto.gto experiment " + " ".join(argv if argv is not None else []),
+        "training": options,
+        "measured": {"tree": dict(zip(("total_token", "depth", "top_k"), tree)), "greedy": True,
+                     "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in sets.items()}},
+        "date": datetime.date.today().isoformat(),
+        "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    report = table(results, ["start"] + names)
+    (out / "results.json").write_text(json.dumps({**settings, "results": results}, indent=2) + "\n")
+    (out / "results.md").write_text(report + "\n")
+    print(report)
+    if args.ship:
+        if "gto" not in names:
+            raise ValueError("--ship needs the gto run")
+        ship(out / "gto", results, settings)
+
+
+def _demo_head_path() -> str:
+    from ..demo import demo_paths
+
+    return demo_paths(head="eagle3")[1]
+
+
+def sweep_main(argv: list[str] | None = None) -> None:
+    from .__main__ import config_from, config_parser
+
+    parser = config_parser("Small grid over GTO options, scored on the validation slice.")
+    parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                        help="option values to combine, e.g. lr=1e-4,3e-4 omega=1,4")
+    parser.add_argument("--control", action="store_true", help="also an L_token-only run per learning rate")
+    parser.set_defaults(out="runs/gto-sweep", eval_every=0)
+    args = parser.parse_args(argv)
+    options = dataclasses.asdict(config_from(args))
+    out = Path(options.pop("out"))
+    grid = {}
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        name = name.replace("-", "_")
+        if name not in options or not values:
+            raise ValueError(f"--grid {item!r}: expected OPTION=V1,V2 with a GTOConfig option")
+        kind = type(options[name]) if options[name] is not None else str
+        grid[name] = [kind(v) for v in values.split(",")]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if args.control:
+        points += [{"objective": "token", "lr": lr} for lr in grid.get("lr", [options["lr"]])]
+    models = load_models(GTOConfig(**options))
+    streams = load_streams(GTOConfig(**options), models)
+    rows = []
+    for point in points:
+        name = "-".join(f"{k}{v}" for k, v in point.items())
+        cfg = GTOConfig(**{**options, **point, "out": str(out / name)})
+        summary = train(cfg, load_models(cfg, models), streams)
+        rows.append({**point, **summary})
+        print(name, summary, flush=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row if k in grid or k == "objective"))
+    lines = ["| " + " | ".join(keys) + " | val tau start | val tau end | val reward end |",
+             "|" + "---|" * (len(keys) + 3)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys)
+                     + f" | {row['val_tau_start']:.3f} | {row['val_tau_end']:.3f} | {row['val_reward_end']:.3f} |")
+    (out / "sweep.json").write_text(json.dumps({"training": options, "rows": rows}, indent=2) + "\n")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

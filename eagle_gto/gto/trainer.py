@@ -1,0 +1,331 @@
+"""GTO fine-tuning (Phase II): L = L_token + omega * L_GTO.
+
+One step on a batch of windows:
+  1. one target forward: features, logits and the keys/values of the windows;
+  2. L_token: the EAGLE-3 training-time-test loss (eagle_gto.train.ttt);
+  3. groups of m adjacent roots; the trees of M and of the frozen M0 at
+     every root (batched drafting), verified together in one target forward;
+  4. tree rewards, debiased by M0's, standardised within each group;
+  5. the greedy accepted branch of each M tree, its log-probability under M
+     (with gradients) and M0, the ratio s and the clipped surrogate L_GTO;
+  6. backward and an AdamW step on M.
+`objective="token"` runs steps 1, 2 and 6 only: the control that continues
+token-level training on the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..generation import TreeParams
+from ..heads import DraftHead
+from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
+from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
+                     path_logprob, ratio)
+from .reward import AGGREGATIONS, tree_reward
+from .trees import Roots, TargetPass, TreeBatch, draft_trees, feature_layers_for, head_pass, target_pass, verify_trees
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class GTOConfig:
+    """Every option of `python -m eagle_gto.gto`, with its default (the CLI is built from these fields)."""
+
+    out: str = _opt("runs/gto", "output folder: head/, metrics.jsonl, metrics.png, config.json")
+    base: str | None = _opt(None, "base model folder or hub id; none: the demo base")
+    head: str | None = _opt(None, "EAGLE-3 head to fine-tune; none: the demo EAGLE-3 head")
+    reference: str | None = _opt(None, "frozen reference head M0; none: a frozen copy of --head")
+    data: str = _opt("generated", "'generated' (the base's greedy continuations of demo-corpus prompts), 'stdlib' "
+                     "(the demo corpus's training split) or a jsonl file (eagle_gto.train formats)")
+    generated: int = _opt(512, "generated: how many continuations to train on")
+    prompt_tokens: int = _opt(64, "generated: prompt length")
+    new_tokens: int = _opt(128, "generated: continuation length")
+    model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)")
+    validation_every: int = _opt(10, "every n-th demo-corpus file (jsonl: the last 1/n) is kept out for validation")
+    objective: str = _opt("gto", "'gto': L_token + omega*L_GTO; 'token': L_token only (the control)",
+                          choices=("gto", "token"))
+    reward: str = _opt("smoothmax", "branch aggregation of the tree reward", choices=AGGREGATIONS)
+    eta: float = _opt(1.0, "smooth-max temperature of the tree reward")
+    debias: bool = _opt(True, "subtract the reference tree's reward (off: ablation)")
+    group_size: int = _opt(4, "m: adjacent root positions per group (paper: 4..8)")
+    eps: float = _opt(0.2, "PPO clip range of the ratio s")
+    omega: float = _opt(2.0, "weight of L_GTO")
+    delta: float = _opt(1e-2, "added to the group std when standardising advantages")
+    ttt_steps: int = _opt(7, "L_token: training-time-test unroll steps")
+    step_weight: float = _opt(0.8, "L_token: weight decay per unroll step")
+    lr: float = _opt(3e-5, "AdamW learning rate (constant)")
+    steps: int = _opt(300, "optimizer steps")
+    windows: int = _opt(2, "windows per step")
+    window_length: int = _opt(192, "tokens per window")
+    groups_per_window: int = _opt(2, "groups drawn per window per step")
+    grad_clip: float = _opt(1.0, "gradient norm clip")
+    total_token: int = _opt(60, "training trees: total_token (engine default 60)")
+    depth: int = _opt(7, "training trees: depth (engine default 7)")
+    top_k: int = _opt(10, "training trees: top_k (engine default 10)")
+    tree_chunk: int = _opt(64, "trees per verification forward (memory bound)")
+    eval_every: int = _opt(100, "validation every n steps (0: start and end only)")
+    eval_windows: int = _opt(16, "validation windows (trees every 8th position, 60/7/10)")
+    export_dtype: str = _opt("float32", "dtype of the exported head", choices=("float32", "float16", "bfloat16"))
+    device: str | None = _opt(None, "torch device; none: cuda if available, else cpu")
+    dtype: str = _opt("float32", "base model dtype (the head trains in float32)",
+                      choices=("float32", "float16", "bfloat16"))
+    seed: int = _opt(0, "seed of the data order and the group draws")
+
+    def __post_init__(self):
+        if self.reward not in AGGREGATIONS:
+            raise ValueError(f"reward must be one of {AGGREGATIONS}, got {self.reward!r}")
+        if self.objective not in ("gto", "token"):
+            raise ValueError(f"objective must be 'gto' or 'token', got {self.objective!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), got {self.group_size}")
+        for name in ("eta", "eps", "delta", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+EVAL_TREE = TreeParams()  # validation always uses the engine's decoding defaults
+EVAL_STRIDE = 8
+
+
+@dataclass
+class Models:
+    base: torch.nn.Module
+    head: DraftHead  # M, trained, float32
+    reference: DraftHead  # M0, frozen, float32
+    tokenizer: object
+    feature_layers: list[int] | None
+
+
+def _load_head(path, base) -> DraftHead:
+    from ..checkpoint import build_head, check_against_base, load_checkpoint
+    from ..ea_model import attach_head
+
+    head = build_head(load_checkpoint(path))
+    if head.kind != "eagle3":
+        raise ValueError(f"{path}: GTO fine-tunes EAGLE-3 heads (L_token is the EAGLE-3 objective), got {head.kind}")
+    check_against_base(head, base.config, str(path))
+    attach_head(base, head)
+    return head.float()
+
+
+def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
+    """Base, tokenizer, trainable head M and frozen reference M0 as `cfg`
+    names them; `reuse` supplies an already loaded base and tokenizer (the
+    heads are always read afresh)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path, head_path = cfg.base, cfg.head
+    if base_path is None or head_path is None:
+        from ..demo import demo_paths
+
+        demo_base, demo_head = demo_paths(head="eagle3")
+        base_path, head_path = base_path or demo_base, head_path or demo_head
+    if reuse is None:
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, cfg.dtype)).to(device)
+        base.eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    else:
+        base, tokenizer = reuse.base, reuse.tokenizer
+    head = _load_head(head_path, base)
+    reference = _load_head(cfg.reference or head_path, base).eval()
+    head.train()
+    for name, param in head.named_parameters():
+        param.requires_grad_(not name.startswith("embed_tokens."))
+    return Models(base, head, reference, tokenizer, feature_layers_for(head, base))
+
+
+def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStream]:
+    """(training stream, validation stream), disjoint."""
+    if cfg.data in ("generated", "stdlib"):
+        train_files, val_files = stdlib_split(cfg.validation_every)
+        if cfg.data == "stdlib":
+            return text_stream(train_files, models.tokenizer), text_stream(val_files, models.tokenizer)
+        make = lambda files, count, seed: generated_stream(  # noqa: E731
+            models.base, models.tokenizer, files, count, cfg.prompt_tokens, cfg.new_tokens, seed)
+        return make(train_files, cfg.generated, cfg.seed), make(val_files, cfg.eval_windows, cfg.seed + 1)
+    stream = jsonl_stream(cfg.data, models.tokenizer, cfg.model_type)
+    cut = len(stream) - max(len(stream) // cfg.validation_every, cfg.window_length)
+    if cut < cfg.window_length:
+        raise ValueError(f"{cfg.data}: too few tokens ({len(stream)}) for training and validation windows")
+    return (TokenStream(stream.ids[:cut], stream.loss_mask[:cut]),
+            TokenStream(stream.ids[cut:], stream.loss_mask[cut:]))
+
+
+@dataclass
+class GTOResult:
+    loss: torch.Tensor  # L_GTO, differentiable through s only
+    rewards: torch.Tensor  # [B] R(T_i) of M's trees
+    ref_rewards: torch.Tensor  # [B] R(T̄_i) of M0's trees
+    advantages: torch.Tensor  # [B]
+    s: torch.Tensor  # [B] ratios (differentiable)
+    lengths: torch.Tensor  # [B] greedy accepted length of M's trees
+    ref_lengths: torch.Tensor  # [B] the same for M0's trees
+
+    def stats(self, eps: float) -> dict:
+        return {
+            "reward": self.rewards.mean().item(),
+            "reward_ref": self.ref_rewards.mean().item(),
+            "abs_advantage": self.advantages.abs().mean().item(),
+            "clip_frac": ((self.s.detach() - 1).abs() > eps).float().mean().item(),
+            "tau": self.lengths.float().mean().item() + 1,
+            "tau_ref": self.ref_lengths.float().mean().item() + 1,
+            "l_gto": self.loss.item(),
+        }
+
+
+def gto_objective(cfg: GTOConfig, models: Models, target: TargetPass, roots: Roots) -> GTOResult:
+    """L_GTO for the groups `roots` (steps 3-5 of the module docstring)."""
+    head, reference = models.head, models.reference
+    state = head_pass(head, target)  # with gradients: s_i is differentiated through it
+    with torch.no_grad():
+        ref_state = head_pass(reference, target)
+    tree = (cfg.total_token, cfg.depth, cfg.top_k)
+    mine = draft_trees(head, state.detach(), target, roots, *tree)
+    theirs = draft_trees(reference, ref_state, target, roots, *tree)
+    both = TreeBatch.stack(mine.trees + theirs.trees)
+    verdict = verify_trees(models.base, target, Roots(roots.seq.repeat(2), roots.pos.repeat(2)), both, cfg.tree_chunk)
+    device = verdict.node_logp.device
+    rewards = tree_reward(verdict.node_logp, both.mask.to(device), both.leaves.to(device), cfg.reward, cfg.eta)
+    B = len(roots)
+    advantages = group_advantages(debiased_rewards(rewards[:B], rewards[B:], cfg.debias), cfg.group_size, cfg.delta)
+    tokens, lengths = accepted_paths(mine, verdict.choices[:B])
+    _, ref_lengths = accepted_paths(theirs, verdict.choices[B:])
+    logp = path_logprob(head, state, roots, tokens, lengths)
+    with torch.no_grad():
+        ref_logp = path_logprob(reference, ref_state, roots, tokens, lengths)
+    s = ratio(logp, ref_logp, lengths.to(logp.device))
+    advantages = advantages.to(s.device)
+    return GTOResult(clipped_surrogate(s, advantages, cfg.eps), rewards[:B], rewards[B:], advantages, s,
+                     lengths, ref_lengths)
+
+
+def training_loss(cfg: GTOConfig, models: Models, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """L = L_token + omega * L_GTO on one batch of windows (L_token alone for the control)."""
+    from ..train.ttt import ttt_loss
+
+    target = target_pass(models.base, tokens, models.feature_layers)
+    device = models.head.fc.weight.device
+    token = ttt_loss(models.head, target.features.to(device, torch.float32), tokens.to(device),
+                     target.logits.to(device), loss_mask.to(device), steps=cfg.ttt_steps, step_weight=cfg.step_weight)
+    stats = {"l_token": token.loss.item(), "acc0": token.step_accuracy[0]}
+    if cfg.objective == "token":
+        return token.loss, stats
+    roots = group_roots(loss_mask.bool(), cfg.group_size, cfg.groups_per_window, generator)
+    gto = gto_objective(cfg, models, target, roots)
+    stats.update(gto.stats(cfg.eps))
+    return token.loss + cfg.omega * gto.loss, stats
+
+
+class Validator:
+    """The head's trees at the decoding defaults (60/7/10), rooted every 8th
+    position of fixed validation windows: greedy accepted length + 1 (an
+    estimate of tau) and the mean tree reward, on text GTO never trains on."""
+
+    def __init__(self, models: Models, tokens: torch.Tensor, chunk: int):
+        self.models, self.chunk = models, chunk
+        self.target = target_pass(models.base, tokens, models.feature_layers)
+        S, L = tokens.shape
+        pos = torch.arange(EVAL_STRIDE, L, EVAL_STRIDE)
+        self.roots = Roots(torch.arange(S).repeat_interleave(len(pos)), pos.repeat(S))
+
+    @torch.no_grad()
+    def __call__(self, head: DraftHead) -> dict:
+        state = head_pass(head, self.target)
+        trees = draft_trees(head, state, self.target, self.roots, EVAL_TREE.total_token, EVAL_TREE.depth, EVAL_TREE.top_k)
+        verdict = verify_trees(self.models.base, self.target, self.roots, trees, self.chunk)
+        _, lengths = accepted_paths(trees, verdict.choices)
+        device = verdict.node_logp.device
+        reward = tree_reward(verdict.node_logp, trees.mask.to(device), trees.leaves.to(device))
+        return {"val_tau": lengths.float().mean().item() + 1, "val_reward": reward.mean().item()}
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("tree reward", ("reward", "reward_ref")), ("tau (training trees)", ("tau", "tau_ref")),
+              ("validation trees (60/7/10)", ("val_tau", "val_reward")), ("losses", ("l_token", "l_gto")),
+              ("|A| and clip fraction", ("abs_advantage", "clip_frac"))]
+    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), label=key, marker="o" if key.startswith("val_") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_head(head: DraftHead, folder: Path, dtype: str) -> Path:
+    from ..checkpoint import save_head
+
+    exported = type(head)(head.config)  # a copy, so casting leaves the trained head as it is
+    if head.embed_tokens is not None:
+        exported.embed_tokens = copy.deepcopy(head.embed_tokens)
+    exported.load_state_dict(head.state_dict())
+    return save_head(exported.to(getattr(torch, dtype)), folder)
+
+
+def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStream, TokenStream] | None = None,
+          progress: bool = True) -> dict:
+    """Run GTO (or the control) and export the head to `cfg.out`/head.
+    `models` and (training, validation) `streams` default to what `cfg`
+    names. Returns a summary: validation tau at the start and the end."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    models = models or load_models(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    train_stream, val_stream = streams or load_streams(cfg, models)
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
+    group_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    val_tokens, _ = val_stream.spread(cfg.eval_windows, cfg.window_length)
+    validator = Validator(models, val_tokens, cfg.tree_chunk)
+    params = [p for p in models.head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    records = [{"step": 0, **validator(models.head)}]
+    started = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as log:
+        log.write(json.dumps(records[0]) + "\n")
+        bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.objective}", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            tokens, loss_mask = train_stream.windows(cfg.windows, cfg.window_length, data_gen)
+            loss, stats = training_loss(cfg, models, tokens, loss_mask, group_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            record = {"step": step, **stats, "seconds": round(time.perf_counter() - started, 2)}
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                record.update(validator(models.head))
+            records.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("l_token", "l_gto", "tau", "tau_ref")})
+    export_head(models.head, out / "head", cfg.export_dtype)
+    plot_metrics(records, out / "metrics.png")
+    summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
+               "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],
+               "seconds": round(time.perf_counter() - started, 1), "steps": cfg.steps}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,215 @@
+"""Training data: jsonl records -> token ids with a loss mask.
+
+One JSON object a line, any of:
+- ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+- OpenAI:   {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
+- plain text: {"text": ...}
+
+Conversations are written with `eagle_gto.chat.build_prompt` for the chosen
+model type (the tokenizer's chat template with `auto`), so training sees
+exactly the prompts the engine builds at inference. Only the assistant's
+tokens carry loss (plus the special end-of-turn token right after each
+answer, so the head learns where answers stop); plain text is all loss.
+Which tokens are assistant tokens is found from character offsets, which
+works for any template that copies the answer text verbatim.
+
+`regenerate` replaces the assistant answers by the base model's own greedy
+answers: a head trained on what its target actually writes accepts more.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..chat import build_prompt, chat_format, encode_prompt
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+         "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where predicting this token is trained
+
+
+def read_records(path: str | Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+        if not isinstance(record, dict) or not ({"conversations", "messages", "text"} & set(record)):
+            raise ValueError(f"{path}:{number}: expected an object with 'conversations', 'messages' or 'text'")
+        records.append(record)
+    return records
+
+
+def to_messages(record: dict) -> list[dict] | None:
+    """{"role", "content"} messages of a conversation record; None for plain text."""
+    if "text" in record:
+        return None
+    if "messages" in record:
+        turns = [(m.get("role"), m.get("content")) for m in record["messages"]]
+    else:
+        turns = [(m.get("from"), m.get("value")) for m in record["conversations"]]
+    messages = []
+    for role, content in turns:
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"unsupported conversation turn: role {role!r} with {type(content).__name__} content")
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+def encode_text(text: str, tokenizer) -> Sample:
+    ids = tokenizer(text).input_ids
+    return Sample(ids, [1] * len(ids))
+
+
+def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto", system: str | None = None) -> Sample:
+    text = build_prompt(messages, model_type, tokenizer, system)
+    spans, cursor = [], 0
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "system" or not content.strip():
+            continue
+        start = text.find(content, cursor)
+        if start < 0:  # some templates strip the turns
+            content = content.strip()
+            start = text.find(content, cursor)
+        if start < 0 and message["role"] == "assistant":
+            raise ValueError(f"the {model_type!r} prompt format does not contain an assistant answer verbatim")
+        if start >= 0:  # walk past user turns too, so an answer is never found inside a question
+            cursor = start + len(content)
+            if message["role"] == "assistant":
+                spans.append((start, cursor))
+    ids = encode_prompt(text, tokenizer, model_type)
+    plain = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    lead = len(ids) - len(plain.input_ids)  # special tokens the tokenizer put in front (BOS)
+    if lead < 0 or ids[lead:] != plain.input_ids:
+        raise ValueError("cannot align the tokens of a conversation with its text")
+    mask = [0] * len(ids)
+    special = set(tokenizer.all_special_ids)
+    for start, end in spans:
+        last = None
+        for j, (a, b) in enumerate(plain.offset_mapping):
+            if a < end and b > start:
+                mask[lead + j] = 1
+                last = j
+        if last is not None and last + 1 < len(plain.input_ids) and plain.input_ids[last + 1] in special:
+            mask[lead + last + 1] = 1  # the end-of-turn token
+    return Sample(ids, mask)
+
+
+def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str | None = None) -> Sample:
+    messages = to_messages(record)
+    if messages is None:
+        return encode_text(record["text"], tokenizer)
+    return encode_conversation(messages, tokenizer, model_type, system)
+
+
+def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_length: int = 2048,
+               system: str | None = None) -> list[Sample]:
+    """Encode, truncate to max_length, and drop records with nothing to learn."""
+    samples = []
+    for record in records:
+        sample = encode_record(record, tokenizer, model_type, system)
+        sample = Sample(sample.input_ids[:max_length], sample.loss_mask[:max_length])
+        # A token is only predicted from two tokens before it (see ttt.py).
+        if sum(sample.loss_mask[2:]) > 0:
+            samples.append(sample)
+    return samples
+
+
+@torch.no_grad()
+def greedy_continue(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
+                    batch_size: int = 16) -> list[list[int]]:
+    """The base model's greedy continuation of each prompt (plain decoding
+    with transformers' generate), cut after the first stop token. Prompts of
+    equal length are batched together, so no padding is ever needed."""
+    device = model.get_input_embeddings().weight.device
+    results: list[list[int] | None] = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    for indices in by_length.values():
+        for chunk in range(0, len(indices), batch_size):
+            group = indices[chunk : chunk + batch_size]
+            ids = torch.tensor([prompts[i] for i in group], device=device)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, eos_token_id=sorted(stop_ids) or None,
+                pad_token_id=min(stop_ids) if stop_ids else 0,
+            )
+            for i, row in zip(group, out[:, ids.shape[1] :].tolist()):
+                stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
+                results[i] = row if stop is None else row[: stop + 1]
+    return results
+
+
+def stop_token_ids(model, tokenizer, model_type: str) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    if chat_format(model_type).is_llama3:
+        ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    return ids
+
+
+def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", max_new_tokens: int = 512,
+               system: str | None = None, batch_size: int = 16) -> list[dict]:
+    """Records whose assistant turns are replaced, turn by turn, by the
+    base model's greedy answer to the conversation so far. Plain-text
+    records are kept as they are."""
+    conversations = [to_messages(r) for r in records]
+    stops = stop_token_ids(model, tokenizer, model_type)
+    stop_strings = chat_format(model_type).stop_strings
+    turn = 0
+    while True:
+        todo = [(i, m) for i, m in enumerate(conversations)
+                if m is not None and sum(x["role"] == "assistant" for x in m) > turn]
+        if not todo:
+            break
+        positions = [[k for k, x in enumerate(m) if x["role"] == "assistant"][turn] for _, m in todo]
+        prompts = [encode_prompt(build_prompt(m[:k], model_type, tokenizer, system), tokenizer, model_type)
+                   for (_, m), k in zip(todo, positions)]
+        answers = greedy_continue(model, prompts, max_new_tokens, stops, batch_size)
+        for (i, m), k, answer in zip(todo, positions, answers):
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+            for stop in stop_strings:
+                text = text.split(stop)[0]
+            m[k] = {"role": "assistant", "content": text}
+        turn += 1
+    return [r if m is None else {"messages": m} for r, m in zip(records, conversations)]
+
+
+def token_counts(samples: list[Sample], vocab_size: int) -> torch.Tensor:
+    """[V] how often each token is a trained prediction: the draft
+    vocabulary is made of the most frequent ones."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for sample in samples:
+        ids = torch.tensor(sample.input_ids)[torch.tensor(sample.loss_mask, dtype=torch.bool)]
+        counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, loss_mask, attention_mask [b, n]."""
+    n = max(len(s.input_ids) for s in samples)
+    batch = {key: torch.zeros(len(samples), n, dtype=torch.long)
+             for key in ("input_ids", "loss_mask", "attention_mask")}
+    for row, sample in enumerate(samples):
+        k = len(sample.input_ids)
+        batch["input_ids"][row, :k] = torch.tensor(sample.input_ids)
+        batch["loss_mask"][row, :k] = torch.tensor(sample.loss_mask)
+        batch["attention_mask"][row, :k] = 1
+    return batch

@@ -1,0 +1,382 @@
+"""Train an EAGLE-3 draft head for a base model, with training-time test.
+
+    python -m eagle_gto.train --base-model-path BASE --data train.jsonl --out DIR [options]
+
+Per optimizer step: the base model runs on the batch (features.py), the head
+is unrolled `--ttt-steps` times on its own outputs against the target's
+distribution (ttt.py), AdamW updates it with gradient clipping under a
+warm-up + cosine learning rate. accelerate places everything (multi-GPU with
+`accelerate launch`), bf16 autocast on GPU, fp32 on CPU. Checkpoints in
+DIR/checkpoints/ resume with `--resume`; metrics go to DIR/metrics.jsonl and
+DIR/training_curves.png; the head is exported to DIR as an EAGLE-3
+checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..chat import MODEL_TYPES
+from ..checkpoint import save_head
+from ..heads import Eagle3Head, HeadConfig
+from ..vocab import build_vocab_mapping
+from .data import Sample, collate, read_records, regenerate, to_samples, token_counts
+from .features import target_outputs
+from .plot import plot_metrics
+from .ttt import TTTObjective
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    ttt_steps: int = 7
+    step_weight: float = 0.8
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 4  # sequences per process per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    export_dtype: str = "bfloat16"
+    pytorch_bin: bool = False
+
+
+# ----------------------------------------------------------------------------- head
+def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int | None = None) -> dict:
+    """config.json of an EAGLE-3 head for this base: the base's width, heads
+    and RoPE, one layer, a draft vocabulary of `draft_vocab_size`."""
+    text = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    rope = getattr(text, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
+    cfg = dict(
+        architectures=["LlamaForCausalLMEagle3"], model_type="llama", hidden_size=text.hidden_size,
+        intermediate_size=intermediate_size or text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        num_hidden_layers=1, vocab_size=text.vocab_size, draft_vocab_size=min(draft_vocab_size, text.vocab_size),
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6), hidden_act="silu", rope_theta=float(theta),
+        max_position_embeddings=getattr(text, "max_position_embeddings", 2048), tie_word_embeddings=False,
+    )
+    if rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = dict(rope)
+    return cfg
+
+
+def new_head(base, counts: torch.Tensor, draft_vocab_size: int, intermediate_size: int | None = None,
+             seed: int = 0) -> Eagle3Head:
+    """A fresh head whose draft vocabulary is the most frequent tokens of
+    `counts`. Its norm and lm_head start as the target's final norm and the
+    target's lm_head rows of the draft vocabulary: the head's output lives in
+    the target's hidden space, so that is a far better start than noise."""
+    cfg = HeadConfig.from_dict(head_config_for(base.config, draft_vocab_size, intermediate_size), "eagle3")
+    torch.manual_seed(seed)
+    head = Eagle3Head(cfg)
+    d2t, t2d = build_vocab_mapping(counts, cfg.draft_vocab_size)
+    with torch.no_grad():
+        head.d2t.copy_(d2t)
+        head.t2d.copy_(t2d)
+        head.lm_head.weight.copy_(base.get_output_embeddings().weight[t2d.to(base.device)].float())
+        norm = getattr(base.get_decoder(), "norm", None)
+        if getattr(norm, "weight", None) is not None and norm.weight.shape == head.norm.weight.shape:
+            head.norm.weight.copy_(norm.weight.float())
+    return head
+
+
+def attach_target_embedding(head: Eagle3Head, base) -> None:
+    weight = base.get_input_embeddings().weight.detach()
+    device = head.fc.weight.device
+    head.attach_embedding(weight if weight.device == device else weight.to(device))
+
+
+# ------------------------------------------------------------------------ schedule
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class MicroBatches:
+    """Micro-batches of sample indices for one process, epoch after epoch,
+    each epoch in its own seeded order; (epoch, index) is all a resume needs."""
+
+    def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0):
+        self.count, self.batch_size, self.world, self.rank, self.seed = count, batch_size, world, rank, seed
+        self.epoch, self.index = epoch, index
+        self.per_epoch = max(1, count // (batch_size * world))
+
+    def next(self) -> list[int]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        size = self.batch_size * self.world
+        order = order.repeat(math.ceil(size / self.count))  # a data set smaller than one global batch
+        start = self.index * size + self.rank * self.batch_size
+        self.index += 1
+        return order[start : start + self.batch_size].tolist()
+
+
+# -------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
+
+
+def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
+    path = out / "checkpoints" / f"step-{progress['step']:08d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "progress.json").write_text(json.dumps(progress) + "\n")
+        for old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- train
+def run_batch(objective, base, samples: list[Sample], device):
+    batch = {k: v.to(device) for k, v in collate(samples).items()}
+    target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
+    return objective(target.features, batch["input_ids"], target.logits, batch["loss_mask"], batch["attention_mask"])
+
+
+@torch.no_grad()
+def evaluate(objective, base, samples: list[Sample], batch_size: int, device) -> dict:
+    """Mean loss and per-step accuracy over `samples` (weighted by positions)."""
+    loss, correct, counts = 0.0, None, None
+    batches = 0
+    for start in range(0, len(samples), batch_size):
+        out = run_batch(objective, base, samples[start : start + batch_size], device)
+        hits = torch.tensor([a * c for a, c in zip(out.step_accuracy, out.step_counts)], dtype=torch.float64)
+        seen = torch.tensor(out.step_counts, dtype=torch.float64)
+        correct = hits if correct is None else correct + hits
+        counts = seen if counts is None else counts + seen
+        loss += float(out.loss)
+        batches += 1
+    return {"eval_loss": loss / max(batches, 1), "eval_acc": (correct / counts.clamp(min=1)).tolist()}
+
+
+def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_vocab_size: int = 32000,
+          intermediate_size: int | None = None, eval_samples: list[Sample] | None = None,
+          resume: bool = False, show_progress: bool = True) -> Eagle3Head:
+    """Train a head for `base` (a transformers causal LM, already placed) on
+    token samples; write checkpoints, metrics, the plot and the exported head
+    into `out`; return the trained head (float32)."""
+    from accelerate import Accelerator
+
+    out = Path(out)
+    if not samples:
+        raise ValueError("no training samples (every record was empty or had no loss tokens)")
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
+    device = accelerator.device
+    base.eval().requires_grad_(False)
+    counts = token_counts(samples, base.config.vocab_size)
+    head = new_head(base, counts, draft_vocab_size, intermediate_size, cfg.seed)
+    head.to(device)
+    attach_target_embedding(head, base)
+    objective = TTTObjective(head, cfg.ttt_steps, cfg.step_weight)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    world = accelerator.num_processes
+    batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
+    step = 0
+    metrics_file = out / "metrics.jsonl"
+    previous = checkpoint_dirs(out) if resume else []
+    if previous:
+        accelerator.load_state(str(previous[-1]))
+        progress = json.loads((previous[-1] / "progress.json").read_text())
+        step, batches.epoch, batches.index = progress["step"], progress["epoch"], progress["index"]
+        accelerator.print(f"resumed from {previous[-1]} (step {step})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not previous:
+            metrics_file.write_text("")
+
+    window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
+    started, tokens = time.time(), 0
+    bar = tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
+               disable=not (show_progress and accelerator.is_main_process))
+    objective.train()
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        for micro in range(cfg.grad_accum):
+            chunk = [samples[i] for i in batches.next()]
+            tokens += sum(len(s.input_ids) for s in chunk)
+            sync = accelerator.no_sync(objective) if micro < cfg.grad_accum - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                result = run_batch(objective, base, chunk, device)
+                accelerator.backward(result.loss / cfg.grad_accum)
+            window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
+                           [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
+        accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            record = _summarise(window, accelerator)
+            record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
+                          lr=lr_at(step - 1, total, cfg),
+                          tokens_per_s=round(tokens * world / (time.time() - started), 1))
+            window = []
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples:
+                record.update(_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
+            _append(accelerator, metrics_file, record)
+        if step % cfg.save_every == 0 or step == total:
+            save_checkpoint(accelerator, out, {"step": step, "epoch": batches.epoch, "index": batches.index},
+                            cfg.keep_checkpoints)
+    bar.close()
+
+    head = accelerator.unwrap_model(objective).head
+    if eval_samples and not (cfg.eval_every and total % cfg.eval_every == 0):
+        scores = _evaluate_main(accelerator, objective, base, eval_samples, cfg, device)
+        _append(accelerator, metrics_file, {"step": step, **scores})
+    if accelerator.is_main_process:
+        # A fresh module for the export: the training head holds the
+        # target's embedding by reference, which a copy would duplicate.
+        export = Eagle3Head(head.config)
+        export.load_state_dict(head.state_dict())
+        save_head(export.to(DTYPES[cfg.export_dtype]), out, pytorch_bin=cfg.pytorch_bin)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        try:
+            plot_metrics(metrics_file, out / "training_curves.png")
+        except ImportError:
+            print("matplotlib is not installed (pip install eagle-gto[train]): no training_curves.png")
+    accelerator.wait_for_everyone()
+    return head
+
+
+def _summarise(window, accelerator) -> dict:
+    """Mean loss, per-step losses and position-weighted per-step accuracy
+    over the micro-batches since the last log, averaged over processes."""
+    steps = len(window[0][1])
+    loss = torch.tensor([sum(w[0] for w in window) / len(window)], device=accelerator.device)
+    step_losses = torch.tensor([sum(w[1][s] for w in window) / len(window) for s in range(steps)],
+                               device=accelerator.device)
+    hits = torch.tensor([sum(w[2][s] for w in window) for s in range(steps)], device=accelerator.device,
+                        dtype=torch.float64)
+    counts = torch.tensor([sum(w[3][s] for w in window) for s in range(steps)], device=accelerator.device,
+                          dtype=torch.float64)
+    loss, step_losses = accelerator.reduce(loss, "mean"), accelerator.reduce(step_losses, "mean")
+    hits, counts = accelerator.reduce(hits, "sum"), accelerator.reduce(counts, "sum")
+    return {"loss": round(float(loss), 5), "step_loss": [round(float(x), 5) for x in step_losses],
+            "acc": [round(float(x), 4) for x in hits / counts.clamp(min=1)]}
+
+
+def _evaluate_main(accelerator, objective, base, eval_samples, cfg, device) -> dict:
+    result = {}
+    if accelerator.is_main_process:
+        module = accelerator.unwrap_model(objective)
+        module.eval()
+        with accelerator.autocast():
+            result = evaluate(module, base, eval_samples, cfg.batch_size, device)
+        module.train()
+        result = {"eval_loss": round(result["eval_loss"], 5), "eval_acc": [round(a, 4) for a in result["eval_acc"]]}
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _append(accelerator, file: Path, record: dict) -> None:
+    if accelerator.is_main_process:
+        with file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model-path", required=True, help="base model folder or hub id")
+    p.add_argument("--data", required=True, nargs="+", help="training jsonl file(s)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, exported head)")
+    p.add_argument("--eval-data", nargs="+", help="held-out jsonl file(s) for loss / per-step accuracy")
+    p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
+                   help="conversation format (default: auto, the tokenizer's chat template or plain)")
+    p.add_argument("--system", help="system prompt for conversations that have none")
+    p.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
+    p.add_argument("--regenerate", action="store_true",
+                   help="replace assistant answers by the base model's greedy ones (run it in one process, "
+                        "with --save-data, before a multi-GPU run)")
+    p.add_argument("--regen-max-new-tokens", type=int, default=512)
+    p.add_argument("--regen-batch-size", type=int, default=16)
+    p.add_argument("--save-data", help="write the (regenerated) training records to this jsonl")
+    p.add_argument("--draft-vocab-size", type=int, default=32000, help="capped at the base vocabulary")
+    p.add_argument("--intermediate-size", type=int, help="head MLP width (default: the base's)")
+    d = TrainConfig()
+    p.add_argument("--ttt-steps", type=int, default=d.ttt_steps, help="unroll steps of training-time test")
+    p.add_argument("--step-weight", type=float, default=d.step_weight, help="loss weight of step s is this**s")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="0: evaluate at the end only")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--export-dtype", default=d.export_dtype, choices=sorted(DTYPES))
+    p.add_argument("--pytorch-bin", action="store_true", help="also write pytorch_model.bin")
+    return p.parse_args(argv)
+
+
+def load_base(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        base.to(PartialState().device)
+    return base.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    base, tokenizer = load_base(args.base_model_path)
+    records = [r for path in args.data for r in read_records(path)]
+    if args.regenerate:
+        records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
+                             args.regen_batch_size)
+        if args.save_data:
+            Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
+    samples = to_samples(records, tokenizer, args.model_type, args.max_length, args.system)
+    eval_samples = None
+    if args.eval_data:
+        eval_records = [r for path in args.eval_data for r in read_records(path)]
+        eval_samples = to_samples(eval_records, tokenizer, args.model_type, args.max_length, args.system)
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
+    print(f"head written to {args.out}")

@@ -1,0 +1,291 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` client
+against `python -m application.api_server` started here on a loopback port
+with a tiny random model pair.
+
+Expected answers come from the engine itself: a greedy answer must be the
+text of `eagenerate`'s tokens for the same prompt (speculative decoding is
+lossless, so plain decoding must give it too), whatever else the server is
+doing at the same time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from eagle_gto import EaModel
+from eagle_gto.chat import build_prompt, encode_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+TREE = dict(total_token=16, depth=4, top_k=4)  # small, so tests run fast; answers do not depend on it
+MAX_LENGTH = 2048
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # the tiny tokenizer: one token per character
+
+
+def save_tiny_pair(folder: Path) -> tuple[Path, Path]:
+    """A tiny random Llama with a one-character-per-token tokenizer (every
+    token decodes to visible text, so answers compare exactly as strings)
+    and a random EAGLE-3 head, saved the way real checkpoints are."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from eagle_gto.checkpoint import save_head
+    from eagle_gto.tiny import base_config, head_config, random_head
+
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token=" "))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    config = base_config(vocab_size=len(CHARS))
+    torch.manual_seed(0)
+    base, head = folder / "base", folder / "head"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(base)
+    save_head(random_head(head_config(config, "eagle3", draft_vocab_size=64), seed=1), head)
+    return base, head
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(module: str, pair: tuple[Path, Path], port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """`python -m module` on 127.0.0.1:port with the pair; its output goes to `log` (a pipe nobody
+    reads could fill up and stall the server)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "-m", module, "--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
+               "--port", str(port), *(f"--{k.replace('_', '-')}={v}" for k, v in TREE.items()), *extra]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the server did not answer {url} within {timeout} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def server(pair, tmp_path_factory):
+    port, log = free_port(), tmp_path_factory.mktemp("api") / "server.log"
+    process = start_server("application.api_server", pair, port, log, "--max-length", str(MAX_LENGTH),
+                           "--max-new-tokens", "2000")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, url + "/health", log)
+        yield url
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # No retries: a failed request must show up as a failure, not be hidden by a second try.
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    return EaModel.from_pretrained(*map(str, pair), dtype=torch.float32, **TREE)
+
+
+@pytest.fixture(scope="module")
+def name(pair):
+    return str(pair[0])
+
+
+def expected_answer(engine, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    out = engine.eagenerate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, max_length=MAX_LENGTH)
+    new = out[0, len(prompt_ids):].tolist()
+    return engine.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def chat_ids(engine, messages) -> list[int]:
+    return encode_prompt(build_prompt(messages, "auto", engine.tokenizer), engine.tokenizer, "auto")
+
+
+def ask(client, name, prompt: str, max_tokens: int, *, chat: bool, stream: bool, speculative: bool = True,
+        **options) -> tuple[str, str, dict | None]:
+    """(text, finish_reason, speculative_stats) of one request."""
+    args = dict(model=name, max_tokens=max_tokens, temperature=options.pop("temperature", 0.0),
+                extra_body={"speculative": speculative}, stream=stream, **options)
+    api = client.chat.completions if chat else client.completions
+    if chat:
+        args["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        args["prompt"] = prompt
+    if not stream:
+        response = api.create(**args)
+        choice = response.choices[0]
+        return (choice.message.content if chat else choice.text), choice.finish_reason, response.speculative_stats
+    text, reason, stats = "", None, None
+    for chunk in api.create(**args):
+        if chunk.choices:
+            choice = chunk.choices[0]
+            text += (choice.delta.content or "") if chat else choice.text
+            reason = choice.finish_reason or reason
+        stats = getattr(chunk, "speculative_stats", None) or stats
+    return text, reason, stats
+
+
+def test_models_and_health(client, server, name):
+    assert [m.id for m in client.models.list().data] == [name]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_equals_eagenerate(client, engine, name, stream):
+    prompt = "def fibonacci(n):\n"
+    ids = engine.tokenizer(prompt).input_ids
+    expected, count = expected_answer(engine, ids, 40)
+    response = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0,
+                                         stream=stream, stream_options={"include_usage": True} if stream else None)
+    if stream:
+        chunks = list(response)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        usage, stats = chunks[-1].usage, next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+        stats = stats.speculative_stats
+    else:
+        text, usage, stats = response.choices[0].text, response.usage, response.speculative_stats
+    assert text == expected
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), count, len(ids) + count)
+    assert stats["speculative"] is True
+    assert 1 <= stats["iterations"] <= count
+    assert stats["mean_accepted_length"] == pytest.approx(count / stats["iterations"], abs=1e-3)
+    assert stats["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("speculative", [True, False])
+def test_chat_equals_eagenerate(client, engine, name, stream, speculative):
+    """The chat prompt is the model type's template over the messages, and
+    plain decoding gives the same greedy answer with exactly one token per
+    iteration."""
+    messages = [{"role": "user", "content": "class Stack:"}]
+    expected, count = expected_answer(engine, chat_ids(engine, messages), 30)
+    text, reason, stats = ask(client, name, "class Stack:", 30, chat=True, stream=stream, speculative=speculative)
+    assert text == expected
+    assert reason == "length"
+    assert stats["speculative"] is speculative
+    if not speculative:
+        assert stats["iterations"] == count and stats["mean_accepted_length"] == 1.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_answer(client, engine, name, stream):
+    prompt = "import os\n"
+    full, _ = expected_answer(engine, engine.tokenizer(prompt).input_ids, 40)
+    stop = full[6:9]  # some text from the middle of the greedy answer
+    text, reason, _ = ask(client, name, prompt, 40, chat=False, stream=stream, stop=[stop, "never-there"])
+    assert (text, reason) == (full[: full.index(stop)], "stop")
+
+
+def test_concurrent_clients_get_the_answers_they_get_alone(client, name):
+    """8 clients x 5 requests at once, mixing chat and completions, streaming
+    and not, speculative and plain, greedy and seeded sampling: each answer
+    equals the one the same request got with the server to itself."""
+    prompts = [f"def f{i}(x):\n    return x {'+-*/%'[i % 5]}" for i in range(8)]
+
+    def request(i: int, j: int) -> tuple[str, str]:
+        k = i * 5 + j
+        sampled = k % 4 == 3
+        options = dict(temperature=0.9, seed=k) if sampled else {}
+        return ask(client, name, prompts[(i + j) % len(prompts)], 10, chat=k % 2 == 0, stream=k % 3 != 0,
+                   speculative=k % 5 != 4, **options)[:2]
+
+    alone = {(i, j): request(i, j) for i in range(8) for j in range(5)}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        clients = [pool.submit(lambda i=i: [request(i, j) for j in range(5)]) for i in range(8)]
+        together = {(i, j): answer for i, future in enumerate(clients)
+                    for j, answer in enumerate(future.result(timeout=240))}
+    assert together == alone
+    assert all(text for text, _ in alone.values())
+
+
+def test_client_disconnect_frees_the_model(client, server, name):
+    """A client that drops a long stream must not hold the model: 2000
+    tokens take the server tens of seconds, yet it is free within seconds."""
+    body = {"model": name, "prompt": "x = ", "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()  # kept: dropping it would close the stream here already
+        assert next(line for line in lines if line.startswith("data:"))
+        assert httpx.get(server + "/health").json()["busy"] is True
+    deadline = time.monotonic() + 5
+    while httpx.get(server + "/health").json()["busy"]:
+        assert time.monotonic() < deadline, "the dropped stream still holds the model"
+        time.sleep(0.05)
+    text, reason, _ = ask(client, name, "y = ", 5, chat=False, stream=False)
+    assert reason == "length" and text
+
+
+BAD_REQUESTS = [
+    # (endpoint, body, status, param, code)
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}', 400, None, None),
+    ("chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "model",
+     "model_not_found"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature",
+     None),
+    ("chat/completions", {"max_tokens": 5}, 400, "messages", None),
+    ("chat/completions", {"messages": []}, 400, "messages", None),
+    ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x" * MAX_LENGTH}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("completions", {"prompt": "x" * MAX_LENGTH}, 400, "prompt", "context_length_exceeded"),
+    ("completions", {"prompt": ""}, 400, "prompt", None),
+    ("chat/completions", {"messages": [{"role": "system", "content": ""}]}, 400, "messages", None),
+    ("completions", {"prompt": "hi", "n": 2}, 400, "n", None),
+    ("completions", [1, 2], 400, None, None),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param,code", BAD_REQUESTS)
+def test_bad_request_gets_an_openai_error(server, endpoint, body, status, param, code):
+    raw = body if isinstance(body, bytes) else None
+    response = httpx.post(f"{server}/v1/{endpoint}", content=raw, json=None if raw else body,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_server_still_serves_after_bad_requests(client, name):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    assert info.value.status_code == 400
+    text, reason, _ = ask(client, name, "hi", 4, chat=True, stream=True)
+    assert reason == "length" and text

@@ -1,0 +1,61 @@
+"""The embedded demo pair: where it is, that it loads, that it is lossless
+and that its head actually drafts well."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import eagle_gto.demo as demo
+from eagle_gto import CheckpointError, EaModel
+from eagle_gto.demo.measure import humaneval_prompts, measure
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval" / "question.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return EaModel.from_pretrained(dtype=torch.float32)  # no paths: the demo pair
+
+
+def test_demo_paths_name_loadable_folders():
+    base, head = demo.demo_paths("eagle3")
+    assert (Path(base) / "model.safetensors").is_file() and (Path(base) / "tokenizer.json").is_file()
+    config = json.loads((Path(head) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and "draft_vocab_size" in config
+    assert demo.demo_paths()[0] == base
+    with pytest.raises(ValueError, match="unknown demo head"):
+        demo.demo_paths("medusa")
+
+
+def test_default_head_and_missing_gto(tmp_path, monkeypatch):
+    for name in ("base", "eagle3"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "eagle3" / "config.json").write_text("{}")
+    monkeypatch.setattr(demo, "ASSETS", tmp_path)
+    assert demo.demo_paths() == (str(tmp_path / "base"), str(tmp_path / "eagle3"))
+    with pytest.raises(CheckpointError, match="gto head is not built"):
+        demo.demo_paths("gto")
+    (tmp_path / "heads.json").write_text(json.dumps({"default": "gto"}))
+    assert demo.demo_paths()[1] == str(tmp_path / "eagle3")  # named default absent: fall back
+    (tmp_path / "gto").mkdir()
+    (tmp_path / "gto" / "config.json").write_text("{}")
+    assert demo.demo_paths()[1] == str(tmp_path / "gto")
+
+
+def test_demo_pair_is_greedy_identical_to_plain_decoding(model):
+    for text in ("import os\n\n\ndef main():\n", "class Stack:\n    def __init__(self):\n"):
+        ids = model.tokenizer(text, return_tensors="pt").input_ids
+        spec = model.eagenerate(ids, max_new_tokens=48)
+        assert model.last_stats.iterations < model.last_stats.new_tokens  # drafts were accepted
+        assert torch.equal(spec, model.naivegenerate(ids, max_new_tokens=48))
+
+
+@pytest.mark.skipif(not HUMANEVAL.is_file(), reason=f"benchmark data not found at {HUMANEVAL}")
+def test_demo_head_accepts_on_humaneval(model):
+    prompts = humaneval_prompts(HUMANEVAL, model.tokenizer)[:4]
+    result = measure(model, prompts, max_new_tokens=48)
+    assert result.identical == len(prompts)
+    assert result.tau > 1.5

@@ -1,0 +1,42 @@
+"""The engine-overhead benchmark on a tiny shape (CPU)."""
+
+import json
+
+import pytest
+
+from eagle_gto.benchmarks import engine_overhead
+
+
+def test_tiny_shape_report(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    result = engine_overhead.main(["--shape", "tiny", "--hidden-size", "32", "--device", "cpu", "--prompt-length", "8",
+                                   "--new-tokens", "6", "--repeats", "1", "--total-tokens", "4,8", "--depth", "2",
+                                   "--top-k", "3", "--tau", "4", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["dtype"] == "float32" and result["device"] == "cpu"
+    assert result["shape"]["hidden_size"] == 32 and result["shape"]["num_layers"] == 6
+
+    # Weight bytes by hand for hidden 32, 6 layers, heads 4/2 (head dim 8),
+    # intermediate 128, vocab 256, untied, float32:
+    # embedding + lm_head 2*256*32; per layer q,o 2*32*32 + k,v 2*32*16 +
+    # MLP 3*32*128 + 2 norms 2*32; final norm 32.
+    params = 2 * 256 * 32 + 6 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 128 + 2 * 32) + 32
+    assert result["weight_bytes"] == 4 * params
+
+    for key in ("copy_bandwidth_gb_s", "floor_ms", "hf_generate_ms", "plain_ms"):
+        assert result[key] > 0, key
+    assert result["floor_ms"] == pytest.approx(1000 * result["weight_bytes"] / (result["copy_bandwidth_gb_s"] * 1e9))
+    assert result["plain_x_floor"] == pytest.approx(result["plain_ms"] / result["floor_ms"])
+    assert set(result["iterations"]) == {"4", "8"}
+    for it in result["iterations"].values():
+        assert it["ms"] > 0 and 1.0 <= it["tau"] <= 6
+        assert it["x_plain"] == pytest.approx(it["ms"] / result["plain_ms"])
+        assert it["predicted_speedup"] == pytest.approx(4 * result["plain_ms"] / it["ms"])
+    table = capsys.readouterr().out
+    assert "| `naivegenerate`, per token |" in table and "total_token 8" in table
+
+
+def test_rejects_a_tree_the_depth_cannot_fill():
+    with pytest.raises(ValueError, match="total_token=50"):
+        engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--total-tokens", "4,50", "--depth", "2",
+                              "--top-k", "3"])

@@ -1,0 +1,343 @@
+"""GTO fine-tuning: the tree reward, the batched trees it is computed on, the
+group policy objective and a short end-to-end run (eagle_gto/gto)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_pairs import VOCAB, trained_pair
+
+from eagle_gto import EaModel
+from eagle_gto.drafter import Drafter
+from eagle_gto.ea_model import attach_head
+from eagle_gto.gto.__main__ import config_from, config_parser
+from eagle_gto.gto.data import TokenStream
+from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
+                                  ratio)
+from eagle_gto.gto.reward import branch_values, tree_reward
+from eagle_gto.gto.trainer import GTOConfig, Models, gto_objective, train
+from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
+from eagle_gto.target import TargetRunner
+from eagle_gto.tree import ancestor_mask
+from eagle_gto.train.features import target_outputs
+
+TREE = dict(total_token=24, depth=5, top_k=4)  # the tiny pair's decoding tree
+
+
+# ----------------------------------------------------------------- reward
+def random_tree(T: int, seed: int):
+    """A random tree (parent index < child index) with random node probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    parents = torch.zeros(T, dtype=torch.long)
+    for i in range(1, T):
+        parents[i] = int(torch.randint(0, i, (1,), generator=g))
+    probs = torch.rand(T, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    return parents, probs
+
+
+def enumerate_branches(parents, probs) -> list[float]:
+    """L_{t,i} for every root-to-leaf branch, by walking each branch."""
+    T = len(parents)
+    leaves = [i for i in range(T) if i not in set(parents[1:].tolist())]
+    values = []
+    for leaf in leaves:
+        branch, node = [], leaf
+        while node != 0:
+            branch.append(node)
+            node = int(parents[node])
+        branch.reverse()
+        value, reach = 0.0, 1.0
+        for node in branch:
+            reach *= float(probs[node])
+            value += reach
+        values.append(value)
+    return values
+
+
+def tree_tensors(parents, probs):
+    T = len(parents)
+    mask = ancestor_mask(parents, T)[None]
+    node_logp = probs.log().clone()
+    node_logp[0] = 0.0
+    is_parent = torch.zeros(T, dtype=torch.bool)
+    is_parent[parents[1:]] = True
+    return node_logp[None], mask, (~is_parent)[None]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reward_equals_branch_enumeration(seed):
+    """Branch values and the three aggregations equal a direct walk of every
+    root-to-leaf branch: L = sum_j prod_{k<=j} p_k."""
+    parents, probs = random_tree(12 + seed, seed)
+    node_logp, mask, leaves = tree_tensors(parents, probs)
+    expected = enumerate_branches(parents, probs)
+    got = branch_values(node_logp, mask)[leaves]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64))
+    for eta in (0.5, 1.0, 3.0):
+        smooth = math.log(sum(math.exp(eta * v) for v in expected)) / eta
+        assert tree_reward(node_logp, mask, leaves, "smoothmax", eta).item() == pytest.approx(smooth, rel=1e-9)
+    assert tree_reward(node_logp, mask, leaves, "mean").item() == pytest.approx(sum(expected) / len(expected))
+    assert tree_reward(node_logp, mask, leaves, "max").item() == pytest.approx(max(expected))
+
+
+def test_smooth_max_limits():
+    """(1/eta) log sum_i exp(eta L_i) tends to max_i L_i as eta grows (within
+    log N / eta) and to mean_i L_i + log N / eta as eta shrinks (error O(eta))."""
+    parents, probs = random_tree(20, seed=7)
+    node_logp, mask, leaves = tree_tensors(parents, probs)
+    values = enumerate_branches(parents, probs)
+    n, top, mean = len(values), max(values), sum(values) / len(values)
+    assert n > 3 and max(values) - min(values) > 0.1
+    for eta in (1e2, 1e3, 1e4):
+        r = tree_reward(node_logp, mask, leaves, "smoothmax", eta).item()
+        assert top - 1e-12 <= r <= top + math.log(n) / eta + 1e-12
+    spread = max(abs(v - mean) for v in values)
+    for eta in (1e-2, 1e-3, 1e-4):
+        r = tree_reward(node_logp, mask, leaves, "smoothmax", eta).item()
+        assert abs(r - (mean + math.log(n) / eta)) <= eta * spread**2 + 1e-9
+    r1 = tree_reward(node_logp, mask, leaves, "smoothmax", 1.0).item()
+    assert top < r1  # eta = 1 is a soft maximum, above the hard one
+
+
+# --------------------------------------------------- trees of the engine
+@pytest.fixture(scope="module")
+def pair():
+    return trained_pair("llama", "eagle3")
+
+
+def greedy_windows(pair, count: int, length: int, seed: int) -> torch.Tensor:
+    """Text the base model writes itself (greedy from random 4-token starts):
+    the head drafts it well, so trees get deep accepted branches."""
+    starts = torch.randint(0, VOCAB, (count, 4), generator=torch.Generator().manual_seed(seed))
+    return pair.base_model.generate(starts, max_new_tokens=length - 4, min_new_tokens=length - 4, do_sample=False,
+                                    attention_mask=torch.ones_like(starts), pad_token_id=0)
+
+
+def decode_and_record(model, prompt, monkeypatch):
+    """Greedy speculative decoding, recording (root position, tree) of every
+    tree the engine drafts."""
+    recorded = []
+    original = Drafter.draft_tree
+
+    def recording(self, last_out, root_token, total_token, depth, top_k):
+        tree = original(self, last_out, root_token, total_token, depth, top_k)
+        recorded.append((self.length, tree))  # the root sits at the position after the draft entries
+        return tree
+
+    monkeypatch.setattr(Drafter, "draft_tree", recording)
+    out = model.eagenerate(prompt, max_new_tokens=40)
+    monkeypatch.undo()
+    return out[0], recorded
+
+
+def test_training_trees_are_the_decoding_trees(pair, monkeypatch):
+    """Batched drafting over a whole sequence reproduces, node for node, every
+    tree the engine drafted while generating that sequence; the batched
+    verification gives the engine's verification logits at every node."""
+    g = torch.Generator().manual_seed(3)
+    runner = TargetRunner(pair.base_model, pair._target.feature_layers)
+    checked = 0
+    for _ in range(3):
+        prompt = torch.randint(0, VOCAB, (1, 6), generator=g)
+        seq, recorded = decode_and_record(pair, prompt, monkeypatch)
+        target = target_pass(pair.base_model, seq[None], pair._target.feature_layers)
+        roots = Roots(torch.zeros(len(recorded), dtype=torch.long), torch.tensor([r for r, _ in recorded]))
+        batch = draft_trees(pair.ea_layer, head_pass(pair.ea_layer, target), target, roots, **TREE)
+        verdict = verify_trees(pair.base_model, target, roots, batch, chunk=5)
+        for b, (r, tree) in enumerate(recorded):
+            assert torch.equal(batch.tokens[b], tree.tokens) and torch.equal(batch.parents[b], tree.parents)
+            assert torch.equal(batch.mask[b], tree.mask)
+            assert torch.allclose(batch.scores[b], tree.scores, atol=1e-4)
+            # the engine's verification forward of this tree after its prefix
+            cache = runner.new_cache(r + tree.size)
+            runner.forward(seq[:r], torch.arange(r), torch.ones(r, r).tril().bool(), cache)
+            visible = torch.cat((torch.ones(tree.size, r, dtype=torch.bool), tree.mask), dim=1)
+            logits, _ = runner.forward(tree.tokens, r + tree.depths, visible, cache)
+            logp = torch.log_softmax(logits, dim=-1)
+            expected = logp[tree.parents, tree.tokens]
+            assert torch.allclose(verdict.node_logp[b, 1:], expected[1:], atol=1e-4)
+            assert torch.equal(verdict.choices[b], logits.argmax(-1))
+            checked += 1
+    assert checked > 10
+
+
+def test_target_features_match_the_trainer(pair):
+    """GTO's target pass gives the EAGLE-3 trainer's features and logits."""
+    seqs = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    mine = target_pass(pair.base_model, seqs, pair._target.feature_layers)
+    theirs = target_outputs(pair.base_model, seqs)
+    assert torch.allclose(mine.features, theirs.features, atol=1e-5)
+    assert torch.allclose(mine.logits, theirs.logits, atol=1e-4)
+
+
+def test_teacher_forced_branch_logprob_equals_the_tree_score(pair):
+    """log M(Ŝ) recomputed along the accepted branch equals the cumulative
+    draft score the tree expansion gave its last node."""
+    seqs = greedy_windows(pair, 2, 40, seed=1)
+    head, base = pair.ea_layer, pair.base_model
+    target = target_pass(base, seqs, pair._target.feature_layers)
+    roots = group_roots(torch.ones(2, 40, dtype=torch.bool), 4, 3, torch.Generator().manual_seed(0))
+    state = head_pass(head, target)
+    trees = draft_trees(head, state, target, roots, **TREE)
+    verdict = verify_trees(base, target, roots, trees)
+    tokens, lengths = accepted_paths(trees, verdict.choices)
+    assert lengths.max() >= 2  # some branches are accepted deep
+    logp = path_logprob(head, state, roots, tokens, lengths)
+    for b, tree in enumerate(trees.trees):
+        node = 0
+        for token in tokens[b, : lengths[b]]:
+            children = ((tree.parents == node) & (tree.tokens == token)).nonzero().flatten()
+            node = int(children[children > 0][0])
+        assert logp[b].item() == pytest.approx(tree.scores[node].item(), abs=1e-4)
+
+
+# ----------------------------------------------------------------- policy
+def test_group_roots_are_adjacent_and_eligible():
+    eligible = torch.ones(3, 50, dtype=torch.bool)
+    eligible[1, 20:] = False  # e.g. a prompt: no loss there
+    roots = group_roots(eligible, 4, 5, torch.Generator().manual_seed(0))
+    groups = roots.pos.reshape(-1, 4)
+    assert torch.equal(groups - groups[:, :1], torch.arange(4).expand_as(groups))  # m adjacent positions
+    assert torch.equal(roots.seq.reshape(-1, 4), roots.seq.reshape(-1, 4)[:, :1].expand(-1, 4))  # one window
+    assert len(set(map(tuple, torch.stack((roots.seq, roots.pos), 1).tolist()))) == len(roots)  # no overlap
+    assert eligible[roots.seq, roots.pos].all() and roots.pos.min() >= 1
+    assert (roots.seq == 1).sum() == 16  # only 4 whole groups fit in window 1's 19 eligible roots
+
+
+def test_advantages_are_standardised_per_group():
+    rewards = torch.randn(6, 4, dtype=torch.float64) * torch.tensor([[0.1], [1], [5], [0.01], [2], [3]]) + 7
+    rewards[3] = 1.5  # a group whose trees all score the same: no preference
+    adv = group_advantages(rewards.flatten(), 4, delta=1e-6).reshape(6, 4)
+    assert torch.allclose(adv.mean(dim=1), torch.zeros(6, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(adv[[0, 1, 2, 4, 5]].std(dim=1, correction=0), torch.ones(5, dtype=torch.float64), atol=1e-4)
+    assert torch.equal(adv[3], torch.zeros(4, dtype=torch.float64))
+    for g in (0, 1, 2, 4, 5):
+        assert torch.equal(adv[g].argsort(), rewards[g].argsort())
+
+
+def test_clipping_for_positive_and_negative_advantages():
+    """min(s A, clip(s) A): a positive advantage stops pushing s up past
+    1+eps, a negative one stops pushing it down past 1-eps; on the other side
+    the unclipped term is kept (the pessimistic bound)."""
+    eps = 0.2
+    s = torch.tensor([0.5, 0.9, 1.1, 1.5, 0.5, 0.9, 1.1, 1.5], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    loss = clipped_surrogate(s, adv, eps)
+    kept = torch.tensor([0.5, 0.9, 1.1, 1.2, -0.8, -0.9, -1.1, -1.5])
+    assert loss.item() == pytest.approx(-kept.mean().item())
+    loss.backward()
+    live = torch.tensor([1.0, 1, 1, 0, 0, 1, 1, 1])  # clipped entries get no gradient
+    assert torch.allclose(s.grad, -adv * live / len(s))
+
+
+def test_ratio_is_per_token():
+    logp_new = torch.tensor([-1.0, -2.0, 0.0])
+    logp_ref = torch.tensor([-2.0, -2.5, 0.0])
+    lengths = torch.tensor([4, 1, 0])
+    assert torch.allclose(ratio(logp_new, logp_ref, lengths), torch.exp(torch.tensor([0.25, 0.5, 0.0])))
+
+
+def tiny_models(pair, perturb: float = 0.0):
+    """A trainable copy M of the pair's head and a frozen copy M0 (M optionally nudged away from M0)."""
+    head = copy.deepcopy(pair.ea_layer).float().train().requires_grad_(True)
+    reference = copy.deepcopy(pair.ea_layer).float().eval()
+    attach_head(pair.base_model, head)
+    attach_head(pair.base_model, reference)
+    if perturb:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(perturb * p.abs().mean() * torch.randn_like(p))
+    return Models(pair.base_model, head, reference, None, pair._target.feature_layers)
+
+
+def test_gradients_reach_m_only_through_the_ratio(pair):
+    """The gradient of L_GTO w.r.t. M is exactly the clipped-PPO policy
+    gradient -(1/B) sum_i A_i s_i 1[unclipped] d/dθ log M(Ŝ_i) / max(l_i, 1):
+    nothing flows through the rewards, the advantages, the trees or M0."""
+    models = tiny_models(pair, perturb=0.05)
+    cfg = GTOConfig(group_size=4, eps=0.2, **TREE)
+    seqs = greedy_windows(pair, 2, 40, seed=5)
+    target = target_pass(models.base, seqs, models.feature_layers)
+    roots = group_roots(torch.ones(2, 40, dtype=torch.bool), 4, 2, torch.Generator().manual_seed(2))
+    result = gto_objective(cfg, models, target, roots)
+    assert not (result.rewards.requires_grad or result.advantages.requires_grad)
+    assert result.advantages.abs().sum() > 0 and result.lengths.max() >= 3  # branches several steps deep
+    assert not any(p.requires_grad for p in models.reference.parameters())
+    params = [p for p in models.head.parameters() if p.requires_grad]
+    got = torch.autograd.grad(result.loss, params, allow_unused=True)
+    # the expected gradient, from log M(Ŝ_i) alone
+    tokens, lengths = accepted_paths(draft_trees(models.head, head_pass(models.head, target).detach(), target,
+                                                 roots, **TREE), target_verdict(models, target, roots))
+    assert torch.equal(lengths, result.lengths)
+    logp = path_logprob(models.head, head_pass(models.head, target), roots, tokens, lengths)
+    s = result.s.detach()
+    live = ((result.advantages > 0) & (s < 1 + cfg.eps)) | ((result.advantages < 0) & (s > 1 - cfg.eps))
+    weights = -result.advantages * s * live / lengths.clamp_min(1) / len(roots)
+    expected = torch.autograd.grad((weights * logp).sum(), params, allow_unused=True)
+    nonzero = 0
+    for g, e in zip(got, expected):
+        g = torch.zeros_like(e) if g is None else g
+        assert torch.allclose(g, e, atol=1e-6, rtol=1e-4)
+        nonzero += int(g.abs().sum() > 0)
+    assert nonzero > 3
+
+
+def target_verdict(models, target, roots):
+    trees = draft_trees(models.head, head_pass(models.head, target).detach(), target, roots, **TREE)
+    return verify_trees(models.base, target, roots, trees).choices
+
+
+def test_identical_heads_give_zero_debiased_advantage(pair):
+    """With M = M0 the trees coincide: R_i = 0, A_i = 0, s_i = 1. Without
+    debiasing the raw rewards are standardised instead."""
+    models = tiny_models(pair)
+    seqs = greedy_windows(pair, 1, 40, seed=6)
+    target = target_pass(models.base, seqs, models.feature_layers)
+    roots = group_roots(torch.ones(1, 40, dtype=torch.bool), 4, 3, torch.Generator().manual_seed(0))
+    result = gto_objective(GTOConfig(**TREE), models, target, roots)
+    assert torch.equal(result.rewards, result.ref_rewards)
+    assert torch.equal(result.advantages, torch.zeros_like(result.advantages))
+    assert torch.allclose(result.s, torch.ones_like(result.s))
+    plain = gto_objective(GTOConfig(debias=False, **TREE), models, target, roots)
+    assert plain.advantages.abs().sum() > 0
+
+
+# -------------------------------------------------------------- end to end
+def test_cli_options_map_to_the_config():
+    args = config_parser("x").parse_args(["--no-debias", "--reward", "mean", "--eta", "2", "--group-size", "6"])
+    cfg = config_from(args)
+    assert (cfg.debias, cfg.reward, cfg.eta, cfg.group_size) == (False, "mean", 2.0, 6)
+    assert config_from(config_parser("x").parse_args([])) == GTOConfig()
+    with pytest.raises(ValueError, match="reward"):
+        GTOConfig(reward="median")
+
+
+def test_short_run_exports_a_head_the_engine_loads(pair, tmp_path):
+    """A few GTO steps on a tiny pair: metrics are logged, the exported head
+    (float16, as the demo ships it) loads with EaModel.from_pretrained,
+    carries the trained weights and decodes exactly like plain greedy
+    decoding."""
+    models = tiny_models(pair)
+    seqs = greedy_windows(pair, 8, 48, seed=9)
+    stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=3, windows=2, window_length=40, groups_per_window=2, lr=1e-3,
+                    eval_every=0, eval_windows=1, export_dtype="float16", **TREE)
+    summary = train(cfg, models, (stream, stream), progress=False)
+    records = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and '"l_gto"' in records[-1] and '"val_tau"' in records[-1]
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    assert summary["val_tau_start"] > 1
+    base_dir = tmp_path / "base"
+    pair.base_model.save_pretrained(base_dir)
+    model = EaModel.from_pretrained(str(base_dir), str(tmp_path / "run" / "head"), dtype=torch.float32, **TREE)
+    trained = models.head.state_dict()
+    assert trained["fc.weight"].dtype == torch.float32  # exporting in float16 left the trained head alone
+    assert all(torch.equal(v, trained[k].half().to(v.dtype)) for k, v in model.ea_layer.state_dict().items())
+    assert not torch.equal(trained["fc.weight"], pair.ea_layer.state_dict()["fc.weight"])
+    for seed in range(4):
+        prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(seed))
+        fast = model.eagenerate(prompt, max_new_tokens=30)
+        assert model.last_stats.mean_accepted_length > 1
+        assert torch.equal(fast, model.naivegenerate(prompt, max_new_tokens=30))

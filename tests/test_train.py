@@ -1,0 +1,246 @@
+"""Draft-head training (eagle_gto.train): data, features, the TTT unroll and
+its loss, the training loop with resume, export and reload."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from eagle_gto import EaModel
+from eagle_gto.drafter import Drafter
+from eagle_gto.target import TargetRunner, eagle3_feature_layers
+from eagle_gto.tiny import base_config, head_config, random_head
+from eagle_gto.train import Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, ttt_loss
+from eagle_gto.train.data import encode_conversation, to_messages
+from eagle_gto.train.trainer import checkpoint_dirs, main
+from eagle_gto.train.ttt import unroll
+
+VOCAB = 320
+TEXTS = ["def add(a, b):\n    return a + b\n", "USER: hello there ASSISTANT: x = 1</s>",
+         "for i in range(10):\n    print(i)\n"]
+
+
+def make_tokenizer():
+    """A small byte-level BPE with <s>/</s> specials, trained on the spot."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_base(seed=0, sharpen=4.0):
+    """A tiny random Llama whose next-token distributions are peaked (scaled
+    lm_head), so a head has something to learn."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(base_config(vocab_size=VOCAB, hidden_size=64, num_layers=6)).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(sharpen)
+    return base
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+# ----------------------------------------------------------------------------- data
+def test_loss_mask_covers_only_assistant_tokens(tokenizer):
+    messages = to_messages({"conversations": [
+        {"from": "human", "value": "hello there"}, {"from": "gpt", "value": "def add(a, b):"},
+        {"from": "human", "value": "more"}, {"from": "gpt", "value": "return a + b"}]})
+    sample = encode_conversation(messages, tokenizer, "vicuna", system="SYS")
+    trained = [t for t, m in zip(sample.input_ids, sample.loss_mask) if m]
+    text = tokenizer.decode(trained)
+    assert "def add(a, b):" in text and "return a + b" in text
+    assert "hello" not in text and "USER" not in text and "more" not in text and "SYS" not in text
+    assert trained.count(tokenizer.eos_token_id) == 2  # each answer's end-of-turn token is trained
+    # The same conversation as OpenAI messages gives the same sample.
+    same = encode_conversation(to_messages({"messages": messages}), tokenizer, "vicuna", system="SYS")
+    assert same == sample
+    # An answer that also occurs inside the question is marked where it is the answer.
+    echo = encode_conversation([{"role": "user", "content": "x = 1 please"}, {"role": "assistant", "content": "x = 1"}],
+                               tokenizer, "vicuna")
+    first = echo.loss_mask.index(1)
+    assert "ASSISTANT:" in tokenizer.decode(echo.input_ids[:first])
+    assert tokenizer.decode([t for t, m in zip(echo.input_ids, echo.loss_mask) if m]).strip() == "x = 1</s>"
+    plain = to_samples([{"text": TEXTS[0]}], tokenizer)[0]
+    assert all(plain.loss_mask) and plain.input_ids[0] == tokenizer.bos_token_id
+
+
+def test_draft_vocab_from_trained_tokens():
+    samples = [Sample([5, 7, 7, 9, 9, 9, 2], [0, 0, 1, 1, 1, 1, 0])]  # 2 and 5 are not trained
+    counts = token_counts(samples, 12)
+    assert counts.tolist() == [0] * 7 + [1, 0, 3, 0, 0]
+    base = make_base()
+    head = new_head(base, token_counts([Sample([3, 9, 9, 7, 11, 11, 11], [1] * 7)], VOCAB), draft_vocab_size=3)
+    # Counts 11:3, 9:2, 3:1, 7:1; the tie goes to the lower id. Draft ids follow target order.
+    used = torch.arange(3) + head.d2t
+    assert used.tolist() == [3, 9, 11] and head.d2t.tolist() == [3, 8, 9]
+    assert head.t2d.nonzero().flatten().tolist() == [3, 9, 11]
+    # The head's output layer starts as the target's rows of those tokens.
+    assert torch.equal(head.lm_head.weight, base.lm_head.weight[used])
+
+
+# ------------------------------------------------------------------------- features
+def test_features_match_the_engine_and_ignore_padding():
+    base = make_base()
+    ids = torch.randint(0, VOCAB, (12,))
+    runner = TargetRunner(base, eagle3_feature_layers(6))
+    n = ids.shape[0]
+    logits, feats = runner.forward(ids, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(),
+                                   runner.new_cache(n), features=True)
+    padded = torch.cat((ids, torch.zeros(4, dtype=torch.long)))[None].repeat(2, 1)
+    mask = torch.ones_like(padded)
+    mask[0, n:] = 0
+    out = target_outputs(base, padded, mask)
+    assert out.features.shape == (2, n + 4, 3 * 64)
+    torch.testing.assert_close(out.features[0, :n], feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[0, :n], logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ TTT
+def test_unroll_matches_decoding_time_attention():
+    """Step s at position i must equal the depth-s node of a draft chain
+    rooted after token i+1, run the way the engine's drafter runs it."""
+    base = make_base()
+    head = random_head(head_config(base.config, "eagle3", draft_vocab_size=VOCAB), seed=1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(5)  # weights big enough for attention patterns to matter
+    head.attach_embedding(base.get_input_embeddings().weight)
+    n, steps = 10, 4
+    feats = torch.randn(1, n, 3 * 64)
+    ids = torch.randint(0, VOCAB, (1, n))
+    with torch.no_grad():
+        outs = list(unroll(head, head.project_features(feats), ids, steps))
+        for i in (0, 3, 5):
+            drafter = Drafter(head, 64)
+            hidden = drafter.extend(feats[0, : i + 1], ids[0, 1 : i + 2])
+            torch.testing.assert_close(outs[0][0, i], hidden, atol=1e-4, rtol=1e-4)
+            for s in range(1, steps):
+                if i + 1 + s >= n:
+                    break
+                length = drafter.length + 1
+                hidden = head(hidden[None, None], ids[:, i + 1 + s : i + 2 + s], torch.tensor([[i + s]]),
+                              torch.ones(1, 1, 1, length, dtype=torch.bool), drafter.caches)[0, 0]
+                torch.testing.assert_close(outs[s][0, i], hidden, atol=1e-4, rtol=1e-4)
+
+
+class SuccessorHead(nn.Module):
+    """A stand-in head that ignores its hidden input and predicts
+    (input token + offset) mod V with certainty."""
+
+    def __init__(self, vocab, offset):
+        super().__init__()
+        self.vocab, self.offset = vocab, offset
+        self.register_buffer("t2d", torch.ones(vocab, dtype=torch.bool))
+        self.seen_positions = []
+
+    def project_features(self, features):
+        return features[..., :4]
+
+    def forward(self, hidden, input_ids, position_ids, mask, caches):
+        self.seen_positions.append(position_ids[0].tolist())
+        assert mask.shape[-1] == len(self.seen_positions) * input_ids.shape[1]
+        return nn.functional.one_hot((input_ids + self.offset) % self.vocab, self.vocab).float() * 50 + 0 * hidden.sum()
+
+    def draft_logits(self, out):
+        return out
+
+    def to_target_ids(self, ids):
+        return ids
+
+
+def test_ttt_targets_and_masks_line_up():
+    vocab, n, steps = 16, 12, 5
+    ids = torch.arange(n)[None] % vocab  # token t is t: the next token is always the input + 1
+    target = nn.functional.one_hot((ids + 1) % vocab, vocab).float() * 50
+    loss_mask = torch.ones(1, n, dtype=torch.long)
+    loss_mask[0, :5] = 0  # e.g. a prompt
+    feats = torch.zeros(1, n, 8)
+    good = ttt_loss(SuccessorHead(vocab, 1), feats, ids, target, loss_mask, steps=steps)
+    assert good.step_accuracy == [1.0] * steps and all(float(x) < 1e-6 for x in good.step_losses)
+    # Step s predicts token i+2+s: trained positions are the i with 5 <= i+2+s < n.
+    assert good.step_counts == [n - max(5, 2 + s) for s in range(steps)]
+    copying = SuccessorHead(vocab, 0)
+    bad = ttt_loss(copying, feats, ids, target, loss_mask, steps=steps)
+    assert bad.step_accuracy == [0.0] * steps and all(float(x) > 10 for x in bad.step_losses)
+    assert copying.seen_positions[2] == list(range(2, n + 2))  # RoPE position of step s is i + s
+    # Padding (attention_mask 0) counts like an untrained token.
+    pad = torch.ones(1, n, dtype=torch.long)
+    pad[0, -3:] = 0
+    padded = ttt_loss(SuccessorHead(vocab, 1), feats, ids, target, loss_mask, pad, steps=steps)
+    assert padded.step_counts == [max(0, n - 3 - max(5, 2 + s)) for s in range(steps)]
+
+
+# ------------------------------------------------------------------------- training
+def write_pair(tmp_path, tokenizer):
+    base = make_base()
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    records = [{"conversations": [{"from": "human", "value": t[: 6 + k]}, {"from": "gpt", "value": "x"}]}
+               for k, t in enumerate(TEXTS * 4)]
+    records += [{"text": t} for t in TEXTS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "base", data
+
+
+def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    out = tmp_path / "head"
+    main(["--base-model-path", str(base_dir), "--data", str(data), "--out", str(out), "--model-type", "plain",
+          "--regenerate", "--regen-max-new-tokens", "24", "--save-data", str(tmp_path / "regen.jsonl"),
+          "--draft-vocab-size", "200", "--max-steps", "40", "--batch-size", "4", "--lr", "3e-3",
+          "--log-every", "1", "--ttt-steps", "3", "--export-dtype", "float32", "--eval-data", str(data)])
+    regen = [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()]
+    assert all(r["messages"][1]["content"] != "x" for r in regen[:12])  # answers are the base model's own
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [m for m in metrics if "loss" in m]
+    assert len(train_logs) == 40
+    # The loss is a cross-entropy against soft targets (bounded below by their entropy): it must fall.
+    first, last = train_logs[:5], train_logs[-5:]
+    assert sum(m["loss"] for m in last) / 5 < sum(m["loss"] for m in first) / 5 - 0.2
+    assert sum(m["acc"][0] for m in last) > sum(m["acc"][0] for m in first)
+    assert "eval_acc" in metrics[-1] and len(metrics[-1]["eval_acc"]) == 3
+    assert (out / "training_curves.png").stat().st_size > 1000
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 200
+    model = EaModel.from_pretrained(str(base_dir), str(out), dtype=torch.float32, total_token=20, depth=4, top_k=4)
+    taus = []
+    for text in TEXTS:
+        prompt = tokenizer(text[:12], return_tensors="pt").input_ids
+        spec = model.eagenerate(prompt, max_new_tokens=30)
+        taus.append(model.last_stats.mean_accepted_length)
+        assert torch.equal(spec, model.naivegenerate(prompt, max_new_tokens=30))
+    assert max(taus) > 1.0  # the trained head gets drafts accepted
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, keep_checkpoints=3, ttt_steps=2,
+                      log_every=1)
+    straight = train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "a")] == ["step-00000002", "step-00000004"]
+    # Interrupted after step 2: only the first checkpoint exists.
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    logged = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(logged[:2]) + "\n")
+    resumed = train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    progress = json.loads((tmp_path / "b" / "checkpoints" / "step-00000004" / "progress.json").read_text())
+    assert progress["step"] == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues

@@ -1,0 +1,193 @@
+"""The Gradio web UI in a real browser: headless Debian Chromium driven by
+Playwright against `python -m application.webui` started here on a loopback
+port with a tiny random model pair (the one test_api.py builds).
+
+The expected answer of a message is the text of `eagenerate`'s greedy tokens
+for the same prompt; the UI must show exactly that, streamed, with its speed
+figures, for one user or for two users sharing the model."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from playwright import sync_api
+from test_api import TREE, free_port, save_tiny_pair, start_server, stop_server, wait_until_up
+
+from eagle_gto import EaModel
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("the browser test needs Debian's Chromium at /usr/bin/chromium "
+                "(apt-get install chromium chromium-driver)", allow_module_level=True)
+
+MAX_LENGTH = 1024
+MAX_NEW = 24  # tokens per answer in these tests
+SPEED = re.compile(r"[\d.]+ tokens/s · mean accepted length [\d.]+ tokens/iteration · "
+                   r"(\d+) tokens in (\d+) iterations")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def url(pair, tmp_path_factory):
+    port, log = free_port(), tmp_path_factory.mktemp("webui") / "server.log"
+    process = start_server("application.webui", pair, port, log, "--max-length", str(MAX_LENGTH),
+                           "--max-new-tokens", "1000")
+    try:
+        wait_until_up(process, f"http://127.0.0.1:{port}/", log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def expected(pair):
+    """The greedy answer the engine gives a message, as text."""
+    model = EaModel.from_pretrained(*map(str, pair), dtype=torch.float32, **TREE)
+
+    def answer(message: str, max_new_tokens: int = MAX_NEW) -> str:
+        ids = model.tokenizer(message).input_ids  # plain model type: the conversation is the text itself
+        out = model.eagenerate(torch.tensor([ids]), max_new_tokens=max_new_tokens, max_length=MAX_LENGTH)
+        return model.tokenizer.decode(out[0, len(ids):].tolist())
+
+    return answer
+
+
+def open_chat(browser, url: str, max_new: int = MAX_NEW):
+    """A new page in its own session, with the answer length set."""
+    page = browser.new_context(viewport={"width": 1100, "height": 1100}).new_page()
+    page.goto(url)
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill(str(max_new))
+    box.press("Enter")
+    return page
+
+
+def send(page, message: str) -> None:
+    page.locator("#message textarea").fill(message)
+    page.locator("#send").click()
+
+
+def stats(page) -> str:
+    return page.locator("#stats").inner_text()
+
+
+def answers(page) -> list[str]:
+    return [code.text_content() for code in page.locator('[data-testid="bot"] pre code').all()]
+
+
+def state(page) -> str:
+    return page.locator("#notice").inner_text()
+
+
+def wait_for_state(page, word: str, timeout: float = 120) -> None:
+    try:
+        page.wait_for_function(f"document.querySelector('#notice').innerText.includes({word!r})",
+                               timeout=timeout * 1000)
+    except sync_api.TimeoutError:
+        pytest.fail(f"no {word!r} within {timeout} s; the page says {state(page)!r} / {stats(page)!r}")
+
+
+# Records, in the browser, every text the last answer and the speed figures show, as they render.
+RECORD = """() => {
+    window.shown = [];
+    new MutationObserver(() => {
+        const codes = document.querySelectorAll('[data-testid="bot"] pre code');
+        const stats = document.querySelector('#stats').innerText;
+        if (codes.length) window.shown.push([codes[codes.length - 1].textContent, stats]);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def wait_for_error(page, text: str) -> None:
+    page.get_by_text(text).first.wait_for(timeout=60_000)
+
+
+def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
+    """The answer grows step by step while the speed figures update, and
+    ends as exactly the greedy answer; plain decoding gives the same text at
+    one token per iteration."""
+    page = open_chat(browser, url, max_new=64)
+    page.evaluate(RECORD)
+    send(page, "def fibonacci(n):")
+    wait_for_state(page, "Done")
+    final = expected("def fibonacci(n):", 64)
+    assert answers(page) == [final + "\n"]
+    shown = page.evaluate("window.shown")
+    partial = {text for text, _ in shown if len(text) <= len(final)}  # a code block ends with a newline
+    assert all(final.startswith(text[:-1]) for text in partial)
+    assert len(partial) >= 3, "the answer did not stream"
+    assert len({figures for _, figures in shown if "tokens/s" in figures}) >= 3, "the speed figures did not update"
+    tokens, iterations = map(int, SPEED.search(stats(page)).groups())
+    assert tokens == 64 and 1 <= iterations <= tokens and "speculative decoding" in stats(page)
+    assert page.locator("#drafts pre").text_content() == final
+    page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
+
+    page.locator("#clear").click()
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 0")
+    page.locator("#speculative input").uncheck()
+    send(page, "def fibonacci(n):")
+    wait_for_state(page, "Done")
+    line = stats(page)
+    assert "plain decoding" in line and "mean accepted length 1.00" in line
+    assert answers(page) == [final + "\n"]
+
+
+def test_regenerate_gives_the_greedy_answer_again(browser, url, expected):
+    page = open_chat(browser, url)
+    send(page, "class Stack:")
+    wait_for_state(page, "Done")
+    page.locator("#regenerate").click()
+    page.wait_for_function("!document.querySelector('#notice').innerText.includes('Done')")
+    wait_for_state(page, "Done")
+    assert answers(page) == [expected("class Stack:") + "\n"]
+
+
+def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, expected):
+    page = open_chat(browser, url)
+    page.locator("#send").click()
+    wait_for_error(page, "The message is empty")
+    page.locator("#regenerate").click()
+    wait_for_error(page, "There is no message to answer again")
+    send(page, "x" * (MAX_LENGTH + 10))
+    wait_for_error(page, "too many for the context")
+    assert page.locator('[data-testid="user"]').count() == 0  # the turn that failed was taken back
+    send(page, "import os")
+    wait_for_state(page, "Done")
+    assert answers(page) == [expected("import os") + "\n"]
+
+
+def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
+    """While one user's long answer is generating, a second user is told to
+    wait; Stop ends the first answer early and the second then gets its
+    answer, unaffected by the first."""
+    first = open_chat(browser, url, max_new=1000)
+    send(first, "while True:")
+    wait_for_state(first, "Generating")
+    second = open_chat(browser, url)
+    send(second, "for i in range(10):")
+    wait_for_state(second, "Waiting for the model", timeout=30)
+    first.locator("#stop").click()
+    wait_for_state(first, "Stopped", timeout=30)
+    wait_for_state(second, "Done", timeout=60)
+    time.sleep(0.5)  # a step of the stopped answer still on its way would show now
+    assert state(first) == "Stopped."
+    assert int(SPEED.search(stats(first)).group(1)) < 1000
+    assert answers(second) == [expected("for i in range(10):") + "\n"]
