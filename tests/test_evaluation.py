@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle_gto import EaModel
-from eagle_gto.chat import build_prompt, encode_prompt
+from eagle_gto.chat import build_prompt
 from eagle_gto.evaluation import gen_answer, speed
 from eagle_gto.evaluation.questions import read_jsonl
 
@@ -63,7 +62,14 @@ def check_record(record, turns):
 
 
 @needs_data
-def test_mt_bench_both_modes_then_speed(tiny_pair, tmp_path):
+def test_mt_bench_both_modes_then_speed(tiny_pair, tmp_path, monkeypatch):
+    prompts = []  # every conversation gen_answer turns into a prompt
+
+    def spy(messages, *args, **kwargs):
+        prompts.append([dict(m) for m in messages])
+        return build_prompt(messages, *args, **kwargs)
+
+    monkeypatch.setattr(gen_answer, "build_prompt", spy)
     ea = run_gen(tiny_pair, tmp_path / "ea.jsonl", "--bench-name", "mt_bench", "--data-dir", str(DATA),
                  "--limit", "2", "--mode", "ea")
     base = run_gen(tiny_pair, tmp_path / "base.jsonl", "--bench-name", "mt_bench", "--mode", "baseline",
@@ -82,15 +88,13 @@ def test_mt_bench_both_modes_then_speed(tiny_pair, tmp_path):
         assert ea_answer["choices"][0]["new_tokens"] == base_answer["choices"][0]["new_tokens"]
         assert base_answer["choices"][0]["idxs"] == [n - 1 for n in base_answer["choices"][0]["new_tokens"]]
 
+    # per run: one unrecorded warm-up generation, then 2 questions x 2 turns
+    assert len(prompts) == 2 * (1 + 4) and prompts[0] == [{"role": "user", "content": questions[0]["turns"][0]}]
     # The second turn continues the conversation: its prompt holds the first answer.
-    model = EaModel.from_pretrained(*tiny_pair, dtype=torch.float32)
     first = questions[0]["turns"]
-    messages = [{"role": "user", "content": first[0]},
-                {"role": "assistant", "content": ea_answers[0]["choices"][0]["turns"][0]},
-                {"role": "user", "content": first[1]}]
-    ids = encode_prompt(build_prompt(messages, "plain"), model.tokenizer, "plain")
-    out = model.naivegenerate(torch.tensor([ids]), max_new_tokens=8)[0, len(ids):].tolist()
-    assert model.tokenizer.decode(out, skip_special_tokens=True).strip() == ea_answers[0]["choices"][0]["turns"][1]
+    assert [{"role": "user", "content": first[0]},
+            {"role": "assistant", "content": ea_answers[0]["choices"][0]["turns"][0]},
+            {"role": "user", "content": first[1]}] in prompts
 
     summary = speed.main(["--ea-file", str(ea), "--baseline-file", str(base), "--out-dir", str(tmp_path / "report")])
     groups = summary["groups"]
