@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree
+from .tree import DraftTree, take
 
 GREEDY_TEMPERATURE = 1e-5  # below this temperature decoding is greedy (as the reference)
 
@@ -68,7 +68,11 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = target_probs(logits, params)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # argmax of p / E with E ~ Exp(1) i.i.d. is a draw from p (the exponential
+    # race); unlike multinomial it never syncs with the host, so a CUDA graph
+    # can hold it. The clamp keeps a zero-probability token at 0 / tiny = 0.
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
 
 
 @dataclass
@@ -82,11 +86,10 @@ def accept(tree: DraftTree, choices: torch.Tensor) -> Acceptance:
     """Longest branch whose every draft token equals the target's choice at
     its parent; `choices` [T] holds the target's token at each node."""
     T = tree.size
-    matches = tree.tokens == choices[tree.parents]
-    matches[0] = True  # the root is the target's own token
+    order = torch.arange(T, device=tree.mask.device)
+    matches = (tree.tokens == choices[tree.parents]) | (order == 0)  # the root is the target's own token
     # A node is reachable when it and all its ancestors match.
     reachable = ~(tree.mask & ~matches[None, :]).any(dim=1)
     best = torch.where(reachable, tree.depths, -1).argmax()
-    order = torch.arange(T, device=tree.mask.device)
-    path = torch.where(tree.mask[best], order, T).sort().values
-    return Acceptance(path=path, num_accepted=tree.depths[best], bonus=choices[best])
+    path = torch.where(take(tree.mask, best), order, T).sort().values
+    return Acceptance(path=path, num_accepted=take(tree.depths, best), bonus=take(choices, best))

@@ -4,6 +4,11 @@ Draft cache layout: entry j pairs the target feature at position j with the
 token at position j + 1 and sits at position j; its output predicts the token
 at j + 2. While a tree is expanded, the frontier's entries are written after
 the prefix as scratch and dropped afterwards.
+
+Both methods take the prefix length either from the drafter's own host-side
+`length` (the default) or, as the decoding engine does, as `start`, a device
+tensor, with a fixed attention `view` over the first cache slots: then no
+host value enters the computation and the shapes are static (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .heads import DraftHead
-from .kv_cache import KVBuffer
-from .tree import DraftTree, select_tree
+from .kv_cache import KVBuffer, visible_slots, write_plan
+from .tree import DraftTree, select_tree, take
 
 
 def prefix_mask(n: int, past: int, device) -> torch.Tensor:
@@ -38,24 +43,42 @@ class Drafter:
     def reset(self) -> None:
         self._set_length(0)
 
-    @torch.no_grad()
-    def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """Append entries for target features [n, F] (positions L..L+n-1) and
-        the tokens that follow them [n]; return the last output [h]."""
-        device = self.head.fc.weight.device
-        hidden = self.head.project_features(features.to(device, self.head.fc.weight.dtype))[None]
-        past = self.length
-        n = hidden.shape[1]
-        positions = torch.arange(past, past + n, device=device)[None]
-        out = self.head(hidden, next_tokens.to(device)[None], positions, prefix_mask(n, past, device), self.caches)
-        return out[0, -1]
+    @staticmethod
+    def view_needed(total_token: int, depth: int, top_k: int) -> int:
+        """Slots after the prefix that one engine step touches: the frontier
+        scratch, and the padded accepted branch that `extend` writes."""
+        return max(total_token, depth * top_k, depth + 2)
 
     @torch.no_grad()
-    def draft_tree(self, last_out: torch.Tensor, root_token: torch.Tensor, total_token: int, depth: int, top_k: int) -> DraftTree:
+    def extend(self, features: torch.Tensor, next_tokens: torch.Tensor, start: torch.Tensor | None = None,
+               view: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Add entries for target features [n, F] (positions start..start+n-1)
+        and the tokens that follow them [n]; return the output [h] of entry
+        `last` (default: the last one). Without `start` the entries go after
+        `length`, which grows by n."""
+        device = self.head.fc.weight.device
+        hidden = self.head.project_features(features.to(device, self.head.fc.weight.dtype))[None]
+        n = hidden.shape[1]
+        own_length = start is None
+        if own_length:
+            start, view = self.length, self.length + n
+        slots = torch.arange(n, device=device) + start
+        causal = torch.arange(view, device=device)[None] <= slots[:, None]
+        with write_plan(self.caches, slots, view):
+            out = self.head(hidden, next_tokens.to(device)[None], slots[None], causal[None, None], self.caches)
+        if own_length:
+            self._set_length(start + n)
+        return out[0, n - 1] if last is None else take(out[0], last)
+
+    @torch.no_grad()
+    def draft_tree(self, last_out: torch.Tensor, root_token: torch.Tensor, total_token: int, depth: int, top_k: int,
+                   start: torch.Tensor | None = None, view: int | None = None) -> DraftTree:
         """Expand `depth` levels from the head output `last_out` [h] that
-        follows the root, then keep the best `total_token - 1` candidates."""
+        follows the root, then keep the best `total_token - 1` candidates.
+        The prefix is `start` entries long (default: `length`)."""
         head, device = self.head, last_out.device
-        prefix = self.length
+        if start is None:
+            start, view = self.length, self.length + depth * top_k
         logp = torch.log_softmax(head.draft_logits(last_out[None]).float(), dim=-1)[0]
         scores, ids = logp.topk(top_k)
         tokens = head.to_target_ids(ids)
@@ -67,19 +90,20 @@ class Drafter:
         f_tokens, f_scores = tokens, scores
         f_numbers = torch.arange(top_k, device=device)
         history = torch.eye(top_k, dtype=torch.bool, device=device)
-        visible_prefix = torch.ones(top_k, prefix, dtype=torch.bool, device=device)
         offset = top_k  # candidate number of the next level's first candidate
         for level in range(depth):
-            positions = torch.full((1, top_k), prefix + level, device=device)
-            mask = torch.cat((visible_prefix, history), dim=1)[None, None]
-            out = head(f_hidden[None], f_tokens[None], positions, mask, self.caches)[0]  # [k, h]
+            slots = torch.arange(level * top_k, (level + 1) * top_k, device=device) + start
+            positions = torch.zeros(1, top_k, dtype=torch.long, device=device) + (start + level)
+            mask = visible_slots(start, view, history)[None, None]
+            with write_plan(self.caches, slots, view):
+                out = head(f_hidden[None], f_tokens[None], positions, mask, self.caches)[0]  # [k, h]
             logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
             child_p, child_ids = logp.topk(top_k, dim=-1)  # [k, k]
             cum = (child_p + f_scores[:, None]).flatten()  # [k*k]
             child_tokens = head.to_target_ids(child_ids).flatten()
             cand_tokens.append(child_tokens)
             cand_scores.append(cum)
-            cand_parents.append((f_numbers + 1).repeat_interleave(top_k))
+            cand_parents.append((f_numbers + 1)[:, None].expand(top_k, top_k).reshape(-1))  # each parent k times
             f_scores, best = cum.topk(top_k)
             parent_slot = best // top_k
             f_hidden, f_tokens = out[parent_slot], child_tokens[best]
@@ -88,7 +112,6 @@ class Drafter:
                 (history[parent_slot], torch.eye(top_k, dtype=torch.bool, device=device)), dim=1
             )
             offset += top_k * top_k
-        self._set_length(prefix)  # drop the frontier scratch entries
         return select_tree(
             root_token,
             torch.cat(cand_tokens),

@@ -6,10 +6,15 @@ Same names, arguments, defaults and return values as the EAGLE reference
 `generation.generate_steps`. `generate_steps` is public too: it yields one
 `Step` per iteration with the accepted length and timing, and `last_stats`
 holds the record of the latest generation.
+
+On a GPU, decoding steps run as CUDA graphs (`cuda_graphs`, default: on when
+the base model sits on one CUDA device); `cuda_graphs=False` runs the same
+steps eagerly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -21,7 +26,8 @@ from torch import nn
 from .acceptance import SamplingParams
 from .checkpoint import CheckpointError, build_head, check_against_base, load_checkpoint, resolve_file
 from .drafter import Drafter
-from .generation import GenerationStats, Step, TreeParams, generate_steps
+from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
+from .graphs import StepGraphs, compile_layers as compile_decoder_layers
 from .heads import DraftHead
 from .target import TargetRunner, decoder_layers, eagle3_feature_layers
 from .tree import check_tree_params
@@ -32,7 +38,12 @@ CPU_AUTO_TOTAL_TOKEN = 30
 
 class EaModel(nn.Module):
     def __init__(self, base_model: nn.Module, ea_layer: DraftHead, tokenizer=None, total_token: int = 60,
-                 depth: int = 7, top_k: int = 10, threshold: float = 1.0):
+                 depth: int = 7, top_k: int = 10, threshold: float = 1.0, cuda_graphs: bool | None = None,
+                 compile_layers: bool = False):
+        """cuda_graphs: replay decoding steps as CUDA graphs; None (default)
+        turns them on when the base model sits on a single CUDA device.
+        compile_layers: torch.compile the decoder layers too (GPU; minutes of
+        compilation on first use, then about 25% less time per step)."""
         super().__init__()
         self.base_model = base_model
         self.ea_layer = ea_layer
@@ -46,6 +57,11 @@ class EaModel(nn.Module):
         self._lock_owner: int | None = None
         self._cache = None
         self._drafter: Drafter | None = None
+        self._state: DecodeState | None = None
+        self._graphs: StepGraphs | None = None
+        self.cuda_graphs = self._check_graphs(cuda_graphs)
+        if compile_layers:
+            compile_decoder_layers(self)
         self.last_stats: GenerationStats | None = None
         if total_token == -1:
             total_token = self._pick_total_token(depth, top_k)
@@ -55,7 +71,8 @@ class EaModel(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, base_model_path=None, ea_model_path=None, total_token: int = 60, depth: int = 7,
-                        top_k: int = 10, threshold: float = 1.0, use_eagle3: bool | None = None, **kwargs) -> "EaModel":
+                        top_k: int = 10, threshold: float = 1.0, use_eagle3: bool | None = None,
+                        cuda_graphs: bool | None = None, compile_layers: bool = False, **kwargs) -> "EaModel":
         """Load a base model (local folder or hub id) with transformers'
         `AutoModelForCausalLM` and a draft head; kwargs go to the base
         model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
@@ -84,7 +101,7 @@ class EaModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(base_model_path)
         except (OSError, ValueError, TypeError):
             tokenizer = None  # a base saved without a tokenizer still generates from token ids
-        return cls(base, head, tokenizer, total_token, depth, top_k, threshold)
+        return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, compile_layers)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -95,7 +112,8 @@ class EaModel(nn.Module):
                        stop_token_ids=None, speculative: bool = True,
                        generator: torch.Generator | None = None) -> Iterator[Step]:
         """Yield one `Step` per target forward (the prefill first). Requests
-        on one model run one at a time; `last_stats` records the run."""
+        on one model run one at a time; `last_stats` records the run. A
+        `generator` (sampling) runs the steps eagerly, outside CUDA graphs."""
         prompt = self._check_prompt(input_ids)
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
@@ -112,9 +130,15 @@ class EaModel(nn.Module):
         stats = GenerationStats(prompt_length=prompt.shape[0])
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
-            cache, drafter = self._caches(max_length)
-            yield from generate_steps(self._target, drafter if speculative else None, cache,
-                                      prompt, sampling, self.tree, int(max_new_tokens), stops, stats, generator)
+            cache, drafter, state = self._caches(max_length)
+            graphs = None
+            if self.cuda_graphs and generator is None:
+                if self._graphs is None:
+                    self._graphs = StepGraphs()
+                graphs = self._graphs
+            decoder = Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
+                              generator, graphs)
+            yield from generate_steps(decoder, prompt, int(max_new_tokens), stops, stats)
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
         prompt = torch.as_tensor(input_ids)
@@ -209,10 +233,26 @@ class EaModel(nn.Module):
         return ids
 
     def _caches(self, max_length: int):
-        if self._cache is None or self._cache.capacity != max_length:
+        """The caches and decode state, kept across generations (CUDA graphs
+        read them at fixed addresses); new ones, and new graphs, when
+        max_length changes or the tree outgrows the draft cache's scratch."""
+        draft_capacity = max_length + Drafter.view_needed(*dataclasses.astuple(self.tree))
+        if (self._cache is None or self._cache.capacity != max_length
+                or self._drafter.caches[0].capacity < draft_capacity):
             self._cache = self._target.new_cache(max_length)
-            self._drafter = Drafter(self.ea_layer, max_length + self.tree.top_k * (self.tree.depth + 1))
-        return self._cache, self._drafter
+            self._drafter = Drafter(self.ea_layer, draft_capacity)
+            self._state = DecodeState(self._target.input_device, head_device(self.base_model),
+                                      self.ea_layer.config.hidden_size, next(self.ea_layer.parameters()).dtype)
+            self._graphs = None  # graphs recorded the old buffers' addresses
+        return self._cache, self._drafter, self._state
+
+    def _check_graphs(self, wanted: bool | None) -> bool:
+        devices = {p.device for p in self.base_model.parameters()} | {p.device for p in self.ea_layer.parameters()}
+        possible = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        if wanted and not possible:
+            raise ValueError("cuda_graphs=True needs the base model and the head on one CUDA device, "
+                             f"found {sorted(str(d) for d in devices)}")
+        return possible if wanted is None else bool(wanted)
 
     @contextmanager
     def _exclusive(self):

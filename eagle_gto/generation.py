@@ -12,10 +12,19 @@ A speculative step:
   4. compact the target cache onto the accepted branch;
   5. feed the accepted features and tokens to the head (Drafter.extend).
 A plain step feeds the last token and picks the next one.
+
+`Decoder` does a step's device work. Its state (cache length, last token, the
+head's last output) lives in device tensors that the step updates in place,
+and the step's shapes depend only on the tree size and on `view`, the number
+of cache slots attention reads: so one step can be recorded as a CUDA graph
+and replayed (`graphs.StepGraphs`), and the eager run of the very same code
+is the reference the tests check. The host learns one small tensor per step:
+the accepted count, the branch's tokens and the bonus token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,7 +32,9 @@ from typing import Iterator
 import torch
 
 from .acceptance import SamplingParams, accept, choose_tokens
-from .drafter import Drafter, prefix_mask
+from .drafter import Drafter
+from .graphs import StepGraphs
+from .kv_cache import TargetKVCache, visible_slots
 from .target import TargetRunner
 
 
@@ -85,6 +96,111 @@ class GenerationStats:
         return self.steps[-1].finish_reason if self.steps else None
 
 
+VIEW_BUCKET = 256  # with CUDA graphs, attention reads the cache in multiples of this many slots
+
+
+class DecodeState:
+    """The device-side state one generation carries from step to step, in
+    buffers that keep their addresses across generations (graphs read them)."""
+
+    def __init__(self, device: torch.device, head_device: torch.device, hidden_size: int, dtype: torch.dtype):
+        self.past = torch.zeros((), dtype=torch.long, device=device)  # cached positions; the last token sits at `past`
+        self.head_past = self.past if head_device == device else torch.zeros((), dtype=torch.long, device=head_device)
+        self.last = torch.zeros((), dtype=torch.long, device=device)  # the last token, not cached yet
+        self.head_out = torch.zeros(hidden_size, dtype=dtype, device=head_device)  # the head's output after it
+
+    def advance(self, count: torch.Tensor | int, last: torch.Tensor) -> None:
+        self.past += count.to(self.past.device) if torch.is_tensor(count) else count
+        if self.head_past is not self.past:
+            self.head_past.copy_(self.past)
+        self.last.copy_(last)
+
+
+class Decoder:
+    """Prefill and steps of one generation on the device (see the module
+    docstring). `past` is the host's copy of the cache length."""
+
+    def __init__(self, target: TargetRunner, drafter: Drafter | None, cache: TargetKVCache, state: DecodeState,
+                 sampling: SamplingParams, tree: TreeParams, generator: torch.Generator | None,
+                 graphs: StepGraphs | None):
+        self.target, self.drafter, self.cache, self.state = target, drafter, cache, state
+        self.sampling, self.tree, self.generator, self.graphs = sampling, tree, generator, graphs
+        self.speculative = drafter is not None
+        self.width = tree.total_token if self.speculative else 1  # slots one step writes
+        self.reach = Drafter.view_needed(*dataclasses.astuple(tree)) if self.speculative else 1
+        self.past = 0
+
+    def prefill(self, prompt: torch.Tensor) -> int:
+        """Feed the prompt [P]; return the first new token."""
+        P = prompt.shape[0]
+        slots = torch.arange(P, device=prompt.device)
+        causal = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
+        logits, features = self.target.forward(prompt, slots, causal, self.cache, self.speculative, P - 1, slots=slots)
+        first = choose_tokens(logits, self.sampling, self.generator)[0]
+        state = self.state
+        state.past.zero_()
+        state.advance(P, first)
+        if self.speculative:
+            after = torch.cat((prompt[1:], first[None].to(prompt.device)))
+            state.head_out.copy_(self.drafter.extend(features, after, start=0, view=P))
+        self.past = P
+        return int(first)
+
+    def step(self) -> tuple[list[int], int]:
+        """One iteration: (new tokens, accepted draft tokens)."""
+        view = self.past + self.reach
+        if self.graphs is not None:  # a few graph shapes: round the view up
+            view = -(-view // VIEW_BUCKET) * VIEW_BUCKET
+        view_target = min(view, self.cache.capacity)
+        view_draft = min(view, self.drafter.caches[0].capacity) if self.speculative else 0
+        run = self._speculative_step if self.speculative else self._plain_step
+        if self.graphs is None:
+            out = run(view_target, view_draft)
+        else:
+            key = (self.speculative, self.sampling, self.tree, view_target, view_draft)
+            out = self.graphs.run(key, lambda: run(view_target, view_draft))
+        host = out.tolist()  # the step's one host synchronisation
+        if not self.speculative:
+            self.past += 1
+            return host, 0
+        num_accepted = host[0]
+        self.past += num_accepted + 1
+        return host[2 : 2 + num_accepted] + host[-1:], num_accepted
+
+    def _plain_step(self, view: int, _view_draft: int) -> torch.Tensor:
+        state = self.state
+        slot = state.past[None]
+        visible = (torch.arange(view, device=slot.device) <= state.past)[None]
+        logits, _ = self.target.forward(state.last[None], slot, visible, self.cache, slots=slot)
+        token = choose_tokens(logits, self.sampling, self.generator)[0]
+        state.advance(1, token)
+        return token[None]
+
+    def _speculative_step(self, view_target: int, view_draft: int) -> torch.Tensor:
+        state, tree, drafter = self.state, self.tree, self.drafter
+        draft = drafter.draft_tree(state.head_out, state.last, tree.total_token, tree.depth, tree.top_k,
+                                   start=state.head_past, view=view_draft)
+        device = draft.tokens.device
+        T = draft.size
+        slots = torch.arange(T, device=device) + state.head_past
+        visible = visible_slots(state.head_past, view_target, draft.mask)
+        logits, features = self.target.forward(draft.tokens, state.head_past + draft.depths, visible, self.cache,
+                                               True, slots=slots)
+        result = accept(draft, choose_tokens(logits, self.sampling, self.generator).to(device))
+        # The accepted branch, padded to its longest possible length (depth + 2
+        # nodes) so that shapes stay static; the padding lands in scratch slots.
+        path = result.path[: tree.depth + 2].clamp(max=T - 1)
+        self.cache.keep(state.past, path)
+        branch = draft.tokens[path]
+        after = torch.cat((branch[1:], result.bonus[None]))  # the token that follows each branch node
+        after = torch.where(torch.arange(path.shape[0], device=device) == result.num_accepted, result.bonus, after)
+        head_out = drafter.extend(features[path.to(features.device)], after, start=state.head_past, view=view_draft,
+                                  last=result.num_accepted)
+        state.head_out.copy_(head_out)
+        state.advance(result.num_accepted + 1, result.bonus)
+        return torch.cat((result.num_accepted[None], branch, result.bonus[None]))
+
+
 def _truncate(tokens: list[int], produced: int, max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], str | None]:
     """Cut new tokens after the first stop token or at the token budget."""
     for i, token in enumerate(tokens):
@@ -96,78 +212,25 @@ def _truncate(tokens: list[int], produced: int, max_new_tokens: int, stop_ids: s
     return tokens, None
 
 
-def generate_steps(
-    target: TargetRunner,
-    drafter: Drafter | None,
-    cache,
-    prompt: torch.Tensor,
-    sampling: SamplingParams,
-    tree: TreeParams,
-    max_new_tokens: int,
-    stop_ids: set[int],
-    stats: GenerationStats,
-    generator: torch.Generator | None = None,
-) -> Iterator[Step]:
+def generate_steps(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
+                   stats: GenerationStats) -> Iterator[Step]:
     """Yield one `Step` per iteration (prefill first) until a stop token, the
-    token budget or the cache capacity ends the generation. `prompt` [P];
-    `drafter` None means plain decoding. Appends each step to `stats`."""
-    speculative = drafter is not None
-    width = tree.total_token if speculative else 1  # slots one iteration writes
+    token budget or the cache capacity ends the generation. `prompt` [P].
+    Appends each step to `stats`."""
     produced = 0
-
-    def truncate(tokens: list[int]) -> tuple[list[int], str | None]:
-        nonlocal produced
+    step: Step | None = None
+    while step is None or not step.finished:
+        started = time.perf_counter()
+        if step is None:
+            tokens, num_accepted = [decoder.prefill(prompt)], 0
+        else:
+            tokens, num_accepted = decoder.step()
         tokens, reason = _truncate(tokens, produced, max_new_tokens, stop_ids)
         produced += len(tokens)
-        # The next iteration writes `width` slots and returns one token more
-        # than it caches: stop while the sequence still fits in the cache.
-        if reason is None and cache.length + width >= cache.capacity:
+        # The next step writes `width` slots and returns one token more than
+        # it caches: stop while the sequence still fits in the cache.
+        if reason is None and decoder.past + decoder.width >= decoder.cache.capacity:
             reason = "length"
-        return tokens, reason
-
-    def record(tokens: list[int], num_accepted: int, started: float, reason: str | None) -> Step:
         step = Step(tokens, num_accepted, time.perf_counter() - started, reason)
         stats.steps.append(step)
-        return step
-
-    started = time.perf_counter()
-    P = prompt.shape[0]
-    cache.truncate(0)
-    positions = torch.arange(P)
-    logits, features = target.forward(prompt, positions, prefix_mask(P, 0, "cpu")[0, 0], cache, speculative, P - 1)
-    last = choose_tokens(logits, sampling, generator)[0]
-    tokens, reason = truncate([int(last)])
-    if speculative and reason is None:
-        drafter.reset()
-        head_out = drafter.extend(features, torch.cat((prompt[1:].to(last.device), last[None])))
-    step = record(tokens, 0, started, reason)
-    yield step
-
-    while not step.finished:
-        started = time.perf_counter()
-        past = cache.length  # the last token is not in the cache yet: it sits at position `past`
-        if speculative:
-            draft = drafter.draft_tree(head_out, last, tree.total_token, tree.depth, tree.top_k)
-            visible = torch.cat((torch.ones(draft.size, past, dtype=torch.bool, device=draft.mask.device), draft.mask), dim=1)
-            logits, features = target.forward(draft.tokens, past + draft.depths, visible, cache, True)
-            result = accept(draft, choose_tokens(logits, sampling, generator).to(draft.tokens.device))
-            # The step's one host transfer: the accepted count, the branch's tokens and the bonus.
-            branch_tokens = draft.tokens[result.path.clamp(max=draft.size - 1)]
-            host = torch.cat((result.num_accepted[None], branch_tokens, result.bonus[None])).tolist()
-            num_accepted = host[0]
-            tokens = host[2 : 2 + num_accepted] + host[-1:]
-            path = result.path[: num_accepted + 1]
-            cache.keep(past, path)
-            last = result.bonus
-            new = torch.cat((draft.tokens[path[1:]], last[None]))  # the same tokens, kept on the device
-        else:
-            visible = torch.ones(1, past + 1, dtype=torch.bool)
-            logits, _ = target.forward(last[None], torch.tensor([past]), visible, cache)
-            last = choose_tokens(logits, sampling, generator)[0]
-            num_accepted = 0
-            tokens = [int(last)]
-        tokens, reason = truncate(tokens)
-        if speculative and reason is None:
-            head_out = drafter.extend(features[path.to(features.device)], new)
-        step = record(tokens, num_accepted, started, reason)
         yield step

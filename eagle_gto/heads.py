@@ -157,7 +157,9 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            # expand + reshape: each KV head serves `repeat` query heads (no host-side size computation)
+            k = k[:, :, None].expand(-1, -1, repeat, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, repeat, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 

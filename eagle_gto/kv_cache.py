@@ -6,11 +6,20 @@ and values are written after the committed prefix, and after verification the
 accepted positions are gathered down onto the prefix (`keep`) instead of
 re-allocating or concatenating tensors every step.
 
+Two ways to write. `append` writes after `length`, a host integer (training,
+tests, the GTO trainer). The decoding engine instead sets a write plan
+(`write_plan`): new entries go to slots given by a device tensor and attention
+sees a fixed `view` of the first slots, masked by the caller. Nothing then
+depends on host-side lengths, so a decoding step has static shapes and can be
+captured in a CUDA graph.
+
 `TargetKVCache` implements transformers' `Cache` interface so that stock
 `AutoModelForCausalLM` models write into it through their public forward.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -28,14 +37,22 @@ class KVBuffer:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
+        self.plan: tuple[torch.Tensor, int] | None = None  # (slots [n], view) while a write plan is set
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `key`/`value` [1, kv_heads, n, head_dim] after the valid slots
-        and return all valid keys and values, the new ones included."""
+        and return all valid keys and values, the new ones included. Under a
+        write plan: write them at the plan's slots and return the view."""
         if self.keys is None:
             shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
             self.keys = key.new_zeros(shape)
             self.values = value.new_zeros(shape[:3] + (value.shape[3],))
+        if self.plan is not None:
+            slots, view = self.plan
+            slots = slots.to(self.keys.device)
+            self.keys.index_copy_(2, slots, key)
+            self.values.index_copy_(2, slots, value)
+            return self.keys[:, :, :view], self.values[:, :, :view]
         n = key.shape[2]
         end = self.length + n
         if end > self.capacity:
@@ -48,16 +65,42 @@ class KVBuffer:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def keep(self, start: int, indices: torch.Tensor) -> None:
-        """Keep slots `start + indices` (ascending) as slots start, start+1, ...
-        and drop everything after them."""
+    def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
+        """Move slots `start + indices` (ascending) to slots start, start+1, ...
+        With an integer `start` the length becomes start + len(indices); a
+        device-tensor `start` (the engine's) leaves lengths to the caller."""
         if self.keys is not None:
-            idx = indices.to(self.keys.device) + start
-            n = idx.shape[0]
+            device = self.keys.device
+            offset = start.to(device) if torch.is_tensor(start) else start
+            source = indices.to(device) + offset
+            target = torch.arange(indices.shape[0], device=device) + offset
             # index_select makes a copy first, so overlapping source/target is safe.
-            self.keys[:, :, start : start + n] = self.keys.index_select(2, idx)
-            self.values[:, :, start : start + n] = self.values.index_select(2, idx)
-        self.length = start + indices.shape[0]
+            self.keys.index_copy_(2, target, self.keys.index_select(2, source))
+            self.values.index_copy_(2, target, self.values.index_select(2, source))
+        if not torch.is_tensor(start):
+            self.length = start + indices.shape[0]
+
+
+@contextmanager
+def write_plan(buffers, slots: torch.Tensor, view: int):
+    """Within the block, every buffer writes new entries at `slots` (device
+    long [n]) and attention reads the first `view` slots."""
+    for buffer in buffers:
+        buffer.plan = (slots, view)
+    try:
+        yield
+    finally:
+        for buffer in buffers:
+            buffer.plan = None
+
+
+def visible_slots(start: int | torch.Tensor, view: int, block: torch.Tensor) -> torch.Tensor:
+    """Bool [n, view]: slots before `start` visible to every row, then `block`
+    [n, m] over slots start .. start+m-1, nothing after (scratch)."""
+    n, m = block.shape
+    columns = torch.arange(view, device=block.device)
+    visible = (columns < start).expand(n, view).clone()
+    return visible.scatter_(1, (columns[:m] + start).expand(n, m), block)
 
 
 class _TargetLayer(CacheLayerMixin):
@@ -108,10 +151,13 @@ class TargetKVCache(Cache):
     def length(self) -> int:
         return self.layers[0].buffer.length
 
-    def keep(self, start: int, indices: torch.Tensor) -> None:
+    def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
         """Compact every layer: see `KVBuffer.keep`."""
         for layer in self.layers:
             layer.buffer.keep(start, indices)
+
+    def write_plan(self, slots: torch.Tensor, view: int):
+        return write_plan([layer.buffer for layer in self.layers], slots, view)
 
     def truncate(self, length: int) -> None:
         for layer in self.layers:

@@ -10,6 +10,8 @@ entering three decoder layers from forward pre-hooks (EAGLE-3).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -80,19 +82,23 @@ class TargetRunner:
         cache: TargetKVCache,
         features: bool = False,
         logits_from: int = 0,
+        slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids, position_ids [n]; visible bool [n, cache.length + n].
-        Returns logits [n - logits_from, V] (float32) and, when asked, the
-        head's features [n, F]."""
+        """input_ids, position_ids [n]; visible bool [n, cache.length + n]
+        (appending), or with `slots` (device long [n], where the new keys go)
+        bool [n, view] over the cache's first `view` slots. Returns logits
+        [n - logits_from, V] (float32) and, when asked, the head's features [n, F]."""
         self._captured = {} if features and self.feature_layers is not None else None
+        plan = cache.write_plan(slots, visible.shape[1]) if slots is not None else nullcontext()
         try:
-            out = self.decoder(
-                input_ids=input_ids.to(self.input_device)[None],
-                attention_mask=self.additive_mask(visible),
-                position_ids=position_ids.to(self.input_device)[None],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            with plan:
+                out = self.decoder(
+                    input_ids=input_ids.to(self.input_device)[None],
+                    attention_mask=self.additive_mask(visible),
+                    position_ids=position_ids.to(self.input_device)[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             hidden = out.last_hidden_state[0]
             feats = None
             if features:

@@ -58,17 +58,24 @@ class DraftTree:
         return self.paths()[self.leaves()]
 
 
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for a 0-dim index tensor. Plain indexing would read the index
+    on the host (`.item()`): a synchronisation, and an error while a CUDA
+    graph records."""
+    return x.index_select(0, index.reshape(1).to(x.device)).squeeze(0)
+
+
 def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     """Ancestor closure by pointer jumping: node i sees itself, its parent,
     its grandparent, ... (max_depth steps reach the root from any node)."""
-    T = parents.shape[0]
-    rows = torch.arange(T, device=parents.device)
-    mask = torch.zeros(T, T, dtype=torch.bool, device=parents.device)
-    mask[rows, rows] = True
-    current = rows
+    # Comparisons rather than indexed assignment of True, which would copy a
+    # host value to the device (not allowed while a CUDA graph records).
+    nodes = torch.arange(parents.shape[0], device=parents.device)
+    mask = nodes[:, None] == nodes[None, :]
+    current = nodes
     for _ in range(max_depth):
         current = parents[current]
-        mask[rows, current] = True
+        mask |= current[:, None] == nodes[None, :]
     return mask
 
 

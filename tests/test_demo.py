@@ -45,6 +45,21 @@ def test_default_head_and_missing_gto(tmp_path, monkeypatch):
     assert demo.demo_paths()[1] == str(tmp_path / "gto")
 
 
+def test_shipped_heads_share_the_base_and_the_default_is_the_better():
+    base, eagle3 = demo.demo_paths(head="eagle3")
+    gto_base, gto = demo.demo_paths(head="gto")
+    assert gto_base == base and gto != eagle3
+    index = json.loads((demo.ASSETS / "heads.json").read_text())
+    mean = {name: sum(tau.values()) / len(tau) for name, tau in index["tau"].items()}
+    assert index["default"] == max(mean, key=mean.get)
+    assert demo.demo_paths() == demo.demo_paths(head=index["default"])
+    for head in (eagle3, gto):
+        m = EaModel.from_pretrained(base, head, dtype=torch.float32)
+        ids = m.tokenizer("def add(a, b):\n", return_tensors="pt").input_ids
+        assert m.use_eagle3  # both are EAGLE-3 heads of the same base
+        assert torch.equal(m.eagenerate(ids, max_new_tokens=16), m.naivegenerate(ids, max_new_tokens=16))
+
+
 def test_demo_pair_is_greedy_identical_to_plain_decoding(model):
     for text in ("import os\n\n\ndef main():\n", "class Stack:\n    def __init__(self):\n"):
         ids = model.tokenizer(text, return_tensors="pt").input_ids

@@ -23,17 +23,26 @@ def test_tiny_shape_report(tmp_path, capsys):
     params = 2 * 256 * 32 + 6 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 128 + 2 * 32) + 32
     assert result["weight_bytes"] == 4 * params
 
-    for key in ("copy_bandwidth_gb_s", "floor_ms", "hf_generate_ms", "plain_ms"):
+    for key in ("copy_bandwidth_gb_s", "floor_ms", "hf_generate_ms"):
         assert result[key] > 0, key
     assert result["floor_ms"] == pytest.approx(1000 * result["weight_bytes"] / (result["copy_bandwidth_gb_s"] * 1e9))
-    assert result["plain_x_floor"] == pytest.approx(result["plain_ms"] / result["floor_ms"])
-    assert set(result["iterations"]) == {"4", "8"}
-    for it in result["iterations"].values():
+    assert list(result["engines"]) == ["eager"]  # CUDA graphs only on a GPU
+    eager = result["engines"]["eager"]
+    assert eager["plain_ms"] > 0
+    assert eager["plain_x_floor"] == pytest.approx(eager["plain_ms"] / result["floor_ms"])
+    assert set(eager["iterations"]) == {"4", "8"}
+    for it in eager["iterations"].values():
         assert it["ms"] > 0 and 1.0 <= it["tau"] <= 6
-        assert it["x_plain"] == pytest.approx(it["ms"] / result["plain_ms"])
-        assert it["predicted_speedup"] == pytest.approx(4 * result["plain_ms"] / it["ms"])
+        assert it["x_plain"] == pytest.approx(it["ms"] / eager["plain_ms"])
+        assert it["predicted_speedup"] == pytest.approx(4 * eager["plain_ms"] / it["ms"])
+        assert it["projected_tokens_per_s"] == pytest.approx(4000 / it["ms"])
     table = capsys.readouterr().out
-    assert "| `naivegenerate`, per token |" in table and "total_token 8" in table
+    assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
+
+
+def test_graphs_need_a_gpu():
+    with pytest.raises(SystemExit, match="graphs needs a CUDA device"):
+        engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
 
 
 def test_rejects_a_tree_the_depth_cannot_fill():

@@ -120,9 +120,10 @@ def decode_and_record(model, prompt, monkeypatch):
     recorded = []
     original = Drafter.draft_tree
 
-    def recording(self, last_out, root_token, total_token, depth, top_k):
-        tree = original(self, last_out, root_token, total_token, depth, top_k)
-        recorded.append((self.length, tree))  # the root sits at the position after the draft entries
+    def recording(self, last_out, root_token, total_token, depth, top_k, **options):
+        tree = original(self, last_out, root_token, total_token, depth, top_k, **options)
+        start = options.get("start")  # the prefix length when the engine passes it (default: self.length)
+        recorded.append((self.length if start is None else int(start), tree))  # the root follows the prefix
         return tree
 
     monkeypatch.setattr(Drafter, "draft_tree", recording)

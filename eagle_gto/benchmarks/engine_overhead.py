@@ -12,7 +12,11 @@ and a random EAGLE-3 head of the matching shape, then measures in one run
   the prefill, from `last_stats`) and transformers' own greedy `generate`
   ((time for N tokens - time for 1 token) / (N - 1), no eos);
 - ms per draft-and-verify iteration of `eagenerate` at each tree size
-  (`last_stats`: time of the steps after the prefill / their count).
+  (`last_stats`: time of the steps after the prefill / their count);
+- both for each engine in `--engines`: `eager` (steps launched op by op) and
+  `graphs` (steps replayed as CUDA graphs, the default on a GPU), and for
+  `graphs` the GPU time of one replayed iteration (CUDA events around
+  back-to-back replays): what is left once the host is out of the way.
 
 Random weights accept almost no draft, so this measures the cost of an
 iteration, not the speedup; the speedup a head with acceptance length tau
@@ -123,8 +127,30 @@ def ms_per_later_step(model: EaModel) -> float:
     return 1000 * sum(s.seconds for s in later) / len(later)
 
 
+def plain_step_ms(model: EaModel, prompt: torch.Tensor, new_tokens: int, max_length: int) -> float:
+    model.naivegenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
+    return ms_per_later_step(model)
+
+
+def replay_ms(model: EaModel, repeats: int, replays: int = 20) -> float:
+    """GPU ms of the most recently recorded step graph, replayed back to back
+    (the replays advance the decode state; the next prefill resets it)."""
+    graph, _ = list(model._graphs._graphs.values())[-1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def run() -> float:
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / replays
+
+    return median_of(run, repeats)
+
+
 def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens: list[int], repeats: int,
-            max_length: int) -> dict:
+            max_length: int, engine_names: list[str]) -> dict:
     device = prompt.device
     base = model.base_model
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
@@ -142,45 +168,49 @@ def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens:
 
     hf_ms = 1000 * (median_of(hf_seconds(new_tokens), repeats) - median_of(hf_seconds(1), repeats)) / (new_tokens - 1)
 
-    def plain() -> float:
-        model.naivegenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
-        return ms_per_later_step(model)
+    engines = {}
+    for engine in engine_names:
+        model.cuda_graphs = engine == "graphs"
+        engines[engine] = {"plain_ms": median_of(lambda: plain_step_ms(model, prompt, new_tokens, max_length),
+                                                 repeats), "iterations": {}}
+        for size in total_tokens:
+            model.tree = replace(model.tree, total_token=size)
+            taus = []
 
-    plain_ms = median_of(plain, repeats)
-    iterations = {}
-    for size in total_tokens:
-        model.tree = replace(model.tree, total_token=size)
-        taus = []
+            def speculative() -> float:
+                model.eagenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
+                taus.append(model.last_stats.mean_accepted_length)
+                return ms_per_later_step(model)
 
-        def speculative() -> float:
-            model.eagenerate(prompt, max_new_tokens=new_tokens, max_length=max_length)
-            taus.append(model.last_stats.mean_accepted_length)
-            return ms_per_later_step(model)
-
-        iterations[size] = {"ms": median_of(speculative, repeats), "tau": statistics.median(taus)}
+            it = {"ms": median_of(speculative, repeats), "tau": statistics.median(taus)}
+            if engine == "graphs":
+                it["replay_ms"] = replay_ms(model, repeats)
+            engines[engine]["iterations"][size] = it
     return {"weight_bytes": weight_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "floor_ms": 1000 * weight_bytes / bandwidth, "hf_generate_ms": hf_ms, "plain_ms": plain_ms,
-            "iterations": iterations}
+            "floor_ms": 1000 * weight_bytes / bandwidth, "hf_generate_ms": hf_ms, "engines": engines}
 
 
 def add_ratios(result: dict, tau: float) -> None:
-    floor, plain = result["floor_ms"], result["plain_ms"]
-    result["plain_x_floor"] = plain / floor
+    floor = result["floor_ms"]
     result["hf_generate_x_floor"] = result["hf_generate_ms"] / floor
-    result["hf_generate_x_plain"] = result["hf_generate_ms"] / plain
-    for it in result["iterations"].values():
-        it["x_plain"] = it["ms"] / plain
-        it["x_floor"] = it["ms"] / floor
-        it["predicted_speedup"] = tau * plain / it["ms"]
+    for engine in result["engines"].values():
+        plain = engine["plain_ms"]
+        engine["plain_x_floor"] = plain / floor
+        for it in engine["iterations"].values():
+            it["x_plain"] = it["ms"] / plain
+            it["x_floor"] = it["ms"] / floor
+            it["predicted_speedup"] = tau * plain / it["ms"]
+            it["projected_tokens_per_s"] = 1000 * tau / it["ms"]
 
 
 def format_table(r: dict) -> str:
     """A markdown table (ms and ratios), headed by what was measured where."""
     s, tree = r["shape"], r["tree"]
+    floor = r["floor_ms"]
 
-    def row(what: str, ms: float, x_plain: float | None = None) -> str:
+    def row(what: str, ms: float, x_plain: float | None = None, extra: str = "") -> str:
         plain = f"{x_plain:.2f}" if x_plain is not None else ""
-        return f"| {what} | {ms:.3f} | {ms / r['floor_ms']:.2f} | {plain} |"
+        return f"| {what} | {ms:.3f} | {ms / floor:.2f} | {plain} | {extra} |"
 
     lines = [
         f"engine overhead, {r['device_name']}, {r['dtype']}, {r['date']}: hidden {s['hidden_size']}, "
@@ -188,20 +218,26 @@ def format_table(r: dict) -> str:
         f"{s['intermediate_size']}, vocab {s['vocab_size']}; prompt {r['prompt_length']}, "
         f"{r['new_tokens']} new tokens, median of {r['repeats']}",
         "",
-        "| what | ms | x floor | x plain |",
-        "|---|---|---|---|",
-        row(f"bandwidth floor ({r['weight_bytes'] / 1e9:.3f} GB / {r['copy_bandwidth_gb_s']:.1f} GB/s copy)",
-            r["floor_ms"]),
-        row("transformers `generate`, per token", r["hf_generate_ms"], r["hf_generate_x_plain"]),
-        row("`naivegenerate`, per token", r["plain_ms"], 1.0),
+        f"| what | ms | x floor | x plain (same engine) | tokens/s at tau {r['tau_assumed']} |",
+        "|---|---|---|---|---|",
+        row(f"bandwidth floor ({r['weight_bytes'] / 1e9:.3f} GB / {r['copy_bandwidth_gb_s']:.1f} GB/s copy)", floor),
+        row("transformers `generate`, per token", r["hf_generate_ms"]),
     ]
-    for size, it in r["iterations"].items():
-        lines.append(row(f"`eagenerate` total_token {size}, depth {tree['depth']}, top_k {tree['top_k']}, "
-                         "per iteration", it["ms"], it["x_plain"]))
-    lines += ["", f"predicted speedup at tau {r['tau_assumed']} (tau x plain / iteration): "
-              + ", ".join(f"total_token {size}: {it['predicted_speedup']:.2f}x" for size, it in r["iterations"].items()),
-              "measured tau with these random weights: "
-              + ", ".join(f"{it['tau']:.2f}" for it in r["iterations"].values())]
+    for name, engine in r["engines"].items():
+        lines.append(row(f"{name}: `naivegenerate`, per token", engine["plain_ms"], 1.0))
+        for size, it in engine["iterations"].items():
+            lines.append(row(f"{name}: `eagenerate` total_token {size}, depth {tree['depth']}, top_k {tree['top_k']}, "
+                             "per iteration", it["ms"], it["x_plain"], f"{it['projected_tokens_per_s']:.0f}"))
+            if "replay_ms" in it:
+                lines.append(row(f"{name}: GPU time of that iteration's graph (replays)", it["replay_ms"]))
+    lines.append("")
+    for name, engine in r["engines"].items():
+        lines.append(f"{name}: predicted speedup at tau {r['tau_assumed']} (tau x plain / iteration): "
+                     + ", ".join(f"total_token {size}: {it['predicted_speedup']:.2f}x"
+                                 for size, it in engine["iterations"].items()))
+    first = next(iter(r["engines"].values()))
+    lines.append("measured tau with these random weights: "
+                 + ", ".join(f"{it['tau']:.2f}" for it in first["iterations"].values()))
     return "\n".join(lines)
 
 
@@ -223,6 +259,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=2048, help="KV cache capacity, as in eagenerate")
     p.add_argument("--tau", type=float, default=6.52,
                    help="acceptance length for the predicted speedup (default: GTO's Llama-3.1-8B average)")
+    p.add_argument("--engines", default=None,
+                   help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="experimental: torch.compile the decoder layers first (eagle_gto.graphs.compile_layers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -245,17 +285,25 @@ def main(argv=None) -> dict:
     total_tokens = [int(t) for t in args.total_tokens.split(",")]
     for size in total_tokens:  # fail before building a large model
         check_tree_params(size, args.depth, args.top_k)
+    engines = (args.engines or ("eager,graphs" if device.type == "cuda" else "eager")).split(",")
+    if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and device.type != "cuda"):
+        raise SystemExit(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
 
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
+    if args.compile:
+        from ..graphs import compile_layers
+
+        compile_layers(model)
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
     with torch.no_grad():
-        result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length)
-    result["iterations"] = {str(k): v for k, v in result["iterations"].items()}
+        result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines)
+    for engine in result["engines"].values():
+        engine["iterations"] = {str(k): v for k, v in engine["iterations"].items()}
     result.update(
         shape=asdict(shape), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
-        dtype=dtype, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        dtype=dtype, compiled=args.compile, date=datetime.date.today().isoformat(), torch=torch.__version__,
         transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,
         new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},
         tau_assumed=args.tau,

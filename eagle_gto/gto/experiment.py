@@ -14,6 +14,8 @@ Then tau (greedy decoding, 60/7/10 by default, `model.last_stats`: generated
 tokens / target forwards over a prompt set) of the start head and of every
 trained head on the held-out stdlib prompts and the HumanEval prompts of
 `eagle_gto.demo.measure`. Training never sees either prompt set.
+Each finished run keeps its result in OUT/RUN/result.json (the start head's
+in OUT/start.json): rerunning the same command resumes after the last one.
 `--ship` copies the GTO head into eagle_gto/demo/assets/gto and writes
 assets/heads.json naming the better of eagle3 and gto as the demo default.
 
@@ -105,6 +107,33 @@ def ship(run_dir: Path, results: dict, settings: dict) -> None:
              "tau": {"eagle3": results["start"]["tau"], "gto": results["gto"]["tau"]},
              "measured": settings["measured"], "date": settings["date"]}
     (ASSETS / "heads.json").write_text(json.dumps(index, indent=2) + "\n")
+    (target / "README.md").write_text(_head_readme(settings, results, index["default"]))
+
+
+def _head_readme(settings: dict, results: dict, default: str) -> str:
+    t, names = settings["training"], [name for name in results if name != "start"]
+    verdict = ("better than the EAGLE-3 head: it is the demo default" if default == "gto" else
+               "not better than the EAGLE-3 head, so `../heads.json` keeps `eagle3` as the demo default")
+    return f"""# Demo GTO head
+
+The demo EAGLE-3 head (`../eagle3`) fine-tuned with Group Tree Optimization (Phase II) for the
+base model in `../base`, by
+
+    {settings["command"]}
+
+- Training: {t["steps"]} AdamW steps (lr {t["lr"]}), {t["windows"]} windows of {t["window_length"]} tokens
+  per step, {t["groups_per_window"]} groups of m = {t["group_size"]} adjacent roots per window;
+  L_token + {t["omega"]} * L_GTO, reward {t["reward"]} (eta {t["eta"]}), debiased: {t["debias"]},
+  delta {t["delta"]}, eps {t["eps"]}, training trees {t["total_token"]}/{t["depth"]}/{t["top_k"]}.
+- Exported in the EAGLE-3 format, {t["export_dtype"]} weights. {settings["device"]}, {settings["date"]}.
+- tau (greedy, {"/".join(str(v) for v in settings["measured"]["tree"].values())}, \
+{settings["measured"]["max_new_tokens"]} new tokens) vs the start head and the runs {", ".join(names)}:
+
+{table(results, ["start"] + names)}
+
+This head is {verdict}; `demo_paths(head="gto")` loads it. `gto_training.json` has every option,
+the measurement settings and all results.
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,16 +161,23 @@ def main(argv: list[str] | None = None) -> None:
     models = load_models(GTOConfig(**options))
     base_path = models.base.name_or_path
     head_path = options["head"] or _demo_head_path()
-    streams = load_streams(GTOConfig(**options), models)  # once: every run sees the same data
     sets = prompt_sets(models.tokenizer, args.humaneval, args.limit)
-    results = {"start": {"tau": evaluate(base_path, head_path, sets, tree, args.max_new_tokens)}}
+    results = {"start": _kept(out / "start.json", lambda: {
+        "tau": evaluate(base_path, head_path, sets, tree, args.max_new_tokens)})}
     print("start", results["start"], flush=True)
+    streams = None
     for name in names:
-        cfg = GTOConfig(**{**options, **RUNS[name], "out": str(out / name)})
-        run_started = time.perf_counter()
-        summary = train(cfg, load_models(cfg, models), streams)
-        results[name] = {"tau": evaluate(base_path, str(out / name / "head"), sets, tree, args.max_new_tokens),
-                         "train": summary, "seconds": round(time.perf_counter() - run_started, 1)}
+
+        def run(name=name):
+            nonlocal streams
+            streams = streams or load_streams(GTOConfig(**options), models)  # every run sees the same data
+            cfg = GTOConfig(**{**options, **RUNS[name], "out": str(out / name)})
+            run_started = time.perf_counter()
+            summary = train(cfg, load_models(cfg, models), streams)
+            return {"tau": evaluate(base_path, str(out / name / "head"), sets, tree, args.max_new_tokens),
+                    "train": summary, "seconds": round(time.perf_counter() - run_started, 1)}
+
+        results[name] = _kept(out / name / "result.json", run)
         print(name, results[name], flush=True)
     settings = {
         "command": "python -m eagle_gto.gto experiment " + " ".join(argv if argv is not None else []),
@@ -160,6 +196,17 @@ def main(argv: list[str] | None = None) -> None:
         if "gto" not in names:
             raise ValueError("--ship needs the gto run")
         ship(out / "gto", results, settings)
+
+
+def _kept(path: Path, compute) -> dict:
+    """A finished run's result from its file, so that an interrupted
+    experiment resumes where it stopped (the data is deterministic)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _demo_head_path() -> str:

@@ -1,0 +1,66 @@
+"""CUDA graphs of decoding steps: the one place where the engine records and
+replays device work.
+
+On the lent GPUs a PyTorch op costs about 12 us of host time, and one
+speculative step issues thousands of them: launched one by one, the host, not
+the GPU, sets the pace. A `Decoder` step has static shapes for a given key
+(tree size, sampling settings, attention view) and keeps its state in
+tensors it updates in place, so it can be recorded once per key and replayed
+with a single launch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+
+class StepGraphs:
+    """One CUDA graph per key, all in one memory pool."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, key: Hashable, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run `step` (it returns a tensor) through its graph. The first call
+        at a key runs it eagerly, which is both a real step and the warm-up
+        that recording needs, then records it: recording executes nothing."""
+        recorded = self._graphs.get(key)
+        if recorded is not None:
+            graph, output = recorded
+            graph.replay()
+            return output
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = step()
+        self._pool = graph.pool()
+        self._graphs[key] = (graph, output)
+        return result
+
+
+def compile_layers(model) -> None:
+    """Experimental: `torch.compile` every decoder layer of the base model and
+    of the draft head of an `EaModel`, so that the many small kernels of
+    norms, rotary embeddings and activations are fused before the step graphs
+    record them. Each layer compiles per shape on first use (slow start)."""
+    import torch._dynamo
+
+    from .target import decoder_layers
+
+    config = torch._dynamo.config
+    layers = list(decoder_layers(model.base_model)) + list(model.ea_layer.layers)
+    # Every layer is its own compiled entry (its index is a constant in its code path).
+    config.cache_size_limit = max(config.cache_size_limit, 8 * len(layers))
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 64 * len(layers))
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)

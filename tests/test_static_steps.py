@@ -1,0 +1,96 @@
+"""The steps CUDA graphs record: with graphs on, a step's attention reads a
+view of the caches rounded up to whole buckets (scratch slots masked out),
+and the step runs from state kept on the device. Graphs need a GPU; here a
+stand-in runs each recorded step eagerly, so the CPU checks that the
+bucketed static-shape steps produce exactly what the tight eager steps do,
+greedy and sampling, speculative and plain, across generations; and that a
+step never reads a device value on the host (`.item()`, indexing by a 0-dim
+tensor) nor makes a tensor from host data (which would be a host-to-device
+copy): either breaks graph recording, and costs a synchronisation."""
+
+import pytest
+import torch
+from tiny_pairs import VOCAB, trained_pair
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import eagle_gto.ea_model as ea_model
+import eagle_gto.generation as generation
+
+
+class NoHostValues(TorchDispatchMode):
+    """Fails on the ops behind a host read of a device value and behind a
+    tensor made from Python data."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default):
+            raise AssertionError(f"a step must not run {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class EagerGraphs:
+    """StepGraphs without CUDA: runs the step under NoHostValues, records the keys it saw."""
+
+    keys: list = []
+
+    def run(self, key, step):
+        EagerGraphs.keys.append(key)
+        with NoHostValues():
+            return step()
+
+
+def test_host_value_detector_catches_what_it_should():
+    x = torch.arange(5.0)
+    with NoHostValues(), pytest.raises(AssertionError, match="_local_scalar_dense"):
+        x[x.argmax()]  # a 0-dim index is read on the host
+    with NoHostValues(), pytest.raises(AssertionError, match="lift_fresh"):
+        x[torch.arange(2)] = torch.tensor(1.0)  # host data
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    EagerGraphs.keys = []
+    monkeypatch.setattr(ea_model, "StepGraphs", EagerGraphs)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 32)  # several buckets within a short generation
+    return EagerGraphs
+
+
+def generate(model, graphs: bool, speculative: bool, ids, seed: int | None = None, **options):
+    model.cuda_graphs = graphs
+    if seed is not None:
+        torch.manual_seed(seed)
+    run = model.eagenerate if speculative else model.naivegenerate
+    out = run(ids, max_new_tokens=40, max_length=128, **options)
+    return out.tolist(), [s.num_accepted for s in model.last_stats.steps]
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "eagle3"), ("qwen3", "eagle1")])
+def test_bucketed_steps_equal_eager_steps(arch, kind, graphs_on_cpu):
+    model = trained_pair(arch, kind)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        ids = torch.randint(0, VOCAB, (1, int(torch.randint(2, 20, (1,), generator=g))), generator=g)
+        for speculative in (True, False):
+            eager = generate(model, False, speculative, ids)
+            graphed = generate(model, True, speculative, ids)
+            assert graphed == eager
+            # sampling: the same random draws in the same order, so the same tokens
+            options = dict(temperature=0.9, top_p=0.95, top_k=20)
+            assert generate(model, True, speculative, ids, seed=5, **options) == \
+                generate(model, False, speculative, ids, seed=5, **options)
+    keys = graphs_on_cpu.keys
+    views = sorted({key[3] for key in keys})
+    assert len(views) >= 2 and all(v % 32 == 0 or v == 128 for v in views)  # buckets, capped by max_length
+    assert len(set(keys)) < len(keys) / 4  # few shapes: each would be one recorded graph
+
+
+def test_state_does_not_leak_between_generations(graphs_on_cpu):
+    """Caches, state and graphs are reused: a short generation after a long
+    one, and a prompt that ends at once, change nothing."""
+    model = trained_pair("llama", "eagle3")
+    long_prompt = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(1))
+    short_prompt = long_prompt[:, :3]
+    first = generate(model, True, True, short_prompt)
+    generate(model, True, True, long_prompt)
+    model.cuda_graphs = True
+    model.eagenerate(short_prompt, max_new_tokens=1, max_length=128)
+    assert generate(model, True, True, short_prompt) == first
