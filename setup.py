@@ -13,7 +13,7 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["eagle_gto", "eagle_gto.*", "application", "application.*"]),
-    package_data={"eagle_gto.demo": ["assets/*/*"]},
+    package_data={"eagle_gto.demo": ["assets/*", "assets/*/*"]},
     python_requires=">=3.10",
     install_requires=core,
     extras_require={
