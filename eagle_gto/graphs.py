@@ -17,14 +17,21 @@ import torch
 
 
 class StepGraphs:
-    """One CUDA graph per key, all in one memory pool."""
+    """One CUDA graph per key, all in one memory pool. Keys include the
+    sampling settings, so a server whose clients vary them could collect
+    graphs without end: past `max_graphs` all are dropped and re-recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_graphs: int = 64) -> None:
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self.max_graphs = max_graphs
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def latest(self) -> torch.cuda.CUDAGraph:
+        """The most recently recorded graph (benchmarks time its replays)."""
+        return next(reversed(self._graphs.values()))[0]
 
     def run(self, key: Hashable, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run `step` (it returns a tensor) through its graph. The first call
@@ -35,6 +42,9 @@ class StepGraphs:
             graph, output = recorded
             graph.replay()
             return output
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.clear()
+            self._pool = None  # a fresh pool for the graphs recorded from now on
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

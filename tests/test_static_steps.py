@@ -54,6 +54,14 @@ def graphs_on_cpu(monkeypatch):
     return EagerGraphs
 
 
+def isolated(model, monkeypatch):
+    """The cached tiny pair, with its graph settings restored after the test
+    (other tests share the object)."""
+    monkeypatch.setattr(model, "cuda_graphs", model.cuda_graphs)
+    monkeypatch.setattr(model, "_graphs", model._graphs)
+    return model
+
+
 def generate(model, graphs: bool, speculative: bool, ids, seed: int | None = None, **options):
     model.cuda_graphs = graphs
     if seed is not None:
@@ -64,8 +72,8 @@ def generate(model, graphs: bool, speculative: bool, ids, seed: int | None = Non
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "eagle3"), ("qwen3", "eagle1")])
-def test_bucketed_steps_equal_eager_steps(arch, kind, graphs_on_cpu):
-    model = trained_pair(arch, kind)
+def test_bucketed_steps_equal_eager_steps(arch, kind, graphs_on_cpu, monkeypatch):
+    model = isolated(trained_pair(arch, kind), monkeypatch)
     g = torch.Generator().manual_seed(11)
     for _ in range(3):
         ids = torch.randint(0, VOCAB, (1, int(torch.randint(2, 20, (1,), generator=g))), generator=g)
@@ -83,10 +91,10 @@ def test_bucketed_steps_equal_eager_steps(arch, kind, graphs_on_cpu):
     assert len(set(keys)) < len(keys) / 4  # few shapes: each would be one recorded graph
 
 
-def test_state_does_not_leak_between_generations(graphs_on_cpu):
+def test_state_does_not_leak_between_generations(graphs_on_cpu, monkeypatch):
     """Caches, state and graphs are reused: a short generation after a long
     one, and a prompt that ends at once, change nothing."""
-    model = trained_pair("llama", "eagle3")
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
     long_prompt = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(1))
     short_prompt = long_prompt[:, :3]
     first = generate(model, True, True, short_prompt)

@@ -135,7 +135,7 @@ def plain_step_ms(model: EaModel, prompt: torch.Tensor, new_tokens: int, max_len
 def replay_ms(model: EaModel, repeats: int, replays: int = 20) -> float:
     """GPU ms of the most recently recorded step graph, replayed back to back
     (the replays advance the decode state; the next prefill resets it)."""
-    graph, _ = list(model._graphs._graphs.values())[-1]
+    graph = model._graphs.latest()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def run() -> float:
