@@ -15,6 +15,9 @@ captured in a CUDA graph.
 
 `TargetKVCache` implements transformers' `Cache` interface so that stock
 `AutoModelForCausalLM` models write into it through their public forward.
+Its layers keep their entries in one `KVStack` per device, so compacting
+after a step is one gather and one scatter for all layers, not four small
+ops per layer (on a GPU each is a kernel of its own).
 """
 
 from __future__ import annotations
@@ -25,28 +28,71 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def _moves(start: int | torch.Tensor, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and target slots of a compaction: start + indices -> start, start+1, ..."""
+    offset = start.to(device) if torch.is_tensor(start) else start
+    return indices.to(device) + offset, torch.arange(indices.shape[0], device=device) + offset
+
+
+class KVStack:
+    """The keys and values of several layers in one tensor [layers, 2,
+    batch, kv_heads, capacity, head_dim], made on first use from the first
+    entries written. Layers hold views into it (`views`)."""
+
+    def __init__(self, size: int, capacity: int):
+        self.size, self.capacity = size, capacity
+        self.storage: torch.Tensor | None = None
+
+    def views(self, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer `index`'s keys and values inside the stack, or None when its
+        entries do not fit the stack (another device, dtype or shape)."""
+        shape = (self.size, 2, key.shape[0], key.shape[1], self.capacity, key.shape[3])
+        if value.shape != key.shape or value.dtype != key.dtype:
+            return None
+        if self.storage is None:
+            self.storage = key.new_zeros(shape)
+        if self.storage.shape != shape or self.storage.dtype != key.dtype or self.storage.device != key.device:
+            return None
+        return self.storage[index, 0], self.storage[index, 1]
+
+    def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
+        """Move every layer's slots start + indices to start, start+1, ... (see `KVBuffer.keep`)."""
+        if self.storage is not None:
+            source, target = _moves(start, indices, self.storage.device)
+            self.storage.index_copy_(4, target, self.storage.index_select(4, source))
+
+
 class KVBuffer:
     """One attention layer's keys and values in buffers of `capacity` slots.
 
     Shapes: keys/values [batch=1, kv_heads, capacity, head_dim]. `length` is
-    the number of valid slots; everything after it is scratch space.
+    the number of valid slots; everything after it is scratch space. In a
+    `stack` (at `index`), the buffers are views into the stack's storage and
+    the stack moves the data when the cache is compacted.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, stack: KVStack | None = None, index: int = 0):
         self.capacity = capacity
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
         self.plan: tuple[torch.Tensor, int] | None = None  # (slots [n], view) while a write plan is set
+        self.stack, self.index = stack, index
+
+    def _allocate(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        views = self.stack.views(self.index, key, value) if self.stack is not None else None
+        if views is None:
+            self.stack = None  # a layer that does not fit its stack keeps (and compacts) its own buffers
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            views = key.new_zeros(shape), value.new_zeros(shape[:3] + (value.shape[3],))
+        self.keys, self.values = views
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `key`/`value` [1, kv_heads, n, head_dim] after the valid slots
         and return all valid keys and values, the new ones included. Under a
         write plan: write them at the plan's slots and return the view."""
         if self.keys is None:
-            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self.keys = key.new_zeros(shape)
-            self.values = value.new_zeros(shape[:3] + (value.shape[3],))
+            self._allocate(key, value)
         if self.plan is not None:
             slots, view = self.plan
             slots = slots.to(self.keys.device)
@@ -68,12 +114,10 @@ class KVBuffer:
     def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
         """Move slots `start + indices` (ascending) to slots start, start+1, ...
         With an integer `start` the length becomes start + len(indices); a
-        device-tensor `start` (the engine's) leaves lengths to the caller."""
-        if self.keys is not None:
-            device = self.keys.device
-            offset = start.to(device) if torch.is_tensor(start) else start
-            source = indices.to(device) + offset
-            target = torch.arange(indices.shape[0], device=device) + offset
+        device-tensor `start` (the engine's) leaves lengths to the caller.
+        The data of a buffer in a stack is moved by `KVStack.keep`."""
+        if self.keys is not None and self.stack is None:
+            source, target = _moves(start, indices, self.keys.device)
             # index_select makes a copy first, so overlapping source/target is safe.
             self.keys.index_copy_(2, target, self.keys.index_select(2, source))
             self.values.index_copy_(2, target, self.values.index_select(2, source))
@@ -108,9 +152,9 @@ class _TargetLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, capacity: int):
+    def __init__(self, buffer: KVBuffer):
         super().__init__()
-        self.buffer = KVBuffer(capacity)
+        self.buffer = buffer
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers are made on first append
         self.is_initialized = True
@@ -137,14 +181,28 @@ class _TargetLayer(CacheLayerMixin):
 
 
 class TargetKVCache(Cache):
-    """KV cache of the base model: one `KVBuffer` per decoder layer.
+    """KV cache of the base model: one `KVBuffer` per decoder layer, the
+    layers of each device in one `KVStack`.
 
-    Layers allocate lazily on their own device, so a model sharded with
-    `device_map="auto"` keeps each layer's cache beside the layer.
+    Storage is made on the first write, on the device the entries come
+    from, so a model sharded with `device_map="auto"` keeps each layer's
+    cache beside the layer. `devices` (one per layer; default: all on one)
+    says which layers share a stack.
     """
 
-    def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[_TargetLayer(capacity) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, capacity: int, devices: list | None = None):
+        devices = [None] * num_layers if devices is None else [str(d) for d in devices]
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} devices given for {num_layers} layers")
+        members: dict = {}
+        for layer, device in enumerate(devices):
+            members.setdefault(device, []).append(layer)
+        self.stacks = [KVStack(len(layers), capacity) for layers in members.values()]
+        buffers: list[KVBuffer] = [None] * num_layers
+        for stack, layers in zip(self.stacks, members.values()):
+            for index, layer in enumerate(layers):
+                buffers[layer] = KVBuffer(capacity, stack, index)
+        super().__init__(layers=[_TargetLayer(buffer) for buffer in buffers])
         self.capacity = capacity
 
     @property
@@ -153,8 +211,10 @@ class TargetKVCache(Cache):
 
     def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
         """Compact every layer: see `KVBuffer.keep`."""
+        for stack in self.stacks:
+            stack.keep(start, indices)
         for layer in self.layers:
-            layer.buffer.keep(start, indices)
+            layer.buffer.keep(start, indices)  # lengths, and the data of layers outside a stack
 
     def write_plan(self, slots: torch.Tensor, view: int):
         return write_plan([layer.buffer for layer in self.layers], slots, view)

@@ -66,7 +66,8 @@ class TargetRunner:
             self.layers[-1].register_forward_hook(keep_output, with_kwargs=True)
 
     def new_cache(self, capacity: int) -> TargetKVCache:
-        return TargetKVCache(len(self.layers), capacity)
+        devices = [next(layer.parameters()).device for layer in self.layers]
+        return TargetKVCache(len(self.layers), capacity, devices)
 
     def additive_mask(self, visible: torch.Tensor) -> torch.Tensor:
         """bool [n, kv_len] (True = visible) -> float [1, 1, n, kv_len]."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eagle_gto.kv_cache import TargetKVCache
 from eagle_gto.target import TargetRunner
 from eagle_gto.tiny import base_config
 from eagle_gto.tree import ancestor_mask
@@ -48,7 +49,13 @@ def test_tree_node_logits_equal_branch_forward(arch, attn):
         torch.testing.assert_close(feats[node], expected_feats, atol=1e-4, rtol=1e-4)
 
 
-def test_kv_compaction_keeps_the_accepted_branch():
+# Which layers share a KV stack: all (one device), two groups (a model
+# sharded over two devices, here both on the CPU), none (one per layer).
+STACKINGS = {"one": None, "two": ["a"] * 3 + ["b"] * 3, "per layer": list("abcdef")}
+
+
+@pytest.mark.parametrize("stacking", STACKINGS)
+def test_kv_compaction_keeps_the_accepted_branch(stacking):
     """After keeping a branch, decoding continues exactly as if only the
     prefix and that branch had ever been fed."""
     torch.manual_seed(1)
@@ -57,7 +64,8 @@ def test_kv_compaction_keeps_the_accepted_branch():
     prefix = torch.randint(0, 256, (6,))
     parents, mask, depths = random_tree(10, seed=2)
     tokens = torch.randint(0, 256, (10,))
-    cache = runner.new_cache(40)
+    cache = TargetKVCache(6, 40, STACKINGS[stacking])
+    assert len(cache.stacks) == {"one": 1, "two": 2, "per layer": 6}[stacking]
     P = 6
     runner.forward(prefix, torch.arange(P), torch.ones(P, P).tril().bool(), cache)
     runner.forward(tokens, P + depths, torch.cat((torch.ones(10, P, dtype=torch.bool), mask), 1), cache)
@@ -72,3 +80,24 @@ def test_kv_compaction_keeps_the_accepted_branch():
     with torch.no_grad():
         expected = model(torch.cat((prefix, tokens[branch], nxt))[None]).logits[0, -1]
     torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_that_does_not_fit_its_stack_keeps_its_own_buffers():
+    """Layers share one storage when their entries match; a layer with
+    another shape (or device, or dtype) falls back to buffers of its own,
+    and compaction moves both kinds."""
+    cache = TargetKVCache(3, 8)
+    entries = [torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 6)]
+    for layer, kv in zip(cache.layers, entries):
+        layer.buffer.append(kv, -kv)
+    stack = cache.stacks[0]
+    assert stack.storage.shape == (3, 2, 1, 2, 8, 4)
+    assert [layer.buffer.stack is stack for layer in cache.layers] == [True, True, False]
+    assert cache.layers[1].buffer.keys.data_ptr() == stack.storage[1, 0].data_ptr()
+    keep = torch.tensor([0, 1, 3])
+    cache.keep(1, keep)
+    for layer, kv in zip(cache.layers, entries):
+        rows = torch.cat((torch.tensor([0]), keep + 1))
+        torch.testing.assert_close(layer.buffer.keys[:, :, :4], kv[:, :, rows], rtol=0, atol=0)
+        torch.testing.assert_close(layer.buffer.values[:, :, :4], -kv[:, :, rows], rtol=0, atol=0)
+        assert layer.buffer.length == 4
