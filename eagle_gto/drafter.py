@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .heads import DraftHead
-from .kv_cache import KVBuffer, visible_slots, write_plan
+from .kv_cache import KVBuffer, write_plan
 from .tree import DraftTree, select_tree, take
 
 
@@ -31,6 +31,7 @@ class Drafter:
     def __init__(self, head: DraftHead, capacity: int):
         self.head = head
         self.caches = [KVBuffer(capacity) for _ in range(head.num_layers)]
+        self.compiled: tuple | None = None  # (draft_tree, extend) compiled for decoding steps (graphs.compile_drafter_steps)
 
     @property
     def length(self) -> int:
@@ -76,47 +77,53 @@ class Drafter:
         """Expand `depth` levels from the head output `last_out` [h] that
         follows the root, then keep the best `total_token - 1` candidates.
         The prefix is `start` entries long (default: `length`)."""
-        head, device = self.head, last_out.device
+        head, device, k = self.head, last_out.device, top_k
         if start is None:
-            start, view = self.length, self.length + depth * top_k
+            start, view = self.length, self.length + depth * k
         logp = torch.log_softmax(head.draft_logits(last_out[None]).float(), dim=-1)[0]
-        scores, ids = logp.topk(top_k)
+        scores, ids = logp.topk(k)
         tokens = head.to_target_ids(ids)
         cand_tokens, cand_scores = [tokens], [scores]
-        cand_parents = [torch.zeros(top_k, dtype=torch.long, device=device)]
+        # Made once for all levels (fewer small kernels per level): level l
+        # writes its k entries at slots start + l*k ..., all at position
+        # start + l; every prefix slot is visible to every entry.
+        slots = torch.arange(depth * k, device=device) + start
+        cos, sin = head.rope((torch.arange(depth, device=device) + start)[:, None].expand(depth, k), last_out.dtype)
+        prefix = (torch.arange(view, device=device) < start).expand(k, view)
+        eye = torch.eye(k, dtype=torch.bool, device=device)
         # The frontier: hidden to feed, token, score, candidate number, and the
         # frontier-history slots it may attend to (its ancestors and itself).
-        f_hidden = last_out.expand(top_k, -1)
+        f_hidden = last_out.expand(k, -1)
         f_tokens, f_scores = tokens, scores
-        f_numbers = torch.arange(top_k, device=device)
-        history = torch.eye(top_k, dtype=torch.bool, device=device)
-        offset = top_k  # candidate number of the next level's first candidate
+        f_numbers = [torch.arange(k, device=device)]
+        history = eye
+        offset = k  # candidate number of the next level's first candidate
         for level in range(depth):
-            slots = torch.arange(level * top_k, (level + 1) * top_k, device=device) + start
-            positions = torch.zeros(1, top_k, dtype=torch.long, device=device) + (start + level)
-            mask = visible_slots(start, view, history)[None, None]
-            with write_plan(self.caches, slots, view):
-                out = head(f_hidden[None], f_tokens[None], positions, mask, self.caches)[0]  # [k, h]
+            written = slots[: (level + 1) * k]  # the frontier history's slots
+            mask = prefix.clone().scatter_(1, written.expand(k, -1), history)[None, None]
+            with write_plan(self.caches, written[level * k :], view):
+                out = head(f_hidden[None], f_tokens[None], None, mask, self.caches,
+                           rope=(cos[level][None], sin[level][None]))[0]  # [k, h]
             logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
-            child_p, child_ids = logp.topk(top_k, dim=-1)  # [k, k]
+            child_p, child_ids = logp.topk(k, dim=-1)  # [k, k]
             cum = (child_p + f_scores[:, None]).flatten()  # [k*k]
             child_tokens = head.to_target_ids(child_ids).flatten()
             cand_tokens.append(child_tokens)
             cand_scores.append(cum)
-            cand_parents.append((f_numbers + 1)[:, None].expand(top_k, top_k).reshape(-1))  # each parent k times
-            f_scores, best = cum.topk(top_k)
-            parent_slot = best // top_k
+            f_scores, best = cum.topk(k)
+            parent_slot = best // k
             f_hidden, f_tokens = out[parent_slot], child_tokens[best]
-            f_numbers = offset + best
-            history = torch.cat(
-                (history[parent_slot], torch.eye(top_k, dtype=torch.bool, device=device)), dim=1
-            )
-            offset += top_k * top_k
+            f_numbers.append(offset + best)
+            history = torch.cat((history[parent_slot], eye), dim=1)
+            offset += k * k
+        # Level l's k*k children have the level's frontier as parents, each k
+        # times (numbers + 1: 0 stands for the root, parent of level 0).
+        parents = (torch.stack(f_numbers[:-1]) + 1).repeat_interleave(k, dim=1).flatten()
         return select_tree(
             root_token,
             torch.cat(cand_tokens),
             torch.cat(cand_scores),
-            torch.cat(cand_parents),
+            torch.cat((torch.zeros(k, dtype=torch.long, device=device), parents)),
             total_token,
             depth + 1,
         )

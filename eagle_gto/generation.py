@@ -129,6 +129,8 @@ class Decoder:
         self.width = tree.total_token if self.speculative else 1  # slots one step writes
         self.reach = Drafter.view_needed(*dataclasses.astuple(tree)) if self.speculative else 1
         self.past = 0
+        if self.speculative:  # what the steps call: compiled when the model is (the prefill stays eager)
+            self.draft_tree, self.extend = drafter.compiled or (drafter.draft_tree, drafter.extend)
 
     def prefill(self, prompt: torch.Tensor) -> int:
         """Feed the prompt [P]; return the first new token."""
@@ -177,9 +179,9 @@ class Decoder:
         return token[None]
 
     def _speculative_step(self, view_target: int, view_draft: int) -> torch.Tensor:
-        state, tree, drafter = self.state, self.tree, self.drafter
-        draft = drafter.draft_tree(state.head_out, state.last, tree.total_token, tree.depth, tree.top_k,
-                                   start=state.head_past, view=view_draft)
+        state, tree = self.state, self.tree
+        draft = self.draft_tree(state.head_out, state.last, tree.total_token, tree.depth, tree.top_k,
+                                start=state.head_past, view=view_draft)
         device = draft.tokens.device
         T = draft.size
         slots = torch.arange(T, device=device) + state.head_past
@@ -194,8 +196,8 @@ class Decoder:
         branch = draft.tokens[path]
         after = torch.cat((branch[1:], result.bonus[None]))  # the token that follows each branch node
         after = torch.where(torch.arange(path.shape[0], device=device) == result.num_accepted, result.bonus, after)
-        head_out = drafter.extend(features[path.to(features.device)], after, start=state.head_past, view=view_draft,
-                                  last=result.num_accepted)
+        head_out = self.extend(features[path.to(features.device)], after, start=state.head_past, view=view_draft,
+                               last=result.num_accepted)
         state.head_out.copy_(head_out)
         state.advance(result.num_accepted + 1, result.bonus)
         return torch.cat((result.num_accepted[None], branch, result.bonus[None]))

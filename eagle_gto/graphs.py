@@ -6,7 +6,9 @@ speculative step issues thousands of them: launched one by one, the host, not
 the GPU, sets the pace. A `Decoder` step has static shapes for a given key
 (tree size, sampling settings, attention view) and keeps its state in
 tensors it updates in place, so it can be recorded once per key and replayed
-with a single launch.
+with a single launch. Compilation (`EaModel(torch_compile=True)`) fuses the
+kernels a step records: the base model's layers one by one and the draft
+head's step work as whole functions.
 """
 
 from __future__ import annotations
@@ -58,19 +60,29 @@ class StepGraphs:
         return result
 
 
-def compile_layers(model) -> None:
-    """Experimental: `torch.compile` every decoder layer of the base model and
-    of the draft head of an `EaModel`, so that the many small kernels of
-    norms, rotary embeddings and activations are fused before the step graphs
-    record them. Each layer compiles per shape on first use (slow start)."""
+def compile_decoder_layers(base) -> None:
+    """`torch.compile` every decoder layer of a base model, so that the many
+    small kernels of its norms, rotary embeddings and activations are fused
+    before the step graphs record them. Each layer compiles per shape on
+    first use (a slow start)."""
     import torch._dynamo
 
     from .target import decoder_layers
 
     config = torch._dynamo.config
-    layers = list(decoder_layers(model.base_model)) + list(model.ea_layer.layers)
+    layers = decoder_layers(base)
     # Every layer is its own compiled entry (its index is a constant in its code path).
     config.cache_size_limit = max(config.cache_size_limit, 8 * len(layers))
     config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 64 * len(layers))
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
+
+
+def compile_drafter_steps(drafter) -> None:
+    """`torch.compile` what a decoding step asks of the draft head, each as
+    one graph: the tree expansion (`draft_tree`: seven head forwards and the
+    top-k bookkeeping between them) and the extension by the accepted branch
+    (`extend`). The decoder calls them through `drafter.compiled`; the
+    prefill and the trainers keep the eager functions."""
+    drafter.compiled = (torch.compile(drafter.draft_tree, fullgraph=True),
+                        torch.compile(drafter.extend, fullgraph=True))

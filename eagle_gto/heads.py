@@ -7,9 +7,10 @@ the interface the engine and the trainers use:
 - `project_features(features)`: target features -> the head's hidden width
   (EAGLE-3: `fc` over the three concatenated layers; EAGLE-1: unchanged, its
   `fc` mixes embedding and feature inside `forward`).
-- `forward(hidden, input_ids, position_ids, attention_mask, cache)`: one layer
-  over n entries; returns the pre-norm output that deeper draft steps feed back
-  as `hidden`.
+- `forward(hidden, input_ids, position_ids, attention_mask, cache, rope=None)`:
+  one layer over n entries; returns the pre-norm output that deeper draft
+  steps feed back as `hidden`. `rope`, the (cos, sin) of `rope(position_ids)`,
+  may be passed instead of position ids when computed ahead.
 - `draft_logits(out)`: logits over the head's draft vocabulary;
   `to_target_ids(ids)` maps draft-vocabulary ids to target ids.
 
@@ -101,10 +102,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in float32, as the official heads; one fused kernel where torch has one
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -236,8 +236,8 @@ class DraftHead(nn.Module):
         weight = self.embed_tokens.weight if self.embed_tokens is not None else self._shared_embedding[0]
         return F.embedding(input_ids, weight)
 
-    def run_layers(self, hidden, embeds, position_ids, attention_mask, caches):
-        cos, sin = self.rope(position_ids, hidden.dtype)
+    def run_layers(self, hidden, embeds, position_ids, attention_mask, caches, rope=None):
+        cos, sin = rope if rope is not None else self.rope(position_ids, hidden.dtype)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, embeds, cos, sin, attention_mask, caches[i] if caches else None)
         return hidden
@@ -267,9 +267,9 @@ class Eagle1Head(DraftHead):
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
-    def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None):
+    def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None, rope=None):
         x = self.fc(torch.cat((self.embed(input_ids).to(hidden.dtype), hidden), dim=-1))
-        return self.run_layers(x, None, position_ids, attention_mask, caches)
+        return self.run_layers(x, None, position_ids, attention_mask, caches, rope)
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         lm_head = self._target_lm_head[0]
@@ -300,9 +300,9 @@ class Eagle3Head(DraftHead):
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
-    def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None):
+    def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None, rope=None):
         embeds = self.embed(input_ids).to(hidden.dtype)
-        return self.run_layers(hidden, embeds, position_ids, attention_mask, caches)
+        return self.run_layers(hidden, embeds, position_ids, attention_mask, caches, rope)
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(out))

@@ -1,10 +1,12 @@
-"""The engine-overhead benchmark on a tiny shape (CPU)."""
+"""The engine benchmarks on tiny shapes (CPU): engine overhead, operation counts."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from eagle_gto.benchmarks import engine_overhead
+from eagle_gto.benchmarks import engine_overhead, op_count
 
 
 def test_tiny_shape_report(tmp_path, capsys):
@@ -49,3 +51,28 @@ def test_rejects_a_tree_the_depth_cannot_fill():
     with pytest.raises(ValueError, match="total_token=50"):
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--total-tokens", "4,50", "--depth", "2",
                               "--top-k", "3"])
+
+
+def test_op_count_by_part(tmp_path):
+    """Parts add up to the total, and compacting the KV cache costs the same
+    few operations whatever the number of layers (one stack per device)."""
+    results = [op_count.main(["--layers", str(n), "--total-token", "8", "--depth", "3", "--top-k", "3"])
+               for n in (3, 6)]
+    for result in results:
+        for step in ("plain_step", "iteration"):
+            assert sum(result[step].values()) == result[step.replace("_step", "") + "_total"]
+        assert set(result["plain_step"]) <= {"verify (target forward)", "pick tokens", "other"}
+        assert result["iteration"]["draft tree"] > 0 and result["iteration"]["extend head"] > 0
+    three, six = (r["iteration"] for r in results)
+    assert 0 < three["compact KV"] == six["compact KV"] <= 6
+    assert six["verify (target forward)"] > three["verify (target forward)"]
+    assert six["draft tree"] == three["draft tree"]  # the head does not depend on the base's depth
+
+
+def test_reference_benchmark_imports_nothing_of_the_engine():
+    """It runs under the transformers 4.53 the EAGLE reference needs, where
+    the engine cannot be imported."""
+    code = ("import sys, eagle_gto.benchmarks.reference_engine; "
+            "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
+            "assert not [m for m in loaded if not m.startswith('eagle_gto.benchmarks')], loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -30,7 +30,7 @@ import datetime
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -39,44 +39,8 @@ from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    draft_vocab_size: int | None = None  # None: the full target vocabulary
-    llama3_rope: bool = False
-
-
-SHAPES = {
-    "tiny": Shape(64, 6, 4, 2, 128, 256),
-    # Llama-3-8B's proportions scaled to hidden 512 (MLP 3.5x, 4 query heads
-    # per KV head, vocab ~31x and draft vocab ~8x the width), small enough for a CPU.
-    "small": Shape(512, 8, 8, 2, 1792, 16000, draft_vocab_size=4000),
-    "llama3-8b": Shape(4096, 32, 32, 8, 14336, 128256, draft_vocab_size=32000, llama3_rope=True),
-}
-
-
-def llama_config(shape: Shape):
-    from transformers import LlamaConfig
-
-    rope = {}
-    if shape.llama3_rope:
-        rope = dict(rope_theta=500000.0, max_position_embeddings=131072,
-                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    return LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-                       num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-                       num_key_value_heads=shape.num_kv_heads, intermediate_size=shape.intermediate_size,
-                       bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False, **rope)
-
+from .shapes import DTYPES, SHAPES, Shape, llama_config
+from .timing import copy_bandwidth, median_of, synchronize
 
 def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: TreeParams) -> EaModel:
     """Random base and EAGLE-3 head of `shape`, created on the device (an 8B
@@ -91,34 +55,6 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: Tr
         head = random_head(head_cfg)
     attach_head(base, head)
     return EaModel(base, head, None, tree.total_token, tree.depth, tree.top_k)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_of(fn, repeats: int) -> float:
-    """Median of `repeats` results of fn() after one unrecorded warm-up call."""
-    fn()
-    return statistics.median(fn() for _ in range(repeats))
-
-
-def copy_bandwidth(device: torch.device, repeats: int) -> float:
-    """Bytes per second moved (read + write) by a large device-to-device copy."""
-    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-
-    def run() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            dst.copy_(src)
-        synchronize(device)
-        return 2 * nbytes * 5 / (time.perf_counter() - start)
-
-    return median_of(run, repeats)
 
 
 def ms_per_later_step(model: EaModel) -> float:
@@ -262,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default=None,
                    help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="experimental: torch.compile the decoder layers first (eagle_gto.graphs.compile_layers)")
+                   help="torch.compile the engine first (EaModel.enable_torch_compile): decoder layers and the draft step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -292,9 +228,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
     if args.compile:
-        from ..graphs import compile_layers
-
-        compile_layers(model)
+        model.enable_torch_compile()
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
     with torch.no_grad():
         result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines)

@@ -24,7 +24,8 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
-from .engine_overhead import SHAPES, build_model
+from .engine_overhead import build_model
+from .shapes import SHAPES
 
 PATHS = (("plain", False, False), ("plain", True, True), ("speculative", True, False), ("speculative", True, True))
 DEMO_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass Config:\n", "def parse_args(argv=None):\n    \"\"\"",
@@ -58,13 +59,11 @@ def decode(model: EaModel, prompt: torch.Tensor, path: tuple, new_tokens: int) -
 
 def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, compile: bool = False) -> list[dict]:
     """Each path against plain eager decoding; with `compile`, the paths run
-    with compiled layers (`graphs.compile_layers`) against an uncompiled reference."""
+    compiled (`EaModel.enable_torch_compile`) against an uncompiled reference."""
     references = [decode(model, prompt, PATHS[0], new_tokens)[0] for prompt in prompts]
     if compile:
-        from ..graphs import compile_layers
-
-        compile_layers(model)
-        name += ", compiled layers"
+        model.enable_torch_compile()
+        name += ", compiled"
     rows = []
     for number, (prompt, reference) in enumerate(zip(prompts, references)):
         for path in PATHS[1:] if not compile else PATHS:
@@ -86,7 +85,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--prompts", type=int, default=2, help="random prompts for the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--float32-only", action="store_true", help="skip the bfloat16 pass of the random model")
-    p.add_argument("--compile", action="store_true", help="check with compiled layers (graphs.compile_layers)")
+    p.add_argument("--compile", action="store_true", help="check the compiled engine (EaModel.enable_torch_compile)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     device = torch.device("cuda")

@@ -1,0 +1,42 @@
+"""The draft head's compiled step functions (`EaModel(torch_compile=True)`
+compiles them, with the base model's layers, for GPUs): compiled with
+torch.compile on the CPU here, they must decode exactly as the eager ones,
+greedy and sampling. The base model's layers are left uncompiled: the tiny
+pair is shared with other tests, and compiling stock transformers layers is
+torch's business."""
+
+import torch
+from test_static_steps import generate
+from tiny_pairs import VOCAB, trained_pair
+
+import eagle_gto.ea_model as ea_model
+import eagle_gto.generation as generation
+from eagle_gto import EaModel
+from eagle_gto.graphs import compile_drafter_steps
+
+
+class BucketedEager:
+    """StepGraphs without CUDA: the steps run as graphs would record them (bucketed views), eagerly."""
+
+    def run(self, key, step):
+        return step()
+
+
+def test_compiled_draft_steps_decode_as_the_eager_ones(monkeypatch):
+    pair = trained_pair("llama", "eagle3")
+    monkeypatch.setattr(ea_model, "StepGraphs", BucketedEager)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 128)  # one view: one compilation per function
+    eager = EaModel(pair.base_model, pair.ea_layer, None, **vars(pair.tree))
+    compiled = EaModel(pair.base_model, pair.ea_layer, None, **vars(pair.tree))
+    compiled._caches(128)
+    compile_drafter_steps(compiled._drafter)
+    torch._dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        ids = torch.randint(0, VOCAB, (1, int(torch.randint(2, 20, (1,), generator=g))), generator=g)
+        assert generate(compiled, True, True, ids) == generate(eager, True, True, ids)
+        options = dict(temperature=0.9, top_p=0.95, top_k=20)
+        assert generate(compiled, True, True, ids, seed=5, **options) == \
+            generate(eager, True, True, ids, seed=5, **options)
+    # both functions were compiled as one graph each, once (no recompilation per step)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
