@@ -38,6 +38,12 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int, default=2048,
                        help="context: prompt + answer + draft tree, in tokens (default: 2048)")
+    model.add_argument("--no-cuda-graphs", action="store_true",
+                       help="launch decoding steps op by op instead of replaying CUDA graphs (default: graphs on "
+                            "a single GPU)")
+    model.add_argument("--torch-compile", action="store_true",
+                       help="torch.compile the engine (GPU): faster steps after minutes of compilation on "
+                            "first use per shape (default: off)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
@@ -52,7 +58,8 @@ def load_model(args: argparse.Namespace) -> EaModel:
     if device_map != "none":
         options["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
-                                   depth=args.depth, top_k=args.top_k, **options)
+                                   depth=args.depth, top_k=args.top_k, cuda_graphs=False if args.no_cuda_graphs else None,
+                                   torch_compile=args.torch_compile, **options)
 
 
 def model_name(args: argparse.Namespace) -> str:

@@ -289,3 +289,15 @@ def test_server_still_serves_after_bad_requests(client, name):
     assert info.value.status_code == 400
     text, reason, _ = ask(client, name, "hi", 4, chat=True, stream=True)
     assert reason == "length" and text
+
+
+def test_engine_switches_reach_the_model(monkeypatch):
+    """--no-cuda-graphs and --torch-compile are passed to from_pretrained (defaults: graphs auto, no compile)."""
+    from application import common
+
+    seen = []
+    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    parser = common.build_parser("test", "", 0)
+    common.load_model(parser.parse_args([]))
+    common.load_model(parser.parse_args(["--no-cuda-graphs", "--torch-compile"]))
+    assert [(s["cuda_graphs"], s["torch_compile"]) for s in seen] == [(None, False), (False, True)]
