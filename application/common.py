@@ -41,9 +41,9 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model.add_argument("--no-cuda-graphs", action="store_true",
                        help="launch decoding steps op by op instead of replaying CUDA graphs (default: graphs on "
                             "a single GPU)")
-    model.add_argument("--torch-compile", action="store_true",
-                       help="torch.compile the engine (GPU): faster steps after minutes of compilation on "
-                            "first use per shape (default: off)")
+    model.add_argument("--torch-compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
+                       help="torch.compile the engine (GPU), in this mode (default mode: default): faster steps "
+                            "after minutes of compilation on first use per shape (default: off)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
@@ -59,7 +59,7 @@ def load_model(args: argparse.Namespace) -> EaModel:
         options["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
                                    depth=args.depth, top_k=args.top_k, cuda_graphs=False if args.no_cuda_graphs else None,
-                                   torch_compile=args.torch_compile, **options)
+                                   torch_compile=args.torch_compile or False, **options)
 
 
 def model_name(args: argparse.Namespace) -> str:

@@ -27,7 +27,7 @@ from .acceptance import SamplingParams
 from .checkpoint import CheckpointError, build_head, check_against_base, load_checkpoint, resolve_file
 from .drafter import Drafter
 from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
-from .graphs import StepGraphs, compile_decoder_layers, compile_drafter_steps
+from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
 from .target import TargetRunner, decoder_layers, eagle3_feature_layers
 from .tree import check_tree_params
@@ -39,11 +39,12 @@ CPU_AUTO_TOTAL_TOKEN = 30
 class EaModel(nn.Module):
     def __init__(self, base_model: nn.Module, ea_layer: DraftHead, tokenizer=None, total_token: int = 60,
                  depth: int = 7, top_k: int = 10, threshold: float = 1.0, cuda_graphs: bool | None = None,
-                 torch_compile: bool = False):
+                 torch_compile: bool | str = False):
         """cuda_graphs: replay decoding steps as CUDA graphs; None (default)
         turns them on when the base model sits on a single CUDA device.
         torch_compile: also torch.compile the base model's decoder layers and
-        the draft head's step work (`enable_torch_compile`)."""
+        the draft head's step work (`enable_torch_compile`); True, or a
+        torch.compile mode ("default", "max-autotune-no-cudagraphs")."""
         super().__init__()
         self.base_model = base_model
         self.ea_layer = ea_layer
@@ -60,9 +61,9 @@ class EaModel(nn.Module):
         self._state: DecodeState | None = None
         self._graphs: StepGraphs | None = None
         self.cuda_graphs = self._check_graphs(cuda_graphs)
-        self.torch_compile = False
+        self.torch_compile: str | None = None  # the compile mode once enabled
         if torch_compile:
-            self.enable_torch_compile()
+            self.enable_torch_compile("default" if torch_compile is True else torch_compile)
         self.last_stats: GenerationStats | None = None
         if total_token == -1:
             total_token = self._pick_total_token(depth, top_k)
@@ -73,7 +74,7 @@ class EaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model_path=None, ea_model_path=None, total_token: int = 60, depth: int = 7,
                         top_k: int = 10, threshold: float = 1.0, use_eagle3: bool | None = None,
-                        cuda_graphs: bool | None = None, torch_compile: bool = False, **kwargs) -> "EaModel":
+                        cuda_graphs: bool | None = None, torch_compile: bool | str = False, **kwargs) -> "EaModel":
         """Load a base model (local folder or hub id) with transformers'
         `AutoModelForCausalLM` and a draft head; kwargs go to the base
         model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
@@ -104,16 +105,20 @@ class EaModel(nn.Module):
             tokenizer = None  # a base saved without a tokenizer still generates from token ids
         return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, torch_compile)
 
-    def enable_torch_compile(self) -> None:
+    def enable_torch_compile(self, mode: str = "default") -> None:
         """torch.compile the base model's decoder layers one by one and the
         draft head's step work (tree expansion, extension) as whole functions,
         so that the step graphs record fused kernels: about 25% less time per
         step on a GPU, after minutes of compilation on first use (per shape).
-        For GPUs; on a CPU it works but gains little."""
-        if not self.torch_compile:
-            compile_decoder_layers(self.base_model)
-            self.torch_compile = True
+        `mode`: "default" or "max-autotune-no-cudagraphs" (slower to compile,
+        tuned matrix kernels). For GPUs; on a CPU it works but gains little."""
+        check_compile_mode(mode)
+        if self.torch_compile is None:
+            compile_decoder_layers(self.base_model, mode)
+            self.torch_compile = mode
             self._cache = None  # the next generation makes a drafter with compiled step functions
+        elif mode != self.torch_compile:
+            raise ValueError(f"already compiled with mode {self.torch_compile!r}")
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -253,8 +258,8 @@ class EaModel(nn.Module):
                 or self._drafter.caches[0].capacity < draft_capacity):
             self._cache = self._target.new_cache(max_length)
             self._drafter = Drafter(self.ea_layer, draft_capacity)
-            if self.torch_compile:
-                compile_drafter_steps(self._drafter)
+            if self.torch_compile is not None:
+                compile_drafter_steps(self._drafter, self.torch_compile)
             self._state = DecodeState(self._target.input_device, head_device(self.base_model),
                                       self.ea_layer.config.hidden_size, next(self.ea_layer.parameters()).dtype)
             self._graphs = None  # graphs recorded the old buffers' addresses

@@ -60,7 +60,19 @@ class StepGraphs:
         return result
 
 
-def compile_decoder_layers(base) -> None:
+# torch.compile modes that leave CUDA graphs to the step graphs: the others
+# record graphs of their own, which cannot be recorded inside ours.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"torch_compile mode {mode!r}: choose from {COMPILE_MODES} (the step graphs are CUDA "
+                         "graphs already; modes that record their own cannot run inside them)")
+    return mode
+
+
+def compile_decoder_layers(base, mode: str = "default") -> None:
     """`torch.compile` every decoder layer of a base model, so that the many
     small kernels of its norms, rotary embeddings and activations are fused
     before the step graphs record them. Each layer compiles per shape on
@@ -75,14 +87,21 @@ def compile_decoder_layers(base) -> None:
     config.cache_size_limit = max(config.cache_size_limit, 8 * len(layers))
     config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 64 * len(layers))
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = torch.compile(layer.forward, mode=check_compile_mode(mode))
 
 
-def compile_drafter_steps(drafter) -> None:
+def compile_drafter_steps(drafter, mode: str = "default") -> None:
     """`torch.compile` what a decoding step asks of the draft head, each as
     one graph: the tree expansion (`draft_tree`: seven head forwards and the
     top-k bookkeeping between them) and the extension by the accepted branch
     (`extend`). The decoder calls them through `drafter.compiled`; the
     prefill and the trainers keep the eager functions."""
-    drafter.compiled = (torch.compile(drafter.draft_tree, fullgraph=True),
-                        torch.compile(drafter.extend, fullgraph=True))
+    import torch._dynamo
+
+    # One entry per tree size and drafter (a new one comes with a new max_length): more than the default 8.
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, 64)
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 256)
+    mode = check_compile_mode(mode)
+    drafter.compiled = (torch.compile(drafter.draft_tree, fullgraph=True, mode=mode),
+                        torch.compile(drafter.extend, fullgraph=True, mode=mode))

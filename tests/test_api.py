@@ -300,4 +300,6 @@ def test_engine_switches_reach_the_model(monkeypatch):
     parser = common.build_parser("test", "", 0)
     common.load_model(parser.parse_args([]))
     common.load_model(parser.parse_args(["--no-cuda-graphs", "--torch-compile"]))
-    assert [(s["cuda_graphs"], s["torch_compile"]) for s in seen] == [(None, False), (False, True)]
+    common.load_model(parser.parse_args(["--torch-compile", "max-autotune-no-cudagraphs"]))
+    assert [(s["cuda_graphs"], s["torch_compile"]) for s in seen] == \
+        [(None, False), (False, "default"), (None, "max-autotune-no-cudagraphs")]

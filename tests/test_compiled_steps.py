@@ -5,6 +5,7 @@ greedy and sampling. The base model's layers are left uncompiled: the tiny
 pair is shared with other tests, and compiling stock transformers layers is
 torch's business."""
 
+import pytest
 import torch
 from test_static_steps import generate
 from tiny_pairs import VOCAB, trained_pair
@@ -40,3 +41,13 @@ def test_compiled_draft_steps_decode_as_the_eager_ones(monkeypatch):
             generate(eager, True, True, ids, seed=5, **options)
     # both functions were compiled as one graph each, once (no recompilation per step)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_modes_that_record_their_own_graphs_are_refused():
+    """reduce-overhead and max-autotune record CUDA graphs themselves, which
+    cannot happen inside the step graphs: refused before anything compiles."""
+    pair = trained_pair("llama", "eagle3")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+            EaModel(pair.base_model, pair.ea_layer, None, torch_compile=mode)
+    assert not hasattr(pair.base_model.model.layers[0].forward, "_torchdynamo_orig_callable")

@@ -197,8 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="acceptance length for the predicted speedup (default: GTO's Llama-3.1-8B average)")
     p.add_argument("--engines", default=None,
                    help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the engine first (EaModel.enable_torch_compile): decoder layers and the draft step")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode (default: default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
     if args.compile:
-        model.enable_torch_compile()
+        model.enable_torch_compile(args.compile)
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
     with torch.no_grad():
         result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines)

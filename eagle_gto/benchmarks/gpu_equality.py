@@ -57,13 +57,13 @@ def decode(model: EaModel, prompt: torch.Tensor, path: tuple, new_tokens: int) -
     return out[0].tolist(), model.last_stats.mean_accepted_length
 
 
-def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, compile: bool = False) -> list[dict]:
+def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, compile: str | None = None) -> list[dict]:
     """Each path against plain eager decoding; with `compile`, the paths run
     compiled (`EaModel.enable_torch_compile`) against an uncompiled reference."""
     references = [decode(model, prompt, PATHS[0], new_tokens)[0] for prompt in prompts]
     if compile:
-        model.enable_torch_compile()
-        name += ", compiled"
+        model.enable_torch_compile(compile)
+        name += f", compiled ({compile})"
     rows = []
     for number, (prompt, reference) in enumerate(zip(prompts, references)):
         for path in PATHS[1:] if not compile else PATHS:
@@ -85,7 +85,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--prompts", type=int, default=2, help="random prompts for the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--float32-only", action="store_true", help="skip the bfloat16 pass of the random model")
-    p.add_argument("--compile", action="store_true", help="check the compiled engine (EaModel.enable_torch_compile)")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="check the compiled engine (EaModel.enable_torch_compile), in this mode")
     p.add_argument("--json")
     args = p.parse_args(argv)
     device = torch.device("cuda")
