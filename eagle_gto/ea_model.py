@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import attention
 from .acceptance import SamplingParams
 from .checkpoint import CheckpointError, build_head, check_against_base, load_checkpoint, resolve_file
 from .drafter import Drafter
@@ -51,6 +52,7 @@ class EaModel(nn.Module):
         self.tokenizer = tokenizer
         self.threshold = threshold  # accepted for compatibility; the reference does not use it either
         self.use_eagle3 = ea_layer.kind == "eagle3"
+        attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
         features = eagle3_feature_layers(len(layers)) if self.use_eagle3 else None
         self._target = TargetRunner(base_model, features)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import grouped_query_attention
 from .kv_cache import KVBuffer
 
 
@@ -155,12 +156,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            # expand + reshape: each KV head serves `repeat` query heads (no host-side size computation)
-            k = k[:, :, None].expand(-1, -1, repeat, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(-1, -1, repeat, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = grouped_query_attention(q, k, v, attention_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

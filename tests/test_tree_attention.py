@@ -7,10 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eagle_gto import attention
 from eagle_gto.kv_cache import TargetKVCache
 from eagle_gto.target import TargetRunner
 from eagle_gto.tiny import base_config
 from eagle_gto.tree import ancestor_mask
+
+
+attention.register()  # the engine's grouped-query attention, checked like transformers' own
 
 
 def random_tree(T, seed):
@@ -22,7 +26,7 @@ def random_tree(T, seed):
     return parents, mask, mask.sum(1) - 1
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", attention.IMPLEMENTATION])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral"])
 def test_tree_node_logits_equal_branch_forward(arch, attn):
     torch.manual_seed(0)
