@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -40,7 +38,7 @@ from ..generation import TreeParams
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
 from .shapes import DTYPES, SHAPES, Shape, llama_config
-from .timing import copy_bandwidth, median_of, synchronize
+from .common import copy_bandwidth, median_of, synchronize, write_json
 
 def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: TreeParams) -> EaModel:
     """Random base and EAGLE-3 head of `shape`, created on the device (an 8B
@@ -244,9 +242,7 @@ def main(argv=None) -> dict:
     )
     add_ratios(result, args.tau)
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

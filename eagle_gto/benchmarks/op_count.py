@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -32,6 +30,7 @@ from ..drafter import Drafter
 from ..generation import TreeParams
 from ..kv_cache import TargetKVCache
 from ..target import TargetRunner
+from .common import write_json
 from .engine_overhead import build_model
 from .shapes import Shape
 
@@ -114,8 +113,7 @@ def main(argv=None) -> dict:
     for part in list(PARTS) + ["other"]:
         print(f"| {part} | {plain.get(part, 0)} | {iteration.get(part, 0)} |")
     print(f"| **total** | **{result['plain_total']}** | **{result['iteration_total']}** |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .shapes import DTYPES, SHAPES, llama_config
-from .timing import copy_bandwidth, median_of, synchronize
+from .common import copy_bandwidth, median_of, synchronize, write_json
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
 
@@ -139,9 +139,7 @@ def main(argv=None) -> dict:
     print(f"| reference `naivegenerate`, per token | {plain:.3f} | {plain / floor_ms:.2f} |")
     for size, ms in iterations.items():
         print(f"| reference `eagenerate` total_token {size}, per iteration | {ms:.3f} | {ms / floor_ms:.2f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

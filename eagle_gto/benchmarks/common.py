@@ -1,9 +1,11 @@
-"""Timing helpers shared by the benchmarks (no engine imports, see shapes.py)."""
+"""What the benchmarks share: timing and result files (no engine imports, see shapes.py)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,3 +36,10 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
         return 2 * nbytes * 5 / (time.perf_counter() - start)
 
     return median_of(run, repeats)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write the results to `path` (folders made as needed); nothing without a path."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
