@@ -100,7 +100,10 @@ def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens:
             return time.perf_counter() - start
         return run
 
+    engine_attention = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")  # transformers' own attention, as its users run it
     hf_ms = 1000 * (median_of(hf_seconds(new_tokens), repeats) - median_of(hf_seconds(1), repeats)) / (new_tokens - 1)
+    base.set_attn_implementation(engine_attention)
 
     engines = {}
     for engine in engine_names:
