@@ -92,6 +92,10 @@ class EaModel(nn.Module):
         checkpoint = load_checkpoint(ea_model_path, use_eagle3)  # cheap: fail before loading the base
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        if "dtype" not in kwargs and "device_map" not in kwargs:
+            # No device map: the model stays on the CPU, where half precision is slow. float32
+            # there, the default of transformers 4 (so of the reference); else the checkpoint's dtype.
+            kwargs["dtype"] = torch.float32
         resolve_file(base_model_path, "config.json")  # a clear error for a wrong path or an offline hub id
         try:
             base = AutoModelForCausalLM.from_pretrained(base_model_path, **kwargs)

@@ -74,3 +74,14 @@ def test_demo_head_accepts_on_humaneval(model):
     result = measure(model, prompts, max_new_tokens=48)
     assert result.identical == len(prompts)
     assert result.tau > 1.5
+
+
+def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
+    """The demo is saved in float16; half precision on the CPU is slow, so a
+    load without a device map defaults to float32 (as transformers 4 did), and
+    an explicit dtype is kept."""
+    assert json.loads((Path(demo.demo_paths()[0]) / "config.json").read_text())["dtype"] == "float16"
+    loaded = EaModel.from_pretrained()
+    assert loaded.base_model.dtype == torch.float32 and next(loaded.ea_layer.parameters()).dtype == torch.float32
+    half = EaModel.from_pretrained(torch_dtype=torch.float16)
+    assert half.base_model.dtype == torch.float16
