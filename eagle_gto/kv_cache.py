@@ -16,7 +16,7 @@ captured in a CUDA graph.
 `TargetKVCache` implements transformers' `Cache` interface so that stock
 `AutoModelForCausalLM` models write into it through their public forward.
 Its layers keep their entries in one `KVStack` per device, so compacting
-after a step is one gather and one scatter for all layers, not four small
+after a step is one gather and one scatter for all layers, not several small
 ops per layer (on a GPU each is a kernel of its own).
 """
 
