@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -59,14 +61,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(module: str, pair: tuple[Path, Path], port: int, log: Path, *extra: str) -> subprocess.Popen:
-    """`python -m module` on 127.0.0.1:port with the pair; its output goes to `log` (a pipe nobody
-    reads could fill up and stall the server)."""
+@contextmanager
+def running_server(module: str, pair: tuple[Path, Path], folder: Path, ready_path: str, *extra: str) -> Iterator[str]:
+    """`python -m module` on a free loopback port with the pair, up once
+    `ready_path` answers 200; yields its base URL and stops it afterwards.
+    Its output goes to folder/server.log (a pipe nobody reads could fill up
+    and stall the server)."""
+    port, log = free_port(), folder / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, "-m", module, "--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
                "--port", str(port), *(f"--{k.replace('_', '-')}={v}" for k, v in TREE.items()), *extra]
     with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(server, url + ready_path, log)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
@@ -83,15 +100,6 @@ def wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout: float 
     pytest.fail(f"the server did not answer {url} within {timeout} s")
 
 
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return save_tiny_pair(tmp_path_factory.mktemp("pair"))
@@ -99,15 +107,9 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(pair, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("api") / "server.log"
-    process = start_server("application.api_server", pair, port, log, "--max-length", str(MAX_LENGTH),
-                           "--max-new-tokens", "2000")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, url + "/health", log)
+    with running_server("application.api_server", pair, tmp_path_factory.mktemp("api"), "/health",
+                        "--max-length", str(MAX_LENGTH), "--max-new-tokens", "2000") as url:
         yield url
-    finally:
-        stop_server(process)
 
 
 @pytest.fixture(scope="module")

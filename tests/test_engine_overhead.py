@@ -47,6 +47,13 @@ def test_graphs_need_a_gpu():
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
 
 
+def test_freezing_needs_compilation(capsys):
+    """--freeze changes how torch.compile treats weights: meaningless (and refused) without --compile."""
+    with pytest.raises(SystemExit):
+        engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--freeze"])
+    assert "--freeze needs --compile" in capsys.readouterr().err
+
+
 def test_rejects_a_tree_the_depth_cannot_fill():
     with pytest.raises(ValueError, match="total_token=50"):
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--total-tokens", "4,50", "--depth", "2",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from playwright import sync_api
-from test_api import TREE, free_port, save_tiny_pair, start_server, stop_server, wait_until_up
+from test_api import TREE, running_server, save_tiny_pair
 
 from eagle_gto import EaModel
 
@@ -39,14 +39,9 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(pair, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("webui") / "server.log"
-    process = start_server("application.webui", pair, port, log, "--max-length", str(MAX_LENGTH),
-                           "--max-new-tokens", "1000")
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/", log)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        stop_server(process)
+    with running_server("application.webui", pair, tmp_path_factory.mktemp("webui"), "/",
+                        "--max-length", str(MAX_LENGTH), "--max-new-tokens", "1000") as base:
+        yield base + "/"
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
+from ..graphs import COMPILE_MODES
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
 from .shapes import DTYPES, SHAPES, Shape, llama_config
@@ -178,6 +179,31 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode (default: default)")
+    p.add_argument("--freeze", action="store_true",
+                   help="with --compile: inductor's weight freezing, which among other folds concatenates the q/k/v "
+                        "and the gate/up projections into one matrix product each (a copy of those weights)")
+
+
+def check_compile_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.freeze and not args.compile:
+        p.error("--freeze needs --compile")
+
+
+def compile_engine(model: EaModel, args: argparse.Namespace) -> None:
+    """`--compile` and `--freeze`. Freezing is process-wide: dynamo reads the
+    setting while it traces (on first use), where a per-call option does not
+    reach; it applies to functions traced under torch.no_grad, as decoding is."""
+    if args.freeze:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+    if args.compile:
+        model.enable_torch_compile(args.compile)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, help="preset (default: llama3-8b on GPU, small on CPU)")
@@ -198,11 +224,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="acceptance length for the predicted speedup (default: GTO's Llama-3.1-8B average)")
     p.add_argument("--engines", default=None,
                    help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
-    p.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
-                   help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode (default: default)")
+    add_compile_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_compile_arguments(p, args)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     return args
@@ -228,8 +254,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
-    if args.compile:
-        model.enable_torch_compile(args.compile)
+    compile_engine(model, args)
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
     with torch.no_grad():
         result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines)
@@ -238,7 +263,7 @@ def main(argv=None) -> dict:
     result.update(
         shape=asdict(shape), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
-        dtype=dtype, compiled=args.compile, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        dtype=dtype, compiled=args.compile, frozen=args.freeze, date=datetime.date.today().isoformat(), torch=torch.__version__,
         transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,
         new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},
         tau_assumed=args.tau,

@@ -24,7 +24,7 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
-from .engine_overhead import build_model
+from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
 from .shapes import SHAPES
 
 PATHS = (("plain", False, False), ("plain", True, True), ("speculative", True, False), ("speculative", True, True))
@@ -57,16 +57,16 @@ def decode(model: EaModel, prompt: torch.Tensor, path: tuple, new_tokens: int) -
     return out[0].tolist(), model.last_stats.mean_accepted_length
 
 
-def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, compile: str | None = None) -> list[dict]:
-    """Each path against plain eager decoding; with `compile`, the paths run
+def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, args: argparse.Namespace) -> list[dict]:
+    """Each path against plain eager decoding; with `--compile`, the paths run
     compiled (`EaModel.enable_torch_compile`) against an uncompiled reference."""
     references = [decode(model, prompt, PATHS[0], new_tokens)[0] for prompt in prompts]
-    if compile:
-        model.enable_torch_compile(compile)
-        name += f", compiled ({compile})"
+    if args.compile:
+        compile_engine(model, args)
+        name += f", compiled ({args.compile}{', frozen' if args.freeze else ''})"
     rows = []
     for number, (prompt, reference) in enumerate(zip(prompts, references)):
-        for path in PATHS[1:] if not compile else PATHS:
+        for path in PATHS[1:] if not args.compile else PATHS:
             tokens, tau = decode(model, prompt, path, new_tokens)
             row = {"model": name, "prompt": number, "path": f"{path[0]}, {'graphs' if path[2] else 'eager'}",
                    "tau": round(tau, 2), "first_difference": first_difference(reference, tokens)}
@@ -85,29 +85,29 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--prompts", type=int, default=2, help="random prompts for the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--float32-only", action="store_true", help="skip the bfloat16 pass of the random model")
-    p.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
-                   help="check the compiled engine (EaModel.enable_torch_compile), in this mode")
+    add_compile_arguments(p)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_compile_arguments(p, args)
     device = torch.device("cuda")
     rows = []
     if not args.skip_demo:
         demo = EaModel.from_pretrained(torch_dtype=torch.bfloat16, device_map=str(device))
         prompts = [demo.tokenizer(text, return_tensors="pt").input_ids.to(device) for text in DEMO_PROMPTS]
-        rows += check(demo, "demo pair, bfloat16", prompts, args.new_tokens, args.compile)
+        rows += check(demo, "demo pair, bfloat16", prompts, args.new_tokens, args)
         del demo
     torch.manual_seed(0)
     shape = SHAPES[args.shape]
     model = build_model(shape, device, torch.float32, TreeParams())
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, shape.vocab_size, (1, 32), generator=g).to(device) for _ in range(args.prompts)]
-    rows += check(model, f"random {args.shape}, float32", prompts, args.new_tokens, args.compile)
+    rows += check(model, f"random {args.shape}, float32", prompts, args.new_tokens, args)
     if not args.float32_only:
         base, head = model.base_model.to(torch.bfloat16), model.ea_layer
         attach_head(base, head)  # casts the head and re-attaches the (now bfloat16) embedding
         del model
         model = EaModel(base, head, None)
-        rows += check(model, f"random {args.shape}, bfloat16", prompts, args.new_tokens, args.compile)
+        rows += check(model, f"random {args.shape}, bfloat16", prompts, args.new_tokens, args)
     print("\n| model | prompt | path | tau | first difference | margin (ulp) |\n|---|---|---|---|---|---|")
     for r in rows:
         margin = f"{r['margin']:.4g} ({r['margin_ulp']:.1f})" if "margin" in r else ""
