@@ -87,7 +87,10 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
     config.cache_size_limit = max(config.cache_size_limit, 8 * len(layers))
     config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 64 * len(layers))
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, mode=check_compile_mode(mode))
+        # A model sharded over devices has accelerate's hooks around each forward: they move
+        # tensors between devices and are not traceable, so compile the forward beneath them.
+        name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
+        setattr(layer, name, torch.compile(getattr(layer, name), mode=check_compile_mode(mode)))
 
 
 def compile_drafter_steps(drafter, mode: str = "default") -> None:

@@ -51,3 +51,33 @@ def test_compile_modes_that_record_their_own_graphs_are_refused():
         with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
             EaModel(pair.base_model, pair.ea_layer, None, torch_compile=mode)
     assert not hasattr(pair.base_model.model.layers[0].forward, "_torchdynamo_orig_callable")
+
+
+def test_compiled_layers_beneath_accelerate_device_hooks():
+    """A base model sharded over GPUs has accelerate's device hooks around
+    every layer's forward (not traceable: dynamo would break the graph on
+    both sides of each layer). The layers compile beneath the hooks, so the
+    hooks still run (here on one device, where they move nothing), every
+    layer is whole, and decoding equals the uncompiled model's."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from eagle_gto.ea_model import attach_head
+    from eagle_gto.target import decoder_layers
+
+    pair = trained_pair("llama", "eagle3")
+    base, head = copy.deepcopy(pair.base_model), copy.deepcopy(pair.ea_layer)  # the shared pair stays uncompiled
+    moved = []
+    for layer in decoder_layers(base):
+        add_hook_to_module(layer, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
+        pre_forward = layer._hf_hook.pre_forward
+        layer._hf_hook.pre_forward = lambda *a, _pre=pre_forward, **k: (moved.append(1), _pre(*a, **k))[1]
+    attach_head(base, head)
+    eager = EaModel(pair.base_model, pair.ea_layer, None, **vars(pair.tree))
+    compiled = EaModel(base, head, None, torch_compile=True, **vars(pair.tree))
+    torch._dynamo.utils.counters.clear()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    assert compiled.eagenerate(ids, max_new_tokens=30).tolist() == eager.eagenerate(ids, max_new_tokens=30).tolist()
+    assert moved, "the device hooks did not run"
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
