@@ -90,7 +90,10 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
         # A model sharded over devices has accelerate's hooks around each forward: they move
         # tensors between devices and are not traceable, so compile the forward beneath them.
         name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
-        setattr(layer, name, torch.compile(getattr(layer, name), mode=check_compile_mode(mode)))
+        forward = getattr(layer, name)
+        # Compiled already (a second EaModel on the same base): keep that compilation.
+        if not hasattr(forward, "_torchdynamo_orig_callable"):
+            setattr(layer, name, torch.compile(forward, mode=check_compile_mode(mode)))
 
 
 def compile_drafter_steps(drafter, mode: str = "default") -> None:
