@@ -188,7 +188,8 @@ def format_table(r: dict) -> str:
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
-                   help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode (default: default)")
+                   help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode "
+                        "(default: default)")
     p.add_argument("--freeze", action="store_true",
                    help="with --compile: inductor's weight freezing, which among other folds concatenates the q/k/v "
                         "and the gate/up projections into one matrix product each (a copy of those weights)")
@@ -272,7 +273,8 @@ def main(argv=None) -> dict:
     result.update(
         shape=asdict(shape), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
-        dtype=dtype, compiled=args.compile, frozen=args.freeze, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        dtype=dtype, compiled=args.compile, frozen=args.freeze, date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
         transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,
         new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},
         tau_assumed=args.tau,

@@ -57,9 +57,12 @@ def decode(model: EaModel, prompt: torch.Tensor, path: tuple, new_tokens: int) -
     return out[0].tolist(), model.last_stats.mean_accepted_length
 
 
-def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int, args: argparse.Namespace) -> list[dict]:
+def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: int,
+          args: argparse.Namespace) -> list[dict]:
     """Each path against plain eager decoding; with `--compile`, the paths run
-    compiled (`EaModel.enable_torch_compile`) against an uncompiled reference."""
+    compiled (`EaModel.enable_torch_compile`) against the model as it was
+    before: uncompiled for the demo and the float32 pass, while the bfloat16
+    pass reuses the float32 pass's base, whose layers stay compiled."""
     references = [decode(model, prompt, PATHS[0], new_tokens)[0] for prompt in prompts]
     if args.compile:
         compile_engine(model, args)
