@@ -32,20 +32,21 @@ def parse_args(argv=None):
     p.add_argument("--tree-top-k", type=int, default=10)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: float16 on CUDA, float32 on CPU")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" to shard over GPUs')
+    p.add_argument("--device-map", default=None,
+                   help='e.g. "auto" to shard over GPUs, "none" for no device map (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
     return p.parse_args(argv)
 
 
 def load_model(args) -> EaModel:
+    # "none": no device map, the model stays on the CPU (as the web UI and API servers read it)
+    device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "none")
     dtype = args.dtype
     if dtype == "auto":
-        dtype = "float16" if torch.cuda.is_available() else "float32"
+        dtype = "float16" if torch.cuda.is_available() and device_map not in ("none", "cpu") else "float32"
     kwargs = dict(dtype=getattr(torch, dtype))
-    if args.device_map:
-        kwargs["device_map"] = args.device_map
-    elif torch.cuda.is_available():
-        kwargs["device_map"] = "cuda"
+    if device_map != "none":
+        kwargs["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
                                    depth=args.depth, top_k=args.tree_top_k, **kwargs)
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
               f"{st.tokens_per_second:>9.1f}")
     if len(rows) == 2:
         print(f"speedup {spec.tokens_per_second / rows[1][1].tokens_per_second:.2f}x "
-              f"({'CUDA' if torch.cuda.is_available() else 'CPU'}, tree {model.tree.total_token}/"
+              f"({next(model.base_model.parameters()).device.type.upper()}, tree {model.tree.total_token}/"
               f"{model.tree.depth}/{model.tree.top_k})")
     return 0
 

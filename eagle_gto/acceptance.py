@@ -77,7 +77,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 @dataclass
 class Acceptance:
-    path: torch.Tensor  # [depth_max + 1] node indices root first, padded with T (static shape)
+    path: torch.Tensor  # [T] node indices of the accepted branch, root first, padded with T (static shape)
     num_accepted: torch.Tensor  # scalar long: draft tokens accepted (path length - 1)
     bonus: torch.Tensor  # scalar long: the target's token after the accepted branch
 

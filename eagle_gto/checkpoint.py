@@ -7,6 +7,10 @@ vLLM's `speculators_model_type`) and the weight keys (`midlayer.`), never from
 `architectures`. Every tensor is checked against the shape the config implies
 and the head is checked against the base model; each error names the file,
 the tensor, the expected and the found shape.
+
+The base model is loaded by transformers (`load_base`), but refused here when
+its weights do not all load (transformers would leave missing tensors random
+with only a logged report), with the folder or file named.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path 
         if required:
             raise CheckpointError(f"{local}: no {filename} in this folder")
         return None
+    if local.is_file():
+        raise CheckpointError(f"{local}: a file, not a folder (give the model's folder, which holds {filename})")
     if local.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
         raise CheckpointError(f"{path_or_id}: no such folder")
     from huggingface_hub import hf_hub_download
@@ -45,15 +51,15 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path 
 
     try:
         return Path(hf_hub_download(str(path_or_id), filename))
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"{path_or_id}: the hub repository has no {filename}") from None
-        return None
-    except LocalEntryNotFoundError as err:
+    except LocalEntryNotFoundError as err:  # before EntryNotFoundError, its base class
         raise CheckpointError(
             f"{path_or_id}: not a local folder, and the hub could not be reached to download "
             f"{filename} (offline?): {err}"
         ) from None
+    except EntryNotFoundError:
+        if required:
+            raise CheckpointError(f"{path_or_id}: the hub repository has no {filename}") from None
+        return None
     except Exception as err:  # repository missing, auth, network: report and stop
         raise CheckpointError(f"{path_or_id}: not a local folder and not downloadable from the hub: {err}") from None
 
@@ -148,7 +154,11 @@ def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None) -> HeadChec
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
     if missing:
         raise CheckpointError(f"{path_or_id}/config.json: missing {', '.join(missing)} needed by a {kind} head")
-    return HeadCheckpoint(HeadConfig.from_dict(cfg, kind), normalise_keys(state, kind), file)
+    try:
+        config = HeadConfig.from_dict(cfg, kind)
+    except ValueError as err:
+        raise CheckpointError(f"{path_or_id}/config.json: {err}") from None
+    return HeadCheckpoint(config, normalise_keys(state, kind), file)
 
 
 def build_head(ckpt: HeadCheckpoint) -> DraftHead:
@@ -206,6 +216,70 @@ def check_against_base(head: DraftHead, base_config, where: str) -> None:
             f"{where}: head hidden_size {cfg.hidden_size} != base hidden_size {base_hidden} and the head "
             "carries no embed_tokens.weight of its own"
         )
+
+
+def looks_like_head(cfg: dict, keys=()) -> bool:
+    """An EAGLE draft head's config.json or weight names (to catch swapped paths)."""
+    architectures = str(cfg.get("architectures", "")).lower()
+    return "eagle" in architectures or detect_kind(cfg, keys) == "eagle3" or "fc.weight" in keys
+
+
+def load_base(path_or_id: str, **kwargs):
+    """The base model by transformers' `AutoModelForCausalLM.from_pretrained`
+    (kwargs go there). transformers only logs the tensors a checkpoint lacks
+    (they stay random) and raises bare errors for a corrupt file or shapes that
+    contradict config.json; here each is a CheckpointError naming the folder."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    if looks_like_head(read_config(path_or_id)):  # read_config: also a clear error for a wrong path
+        raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
+                              "(are base_model_path and ea_model_path swapped?)")
+    keep_mismatched = kwargs.pop("ignore_mismatched_sizes", False)  # the caller's explicit choice to reinitialise
+    try:
+        base, info = AutoModelForCausalLM.from_pretrained(path_or_id, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True, **kwargs)
+    except SafetensorError as err:
+        raise CheckpointError(f"{_unreadable_safetensors(path_or_id)}: corrupt or truncated safetensors file "
+                              f"({err})") from None
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path_or_id}: cannot load the base model: {err}") from None
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing tensors, which would stay random: {_some(info['missing_keys'])}")
+    if info["mismatched_keys"] and not keep_mismatched:
+        shapes = [f"{key} {list(found)} where config.json implies {list(expected)}"
+                  for key, found, expected in info["mismatched_keys"]]
+        problems.append(f"tensors of the wrong shape: {_some(shapes)}")
+    if problems:
+        unexpected = info["unexpected_keys"]
+        if unexpected:  # often the reason: the weights of another model
+            problems.append(f"unexpected tensors: {_some(unexpected)}")
+        hint = " (they look like an EAGLE draft head's: are base_model_path and ea_model_path swapped?)"
+        raise CheckpointError(f"{path_or_id}: the weights do not fit config.json: " + "; ".join(problems)
+                              + (hint if looks_like_head({}, unexpected) else ""))
+    return base
+
+
+def _some(names, shown: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _unreadable_safetensors(path_or_id: str) -> str:
+    """The first .safetensors file of the model's folder whose header does not read (else the folder)."""
+    from safetensors import safe_open
+
+    for file in sorted(resolve_file(path_or_id, "config.json").parent.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:  # SafetensorError, OSError: this is the file
+            return str(file)
+    return str(path_or_id)
 
 
 def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = False) -> Path:

@@ -15,6 +15,7 @@ steps eagerly.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import threading
 import time
 from contextlib import contextmanager
@@ -25,16 +26,17 @@ from torch import nn
 
 from . import attention
 from .acceptance import SamplingParams
-from .checkpoint import CheckpointError, build_head, check_against_base, load_checkpoint, resolve_file
+from .checkpoint import build_head, check_against_base, load_base, load_checkpoint
 from .drafter import Drafter
 from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
 from .target import TargetRunner, decoder_layers, eagle3_feature_layers
-from .tree import check_tree_params
+from .tree import check_tree_params, num_candidates
 
 AUTO_TREE_CANDIDATES = (32, 40, 48, 56, 60)
 CPU_AUTO_TOTAL_TOKEN = 30
+MAX_LENGTH = 2048  # default total sequence budget (prompt + new tokens)
 
 
 class EaModel(nn.Module):
@@ -69,7 +71,7 @@ class EaModel(nn.Module):
         self.last_stats: GenerationStats | None = None
         if total_token == -1:
             total_token = self._pick_total_token(depth, top_k)
-        check_tree_params(total_token, depth, top_k)
+        check_tree_params(total_token, depth, top_k, ea_layer.config.draft_vocab_size)
         self.tree = TreeParams(total_token, depth, top_k)
 
     # ------------------------------------------------------------------ loading
@@ -81,7 +83,7 @@ class EaModel(nn.Module):
         `AutoModelForCausalLM` and a draft head; kwargs go to the base
         model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
         paths at all, the embedded demo pair is used."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if base_model_path is None and ea_model_path is None:
             from .demo import demo_paths
@@ -89,6 +91,7 @@ class EaModel(nn.Module):
             base_model_path, ea_model_path = demo_paths()
         if base_model_path is None or ea_model_path is None:
             raise ValueError("give both base_model_path and ea_model_path (or neither, for the demo pair)")
+        check_device_map(kwargs.get("device_map"))
         checkpoint = load_checkpoint(ea_model_path, use_eagle3)  # cheap: fail before loading the base
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -96,11 +99,7 @@ class EaModel(nn.Module):
             # No device map: the model stays on the CPU, where half precision is slow. float32
             # there, the default of transformers 4 (so of the reference); else the checkpoint's dtype.
             kwargs["dtype"] = torch.float32
-        resolve_file(base_model_path, "config.json")  # a clear error for a wrong path or an offline hub id
-        try:
-            base = AutoModelForCausalLM.from_pretrained(base_model_path, **kwargs)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{base_model_path}: cannot load the base model: {err}") from None
+        base = load_base(base_model_path, **kwargs)
         base.eval()
         head = build_head(checkpoint)
         check_against_base(head, base.config, str(ea_model_path))
@@ -131,13 +130,16 @@ class EaModel(nn.Module):
 
     # --------------------------------------------------------------- generation
     def generate_steps(self, input_ids, temperature: float = 0.0, top_p: float = 0.0, top_k: float = 0.0,
-                       max_new_tokens: int = 512, max_length: int = 2048, is_llama3: bool = False,
+                       max_new_tokens: int = 512, max_length: int | None = MAX_LENGTH, is_llama3: bool = False,
                        stop_token_ids=None, speculative: bool = True,
                        generator: torch.Generator | None = None) -> Iterator[Step]:
         """Yield one `Step` per target forward (the prefill first). Requests
         on one model run one at a time; `last_stats` records the run. A
-        `generator` (sampling) runs the steps eagerly, outside CUDA graphs."""
+        `generator` (sampling) runs the steps eagerly, outside CUDA graphs.
+        max_length=None: the default, 2048."""
         prompt = self._check_prompt(input_ids)
+        # Checked before anything is cached: the caches are kept per max_length.
+        max_length = MAX_LENGTH if max_length is None else positive_int("max_length", max_length)
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if int(max_new_tokens) < 1:
@@ -164,22 +166,23 @@ class EaModel(nn.Module):
             yield from generate_steps(decoder, prompt, int(max_new_tokens), stops, stats)
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
-        prompt = torch.as_tensor(input_ids)
+        prompt = token_ids("input_ids", input_ids)
         device = prompt.device
         tokens = prompt.reshape(-1).tolist()
         steps = self.generate_steps(input_ids, speculative=speculative, **options)
         if stream:
             return _growing_ids(tokens, steps, device)
-        for step in steps:
+        # This generation's own record: last_stats may already be another request's.
+        stats = GenerationStats(prompt_length=len(tokens), steps=list(steps))
+        for step in stats.steps:
             tokens += step.tokens
         output = torch.tensor([tokens], device=device)
         if log:
-            stats = self.last_stats
             return output, stats.new_tokens, stats.iterations - 1
         return output
 
     @torch.no_grad()
-    def eagenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+    def eagenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
                    log=False, is_llama3=False, stop_token_ids=None):
         """Speculative generation. Returns input_ids [1, prompt + new] or, with
         log=True, (input_ids, new_token, idx): idx is the 0-based index of the
@@ -189,34 +192,34 @@ class EaModel(nn.Module):
                               stop_token_ids=stop_token_ids)
 
     @torch.no_grad()
-    def naivegenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+    def naivegenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
                       log=False, is_llama3=False, stop_token_ids=None):
         """Plain decoding through the same loop; same returns as `eagenerate`."""
         return self._generate(input_ids, False, log, False, temperature=temperature, top_p=top_p, top_k=top_k,
                               max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
                               stop_token_ids=stop_token_ids)
 
-    def ea_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=2048,
+    # On a generator function, torch.no_grad() holds only while the generator
+    # runs, not in the caller's loop body between iterations (as a `with` would).
+    @torch.no_grad()
+    def ea_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
                     log=False, is_llama3=False, stop_token_ids=None):
         """Yield the growing input_ids once per iteration (speculative)."""
-        with torch.no_grad():
-            yield from self._generate(input_ids, True, False, True, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, max_new_tokens=max_new_tokens, max_length=max_length,
-                                      is_llama3=is_llama3, stop_token_ids=stop_token_ids)
+        yield from self._generate(input_ids, True, False, True, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
+                                  stop_token_ids=stop_token_ids)
 
+    @torch.no_grad()
     def naive_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512,
-                       max_length=2048, log=False, is_llama3=False, stop_token_ids=None):
+                       max_length=MAX_LENGTH, log=False, is_llama3=False, stop_token_ids=None):
         """Yield the growing input_ids once per token (plain decoding)."""
-        with torch.no_grad():
-            yield from self._generate(input_ids, False, False, True, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, max_new_tokens=max_new_tokens, max_length=max_length,
-                                      is_llama3=is_llama3, stop_token_ids=stop_token_ids)
+        yield from self._generate(input_ids, False, False, True, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
+                                  stop_token_ids=stop_token_ids)
 
     # ------------------------------------------------------------------ helpers
     def _check_prompt(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        ids = token_ids("input_ids", input_ids)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
                 raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of shape [1, n]")
@@ -250,9 +253,11 @@ class EaModel(nn.Module):
         if is_llama3:
             if self.tokenizer is None:
                 raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>")
-            ids.add(self.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
-        if extra is not None:
-            ids.update([extra] if isinstance(extra, int) else [int(t) for t in extra])
+            eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+            if eot is not None and eot != self.tokenizer.unk_token_id:  # unk: not in this vocabulary
+                ids.add(eot)
+        if extra is not None:  # one id (int, numpy integer, 0-d tensor) or several
+            ids.update(token_ids("stop_token_ids", extra).reshape(-1).tolist())
         return ids
 
     def _caches(self, max_length: int):
@@ -298,13 +303,16 @@ class EaModel(nn.Module):
         and keep the best time per expected token. The expected gain of a
         larger tree is modest, so each size's time is divided by a factor
         that grows slowly with size. On the CPU, verification cost grows
-        linearly with the tree, so a fixed mid-size tree is used."""
+        linearly with the tree, so a fixed mid-size tree is used. Sizes are
+        capped at what depth and top_k can fill."""
+        limit = max(2, num_candidates(depth, top_k) + 1)  # the root and every candidate: the largest tree
         device = self._target.input_device
         if device.type != "cuda":
-            return CPU_AUTO_TOTAL_TOKEN
-        best, best_cost = AUTO_TREE_CANDIDATES[0], float("inf")
+            return min(CPU_AUTO_TOTAL_TOKEN, limit)
+        sizes = sorted({min(size, limit) for size in AUTO_TREE_CANDIDATES})
+        best, best_cost = sizes[0], float("inf")
         vocab = self.base_model.config.vocab_size
-        for size in AUTO_TREE_CANDIDATES:
+        for size in sizes:
             ids = torch.randint(0, vocab, (1, size), device=device)
             with torch.no_grad():
                 self.base_model(ids)  # warm-up
@@ -318,6 +326,38 @@ class EaModel(nn.Module):
             if cost < best_cost:
                 best, best_cost = size, cost
         return best
+
+
+def token_ids(name: str, value) -> torch.Tensor:
+    """`value` (a list, array or tensor of ids, or one id) as a tensor of integer token ids."""
+    try:
+        ids = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must hold integer token ids, got {value!r}") from None
+    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    return ids  # an empty one has a float dtype: callers report it as empty
+
+
+def positive_int(name: str, value) -> int:
+    """An int >= 1; integer types (numpy, 0-d tensors) pass, floats and bools do not."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def check_device_map(device_map) -> None:
+    """A device map that names CUDA where there is none would fail deep in torch (an AssertionError)."""
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    if any(str(t).startswith("cuda") for t in targets) and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} places the model on CUDA, but CUDA is not available "
+                         f"(torch {torch.__version__}); leave device_map out, or use 'cpu' or 'auto'")
 
 
 def _growing_ids(tokens: list[int], steps: Iterator[Step], device) -> Iterator[torch.Tensor]:

@@ -204,14 +204,15 @@ class Decoder:
 
 
 def _truncate(tokens: list[int], produced: int, max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], str | None]:
-    """Cut new tokens after the first stop token or at the token budget."""
+    """Cut new tokens at the token budget, then after the first stop token
+    within it (a stop token past the budget is never reached, as in plain
+    decoding)."""
+    room = max_new_tokens - produced
+    tokens = tokens[:room]
     for i, token in enumerate(tokens):
         if token in stop_ids:
             return tokens[: i + 1], "stop"
-    room = max_new_tokens - produced
-    if len(tokens) >= room:
-        return tokens[:room], "length"
-    return tokens, None
+    return tokens, "length" if len(tokens) == room else None
 
 
 def generate_steps(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int],

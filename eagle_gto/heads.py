@@ -31,6 +31,43 @@ from .attention import grouped_query_attention
 from .kv_cache import KVBuffer
 
 
+ACTIVATIONS = ("silu", "swish")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _positive_int(name: str, value, default: int | None = None) -> int:
+    """A config value that must be an int >= 1; None (absent) gives `default` when there is one."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, found {value!r}")
+    return value
+
+
+def _positive_number(name: str, value, default: float | None = None) -> float:
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, found {value!r}")
+    return float(value)
+
+
+def rope_type(scaling: dict | None) -> str:
+    """"default", "linear", "llama3", ... from a rope_scaling dict (old configs say "type")."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _check_rope_scaling(scaling) -> None:
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, found {scaling!r}")
+    kind = rope_type(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    if kind != "default":
+        _positive_number("rope_scaling factor", scaling.get("factor"))
+
+
 @dataclass
 class HeadConfig:
     """What a head needs from its config.json (one source of defaults)."""
@@ -58,39 +95,51 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, kind: str) -> "HeadConfig":
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
+        """Read a config.json dict; a missing or bad value is a ValueError
+        that names the key (callers add the file)."""
+        hidden = _positive_int("hidden_size", cfg.get("hidden_size"))
+        heads = _positive_int("num_attention_heads", cfg.get("num_attention_heads"))
+        kv_heads = _positive_int("num_key_value_heads", cfg.get("num_key_value_heads"), heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        if cfg.get("head_dim") is not None:
+            _positive_int("head_dim", cfg["head_dim"])
+        vocab = _positive_int("vocab_size", cfg.get("vocab_size"))
         if kind == "eagle3":
-            draft_vocab = cfg.get("draft_vocab_size") or cfg["vocab_size"]
+            draft_vocab = _positive_int("draft_vocab_size", cfg.get("draft_vocab_size"), vocab)
             fc_bias = False
-            theta = cfg.get("rope_theta", 10000.0)
             layers = 1  # the reference builds one layer whatever num_hidden_layers says
         else:
-            draft_vocab = cfg["vocab_size"]
+            draft_vocab = vocab
             fc_bias = cfg.get("bias", True)
-            theta = cfg.get("rope_theta", 10000.0)
-            layers = cfg.get("num_hidden_layers", 1)
+            layers = _positive_int("num_hidden_layers", cfg.get("num_hidden_layers"), 1)
+        theta = cfg.get("rope_theta")
         rope_scaling = cfg.get("rope_scaling")
         if rope_scaling is None and isinstance(cfg.get("rope_parameters"), dict):
             params = cfg["rope_parameters"]
             theta = params.get("rope_theta", theta)
             if params.get("rope_type", "default") != "default":
                 rope_scaling = params
+        if rope_scaling is not None:
+            _check_rope_scaling(rope_scaling)
+        hidden_act = cfg.get("hidden_act", "silu")
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
         return cls(
             kind=kind,
             hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
+            intermediate_size=_positive_int("intermediate_size", cfg.get("intermediate_size")),
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            vocab_size=cfg["vocab_size"],
+            num_key_value_heads=kv_heads,
+            vocab_size=vocab,
             draft_vocab_size=draft_vocab,
-            target_hidden_size=cfg.get("target_hidden_size") or hidden,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            target_hidden_size=_positive_int("target_hidden_size", cfg.get("target_hidden_size"), hidden),
+            rms_norm_eps=_positive_number("rms_norm_eps", cfg.get("rms_norm_eps"), 1e-6),
+            rope_theta=_positive_number("rope_theta", theta, 10000.0),
             rope_scaling=rope_scaling,
             fc_bias=fc_bias,
             qkv_bias=cfg.get("qkv_bias", False),
-            hidden_act=cfg.get("hidden_act", "silu"),
+            hidden_act=hidden_act,
             num_layers=layers,
             raw=dict(cfg),
         )
@@ -111,7 +160,7 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse RoPE frequencies, with the `linear` and `llama3` scalings heads ship with."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_type(scaling)
     if kind == "default":
         return inv_freq.float()
     if kind == "linear":
@@ -166,7 +215,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        if cfg.hidden_act not in ("silu", "swish"):
+        if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} in the draft head config")
 
     def forward(self, x):

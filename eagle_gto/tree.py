@@ -117,9 +117,13 @@ def num_candidates(depth: int, top_k: int) -> int:
     return top_k + depth * top_k * top_k
 
 
-def check_tree_params(total_token: int, depth: int, top_k: int) -> None:
+def check_tree_params(total_token: int, depth: int, top_k: int, draft_vocab_size: int | None = None) -> None:
+    """Refuse a tree the expansion cannot build; `draft_vocab_size`: the
+    head's, when known (each level keeps top_k draft tokens of it)."""
     if depth < 1 or top_k < 1:
         raise ValueError(f"depth and top_k must be >= 1, got depth={depth}, top_k={top_k}")
+    if draft_vocab_size is not None and top_k > draft_vocab_size:
+        raise ValueError(f"top_k={top_k} is larger than the draft head's vocabulary ({draft_vocab_size} tokens)")
     if total_token < 2:
         raise ValueError(f"total_token must be >= 2 (the root and at least one draft token), got {total_token}")
     if total_token - 1 > num_candidates(depth, top_k):

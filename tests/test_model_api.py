@@ -4,10 +4,12 @@ and a clear error for every kind of bad input."""
 import json
 import threading
 
+import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_pairs import VOCAB, trained_pair
+from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
 from transformers import AutoModelForCausalLM
 
 from eagle_gto import CheckpointError, EaModel
@@ -103,8 +105,47 @@ def test_stop_tokens_end_generation_at_the_first_stop():
         out = fn(ids, max_new_tokens=40, stop_token_ids=[stop])
         assert out[0, 7:].tolist() == cut
         assert model.last_stats.finish_reason == "stop"
-    out = model.eagenerate(ids, max_new_tokens=40, stop_token_ids=stop)  # a bare int works too
-    assert out[0, 7:].tolist() == cut
+    for one in (stop, np.int64(stop), torch.tensor(stop)):  # a bare id works too
+        out = model.eagenerate(ids, max_new_tokens=40, stop_token_ids=one)
+        assert out[0, 7:].tolist() == cut
+
+
+def test_a_stop_token_just_past_the_budget_is_not_reached():
+    """A speculative step may accept a stop token one past max_new_tokens:
+    the output is still cut at the budget, exactly as plain decoding's."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    full = model.naivegenerate(ids, max_new_tokens=30)[0, 7:].tolist()
+    for budget in range(1, 29):
+        stop = full[budget]
+        if stop in full[:budget]:
+            continue
+        runs = []
+        for fn in (model.eagenerate, model.naivegenerate):
+            out = fn(ids, max_new_tokens=budget, stop_token_ids=[stop])
+            runs.append((out[0, 7:].tolist(), model.last_stats.finish_reason))
+        assert runs[0] == runs[1] == (full[:budget], "length"), budget
+
+
+def test_llama3_stop_is_skipped_when_the_tokenizer_lacks_eot_id():
+    """convert_tokens_to_ids returns the unk id for an unknown token: that
+    must not become a stop token."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    full = model.eagenerate(ids, max_new_tokens=20)
+
+    class NoEotTokenizer:
+        eos_token_id = None
+        unk_token_id = int(full[0, 10])  # a token the answer holds
+
+        def convert_tokens_to_ids(self, token):
+            return self.unk_token_id
+
+    model.tokenizer = NoEotTokenizer()
+    try:
+        assert model.eagenerate(ids, max_new_tokens=20, is_llama3=True).tolist() == full.tolist()
+    finally:
+        model.tokenizer = None
 
 
 def test_eos_from_the_model_config_stops():
@@ -119,6 +160,58 @@ def test_eos_from_the_model_config_stops():
         model.base_model.generation_config.eos_token_id = None
 
 
+def test_log_reports_its_own_generation_even_when_another_finished_first():
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    steps = model.generate_steps
+
+    def then_another_request(*args, **kwargs):  # another request runs as soon as this one lets go of the model
+        yield from steps(*args, **kwargs)
+        for _ in steps(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=3):
+            pass
+
+    model.generate_steps = then_another_request
+    try:
+        out, new_token, idx = model.eagenerate(ids, max_new_tokens=20, log=True)
+    finally:
+        del model.generate_steps
+    assert new_token == out.shape[1] - 7 == 20 and 0 < idx < 20
+
+
+def test_streaming_leaves_gradients_on_in_the_callers_loop():
+    model = trained_pair("llama", "eagle3")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for stream in (model.ea_generate, model.naive_generate):
+        modes = [torch.is_grad_enabled() for _ in stream(ids, max_new_tokens=6)]
+        assert modes and all(modes)
+
+
+def test_max_length_is_an_integer_and_a_bad_one_caches_nothing():
+    model = trained_pair("llama", "eagle3")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_length must be an integer, got 64.0"):
+        model.eagenerate(ids, max_new_tokens=4, max_length=64.0)
+    # 64.0 == 64: a cache built for the float would have been reused here.
+    assert model.eagenerate(ids, max_new_tokens=4, max_length=64).shape[1] == 7
+    assert model.naivegenerate(ids, max_new_tokens=4, max_length=np.int64(64)).shape[1] == 7
+    assert model.eagenerate(ids, max_new_tokens=4, max_length=None).shape[1] == 7  # None: the default
+
+
+def test_tree_settings_are_checked_against_the_head():
+    model = trained_pair("llama", "eagle3")
+    with pytest.raises(ValueError, match=f"top_k={DRAFT_VOCAB + 1} is larger than the draft head's vocabulary "
+                                         f"\\({DRAFT_VOCAB} tokens\\)"):
+        EaModel(model.base_model, model.ea_layer, total_token=8, depth=2, top_k=DRAFT_VOCAB + 1)
+
+
+def test_total_token_auto_fits_what_depth_and_top_k_produce():
+    model = trained_pair("llama", "eagle3")
+    small = EaModel(model.base_model, model.ea_layer, total_token=-1, depth=1, top_k=2)
+    assert small.tree.total_token == 7  # the root and all 2 + 1 * 2 * 2 candidates
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert small.eagenerate(ids, max_new_tokens=8).tolist() == small.naivegenerate(ids, max_new_tokens=8).tolist()
+
+
 def test_max_length_ends_generation_before_the_cache_overflows():
     model = trained_pair("llama", "eagle3")  # total_token 24
     ids = torch.randint(0, VOCAB, (1, 10))
@@ -131,12 +224,18 @@ def test_max_length_ends_generation_before_the_cache_overflows():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+    (dict(input_ids=[]), "input_ids is empty"),
+    (dict(input_ids=[[]]), "input_ids is empty"),
+    (dict(input_ids=[["a"]]), "input_ids must hold integer token ids"),
     (dict(input_ids=torch.zeros(2, 5, dtype=torch.long)), "batch size 2"),
     (dict(input_ids=torch.zeros(1, 5)), "integer"),
     (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
     (dict(temperature=-0.5), "temperature"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(input_ids=torch.zeros(1, 100, dtype=torch.long), max_length=110), "does not fit"),
+    (dict(max_length=True), "max_length must be an integer"),
+    (dict(max_length=0), "max_length must be >= 1"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids must hold integer token ids"),
 ])
 def test_bad_generation_input(kwargs, message):
     model = trained_pair("llama", "eagle3")
@@ -187,8 +286,10 @@ def test_missing_folder_and_offline_hub_id(pair_dirs, monkeypatch, tmp_path):
         load(pair_dirs, "does-not-exist/../nowhere")
     with pytest.raises(CheckpointError, match="no config.json"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="hub"):
+    with pytest.raises(CheckpointError, match="a file, not a folder"):
+        EaModel.from_pretrained(str(pair_dirs / "base"), str(pair_dirs / "eagle3" / "config.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not from the env
+    with pytest.raises(CheckpointError, match="the hub could not be reached .*offline"):
         EaModel.from_pretrained(str(pair_dirs / "base"), "someone/some-eagle-head")
 
 

@@ -165,3 +165,6 @@ def test_tree_params_are_checked():
         check_tree_params(10, 0, 3)
     with pytest.raises(ValueError, match=">= 2"):
         check_tree_params(1, 3, 3)
+    with pytest.raises(ValueError, match=r"top_k=5 is larger than the draft head's vocabulary \(4 tokens\)"):
+        check_tree_params(10, 2, 5, draft_vocab_size=4)
+    check_tree_params(10, 2, 4, draft_vocab_size=4)
