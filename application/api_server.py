@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator, Literal
 
 import anyio
@@ -25,7 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from .common import ChatRunner, ContextLengthError, GenerationOptions, build_parser, load_model, model_name
+from eagle_gto import GenerationStats
+
+from .common import ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, load_model, model_name
 
 log = logging.getLogger("eagle_gto.api")
 
@@ -55,12 +58,12 @@ class Sampling(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0: the most probable token only
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
     speculative: bool = True  # an extension: false decodes plainly, for comparison
 
     def stops(self) -> list[str]:
@@ -76,6 +79,16 @@ class CompletionRequest(Sampling):
     prompt: str | list[str]
 
 
+FIELDS = {name for model in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+          for name in model.model_fields}
+
+
+def field_path(loc: tuple) -> str:
+    """The parameter as the client wrote it: "messages.0.content" for pydantic's
+    ("body", "messages", 0, "content", "str"), without the union branch it tried."""
+    return ".".join(str(part) for part in loc if isinstance(part, int) or part in FIELDS)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
@@ -88,20 +101,26 @@ class APIError(Exception):
 
 # ----------------------------------------------------------------- answers
 class StopStrings:
-    """Cuts the answer before the first stop string. Text that might be the
-    start of one is held back until the next text shows it is not."""
+    """Cuts the answer before the stop string that is complete first (the one
+    plain decoding would meet first, however many tokens a step brings). Text
+    that might be the start of one is held back until the next text shows it
+    is not."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.text = ""
         self.sent = 0
-        self.hit = False
+        self.end: int | None = None  # where the stop string that was hit ends in the text
+
+    @property
+    def hit(self) -> bool:
+        return self.end is not None
 
     def feed(self, new: str) -> str:
         self.text += new
-        cut = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
+        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        if found:
+            self.end, cut = min(found)
             return self._send(cut)
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         return self._send(len(self.text) - hold)
@@ -131,6 +150,21 @@ class Endpoint:
                     "finish_reason": finish_reason}
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
+
+
+def until_stop(stats: GenerationStats, tokenizer, chars: int) -> GenerationStats:
+    """`stats` as if decoding had stopped at the token that completes the stop
+    string, which ends `chars` characters into the answer. The tokens a
+    speculative step brought after it do not count, so usage is the same in
+    both modes: the tokens up to and including the one completing the stop string."""
+    last = stats.steps[-1]
+    text = TextStream(tokenizer)  # decodes as the answer was decoded, so character counts agree
+    length, keep = len(text.add([t for s in stats.steps[:-1] for t in s.tokens])), 0
+    while length < chars and keep < len(last.tokens):
+        length += len(text.add([last.tokens[keep]]))
+        keep += 1
+    cut = replace(last, tokens=last.tokens[:keep], num_accepted=min(last.num_accepted, keep), finish_reason="stop")
+    return GenerationStats(stats.prompt_length, stats.steps[:-1] + [cut])
 
 
 def usage(prompt_tokens: int, stats) -> dict:
@@ -178,7 +212,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
                     update = await anyio.to_thread.run_sync(next, updates)
                     text = stopper.feed(update.text)
                     if stopper.hit:
-                        yield text, "stop", update.stats
+                        yield text, "stop", until_stop(update.stats, runner.tokenizer, stopper.end)
                         return
                     if update.step.finished:
                         yield text + stopper.flush(), update.step.finish_reason, update.stats
@@ -191,7 +225,8 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         if request.model not in (None, name):
             raise APIError(404, f"the model {request.model!r} does not exist; this server serves {name!r}",
                            "model", "model_not_found")
-        # The server's --max-new-tokens is both the default and the upper bound.
+        # The server's --max-new-tokens is both the default and the upper bound (GET /v1/models
+        # tells it); an answer cut there ends with finish_reason "length", as at the client's own limit.
         options = GenerationOptions(min(max_tokens or max_new_tokens, max_new_tokens), request.temperature,
                                     request.top_p, request.speculative, request.seed)
         param = "messages" if endpoint.chat else "prompt"
@@ -256,7 +291,8 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto",
+                                            "max_tokens": max_new_tokens}]}
 
     @app.get("/health")
     async def health():
@@ -269,7 +305,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError):
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        where = field_path(first["loc"])
         if first["type"] == "json_invalid":
             message, where = "the request body is not valid JSON", ""
         elif not where:

@@ -12,6 +12,11 @@ from typing import Iterator
 
 import torch
 
+try:
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, no chat templates (transformers renders them with it): nothing to catch
+    TemplateError = ()
+
 from eagle_gto import EaModel, GenerationStats, Step
 from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
 
@@ -71,11 +76,20 @@ class ContextLengthError(ValueError):
     """The prompt leaves no room in the context for an answer."""
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template refuses the conversation (its own message)."""
+
+
+# OpenAI's top_p 0 keeps only the most probable token; the engine reads 0 as
+# "off", but any top_p below the top token's probability (>= 1/vocabulary) does that.
+TOP_TOKEN_ONLY = 1e-9
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # 1: off
+    top_p: float = 1.0  # 1: off; 0: the most probable token only
     speculative: bool = True  # False: plain decoding through the same loop
     seed: int | None = None
 
@@ -144,7 +158,10 @@ class ChatRunner:
         return self._lock.locked()
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = build_prompt(messages, self.model_type, self.tokenizer)
+        try:
+            text = build_prompt(messages, self.model_type, self.tokenizer)
+        except TemplateError as err:  # e.g. Mixtral's and Llama-2's raise_exception on roles that do not alternate
+            raise ChatTemplateError(f"the model's chat template refuses these messages: {err}") from err
         return encode_prompt(text, self.tokenizer, self.model_type)
 
     def text_prompt(self, text: str) -> list[int]:
@@ -172,7 +189,7 @@ class ChatRunner:
             generator = torch.Generator(device=device).manual_seed(options.seed)
         with self._lock:
             steps = self.model.generate_steps(
-                torch.tensor([prompt_ids]), temperature=options.temperature, top_p=options.top_p,
+                torch.tensor([prompt_ids]), temperature=options.temperature, top_p=options.top_p or TOP_TOKEN_ONLY,
                 max_new_tokens=options.max_new_tokens, max_length=self.max_length, is_llama3=self.is_llama3,
                 stop_token_ids=self.stop_token_ids, speculative=options.speculative, generator=generator)
             text = TextStream(self.tokenizer)

@@ -17,7 +17,8 @@ from contextlib import closing
 
 import gradio as gr
 
-from .common import ChatRunner, ContextLengthError, GenerationOptions, build_parser, load_model, model_name
+from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser, load_model,
+                     model_name)
 
 log = logging.getLogger("eagle_gto.webui")
 
@@ -29,6 +30,7 @@ DRAFT_STYLE = "background:#bbf7d0;border-radius:3px"  # green: text from accepte
 WAITING = "Waiting for the model: another answer is being generated…"
 GENERATING, STOPPED = "Generating…", "Stopped."
 FINISHED = {"stop": "Done: the model ended its answer.", "length": "Done: the token limit is reached."}
+ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error"}  # the user's to fix
 
 
 def code_block(text: str) -> str:
@@ -66,48 +68,56 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             return history
         return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
 
+    # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
+    # with the typed text (None for Regenerate); the history changes once the answer comes.
     def add_message(message: str, history: list[dict]):
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
-        history = history + [{"role": "user", "content": message}]
-        return "", history, show(history), WAITING if runner.busy else ""
+        asked = history + [{"role": "user", "content": message}]
+        return "", (asked, message), show(asked), WAITING if runner.busy else ""
 
     def drop_answer(history: list[dict]):
-        if history and history[-1]["role"] == "assistant":
-            history = history[:-1]
-        if not history:
+        asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
+        if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        return history, show(history), WAITING if runner.busy else ""
+        return (asked, None), show(asked), WAITING if runner.busy else ""
 
-    def respond(history: list[dict], speculative: bool, temperature: float, top_p: float, max_new: int):
+    def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
+                top_p: float, max_new: int):
+        asked, typed = pending
         options = GenerationOptions(int(max_new), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         try:
-            with closing(runner.generate(runner.chat_prompt(history), options)) as updates:
+            with closing(runner.generate(runner.chat_prompt(asked), options)) as updates:
                 for update in updates:
                     answer += update.text
                     pieces += "".join(by_origin(text, drafted) for text, drafted in update.pieces)
-                    chat = history + [{"role": "assistant", "content": answer}]
+                    chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (FINISHED[update.step.finish_reason] if update.step.finished
                              else GENERATING if update.stats.iterations == 1 else gr.skip())
-                    yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state
-        except Exception as err:  # shown to the user; the turn that failed is taken back
-            too_long = isinstance(err, ContextLengthError)
-            if not too_long:
+                    yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
+        except Exception as err:  # shown to the user, with the conversation and the typed text as they were
+            title = ERROR_TITLES.get(type(err))
+            if title is None:
+                title = "Generation failed"
                 log.exception("generation failed")
-            yield history[:-1], show(history[:-1]), "", "", ""
-            raise gr.Error(str(err), title="Prompt too long" if too_long else "Generation failed",
-                           print_exception=False) from err
+            yield history, show(history), "", "", "", gr.skip() if typed is None else typed
+            raise gr.Error(str(err), title=title, print_exception=False) from err
+
+    def stopped(state: str, history: list[dict]):
+        """After Stop: the conversation as it stands; a question stopped before its answer began is not in it."""
+        return STOPPED if state == GENERATING else state, show(history)
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
         tree = runner.model.tree
         gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
-        history = gr.State([])
+        history = gr.State([])  # the conversation
+        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"])
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
@@ -132,18 +142,19 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                                     elem_id="max-new-tokens")
         drafts = gr.HTML(elem_id="drafts")
 
-        generation = dict(fn=respond, inputs=[history, speculative, temperature, top_p, max_new],
-                          outputs=[history, chatbot, stats, drafts, notice], show_progress="minimal",
+        shown = [chatbot, stats, drafts, notice]
+        generation = dict(fn=respond, inputs=[pending, history, speculative, temperature, top_p, max_new],
+                          outputs=[history, *shown, message], show_progress="minimal",
+                          show_progress_on=shown,  # not on the message box: it stays free for typing
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history], outputs=[message, history, chatbot, notice],
+        turn = dict(fn=add_message, inputs=[message, history], outputs=[message, pending, chatbot, notice],
                     concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, history, [history, chatbot, notice], concurrency_limit=None)
+        events.append(regenerate.click(drop_answer, history, [pending, chatbot, notice], concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(lambda state: STOPPED if state == GENERATING else state,
-                                              notice, notice, concurrency_limit=None)
+        stop.click(None, cancels=events).then(stopped, [notice, history], [notice, chatbot], concurrency_limit=None)
         clear.click(lambda: ([], [], "", "", ""), outputs=[history, chatbot, stats, drafts, notice], cancels=events,
                     queue=False)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)

@@ -33,24 +33,31 @@ MAX_LENGTH = 2048
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # the tiny tokenizer: one token per character
 
 
-def save_tiny_pair(folder: Path) -> tuple[Path, Path]:
-    """A tiny random Llama with a one-character-per-token tokenizer (every
-    token decodes to visible text, so answers compare exactly as strings)
-    and a random EAGLE-3 head, saved the way real checkpoints are."""
+def char_tokenizer():
+    """One token per character: every token decodes to visible text, so
+    answers compare exactly as strings."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from eagle_gto.checkpoint import save_head
-    from eagle_gto.tiny import base_config, head_config, random_head
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token=" "))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def save_tiny_pair(folder: Path) -> tuple[Path, Path]:
+    """A tiny random Llama with the one-character-per-token tokenizer and a
+    random EAGLE-3 head, saved the way real checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    from eagle_gto.checkpoint import save_head
+    from eagle_gto.tiny import base_config, head_config, random_head
+
     config = base_config(vocab_size=len(CHARS))
     torch.manual_seed(0)
     base, head = folder / "base", folder / "head"
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
     save_head(random_head(head_config(config, "eagle3", draft_vocab_size=64), seed=1), head)
     return base, head
 
@@ -270,6 +277,11 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": [{"role": "system", "content": ""}]}, 400, "messages", None),
     ("completions", {"prompt": "hi", "n": 2}, 400, "n", None),
     ("completions", [1, 2], 400, None, None),
+    ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed", None),
+    ("completions", {"prompt": "hi", "seed": -2**70, "stream": True}, 400, "seed", None),
+    ("completions", {"prompt": "hi", "top_p": -0.1}, 400, "top_p", None),
+    ("completions", {"prompt": 5}, 400, "prompt", None),  # the field, not the union branch ("prompt.str")
+    ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", None),
 ]
 
 

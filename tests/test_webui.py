@@ -12,11 +12,15 @@ import re
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from playwright import sync_api
 from test_api import TREE, running_server, save_tiny_pair
+from test_api_scripted import ScriptedModel
 
+from application.common import ChatRunner
+from application.webui import build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -169,6 +173,26 @@ def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, exp
     assert answers(page) == [expected("import os") + "\n"]
 
 
+def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
+    """A question that fits plain decoding's one-token step but not the draft
+    tree: Regenerate with speculative decoding fails and keeps the question
+    and its answer; a Send that fails keeps them too, and the typed text."""
+    page = open_chat(browser, url, max_new=1)
+    page.locator("#speculative input").uncheck()
+    send(page, "x" * (MAX_LENGTH - 10))
+    wait_for_state(page, "Done")
+    before = answers(page)
+    page.locator("#speculative input").check()
+    page.locator("#regenerate").click()
+    wait_for_error(page, f"({TREE['total_token']} of which one decoding step needs)")
+    assert (page.locator('[data-testid="user"]').count(), answers(page)) == (1, before)
+    page.locator("#speculative input").uncheck()
+    send(page, "y" * 20)
+    wait_for_error(page, "(1 of which one decoding step needs)")
+    assert (page.locator('[data-testid="user"]').count(), answers(page)) == (1, before)
+    assert page.locator("#message textarea").input_value() == "y" * 20
+
+
 def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     """While one user's long answer is generating, a second user is told to
     wait; Stop ends the first answer early and the second then gets its
@@ -186,3 +210,18 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     assert state(first) == "Stopped."
     assert int(SPEED.search(stats(first)).group(1)) < 1000
     assert answers(second) == [expected("for i in range(10):") + "\n"]
+
+
+def test_a_chat_template_refusal_shows_its_message():
+    """Called directly (no browser): the template's own message, the conversation and typed text as they were."""
+    model = ScriptedModel()
+    model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    _, pending, _, _ = actions["add_message"]("again", history)
+    updates = actions["respond"](pending, history, True, 0, 1, 8)
+    restored = next(updates)
+    assert (restored[0], restored[-1]) == (history, "again")
+    with pytest.raises(gr.Error, match="This model takes no chats") as error:
+        next(updates)
+    assert error.value.title == "Chat template error"
