@@ -39,17 +39,17 @@ class Template:
     header: str
     user: str
     assistant: str
-    footer: str = ""
+    generation_prompt: str = ""  # what opens the next assistant turn
     default_system: str = ""
 
-    def render(self, turns, system):
+    def render(self, turns, system, generation_prompt=True):
         text = self.header.format(system=system or self.default_system)
         for m in turns:
             text += (self.user if m["role"] == "user" else self.assistant).format(m["content"])
-        return text + self.footer
+        return text + self.generation_prompt if generation_prompt else text
 
 
-def _llama2(turns, system):
+def _llama2(turns, system, generation_prompt=True):  # the answer follows [/INST] directly
     # Llama-2 chat puts the system prompt inside the first user turn.
     text, first = "", True
     for m in turns:
@@ -64,12 +64,12 @@ def _llama2(turns, system):
     return text
 
 
-def _llama3(turns, system):
+def _llama3(turns, system, generation_prompt=True):
     header = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
     return Template("<|begin_of_text|>" + header.replace("{", "{{").replace("}", "}}"),
                     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
                     "<|start_header_id|>assistant<|end_header_id|>\n\n{}<|eot_id|>",
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n").render(turns, None)
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n").render(turns, None, generation_prompt)
 
 
 _TEMPLATES = {
@@ -86,19 +86,23 @@ _TEMPLATES = {
 FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
 
 
-def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None, system: str | None = None) -> str:
-    """Text that asks the model for the next assistant turn. `messages` are
-    {"role": "user"|"assistant"|"system", "content": str} dicts."""
+def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None, system: str | None = None,
+                 generation_prompt: bool = True) -> str:
+    """Text that asks the model for the next assistant turn (with
+    `generation_prompt=False`: the conversation alone, as training reads it).
+    `messages` are {"role": "user"|"assistant"|"system", "content": str}
+    dicts; `system` is the system prompt for a conversation that has none
+    (several system messages are joined)."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model type {model_type!r}; choose from {', '.join(MODEL_TYPES)}")
-    system = system or next((m["content"] for m in messages if m["role"] == "system"), None)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or system
     turns = [m for m in messages if m["role"] != "system"]
     if model_type == "auto":
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             full = ([{"role": "system", "content": system}] if system else []) + turns
-            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
         model_type = "plain"
-    return _TEMPLATES[model_type](turns, system)
+    return _TEMPLATES[model_type](turns, system, generation_prompt)
 
 
 def chat_format(model_type: str) -> ChatFormat:

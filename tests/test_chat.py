@@ -28,3 +28,15 @@ def test_system_prompt_and_auto_fallback():
     assert "auto" in MODEL_TYPES
     with pytest.raises(ValueError, match="unknown model type"):
         build_prompt(TURNS, "gpt")
+
+
+def test_a_conversations_own_system_prompt_wins_and_training_text_has_no_open_turn():
+    own = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."}] + TURNS
+    # `system` is the prompt for conversations that have none (the trainer's --system).
+    assert "Be brief.\n\nBe kind." in build_prompt(own, "qwen", system="DEFAULT")
+    assert "DEFAULT" not in build_prompt(own, "qwen", system="DEFAULT")
+    assert "DEFAULT" in build_prompt(TURNS, "qwen", system="DEFAULT")
+    answered = TURNS + [{"role": "assistant", "content": "A2"}]
+    for model_type in MODEL_TYPES:
+        text = build_prompt(answered, model_type, generation_prompt=False)
+        assert text.rstrip().endswith(("A2", "A2</s>", "A2 </s>", "A2<|eot_id|>", "A2<|im_end|>")), model_type

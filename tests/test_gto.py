@@ -14,9 +14,9 @@ from eagle_gto.ea_model import attach_head
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.data import TokenStream
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
-                                  ratio)
+                                  ratio, root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
-from eagle_gto.gto.trainer import GTOConfig, Models, gto_objective, train
+from eagle_gto.gto.trainer import GTOConfig, Models, gto_objective, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
 from eagle_gto.target import TargetRunner
 from eagle_gto.tree import ancestor_mask
@@ -204,6 +204,18 @@ def test_group_roots_are_adjacent_and_eligible():
     assert len(set(map(tuple, torch.stack((roots.seq, roots.pos), 1).tolist()))) == len(roots)  # no overlap
     assert eligible[roots.seq, roots.pos].all() and roots.pos.min() >= 1
     assert (roots.seq == 1).sum() == 16  # only 4 whole groups fit in window 1's 19 eligible roots
+
+
+def test_roots_draft_trained_tokens_and_windows_without_a_group_train_tokens_only(pair):
+    # A tree at position r drafts tokens r+1, r+2, ...: r is a root when token r+1 is trained.
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    assert root_eligible(mask).tolist() == [[False, True, True, True, False, False]]
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    mask[:, ::3] = 1  # short answers: trained tokens, but never 4 adjacent roots
+    assert len(group_roots(root_eligible(mask), 4, 3)) == 0
+    tokens = greedy_windows(pair, 2, 40, seed=3)
+    loss, stats = training_loss(GTOConfig(**TREE), tiny_models(pair), tokens, mask, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "l_token" in stats and "l_gto" not in stats
 
 
 def test_advantages_are_standardised_per_group():

@@ -10,11 +10,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from eagle_gto import EaModel
+from eagle_gto.chat import build_prompt
 from eagle_gto.drafter import Drafter
 from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, ttt_loss
-from eagle_gto.train.data import encode_conversation, to_messages
+from eagle_gto.train.data import encode_conversation, read_records, to_messages
 from eagle_gto.train.trainer import checkpoint_dirs, main
 from eagle_gto.train.ttt import unroll
 
@@ -75,6 +76,40 @@ def test_loss_mask_covers_only_assistant_tokens(tokenizer):
     assert tokenizer.decode([t for t, m in zip(echo.input_ids, echo.loss_mask) if m]).strip() == "x = 1</s>"
     plain = to_samples([{"text": TEXTS[0]}], tokenizer)[0]
     assert all(plain.loss_mask) and plain.input_ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("model_type, answer, trained", [
+    ("vicuna", "A", " A</s>"),  # "A" also starts "ASSISTANT:", and "hi" hides in the system prompt's "chat"
+    ("qwen", "an", "an"),  # inside "assistant"
+    ("llama3", "an", "an"),
+    ("llama2-chat", "It is 4.", " It is 4. </s>"),  # the template writes a space before </s>: both trained
+])
+def test_short_answers_are_trained_where_they_are_answers(tokenizer, model_type, answer, trained):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    sample = encode_conversation(messages, tokenizer, model_type)
+    first = sample.loss_mask.index(1)
+    assert all(sample.loss_mask[first : first + sum(sample.loss_mask)])  # one run of tokens
+    assert tokenizer.decode(sample.input_ids[:first]).endswith(build_prompt(messages[:1], model_type))
+    assert tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m]) == trained
+
+
+def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokenizer):
+    good = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "def add(a, b):"}]}
+    assert to_messages(good)[1] == {"role": "assistant", "content": "def add(a, b):"}  # either key naming
+    for bad, message in [({"messages": None}, "list of objects"), ({"messages": "x"}, "list of objects"),
+                         ({"messages": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
+                         ({"text": 5}, "'text' must be a string")]:
+        path = tmp_path / "data.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"data.jsonl:3: .*{message}"):
+            read_records(path)
+    long = {"messages": [{"role": "user", "content": "hello there " * 20}, {"role": "assistant", "content": "x = 1"}]}
+    with pytest.warns(UserWarning, match="1 of 2 records have no loss tokens within the first 30"):
+        assert len(to_samples([long, good], tokenizer, "plain", max_length=30)) == 1
+    with pytest.raises(ValueError, match="0 have no loss tokens .*, 1 have none within --max-length 30"):
+        to_samples([long], tokenizer, "plain", max_length=30)
+    with pytest.raises(ValueError, match="log_every must be at least 1"):
+        TrainConfig(log_every=0)
 
 
 def test_draft_vocab_from_trained_tokens():
@@ -235,8 +270,8 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert [p.name for p in checkpoint_dirs(tmp_path / "a")] == ["step-00000002", "step-00000004"]
     # Interrupted after step 2: only the first checkpoint exists.
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
-    logged = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(logged[:2]) + "\n")
+    # It had logged steps 3 and 4 before it stopped: the resumed run logs them again, once.
+    (tmp_path / "b" / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text())
     resumed = train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
@@ -244,3 +279,12 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert progress["step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
+
+
+def test_evaluation_follows_eval_every_not_log_every(tmp_path, tokenizer):
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, log_every=2, eval_every=3)
+    train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=samples, show_progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], "loss" in m, "eval_loss" in m) for m in metrics] == \
+        [(2, True, False), (3, False, True), (4, True, False), (4, False, True)]

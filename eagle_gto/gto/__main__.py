@@ -21,8 +21,9 @@ import torch
 from .trainer import GTOConfig, train
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def config_parser(description: str, command: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m eagle_gto.gto{command}", description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(GTOConfig):
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"]

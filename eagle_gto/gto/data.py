@@ -2,10 +2,10 @@
 
 GTO compares trees at adjacent positions of the same text, so it trains on
 windows of `window_length` tokens. Sources:
-- "generated" (the demo default): the base model's own greedy continuations
-  of random prompts cut from the demo corpus. Decoding-time trees are rooted
-  in text the base wrote itself, so these are the trees GTO should improve;
-  windows start at a sample's first token.
+- "generated" (the demo default): random prompts cut from the demo corpus,
+  each followed by the base model's own greedy continuation, all of it
+  trained (the prompt too); windows start at a sample's first token, so most
+  trees are rooted in text the base wrote itself, as at decoding time.
 - "stdlib": the demo corpus itself, each file as <s> ... </s>, windows
   anywhere.
 - a jsonl file in any format `eagle_gto.train.data` reads; its loss mask

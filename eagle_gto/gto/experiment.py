@@ -139,7 +139,7 @@ the measurement settings and all results.
 def main(argv: list[str] | None = None) -> None:
     from .__main__ import config_from, config_parser
 
-    parser = config_parser("GTO vs continued token-level training (and ablations) on one start head.")
+    parser = config_parser("GTO vs continued token-level training (and ablations) on one start head.", " experiment")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -218,7 +218,7 @@ def _demo_head_path() -> str:
 def sweep_main(argv: list[str] | None = None) -> None:
     from .__main__ import config_from, config_parser
 
-    parser = config_parser("Small grid over GTO options, scored on the validation slice.")
+    parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep")
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                         help="option values to combine, e.g. lr=1e-4,3e-4 omega=1,4")
     parser.add_argument("--control", action="store_true", help="also an L_token-only run per learning rate")

@@ -26,10 +26,10 @@ def group_roots(eligible: torch.Tensor, group_size: int, groups_per_window: int,
                 generator: torch.Generator | None = None) -> Roots:
     """Up to `groups_per_window` non-overlapping groups of `group_size`
     adjacent root positions in each window. eligible [S, L] bool marks the
-    positions that may be roots (loss-mask tokens); group g covers positions
-    1 + g*m .. g*m + m (a root needs one entry before it) and is used only
-    when all of them are eligible. Rows come out group by group: row b
-    belongs to group b // m."""
+    positions that may be roots (see `root_eligible`); group g covers
+    positions 1 + g*m .. g*m + m (a root needs one entry before it) and is
+    used only when all of them are eligible. Rows come out group by group:
+    row b belongs to group b // m. No rows when no group is eligible."""
     S, L = eligible.shape
     starts = 1 + torch.arange((L - 1) // group_size) * group_size
     positions = starts[:, None] + torch.arange(group_size)  # [groups, m]
@@ -39,9 +39,16 @@ def group_roots(eligible: torch.Tensor, group_size: int, groups_per_window: int,
         picked = usable[torch.randperm(len(usable), generator=generator)[:groups_per_window]].sort().values
         pos.append(positions[picked].flatten())
         seq.append(torch.full((len(picked) * group_size,), s))
-    if not sum(len(p) for p in pos):
-        raise ValueError(f"no group of {group_size} trainable positions in these windows")
     return Roots(torch.cat(seq), torch.cat(pos))
+
+
+def root_eligible(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[S, L] bool: positions whose tree drafts trained tokens. A tree at
+    position r drafts the tokens from r + 1 on, so r may be a root when the
+    token after it carries loss (the last position drafts nothing known)."""
+    eligible = torch.zeros_like(loss_mask, dtype=torch.bool)
+    eligible[:, :-1] = loss_mask[:, 1:].bool()
+    return eligible
 
 
 def debiased_rewards(reward: torch.Tensor, reference_reward: torch.Tensor, debias: bool = True) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..generation import TreeParams
 from ..heads import DraftHead
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
-                     path_logprob, ratio)
+                     path_logprob, ratio, root_eligible)
 from .reward import AGGREGATIONS, tree_reward
 from .trees import Roots, TargetPass, TreeBatch, draft_trees, feature_layers_for, head_pass, target_pass, verify_trees
 
@@ -221,7 +221,9 @@ def training_loss(cfg: GTOConfig, models: Models, tokens: torch.Tensor, loss_mas
     stats = {"l_token": token.loss.item(), "acc0": token.step_accuracy[0]}
     if cfg.objective == "token":
         return token.loss, stats
-    roots = group_roots(loss_mask.bool(), cfg.group_size, cfg.groups_per_window, generator)
+    roots = group_roots(root_eligible(loss_mask), cfg.group_size, cfg.groups_per_window, generator)
+    if not len(roots):  # no m adjacent trainable positions in these windows (e.g. short answers)
+        return token.loss, stats
     gto = gto_objective(cfg, models, target, roots)
     stats.update(gto.stats(cfg.eps))
     return token.loss + cfg.omega * gto.loss, stats

@@ -8,10 +8,12 @@ One JSON object a line, any of:
 Conversations are written with `eagle_gto.chat.build_prompt` for the chosen
 model type (the tokenizer's chat template with `auto`), so training sees
 exactly the prompts the engine builds at inference. Only the assistant's
-tokens carry loss (plus the special end-of-turn token right after each
-answer, so the head learns where answers stop); plain text is all loss.
-Which tokens are assistant tokens is found from character offsets, which
-works for any template that copies the answer text verbatim.
+tokens carry loss (with the whitespace the template writes around an answer
+and the special end-of-turn token after it, so the head learns where answers
+stop); plain text is all loss. Which tokens are assistant tokens is found
+from character offsets: each answer is looked up in the text after the
+prompt that asks for it, which works for any template that copies the
+answer text verbatim.
 
 `regenerate` replaces the assistant answers by the base model's own greedy
 answers: a head trained on what its target actually writes accepts more.
@@ -20,6 +22,8 @@ answers: a head trained on what its target actually writes accepts more.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +48,11 @@ def read_records(path: str | Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-        if not isinstance(record, dict) or not ({"conversations", "messages", "text"} & set(record)):
-            raise ValueError(f"{path}:{number}: expected an object with 'conversations', 'messages' or 'text'")
+            if not isinstance(record, dict) or not ({"conversations", "messages", "text"} & set(record)):
+                raise ValueError("expected an object with 'conversations', 'messages' or 'text'")
+            to_messages(record)  # check the record's shape now, while its line is known
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: {err}") from None
         records.append(record)
     return records
 
@@ -55,15 +60,19 @@ def read_records(path: str | Path) -> list[dict]:
 def to_messages(record: dict) -> list[dict] | None:
     """{"role", "content"} messages of a conversation record; None for plain text."""
     if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"'text' must be a string, got {type(record['text']).__name__}")
         return None
-    if "messages" in record:
-        turns = [(m.get("role"), m.get("content")) for m in record["messages"]]
-    else:
-        turns = [(m.get("from"), m.get("value")) for m in record["conversations"]]
+    key = "messages" if "messages" in record else "conversations"
+    turns = record[key]
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise ValueError(f"{key!r} must be a list of objects")
     messages = []
-    for role, content in turns:
+    for turn in turns:  # either naming in either list: {"role", "content"} or ShareGPT's {"from", "value"}
+        role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
         if role not in ROLES or not isinstance(content, str):
-            raise ValueError(f"unsupported conversation turn: role {role!r} with {type(content).__name__} content")
+            raise ValueError(f"unsupported conversation turn: role {role!r} with {type(content).__name__} content "
+                             f"(roles: {', '.join(sorted(ROLES))}; content: a string)")
         messages.append({"role": ROLES[role], "content": content})
     return messages
 
@@ -74,22 +83,29 @@ def encode_text(text: str, tokenizer) -> Sample:
 
 
 def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto", system: str | None = None) -> Sample:
-    text = build_prompt(messages, model_type, tokenizer, system)
+    text = build_prompt(messages, model_type, tokenizer, system, generation_prompt=False)
     spans, cursor = [], 0
-    for message in messages:
+    for k, message in enumerate(messages):
         content = message["content"]
-        if message["role"] == "system" or not content.strip():
+        if message["role"] != "assistant" or not content.strip():
             continue
+        # The answer starts where the prompt that asks for it ends: searching from
+        # there, a short answer is never found inside the template's own text
+        # ("A" in "ASSISTANT:") or inside an earlier turn.
+        if any(m["role"] == "user" for m in messages[:k]):
+            asking = build_prompt(messages[:k], model_type, tokenizer, system)
+            cursor = max(cursor, len(os.path.commonprefix([asking, text])))
         start = text.find(content, cursor)
         if start < 0:  # some templates strip the turns
             content = content.strip()
             start = text.find(content, cursor)
-        if start < 0 and message["role"] == "assistant":
+        if start < 0:
             raise ValueError(f"the {model_type!r} prompt format does not contain an assistant answer verbatim")
-        if start >= 0:  # walk past user turns too, so an answer is never found inside a question
-            cursor = start + len(content)
-            if message["role"] == "assistant":
-                spans.append((start, cursor))
+        end = start + len(content)
+        while start > cursor and text[start - 1].isspace():  # the space the model writes first ("ASSISTANT: A")
+            start -= 1
+        spans.append((start, end))
+        cursor = end
     ids = encode_prompt(text, tokenizer, model_type)
     plain = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     lead = len(ids) - len(plain.input_ids)  # special tokens the tokenizer put in front (BOS)
@@ -103,8 +119,17 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
             if a < end and b > start:
                 mask[lead + j] = 1
                 last = j
-        if last is not None and last + 1 < len(plain.input_ids) and plain.input_ids[last + 1] in special:
-            mask[lead + last + 1] = 1  # the end-of-turn token
+        if last is None:
+            continue
+        # The end-of-turn token after the answer, and the whitespace the
+        # template writes before it (llama2-chat: " answer </s>").
+        after = last + 1
+        while (after < len(plain.input_ids) and plain.input_ids[after] not in special
+               and not text[slice(*plain.offset_mapping[after])].strip()):
+            after += 1
+        if after < len(plain.input_ids) and plain.input_ids[after] in special:
+            for j in range(last + 1, after + 1):
+                mask[lead + j] = 1
     return Sample(ids, mask)
 
 
@@ -117,14 +142,26 @@ def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str
 
 def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_length: int = 2048,
                system: str | None = None) -> list[Sample]:
-    """Encode, truncate to max_length, and drop records with nothing to learn."""
-    samples = []
+    """Encode, truncate to max_length, and drop records with nothing to learn
+    (an error when that leaves none)."""
+    samples, empty, cut = [], 0, 0
     for record in records:
         sample = encode_record(record, tokenizer, model_type, system)
-        sample = Sample(sample.input_ids[:max_length], sample.loss_mask[:max_length])
         # A token is only predicted from two tokens before it (see ttt.py).
-        if sum(sample.loss_mask[2:]) > 0:
-            samples.append(sample)
+        if sum(sample.loss_mask[2:]) == 0:
+            empty += 1
+            continue
+        sample = Sample(sample.input_ids[:max_length], sample.loss_mask[:max_length])
+        if sum(sample.loss_mask[2:]) == 0:
+            cut += 1
+            continue
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"no training samples in {len(records)} records: {empty} have no loss tokens "
+                         f"(no assistant answer, or empty), {cut} have none within --max-length {max_length}")
+    if cut:
+        warnings.warn(f"{cut} of {len(records)} records have no loss tokens within the first {max_length} tokens "
+                      "(--max-length) and were skipped")
     return samples
 
 

@@ -59,6 +59,15 @@ class TrainConfig:
     export_dtype: str = "bfloat16"
     pytorch_bin: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("ttt_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.eval_every < 0 or self.epochs <= 0:
+            raise ValueError(f"eval_every must be >= 0 and epochs > 0, got {self.eval_every} and {self.epochs}")
+
 
 # ----------------------------------------------------------------------------- head
 def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int | None = None) -> dict:
@@ -191,7 +200,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
     base.eval().requires_grad_(False)
-    counts = token_counts(samples, base.config.vocab_size)
+    counts = token_counts(samples, base.config.get_text_config().vocab_size)  # multimodal configs nest it
     head = new_head(base, counts, draft_vocab_size, intermediate_size, cfg.seed)
     head.to(device)
     attach_target_embedding(head, base)
@@ -212,8 +221,10 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not previous:
-            metrics_file.write_text("")
+        # Metrics logged after the checkpoint are logged again by the resumed run.
+        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if previous and metrics_file.exists() else []
+        metrics_file.write_text("".join(line + "\n" for line in kept))
 
     window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
     started, tokens = time.time(), 0
@@ -237,6 +248,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        record = {}
         if step % cfg.log_every == 0 or step == total:
             record = _summarise(window, accelerator)
             record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
@@ -244,8 +256,9 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                           tokens_per_s=round(tokens * world / (time.time() - started), 1))
             window = []
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples:
-                record.update(_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples:
+            record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
+        if record:
             _append(accelerator, metrics_file, record)
         if step % cfg.save_every == 0 or step == total:
             save_checkpoint(accelerator, out, {"step": step, "epoch": batches.epoch, "index": batches.index},
@@ -364,19 +377,24 @@ def load_base(path: str):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:  # bad options and bad data fail before the base model loads
+        fields = TrainConfig.__dataclass_fields__
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        records = [r for path in args.data for r in read_records(path)]
+        eval_records = [r for path in args.eval_data for r in read_records(path)] if args.eval_data else None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
     base, tokenizer = load_base(args.base_model_path)
-    records = [r for path in args.data for r in read_records(path)]
     if args.regenerate:
         records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
                              args.regen_batch_size)
         if args.save_data:
             Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
-    samples = to_samples(records, tokenizer, args.model_type, args.max_length, args.system)
-    eval_samples = None
-    if args.eval_data:
-        eval_records = [r for path in args.eval_data for r in read_records(path)]
-        eval_samples = to_samples(eval_records, tokenizer, args.model_type, args.max_length, args.system)
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        samples = to_samples(records, tokenizer, args.model_type, args.max_length, args.system)
+        eval_samples = eval_records and to_samples(eval_records, tokenizer, args.model_type, args.max_length,
+                                                   args.system)
+    except ValueError as err:
+        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
     train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
     print(f"head written to {args.out}")
