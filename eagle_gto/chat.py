@@ -84,6 +84,8 @@ _TEMPLATES = {
     "plain": Template("", "{}", "{}\n\n").render,
 }
 FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
+# Formats with no place for a system prompt: it opens the first user turn (as Mistral's own template does).
+SYSTEM_IN_FIRST_TURN = ("mixtral", "plain")
 
 
 def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None, system: str | None = None,
@@ -102,6 +104,11 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
             full = ([{"role": "system", "content": system}] if system else []) + turns
             return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
         model_type = "plain"
+    if system and model_type in SYSTEM_IN_FIRST_TURN:
+        first = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
+        if first is not None:
+            turns = list(turns)
+            turns[first] = {"role": "user", "content": f"{system}\n\n{turns[first]['content']}"}
     return _TEMPLATES[model_type](turns, system, generation_prompt)
 
 

@@ -40,3 +40,9 @@ def test_a_conversations_own_system_prompt_wins_and_training_text_has_no_open_tu
     for model_type in MODEL_TYPES:
         text = build_prompt(answered, model_type, generation_prompt=False)
         assert text.rstrip().endswith(("A2", "A2</s>", "A2 </s>", "A2<|eot_id|>", "A2<|im_end|>")), model_type
+
+
+def test_formats_without_a_system_slot_open_the_first_user_turn_with_it():
+    msgs = [{"role": "system", "content": "Be brief."}] + TURNS
+    assert build_prompt(msgs, "mixtral").startswith("<s>[INST] Be brief.\n\nQ1 {braces} [/INST] A1</s>[INST] Q2")
+    assert build_prompt(msgs, "plain") == "Be brief.\n\nQ1 {braces}A1\n\nQ2"
