@@ -18,7 +18,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 
@@ -147,10 +147,8 @@ class ChatRunner:
         self.max_length = max_length
         template = bool(getattr(self.tokenizer, "chat_template", None))
         self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
-        chat = chat_format(model_type)
-        self.is_llama3 = chat.is_llama3
-        vocab = self.tokenizer.get_vocab()
-        self.stop_token_ids = [vocab[s] for s in chat.stop_strings if s in vocab]
+        self.is_llama3 = chat_format(model_type).is_llama3
+        self.stop_token_ids = stop_token_ids(self.tokenizer, model_type)
         self._lock = threading.Lock()
 
     @property

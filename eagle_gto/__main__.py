@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import EaModel
-from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -61,8 +61,13 @@ def main(argv=None) -> int:
     text = build_prompt([{"role": "user", "content": args.prompt}], args.model_type, tokenizer)
     ids = torch.tensor([encode_prompt(text, tokenizer, args.model_type)])
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   max_new_tokens=args.max_new_tokens, is_llama3=chat_format(args.model_type).is_llama3)
-    model.eagenerate(ids, max_new_tokens=8)  # warm-up
+                   max_new_tokens=args.max_new_tokens, is_llama3=chat_format(args.model_type).is_llama3,
+                   stop_token_ids=stop_token_ids(tokenizer, args.model_type))
+    # Warm up each timed path with its settings: on a GPU a step's CUDA graph is
+    # recorded per mode and sampling setting, and recording must not be timed.
+    warm_ups = (model.eagenerate,) if args.no_compare else (model.eagenerate, model.naivegenerate)
+    for warm_up in warm_ups:
+        warm_up(ids, **{**options, "max_new_tokens": 8})
     out = model.eagenerate(ids, **options)
     spec = model.last_stats
     print(args.prompt, end="")

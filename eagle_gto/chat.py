@@ -116,6 +116,14 @@ def chat_format(model_type: str) -> ChatFormat:
     return FORMATS.get(model_type, ChatFormat())
 
 
+def stop_token_ids(tokenizer, model_type: str) -> list[int]:
+    """Ids of the format's stop strings that are single tokens of this
+    tokenizer (e.g. Qwen's <|im_end|>), for the engine's `stop_token_ids`;
+    the engine adds the model's eos ids itself, and <|eot_id|> with `is_llama3`."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
+
+
 def encode_prompt(text: str, tokenizer, model_type: str = "auto") -> list[int]:
     """Token ids of a prompt. Templates that write their own <s>/BOS must not
     get a second one from the tokenizer."""

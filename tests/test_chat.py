@@ -2,7 +2,7 @@
 
 import pytest
 
-from eagle_gto.chat import MODEL_TYPES, build_prompt
+from eagle_gto.chat import MODEL_TYPES, build_prompt, stop_token_ids
 
 TURNS = [{"role": "user", "content": "Q1 {braces}"}, {"role": "assistant", "content": "A1"},
          {"role": "user", "content": "Q2"}]
@@ -46,3 +46,12 @@ def test_formats_without_a_system_slot_open_the_first_user_turn_with_it():
     msgs = [{"role": "system", "content": "Be brief."}] + TURNS
     assert build_prompt(msgs, "mixtral").startswith("<s>[INST] Be brief.\n\nQ1 {braces} [/INST] A1</s>[INST] Q2")
     assert build_prompt(msgs, "plain") == "Be brief.\n\nQ1 {braces}A1\n\nQ2"
+
+
+def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():
+    class Tokenizer:
+        def get_vocab(self):
+            return {"<|im_end|>": 7, "a": 1}
+
+    assert stop_token_ids(Tokenizer(), "qwen") == [7]
+    assert stop_token_ids(Tokenizer(), "plain") == []  # the engine adds eos itself (and <|eot_id|> for llama3)

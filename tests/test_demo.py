@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import eagle_gto.__main__ as cli
 import eagle_gto.demo as demo
 from eagle_gto import CheckpointError, EaModel
+from eagle_gto.demo import measure as measure_cli
 from eagle_gto.demo.measure import humaneval_prompts, measure
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval" / "question.jsonl"
@@ -74,6 +76,45 @@ def test_demo_head_accepts_on_humaneval(model):
     result = measure(model, prompts, max_new_tokens=48)
     assert result.identical == len(prompts)
     assert result.tau > 1.5
+    assert result.speedup == pytest.approx(result.spec_tps / result.plain_tps)  # the reference's definition
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--base-model-path", "some/base"], "give both --base-model-path and --ea-model-path"),
+    (["--ea-model-path", "some/head"], "give both --base-model-path and --ea-model-path"),
+    (["--limit", "0"], "--limit must be >= 1"),
+])
+def test_measure_refuses_bad_arguments_before_loading(monkeypatch, capsys, argv, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(EaModel, "from_pretrained", no_load)
+    with pytest.raises(SystemExit):
+        measure_cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_formats_stops(model, monkeypatch, capsys):
+    """On a GPU each mode and sampling setting records its own CUDA graph on
+    first use: the warm-up must run every (mode, settings) pair timed after it.
+    The format's stop strings reach the engine as ids (a stand-in <|im_end|>)."""
+    vocab = model.tokenizer.get_vocab()
+    monkeypatch.setattr(model.tokenizer, "get_vocab", lambda: {**vocab, "<|im_end|>": 5})
+    calls = []
+    generate_steps = model.generate_steps
+
+    def spy(input_ids, **settings):
+        calls.append(settings)
+        return generate_steps(input_ids, **settings)
+
+    monkeypatch.setattr(model, "generate_steps", spy)
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "qwen", "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "12"]) == 0
+    assert "speedup" in capsys.readouterr().out
+    without_budget = [{k: v for k, v in c.items() if k != "max_new_tokens"} for c in calls]
+    assert [c["speculative"] for c in calls] == [True, False, True, False]  # warm-ups first, then the timed runs
+    assert without_budget[:2] == without_budget[2:]
+    assert all(c["temperature"] == 0.7 and c["top_p"] == 0.9 and c["stop_token_ids"] == [5] for c in calls)
 
 
 def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():

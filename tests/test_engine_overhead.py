@@ -24,6 +24,9 @@ def test_tiny_shape_report(tmp_path, capsys):
     # MLP 3*32*128 + 2 norms 2*32; final norm 32.
     params = 2 * 256 * 32 + 6 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 128 + 2 * 32) + 32
     assert result["weight_bytes"] == 4 * params
+    # A step reads one row of the (untied) input embedding table, not all 256.
+    assert result["read_bytes"] == 4 * (params - 255 * 32)
+    assert result["read_floor_ms"] == pytest.approx(result["floor_ms"] * result["read_bytes"] / result["weight_bytes"])
 
     for key in ("copy_bandwidth_gb_s", "floor_ms", "hf_generate_ms"):
         assert result[key] > 0, key

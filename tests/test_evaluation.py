@@ -10,6 +10,7 @@ import torch
 from eagle_gto.chat import build_prompt
 from eagle_gto.evaluation import gen_answer, speed
 from eagle_gto.evaluation.questions import read_jsonl
+from eagle_gto.generation import GenerationStats, Step, TreeParams
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark questions not found at {DATA}")
@@ -17,25 +18,32 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark questions 
 TREE = ["--total-token", "10", "--depth", "3", "--top-k", "3"]
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer: one id per byte, 256 in all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A random Llama base with a byte-level tokenizer (256 ids = its vocab)
     and a random EAGLE-3 head."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from eagle_gto.checkpoint import save_head
     from eagle_gto.tiny import base_config, head_config, random_head
 
     root = tmp_path_factory.mktemp("pair")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     torch.manual_seed(0)
     cfg = base_config()
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root / "base")
+    byte_tokenizer().save_pretrained(root / "base")
     save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=128)), root / "head")
     return str(root / "base"), str(root / "head")
 
@@ -57,7 +65,7 @@ def check_record(record, turns):
                                        choice["accept_lengths"]):
         assert wall > 0
         assert idx == len(lengths) - 1  # idxs: 0-based index of the last iteration, prefill included
-        assert new == sum(lengths) and 1 <= new <= 8
+        assert new <= sum(lengths) and 1 <= new <= 8  # the budget may cut the last step's accepted tokens
         assert lengths[0] == 1  # the prefill yields one token
 
 
@@ -90,11 +98,13 @@ def test_mt_bench_both_modes_then_speed(tiny_pair, tmp_path, monkeypatch):
 
     # per run: one unrecorded warm-up generation, then 2 questions x 2 turns
     assert len(prompts) == 2 * (1 + 4) and prompts[0] == [{"role": "user", "content": questions[0]["turns"][0]}]
-    # The second turn continues the conversation: its prompt holds the first answer.
+    # The second turn continues the conversation: its prompt holds the first answer
+    # (as the model wrote it; the answer file strips it).
     first = questions[0]["turns"]
-    assert [{"role": "user", "content": first[0]},
-            {"role": "assistant", "content": ea_answers[0]["choices"][0]["turns"][0]},
-            {"role": "user", "content": first[1]}] in prompts
+    conversation = next(m for m in prompts if len(m) == 3)  # the ea run's first question, second turn
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user"]
+    assert conversation[0]["content"] == first[0] and conversation[2]["content"] == first[1]
+    assert conversation[1]["content"].strip() == ea_answers[0]["choices"][0]["turns"][0]
 
     summary = speed.main(["--ea-file", str(ea), "--baseline-file", str(base), "--out-dir", str(tmp_path / "report")])
     groups = summary["groups"]
@@ -154,7 +164,8 @@ def test_speed_arithmetic_by_hand(tmp_path):
     Question 2 (math, two turns): EA 20 + 20 tokens in 0.5 + 1.5 s over 5 + 5
     iterations (20 tok/s), plain 40 tokens in 2 + 2 s (10 tok/s): ratio 2.0.
     Question 3 is answered only with speculation: left out.
-    All: speedup = (3.0 + 2.0) / 2 = 2.5; EA tok/s = 70 / 3 = 23.333;
+    All: mean tok/s EA (30 + 20) / 2 = 25, plain (10 + 10) / 2 = 10, speedup
+    25 / 10 = 2.5 (here also the mean of the ratios); EA tok/s = 70 / 3 = 23.333;
     plain tok/s = 70 / 7 = 10; speedup_total = 2.3333; tau = 70 / 20 = 3.5.
     Writing: tau 30 / 10 = 3; math: tau 40 / 10 = 4.
     Histogram over the EA accept lengths after each turn's prefill step:
@@ -173,6 +184,9 @@ def test_speed_arithmetic_by_hand(tmp_path):
     assert summary["questions"] == 2 and summary["unpaired"] == [3]
     everything = summary["groups"]["all"]
     assert everything["speedup"] == pytest.approx(2.5)
+    assert everything["ea_mean_tokens_per_second"] == pytest.approx(25.0)
+    assert everything["baseline_mean_tokens_per_second"] == pytest.approx(10.0)
+    assert everything["speedup_mean_of_ratios"] == pytest.approx(2.5)
     assert everything["ea_tokens_per_second"] == pytest.approx(70 / 3)
     assert everything["baseline_tokens_per_second"] == pytest.approx(10.0)
     assert everything["speedup_total"] == pytest.approx(7 / 3)
@@ -198,3 +212,103 @@ def test_speed_cli_writes_report_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(ValueError, match="no question id in common"):
         speed.main(["--ea-file", ea, "--baseline-file", write(tmp_path / "other.jsonl", [answer(2, "c", [1], [1.0], [0])])])
+
+
+def test_speedup_is_the_ratio_of_mean_tokens_per_second(tmp_path):
+    """The reference's speedup: mean tok/s with speculation / mean tok/s plain.
+    Question 1: EA 10 tokens in 1 s (10 tok/s), plain 10 in 0.1 s (100 tok/s);
+    question 2: EA 1000 in 10 s (100 tok/s), plain 1000 in 100 s (10 tok/s).
+    Means 55 and 55: speedup 1.0. The mean of the per-question ratios,
+    (0.1 + 10) / 2 = 5.05, and the totals, (1010 / 11) / (1010 / 100.1) = 9.1,
+    are reported beside it."""
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "c", [10], [1.0], [4]), answer(2, "c", [1000], [10.0], [99])])
+    base = write(tmp_path / "base.jsonl", [answer(1, "c", [10], [0.1], [9]), answer(2, "c", [1000], [100.0], [999])])
+    everything = speed.summarize(read_jsonl(ea), read_jsonl(base))["groups"]["all"]
+    assert everything["speedup"] == pytest.approx(1.0)
+    assert everything["ea_mean_tokens_per_second"] == everything["baseline_mean_tokens_per_second"] == 55
+    assert everything["speedup_mean_of_ratios"] == pytest.approx(5.05)
+    assert everything["speedup_total"] == pytest.approx(9.1)
+
+
+def test_speed_refuses_files_of_the_other_mode(tmp_path):
+    ea_record = dict(answer(1, "c", [12], [1.0], [3]), mode="ea")
+    base_record = dict(answer(1, "c", [12], [4.0], [11]), mode="baseline")
+    ea, base = write(tmp_path / "ea.jsonl", [ea_record]), write(tmp_path / "base.jsonl", [base_record])
+    assert speed.summarize(read_jsonl(ea), read_jsonl(base))["groups"]["all"]["speedup"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="swapped"):
+        speed.main(["--ea-file", base, "--baseline-file", ea, "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--baseline-file"):
+        speed.summarize([ea_record], [ea_record])
+
+
+class ScriptedModel:
+    """Stands in for EaModel in `gen_answer.Answerer`: every generation yields
+    the same steps; the prompt and settings of each are recorded."""
+
+    tree = TreeParams(total_token=10)
+
+    def __init__(self, tokenizer, steps):
+        self.tokenizer, self.steps, self.calls = tokenizer, steps, []
+
+    def generate_steps(self, input_ids, **settings):
+        self.calls.append((self.tokenizer.decode(input_ids[0]), settings))
+        self.last_stats = GenerationStats(prompt_length=input_ids.shape[1], steps=list(self.steps))
+        yield from self.steps
+
+
+def test_answerer_feeds_back_the_raw_answer_and_records_accepted_lengths():
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(" Hi\n").input_ids  # an answer with a leading space and a final newline
+    # The prefill yields one token; the second step accepted 4 drafts, of which the budget kept 2 + the bonus.
+    steps = [Step(ids[:1], 0, 0.01), Step(ids[1:], 4, 0.01, "length")]
+    model = ScriptedModel(tokenizer, steps)
+    args = gen_answer.parse_args(["--model-type", "plain", "--device", "cpu", "--max-new-tokens", "4",
+                                  "--temperature", "0.5", "--warmup", "1", "--system", "Be brief."])
+    answerer = gen_answer.Answerer(model, args)
+    question = {"question_id": 1, "turns": ["Q1", "Q2"]}
+    answerer.warm_up(question)
+    choice = answerer.answer(question)
+
+    assert choice["turns"] == ["Hi", "Hi"]  # the answer file keeps the stripped text
+    assert choice["new_tokens"] == [4, 4]
+    assert choice["accept_lengths"] == [[1, 5], [1, 5]]  # accepted drafts + 1, not the 3 tokens kept
+    (warm_prompt, warm_settings), (first, first_settings), (second, second_settings) = model.calls
+    # --system opens the conversation (the plain format has no system slot: the first user turn)
+    assert warm_prompt == first == "Be brief.\n\nQ1"
+    # turn 2 continues what the model wrote, whitespace included
+    assert second == build_prompt([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": " Hi\n"},
+                                   {"role": "user", "content": "Q2"}], "plain", system="Be brief.")
+    # the warm-up generates with the timed settings (mode, sampling, budget, stops)
+    assert warm_settings == first_settings == second_settings
+    assert first_settings["temperature"] == 0.5 and first_settings["speculative"] is True
+
+
+@pytest.mark.parametrize("cuda,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_auto_device_dtype_follows_where_the_model_goes(monkeypatch, cuda, dtype):
+    loaded = {}
+
+    def from_pretrained(*paths, **kwargs):
+        loaded.update(kwargs)
+        return ScriptedModel(byte_tokenizer(), [])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", from_pretrained)
+    gen_answer.load_model(gen_answer.parse_args(["--device", "auto"]))
+    assert loaded["dtype"] == dtype and loaded["device_map"] == "auto"
+
+
+def test_resume_refuses_answers_of_another_run(tmp_path):
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
+    path = tmp_path / "a.jsonl"
+    run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m"]
+    write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="baseline")])  # model_id "m", mode baseline
+    with pytest.raises(ValueError, match="mode 'baseline'.*not this run's 'ea'"):
+        gen_answer.main(run + ["--mode", "ea"])  # fails before loading a model
+    with pytest.raises(ValueError, match="model_id 'm'.*not this run's 'other'"):
+        gen_answer.main(run[:-1] + ["other", "--mode", "baseline"])
+
+
+def test_max_new_tokens_is_checked_with_the_arguments(capsys):
+    with pytest.raises(SystemExit):
+        gen_answer.parse_args(["--max-new-tokens", "0"])
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err

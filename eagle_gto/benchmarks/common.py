@@ -38,6 +38,22 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
     return median_of(run, repeats)
 
 
+def bandwidth_floors(base, bandwidth: float) -> dict:
+    """The bandwidth floor of one decode step, in ms, two ways:
+    - `floor_ms`: every weight byte read once (perf-anchor.md's definition,
+      which issue 7's targets are stated against);
+    - `read_floor_ms`: the bytes a step does read: the input embedding table
+      contributes one row, not all of it (unless the output layer shares it).
+    For Llama-3.1-8B the table is 1.05 of 16.06 GB: the second floor is ~6.5% lower."""
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    table = base.get_input_embeddings().weight
+    output = base.get_output_embeddings()
+    shared = output is not None and output.weight is table  # tied: the output layer reads the whole table
+    read = weights if shared else weights - table.numel() * table.element_size() + table[0].numel() * table.element_size()
+    return {"weight_bytes": weights, "read_bytes": read, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "floor_ms": 1000 * weights / bandwidth, "read_floor_ms": 1000 * read / bandwidth}
+
+
 def write_json(path: str | None, result: dict) -> None:
     """Write the results to `path` (folders made as needed); nothing without a path."""
     if path:

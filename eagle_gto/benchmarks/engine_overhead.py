@@ -7,7 +7,8 @@ and a random EAGLE-3 head of the matching shape, then measures in one run
 (one warm-up, median of `--repeats`):
 
 - the bandwidth floor of a decode step: all weight bytes / the device's
-  copy bandwidth (bytes read + written per second by a large tensor copy);
+  copy bandwidth (bytes read + written per second by a large tensor copy),
+  and the lower floor of the bytes a step does read (`bandwidth_floors`);
 - ms per plain decode step: the engine's `naivegenerate` (its steps after
   the prefill, from `last_stats`) and transformers' own greedy `generate`
   ((time for N tokens - time for 1 token) / (N - 1), no eos);
@@ -39,7 +40,7 @@ from ..graphs import COMPILE_MODES
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
 from .shapes import DTYPES, SHAPES, Shape, llama_config
-from .common import copy_bandwidth, median_of, synchronize, write_json
+from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
 
 def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: TreeParams) -> EaModel:
     """Random base and EAGLE-3 head of `shape`, created on the device (an 8B
@@ -111,7 +112,6 @@ def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens:
             max_length: int, engine_names: list[str]) -> dict:
     device = prompt.device
     base = model.base_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     bandwidth = copy_bandwidth(device, repeats)
     engines = {}
     for engine in engine_names:
@@ -131,8 +131,7 @@ def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens:
             if engine == "graphs":
                 it["replay_ms"] = replay_ms(model, repeats)
             engines[engine]["iterations"][size] = it
-    return {"weight_bytes": weight_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "floor_ms": 1000 * weight_bytes / bandwidth, "engines": engines}
+    return {**bandwidth_floors(base, bandwidth), "engines": engines}
 
 
 def add_ratios(result: dict, tau: float) -> None:
@@ -166,6 +165,7 @@ def format_table(r: dict) -> str:
         f"| what | ms | x floor | x plain (same engine) | tokens/s at tau {r['tau_assumed']} |",
         "|---|---|---|---|---|",
         row(f"bandwidth floor ({r['weight_bytes'] / 1e9:.3f} GB / {r['copy_bandwidth_gb_s']:.1f} GB/s copy)", floor),
+        row(f"bytes a step reads (the embedding table: one row; {r['read_bytes'] / 1e9:.3f} GB)", r["read_floor_ms"]),
         row("transformers `generate`, per token", r["hf_generate_ms"]),
     ]
     for name, engine in r["engines"].items():

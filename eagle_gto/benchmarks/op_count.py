@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
+    if args.layers < 3:
+        p.error(f"--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got {args.layers}")
     torch.manual_seed(0)
     shape = Shape(64, args.layers, 8, 2, 128, 2048, draft_vocab_size=512, llama3_rope=True)
     tree = TreeParams(args.total_token, args.depth, args.top_k)

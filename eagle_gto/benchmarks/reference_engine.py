@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .shapes import DTYPES, SHAPES, llama_config
-from .common import copy_bandwidth, median_of, synchronize, write_json
+from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
 
@@ -111,8 +111,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = build_reference(shape, device, DTYPES[dtype], sizes[0], args.depth, args.top_k)
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.base_model.parameters())
-    floor_ms = 1000 * weight_bytes / copy_bandwidth(device, args.repeats)
+    floors = bandwidth_floors(model.base_model, copy_bandwidth(device, args.repeats))
+    floor_ms = floors["floor_ms"]
 
     def steps_of(generate):
         def run(n: int) -> int:
@@ -131,11 +131,13 @@ def main(argv=None) -> dict:
                   date=datetime.date.today().isoformat(), torch=torch.__version__,
                   transformers=transformers.__version__, prompt_length=args.prompt_length,
                   new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},
-                  floor_ms=floor_ms, plain_ms=plain, iteration_ms=iterations)
+                  **floors, plain_ms=plain, iteration_ms=iterations)
     print(f"EAGLE reference engine, {result['device_name']}, {dtype}, transformers {transformers.__version__}, "
           f"{result['date']}: prompt {args.prompt_length}, {args.new_tokens} new tokens, median of {args.repeats}\n")
     print("| what | ms | x floor |\n|---|---|---|")
     print(f"| bandwidth floor | {floor_ms:.3f} | 1.00 |")
+    print(f"| bytes a step reads (the embedding table: one row) | {floors['read_floor_ms']:.3f} | "
+          f"{floors['read_floor_ms'] / floor_ms:.2f} |")
     print(f"| reference `naivegenerate`, per token | {plain:.3f} | {plain / floor_ms:.2f} |")
     for size, ms in iterations.items():
         print(f"| reference `eagenerate` total_token {size}, per iteration | {ms:.3f} | {ms / floor_ms:.2f} |")

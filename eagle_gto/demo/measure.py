@@ -8,7 +8,8 @@ plain text; the demo base is a plain code LM). Each prompt is generated
 greedily both ways, speculative and plain, side by side in this one run, and
 the outputs are checked to be identical. Printed per set: tau (generated
 tokens / target forwards, the bonus token counted) and tokens/s of both ways;
-speedup = mean tokens/s speculative / mean tokens/s plain.
+speedup = mean tokens/s speculative / mean tokens/s plain, as the EAGLE
+reference and `eagle_gto.evaluation.speed` compute it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.speed import mean, reference_speedup
 from . import demo_paths
 from .corpus import read_texts, stdlib_files
 
@@ -42,16 +44,14 @@ class Result:
     spec_tps: float  # mean over prompts of tokens/s, speculative
     plain_tps: float  # the same, plain decoding
     identical: int  # prompts whose speculative output equals the plain one
-
-    @property
-    def speedup(self) -> float:
-        return self.spec_tps / self.plain_tps
+    speedup: float  # spec_tps / plain_tps
 
 
 def measure(model, prompts: list[list[int]], max_new_tokens: int = 128) -> Result:
     new_tokens = iterations = identical = 0
     spec_tps, plain_tps = [], []
-    model.eagenerate(torch.tensor([prompts[0]]), max_new_tokens=8)  # warm-up
+    for warm_up in (model.eagenerate, model.naivegenerate):  # first-call costs stay out of the timed runs
+        warm_up(torch.tensor([prompts[0]]), max_new_tokens=8)
     for prompt in prompts:
         ids = torch.tensor([prompt])
         spec = model.eagenerate(ids, max_new_tokens=max_new_tokens)
@@ -61,8 +61,8 @@ def measure(model, prompts: list[list[int]], max_new_tokens: int = 128) -> Resul
         plain = model.naivegenerate(ids, max_new_tokens=max_new_tokens)
         plain_tps.append(model.last_stats.tokens_per_second)
         identical += int(torch.equal(spec, plain))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return Result(len(prompts), new_tokens / iterations, mean(spec_tps), mean(plain_tps), identical)
+    return Result(len(prompts), new_tokens / iterations, mean(spec_tps), mean(plain_tps), identical,
+                  reference_speedup(spec_tps, plain_tps))
 
 
 def main(argv=None) -> None:
@@ -79,11 +79,18 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
+    for name in ("limit", "prompt_tokens", "max_new_tokens", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    base, head = args.base_model_path, args.ea_model_path
+    if bool(base) != bool(head):
+        p.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
+    if base and args.head:
+        p.error("--head picks a head of the demo pair: leave it out with --base-model-path and --ea-model-path")
     from .. import EaModel
 
     torch.set_num_threads(args.threads)
-    base, head = args.base_model_path, args.ea_model_path
-    if not (base and head):
+    if not base:
         base, head = demo_paths(args.head)
     model = EaModel.from_pretrained(base, head, total_token=args.total_token, depth=args.depth, top_k=args.top_k,
                                     dtype=torch.float32)
@@ -92,7 +99,7 @@ def main(argv=None) -> None:
         sets["HumanEval"] = humaneval_prompts(args.humaneval, model.tokenizer)
     else:
         print(f"{args.humaneval} not found: HumanEval skipped")
-    print(f"demo pair {base} + {head}; total_token={args.total_token} depth={args.depth} top_k={args.top_k}, "
+    print(f"pair {base} + {head}; total_token={args.total_token} depth={args.depth} top_k={args.top_k}, "
           f"greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} CPU threads")
     print(f"| {'prompts':<16} | {'n':>3} | {'tau':>5} | {'spec tok/s':>10} | {'plain tok/s':>11} "
           f"| {'speedup':>7} | identical |")

@@ -10,18 +10,22 @@ Both modes run the engine's one generation loop (`generate_steps`), with
 speculation (`--mode ea`) or without (`--mode baseline`), so the two sides
 are timed and counted the same way:
 
-- the prompt is built turn by turn, each answer carried into the next turn;
-- a few warm-up generations run first and are not recorded;
+- the prompt is built turn by turn, each answer carried into the next turn
+  as the model wrote it (the answer file keeps it stripped, as the
+  reference's does);
+- a few warm-up generations with the timed settings run first and are not
+  recorded;
 - wall time covers the whole turn, prefill included (the device is
   synchronised at both ends);
 - new_tokens, idxs (iterations - 1; iterations are target forwards, the
-  prefill included) and the tokens of every iteration (`accept_lengths`)
-  come from `model.last_stats`.
+  prefill included) and the tokens accepted by every iteration
+  (`accept_lengths`: accepted drafts + 1, also where a stop token or the
+  token budget cut the step; 1 for the prefill) come from `model.last_stats`.
 
 Answers are appended one line per question in the EAGLE reference's format
 (plus `category`, `mode` and per-turn `accept_lengths`); question ids already
 in the answer file are skipped, so an interrupted run resumes where it
-stopped.
+stopped. A file holding answers of another --mode or --model-id is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt
+from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
 from ..ea_model import EaModel
 from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers
 
@@ -50,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="prompt format")
+    p.add_argument("--system", help="system prompt for questions (default: none; the format's own where it has one)")
     p.add_argument("--mode", choices=("ea", "baseline"), default="ea", help="speculative or plain decoding")
     p.add_argument("--model-id", help="name written in the answers (default: base name, mode, temperature)")
     p.add_argument("--answer-file", help="output JSON lines (default runs/eval/BENCH/MODEL_ID.jsonl)")
@@ -69,25 +74,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     return args
 
 
+def on_gpu(device: str) -> bool:
+    """Whether the base model goes to a GPU: "auto" places it on the CPU when there is none."""
+    return device != "cpu" and torch.cuda.is_available()
+
+
 def load_model(args: argparse.Namespace):
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.device == "cpu" else "bfloat16")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu(args.device) else "float32")
     model = EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
                                     depth=args.depth, top_k=args.top_k, dtype=DTYPES[dtype], device_map=args.device)
     if model.tokenizer is None:
         raise ValueError("the base model has no tokenizer: gen_answer needs one to build and decode prompts")
     return model
-
-
-def stop_token_ids(tokenizer, model_type: str) -> list[int]:
-    """Stop strings of the prompt format that are single tokens (e.g. Qwen's
-    <|im_end|>); the model's eos ids are added by the engine."""
-    vocab = tokenizer.get_vocab()
-    return [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
 
 
 class Answerer:
@@ -108,12 +113,12 @@ class Answerer:
 
     def _sync(self) -> None:
         # Kernels run asynchronously on a GPU: wait for them so wall time is the turn's own.
-        if self.args.device != "cpu" and torch.cuda.is_available():
+        if on_gpu(self.args.device):
             for index in range(torch.cuda.device_count()):
                 torch.cuda.synchronize(index)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = build_prompt(messages, self.args.model_type, self.model.tokenizer)
+        text = build_prompt(messages, self.args.model_type, self.model.tokenizer, system=self.args.system)
         ids = encode_prompt(text, self.model.tokenizer, self.args.model_type)
         if len(ids) > self.prompt_budget:
             warnings.warn(f"prompt of {len(ids)} tokens cut to its last {self.prompt_budget} to fit --max-length")
@@ -135,10 +140,11 @@ class Answerer:
         return tokens, time.perf_counter() - start
 
     def decode(self, tokens: list[int]) -> str:
+        """The answer's text up to a stop string, not stripped."""
         text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
         for stop in chat_format(self.args.model_type).stop_strings:
             text = text.split(stop)[0]
-        return text.strip()
+        return text
 
     def answer(self, question: dict) -> dict:
         """One choice in the reference's format, plus per-turn accept_lengths."""
@@ -150,15 +156,21 @@ class Answerer:
             tokens, seconds = self.generate(self.prompt_ids(messages))
             stats = self.model.last_stats
             text = self.decode(tokens)
+            # The next turn's prompt continues what the model wrote: with the plain
+            # format stripping would change it (a leading space, a final newline).
             messages.append({"role": "assistant", "content": text})
-            choice["turns"].append(text)
+            choice["turns"].append(text.strip())
             choice["idxs"].append(stats.iterations - 1)
             choice["new_tokens"].append(stats.new_tokens)
             choice["wall_time"].append(seconds)
-            choice["accept_lengths"].append([len(s.tokens) for s in stats.steps])
+            # What each iteration accepted: a step cut by a stop token or the budget is no shorter acceptance.
+            choice["accept_lengths"].append([s.num_accepted + 1 for s in stats.steps])
         return choice
 
     def warm_up(self, question: dict) -> None:
+        """Unrecorded generations through `generate`, so with the timed
+        settings (mode, sampling, stops, max_length): on a GPU, the CUDA
+        graphs the timed turns replay are recorded here."""
         ids = self.prompt_ids([{"role": "user", "content": question["turns"][0]}])
         for _ in tqdm(range(self.args.warmup), desc="warm-up", leave=False):
             self.generate(ids)
@@ -176,7 +188,7 @@ def main(argv=None) -> Path:
     model_id = args.model_id or default_model_id(args)
     answer_file = Path(args.answer_file or Path("runs", "eval", args.bench_name, f"{model_id}.jsonl"))
     questions = load_questions(questions_path, args.limit)
-    done = answered_ids(answer_file)
+    done = answered_ids(answer_file, mode=args.mode, model_id=model_id)
     todo = [q for q in questions if q["question_id"] not in done]
     print(f"{len(questions)} questions from {questions_path}; {len(questions) - len(todo)} already in {answer_file}")
     if not todo:

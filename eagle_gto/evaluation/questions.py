@@ -50,10 +50,19 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     return questions[:limit] if limit is not None else questions
 
 
-def answered_ids(path: str | Path) -> set:
-    """Question ids already in an answer file (empty when it does not exist)."""
+def answered_ids(path: str | Path, **settings) -> set:
+    """Question ids already in an answer file (empty when it does not exist).
+    Its answers must have been made with the given `settings` (e.g.
+    mode="ea"), or resuming would mix two runs in one file; answers that do
+    not record a setting (the reference's) pass."""
     path = Path(path)
-    return {a["question_id"] for a in read_jsonl(path)} if path.exists() else set()
+    answers = read_jsonl(path) if path.exists() else []
+    for key, value in settings.items():
+        other = next((a for a in answers if a.get(key, value) != value), None)
+        if other is not None:
+            raise ValueError(f"{path} holds answers made with {key} {other[key]!r} (question "
+                             f"{other['question_id']}), not this run's {value!r}: use another answer file")
+    return {a["question_id"] for a in answers}
 
 
 def sort_answers(path: str | Path) -> None:

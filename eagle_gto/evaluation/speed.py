@@ -9,18 +9,26 @@ number of iterations (target forwards, prefill included). Both sides come
 from the same loop and are counted the same way. For a group of questions
 (all of them, or one category):
 
-- tokens/s of a side = sum T_q / sum S_q;
-- speedup = mean over q of (T_q / S_q with speculation) / (T_q / S_q plain),
-  the per-question ratio the reference reports;
-- speedup_total = tokens/s with speculation / tokens/s plain, i.e. the ratio
-  of total tokens over total time (long answers weigh more);
+- mean tokens/s of a side = mean over q of T_q / S_q;
+- speedup = mean tokens/s with speculation / mean tokens/s plain, the ratio
+  the reference's evaluation/speed.py prints;
+- tokens/s of a side = sum T_q / sum S_q, and speedup_total = tokens/s with
+  speculation / tokens/s plain: total tokens over total time (long answers
+  weigh more);
+- speedup_mean_of_ratios = mean over q of (T_q / S_q with speculation) /
+  (T_q / S_q plain), kept for comparison (not what the reference reports);
 - tau = sum T_q / sum I_q with speculation, tokens per iteration with the
   bonus token counted (plain decoding has exactly 1; reported as a check).
 
+Records carry the `mode` gen_answer ran in (records without one, such as the
+reference's, are taken as they come): an --ea-file of baseline answers or a
+--baseline-file of ea answers is refused.
+
 Prints a table, writes `speed.json` and, with matplotlib, `speedup_tau.png`
 (speedup and tau per category) and `accept_lengths.png`: the histogram of
-tokens emitted per draft-and-verify iteration (accepted drafts + the bonus
-token), from the answers' `accept_lengths`, prefill steps left out.
+tokens accepted per draft-and-verify iteration (accepted drafts + the bonus
+token, before a stop token or the token budget cut the step), from the
+answers' `accept_lengths`, prefill steps left out.
 """
 
 from __future__ import annotations
@@ -45,12 +53,23 @@ def question_totals(answer: dict) -> dict:
     return totals
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def reference_speedup(ea_speeds: list[float], baseline_speeds: list[float]) -> float:
+    """The EAGLE reference's speedup: the mean of per-question (or per-prompt)
+    tokens/s with speculation over the same mean of plain decoding."""
+    return mean(ea_speeds) / mean(baseline_speeds)
+
+
 def group_stats(pairs: list[tuple[dict, dict]]) -> dict:
     """Statistics of (speculative, plain) question totals, as in the module docstring."""
     def total(side: int, key: str) -> float:
         return sum(pair[side][key] for pair in pairs)
 
-    ratios = [(ea["tokens"] / ea["seconds"]) / (base["tokens"] / base["seconds"]) for ea, base in pairs]
+    ea_speeds = [ea["tokens"] / ea["seconds"] for ea, _ in pairs]
+    base_speeds = [base["tokens"] / base["seconds"] for _, base in pairs]
     ea_tps = total(0, "tokens") / total(0, "seconds")
     base_tps = total(1, "tokens") / total(1, "seconds")
     return {
@@ -58,17 +77,30 @@ def group_stats(pairs: list[tuple[dict, dict]]) -> dict:
         "ea_tokens": total(0, "tokens"), "ea_seconds": total(0, "seconds"), "ea_iterations": total(0, "iterations"),
         "baseline_tokens": total(1, "tokens"), "baseline_seconds": total(1, "seconds"),
         "baseline_iterations": total(1, "iterations"),
+        "ea_mean_tokens_per_second": mean(ea_speeds),
+        "baseline_mean_tokens_per_second": mean(base_speeds),
         "ea_tokens_per_second": ea_tps,
         "baseline_tokens_per_second": base_tps,
-        "speedup": sum(ratios) / len(ratios),
+        "speedup": reference_speedup(ea_speeds, base_speeds),
         "speedup_total": ea_tps / base_tps,
+        "speedup_mean_of_ratios": mean([ea / base for ea, base in zip(ea_speeds, base_speeds)]),
         "tau": total(0, "tokens") / total(0, "iterations"),
         "baseline_tau": total(1, "tokens") / total(1, "iterations"),
     }
 
 
+def check_mode(answers: list[dict], mode: str, side: str) -> None:
+    """Refuse answers that gen_answer recorded in the other mode (files passed the wrong way round)."""
+    wrong = [a["question_id"] for a in answers if a.get("mode", mode) != mode]
+    if wrong:
+        raise ValueError(f"the {side} answers hold records made in another mode than {mode!r} "
+                         f"(question ids {wrong[:5]}): are --ea-file and --baseline-file swapped?")
+
+
 def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
     """The speed report of two answer lists (see the module docstring)."""
+    check_mode(ea_answers, "ea", "speculative (--ea-file)")
+    check_mode(baseline_answers, "baseline", "plain (--baseline-file)")
     ea = {a["question_id"]: a for a in ea_answers}
     base = {a["question_id"]: a for a in baseline_answers}
     paired = sorted(ea.keys() & base.keys())
@@ -95,9 +127,11 @@ def format_table(summary: dict) -> str:
     header = f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
     lines = [header, "-" * len(header)]
     for name, g in summary["groups"].items():
-        lines.append(f"{name:<14}{g['questions']:>5}{g['ea_tokens_per_second']:>11.2f}"
-                     f"{g['baseline_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
+        lines.append(f"{name:<14}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
+                     f"{g['baseline_mean_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
                      f"{g['tau']:>7.2f}")
+    lines.append("tok/s: mean over questions; speedup: their ratio (as the reference); "
+                 "(total): total tokens / total time, EA over plain")
     return "\n".join(lines)
 
 
@@ -110,7 +144,8 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 
     names = list(summary["groups"])
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(names) * 2), 4))
-    for ax, key, title in ((axes[0], "speedup", "speedup (mean over questions)"), (axes[1], "tau", "tau")):
+    speedup_title = "speedup (mean tok/s EA / mean tok/s plain)"
+    for ax, key, title in ((axes[0], "speedup", speedup_title), (axes[1], "tau", "tau")):
         values = [summary["groups"][n][key] for n in names]
         ax.bar(names, values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
         ax.set_title(title)
@@ -125,7 +160,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     hist = summary["accept_length_histogram"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([int(k) for k in hist], list(hist.values()))
-    ax.set_xlabel("tokens emitted per iteration (accepted drafts + 1)")
+    ax.set_xlabel("tokens accepted per iteration (accepted drafts + 1)")
     ax.set_ylabel("iterations")
     ax.set_title(f"draft-and-verify iterations (tau incl. prefill = {summary['groups'][ALL]['tau']:.2f})")
     fig.tight_layout()

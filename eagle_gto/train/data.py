@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import build_prompt, chat_format, encode_prompt
+from ..chat import build_prompt, chat_format, encode_prompt, stop_token_ids
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}
@@ -191,13 +191,15 @@ def greedy_continue(model, prompts: list[list[int]], max_new_tokens: int, stop_i
     return results
 
 
-def stop_token_ids(model, tokenizer, model_type: str) -> set[int]:
-    ids: set[int] = set()
+def regeneration_stop_ids(model, tokenizer, model_type: str) -> set[int]:
+    """Where a regenerated answer ends: the model's and tokenizer's eos ids
+    and the format's end-of-turn tokens (<|eot_id|>, <|im_end|>)."""
+    ids = set(stop_token_ids(tokenizer, model_type))
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
         if eos is not None:
             ids.update([eos] if isinstance(eos, int) else eos)
-    if chat_format(model_type).is_llama3:
+    if chat_format(model_type).is_llama3 and "<|eot_id|>" in tokenizer.get_vocab():
         ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
     return ids
 
@@ -208,7 +210,7 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
     base model's greedy answer to the conversation so far. Plain-text
     records are kept as they are."""
     conversations = [to_messages(r) for r in records]
-    stops = stop_token_ids(model, tokenizer, model_type)
+    stops = regeneration_stop_ids(model, tokenizer, model_type)
     stop_strings = chat_format(model_type).stop_strings
     turn = 0
     while True:
