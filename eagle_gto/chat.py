@@ -33,8 +33,9 @@ MODEL_TYPES = ("auto", "plain", "vicuna", "llama2-chat", "llama3", "qwen", "mixt
 
 @dataclass(frozen=True)
 class Template:
-    """A conversation as header + one piece per turn + footer; `{system}` in
-    the header is filled with the system prompt (or the template's default)."""
+    """A conversation as header + one piece per turn + the generation prompt;
+    `{system}` in the header is filled with the system prompt (or the
+    template's default)."""
 
     header: str
     user: str
