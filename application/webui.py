@@ -29,7 +29,9 @@ CHAT_EXAMPLES = ["Write a Python function that checks whether a number is prime.
 DRAFT_STYLE = "background:#bbf7d0;border-radius:3px"  # green: text from accepted draft tokens
 WAITING = "Waiting for the model: another answer is being generated…"
 GENERATING, STOPPED = "Generating…", "Stopped."
-FINISHED = {"stop": "Done: the model ended its answer.", "length": "Done: the token limit is reached."}
+DONE = "Done: the model ended its answer."
+ANSWER_LIMIT = "Done: the answer reached its limit of {} new tokens (Max new tokens)."
+CONTEXT_FULL = "Done: the context is full ({} tokens for prompt and answer; see --max-length)."
 ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error"}  # the user's to fix
 
 
@@ -75,14 +77,20 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        return "", (asked, message), show(asked), WAITING if runner.busy else ""
+        return "", (asked, message), show(asked), WAITING if runner.busy else GENERATING
 
     def drop_answer(history: list[dict]):
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        return (asked, None), show(asked), WAITING if runner.busy else ""
+        return (asked, None), show(asked), WAITING if runner.busy else GENERATING
+
+    def finished(stats, max_new: int) -> str:
+        """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
+        if stats.finish_reason == "stop":
+            return DONE
+        return ANSWER_LIMIT.format(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int):
@@ -97,7 +105,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
-                    state = (FINISHED[update.step.finish_reason] if update.step.finished
+                    state = (finished(update.stats, options.max_new_tokens) if update.step.finished
                              else GENERATING if update.stats.iterations == 1 else gr.skip())
                     yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -105,12 +113,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             if title is None:
                 title = "Generation failed"
                 log.exception("generation failed")
-            yield history, show(history), "", "", "", gr.skip() if typed is None else typed
+            # The last answer's stats and draft panel stay: they still describe the conversation shown.
+            notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
+            yield history, show(history), gr.skip(), gr.skip(), notice_line, gr.skip() if typed is None else typed
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict]):
-        """After Stop: the conversation as it stands; a question stopped before its answer began is not in it."""
-        return STOPPED if state == GENERATING else state, show(history)
+    def stopped(state: str, history: list[dict], pending, message: str):
+        """After Stop: the conversation as it stands; a question stopped before its answer began is not in
+        it, so its text goes back into the (empty) message box to send again."""
+        if state not in (GENERATING, WAITING):  # nothing was running or queued
+            return state, show(history), gr.skip()
+        asked, typed = pending
+        answered = len(history) > len(asked) and history[:len(asked)] == asked
+        return STOPPED, show(history), typed if typed and not answered and not message else gr.skip()
+
+    def cleared():
+        return [], None, [], "", "", ""
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
         tree = runner.model.tree
@@ -138,25 +156,36 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p (1: off)")
-                max_new = gr.Slider(1, max_new_tokens, value=min(256, max_new_tokens), step=1, label="Max new tokens",
-                                    elem_id="max-new-tokens")
+                # The answer shares the context with the prompt, so more than the context never fits.
+                most = min(max_new_tokens, runner.max_length)
+                max_new = gr.Slider(1, most, value=min(256, most), step=1, elem_id="max-new-tokens",
+                                    label=f"Max new tokens (prompt + answer fit in {runner.max_length} tokens)")
         drafts = gr.HTML(elem_id="drafts")
+        # Where the events' progress and error state go instead of their outputs: Gradio shows an error badge
+        # over the chatbot (whatever show_progress says) that hides the chat and blocks the message box until
+        # dismissed. The notice line and the error toast tell the user instead.
+        nowhere = dict(show_progress="hidden", show_progress_on=gr.HTML(visible=False))
 
         shown = [chatbot, stats, drafts, notice]
         generation = dict(fn=respond, inputs=[pending, history, speculative, temperature, top_p, max_new],
-                          outputs=[history, *shown, message], show_progress="minimal",
-                          show_progress_on=shown,  # not on the message box: it stays free for typing
+                          outputs=[history, *shown, message],
+                          **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
         turn = dict(fn=add_message, inputs=[message, history], outputs=[message, pending, chatbot, notice],
-                    concurrency_limit=None)
+                    **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, history, [pending, chatbot, notice], concurrency_limit=None)
+        events.append(regenerate.click(drop_answer, history, [pending, chatbot, notice], **nowhere,
+                                       concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history], [notice, chatbot], concurrency_limit=None)
-        clear.click(lambda: ([], [], "", "", ""), outputs=[history, chatbot, stats, drafts, notice], cancels=events,
-                    queue=False)
+        stop.click(None, cancels=events).then(stopped, [notice, history, pending, message], [notice, chatbot, message],
+                                              **nowhere, concurrency_limit=None)
+        # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
+        # own trash icon does the same, so that the history is not kept behind an empty chat.
+        for clearing in (clear.click, chatbot.clear):
+            clearing(None, cancels=events).then(cleared, outputs=[history, pending, chatbot, stats, drafts, notice],
+                                                **nowhere, concurrency_limit=None)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
     return demo
 

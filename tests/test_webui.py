@@ -20,7 +20,7 @@ from test_api import TREE, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application.common import ChatRunner
-from application.webui import build_ui
+from application.webui import ANSWER_LIMIT, CONTEXT_FULL, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -116,7 +116,10 @@ RECORD = """() => {
 
 
 def wait_for_error(page, text: str) -> None:
+    """The error's toast or notice line, and no Gradio error badge over the chat blocking the message box."""
     page.get_by_text(text).first.wait_for(timeout=60_000)
+    assert "Error" not in page.locator("#chatbot").inner_text()
+    page.locator("#message textarea").click(timeout=5_000)  # fails if something covers it
 
 
 def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
@@ -137,16 +140,17 @@ def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     tokens, iterations = map(int, SPEED.search(stats(page)).groups())
     assert tokens == 64 and 1 <= iterations <= tokens and "speculative decoding" in stats(page)
     assert page.locator("#drafts pre").text_content() == final
+    assert state(page) == ANSWER_LIMIT.format(64)
     page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 
-    page.locator("#clear").click()
+    page.locator('#chatbot button[aria-label="Clear"]').click()  # the chatbot's trash icon clears the history too
     page.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 0")
     page.locator("#speculative input").uncheck()
     send(page, "def fibonacci(n):")
     wait_for_state(page, "Done")
     line = stats(page)
     assert "plain decoding" in line and "mean accepted length 1.00" in line
-    assert answers(page) == [final + "\n"]
+    assert answers(page) == [final + "\n"]  # nothing of the cleared conversation in the prompt
 
 
 def test_regenerate_gives_the_greedy_answer_again(browser, url, expected):
@@ -176,32 +180,42 @@ def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, exp
 def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
     """A question that fits plain decoding's one-token step but not the draft
     tree: Regenerate with speculative decoding fails and keeps the question
-    and its answer; a Send that fails keeps them too, and the typed text."""
-    page = open_chat(browser, url, max_new=1)
+    and its answer; a Send that fails keeps them too, and the typed text,
+    and the answer's speed figures and draft panel."""
+    page = open_chat(browser, url, max_new=20)
     page.locator("#speculative input").uncheck()
     send(page, "x" * (MAX_LENGTH - 10))
-    wait_for_state(page, "Done")
-    before = answers(page)
+    wait_for_state(page, CONTEXT_FULL.format(MAX_LENGTH))  # before the 20 tokens asked for
+    before = answers(page), stats(page), page.locator("#drafts").inner_text()
     page.locator("#speculative input").check()
     page.locator("#regenerate").click()
     wait_for_error(page, f"({TREE['total_token']} of which one decoding step needs)")
-    assert (page.locator('[data-testid="user"]').count(), answers(page)) == (1, before)
+    now = answers(page), stats(page), page.locator("#drafts").inner_text()
+    assert (page.locator('[data-testid="user"]').count(), now) == (1, before)
     page.locator("#speculative input").uncheck()
     send(page, "y" * 20)
     wait_for_error(page, "(1 of which one decoding step needs)")
-    assert (page.locator('[data-testid="user"]').count(), answers(page)) == (1, before)
+    now = answers(page), stats(page), page.locator("#drafts").inner_text()
+    assert (page.locator('[data-testid="user"]').count(), now) == (1, before)
     assert page.locator("#message textarea").input_value() == "y" * 20
 
 
 def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     """While one user's long answer is generating, a second user is told to
-    wait; Stop ends the first answer early and the second then gets its
-    answer, unaffected by the first."""
+    wait (Stop there takes the question back into the message box); Stop
+    ends the first answer early and the second then gets its answer,
+    unaffected by the first. Clear during an answer clears for good."""
     first = open_chat(browser, url, max_new=1000)
     send(first, "while True:")
     wait_for_state(first, "Generating")
     second = open_chat(browser, url)
     send(second, "for i in range(10):")
+    wait_for_state(second, "Waiting for the model", timeout=30)
+    second.locator("#stop").click()
+    wait_for_state(second, "Stopped", timeout=30)
+    assert second.locator('[data-testid="user"]').count() == 0
+    assert second.locator("#message textarea").input_value() == "for i in range(10):"
+    second.locator("#send").click()
     wait_for_state(second, "Waiting for the model", timeout=30)
     first.locator("#stop").click()
     wait_for_state(first, "Stopped", timeout=30)
@@ -210,6 +224,15 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     assert state(first) == "Stopped."
     assert int(SPEED.search(stats(first)).group(1)) < 1000
     assert answers(second) == [expected("for i in range(10):") + "\n"]
+
+    send(first, "while True:")
+    first.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 1")
+    first.locator("#clear").click()
+    first.wait_for_function("document.querySelectorAll('[data-testid=\"user\"]').length == 0")
+    time.sleep(0.5)  # the cancelled answer's last step, still on its way, must not bring it back
+    assert (first.locator('[data-testid="user"]').count(), stats(first), state(first)) == (0, "", "")
+    first.locator("#regenerate").click()
+    wait_for_error(first, "There is no message to answer again")
 
 
 def test_a_chat_template_refusal_shows_its_message():
@@ -222,6 +245,14 @@ def test_a_chat_template_refusal_shows_its_message():
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[-1]) == (history, "again")
+    assert "This model takes no chats" in restored[4]  # the notice line; the stats and drafts stay (skipped)
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
     assert error.value.title == "Chat template error"
+
+
+def test_max_new_tokens_stops_at_the_context():
+    """No more new tokens on offer than the context holds."""
+    ui = build_ui(ChatRunner(ScriptedModel(), max_length=100), "scripted", 1000)
+    slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
+    assert slider.maximum == 100 and "100 tokens" in slider.label
