@@ -65,7 +65,7 @@ def check_record(record, turns):
                                        choice["accept_lengths"]):
         assert wall > 0
         assert idx == len(lengths) - 1  # idxs: 0-based index of the last iteration, prefill included
-        assert new <= sum(lengths) and 1 <= new <= 8  # the budget may cut the last step's accepted tokens
+        assert sum(lengths[:-1]) < new <= sum(lengths) and 1 <= new <= 8  # the budget may cut the last step only
         assert lengths[0] == 1  # the prefill yields one token
 
 
