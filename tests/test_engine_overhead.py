@@ -79,10 +79,11 @@ def test_op_count_by_part(tmp_path):
     assert six["draft tree"] == three["draft tree"]  # the head does not depend on the base's depth
 
 
-def test_reference_benchmark_imports_nothing_of_the_engine():
-    """It runs under the transformers 4.53 the EAGLE reference needs, where
+@pytest.mark.parametrize("module", ["reference_engine", "reference_parity"])
+def test_reference_benchmarks_import_nothing_of_the_engine(module):
+    """They run under the transformers 4.53 the EAGLE reference needs, where
     the engine cannot be imported."""
-    code = ("import sys, eagle_gto.benchmarks.reference_engine; "
+    code = (f"import sys, eagle_gto.benchmarks.{module}; "
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
             "assert not [m for m in loaded if not m.startswith('eagle_gto.benchmarks')], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)

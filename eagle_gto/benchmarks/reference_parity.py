@@ -1,0 +1,387 @@
+"""Do this engine and the EAGLE reference accept the same drafts on the same weights?
+
+    python -m eagle_gto.benchmarks.reference_parity --reference-path REF_SITE:EAGLE_CHECKOUT [--json OUT]
+
+Loads one base model and draft head (default: the demo pair) into this
+engine and into the EAGLE reference engine (github.com/SafeAILab/EAGLE,
+which needs transformers 4.53: REF_SITE holds it, EAGLE_CHECKOUT its
+`eagle/` package; it runs in a subprocess with that path first), answers the
+first turn of each question greedily with the same prompt ids and tree
+settings, and compares, question by question:
+
+- the new tokens (the reference may run past `--max-new-tokens` by up to a
+  tree depth, so its tokens are cut to this engine's length first);
+- the number of draft tokens each iteration accepted. The reference's
+  streamed steps each hold the previous bonus token and the accepted drafts,
+  this engine's the accepted drafts and the bonus token, so step i of
+  both carries the same acceptance count;
+- the draft tree of every iteration, as the set of its nodes' token paths
+  from the root (the order of nodes inside a tree is each engine's own).
+  A tree that differs is checked against the tree the reference's selection
+  rule makes of this engine's candidates (its `torch.topk` may keep a node
+  without its parent where scores tie) and against a near tie at the cut.
+
+Identical trees on every iteration mean the two engines draft the same
+candidates, and identical acceptance that they reach the same tau on the
+same weights. This engine runs eagerly here (the trees are read on the host
+every iteration). Speed is `reference_engine`'s subject, not this one's.
+
+The reference side (`--reference-side`) imports nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+NEAR_TIE = 1e-4  # draft log-probability; float32 rounding differs by ~1e-6 between implementations
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.reference_parity",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference-path", required=True,
+                   help="PYTHONPATH entries for the reference side: transformers 4.53 and an EAGLE checkout")
+    p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
+    p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair's default head)")
+    p.add_argument("--demo-head", choices=("eagle3", "gto"), help="which demo head (without model paths)")
+    p.add_argument("--model-type", default="auto", help="prompt format (see eagle_gto.chat)")
+    p.add_argument("--benches", default="mt_bench,humaneval,gsm8k")
+    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
+    p.add_argument("--limit", type=int, default=10, help="questions per bench")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--total-token", type=int, default=60)
+    p.add_argument("--depth", type=int, default=7)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--device", default="auto", help="cpu, cuda (auto: cuda when there is one)")
+    p.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
+                   help="auto: float32 on a CPU, bfloat16 on a GPU")
+    p.add_argument("--json", help="write the settings, every question's record and the summary here")
+    p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reference_side is None:
+        for name in ("limit", "max_new_tokens", "max_length"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')} must be at least 1")
+        if (args.base_model_path is None) != (args.ea_model_path is None):
+            p.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
+        if args.demo_head and args.base_model_path:
+            p.error("--demo-head picks a demo head; it does not go with model paths")
+    return args
+
+
+# ---------------------------------------------------------------- this engine
+
+def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Load the pair into this engine; return the job for the reference side
+    and this engine's record per question."""
+    import torch
+
+    from .. import EaModel
+    from ..chat import build_prompt, chat_format, encode_prompt
+    from ..demo import demo_paths
+    from ..evaluation.questions import load_questions, question_file
+
+    base_path, head_path = ((args.base_model_path, args.ea_model_path) if args.base_model_path
+                            else demo_paths(args.demo_head))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+    options = dict(dtype=getattr(torch, dtype)) | ({} if device == "cpu" else dict(device_map=device))
+    # Eager steps: the trees are read on the host every iteration (a replayed
+    # CUDA graph would skip the recording; its tokens are the eager ones).
+    model = EaModel.from_pretrained(base_path, head_path, total_token=args.total_token, depth=args.depth,
+                                    top_k=args.top_k, cuda_graphs=False, **options)
+    if model.tokenizer is None:
+        raise SystemExit("the base model has no tokenizer: prompts are built from the question text")
+    is_llama3 = chat_format(args.model_type).is_llama3
+    prompts = []
+    for bench in args.benches.split(","):
+        for question in load_questions(question_file(bench, args.data_dir), args.limit):
+            text = build_prompt([{"role": "user", "content": question["turns"][0]}], args.model_type,
+                                model.tokenizer)
+            prompts.append(dict(bench=bench, question_id=question["question_id"],
+                                ids=encode_prompt(text, model.tokenizer, args.model_type)))
+
+    def generate(ids: list[int], max_new_tokens: int) -> dict:
+        record = dict(trees=[], tie_rule_trees=[], cut_gaps=[])
+        with recording_trees(record):
+            out = model.eagenerate(torch.tensor([ids]), temperature=0.0, max_new_tokens=max_new_tokens,
+                                   max_length=args.max_length, is_llama3=is_llama3)
+        steps = model.last_stats.steps[1:]  # the prefill accepts nothing
+        return dict(record, tokens=out[0, len(ids):].tolist(), accepted=[s.num_accepted for s in steps])
+
+    generate(prompts[0]["ids"], 16)  # warm-up (a first generation makes the caches), not compared
+    records = [dict(prompt, ours=generate(prompt["ids"], args.max_new_tokens)) for prompt in prompts]
+    head = model.ea_layer
+    job = dict(base=base_path, head=head_path, use_eagle3=head.kind == "eagle3", device=device, dtype=dtype,
+               total_token=args.total_token, depth=args.depth, top_k=args.top_k, is_llama3=is_llama3,
+               max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+               prompts=[dict(bench=r["bench"], question_id=r["question_id"], ids=r["ids"]) for r in records])
+    return job, records
+
+
+@contextlib.contextmanager
+def recording_trees(record: dict):
+    """For every draft tree this engine builds, append to `record`: its node
+    paths ("trees"), those of the tree the reference's selection rule makes
+    of the same candidates ("tie_rule_trees"), and the score gap between the
+    last candidate kept and the first one left out ("cut_gaps")."""
+    from .. import drafter
+
+    select = drafter.select_tree
+
+    def select_and_record(root, tokens, scores, parents, total_token, max_depth):
+        tree = select(root, tokens, scores, parents, total_token, max_depth)
+        record["trees"].append(node_paths(tree.tokens.tolist(), tree.mask.tolist(), tree.depths.tolist()))
+        record["tie_rule_trees"].append(reference_rule_paths(int(root), tokens, scores, parents, total_token))
+        ranked = scores.sort(descending=True).values
+        record["cut_gaps"].append(float(ranked[total_token - 2] - ranked[total_token - 1])
+                                  if len(ranked) >= total_token else float("inf"))
+        return tree
+
+    drafter.select_tree = select_and_record  # draft_tree looks it up on every call
+    try:
+        yield
+    finally:
+        drafter.select_tree = select
+
+
+def reference_rule_paths(root: int, tokens, scores, parents, total_token: int) -> list[list[int]]:
+    """Node paths of the tree the EAGLE reference selects from these
+    candidates (`select_tree`'s arguments): the best `total_token - 1` by
+    `torch.topk`, whose order among equal scores is arbitrary, each node hung
+    under the kept node its parent's number sorts to. Where scores tie, a
+    node can be kept without its parent and then hangs under another node."""
+    import torch
+
+    kept = torch.sort(torch.topk(scores, total_token - 1).indices).values
+    parent = parents[kept]  # candidate number + 1, 0 for the root
+    parent_node = torch.where(parent == 0, 0, torch.searchsorted(kept, parent - 1) + 1).tolist()
+    mask = torch.eye(total_token, dtype=torch.bool)
+    mask[:, 0] = True
+    for node, up in enumerate(parent_node, start=1):  # in creation order, as the reference builds it
+        mask[node] |= mask[up]
+    return node_paths([root] + tokens[kept].tolist(), mask.tolist(), (mask.sum(dim=1) - 1).tolist())
+
+
+def run_reference(job: dict, reference_path: str) -> dict:
+    """Run the reference side in a subprocess with `reference_path` first on PYTHONPATH."""
+    with tempfile.TemporaryDirectory(prefix="eagle-parity-") as folder:
+        job_file, result_file = Path(folder) / "job.json", Path(folder) / "result.json"
+        job_file.write_text(json.dumps(job))
+        paths = [reference_path, str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        command = [sys.executable, "-m", "eagle_gto.benchmarks.reference_parity", "--reference-path",
+                   reference_path, "--reference-side", str(job_file), str(result_file)]
+        done = subprocess.run(command, env=env)
+        if done.returncode != 0 or not result_file.is_file():
+            raise SystemExit(f"the reference side failed (exit status {done.returncode}); its output is above")
+        return json.loads(result_file.read_text())
+
+
+# -------------------------------------------------------------- the reference
+
+def reference_base_folder(base: str, scratch: Path) -> str:
+    """The base as the reference can load it. It reads the input embedding
+    through a shard index and loads tokenizers by class name: a local folder
+    without an index (one `model.safetensors`) or with a tokenizer class of
+    transformers 5 gets a scratch copy of links with both added. Hub ids pass as is."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return base
+    index = folder / "model.safetensors.index.json"
+    needs_index = not index.is_file() and not (folder / "pytorch_model.bin.index.json").is_file()
+    tokenizer_config = folder / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    new_tokenizer = config.get("tokenizer_class") == "TokenizersBackend"
+    if not needs_index and not new_tokenizer:
+        return base
+    copy = scratch / "base"
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).symlink_to(item.resolve())
+    if needs_index and (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            names = list(f.keys())
+        (copy / index.name).write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}))
+    if new_tokenizer:
+        (copy / tokenizer_config.name).unlink()
+        config = {k: v for k, v in config.items() if k != "backend"} | {"tokenizer_class": "PreTrainedTokenizerFast"}
+        (copy / tokenizer_config.name).write_text(json.dumps(config))
+    return str(copy)
+
+
+def reference_side(job_file: str, result_file: str) -> None:
+    import torch
+    from eagle.model.ea_model import EaModel as ReferenceModel
+
+    job = json.loads(Path(job_file).read_text())
+    device = torch.device(job["device"])
+    with tempfile.TemporaryDirectory(prefix="eagle-reference-base-") as scratch:
+        kwargs = dict(torch_dtype=getattr(torch, job["dtype"]))
+        if device.type != "cpu":
+            kwargs["device_map"] = job["device"]
+        model = ReferenceModel.from_pretrained(
+            use_eagle3=job["use_eagle3"], base_model_path=reference_base_folder(job["base"], Path(scratch)),
+            ea_model_path=job["head"], total_token=job["total_token"], depth=job["depth"], top_k=job["top_k"],
+            **kwargs).eval()
+
+    trees: list = []
+    build = model.ea_layer.topK_genrate  # (sic) the reference's name; its callers look it up on the head
+
+    def build_and_record(*args, **kwargs):
+        tokens, retrieve_indices, mask, positions = build(*args, **kwargs)
+        trees.append(node_paths(tokens[0].tolist(), mask[0, 0].bool().tolist(), positions.tolist()))
+        return tokens, retrieve_indices, mask, positions
+
+    model.ea_layer.topK_genrate = build_and_record
+
+    def generate(ids: list[int], max_new_tokens: int) -> dict:
+        trees.clear()
+        lengths = [len(ids)]
+        for out in model.ea_generate(torch.tensor([ids], device=device), temperature=0.0,
+                                     max_new_tokens=max_new_tokens, max_length=job["max_length"],
+                                     is_llama3=job["is_llama3"]):
+            lengths.append(out.shape[1])
+        # Each streamed step holds the last bonus token and the accepted drafts.
+        accepted = [b - a - 1 for a, b in zip(lengths, lengths[1:])]
+        return dict(tokens=out[0, len(ids):].tolist(), accepted=accepted, trees=list(trees))
+
+    with torch.no_grad():
+        generate(job["prompts"][0]["ids"], 16)  # warm-up, as on this engine's side
+        results = [generate(p["ids"], job["max_new_tokens"]) for p in job["prompts"]]
+    import transformers
+
+    Path(result_file).write_text(json.dumps(dict(transformers=transformers.__version__, results=results)))
+
+
+# ------------------------------------------------------------------ comparing
+
+def node_paths(tokens: list[int], mask: list[list[bool]], depths: list[int]) -> list[list[int]]:
+    """A draft tree as the sorted token paths from the root to each node:
+    `mask[i][j]` says j is i or an ancestor of i, `depths` are distances from
+    the root. Equal for two trees with the same nodes in any order."""
+    paths = []
+    for row in mask:
+        ancestors = sorted((depths[j], j) for j, visible in enumerate(row) if visible)
+        paths.append([tokens[j] for _, j in ancestors])
+    return sorted(paths)
+
+
+def compare(ours: dict, reference: dict) -> dict:
+    """One question's verdict. Every iteration this engine ran is compared
+    with the reference's iteration of the same number (the reference stops
+    later, never earlier: its stopping rule looks at the tokens before the
+    step's bonus token). A tree that differs is put down to the reference's
+    tie rule when it is the tree that rule makes of this engine's candidates,
+    and counted as a near tie when, of the rest, the last candidate this
+    engine kept scores within `NEAR_TIE` of the first it left out (two
+    implementations round differently: such a candidate can change sides)."""
+    mine, theirs = ours["accepted"], reference["accepted"]
+    same_tokens = reference["tokens"][: len(ours["tokens"])] == ours["tokens"]
+
+    def first_difference(a: list, b: list) -> int | None:
+        """The first of a's iterations where b differs or has none."""
+        return next((i for i, x in enumerate(a) if i >= len(b) or b[i] != x), None)
+
+    other_trees = [i for i, tree in enumerate(ours["trees"]) if i >= len(reference["trees"]) or reference["trees"][i] != tree]
+    by_ties = [i for i in other_trees if i < len(reference["trees"]) and reference["trees"][i] == ours["tie_rule_trees"][i]]
+    unexplained = [i for i in other_trees if i not in by_ties]
+    near_ties = [i for i in unexplained if ours["cut_gaps"][i] < NEAR_TIE]
+    nodes = {}  # at the first differing tree: the nodes (token paths) only one engine drafted
+    if other_trees and other_trees[0] < len(reference["trees"]):
+        mine_paths = {tuple(p) for p in ours["trees"][other_trees[0]]}
+        their_paths = {tuple(p) for p in reference["trees"][other_trees[0]]}
+        nodes = dict(only_ours=sorted(mine_paths - their_paths), only_reference=sorted(their_paths - mine_paths))
+    compared = theirs[: len(mine)]
+    return dict(same_tokens=same_tokens, iterations=len(mine),
+                first_differing_acceptance=first_difference(mine, theirs),
+                first_differing_tree=other_trees[0] if other_trees else None, tree_difference=nodes,
+                other_trees=len(other_trees), other_trees_by_ties=len(by_ties), other_trees_near_ties=len(near_ties),
+                unexplained_cut_gaps={i: ours["cut_gaps"][i] for i in unexplained},
+                tau_ours=sum(a + 1 for a in mine) / max(len(mine), 1),
+                tau_reference=sum(a + 1 for a in compared) / max(len(compared), 1))
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    rows = []
+    for bench in dict.fromkeys(r["bench"] for r in records):
+        verdicts = [r["verdict"] for r in records if r["bench"] == bench]
+        iterations = sum(v["iterations"] for v in verdicts)
+        rows.append(dict(
+            bench=bench, questions=len(verdicts), iterations=iterations,
+            same_tokens=sum(v["same_tokens"] for v in verdicts),
+            same_acceptance=sum(v["first_differing_acceptance"] is None for v in verdicts),
+            same_trees=sum(v["first_differing_tree"] is None for v in verdicts),
+            other_trees=sum(v["other_trees"] for v in verdicts),
+            other_trees_by_ties=sum(v["other_trees_by_ties"] for v in verdicts),
+            other_trees_near_ties=sum(v["other_trees_near_ties"] for v in verdicts),
+            tau_ours=sum(v["tau_ours"] * v["iterations"] for v in verdicts) / max(iterations, 1),
+            tau_reference=sum(v["tau_reference"] * v["iterations"] for v in verdicts) / max(iterations, 1)))
+    return rows
+
+
+def print_report(rows: list[dict], records: list[dict], header: str) -> None:
+    print(header + "\n")
+    print("| bench | questions | iterations | same tokens | same acceptance, every iteration "
+          "| same draft trees, every iteration | iterations with another tree (of them: tie rule / near tie) "
+          "| tau (this engine) | tau (reference, same iterations) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bench']} | {r['questions']} | {r['iterations']} | {r['same_tokens']} | {r['same_acceptance']} "
+              f"| {r['same_trees']} | {r['other_trees']} ({r['other_trees_by_ties']} / {r['other_trees_near_ties']}) "
+              f"| {r['tau_ours']:.2f} | {r['tau_reference']:.2f} |")
+    for record in records:
+        v = record["verdict"]
+        if not v["same_tokens"] or v["first_differing_acceptance"] is not None or v["first_differing_tree"] is not None:
+            print(f"{record['bench']} {record['question_id']}: tokens {'same' if v['same_tokens'] else 'differ'}, "
+                  f"first differing acceptance at iteration {v['first_differing_acceptance']}, "
+                  f"first differing tree at iteration {v['first_differing_tree']}; "
+                  f"{v['other_trees']} other trees, {v['other_trees_by_ties']} of them the reference's tie rule; "
+                  f"score gaps at the cut of the others: {v['unexplained_cut_gaps']}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.reference_side:
+        reference_side(*args.reference_side)
+        return {}
+    import torch
+    import transformers
+
+    job, records = run_ours(args)
+    reference = run_reference(job, args.reference_path)
+    for record, theirs in zip(records, reference["results"]):
+        record["verdict"] = compare(record["ours"], theirs)
+        record["reference"] = theirs
+        for side in (record["ours"], theirs):  # compared; too large to keep
+            for key in ("trees", "tie_rule_trees", "cut_gaps"):
+                side.pop(key, None)
+    rows = summarize(records)
+    settings = {k: v for k, v in job.items() if k != "prompts"}
+    result = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  transformers=transformers.__version__, reference_transformers=reference["transformers"],
+                  settings=settings, summary=rows, records=records)
+    print_report(rows, records, f"Greedy, tree {args.total_token}/{args.depth}/{args.top_k}, "
+                 f"{args.max_new_tokens} new tokens, {job['device']} {job['dtype']}, transformers "
+                 f"{transformers.__version__} (this engine) / {reference['transformers']} (reference), {result['date']}")
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
