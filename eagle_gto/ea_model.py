@@ -142,8 +142,7 @@ class EaModel(nn.Module):
         max_length = MAX_LENGTH if max_length is None else positive_int("max_length", max_length)
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         width = self.tree.total_token if speculative else 1
         if prompt.shape[0] + width > max_length:
             raise ValueError(
@@ -163,7 +162,7 @@ class EaModel(nn.Module):
                 graphs = self._graphs
             decoder = Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
                               generator, graphs)
-            yield from generate_steps(decoder, prompt, int(max_new_tokens), stops, stats)
+            yield from generate_steps(decoder, prompt, max_new_tokens, stops, stats)
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
         prompt = token_ids("input_ids", input_ids)
