@@ -182,3 +182,16 @@ def test_a_run_reports_what_the_reference_does_differently(tmp_path, monkeypatch
     assert verdict["tree_difference"]["only_reference"] == [tuple(moved[-1])]
     assert result["summary"][0]["same_trees"] == 0 and result["summary"][0]["same_acceptance"] == 0
     assert "first differing tree at iteration 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--benches", "mt_bench,foo"], "unknown foo"),
+    (["--model-type", "llama4"], "--model-type 'llama4'"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--base-model-path", "b"], "give both"),
+    (["--demo-head", "gto", "--base-model-path", "b", "--ea-model-path", "h"], "does not go with model paths"),
+])
+def test_bad_arguments_are_refused_before_any_model_loads(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parity.parse_args(["--reference-path", "x"] + argv)
+    assert message in capsys.readouterr().err

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair's default head)")
     p.add_argument("--demo-head", choices=("eagle3", "gto"), help="which demo head (without model paths)")
     p.add_argument("--model-type", default="auto", help="prompt format (see eagle_gto.chat)")
-    p.add_argument("--benches", default="mt_bench,humaneval,gsm8k")
+    p.add_argument("--benches", default="mt_bench,humaneval,gsm8k", help="comma-separated question sets")
     p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
     p.add_argument("--limit", type=int, default=10, help="questions per bench")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -72,6 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_side is None:
+        from ..chat import MODEL_TYPES
+        from ..evaluation.questions import BENCHES
+
+        if args.model_type not in MODEL_TYPES:
+            p.error(f"--model-type {args.model_type!r}: choose from {', '.join(MODEL_TYPES)}")
+        unknown = set(args.benches.split(",")) - set(BENCHES)
+        if unknown:
+            p.error(f"--benches: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
         for name in ("limit", "max_new_tokens", "max_length"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1")
