@@ -84,9 +84,17 @@ def main(argv=None) -> int:
         print(f"{name:<12} {st.new_tokens:>6} {st.iterations:>10} {st.mean_accepted_length:>6.2f} "
               f"{st.tokens_per_second:>9.1f}")
     if len(rows) == 2:
-        print(f"speedup {spec.tokens_per_second / rows[1][1].tokens_per_second:.2f}x "
-              f"({next(model.base_model.parameters()).device.type.upper()}, tree {model.tree.total_token}/"
-              f"{model.tree.depth}/{model.tree.top_k})")
+        plain_stats = rows[1][1]
+        device = next(model.base_model.parameters()).device.type
+        print(f"speedup {spec.tokens_per_second / plain_stats.tokens_per_second:.2f}x "
+              f"({device.upper()}, tree {model.tree.total_token}/{model.tree.depth}/{model.tree.top_k})")
+        # speedup = tau / (what an iteration costs in plain steps)
+        iteration_cost = (spec.seconds / spec.iterations) / (plain_stats.seconds / plain_stats.iterations)
+        print(f"an iteration cost {iteration_cost:.1f} plain steps and produced tau = "
+              f"{spec.mean_accepted_length:.2f} tokens")
+        if device == "cpu":
+            print("(a CPU computes a forward over the tree's tokens at several times a step's cost; on a GPU,\n"
+                  " where a step is bound by reading the weights, an iteration costs about two: README, Benchmarks)")
     return 0
 
 

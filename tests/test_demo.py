@@ -2,6 +2,7 @@
 and that its head actually drafts well."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,10 @@ def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_format
     monkeypatch.setattr(model, "generate_steps", spy)
     monkeypatch.setattr(cli, "load_model", lambda args: model)
     assert cli.main(["--model-type", "qwen", "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "12"]) == 0
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    speedup = float(re.search(r"speedup ([\d.]+)x", out).group(1))
+    cost, tau = map(float, re.search(r"an iteration cost ([\d.]+) plain steps and produced tau = ([\d.]+)", out).groups())
+    assert speedup == pytest.approx(tau / cost, rel=0.1)  # rounded to two and one decimals
     without_budget = [{k: v for k, v in c.items() if k != "max_new_tokens"} for c in calls]
     assert [c["speculative"] for c in calls] == [True, False, True, False]  # warm-ups first, then the timed runs
     assert without_budget[:2] == without_budget[2:]
