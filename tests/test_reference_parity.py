@@ -43,15 +43,15 @@ def test_node_paths_are_the_trees_branches_in_any_node_order(seed):
     assert parity.node_paths(changed.tolist(), tree.mask.tolist(), tree.depths.tolist()) != paths
 
 
-def test_compare_cuts_the_references_overshoot_and_finds_first_differences():
+def test_compare_finds_first_differences_over_what_both_ran():
     tree_a, tree_b, tree_c = [[1], [1, 2]], [[1], [1, 3]], [[1], [1, 4]]
     ours = dict(tokens=[5, 6, 7, 8], accepted=[1, 0, 1], trees=[tree_a, tree_a, tree_a],
                 tie_rule_trees=[tree_a, tree_a, tree_c], cut_gaps=[0.5, 1e-6, 0.5])
     same = dict(tokens=[5, 6, 7, 8, 9, 9], accepted=[1, 0, 1, 2], trees=[tree_a, tree_a, tree_a, tree_b])
     verdict = parity.compare(ours, same)
     assert verdict["same_tokens"] and verdict["first_differing_acceptance"] is None
-    assert verdict["first_differing_tree"] is None and verdict["other_trees"] == 0
-    assert verdict["tau_ours"] == verdict["tau_reference"] == 5 / 3
+    assert verdict["first_differing_tree"] is None and verdict["differing_trees"] == 0
+    assert verdict["tau_ours"] == verdict["tau_reference"] == 5 / 3 and not verdict["reference_stopped_first"]
     other = dict(tokens=[5, 6, 0, 8, 9], accepted=[1, 1, 1], trees=[tree_a, tree_b, tree_c])
     verdict = parity.compare(ours, other)
     assert not verdict["same_tokens"]
@@ -59,11 +59,33 @@ def test_compare_cuts_the_references_overshoot_and_finds_first_differences():
     assert verdict["tree_difference"] == dict(only_ours=[(1, 2)], only_reference=[(1, 3)])
     # iteration 2's tree is what the reference's tie rule makes of our candidates;
     # iteration 1's is not, but our cut there was a near tie
-    assert verdict["other_trees"] == 2 and verdict["other_trees_by_ties"] == 1
-    assert verdict["other_trees_near_ties"] == 1 and verdict["unexplained_cut_gaps"] == {1: 1e-6}
-    short = dict(tokens=[5, 6], accepted=[1], trees=[tree_a])  # the reference stopped first
-    verdict = parity.compare(ours, short)
+    assert verdict["differing_trees"] == 2 and verdict["differing_trees_by_tie_rule"] == 1
+    assert verdict["differing_trees_near_ties"] == 1 and verdict["cut_gaps_of_the_others"] == {1: 1e-6}
+    assert parity.compare(ours, other, near_tie=1e-7)["differing_trees_near_ties"] == 0
+
+
+def test_a_reference_that_stops_first_is_compared_over_what_it_ran():
+    tree = [[1], [1, 2]]
+    ours = dict(tokens=[5, 6, 7, 8, 9, 10, 11], accepted=[1, 0, 2, 1], trees=[tree] * 4,
+                tie_rule_trees=[tree] * 4, cut_gaps=[0.5] * 4)
+    verdict = parity.compare(ours, dict(tokens=[5, 6, 7, 8], accepted=[1, 0], trees=[tree] * 3))
+    assert verdict["same_tokens"] and verdict["first_differing_acceptance"] is None
+    assert verdict["first_differing_tree"] is None and verdict["reference_stopped_first"]
+    assert verdict["iterations"] == 2
+    verdict = parity.compare(ours, dict(tokens=[5, 6, 0], accepted=[1, 1], trees=[tree] * 2))
     assert not verdict["same_tokens"] and verdict["first_differing_acceptance"] == 1
+
+
+def test_trees_missing_from_a_record_are_an_error_not_agreement():
+    ours = dict(tokens=[5, 6, 7], accepted=[1, 0], trees=[], tie_rule_trees=[], cut_gaps=[])
+    with pytest.raises(ValueError, match="trees recorded"):
+        parity.compare(ours, dict(tokens=[5, 6, 7, 8], accepted=[1, 0, 3], trees=[[[1]]] * 4))
+
+
+def test_a_path_the_reference_holds_twice_shows_in_the_difference():
+    ours = dict(tokens=[5], accepted=[0], trees=[[[1], [1, 2], [1, 3]]], tie_rule_trees=[[[1]]], cut_gaps=[1.0])
+    verdict = parity.compare(ours, dict(tokens=[5], accepted=[0], trees=[[[1], [1, 2], [1, 2]]]))
+    assert verdict["tree_difference"] == dict(only_ours=[(1, 3)], only_reference=[(1, 2)])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -92,7 +114,16 @@ def test_the_base_folder_gets_an_index_and_a_tokenizer_class_transformers_4_know
     config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in config
     assert json.loads((tmp_path / "base" / "config.json").read_text())["model_type"] == "llama"
-    # What the reference can read passes as is, and so do hub ids.
+    # A base saved as one pytorch_model.bin gets that file's index.
+    bin_base = tmp_path / "bin"
+    bin_base.mkdir()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "lm_head.weight": torch.zeros(2, 2)},
+               bin_base / "pytorch_model.bin")
+    (tmp_path / "scratch").mkdir()
+    assert parity.reference_base_folder(str(bin_base), tmp_path / "scratch") == str(tmp_path / "scratch" / "base")
+    index = json.loads((tmp_path / "scratch" / "base" / "pytorch_model.bin.index.json").read_text())
+    assert index["weight_map"] == {"model.embed_tokens.weight": "pytorch_model.bin", "lm_head.weight": "pytorch_model.bin"}
+    # What the reference can read passes as is, and so does what is not a folder.
     ready = tmp_path / "ready"
     ready.mkdir()
     (ready / "model.safetensors.index.json").write_text("{}")
@@ -181,11 +212,13 @@ def test_a_run_reports_what_the_reference_does_differently(tmp_path, monkeypatch
     assert verdict["first_differing_acceptance"] == 1 and verdict["first_differing_tree"] == 2
     assert verdict["tree_difference"]["only_reference"] == [tuple(moved[-1])]
     assert result["summary"][0]["same_trees"] == 0 and result["summary"][0]["same_acceptance"] == 0
-    assert "first differing tree at iteration 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "acceptance first differs at iteration 1" in out and "other trees from iteration 2" in out
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--benches", "mt_bench,foo"], "unknown foo"),
+    (["--benches", ","], "none given"),
     (["--model-type", "llama4"], "--model-type 'llama4'"),
     (["--limit", "0"], "--limit must be at least 1"),
     (["--base-model-path", "b"], "give both"),
@@ -195,3 +228,23 @@ def test_bad_arguments_are_refused_before_any_model_loads(argv, message, capsys)
     with pytest.raises(SystemExit):
         parity.parse_args(["--reference-path", "x"] + argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setup,extra,message", [
+    ("empty", [], "no questions"),
+    ("missing", [], "--data-dir names the folder"),
+    ("long", ["--max-length", "40"], "more than --max-length 40 leaves"),
+    ("one", ["--device", "cuda"], "no CUDA device"),
+])
+def test_bad_selections_give_clear_errors(tmp_path, setup, extra, message, monkeypatch):
+    data = tmp_path / "data" / "mt_bench"
+    data.mkdir(parents=True)
+    questions = {"empty": "", "long": json.dumps({"question_id": 1, "turns": ["word " * 50]}) + "\n",
+                 "one": json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n"}
+    if setup != "missing":
+        (data / "question.jsonl").write_text(questions[setup])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = parity.parse_args(["--reference-path", "x", "--benches", "mt_bench", "--data-dir",
+                              str(tmp_path / ("nowhere" if setup == "missing" else "data"))] + extra)
+    with pytest.raises(SystemExit, match=message):
+        parity.run_ours(args)

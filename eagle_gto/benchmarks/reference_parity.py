@@ -9,12 +9,13 @@ which needs transformers 4.53: REF_SITE holds it, EAGLE_CHECKOUT its
 first turn of each question greedily with the same prompt ids and tree
 settings, and compares, question by question:
 
-- the new tokens (the reference may run past `--max-new-tokens` by up to a
-  tree depth, so its tokens are cut to this engine's length first);
+- the new tokens, over the length both produced (the reference may run a
+  step's worth past `--max-new-tokens`);
 - the number of draft tokens each iteration accepted. The reference's
   streamed steps each hold the previous bonus token and the accepted drafts,
   this engine's the accepted drafts and the bonus token, so step i of
-  both carries the same acceptance count;
+  both carries the same acceptance count (compared over the iterations both
+  ran; the reference is given room not to stop for length first);
 - the draft tree of every iteration, as the set of its nodes' token paths
   from the root (the order of nodes inside a tree is each engine's own).
   A tree that differs is checked against the tree the reference's selection
@@ -23,8 +24,12 @@ settings, and compares, question by question:
 
 Identical trees on every iteration mean the two engines draft the same
 candidates, and identical acceptance that they reach the same tau on the
-same weights. This engine runs eagerly here (the trees are read on the host
-every iteration). Speed is `reference_engine`'s subject, not this one's.
+same weights. Both run in float32 by default: in half precision the
+reference rounds its draft log-probabilities to the model's dtype (this engine
+works them out in float32), so trees differ wherever two candidates come
+within that rounding at the cut, while tokens and acceptance still agree.
+This engine runs eagerly here (the trees are read on the host every
+iteration). Speed is `reference_engine`'s subject, not this one's.
 
 The reference side (`--reference-side`) imports nothing of the engine.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 import datetime
 import json
 import os
@@ -45,7 +51,10 @@ from .common import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-NEAR_TIE = 1e-4  # draft log-probability; float32 rounding differs by ~1e-6 between implementations
+# Score gap at the cut (draft log-probability) within which the two
+# implementations' rounding can swap two candidates: float32 differs by ~1e-6;
+# the reference rounds half-precision log-probabilities to ~1e-2.
+NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--device", default="auto", help="cpu, cuda (auto: cuda when there is one)")
-    p.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
-                   help="auto: float32 on a CPU, bfloat16 on a GPU")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                   help="both engines' (default float32: in half precision rounding changes many cuts)")
+    p.add_argument("--reference-label", help="what the reference is (e.g. 'SafeAILab/EAGLE cb7e084'), for the record")
     p.add_argument("--json", help="write the settings, every question's record and the summary here")
     p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -77,9 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         if args.model_type not in MODEL_TYPES:
             p.error(f"--model-type {args.model_type!r}: choose from {', '.join(MODEL_TYPES)}")
-        unknown = set(args.benches.split(",")) - set(BENCHES)
-        if unknown:
-            p.error(f"--benches: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
+        args.benches = [b.strip() for b in args.benches.split(",") if b.strip()]
+        unknown = sorted(set(args.benches) - set(BENCHES))
+        if unknown or not args.benches:
+            p.error(f"--benches: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                    f"choose from {', '.join(BENCHES)}")
         for name in ("limit", "max_new_tokens", "max_length"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -92,6 +104,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- this engine
 
+def load_prompts(args: argparse.Namespace) -> list[dict]:
+    """The first turn of each question, before any model loads."""
+    from ..evaluation.questions import load_questions, question_file
+
+    prompts = []
+    for bench in args.benches:
+        try:
+            questions = load_questions(question_file(bench, args.data_dir), args.limit)
+        except ValueError as err:
+            raise SystemExit(f"{err} (--data-dir names the folder of the question sets)") from None
+        prompts += [dict(bench=bench, question_id=q["question_id"], text=q["turns"][0]) for q in questions]
+    if not prompts:
+        raise SystemExit("no questions: the question files of --benches are empty")
+    return prompts
+
+
 def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Load the pair into this engine; return the job for the reference side
     and this engine's record per question."""
@@ -99,14 +127,16 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
     from .. import EaModel
     from ..chat import build_prompt, chat_format, encode_prompt
+    from ..checkpoint import resolve_file
     from ..demo import demo_paths
-    from ..evaluation.questions import load_questions, question_file
 
+    prompts = load_prompts(args)
     base_path, head_path = ((args.base_model_path, args.ea_model_path) if args.base_model_path
                             else demo_paths(args.demo_head))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
-    options = dict(dtype=getattr(torch, dtype)) | ({} if device == "cpu" else dict(device_map=device))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: there is no CUDA device here")
+    options = dict(dtype=getattr(torch, args.dtype)) | ({} if device == "cpu" else dict(device_map=device))
     # Eager steps: the trees are read on the host every iteration (a replayed
     # CUDA graph would skip the recording; its tokens are the eager ones).
     model = EaModel.from_pretrained(base_path, head_path, total_token=args.total_token, depth=args.depth,
@@ -114,28 +144,35 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     if model.tokenizer is None:
         raise SystemExit("the base model has no tokenizer: prompts are built from the question text")
     is_llama3 = chat_format(args.model_type).is_llama3
-    prompts = []
-    for bench in args.benches.split(","):
-        for question in load_questions(question_file(bench, args.data_dir), args.limit):
-            text = build_prompt([{"role": "user", "content": question["turns"][0]}], args.model_type,
-                                model.tokenizer)
-            prompts.append(dict(bench=bench, question_id=question["question_id"],
-                                ids=encode_prompt(text, model.tokenizer, args.model_type)))
+    for prompt in prompts:
+        text = build_prompt([{"role": "user", "content": prompt.pop("text")}], args.model_type, model.tokenizer)
+        prompt["ids"] = encode_prompt(text, model.tokenizer, args.model_type)
+        if len(prompt["ids"]) + args.total_token > args.max_length:
+            raise SystemExit(f"{prompt['bench']} question {prompt['question_id']}: its prompt has "
+                             f"{len(prompt['ids'])} tokens, more than --max-length {args.max_length} leaves "
+                             f"with a tree of {args.total_token}")
 
     def generate(ids: list[int], max_new_tokens: int) -> dict:
         record = dict(trees=[], tie_rule_trees=[], cut_gaps=[])
         with recording_trees(record):
             out = model.eagenerate(torch.tensor([ids]), temperature=0.0, max_new_tokens=max_new_tokens,
                                    max_length=args.max_length, is_llama3=is_llama3)
-        steps = model.last_stats.steps[1:]  # the prefill accepts nothing
-        return dict(record, tokens=out[0, len(ids):].tolist(), accepted=[s.num_accepted for s in steps])
+        accepted = [s.num_accepted for s in model.last_stats.steps[1:]]  # the prefill accepts nothing
+        if len(record["trees"]) != len(accepted):  # e.g. a compiled draft step that bypasses the recording
+            raise RuntimeError(f"{len(record['trees'])} draft trees recorded for {len(accepted)} iterations")
+        return dict(record, tokens=out[0, len(ids):].tolist(), accepted=accepted)
 
     generate(prompts[0]["ids"], 16)  # warm-up (a first generation makes the caches), not compared
     records = [dict(prompt, ours=generate(prompt["ids"], args.max_new_tokens)) for prompt in prompts]
-    head = model.ea_layer
-    job = dict(base=base_path, head=head_path, use_eagle3=head.kind == "eagle3", device=device, dtype=dtype,
-               total_token=args.total_token, depth=args.depth, top_k=args.top_k, is_llama3=is_llama3,
-               max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+    # Hub ids as the local snapshot this engine just read: the reference then
+    # needs no network, and its base folder can be prepared (reference_base_folder).
+    base_folder, head_folder = (str(resolve_file(path, "config.json").parent) for path in (base_path, head_path))
+    job = dict(base=base_folder, head=head_folder, use_eagle3=model.ea_layer.kind == "eagle3", device=device,
+               dtype=args.dtype, total_token=args.total_token, depth=args.depth, top_k=args.top_k,
+               is_llama3=is_llama3, max_new_tokens=args.max_new_tokens,
+               # The reference stops once the sequence passes max_length - total_token - 9:
+               # room for that, so that it does not stop for length before this engine.
+               reference_max_length=args.max_length + args.total_token + 10,
                prompts=[dict(bench=r["bench"], question_id=r["question_id"], ids=r["ids"]) for r in records])
     return job, records
 
@@ -205,9 +242,9 @@ def reference_base_folder(base: str, scratch: Path) -> str:
     """The base as the reference can load it. It reads the input embedding
     through a shard index and loads tokenizers by class name: a local folder
     without an index (one `model.safetensors`) or with a tokenizer class of
-    transformers 5 gets a scratch copy of links with both added. Hub ids pass as is."""
+    transformers 5 gets a scratch copy of links with both added."""
     folder = Path(base)
-    if not folder.is_dir():
+    if not folder.is_dir():  # run_ours passes local folders; anything else goes as is
         return base
     index = folder / "model.safetensors.index.json"
     needs_index = not index.is_file() and not (folder / "pytorch_model.bin.index.json").is_file()
@@ -220,17 +257,29 @@ def reference_base_folder(base: str, scratch: Path) -> str:
     copy.mkdir()
     for item in folder.iterdir():
         (copy / item.name).symlink_to(item.resolve())
-    if needs_index and (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(folder / "model.safetensors", framework="pt") as f:
-            names = list(f.keys())
-        (copy / index.name).write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}))
+    if needs_index:
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / weights).is_file():
+                names = tensor_names(folder / weights)
+                (copy / f"{weights}.index.json").write_text(
+                    json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, weights)}))
+                break
     if new_tokenizer:
         (copy / tokenizer_config.name).unlink()
         config = {k: v for k, v in config.items() if k != "backend"} | {"tokenizer_class": "PreTrainedTokenizerFast"}
         (copy / tokenizer_config.name).write_text(json.dumps(config))
     return str(copy)
+
+
+def tensor_names(weights: Path) -> list[str]:
+    import torch
+
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(weights, map_location="cpu", weights_only=True, mmap=True))
 
 
 def reference_side(job_file: str, result_file: str) -> None:
@@ -262,7 +311,7 @@ def reference_side(job_file: str, result_file: str) -> None:
         trees.clear()
         lengths = [len(ids)]
         for out in model.ea_generate(torch.tensor([ids], device=device), temperature=0.0,
-                                     max_new_tokens=max_new_tokens, max_length=job["max_length"],
+                                     max_new_tokens=max_new_tokens, max_length=job["reference_max_length"],
                                      is_llama3=job["is_llama3"]):
             lengths.append(out.shape[1])
         # Each streamed step holds the last bonus token and the accepted drafts.
@@ -290,39 +339,39 @@ def node_paths(tokens: list[int], mask: list[list[bool]], depths: list[int]) -> 
     return sorted(paths)
 
 
-def compare(ours: dict, reference: dict) -> dict:
-    """One question's verdict. Every iteration this engine ran is compared
-    with the reference's iteration of the same number (the reference stops
-    later, never earlier: its stopping rule looks at the tokens before the
-    step's bonus token). A tree that differs is put down to the reference's
-    tie rule when it is the tree that rule makes of this engine's candidates,
-    and counted as a near tie when, of the rest, the last candidate this
-    engine kept scores within `NEAR_TIE` of the first it left out (two
-    implementations round differently: such a candidate can change sides)."""
-    mine, theirs = ours["accepted"], reference["accepted"]
-    same_tokens = reference["tokens"][: len(ours["tokens"])] == ours["tokens"]
-
-    def first_difference(a: list, b: list) -> int | None:
-        """The first of a's iterations where b differs or has none."""
-        return next((i for i, x in enumerate(a) if i >= len(b) or b[i] != x), None)
-
-    other_trees = [i for i, tree in enumerate(ours["trees"]) if i >= len(reference["trees"]) or reference["trees"][i] != tree]
-    by_ties = [i for i in other_trees if i < len(reference["trees"]) and reference["trees"][i] == ours["tie_rule_trees"][i]]
-    unexplained = [i for i in other_trees if i not in by_ties]
-    near_ties = [i for i in unexplained if ours["cut_gaps"][i] < NEAR_TIE]
-    nodes = {}  # at the first differing tree: the nodes (token paths) only one engine drafted
-    if other_trees and other_trees[0] < len(reference["trees"]):
-        mine_paths = {tuple(p) for p in ours["trees"][other_trees[0]]}
-        their_paths = {tuple(p) for p in reference["trees"][other_trees[0]]}
-        nodes = dict(only_ours=sorted(mine_paths - their_paths), only_reference=sorted(their_paths - mine_paths))
-    compared = theirs[: len(mine)]
-    return dict(same_tokens=same_tokens, iterations=len(mine),
-                first_differing_acceptance=first_difference(mine, theirs),
-                first_differing_tree=other_trees[0] if other_trees else None, tree_difference=nodes,
-                other_trees=len(other_trees), other_trees_by_ties=len(by_ties), other_trees_near_ties=len(near_ties),
-                unexplained_cut_gaps={i: ours["cut_gaps"][i] for i in unexplained},
-                tau_ours=sum(a + 1 for a in mine) / max(len(mine), 1),
-                tau_reference=sum(a + 1 for a in compared) / max(len(compared), 1))
+def compare(ours: dict, reference: dict, near_tie: float = NEAR_TIE["float32"]) -> dict:
+    """One question's verdict, over the iterations both engines ran (iteration
+    i of both verifies the i-th tree) and the tokens both produced. A tree
+    that differs is put down to the reference's tie rule when it is the tree
+    that rule makes of this engine's candidates, and counted as a (near) tie
+    when, of the rest, the last candidate this engine kept scores within
+    `near_tie` of the first it left out: the two implementations round
+    differently, so such candidates can change sides."""
+    accepted_ours, accepted_reference = ours["accepted"], reference["accepted"]
+    compared = min(len(accepted_ours), len(accepted_reference))
+    if len(ours["trees"]) != len(accepted_ours) or len(reference["trees"]) < compared:
+        raise ValueError(f"trees recorded: {len(ours['trees'])} (this engine) and {len(reference['trees'])} "
+                         f"(reference) for {len(accepted_ours)} and {len(accepted_reference)} iterations")
+    length = min(len(ours["tokens"]), len(reference["tokens"]))
+    differing_acceptance = [i for i in range(compared) if accepted_ours[i] != accepted_reference[i]]
+    differing_trees = [i for i in range(compared) if reference["trees"][i] != ours["trees"][i]]
+    by_tie_rule = [i for i in differing_trees if reference["trees"][i] == ours["tie_rule_trees"][i]]
+    others = [i for i in differing_trees if i not in by_tie_rule]
+    nodes = {}  # at the first differing tree: the nodes (token paths) only one engine drafted, with repeats
+    if differing_trees:
+        paths_ours = Counter(map(tuple, ours["trees"][differing_trees[0]]))
+        paths_reference = Counter(map(tuple, reference["trees"][differing_trees[0]]))
+        nodes = dict(only_ours=sorted((paths_ours - paths_reference).elements()),
+                     only_reference=sorted((paths_reference - paths_ours).elements()))
+    return dict(same_tokens=ours["tokens"][:length] == reference["tokens"][:length], iterations=compared,
+                reference_stopped_first=len(accepted_reference) < len(accepted_ours),
+                first_differing_acceptance=differing_acceptance[0] if differing_acceptance else None,
+                first_differing_tree=differing_trees[0] if differing_trees else None, tree_difference=nodes,
+                differing_trees=len(differing_trees), differing_trees_by_tie_rule=len(by_tie_rule),
+                differing_trees_near_ties=sum(ours["cut_gaps"][i] < near_tie for i in others),
+                cut_gaps_of_the_others={i: ours["cut_gaps"][i] for i in others},
+                tau_ours=sum(a + 1 for a in accepted_ours[:compared]) / max(compared, 1),
+                tau_reference=sum(a + 1 for a in accepted_reference[:compared]) / max(compared, 1))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -335,9 +384,9 @@ def summarize(records: list[dict]) -> list[dict]:
             same_tokens=sum(v["same_tokens"] for v in verdicts),
             same_acceptance=sum(v["first_differing_acceptance"] is None for v in verdicts),
             same_trees=sum(v["first_differing_tree"] is None for v in verdicts),
-            other_trees=sum(v["other_trees"] for v in verdicts),
-            other_trees_by_ties=sum(v["other_trees_by_ties"] for v in verdicts),
-            other_trees_near_ties=sum(v["other_trees_near_ties"] for v in verdicts),
+            reference_stopped_first=sum(v["reference_stopped_first"] for v in verdicts),
+            **{key: sum(v[key] for v in verdicts) for key in
+               ("differing_trees", "differing_trees_by_tie_rule", "differing_trees_near_ties")},
             tau_ours=sum(v["tau_ours"] * v["iterations"] for v in verdicts) / max(iterations, 1),
             tau_reference=sum(v["tau_reference"] * v["iterations"] for v in verdicts) / max(iterations, 1)))
     return rows
@@ -346,21 +395,26 @@ def summarize(records: list[dict]) -> list[dict]:
 def print_report(rows: list[dict], records: list[dict], header: str) -> None:
     print(header + "\n")
     print("| bench | questions | iterations | same tokens | same acceptance, every iteration "
-          "| same draft trees, every iteration | iterations with another tree (of them: tie rule / near tie) "
-          "| tau (this engine) | tau (reference, same iterations) |")
+          "| same draft trees, every iteration | iterations with another tree (of them: tie rule / (near) tie) "
+          "| tau (this engine) | tau (reference) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['bench']} | {r['questions']} | {r['iterations']} | {r['same_tokens']} | {r['same_acceptance']} "
-              f"| {r['same_trees']} | {r['other_trees']} ({r['other_trees_by_ties']} / {r['other_trees_near_ties']}) "
-              f"| {r['tau_ours']:.2f} | {r['tau_reference']:.2f} |")
+              f"| {r['same_trees']} | {r['differing_trees']} ({r['differing_trees_by_tie_rule']} / "
+              f"{r['differing_trees_near_ties']}) | {r['tau_ours']:.2f} | {r['tau_reference']:.2f} |")
     for record in records:
         v = record["verdict"]
-        if not v["same_tokens"] or v["first_differing_acceptance"] is not None or v["first_differing_tree"] is not None:
-            print(f"{record['bench']} {record['question_id']}: tokens {'same' if v['same_tokens'] else 'differ'}, "
-                  f"first differing acceptance at iteration {v['first_differing_acceptance']}, "
-                  f"first differing tree at iteration {v['first_differing_tree']}; "
-                  f"{v['other_trees']} other trees, {v['other_trees_by_ties']} of them the reference's tie rule; "
-                  f"score gaps at the cut of the others: {v['unexplained_cut_gaps']}")
+        notes = [] if v["same_tokens"] else ["tokens differ"]
+        if v["first_differing_acceptance"] is not None:
+            notes.append(f"acceptance first differs at iteration {v['first_differing_acceptance']}")
+        if v["differing_trees"]:
+            notes.append(f"{v['differing_trees']} other trees from iteration {v['first_differing_tree']} "
+                         f"({v['differing_trees_by_tie_rule']} the reference's tie rule; score gaps at the cut "
+                         f"of the others: {v['cut_gaps_of_the_others']})")
+        if v["reference_stopped_first"]:
+            notes.append("the reference stopped first")
+        if notes:
+            print(f"{record['bench']} {record['question_id']}: " + "; ".join(notes))
 
 
 def main(argv=None) -> dict:
@@ -374,19 +428,22 @@ def main(argv=None) -> dict:
     job, records = run_ours(args)
     reference = run_reference(job, args.reference_path)
     for record, theirs in zip(records, reference["results"]):
-        record["verdict"] = compare(record["ours"], theirs)
+        record["verdict"] = compare(record["ours"], theirs, NEAR_TIE[args.dtype])
         record["reference"] = theirs
         for side in (record["ours"], theirs):  # compared; too large to keep
             for key in ("trees", "tie_rule_trees", "cut_gaps"):
                 side.pop(key, None)
     rows = summarize(records)
-    settings = {k: v for k, v in job.items() if k != "prompts"}
+    settings = {k: v for k, v in job.items() if k != "prompts"} | dict(
+        model_type=args.model_type, benches=args.benches, limit=args.limit, near_tie=NEAR_TIE[args.dtype],
+        max_length=args.max_length, reference=args.reference_label)
     result = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                   transformers=transformers.__version__, reference_transformers=reference["transformers"],
                   settings=settings, summary=rows, records=records)
     print_report(rows, records, f"Greedy, tree {args.total_token}/{args.depth}/{args.top_k}, "
                  f"{args.max_new_tokens} new tokens, {job['device']} {job['dtype']}, transformers "
-                 f"{transformers.__version__} (this engine) / {reference['transformers']} (reference), {result['date']}")
+                 f"{transformers.__version__} (this engine) / {reference['transformers']} (reference"
+                 f"{', ' + args.reference_label if args.reference_label else ''}), {result['date']}")
     write_json(args.json, result)
     return result
 
