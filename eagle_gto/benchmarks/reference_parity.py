@@ -50,7 +50,6 @@ from pathlib import Path
 from .common import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Score gap at the cut (draft log-probability) within which the two
 # implementations' rounding can swap two candidates: float32 differs by ~1e-6;
 # the reference rounds half-precision log-probabilities to ~1e-2.
@@ -75,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--device", default="auto", help="cpu, cuda (auto: cuda when there is one)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+    p.add_argument("--dtype", choices=tuple(NEAR_TIE), default="float32",
                    help="both engines' (default float32: in half precision rounding changes many cuts)")
     p.add_argument("--reference-label", help="what the reference is (e.g. 'SafeAILab/EAGLE cb7e084'), for the record")
     p.add_argument("--json", help="write the settings, every question's record and the summary here")
