@@ -137,7 +137,11 @@ class Decoder:
         P = prompt.shape[0]
         slots = torch.arange(P, device=prompt.device)
         causal = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
-        logits, features = self.target.forward(prompt, slots, causal, self.cache, self.speculative, P - 1, slots=slots)
+        # Eager even when the layers are compiled: prompts come in every length, and one
+        # compute-bound forward gains little from compilation against a recompile per length.
+        with torch.compiler.set_stance("force_eager"):
+            logits, features = self.target.forward(prompt, slots, causal, self.cache, self.speculative, P - 1,
+                                                   slots=slots)
         first = choose_tokens(logits, self.sampling, self.generator)[0]
         state = self.state
         state.past.zero_()

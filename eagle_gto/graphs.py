@@ -75,17 +75,22 @@ def check_compile_mode(mode: str) -> str:
 def compile_decoder_layers(base, mode: str = "default") -> None:
     """`torch.compile` every decoder layer of a base model, so that the many
     small kernels of its norms, rotary embeddings and activations are fused
-    before the step graphs record them. Each layer compiles per shape on
-    first use (a slow start)."""
+    before the step graphs record them. They compile per step shape on
+    first use; the prefill runs them eagerly (`Decoder.prefill`)."""
     import torch._dynamo
 
     from .target import decoder_layers
 
     config = torch._dynamo.config
     layers = decoder_layers(base)
-    # Every layer is its own compiled entry (its index is a constant in its code path).
-    config.cache_size_limit = max(config.cache_size_limit, 8 * len(layers))
-    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 64 * len(layers))
+    # One set of compiled graphs serves every layer: a layer's index (it only
+    # passes through on its way to the KV cache's eager `update`) is a symbolic
+    # integer, not a constant per layer. Graphs per layer took four minutes on
+    # an 8B model (96 compilations) and recompiled every layer for each new
+    # input shape. Process-wide, as dynamo's settings are.
+    config.allow_unspec_int_on_nn_module = True
+    config.cache_size_limit = max(config.cache_size_limit, 64)
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 256)
     for layer in layers:
         # A model sharded over devices has accelerate's hooks around each forward: they move
         # tensors between devices and are not traceable, so compile the forward beneath them.

@@ -219,6 +219,15 @@ class TargetKVCache(Cache):
     def write_plan(self, slots: torch.Tensor, view: int):
         return write_plan([layer.buffer for layer in self.layers], slots, view)
 
+    # Kept out of compiled decoder layers (a graph break; the step graphs
+    # record it all the same): the layers' keys and values are views into one
+    # stack at per-layer offsets, and compiled code that writes them compiles
+    # once per layer or, indexing the stack by a symbolic layer, copies the
+    # whole stack per write.
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def truncate(self, length: int) -> None:
         for layer in self.layers:
             layer.buffer.length = length

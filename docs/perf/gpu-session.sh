@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs for issue 7, in stages that each fit
+# one device call (10 minutes). Usage, on the device machine, in the repo
+# root, with .whl (transformers 5 wheel; ref/: transformers 4.53 and its
+# tokenizers and huggingface_hub), .reference (an EAGLE checkout) and .data (a
+# copy of ../shared/data) carried: bash docs/perf/gpu-session.sh STAGE
+# Logs and results go to $OUT; each step has its own time limit, so one that
+# hangs or fails leaves the others' results.
+set -u
+stage=${1:?stage: 1 to 4}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+pip_install /tmp/site .whl/*.whl || exit 1
+pip_install /tmp/ref-site .whl/ref/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+log=$out/stage$stage.log
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log, summarise
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "=== $name: $*" >>"$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "=== $name: rc=$? after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+# (commands, not shell functions: `timeout` runs programs)
+overhead=(python3 -m eagle_gto.benchmarks.engine_overhead)
+reference=(env PYTHONPATH=/tmp/ref-site:.reference:$PWD python3 -m eagle_gto.benchmarks.reference_engine)
+
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+  python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
+} >>"$log" 2>&1
+
+case $stage in
+1)
+    step graphs 150 "${overhead[@]}" --engines eager,graphs --total-tokens 60 --json "$out/graphs.json"
+    step reference 100 "${reference[@]}" --total-tokens 60 --json "$out/reference.json"
+    step parity 60 python3 -m eagle_gto.benchmarks.reference_parity --reference-path /tmp/ref-site:.reference \
+        --device cuda --limit 3 --data-dir .data --reference-label "SafeAILab/EAGLE cb7e084" --json "$out/parity.json"
+    ;;
+2)
+    step compiled 570 env TORCH_LOGS=recompiles "${overhead[@]}" --engines graphs --total-tokens 60 --compile --json "$out/compiled.json"
+    ;;
+3)
+    step equality 200 python3 -m eagle_gto.benchmarks.gpu_equality --json "$out/equality.json"
+    step equality-compiled 280 python3 -m eagle_gto.benchmarks.gpu_equality --compile --shape small \
+        --json "$out/equality_compiled_small.json"
+    ;;
+4)  # after the compile fix: one set of layer graphs for all layers, eager prefill
+    step compiled 160 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --json "$out/compiled_fixed.json"
+    step equality-compiled 140 python3 -m eagle_gto.benchmarks.gpu_equality --compile \
+        --json "$out/equality_compiled.json"
+    step frozen 100 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --freeze --json "$out/frozen.json"
+    ;;
+esac
+grep -h -A30 '^| what' "$log" | grep -v '^=== ' | tail -n 40
+
+ls -la "$out"
