@@ -42,7 +42,6 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.reshape(b, heads, n, value.shape[-1])
 
 
-@torch.compiler.disable  # it reads the KV cache's views: outside compiled layers, as the cache's update
 def transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """transformers' attention-function signature; returns ([b, n, H, d], None) as its sdpa does."""
