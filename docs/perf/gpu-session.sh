@@ -7,7 +7,7 @@
 # Logs and results go to $OUT; each step has its own time limit, so one that
 # hangs or fails leaves the others' results.
 set -u
-stage=${1:?stage: 1 to 4}
+stage=${1:?stage: 1 to 6}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -53,6 +53,17 @@ case $stage in
     step equality-compiled 140 python3 -m eagle_gto.benchmarks.gpu_equality --compile \
         --json "$out/equality_compiled.json"
     step frozen 100 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --freeze --json "$out/frozen.json"
+    ;;
+5)  # next: the attention inside the compiled graphs (HEAD) against b5fbaa8 side by side, then --freeze.
+    # Before the call, here: mkdir -p .old && git archive b5fbaa8 eagle_gto | tar -x -C .old
+    # (and echo /.old/ >> .git/info/exclude); carry .old with the others.
+    step compiled 150 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --json "$out/compiled_head.json"
+    step compiled-b5fbaa8 150 env -C .old PYTHONPATH=/tmp/site:$PWD/.old "${overhead[@]}" --engines graphs \
+        --total-tokens 60 --compile --json "$out/compiled_b5fbaa8.json"
+    step frozen 270 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --freeze --json "$out/frozen.json"
+    ;;
+6)  # next: compiled equality in full (demo, 8B float32 and bfloat16)
+    step equality-compiled 560 python3 -m eagle_gto.benchmarks.gpu_equality --compile --json "$out/equality_compiled.json"
     ;;
 esac
 grep -h -A30 '^| what' "$log" | grep -v '^=== ' | tail -n 40
