@@ -112,11 +112,10 @@ class EaModel(nn.Module):
 
     def enable_torch_compile(self, mode: str = "default") -> None:
         """torch.compile the base model's decoder layers (one set of graphs
-        for all of them; the KV cache's update stays eager) and the draft
-        head's step work (tree expansion, extension) as whole functions, so
-        that the step graphs record fused kernels: on an H100 (8B shape) 17%
-        less time per plain step and 23% per iteration, after about a minute
-        of compilation on first use (the prefill stays eager).
+        for all of them) and the draft head's step work (tree expansion,
+        extension) as whole functions, so that the step graphs record fused
+        kernels: on an H100 (8B shape) about 20% less time per step, after
+        about a minute of compilation on first use (the prefill stays eager).
         `mode`: "default" or "max-autotune-no-cudagraphs" (slower to compile,
         tuned matrix kernels). For GPUs; on a CPU it works but gains little."""
         check_compile_mode(mode)

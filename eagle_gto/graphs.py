@@ -84,8 +84,8 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
     config = torch._dynamo.config
     layers = decoder_layers(base)
     # One set of compiled graphs serves every layer: a layer's index (it only
-    # passes through on its way to the KV cache's eager `update`) is a symbolic
-    # integer, not a constant per layer. Graphs per layer took 3.5 minutes on
+    # says where in the KV stack the layer writes and reads, `TargetKVCache.update`)
+    # is a symbolic integer, not a constant per layer. Graphs per layer took 3.5 minutes on
     # an 8B model (96 compilations) and recompiled every layer for each new
     # input shape. Process-wide, as dynamo's settings are.
     config.allow_unspec_int_on_nn_module = True

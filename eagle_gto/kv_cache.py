@@ -55,6 +55,22 @@ class KVStack:
             return None
         return self.storage[index, 0], self.storage[index, 1]
 
+    def write_and_view(self, index, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                       view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s `append` under a write plan, for compiled code: one
+        scatter into the whole stack and views at an offset computed from
+        `index`. Compiled code handed the layer's own views would compile once
+        per layer (their offsets differ), and a write through
+        `storage[index]` makes inductor copy the whole stack."""
+        storage = self.storage
+        layer = torch.full((1,), index, dtype=torch.long, device=storage.device)
+        kind = torch.arange(2, device=storage.device)[:, None]  # keys, values
+        new = torch.stack((key, value)).permute(0, 3, 1, 2, 4)  # [2, n, batch, kv_heads, head_dim]
+        torch.ops.aten.index_put_.default(storage, [layer, kind, None, None, slots.to(storage.device)], new)
+        size, stride = (storage.shape[2], storage.shape[3], view, storage.shape[5]), storage.stride()[2:]
+        offset = index * storage.stride(0)
+        return storage.as_strided(size, stride, offset), storage.as_strided(size, stride, offset + storage.stride(1))
+
     def keep(self, start: int | torch.Tensor, indices: torch.Tensor) -> None:
         """Move every layer's slots start + indices to start, start+1, ... (see `KVBuffer.keep`)."""
         if self.storage is not None:
@@ -204,6 +220,7 @@ class TargetKVCache(Cache):
                 buffers[layer] = KVBuffer(capacity, stack, index)
         super().__init__(layers=[_TargetLayer(buffer) for buffer in buffers])
         self.capacity = capacity
+        self.stacked_plan: tuple[KVStack, torch.Tensor, int] | None = None  # (stack, slots, view), see write_plan
 
     @property
     def length(self) -> int:
@@ -216,17 +233,30 @@ class TargetKVCache(Cache):
         for layer in self.layers:
             layer.buffer.keep(start, indices)  # lengths, and the data of layers outside a stack
 
+    @contextmanager
     def write_plan(self, slots: torch.Tensor, view: int):
-        return write_plan([layer.buffer for layer in self.layers], slots, view)
+        """See `write_plan`; also notes whether every layer sits in one
+        allocated stack (one device, after the prefill), for `update`."""
+        stack = self.stacks[0] if len(self.stacks) == 1 else None
+        whole = stack is not None and stack.storage is not None and \
+            all(layer.buffer.stack is stack for layer in self.layers)
+        self.stacked_plan = (stack, slots, view) if whole else None
+        try:
+            with write_plan([layer.buffer for layer in self.layers], slots, view):
+                yield
+        finally:
+            self.stacked_plan = None
 
-    # Kept out of compiled decoder layers (a graph break; the step graphs
-    # record it all the same): the layers' keys and values are views into one
-    # stack at per-layer offsets, and compiled code that writes them compiles
-    # once per layer or, indexing the stack by a symbolic layer, copies the
-    # whole stack per write.
-    @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        """transformers' entry point. Traced by torch.compile (a compiled
+        decoder layer) under a stacked write plan, it goes through the stack
+        at `layer_idx` (`KVStack.write_and_view`): the index then stays a
+        symbolic integer and one compiled graph serves every layer. Run
+        eagerly, the per-layer views take fewer ops."""
+        if self.stacked_plan is None or not torch.compiler.is_compiling():
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        stack, slots, view = self.stacked_plan
+        return stack.write_and_view(layer_idx, key_states, value_states, slots, view)
 
     def truncate(self, length: int) -> None:
         for layer in self.layers:

@@ -57,9 +57,8 @@ def test_compiled_layers_beneath_accelerate_device_hooks():
     """A base model sharded over GPUs has accelerate's device hooks around
     every layer's forward (not traceable: dynamo would break the graph on
     both sides of each layer). The layers compile beneath the hooks, so the
-    hooks still run (here on one device, where they move nothing), the only
-    graph break is the KV cache's update (eager by design), and decoding
-    equals the uncompiled model's."""
+    hooks still run (here on one device, where they move nothing), every
+    layer is whole, and decoding equals the uncompiled model's."""
     import copy
 
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -81,8 +80,7 @@ def test_compiled_layers_beneath_accelerate_device_hooks():
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     assert compiled.eagenerate(ids, max_new_tokens=30).tolist() == eager.eagenerate(ids, max_new_tokens=30).tolist()
     assert moved, "the device hooks did not run"
-    breaks = list(torch._dynamo.utils.counters["graph_break"])
-    assert breaks and all("TargetKVCache.update" in b for b in breaks), breaks
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
 
 
 def test_one_set_of_compiled_graphs_serves_every_layer():
