@@ -93,7 +93,7 @@ def test_one_set_of_compiled_graphs_serves_every_layer():
     from eagle_gto.ea_model import attach_head
     from eagle_gto.tiny import base_config, head_config, random_head
 
-    def graphs_compiled(num_layers: int) -> int:
+    def graphs_compiled(num_layers: int) -> list[int]:  # graphs after each of two generations
         torch.manual_seed(0)
         cfg = base_config("llama", vocab_size=VOCAB, hidden_size=32, num_layers=num_layers)
         base = AutoModelForCausalLM.from_config(cfg).eval()
