@@ -64,7 +64,9 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The target's own next token at each of n positions: logits [n, V] -> [n]."""
+    """The target's own next token at each of n positions: logits [n, V] -> [n].
+    Greedy takes the argmax in the logits' own dtype: casting to float32 is
+    exact and argmax keeps the first of equal values, so the token is the same."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = target_probs(logits, params)

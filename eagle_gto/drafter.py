@@ -13,11 +13,43 @@ host value enters the computation and the shapes are static (CUDA graphs).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .heads import DraftHead
 from .kv_cache import KVBuffer, write_plan
 from .tree import DraftTree, select_tree, take
+
+
+@lru_cache(maxsize=None)
+def vocab_chunk(vocab: int, k: int) -> int | None:
+    """The chunk length `vocab_top_k` splits rows into: the largest divisor
+    of `vocab` in [k, 2560] that leaves at least two chunks (None: no such)."""
+    return next((c for c in range(min(2560, vocab // 2), k - 1, -1) if vocab % c == 0), None)
+
+
+def vocab_top_k(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logp.topk(k)` over the last dimension (largest first), taken in two
+    rounds: the top k of each chunk of the row, then the top k of those.
+    Equal values may come out in another order than torch.topk's.
+
+    Why: on CUDA, torch.topk over a few rows of 20000+ entries (a draft
+    vocabulary) takes its multi-block path, about 20 small kernels: with 8
+    per tree that was 0.4-0.5 ms of an 11 ms iteration on the H100
+    (docs/perf/2026-11-23-h100-b). Rows of at most 2560 entries, fewer than
+    800 of them, take the one-kernel single-block path, as does the second
+    round over k entries per chunk."""
+    vocab = logp.shape[-1]
+    chunk = vocab_chunk(vocab, k)
+    if chunk is None:
+        return logp.topk(k, dim=-1)
+    lead = logp.shape[:-1]
+    rows = logp.reshape(-1, vocab // chunk, chunk)
+    values, within = rows.topk(k, dim=-1, sorted=False)  # [n, chunks, k]
+    best, pos = values.flatten(1).topk(k, dim=-1)  # [n, k]; pos // k is the chunk
+    ids = within.flatten(1).gather(1, pos) + (pos // k) * chunk
+    return best.reshape(*lead, k), ids.reshape(*lead, k)
 
 
 def prefix_mask(n: int, past: int, device) -> torch.Tensor:
@@ -81,7 +113,7 @@ class Drafter:
         if start is None:
             start, view = self.length, self.length + depth * k
         logp = torch.log_softmax(head.draft_logits(last_out[None]).float(), dim=-1)[0]
-        scores, ids = logp.topk(k)
+        scores, ids = vocab_top_k(logp, k)
         tokens = head.to_target_ids(ids)
         cand_tokens, cand_scores = [tokens], [scores]
         # Made once for all levels (fewer small kernels per level): level l
@@ -105,7 +137,7 @@ class Drafter:
                 out = head(f_hidden[None], f_tokens[None], None, mask, self.caches,
                            rope=(cos[level][None], sin[level][None]))[0]  # [k, h]
             logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
-            child_p, child_ids = logp.topk(k, dim=-1)  # [k, k]
+            child_p, child_ids = vocab_top_k(logp, k)  # [k, k]
             cum = (child_p + f_scores[:, None]).flatten()  # [k*k]
             child_tokens = head.to_target_ids(child_ids).flatten()
             cand_tokens.append(child_tokens)

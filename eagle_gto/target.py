@@ -88,7 +88,8 @@ class TargetRunner:
         """input_ids, position_ids [n]; visible bool [n, cache.length + n]
         (appending), or with `slots` (device long [n], where the new keys go)
         bool [n, view] over the cache's first `view` slots. Returns logits
-        [n - logits_from, V] (float32) and, when asked, the head's features [n, F]."""
+        [n - logits_from, V] (in the model's dtype: greedy argmax needs no
+        float32 copy of them, sampling makes its own) and, when asked, the head's features [n, F]."""
         self._captured = {} if features and self.feature_layers is not None else None
         plan = cache.write_plan(slots, visible.shape[1]) if slots is not None else nullcontext()
         try:
@@ -110,5 +111,4 @@ class TargetRunner:
                     feats = torch.cat([p.to(hidden.device) for p in parts], dim=-1)
         finally:
             self._captured = None
-        logits = self.lm_head(hidden[logits_from:])
-        return logits.float(), feats
+        return self.lm_head(hidden[logits_from:]), feats

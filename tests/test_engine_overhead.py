@@ -50,11 +50,29 @@ def test_graphs_need_a_gpu():
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
 
 
-def test_freezing_needs_compilation(capsys):
-    """--freeze changes how torch.compile treats weights: meaningless (and refused) without --compile."""
-    with pytest.raises(SystemExit):
-        engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--freeze"])
-    assert "--freeze needs --compile" in capsys.readouterr().err
+def test_sdpa_backend_choice_is_applied_and_recorded(monkeypatch):
+    chosen = []
+    real = engine_overhead.sdpa_backend
+    monkeypatch.setattr(engine_overhead, "sdpa_backend", lambda name: chosen.append(name) or real(name))
+    result = engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--prompt-length", "8", "--new-tokens", "3",
+                                   "--repeats", "1", "--total-tokens", "4", "--depth", "2", "--top-k", "2",
+                                   "--sdpa-backend", "math"])
+    assert chosen == ["math"] and result["sdpa_backend"] == "math"
+
+
+def test_kernel_summary_of_a_trace():
+    # two replays of the same three kernels, 10 us apart, plus a CPU event
+    kernels = [("gemm", 5.0), ("topk", 1.0), ("gemm", 3.0)]
+    events = [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50}]
+    for replay in range(2):
+        for i, (name, dur) in enumerate(kernels):
+            events.append({"cat": "kernel", "name": name, "ts": 100 + 30 * replay + 10 * i, "dur": dur})
+    summary = engine_overhead.summarise_kernels(events[::-1], 2)
+    assert summary["kernels_per_replay"] == 3
+    assert summary["kernel_us_per_replay"] == 9.0
+    assert summary["span_us_per_replay"] == (130 + 20 + 3 - 100) / 2
+    assert summary["by_name"] == [{"name": "gemm", "calls": 2.0, "us": 8.0}, {"name": "topk", "calls": 1.0, "us": 1.0}]
+    assert summary["sequence"] == [["gemm", 5.0], ["topk", 1.0], ["gemm", 3.0]]
 
 
 def test_rejects_a_tree_the_depth_cannot_fill():

@@ -9,7 +9,7 @@ candidates and walks parent pointers for the mask, depths and leaf paths.
 import pytest
 import torch
 
-from eagle_gto.drafter import Drafter
+from eagle_gto.drafter import Drafter, vocab_chunk, vocab_top_k
 from eagle_gto.kv_cache import KVBuffer
 from eagle_gto.tiny import head_config, random_head, base_config
 from eagle_gto.tree import check_tree_params, select_tree
@@ -168,3 +168,28 @@ def test_tree_params_are_checked():
     with pytest.raises(ValueError, match=r"top_k=5 is larger than the draft head's vocabulary \(4 tokens\)"):
         check_tree_params(10, 2, 5, draft_vocab_size=4)
     check_tree_params(10, 2, 4, draft_vocab_size=4)
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256, 1000, 97, 12])
+@pytest.mark.parametrize("rows", [(), (1,), (10,)])
+def test_vocab_top_k_matches_torch_topk(vocab, rows):
+    # distinct values: the same values and indices, in the same order
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randperm(vocab * torch.Size(rows).numel(), generator=gen).float().reshape(*rows, vocab)
+    values, ids = vocab_top_k(x, 10)
+    expected = x.topk(10)
+    assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
+
+
+def test_vocab_top_k_with_ties_keeps_the_top_values():
+    x = torch.randint(0, 4, (10, 4000), generator=torch.Generator().manual_seed(0)).float()
+    values, ids = vocab_top_k(x, 10)
+    assert torch.equal(values, x.topk(10).values)
+    assert torch.equal(x.gather(1, ids), values)
+    assert all(len(set(row)) == 10 for row in ids.tolist())  # ten different entries
+
+
+def test_vocab_chunk_is_the_largest_fitting_divisor():
+    for vocab in range(2, 6000):
+        fitting = [c for c in range(10, 2561) if vocab % c == 0 and vocab // c >= 2]
+        assert vocab_chunk(vocab, 10) == (max(fitting) if fitting else None)

@@ -5,9 +5,11 @@
 # tokenizers and huggingface_hub), .reference (an EAGLE checkout) and .data (a
 # copy of ../shared/data) carried: bash docs/perf/gpu-session.sh STAGE
 # Logs and results go to $OUT; each step has its own time limit, so one that
-# hangs or fails leaves the others' results.
+# hangs or fails leaves the others' results. Stages 1-8 are the record of what
+# ran (docs/perf/2026-11-23-h100*/ name the commits); `--freeze` (stages 4, 5)
+# has since been removed from the benchmarks.
 set -u
-stage=${1:?stage: 1 to 6}
+stage=${1:?stage: 1 to 9}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -64,6 +66,26 @@ case $stage in
     ;;
 6)  # next: compiled equality in full (demo, 8B float32 and bfloat16)
     step equality-compiled 560 python3 -m eagle_gto.benchmarks.gpu_equality --compile --json "$out/equality_compiled.json"
+    ;;
+7)  # where the compiled iteration's GPU time goes (kernel by kernel), then max-autotune
+    step profile 230 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --profile 5 --json "$out/profile.json"
+    step autotune 330 "${overhead[@]}" --engines graphs --total-tokens 60 --compile max-autotune-no-cudagraphs \
+        --json "$out/autotune.json"
+    ;;
+8)  # the attention kernel: cuDNN's (torch's choice, 17 us a layer in stage 7) against the memory-efficient one
+    step efficient 230 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --sdpa-backend efficient \
+        --profile 5 --json "$out/efficient.json"
+    ;;
+9)  # next: the two-round draft top-k and the greedy argmax without a float32 copy (predicted about -0.35 ms an
+    # iteration), side by side with 49cfdc3 (before them), then the attention as inductor's own kernels (math).
+    # Before the call, here: rm -rf .old && mkdir .old && git archive 49cfdc3 eagle_gto | tar -x -C .old
+    step parity 60 python3 -m eagle_gto.benchmarks.reference_parity --reference-path /tmp/ref-site:.reference \
+        --device cuda --limit 3 --data-dir .data --reference-label "SafeAILab/EAGLE cb7e084" --json "$out/parity.json"
+    step compiled 200 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --profile 5 --json "$out/compiled.json"
+    step compiled-49cfdc3 150 env -C .old PYTHONPATH=/tmp/site:$PWD/.old "${overhead[@]}" --engines graphs \
+        --total-tokens 60 --compile --json "$out/compiled_49cfdc3.json"
+    step math 170 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --sdpa-backend math --profile 5 \
+        --json "$out/math.json"
     ;;
 esac
 grep -h -A30 '^| what' "$log" | grep -v '^=== ' | tail -n 40

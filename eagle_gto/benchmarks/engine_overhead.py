@@ -18,6 +18,10 @@ and a random EAGLE-3 head of the matching shape, then measures in one run
   `graphs` (steps replayed as CUDA graphs, the default on a GPU), and for
   `graphs` the GPU time of one replayed iteration (CUDA events around
   back-to-back replays): what is left once the host is out of the way.
+- with `--profile N`, where that GPU time goes: the replayed iteration's
+  kernels under torch.profiler, summed by name, and their sequence;
+- `--sdpa-backend` restricts torch's fused attention to one kernel family
+  (torch picks cuDNN's on an H100; the memory-efficient one measured slower).
 
 Random weights accept almost no draft, so this measures the cost of an
 iteration, not the speedup; the speedup a head with acceptance length tau
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
@@ -85,6 +91,57 @@ def replay_ms(model: EaModel, repeats: int, replays: int = 20) -> float:
     return median_of(run, repeats)
 
 
+def kernel_profile(model: EaModel, replays: int, trace_path: str | None) -> dict:
+    """Where the GPU time of the latest step graph goes: torch.profiler over
+    `replays` back-to-back replays (`summarise_kernels`)."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = model._graphs.latest()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = trace_path or f"{folder}/trace.json"
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    return summarise_kernels(events, replays)
+
+
+def summarise_kernels(events: list[dict], replays: int) -> dict:
+    """From a Chrome trace's events (kernels: category "kernel", start "ts"
+    and "dur" in us) of `replays` identical replays: per replay, the kernel
+    count, kernel time and span (first start to last end); kernels summed by
+    name; and one replay's kernel sequence (its order shows the phases:
+    drafting, verifying, accepting)."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"], []).append(e["dur"])
+    per_replay = len(kernels) // replays
+    span = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) / replays if kernels else 0.0
+    return {
+        "replays": replays, "kernels_per_replay": per_replay,
+        "kernel_us_per_replay": sum(e["dur"] for e in kernels) / replays, "span_us_per_replay": span,
+        "by_name": sorted(({"name": n, "calls": len(d) / replays, "us": sum(d) / replays} for n, d in by_name.items()),
+                          key=lambda r: -r["us"]),
+        "sequence": [[e["name"][:60], round(e["dur"], 2)] for e in kernels[:per_replay]],
+    }
+
+
+def format_profile(prof: dict, top: int = 25) -> str:
+    total = prof["kernel_us_per_replay"]
+    lines = [f"kernels of one iteration graph: {prof['kernels_per_replay']} kernels, {total:.0f} us of kernel time, "
+             f"{prof['span_us_per_replay']:.0f} us from first start to last end (mean of {prof['replays']} replays)",
+             "", "| kernel | calls | us | share |", "|---|---|---|---|"]
+    for r in prof["by_name"][:top]:
+        lines.append(f"| {r['name'][:90]} | {r['calls']:.0f} | {r['us']:.1f} | {r['us'] / max(total, 1e-9):.1%} |")
+    return "\n".join(lines)
+
+
 def hf_generate_ms(base, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """ms per token of transformers' greedy `generate` with its own sdpa
     attention, as its users run it (before the engine compiles anything)."""
@@ -109,7 +166,8 @@ def hf_generate_ms(base, prompt: torch.Tensor, new_tokens: int, repeats: int) ->
 
 
 def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens: list[int], repeats: int,
-            max_length: int, engine_names: list[str]) -> dict:
+            max_length: int, engine_names: list[str], profile_replays: int = 0,
+            trace_path: str | None = None) -> dict:
     device = prompt.device
     base = model.base_model
     bandwidth = copy_bandwidth(device, repeats)
@@ -130,6 +188,9 @@ def measure(model: EaModel, prompt: torch.Tensor, new_tokens: int, total_tokens:
             it = {"ms": median_of(speculative, repeats), "tau": statistics.median(taus)}
             if engine == "graphs":
                 it["replay_ms"] = replay_ms(model, repeats)
+                if profile_replays:
+                    it["profile"] = kernel_profile(model, profile_replays, trace_path)
+                    print(format_profile(it["profile"]), flush=True)
             engines[engine]["iterations"][size] = it
     return {**bandwidth_floors(base, bandwidth), "engines": engines}
 
@@ -190,26 +251,23 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                    help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode "
                         "(default: default)")
-    p.add_argument("--freeze", action="store_true",
-                   help="with --compile: inductor's weight freezing, which among other folds concatenates the q/k/v "
-                        "and the gate/up projections into one matrix product each (a copy of those weights)")
-
-
-def check_compile_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.freeze and not args.compile:
-        p.error("--freeze needs --compile")
 
 
 def compile_engine(model: EaModel, args: argparse.Namespace) -> None:
-    """`--compile` and `--freeze`. Freezing is process-wide: dynamo reads the
-    setting while it traces (on first use), where a per-call option does not
-    reach; it applies to functions traced under torch.no_grad, as decoding is."""
-    if args.freeze:
-        import torch._inductor.config
-
-        torch._inductor.config.freezing = True
     if args.compile:
         model.enable_torch_compile(args.compile)
+
+
+def sdpa_backend(name: str):
+    """A context restricting scaled_dot_product_attention to one backend;
+    tracing (compile) and graph recording happen inside it, so both keep the choice."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([backends[name]])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -233,10 +291,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default=None,
                    help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
     add_compile_arguments(p)
+    p.add_argument("--profile", type=int, default=0, metavar="REPLAYS",
+                   help="graphs engine: profile this many replays of each iteration graph and print where "
+                        "its GPU time goes, kernel by kernel")
+    p.add_argument("--trace", help="with --profile: also keep the Chrome trace here")
+    p.add_argument("--sdpa-backend", choices=("auto", "cudnn", "efficient", "flash", "math"), default="auto",
+                   help="restrict torch's fused attention to this kernel family (default: torch chooses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    check_compile_arguments(p, args)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     return args
@@ -265,15 +328,18 @@ def main(argv=None) -> dict:
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)
     with torch.no_grad():
         hf_ms = hf_generate_ms(model.base_model, prompt, args.new_tokens, args.repeats)
-        compile_engine(model, args)
-        result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines)
+        with sdpa_backend(args.sdpa_backend):
+            compile_engine(model, args)
+            result = measure(model, prompt, args.new_tokens, total_tokens, args.repeats, args.max_length, engines,
+                             args.profile, args.trace)
     result["hf_generate_ms"] = hf_ms
     for engine in result["engines"].values():
         engine["iterations"] = {str(k): v for k, v in engine["iterations"].items()}
     result.update(
         shape=asdict(shape), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
-        dtype=dtype, compiled=args.compile, frozen=args.freeze, date=datetime.date.today().isoformat(),
+        dtype=dtype, compiled=args.compile, sdpa_backend=args.sdpa_backend,
+        date=datetime.date.today().isoformat(),
         torch=torch.__version__,
         transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,
         new_tokens=args.new_tokens, repeats=args.repeats, tree={"depth": args.depth, "top_k": args.top_k},

@@ -24,7 +24,7 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
-from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
+from .engine_overhead import add_compile_arguments, build_model, compile_engine
 from .shapes import SHAPES
 
 PATHS = (("plain", False, False), ("plain", True, True), ("speculative", True, False), ("speculative", True, True))
@@ -66,7 +66,7 @@ def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: in
     references = [decode(model, prompt, PATHS[0], new_tokens)[0] for prompt in prompts]
     if args.compile:
         compile_engine(model, args)
-        name += f", compiled ({args.compile}{', frozen' if args.freeze else ''})"
+        name += f", compiled ({args.compile})"
     rows = []
     for number, (prompt, reference) in enumerate(zip(prompts, references)):
         for path in PATHS[1:] if not args.compile else PATHS:
@@ -91,7 +91,6 @@ def main(argv=None) -> list[dict]:
     add_compile_arguments(p)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    check_compile_arguments(p, args)
     device = torch.device("cuda")
     rows = []
     if not args.skip_demo:
