@@ -13,8 +13,6 @@ host value enters the computation and the shapes are static (CUDA graphs).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .heads import DraftHead
@@ -22,17 +20,18 @@ from .kv_cache import KVBuffer, write_plan
 from .tree import DraftTree, select_tree, take
 
 
-@lru_cache(maxsize=None)
-def vocab_chunk(vocab: int, k: int) -> int | None:
-    """The chunk length `vocab_top_k` splits rows into: the largest divisor
-    of `vocab` in [k, 2560] that leaves at least two chunks (None: no such)."""
-    return next((c for c in range(min(2560, vocab // 2), k - 1, -1) if vocab % c == 0), None)
+def vocab_chunk(vocab: int) -> int:
+    """The chunk length `vocab_top_k` splits rows of `vocab` entries into:
+    the largest divisor of `vocab` up to 2560 that leaves at least two chunks
+    (1 when there is none)."""
+    return next((c for c in range(min(2560, vocab // 2), 1, -1) if vocab % c == 0), 1)
 
 
-def vocab_top_k(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_top_k(logp: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`logp.topk(k)` over the last dimension (largest first), taken in two
-    rounds: the top k of each chunk of the row, then the top k of those.
-    Equal values may come out in another order than torch.topk's.
+    rounds when `chunk` (a divisor of its length, `vocab_chunk`) holds at
+    least k entries: the top k of each chunk of the row, then the top k of
+    those. Equal values may come out in another order than torch.topk's.
 
     Why: on CUDA, torch.topk over a few rows of 20000+ entries (a draft
     vocabulary) takes its multi-block path, about 20 small kernels: with 8
@@ -41,8 +40,7 @@ def vocab_top_k(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     800 of them, take the one-kernel single-block path, as does the second
     round over k entries per chunk."""
     vocab = logp.shape[-1]
-    chunk = vocab_chunk(vocab, k)
-    if chunk is None:
+    if chunk < k or chunk == vocab:
         return logp.topk(k, dim=-1)
     lead = logp.shape[:-1]
     rows = logp.reshape(-1, vocab // chunk, chunk)
@@ -63,6 +61,7 @@ class Drafter:
     def __init__(self, head: DraftHead, capacity: int):
         self.head = head
         self.caches = [KVBuffer(capacity) for _ in range(head.num_layers)]
+        self.vocab_chunk = vocab_chunk(head.config.draft_vocab_size)  # for vocab_top_k
         self.compiled: tuple | None = None  # (draft_tree, extend) compiled for decoding steps (graphs.compile_drafter_steps)
 
     @property
@@ -113,7 +112,7 @@ class Drafter:
         if start is None:
             start, view = self.length, self.length + depth * k
         logp = torch.log_softmax(head.draft_logits(last_out[None]).float(), dim=-1)[0]
-        scores, ids = vocab_top_k(logp, k)
+        scores, ids = vocab_top_k(logp, k, self.vocab_chunk)
         tokens = head.to_target_ids(ids)
         cand_tokens, cand_scores = [tokens], [scores]
         # Made once for all levels (fewer small kernels per level): level l
@@ -137,7 +136,7 @@ class Drafter:
                 out = head(f_hidden[None], f_tokens[None], None, mask, self.caches,
                            rope=(cos[level][None], sin[level][None]))[0]  # [k, h]
             logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
-            child_p, child_ids = vocab_top_k(logp, k)  # [k, k]
+            child_p, child_ids = vocab_top_k(logp, k, self.vocab_chunk)  # [k, k]
             cum = (child_p + f_scores[:, None]).flatten()  # [k*k]
             child_tokens = head.to_target_ids(child_ids).flatten()
             cand_tokens.append(child_tokens)

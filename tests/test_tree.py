@@ -176,14 +176,14 @@ def test_vocab_top_k_matches_torch_topk(vocab, rows):
     # distinct values: the same values and indices, in the same order
     gen = torch.Generator().manual_seed(vocab)
     x = torch.randperm(vocab * torch.Size(rows).numel(), generator=gen).float().reshape(*rows, vocab)
-    values, ids = vocab_top_k(x, 10)
+    values, ids = vocab_top_k(x, 10, vocab_chunk(vocab))
     expected = x.topk(10)
     assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
 
 
 def test_vocab_top_k_with_ties_keeps_the_top_values():
     x = torch.randint(0, 4, (10, 4000), generator=torch.Generator().manual_seed(0)).float()
-    values, ids = vocab_top_k(x, 10)
+    values, ids = vocab_top_k(x, 10, vocab_chunk(4000))
     assert torch.equal(values, x.topk(10).values)
     assert torch.equal(x.gather(1, ids), values)
     assert all(len(set(row)) == 10 for row in ids.tolist())  # ten different entries
@@ -191,5 +191,6 @@ def test_vocab_top_k_with_ties_keeps_the_top_values():
 
 def test_vocab_chunk_is_the_largest_fitting_divisor():
     for vocab in range(2, 6000):
-        fitting = [c for c in range(10, 2561) if vocab % c == 0 and vocab // c >= 2]
-        assert vocab_chunk(vocab, 10) == (max(fitting) if fitting else None)
+        fitting = [c for c in range(2, 2561) if vocab % c == 0 and vocab // c >= 2]
+        assert vocab_chunk(vocab) == max(fitting, default=1)
+    assert [vocab_chunk(v) for v in (32000, 128256, 151936, 152064)] == [2000, 2004, 2374, 2376]
