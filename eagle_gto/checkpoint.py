@@ -32,9 +32,29 @@ class CheckpointError(ValueError):
     """A draft head or base model that cannot be used, with the reason."""
 
 
-def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path | None:
-    """A local file of a folder, or a file downloaded from a hub repository."""
-    local = Path(os.path.expanduser(str(path_or_id)))
+HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+
+
+def hub_options(kwargs: dict) -> dict:
+    """The `from_pretrained` arguments that say where a file comes from (also read here)."""
+    return {k: kwargs[k] for k in HUB_OPTIONS if kwargs.get(k) is not None}
+
+
+def expand_path(path_or_id):
+    """`~/model` as the folder it names (transformers would take it for a hub id)."""
+    text = str(path_or_id)
+    return os.path.expanduser(text) if text.startswith("~") else path_or_id
+
+
+def resolve_file(path_or_id: str, filename: str, required: bool = True, hub: dict | None = None) -> Path | None:
+    """A local file of a folder, or a file downloaded from (or cached from) a
+    hub repository. `hub`: `cache_dir`, `revision`, `token`,
+    `local_files_only`, `subfolder`, as transformers takes them. Not
+    required: None when the folder or repository has no such file."""
+    hub = dict(hub or {})
+    local = Path(expand_path(path_or_id))
+    if hub.get("subfolder") and local.is_dir():
+        local = local / hub["subfolder"]
     if local.is_dir():
         candidate = local / filename
         if candidate.is_file():
@@ -50,8 +70,10 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path 
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(str(path_or_id), filename))
+        return Path(hf_hub_download(str(path_or_id), filename, **hub))
     except LocalEntryNotFoundError as err:  # before EntryNotFoundError, its base class
+        if not required:  # maybe cached under another name (model.safetensors for pytorch_model.bin)
+            return None
         raise CheckpointError(
             f"{path_or_id}: not a local folder, and the hub could not be reached to download "
             f"{filename} (offline?): {err}"
@@ -64,8 +86,22 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True) -> Path 
         raise CheckpointError(f"{path_or_id}: not a local folder and not downloadable from the hub: {err}") from None
 
 
-def read_config(path_or_id: str) -> dict:
-    file = resolve_file(path_or_id, "config.json")
+def not_weights(file: Path) -> str | None:
+    """What a weights file holds instead of weights, when it is something
+    recognisable: empty, a Git LFS pointer, a web page."""
+    with open(file, "rb") as handle:
+        start = handle.read(64)
+    if not start:
+        return "an empty file"
+    if start.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
+    if start.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "a web page, not weights (a failed download?)"
+    return None
+
+
+def read_config(path_or_id: str, hub: dict | None = None) -> dict:
+    file = resolve_file(path_or_id, "config.json", hub=hub)
     try:
         cfg = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -79,15 +115,19 @@ def read_config(path_or_id: str) -> dict:
     return cfg
 
 
-def read_weights(path_or_id: str) -> tuple[dict[str, torch.Tensor], Path]:
+def read_weights(path_or_id: str, hub: dict | None = None) -> tuple[dict[str, torch.Tensor], Path]:
     for name in WEIGHT_FILES:
-        file = resolve_file(path_or_id, name, required=False)
+        file = resolve_file(path_or_id, name, required=False, hub=hub)
         if file is not None:
             return _load_tensors(file), file
-    raise CheckpointError(f"{path_or_id}: no draft weights ({' or '.join(WEIGHT_FILES)})")
+    where = "" if Path(expand_path(path_or_id)).is_dir() else " in the repository or the local hub cache"
+    raise CheckpointError(f"{path_or_id}: no draft weights ({' or '.join(WEIGHT_FILES)}){where}")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    instead = not_weights(file)
+    if instead:
+        raise CheckpointError(f"{file}: {instead}")
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -103,7 +143,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
             f"{file}: holds more than tensors, refused (only plain tensor state dicts are loaded): {err}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({err})") from None
+        raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: expected a dict of tensor names to tensors")
     return state
@@ -142,9 +182,10 @@ class HeadCheckpoint:
 REQUIRED_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None) -> HeadCheckpoint:
-    cfg = read_config(path_or_id)
-    state, file = read_weights(path_or_id)
+def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None, hub: dict | None = None) -> HeadCheckpoint:
+    """Read and check a head's config and weights (`hub`: see resolve_file)."""
+    cfg = read_config(path_or_id, hub)
+    state, file = read_weights(path_or_id, hub)
     kind = detect_kind(cfg, state)
     if use_eagle3 is not None and use_eagle3 != (kind == "eagle3"):
         raise CheckpointError(
@@ -154,11 +195,14 @@ def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None) -> HeadChec
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
     if missing:
         raise CheckpointError(f"{path_or_id}/config.json: missing {', '.join(missing)} needed by a {kind} head")
+    state = normalise_keys(state, kind)
+    if kind == "eagle3" and any(k.startswith("fc_norm.") for k in state) and "fc_norm" not in cfg:
+        cfg = {**cfg, "fc_norm": True}  # SpecForge: the tensors say it (the export writes the flag)
     try:
         config = HeadConfig.from_dict(cfg, kind)
     except ValueError as err:
         raise CheckpointError(f"{path_or_id}/config.json: {err}") from None
-    return HeadCheckpoint(config, normalise_keys(state, kind), file)
+    return HeadCheckpoint(config, state, file)
 
 
 def build_head(ckpt: HeadCheckpoint) -> DraftHead:
@@ -184,17 +228,32 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
             f"found {list(embedding.shape)}"
         )
     if problems:
+        if "fc.weight" not in state:
+            problems.append("no fc.weight: not an EAGLE draft head (a base model? are base_model_path and "
+                            "ea_model_path swapped?)")
         raise CheckpointError(f"{ckpt.weights_file}: " + "; ".join(problems))
     head = HEAD_CLASSES[cfg.kind](cfg)
     head.load_state_dict(state)
     if embedding is not None:
         head.embed_tokens = torch.nn.Embedding.from_pretrained(embedding, freeze=True)
     if cfg.kind == "eagle3":
-        targets = torch.arange(cfg.draft_vocab_size) + head.d2t
-        if targets.min() < 0 or targets.max() >= cfg.vocab_size:
-            raise CheckpointError(f"{ckpt.weights_file}: d2t maps draft ids outside the target vocabulary")
+        check_vocab_mapping(head, ckpt.weights_file)
     head.eval().requires_grad_(False)
     return head
+
+
+def check_vocab_mapping(head: DraftHead, file) -> None:
+    """d2t must map the draft vocabulary onto distinct target ids, and t2d
+    (used in training) must mark exactly those."""
+    targets = torch.arange(head.config.draft_vocab_size) + head.d2t
+    if targets.min() < 0 or targets.max() >= head.config.vocab_size:
+        raise CheckpointError(f"{file}: d2t maps draft ids outside the target vocabulary")
+    if targets.unique().numel() != targets.numel():
+        raise CheckpointError(f"{file}: d2t maps two draft ids to the same target id")
+    marked = head.t2d.nonzero().flatten()
+    if marked.numel() != targets.numel() or not torch.equal(marked, targets.sort().values):
+        raise CheckpointError(f"{file}: t2d marks {marked.numel()} target ids, which are not the "
+                              f"{targets.numel()} that d2t maps the draft vocabulary to")
 
 
 def check_against_base(head: DraftHead, base_config, where: str) -> None:
@@ -224,17 +283,26 @@ def looks_like_head(cfg: dict, keys=()) -> bool:
     return "eagle" in architectures or detect_kind(cfg, keys) == "eagle3" or "fc.weight" in keys
 
 
+def read_base_config(path_or_id: str, hub: dict | None = None) -> dict:
+    cfg = read_config(path_or_id, hub)
+    if looks_like_head(cfg):
+        raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
+                              "(are base_model_path and ea_model_path swapped?)")
+    return cfg
+
+
 def load_base(path_or_id: str, **kwargs):
     """The base model by transformers' `AutoModelForCausalLM.from_pretrained`
     (kwargs go there). transformers only logs the tensors a checkpoint lacks
-    (they stay random) and raises bare errors for a corrupt file or shapes that
-    contradict config.json; here each is a CheckpointError naming the folder."""
+    (they stay random), drops tensors config.json has no place for, and raises
+    bare errors for a corrupt file or shapes that contradict config.json; here
+    each is a CheckpointError naming the folder or file."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    if looks_like_head(read_config(path_or_id)):  # read_config: also a clear error for a wrong path
-        raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
-                              "(are base_model_path and ea_model_path swapped?)")
+    path_or_id = expand_path(path_or_id)
+    read_base_config(path_or_id, hub_options(kwargs))  # a clear error for a wrong path or a head
+    _check_local_weight_files(path_or_id, kwargs.get("subfolder"))
     keep_mismatched = kwargs.pop("ignore_mismatched_sizes", False)  # the caller's explicit choice to reinitialise
     try:
         base, info = AutoModelForCausalLM.from_pretrained(path_or_id, output_loading_info=True,
@@ -242,10 +310,10 @@ def load_base(path_or_id: str, **kwargs):
     except SafetensorError as err:
         raise CheckpointError(f"{_unreadable_safetensors(path_or_id)}: corrupt or truncated safetensors file "
                               f"({err})") from None
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, KeyboardInterrupt):
         raise
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path_or_id}: cannot load the base model: {err}") from None
+    except Exception as err:  # corrupt pickles, bad index files, config values transformers refuses, ...
+        raise CheckpointError(f"{path_or_id}: cannot load the base model: {type(err).__name__}: {err}") from None
     problems = []
     if info["missing_keys"]:
         problems.append(f"missing tensors, which would stay random: {_some(info['missing_keys'])}")
@@ -253,14 +321,36 @@ def load_base(path_or_id: str, **kwargs):
         shapes = [f"{key} {list(found)} where config.json implies {list(expected)}"
                   for key, found, expected in info["mismatched_keys"]]
         problems.append(f"tensors of the wrong shape: {_some(shapes)}")
+    unexpected = info["unexpected_keys"]
+    dropped = [k for k in unexpected if ".layers." in f".{k}" and not k.endswith("inv_freq")]
+    if dropped:  # e.g. more decoder layers, or q/k norms, than config.json describes: they would be ignored
+        problems.append(f"decoder-layer tensors config.json has no place for (ignored by transformers): "
+                        f"{_some(dropped)}")
     if problems:
-        unexpected = info["unexpected_keys"]
-        if unexpected:  # often the reason: the weights of another model
+        if unexpected and not dropped:  # often the reason: the weights of another model
             problems.append(f"unexpected tensors: {_some(unexpected)}")
         hint = " (they look like an EAGLE draft head's: are base_model_path and ea_model_path swapped?)"
         raise CheckpointError(f"{path_or_id}: the weights do not fit config.json: " + "; ".join(problems)
                               + (hint if looks_like_head({}, unexpected) else ""))
+    offloaded = sorted({name for name, p in list(base.named_parameters()) + list(base.named_buffers())
+                        if p.device.type == "meta"})
+    if offloaded:
+        raise CheckpointError(f"{path_or_id}: device_map left weights on disk or unloaded ({_some(offloaded)}); "
+                              "the engine needs every weight in CPU or GPU memory (give max_memory more room, "
+                              "or another device_map)")
     return base
+
+
+def _check_local_weight_files(path_or_id, subfolder=None) -> None:
+    """A local folder's weight files that are LFS pointers or empty, named
+    before transformers fails on them with an unpickling error."""
+    folder = Path(path_or_id) / (subfolder or "")
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        instead = not_weights(file)
+        if instead:
+            raise CheckpointError(f"{file}: {instead}")
 
 
 def _some(names, shown: int = 5) -> str:
@@ -306,9 +396,18 @@ def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = Fa
         config.update(architectures=["LlamaForCausalLM"], bias=cfg.fc_bias, num_hidden_layers=cfg.num_layers)
         if cfg.qkv_bias:
             config["qkv_bias"] = True
+    for key in ("speculators_model_type", "speculators_config", "speculators_version"):
+        config.pop(key, None)  # written in EAGLE-3's flat format, with the variant switches spelled out
+    if cfg.kind == "eagle3":
+        for switch in ("norm_before_residual", "fc_norm", "norm_output"):
+            if getattr(cfg, switch) or switch in config:
+                config[switch] = getattr(cfg, switch)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
+    stale = folder / "pytorch_model.bin"
     if pytorch_bin:
-        torch.save(state, folder / "pytorch_model.bin")
+        torch.save(state, stale)
+    elif stale.exists():  # loaders try it first: an old one would shadow the new weights
+        stale.unlink()
     return folder

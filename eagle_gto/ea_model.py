@@ -19,6 +19,8 @@ import operator
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -26,7 +28,8 @@ from torch import nn
 
 from . import attention
 from .acceptance import SamplingParams
-from .checkpoint import build_head, check_against_base, load_base, load_checkpoint
+from .checkpoint import (CheckpointError, build_head, check_against_base, expand_path, hub_options, load_base,
+                         load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
@@ -83,8 +86,6 @@ class EaModel(nn.Module):
         `AutoModelForCausalLM` and a draft head; kwargs go to the base
         model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
         paths at all, the embedded demo pair is used."""
-        from transformers import AutoTokenizer
-
         if base_model_path is None and ea_model_path is None:
             from .demo import demo_paths
 
@@ -92,22 +93,26 @@ class EaModel(nn.Module):
         if base_model_path is None or ea_model_path is None:
             raise ValueError("give both base_model_path and ea_model_path (or neither, for the demo pair)")
         check_device_map(kwargs.get("device_map"))
-        checkpoint = load_checkpoint(ea_model_path, use_eagle3)  # cheap: fail before loading the base
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        check_dtype(kwargs.get("dtype"))
+        base_model_path, ea_model_path = expand_path(base_model_path), expand_path(ea_model_path)
+        hub = hub_options(kwargs)
+        head_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # those name the base's
+        # The head is small: read and check it, also against the base's config.json, before loading the base.
+        head = build_head(load_checkpoint(ea_model_path, use_eagle3, head_hub))
+        base_config = read_base_config(base_model_path, hub)
+        if isinstance(base_config.get("hidden_size"), int) and isinstance(base_config.get("vocab_size"), int):
+            check_against_base(head, SimpleNamespace(**base_config), str(ea_model_path))
         if "dtype" not in kwargs and "device_map" not in kwargs:
             # No device map: the model stays on the CPU, where half precision is slow. float32
             # there, the default of transformers 4 (so of the reference); else the checkpoint's dtype.
             kwargs["dtype"] = torch.float32
         base = load_base(base_model_path, **kwargs)
         base.eval()
-        head = build_head(checkpoint)
         check_against_base(head, base.config, str(ea_model_path))
         attach_head(base, head)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # a base saved without a tokenizer still generates from token ids
+        tokenizer = load_tokenizer(base_model_path, hub)
         return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, torch_compile)
 
     def enable_torch_compile(self, mode: str = "default") -> None:
@@ -355,9 +360,38 @@ def positive_int(name: str, value) -> int:
 def check_device_map(device_map) -> None:
     """A device map that names CUDA where there is none would fail deep in torch (an AssertionError)."""
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
-    if any(str(t).startswith("cuda") for t in targets) and not torch.cuda.is_available():
+    on_cuda = [t for t in targets if str(t).startswith("cuda") or (isinstance(t, int) and not isinstance(t, bool))]
+    if on_cuda and not torch.cuda.is_available():
         raise ValueError(f"device_map={device_map!r} places the model on CUDA, but CUDA is not available "
                          f"(torch {torch.__version__}); leave device_map out, or use 'cpu' or 'auto'")
+
+
+def check_dtype(dtype) -> None:
+    """A dtype as transformers takes it: a torch.dtype, its name, or "auto"."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return
+    if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (e.g. torch.bfloat16, 'float16', 'auto')")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(base_model_path, hub: dict):
+    """The base model's tokenizer, or None for a base saved without one (it
+    still generates from token ids). Tokenizer files that do not load are an error."""
+    from transformers import AutoTokenizer
+
+    options = {k: v for k, v in hub.items() if k != "subfolder"}
+    try:
+        return AutoTokenizer.from_pretrained(base_model_path, subfolder=hub.get("subfolder", ""), **options)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        folder = Path(base_model_path) / hub.get("subfolder", "")
+        present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        if present:
+            raise CheckpointError(f"{folder}: the tokenizer ({', '.join(present)}) does not load: "
+                                  f"{type(err).__name__}: {err}") from None
+        return None
 
 
 def _growing_ids(tokens: list[int], steps: Iterator[Step], device) -> Iterator[torch.Tensor]:

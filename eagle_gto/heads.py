@@ -8,9 +8,10 @@ the interface the engine and the trainers use:
   (EAGLE-3: `fc` over the three concatenated layers; EAGLE-1: unchanged, its
   `fc` mixes embedding and feature inside `forward`).
 - `forward(hidden, input_ids, position_ids, attention_mask, cache, rope=None)`:
-  one layer over n entries; returns the pre-norm output that deeper draft
-  steps feed back as `hidden`. `rope`, the (cos, sin) of `rope(position_ids)`,
-  may be passed instead of position ids when computed ahead.
+  one layer over n entries; returns the output that deeper draft steps feed
+  back as `hidden` (pre-norm, or normed for `norm_output` heads). `rope`, the
+  (cos, sin) of `rope(position_ids)`, may be passed instead of position ids
+  when computed ahead.
 - `draft_logits(out)`: logits over the head's draft vocabulary;
   `to_target_ids(ids)` maps draft-vocabulary ids to target ids.
 
@@ -87,6 +88,10 @@ class HeadConfig:
     qkv_bias: bool = False
     hidden_act: str = "silu"
     num_layers: int = 1  # EAGLE-1 heads may stack layers; EAGLE-3 always has one
+    # EAGLE-3 variants (SpecForge, vLLM speculators); all False is the EAGLE reference's head.
+    norm_before_residual: bool = False  # the residual is hidden_norm(hidden), not hidden
+    fc_norm: bool = False  # one RMSNorm per target feature before `fc` (tensors fc_norm.{i}.weight)
+    norm_output: bool = False  # deeper steps are fed the normed output, not the pre-norm one
     raw: dict = field(default_factory=dict)  # the config.json as read, written back on export
 
     @property
@@ -105,10 +110,12 @@ class HeadConfig:
         if cfg.get("head_dim") is not None:
             _positive_int("head_dim", cfg["head_dim"])
         vocab = _positive_int("vocab_size", cfg.get("vocab_size"))
+        variants = {}
         if kind == "eagle3":
             draft_vocab = _positive_int("draft_vocab_size", cfg.get("draft_vocab_size"), vocab)
             fc_bias = False
             layers = 1  # the reference builds one layer whatever num_hidden_layers says
+            variants = eagle3_variants(cfg)
         else:
             draft_vocab = vocab
             fc_bias = cfg.get("bias", True)
@@ -142,7 +149,30 @@ class HeadConfig:
             hidden_act=hidden_act,
             num_layers=layers,
             raw=dict(cfg),
+            **variants,
         )
+
+
+# vLLM reads a speculators config without `norm_before_residual` as True; EAGLE and SpecForge configs as False.
+SPECULATORS_NORM_BEFORE_RESIDUAL = True
+UNSUPPORTED_VARIANTS = ("norm_before_fc",)  # gpt-oss style norm over the concatenated features
+
+
+def eagle3_variants(cfg: dict) -> dict:
+    """The EAGLE-3 variant switches of a config, each a bool."""
+    speculators = cfg.get("speculators_model_type") == "eagle3"
+    values = {
+        "norm_before_residual": cfg.get("norm_before_residual", SPECULATORS_NORM_BEFORE_RESIDUAL and speculators),
+        "fc_norm": cfg.get("fc_norm", False),
+        "norm_output": cfg.get("norm_output", False),
+    }
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, found {value!r}")
+    for name in UNSUPPORTED_VARIANTS:
+        if cfg.get(name):
+            raise ValueError(f"{name}=true is not supported (an EAGLE-3 variant this engine does not run)")
+    return values
 
 
 class RMSNorm(nn.Module):
@@ -230,6 +260,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: HeadConfig, eagle3: bool, has_input_norm: bool):
         super().__init__()
         self.eagle3 = eagle3
+        self.norm_before_residual = cfg.norm_before_residual
         in_dim = 2 * cfg.hidden_size if eagle3 else cfg.hidden_size
         self.self_attn = Attention(cfg, in_dim)
         self.mlp = MLP(cfg)
@@ -242,7 +273,10 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden, embeds, cos, sin, attention_mask, cache):
         residual = hidden
         if self.eagle3:
-            x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
+            normed = self.hidden_norm(hidden)
+            if self.norm_before_residual:
+                residual = normed
+            x = torch.cat((self.input_layernorm(embeds), normed), dim=-1)
         else:
             x = self.input_layernorm(hidden) if hasattr(self, "input_layernorm") else hidden
         hidden = residual + self.self_attn(x, cos, sin, attention_mask, cache)
@@ -332,6 +366,8 @@ class Eagle3Head(DraftHead):
         super().__init__(cfg)
         h = cfg.hidden_size
         self.fc = nn.Linear(3 * cfg.target_hidden_size, h, bias=False)
+        if cfg.fc_norm:
+            self.fc_norm = nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(3))
         self.midlayer = DecoderLayer(cfg, eagle3=True, has_input_norm=True)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -343,14 +379,18 @@ class Eagle3Head(DraftHead):
         return [self.midlayer]
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.fc_norm:
+            parts = features.chunk(3, dim=-1)
+            features = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
         return self.fc(features)
 
     def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None, rope=None):
         embeds = self.embed(input_ids).to(hidden.dtype)
-        return self.run_layers(hidden, embeds, position_ids, attention_mask, caches, rope)
+        out = self.run_layers(hidden, embeds, position_ids, attention_mask, caches, rope)
+        return self.norm(out) if self.config.norm_output else out
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(out))
+        return self.lm_head(out if self.config.norm_output else self.norm(out))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from eagle_gto import CheckpointError, EaModel
 from eagle_gto.__main__ import main
-from eagle_gto.checkpoint import save_head
+from eagle_gto import checkpoint, ea_model
+from eagle_gto.checkpoint import load_base, save_head
 from eagle_gto.tiny import ARCHITECTURES, base_config, head_config, random_head
 
 TREE = dict(total_token=12, depth=3, top_k=3)
@@ -80,9 +81,19 @@ def test_a_truncated_base_names_the_file(saved, tmp_path):
 @pytest.mark.parametrize("change,shape", [(dict(hidden_size=128), r"\[96, 64\] where config.json implies \[96, 128\]"),
                                           (dict(vocab_size=200), r"\[96, 64\] where config.json implies \[200, 64\]")])
 def test_a_config_that_contradicts_the_weights_is_refused(saved, tmp_path, change, shape):
+    """(Through from_pretrained the head is checked against the base's
+    config.json first, so this is load_base's own check.)"""
     base = copy(saved / "llama", tmp_path / "base")
     edit_config(base, **change)
     with pytest.raises(CheckpointError, match=f"{base}: .*wrong shape: .*model.embed_tokens.weight {shape}"):
+        load_base(str(base))
+
+
+def test_a_head_that_does_not_fit_the_base_config_fails_before_the_base_loads(saved, tmp_path, monkeypatch):
+    base = copy(saved / "llama", tmp_path / "base")
+    edit_config(base, vocab_size=200)
+    monkeypatch.setattr(ea_model, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(CheckpointError, match="head vocab_size 96 != base model vocab_size 200"):
         EaModel.from_pretrained(str(base), str(saved / "eagle3"))
 
 
@@ -121,3 +132,112 @@ def test_cli_device_map_none_means_no_device_map(capsys):
     assert main(["--device-map", "none", "--max-new-tokens", "4", "--no-compare", "--total-token", "8",
                  "--depth", "3", "--tree-top-k", "3"]) == 0
     assert "speculative" in capsys.readouterr().out
+
+
+def hub_cache(root, repo, source):
+    """`source`'s files as a hub cache holds a downloaded repository."""
+    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+def test_hub_ids_load_from_the_cache_without_the_hub(saved, tmp_path):
+    """Offline (local_files_only), from a given cache_dir: a head that has
+    only model.safetensors (pytorch_model.bin, tried first, is not cached)."""
+    cache = hub_cache(hub_cache(tmp_path, "org/base", saved / "llama"), "org/head", saved / "eagle3")
+    model = EaModel.from_pretrained("org/base", "org/head", cache_dir=str(cache), local_files_only=True, **TREE)
+    assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
+    with pytest.raises(CheckpointError, match="org/missing: not a local folder, and the hub could not be reached"):
+        EaModel.from_pretrained("org/base", "org/missing", cache_dir=str(cache), local_files_only=True)
+
+
+def test_a_home_relative_path_is_a_folder(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    copy(saved / "llama", tmp_path / "base")
+    copy(saved / "eagle3", tmp_path / "head")
+    assert EaModel.from_pretrained("~/base", "~/head", **TREE).ea_layer.kind == "eagle3"
+
+
+def test_weights_offloaded_to_disk_are_refused(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="device_map left weights on disk or unloaded"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map="auto",
+                                max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "an empty file"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
+    (b"<!DOCTYPE html><html><body>Not found</body></html>", "a web page"),
+])
+def test_weight_files_that_are_not_weights_are_named(saved, tmp_path, content, message):
+    base = copy(saved / "llama", tmp_path / "base")
+    (base / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{base / 'model.safetensors'}: {message}"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"))
+    head = copy(saved / "eagle3", tmp_path / "head")
+    (head / "pytorch_model.bin").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{head / 'pytorch_model.bin'}: {message}"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head))
+
+
+def test_a_broken_shard_index_is_a_checkpoint_error(saved, tmp_path):
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(saved / "llama")).save_pretrained(base, max_shard_size="100KB")
+    index = base / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))  # no weight_map
+    with pytest.raises(CheckpointError, match=f"{base}: cannot load the base model: KeyError"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"))
+
+
+def test_decoder_layers_the_config_leaves_out_are_refused(saved, tmp_path):
+    """Six layers of weights under a config that says four: transformers
+    would drop two with a log line and decode with a different model."""
+    base = copy(saved / "llama", tmp_path / "base")
+    edit_config(base, num_hidden_layers=4)
+    with pytest.raises(CheckpointError, match="decoder-layer tensors config.json has no place for.*model.layers.4"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"))
+
+
+def test_a_tokenizer_that_does_not_load_is_an_error(tmp_path):
+    from eagle_gto.demo import demo_paths
+
+    base_path, head_path = demo_paths()
+    base = copy(base_path, tmp_path / "base")
+    (base / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"{base}: the tokenizer .*tokenizer.json.* does not load"):
+        EaModel.from_pretrained(str(base), head_path)
+
+
+def test_t2d_must_mark_what_d2t_maps_to(saved, tmp_path):
+    head = copy(saved / "eagle3", tmp_path / "head")
+    state = load_file(str(head / "model.safetensors"))
+    state["t2d"] = torch.ones_like(state["t2d"])
+    save_file(state, str(head / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="t2d marks 96 target ids, which are not the 40"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head))
+
+
+def test_save_head_leaves_no_stale_pytorch_bin(saved, tmp_path):
+    cfg = base_config("llama", vocab_size=VOCAB)
+    old, new = (random_head(head_config(cfg, "eagle3", draft_vocab_size=40), seed=s) for s in (1, 2))
+    save_head(old, tmp_path, pytorch_bin=True)
+    save_head(new, tmp_path)
+    assert not (tmp_path / "pytorch_model.bin").exists()
+    loaded = checkpoint.load_checkpoint(str(tmp_path)).state
+    assert torch.equal(loaded["fc.weight"], new.fc.weight)
+
+
+def test_a_base_model_given_as_the_head_is_named(saved):
+    with pytest.raises(CheckpointError, match="no fc.weight: not an EAGLE draft head .*swapped"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "llama"))
+
+
+def test_device_and_dtype_arguments_are_checked_first(saved, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device_map in (0, {"": 0}):
+        with pytest.raises(ValueError, match="places the model on CUDA, but CUDA is not available"):
+            EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
+    with pytest.raises(ValueError, match="torch_dtype='float33' is not a torch dtype"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), torch_dtype="float33")

@@ -44,10 +44,11 @@ def greedy_corpus(base, num: int = 24, prompt_len: int = 6, new: int = 40, seed:
                          attention_mask=torch.ones_like(prompts), pad_token_id=0)
 
 
-def fit_head(base, kind: str, steps: int = 250, seed: int = 0, draft_vocab: int = DRAFT_VOCAB):
+def fit_head(base, kind: str, steps: int = 250, seed: int = 0, draft_vocab: int = DRAFT_VOCAB, **config):
     """Teacher-forced fit of a head to the base's greedy corpus: entry t reads
     the target feature at t and token t+1, and predicts token t+2. EAGLE-1
-    also regresses its output onto the next feature, which it feeds back."""
+    also regresses its output onto the next feature, which it feeds back.
+    `config`: extra head config.json values (EAGLE-3 variant switches)."""
     seqs = greedy_corpus(base)
     layers = eagle3_feature_layers(base.config.num_hidden_layers) if kind == "eagle3" else None
     runner = TargetRunner(base, layers)
@@ -58,7 +59,7 @@ def fit_head(base, kind: str, steps: int = 250, seed: int = 0, draft_vocab: int 
         _, f = runner.forward(seq, torch.arange(n), torch.ones(n, n).tril().bool(), cache, features=True)
         feats.append(f)
     feats = torch.stack(feats)  # [B, n, F]
-    cfg = head_config(base.config, kind, draft_vocab_size=draft_vocab if kind == "eagle3" else None)
+    cfg = {**head_config(base.config, kind, draft_vocab_size=draft_vocab if kind == "eagle3" else None), **config}
     counts = torch.bincount(seqs.flatten(), minlength=base.config.vocab_size).float()
     head = random_head(cfg, seed=seed, token_counts=counts).train().requires_grad_(True)
     attach_head(base, head)

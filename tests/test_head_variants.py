@@ -1,0 +1,150 @@
+"""EAGLE-3 head variants other trainers export (SpecForge's `fc_norm`, vLLM
+speculators' `norm_before_residual`, EAGLE-3.1's `norm_output`): the layer
+math checked against a hand-written forward, the switches read from config
+and weights, kept on export, and drafting with them lossless and accepting."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tiny_pairs import VOCAB, fit_head, make_base
+
+from eagle_gto import CheckpointError, EaModel
+from eagle_gto.checkpoint import build_head, load_checkpoint, save_head
+from eagle_gto.tiny import base_config, head_config, random_head
+
+SWITCHES = ("norm_before_residual", "fc_norm", "norm_output")
+
+
+def variant_head(seed=0, **switches):
+    """A random EAGLE-3 head (hidden 64) whose norms are random too, so that none is the identity."""
+    cfg = {**head_config(base_config("llama", vocab_size=VOCAB), "eagle3", draft_vocab_size=40), **switches}
+    head = random_head(cfg, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, param in head.named_parameters():
+        if name.endswith("norm.weight") or ".fc_norm." in f".{name}":
+            param.copy_(1 + 0.5 * torch.rand(param.shape, generator=generator))
+    return head
+
+
+def rms(x, weight, eps=1e-6):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def by_hand(head, features, token):
+    """One entry, no cache: attention over a single key is its value, so the
+    layer is written out here without the engine's attention code."""
+    cfg, layer = head.config, head.midlayer
+    if cfg.fc_norm:
+        features = torch.cat([rms(part, norm.weight) for norm, part in zip(head.fc_norm, features.chunk(3, -1))], -1)
+    hidden = features @ head.fc.weight.T
+    normed_hidden = rms(hidden, layer.hidden_norm.weight)
+    residual = normed_hidden if cfg.norm_before_residual else hidden
+    x = torch.cat((rms(head.embed(token), layer.input_layernorm.weight), normed_hidden), -1)
+    value = x @ layer.self_attn.v_proj.weight.T  # [kv_heads * head_dim]
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    value = value.view(cfg.num_key_value_heads, 1, -1).expand(-1, group, -1).reshape(-1)
+    hidden = residual + value @ layer.self_attn.o_proj.weight.T
+    mlp_in = rms(hidden, layer.post_attention_layernorm.weight)
+    out = hidden + (F.silu(mlp_in @ layer.mlp.gate_proj.weight.T) * (mlp_in @ layer.mlp.up_proj.weight.T)) \
+        @ layer.mlp.down_proj.weight.T
+    normed_out = rms(out, head.norm.weight)
+    fed_back = normed_out if cfg.norm_output else out
+    return fed_back, normed_out @ head.lm_head.weight.T
+
+
+@pytest.mark.parametrize("switches", [{}, *({name: True} for name in SWITCHES), dict.fromkeys(SWITCHES, True)])
+def test_layer_math_matches_a_hand_written_forward(switches):
+    head = variant_head(**switches)
+    head.attach_embedding(torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3)))
+    features = torch.randn(1, 1, 3 * 64, generator=torch.Generator().manual_seed(4))
+    token = torch.tensor([[5]])
+    out = head(head.project_features(features), token, torch.zeros(1, 1, dtype=torch.long),
+               torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    expected_out, expected_logits = by_hand(head, features[0, 0], token[0, 0])
+    torch.testing.assert_close(out[0, 0], expected_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.draft_logits(out)[0, 0], expected_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_each_switch_changes_the_draft(name):
+    """Two draft steps, the second fed the first's output (norm_output only
+    changes what is fed back): a switch read but not applied would draft the same."""
+    off, on = variant_head(), variant_head(**{name: True})
+    if name == "fc_norm":
+        off.fc_norm = on.fc_norm  # unused when off
+    features = torch.randn(1, 1, 3 * 64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    logits = []
+    for head in (off, on):
+        head.attach_embedding(torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3)))
+        first = head(head.project_features(features), torch.tensor([[1]]), torch.zeros(1, 1, dtype=torch.long), mask)
+        second = head(first, torch.tensor([[2]]), torch.ones(1, 1, dtype=torch.long), mask)
+        logits.append(head.draft_logits(second))
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+def test_switches_are_read_from_config_and_weights_and_kept_on_export(tmp_path):
+    head = variant_head(**dict.fromkeys(SWITCHES, True))
+    save_head(head, tmp_path / "all")
+    saved = json.loads((tmp_path / "all" / "config.json").read_text())
+    assert all(saved[name] is True for name in SWITCHES)
+    again = build_head(load_checkpoint(str(tmp_path / "all")))
+    assert all(getattr(again.config, name) for name in SWITCHES)
+    for key, value in head.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+    # SpecForge: fc_norm tensors without the flag in config.json
+    cfg = json.loads((tmp_path / "all" / "config.json").read_text())
+    del cfg["fc_norm"]
+    (tmp_path / "all" / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(str(tmp_path / "all")).config.fc_norm
+
+
+@pytest.mark.parametrize("written,expected", [(None, True), (False, False), (True, True)])
+def test_speculators_configs_default_to_norm_before_residual(tmp_path, written, expected):
+    """vLLM reads a speculators config without the key as norm_before_residual=True."""
+    save_head(variant_head(), tmp_path / "flat")
+    cfg = json.loads((tmp_path / "flat" / "config.json").read_text())
+    nested = {"speculators_model_type": "eagle3", "draft_vocab_size": cfg.pop("draft_vocab_size"),
+              "transformer_layer_config": cfg}
+    if written is not None:
+        nested["norm_before_residual"] = written
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(nested))
+    state = load_file(str(tmp_path / "flat" / "model.safetensors"))
+    save_file({k.replace("midlayer.", "layers.0."): v for k, v in state.items()}, str(folder / "model.safetensors"))
+    head = build_head(load_checkpoint(str(folder)))
+    assert head.config.norm_before_residual is expected
+    save_head(head, tmp_path / "exported")  # exported flat: the switch spelled out, no speculators keys
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported.get("norm_before_residual", False) is expected and "speculators_model_type" not in exported
+    assert build_head(load_checkpoint(str(tmp_path / "exported"))).config.norm_before_residual is expected
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(norm_before_fc=True), "norm_before_fc=true is not supported"),
+    (dict(norm_output="yes"), "norm_output must be true or false, found 'yes'"),
+])
+def test_unsupported_or_bad_switches_are_refused(tmp_path, change, message):
+    save_head(variant_head(), tmp_path)
+    cfg = {**json.loads((tmp_path / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_a_head_of_every_switch_drafts_losslessly_and_is_accepted():
+    """Fitted with all switches on (training and drafting share the head's
+    forward), its drafts are accepted, and greedy output is plain decoding's."""
+    base = make_base("llama")
+    head = fit_head(base, "eagle3", **dict.fromkeys(SWITCHES, True))
+    assert all(getattr(head.config, name) for name in SWITCHES)
+    model = EaModel(base, head, None, total_token=24, depth=5, top_k=4)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    spec, new_tokens, idx = model.eagenerate(ids, max_new_tokens=48, log=True)
+    assert spec.tolist() == model.naivegenerate(ids, max_new_tokens=48).tolist()
+    assert new_tokens / (idx + 1) > 1.5
