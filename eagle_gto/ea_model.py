@@ -149,12 +149,9 @@ class EaModel(nn.Module):
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-        width = self.tree.total_token if speculative else 1
-        if prompt.shape[0] + width > max_length:
-            raise ValueError(
-                f"the prompt has {prompt.shape[0]} tokens; with {width} more for "
-                f"{'the draft tree' if speculative else 'the next token'} it does not fit in max_length={max_length}"
-            )
+        if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
+            raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
+                             f"max_length={max_length}")
         self._check_window(max_length)
         stops = self._stop_ids(is_llama3, stop_token_ids)
         stats = GenerationStats(prompt_length=prompt.shape[0])

@@ -132,6 +132,13 @@ class Decoder:
         if self.speculative:  # what the steps call: compiled when the model is (the prefill stays eager)
             self.draft_tree, self.extend = drafter.compiled or (drafter.draft_tree, drafter.extend)
 
+    def finish_plainly(self) -> None:
+        """One-token steps from here on: for the end of the context, where a
+        draft tree no longer fits but tokens still do (the target's state is
+        the same in both modes; the head's is no longer needed)."""
+        self.speculative = False
+        self.width = self.reach = 1
+
     def prefill(self, prompt: torch.Tensor) -> int:
         """Feed the prompt [P]; return the first new token."""
         P = prompt.shape[0]
@@ -235,9 +242,13 @@ def generate_steps(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, 
         tokens, reason = _truncate(tokens, produced, max_new_tokens, stop_ids)
         produced += len(tokens)
         # The next step writes `width` slots and returns one token more than
-        # it caches: stop while the sequence still fits in the cache.
+        # it caches: stop while the sequence still fits in the cache. Where only
+        # a tree no longer fits, finish with one-token steps, as plain decoding does.
         if reason is None and decoder.past + decoder.width >= decoder.cache.capacity:
-            reason = "length"
+            if decoder.speculative and decoder.past + 1 < decoder.cache.capacity:
+                decoder.finish_plainly()
+            else:
+                reason = "length"
         step = Step(tokens, num_accepted, time.perf_counter() - started, reason)
         stats.steps.append(step)
         yield step

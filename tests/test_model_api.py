@@ -212,14 +212,21 @@ def test_total_token_auto_fits_what_depth_and_top_k_produce():
     assert small.eagenerate(ids, max_new_tokens=8).tolist() == small.naivegenerate(ids, max_new_tokens=8).tolist()
 
 
-def test_max_length_ends_generation_before_the_cache_overflows():
+@pytest.mark.parametrize("prompt_length", [10, 45, 59])
+def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
+    """Where a draft tree (24 tokens) no longer fits, speculative decoding
+    goes on one token at a time: both modes fill max_length exactly, with the
+    same tokens (a prompt of 45 starts that way; 59 leaves room for one token)."""
     model = trained_pair("llama", "eagle3")  # total_token 24
-    ids = torch.randint(0, VOCAB, (1, 10))
+    ids = torch.randint(0, VOCAB, (1, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
     out = model.eagenerate(ids, max_new_tokens=500, max_length=60)
-    assert model.last_stats.finish_reason == "length"
-    assert out.shape[1] <= 60
+    stats = model.last_stats
+    assert stats.finish_reason == "length" and out.shape[1] == 60
+    if prompt_length == 10:
+        assert any(step.num_accepted > 0 for step in stats.steps)  # speculative steps first
+        assert all(len(step.tokens) == 1 for step in stats.steps[-3:])  # one-token steps at the end
     plain = model.naivegenerate(ids, max_new_tokens=500, max_length=60)
-    assert plain.shape[1] == 60 and plain[0, : out.shape[1]].tolist() == out[0].tolist()
+    assert plain.tolist() == out.tolist()
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -233,7 +240,7 @@ def test_max_length_ends_generation_before_the_cache_overflows():
     (dict(temperature=-0.5), "temperature"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=5.7), "max_new_tokens must be an integer"),
-    (dict(input_ids=torch.zeros(1, 100, dtype=torch.long), max_length=110), "does not fit"),
+    (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110), "does not fit"),
     (dict(max_length=True), "max_length must be an integer"),
     (dict(max_length=0), "max_length must be >= 1"),
     (dict(stop_token_ids=[1.5]), "stop_token_ids must hold integer token ids"),
