@@ -53,7 +53,11 @@ def load_model(args) -> EaModel:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = load_model(args)
+    try:
+        model = load_model(args)
+    except ValueError as err:  # CheckpointError included: the message names the file and the problem
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     tokenizer = model.tokenizer
     if tokenizer is None:
         print("the base model has no tokenizer; use the Python API with token ids", file=sys.stderr)

@@ -241,3 +241,8 @@ def test_device_and_dtype_arguments_are_checked_first(saved, monkeypatch):
             EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
     with pytest.raises(ValueError, match="torch_dtype='float33' is not a torch dtype"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), torch_dtype="float33")
+
+
+def test_cli_reports_a_bad_path_in_one_line(capsys, tmp_path):
+    assert main(["--base-model-path", str(tmp_path / "missing"), "--ea-model-path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: no config.json in this folder\n"
