@@ -2,7 +2,10 @@
 group policy objective and a short end-to-end run (eagle_gto/gto)."""
 
 import copy
+import json
 import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,16 +14,19 @@ from tiny_pairs import VOCAB, trained_pair
 from eagle_gto import EaModel
 from eagle_gto.drafter import Drafter
 from eagle_gto.ea_model import attach_head
+from eagle_gto.gto import __main__ as gto_cli
+from eagle_gto.gto import experiment
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.data import TokenStream
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
                                   ratio, root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
-from eagle_gto.gto.trainer import GTOConfig, Models, gto_objective, train, training_loss
+from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective, load_models, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
 from eagle_gto.target import TargetRunner
 from eagle_gto.tree import ancestor_mask
 from eagle_gto.train.features import target_outputs
+from eagle_gto.vocab import build_vocab_mapping
 
 TREE = dict(total_token=24, depth=5, top_k=4)  # the tiny pair's decoding tree
 
@@ -354,3 +360,145 @@ def test_short_run_exports_a_head_the_engine_loads(pair, tmp_path):
         fast = model.eagenerate(prompt, max_new_tokens=30)
         assert model.last_stats.mean_accepted_length > 1
         assert torch.equal(fast, model.naivegenerate(prompt, max_new_tokens=30))
+
+
+def test_windows_without_a_group_are_counted_and_groups_must_fit(pair, tmp_path):
+    with pytest.raises(ValueError, match=r"group_size \(8\) must be smaller than window_length \(8\)"):
+        GTOConfig(group_size=8, window_length=8)  # no group of 8 roots fits: GTO would silently train L_token only
+    seqs = greedy_windows(pair, 4, 48, seed=9)
+    mask = torch.zeros(seqs.numel(), dtype=torch.long)
+    mask[::3] = 1  # short answers: never 4 adjacent roots
+    stream = TokenStream(seqs.flatten(), mask)
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=2, windows=2, window_length=40, eval_every=0, eval_windows=1,
+                    **TREE)
+    with pytest.warns(UserWarning, match="2 of 2 steps had no group of 4 adjacent trainable roots"):
+        summary = train(cfg, tiny_models(pair), (stream, stream), progress=False)
+    assert summary["steps_without_groups"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_without_groups"] == 2
+
+
+# -------------------------------------------------------------- loading
+def test_heads_train_in_float32_from_the_checkpoint_weights(pair, tmp_path):
+    """With a bfloat16 base, M and M0 still hold the checkpoint's exact
+    float32 weights: placing them beside the base must not round them."""
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    expected = pair.ea_layer.state_dict()
+    assert not torch.equal(expected["fc.weight"], expected["fc.weight"].bfloat16().float())
+    base = copy.deepcopy(pair.base_model).to(torch.bfloat16)
+    cfg = GTOConfig(head=str(tmp_path / "head"), dtype="bfloat16", **TREE)
+    models = load_models(cfg, Models(base, None, None, None, None))
+    for head in (models.head, models.reference):
+        state = head.state_dict()
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+    tokens = greedy_windows(pair, 2, 40, seed=3)
+    loss, stats = training_loss(cfg, models, tokens, torch.ones_like(tokens), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "l_gto" in stats
+
+
+def test_a_reference_with_another_draft_vocabulary_is_refused(pair, tmp_path):
+    """M0 scores M's branches in its own draft ids: another draft vocabulary gives wrong log-probabilities."""
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    other = copy.deepcopy(pair.ea_layer)
+    d2t, t2d = build_vocab_mapping(torch.arange(VOCAB).flip(0), other.config.draft_vocab_size)  # the lowest ids
+    assert not torch.equal(t2d, other.t2d)
+    other.d2t.copy_(d2t)
+    other.t2d.copy_(t2d)
+    export_head(other, tmp_path / "other", "float32")
+    reuse = Models(pair.base_model, None, None, None, None)
+    with pytest.raises(ValueError, match="another draft vocabulary"):
+        load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "other")), reuse)
+    same = load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "head")), reuse)
+    assert torch.equal(same.reference.t2d, same.head.t2d)
+
+
+# --------------------------------------------------------- command line
+@pytest.mark.parametrize("content, options, message", [
+    (None, [], r"python -m eagle_gto.gto: .*No such file.*data.jsonl"),
+    ("\n", [], r"python -m eagle_gto.gto: .*data.jsonl: no records"),
+    ('{"prompt": "x"}\n', [], r"data.jsonl:1: expected an object"),
+    ('{"text": "x"}\n', ["--model-type", "chatml"], r"argument --model-type: invalid choice: 'chatml'"),
+])
+def test_cli_rejects_bad_input_before_the_models_load(tmp_path, monkeypatch, capsys, content, options, message):
+    import transformers
+
+    def from_pretrained(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    data = tmp_path / "data.jsonl"
+    if content is not None:
+        data.write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run"), *options])
+    assert re.search(message, f"{exit.value}\n{capsys.readouterr().err}")
+
+
+class CharTokenizer:
+    """One token a character: enough for plain-text records."""
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=[ord(c) % VOCAB for c in text])
+
+
+def test_cli_reports_too_little_data_in_one_line(pair, tmp_path, monkeypatch):
+    data = tmp_path / "short.jsonl"
+    data.write_text('{"text": "def f(): pass"}\n')
+    models = tiny_models(pair)
+    models.tokenizer = CharTokenizer()
+    monkeypatch.setattr(gto_cli, "load_models", lambda cfg: models)
+    with pytest.raises(SystemExit, match=r"python -m eagle_gto.gto: .*short.jsonl: too few tokens \(13\)"):
+        gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run")])
+
+
+def fake_experiment(monkeypatch, evaluated: list, trained: list):
+    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls."""
+    models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None)
+    monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse=None: models)
+    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: None)
+    monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: {"heldout": [[1, 2]] * limit})
+
+    def evaluate(base, head, sets, tree, max_new_tokens):
+        evaluated.append(head)
+        return {"heldout": 2.0}
+
+    def train(cfg, models, streams):
+        trained.append(cfg)
+        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+
+    monkeypatch.setattr(experiment, "evaluate", evaluate)
+    monkeypatch.setattr(experiment, "train", train)
+
+
+def test_sweep_parses_boolean_grid_values(tmp_path, monkeypatch):
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=False,TRUE", "omega=1"])
+    assert [(cfg.debias, cfg.omega) for cfg in trained] == [(False, 1.0), (True, 1.0)]  # bool("False") is True
+    trained.clear()
+    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=0,1"])
+    assert [cfg.debias for cfg in trained] == [False, True]
+    with pytest.raises(SystemExit, match="--grid 'debias=yes': expected true, false, 1 or 0, got 'yes'"):
+        experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=yes"])
+
+
+def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, monkeypatch):
+    evaluated, trained = [], []
+    fake_experiment(monkeypatch, evaluated, trained)
+    command = ["--out", str(tmp_path), "--head", "start-head", "--runs", "gto", "--steps", "3"]
+    experiment.main(command)
+    assert evaluated == ["start-head", str(tmp_path / "gto" / "head")] and len(trained) == 1
+    experiment.main(command)  # the same command: both results are kept
+    assert len(evaluated) == 2 and len(trained) == 1
+    with pytest.raises(SystemExit, match=r"gto/result.json was made with other settings: training.steps \(3 then, 5 "
+                                         r"now\)\. .*choose another --out"):
+        experiment.main(command[:-1] + ["5"])
+    with pytest.raises(SystemExit, match=r"start.json was made with other settings: measured.max_new_tokens"):
+        experiment.main(command + ["--max-new-tokens", "64"])
+    (tmp_path / "gto" / "result.settings.json").unlink()  # e.g. a result of an older version
+    with pytest.raises(SystemExit, match="result.json has no record of the settings that produced it"):
+        experiment.main(command)
+    assert len(evaluated) == 2 and len(trained) == 1  # nothing was reused under other settings
+    experiment.main(["--out", str(tmp_path / "other"), *command[2:-1], "5"])  # another --out runs
+    assert len(trained) == 2 and trained[-1].steps == 5

@@ -1,6 +1,7 @@
 """Draft-head training (eagle_gto.train): data, features, the TTT unroll and
 its loss, the training loop with resume, export and reload."""
 
+import dataclasses
 import json
 import shutil
 
@@ -16,6 +17,7 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, ttt_loss
 from eagle_gto.train.data import encode_conversation, read_records, to_messages
+from eagle_gto.train import trainer
 from eagle_gto.train.trainer import checkpoint_dirs, main
 from eagle_gto.train.ttt import unroll
 
@@ -288,3 +290,40 @@ def test_evaluation_follows_eval_every_not_log_every(tmp_path, tokenizer):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], "loss" in m, "eval_loss" in m) for m in metrics] == \
         [(2, True, False), (3, False, True), (4, True, False), (4, False, True)]
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, save_every=2, keep_checkpoints=1, ttt_steps=1)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    # A fresh run would rotate that run's checkpoints away, or a later --resume would mix the two.
+    with pytest.raises(ValueError, match="already holds checkpoints .*: pass --resume"):
+        train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    # Resumed with fewer steps, the checkpoint is past the end: its weights would be exported untrained.
+    with pytest.raises(ValueError, match="step-00000004 is at step 4, past this run's 2 steps"):
+        train(base, samples, tmp_path, dataclasses.replace(cfg, max_steps=2), draft_vocab_size=100, resume=True,
+              show_progress=False)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--draft-vocab-size", "0"], "--draft-vocab-size must be at least 1, got 0"),
+    (["--max-length", "-5"], "--max-length must be at least 1, got -5"),
+    (["--intermediate-size", "0"], "--intermediate-size must be at least 1, got 0"),
+    ([], "already holds checkpoints of an earlier run .*: pass --resume"),
+])
+def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, options, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    out = tmp_path / "out"
+    if not options:  # a fresh run into another run's folder
+        (out / "checkpoints" / "step-00000004").mkdir(parents=True)
+        (out / "checkpoints" / "step-00000004" / "progress.json").write_text('{"step": 4, "epoch": 0, "index": 4}')
+
+    def load_base(path):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(trainer, "load_base", load_base)
+    with pytest.raises(SystemExit, match=message):
+        main(["--base-model-path", "unused", "--data", str(data), "--out", str(out), *options])

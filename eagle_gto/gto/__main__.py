@@ -12,13 +12,14 @@ Every option and its default: `python -m eagle_gto.gto --help` (one source:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 
 import torch
 
-from .trainer import GTOConfig, train
+from .trainer import GTOConfig, check_data, load_models, load_streams, train
 
 
 def config_parser(description: str, command: str = "") -> argparse.ArgumentParser:
@@ -43,6 +44,15 @@ def config_from(args: argparse.Namespace) -> GTOConfig:
     return GTOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GTOConfig)})
 
 
+@contextlib.contextmanager
+def input_errors(command: str = ""):
+    """Bad options, paths or data: a one-line message instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"python -m eagle_gto.gto{command}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["experiment"], ["sweep"]):
@@ -50,7 +60,12 @@ def main(argv: list[str] | None = None) -> None:
 
         return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
     args = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).").parse_args(argv)
-    summary = train(config_from(args))
+    with input_errors():
+        cfg = config_from(args)
+        check_data(cfg)  # before the models load
+        models = load_models(cfg)
+        streams = load_streams(cfg, models)
+    summary = train(cfg, models, streams)
     print(json.dumps(summary, indent=2))
 
 

@@ -15,7 +15,9 @@ tokens / target forwards over a prompt set) of the start head and of every
 trained head on the held-out stdlib prompts and the HumanEval prompts of
 `eagle_gto.demo.measure`. Training never sees either prompt set.
 Each finished run keeps its result in OUT/RUN/result.json (the start head's
-in OUT/start.json): rerunning the same command resumes after the last one.
+in OUT/start.json), and the settings that produced it beside it
+(result.settings.json, start.settings.json): rerunning the same command
+resumes after the last one; a command with other settings is refused.
 `--ship` copies the GTO head into eagle_gto/demo/assets/gto and writes
 assets/heads.json naming the better of eagle3 and gto as the demo default.
 
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .trainer import GTOConfig, load_models, load_streams, train
+from .trainer import GTOConfig, check_data, load_models, load_streams, train
 
 RUNS = {
     "control": dict(objective="token"),
@@ -137,7 +139,7 @@ the measurement settings and all results.
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .__main__ import config_from, config_parser
+    from .__main__ import config_from, config_parser, input_errors
 
     parser = config_parser("GTO vs continued token-level training (and ablations) on one start head.", " experiment")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
@@ -149,20 +151,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", action="store_true", help="install the GTO head as the demo's gto head")
     parser.set_defaults(out="runs/gto-experiment", export_dtype="float16")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = set(names) - set(RUNS)
-    if unknown:
-        raise ValueError(f"unknown runs {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
-    tree = tuple(int(x) for x in args.eval_tree.split(","))
-    options = dataclasses.asdict(config_from(args))
-    out = Path(options.pop("out"))
+    with input_errors(" experiment"):
+        names = [n.strip() for n in args.runs.split(",") if n.strip()]
+        unknown = set(names) - set(RUNS)
+        if unknown:
+            raise ValueError(f"unknown runs {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
+        tree = tuple(int(x) for x in args.eval_tree.split(","))
+        options = dataclasses.asdict(config_from(args))
+        out = Path(options.pop("out"))
+        check_data(GTOConfig(**options))  # before the models load
     torch.manual_seed(options["seed"])
     started = time.perf_counter()
-    models = load_models(GTOConfig(**options))
+    with input_errors(" experiment"):
+        models = load_models(GTOConfig(**options))
     base_path = models.base.name_or_path
     head_path = options["head"] or _demo_head_path()
     sets = prompt_sets(models.tokenizer, args.humaneval, args.limit)
-    results = {"start": _kept(out / "start.json", lambda: {
+    measured = {"tree": dict(zip(("total_token", "depth", "top_k"), tree)), "greedy": True,
+                "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in sets.items()}}
+    # The settings each result depends on: a kept result is reused only when they match (checked up front).
+    made_by = {"start": {"base": base_path, "head": head_path, "measured": measured},
+               **{name: {"training": {**options, **RUNS[name]}, "measured": measured} for name in names}}
+    files = {"start": out / "start.json", **{name: out / name / "result.json" for name in names}}
+    with input_errors(" experiment"):
+        for name, path in files.items():
+            _check_kept(path, made_by[name])
+    results = {"start": _kept(files["start"], made_by["start"], lambda: {
         "tau": evaluate(base_path, head_path, sets, tree, args.max_new_tokens)})}
     print("start", results["start"], flush=True)
     streams = None
@@ -170,20 +184,20 @@ def main(argv: list[str] | None = None) -> None:
 
         def run(name=name):
             nonlocal streams
-            streams = streams or load_streams(GTOConfig(**options), models)  # every run sees the same data
+            with input_errors(" experiment"):  # e.g. too little --data for the windows
+                streams = streams or load_streams(GTOConfig(**options), models)  # every run sees the same data
             cfg = GTOConfig(**{**options, **RUNS[name], "out": str(out / name)})
             run_started = time.perf_counter()
             summary = train(cfg, load_models(cfg, models), streams)
             return {"tau": evaluate(base_path, str(out / name / "head"), sets, tree, args.max_new_tokens),
                     "train": summary, "seconds": round(time.perf_counter() - run_started, 1)}
 
-        results[name] = _kept(out / name / "result.json", run)
+        results[name] = _kept(files[name], made_by[name], run)
         print(name, results[name], flush=True)
     settings = {
         "command": "python -m eagle_gto.gto experiment " + " ".join(argv if argv is not None else []),
         "training": options,
-        "measured": {"tree": dict(zip(("total_token", "depth", "top_k"), tree)), "greedy": True,
-                     "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in sets.items()}},
+        "measured": measured,
         "date": datetime.date.today().isoformat(),
         "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
         "seconds": round(time.perf_counter() - started, 1),
@@ -198,15 +212,45 @@ def main(argv: list[str] | None = None) -> None:
         ship(out / "gto", results, settings)
 
 
-def _kept(path: Path, compute) -> dict:
+def _kept(path: Path, settings: dict, compute) -> dict:
     """A finished run's result from its file, so that an interrupted
-    experiment resumes where it stopped (the data is deterministic)."""
+    experiment resumes where it stopped (the data is deterministic); the
+    settings that produced it are written beside it (main first checks,
+    with _check_kept, that a kept result was made with `settings`)."""
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_kept(path: Path, settings: dict) -> None:
+    """A kept result stands for `settings` only if they produced it:
+    otherwise it would be reported (and shipped) under the wrong settings."""
+    if not path.is_file():
+        return
+    made = path.with_suffix(".settings.json")
+    if not made.is_file():
+        raise ValueError(f"{path} has no record of the settings that produced it ({made.name}): "
+                         "choose another --out")
+    changed = _differences(json.loads(made.read_text()), json.loads(json.dumps(settings)))
+    if changed:
+        raise ValueError(f"{path} was made with other settings: {'; '.join(changed)}. Rerun with its settings, "
+                         "or choose another --out")
+
+
+def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key (value then, value now)' for every setting that differs, nested keys dotted."""
+    changed = []
+    for key in dict.fromkeys([*then, *now]):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+    return changed
 
 
 def _demo_head_path() -> str:
@@ -215,8 +259,19 @@ def _demo_head_path() -> str:
     return demo_paths(head="eagle3")[1]
 
 
+def grid_value(text: str, default):
+    """One --grid value, of the type of the option's default (bool("False") is True, so booleans are parsed)."""
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1"):
+            return True
+        if text.lower() in ("false", "0"):
+            return False
+        raise ValueError(f"expected true, false, 1 or 0, got {text!r}")
+    return text if default is None else type(default)(text)
+
+
 def sweep_main(argv: list[str] | None = None) -> None:
-    from .__main__ import config_from, config_parser
+    from .__main__ import config_from, config_parser, input_errors
 
     parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep")
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
@@ -224,21 +279,25 @@ def sweep_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control", action="store_true", help="also an L_token-only run per learning rate")
     parser.set_defaults(out="runs/gto-sweep", eval_every=0)
     args = parser.parse_args(argv)
-    options = dataclasses.asdict(config_from(args))
-    out = Path(options.pop("out"))
-    grid = {}
-    for item in args.grid:
-        name, _, values = item.partition("=")
-        name = name.replace("-", "_")
-        if name not in options or not values:
-            raise ValueError(f"--grid {item!r}: expected OPTION=V1,V2 with a GTOConfig option")
-        kind = type(options[name]) if options[name] is not None else str
-        grid[name] = [kind(v) for v in values.split(",")]
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    if args.control:
-        points += [{"objective": "token", "lr": lr} for lr in grid.get("lr", [options["lr"]])]
-    models = load_models(GTOConfig(**options))
-    streams = load_streams(GTOConfig(**options), models)
+    with input_errors(" sweep"):
+        options = dataclasses.asdict(config_from(args))
+        out = Path(options.pop("out"))
+        grid = {}
+        for item in args.grid:
+            name, _, values = item.partition("=")
+            name = name.replace("-", "_")
+            if name not in options or not values:
+                raise ValueError(f"--grid {item!r}: expected OPTION=V1,V2 with a GTOConfig option")
+            try:
+                grid[name] = [grid_value(v, options[name]) for v in values.split(",")]
+            except ValueError as err:
+                raise ValueError(f"--grid {item!r}: {err}") from None
+        points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        if args.control:
+            points += [{"objective": "token", "lr": lr} for lr in grid.get("lr", [options["lr"]])]
+        check_data(GTOConfig(**options))
+        models = load_models(GTOConfig(**options))
+        streams = load_streams(GTOConfig(**options), models)
     rows = []
     for point in points:
         name = "-".join(f"{k}{v}" for k, v in point.items())

@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..chat import MODEL_TYPES
 from ..generation import TreeParams
 from ..heads import DraftHead
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
@@ -43,13 +45,14 @@ class GTOConfig:
     out: str = _opt("runs/gto", "output folder: head/, metrics.jsonl, metrics.png, config.json")
     base: str | None = _opt(None, "base model folder or hub id; none: the demo base")
     head: str | None = _opt(None, "EAGLE-3 head to fine-tune; none: the demo EAGLE-3 head")
-    reference: str | None = _opt(None, "frozen reference head M0; none: a frozen copy of --head")
+    reference: str | None = _opt(None, "frozen reference head M0, with --head's draft vocabulary; none: a frozen "
+                                 "copy of --head")
     data: str = _opt("generated", "'generated' (the base's greedy continuations of demo-corpus prompts), 'stdlib' "
                      "(the demo corpus's training split) or a jsonl file (eagle_gto.train formats)")
     generated: int = _opt(512, "generated: how many continuations to train on")
     prompt_tokens: int = _opt(64, "generated: prompt length")
     new_tokens: int = _opt(128, "generated: continuation length")
-    model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)")
+    model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)", choices=MODEL_TYPES)
     validation_every: int = _opt(10, "every n-th demo-corpus file (jsonl: the last 1/n) is kept out for validation")
     objective: str = _opt("gto", "'gto': L_token + omega*L_GTO; 'token': L_token only (the control)",
                           choices=("gto", "token"))
@@ -85,8 +88,13 @@ class GTOConfig:
             raise ValueError(f"reward must be one of {AGGREGATIONS}, got {self.reward!r}")
         if self.objective not in ("gto", "token"):
             raise ValueError(f"objective must be 'gto' or 'token', got {self.objective!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), got {self.group_size}")
+        if self.group_size >= self.window_length:  # roots need a token before them: no group would ever fit
+            raise ValueError(f"group_size ({self.group_size}) must be smaller than window_length "
+                             f"({self.window_length})")
         for name in ("eta", "eps", "delta", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -113,8 +121,10 @@ def _load_head(path, base) -> DraftHead:
     if head.kind != "eagle3":
         raise ValueError(f"{path}: GTO fine-tunes EAGLE-3 heads (L_token is the EAGLE-3 objective), got {head.kind}")
     check_against_base(head, base.config, str(path))
-    attach_head(base, head)
-    return head.float()
+    weights = {k: v.clone() for k, v in head.state_dict().items()}  # the checkpoint's exact values, float32
+    attach_head(base, head)  # the base's device and embedding, but also its dtype: bfloat16 would round them
+    head.float().load_state_dict(weights)  # M trains, and M0 scores, in float32 from the exact weights
+    return head
 
 
 def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
@@ -138,10 +148,22 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
         base, tokenizer = reuse.base, reuse.tokenizer
     head = _load_head(head_path, base)
     reference = _load_head(cfg.reference or head_path, base).eval()
+    if not (torch.equal(head.d2t, reference.d2t) and torch.equal(head.t2d, reference.t2d)):
+        # path_logprob reads M's branches in the draft ids of the head it scores with
+        raise ValueError(f"reference {cfg.reference} drafts over another draft vocabulary (d2t/t2d) than the head "
+                         f"{head_path}: M0 must share M's draft vocabulary")
     head.train()
     for name, param in head.named_parameters():
         param.requires_grad_(not name.startswith("embed_tokens."))
     return Models(base, head, reference, tokenizer, feature_layers_for(head, base))
+
+
+def check_data(cfg: GTOConfig) -> None:
+    """A missing, malformed or empty --data file fails here, before any model loads."""
+    from ..train.data import read_records
+
+    if cfg.data not in ("generated", "stdlib") and not read_records(cfg.data):
+        raise ValueError(f"{cfg.data}: no records")
 
 
 def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStream]:
@@ -294,6 +316,8 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
+    if streams is None:
+        check_data(cfg)
     models = models or load_models(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +330,7 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     records = [{"step": 0, **validator(models.head)}]
+    without_groups = 0  # GTO steps that found no group of adjacent trainable roots
     started = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as log:
         log.write(json.dumps(records[0]) + "\n")
@@ -313,6 +338,7 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         for step in bar:
             tokens, loss_mask = train_stream.windows(cfg.windows, cfg.window_length, data_gen)
             loss, stats = training_loss(cfg, models, tokens, loss_mask, group_gen)
+            without_groups += cfg.objective == "gto" and "l_gto" not in stats
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -329,5 +355,10 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
                "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],
                "seconds": round(time.perf_counter() - started, 1), "steps": cfg.steps}
+    if cfg.objective == "gto":
+        summary["steps_without_groups"] = without_groups
+        if without_groups:
+            warnings.warn(f"{without_groups} of {cfg.steps} steps had no group of {cfg.group_size} adjacent "
+                          "trainable roots in their windows and trained L_token only")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

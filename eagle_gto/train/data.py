@@ -144,6 +144,8 @@ def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_len
                system: str | None = None) -> list[Sample]:
     """Encode, truncate to max_length, and drop records with nothing to learn
     (an error when that leaves none)."""
+    if max_length < 1:
+        raise ValueError(f"--max-length must be at least 1, got {max_length}")
     samples, empty, cut = [], 0, 0
     for record in records:
         sample = encode_record(record, tokenizer, model_type, system)

@@ -7,7 +7,8 @@ is unrolled `--ttt-steps` times on its own outputs against the target's
 distribution (ttt.py), AdamW updates it with gradient clipping under a
 warm-up + cosine learning rate. accelerate places everything (multi-GPU with
 `accelerate launch`), bf16 autocast on GPU, fp32 on CPU. Checkpoints in
-DIR/checkpoints/ resume with `--resume`; metrics go to DIR/metrics.jsonl and
+DIR/checkpoints/ resume with `--resume` (without it, a DIR that holds
+checkpoints is refused); metrics go to DIR/metrics.jsonl and
 DIR/training_curves.png; the head is exported to DIR as an EAGLE-3
 checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 """
@@ -78,7 +79,7 @@ def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int |
     theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
     cfg = dict(
         architectures=["LlamaForCausalLMEagle3"], model_type="llama", hidden_size=text.hidden_size,
-        intermediate_size=intermediate_size or text.intermediate_size,
+        intermediate_size=text.intermediate_size if intermediate_size is None else intermediate_size,
         num_attention_heads=text.num_attention_heads,
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         num_hidden_layers=1, vocab_size=text.vocab_size, draft_vocab_size=min(draft_vocab_size, text.vocab_size),
@@ -90,12 +91,20 @@ def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int |
     return cfg
 
 
+def check_head_sizes(draft_vocab_size: int, intermediate_size: int | None) -> None:
+    if draft_vocab_size < 1:
+        raise ValueError(f"--draft-vocab-size must be at least 1, got {draft_vocab_size}")
+    if intermediate_size is not None and intermediate_size < 1:
+        raise ValueError(f"--intermediate-size must be at least 1, got {intermediate_size}")
+
+
 def new_head(base, counts: torch.Tensor, draft_vocab_size: int, intermediate_size: int | None = None,
              seed: int = 0) -> Eagle3Head:
     """A fresh head whose draft vocabulary is the most frequent tokens of
     `counts`. Its norm and lm_head start as the target's final norm and the
     target's lm_head rows of the draft vocabulary: the head's output lives in
     the target's hidden space, so that is a far better start than noise."""
+    check_head_sizes(draft_vocab_size, intermediate_size)
     cfg = HeadConfig.from_dict(head_config_for(base.config, draft_vocab_size, intermediate_size), "eagle3")
     torch.manual_seed(seed)
     head = Eagle3Head(cfg)
@@ -147,9 +156,24 @@ class MicroBatches:
 
 
 # -------------------------------------------------------------------- checkpoints
+class CheckpointMismatch(ValueError):
+    """--out holds training checkpoints that do not belong to this run."""
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     root = out / "checkpoints"
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
+
+
+def previous_checkpoints(out: Path, resume: bool) -> list[Path]:
+    """The checkpoints a run continues from. A fresh run refuses a folder
+    that holds another run's: it would rotate them away or, resumed later,
+    continue from them."""
+    previous = checkpoint_dirs(Path(out))
+    if previous and not resume:
+        raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
+                                 "pass --resume to continue it, or choose another --out (or clear this one)")
+    return previous
 
 
 def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
@@ -196,6 +220,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     out = Path(out)
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
+    previous = previous_checkpoints(out, resume)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
@@ -213,10 +238,12 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
     step = 0
     metrics_file = out / "metrics.jsonl"
-    previous = checkpoint_dirs(out) if resume else []
     if previous:
-        accelerator.load_state(str(previous[-1]))
         progress = json.loads((previous[-1] / "progress.json").read_text())
+        if progress["step"] > total:  # another run's: it would be exported untrained
+            raise CheckpointMismatch(f"{previous[-1]} is at step {progress['step']}, past this run's {total} steps: "
+                                     "resume with the options of the run that wrote it, or choose another --out")
+        accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], progress["index"]
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
     if accelerator.is_main_process:
@@ -380,6 +407,10 @@ def main(argv=None) -> None:
     try:  # bad options and bad data fail before the base model loads
         fields = TrainConfig.__dataclass_fields__
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        check_head_sizes(args.draft_vocab_size, args.intermediate_size)
+        if args.max_length < 1:
+            raise ValueError(f"--max-length must be at least 1, got {args.max_length}")
+        previous_checkpoints(Path(args.out), args.resume)
         records = [r for path in args.data for r in read_records(path)]
         eval_records = [r for path in args.eval_data for r in read_records(path)] if args.eval_data else None
     except (OSError, ValueError) as err:
@@ -396,5 +427,8 @@ def main(argv=None) -> None:
                                                    args.system)
     except ValueError as err:
         raise SystemExit(f"python -m eagle_gto.train: {err}") from None
-    train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
+    try:  # a resumed checkpoint past this run's steps is found once the step count is known
+        train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
+    except CheckpointMismatch as err:
+        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
     print(f"head written to {args.out}")
