@@ -135,6 +135,10 @@ class EaModel(nn.Module):
         return self.tokenizer
 
     # --------------------------------------------------------------- generation
+    # Not under inference mode even when called in it: the caches made here are
+    # kept for later generations, and inference tensors could not be updated outside it.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def generate_steps(self, input_ids, temperature: float = 0.0, top_p: float = 0.0, top_k: float = 0.0,
                        max_new_tokens: int = 512, max_length: int | None = MAX_LENGTH, is_llama3: bool = False,
                        stop_token_ids=None, speculative: bool = True,
@@ -146,7 +150,7 @@ class EaModel(nn.Module):
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
         max_length = MAX_LENGTH if max_length is None else positive_int("max_length", max_length)
-        sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
+        sampling = SamplingParams(float(temperature), float(top_p), whole_number("top_k", top_k))
         sampling.validate()
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
@@ -351,6 +355,20 @@ def positive_int(name: str, value) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if number < 1:
         raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def whole_number(name: str, value) -> int:
+    """An int >= 0 given as an integer or an integral float (the reference's
+    sampling top_k defaults to 0.0); 2.7, -1 and None are refused."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number >= 0 (0 turns it off), got {value!r}") from None
+    if number < 0 or isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number >= 0 (0 turns it off), got {value!r}")
     return number
 
 

@@ -45,10 +45,39 @@ class TargetRunner:
         self.feature_layers = feature_layers
         self.dtype = next(model.parameters()).dtype
         self.input_device = model.get_input_embeddings().weight.device
+        config = model.config
+        # What the model's own forward does to lm_head's output (Cohere, Granite, Gemma-2):
+        # sampling must draw from the logits the model defines.
+        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0) / float(
+            getattr(config, "logits_scaling", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self._check_logits()
         self._captured: dict[int, torch.Tensor] | None = None
         if feature_layers is not None:
             for index in sorted(set(feature_layers)):
                 self._hook(index)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def _check_logits(self) -> None:
+        """The engine computes logits as lm_head(decoder output), post-processed
+        as above; a model whose forward does something else would be sampled
+        from the wrong distribution, so it is refused (two tokens, once)."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.input_device)
+        expected = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        found = self.logits(self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+        scale = expected.abs().max().item() or 1.0
+        if not torch.allclose(found, expected.to(found.device), rtol=1e-2, atol=1e-2 * scale):
+            raise ValueError(f"{type(self.model).__name__}: its forward computes logits other than lm_head(decoder "
+                             "output) (with the logit scaling and soft-capping configs this engine applies); "
+                             "this engine cannot decode it losslessly")
 
     def _hook(self, index: int) -> None:
         # The input of layer i is hidden_states[i]; index N is the last layer's output.
@@ -111,4 +140,4 @@ class TargetRunner:
                     feats = torch.cat([p.to(hidden.device) for p in parts], dim=-1)
         finally:
             self._captured = None
-        return self.lm_head(hidden[logits_from:]), feats
+        return self.logits(hidden[logits_from:]), feats

@@ -370,3 +370,23 @@ def test_missing_or_broken_base_model(pair_dirs, tmp_path):
         EaModel.from_pretrained(str(tmp_path), str(pair_dirs / "eagle3"))
     with pytest.raises(CheckpointError, match="no such folder"):
         EaModel.from_pretrained(str(tmp_path / "missing"), str(pair_dirs / "eagle3"))
+
+
+def test_a_generation_under_inference_mode_leaves_the_model_usable():
+    """The caches are made by the first generation of a max_length (77 here:
+    new ones) and kept: made under inference mode they must still be usable outside it."""
+    model = trained_pair("llama", "eagle3")
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 17, 33]])
+        inside = model.eagenerate(ids, max_new_tokens=10, max_length=77)
+    outside = [model.eagenerate(ids, max_new_tokens=10, max_length=77),
+               model.naivegenerate(ids, max_new_tokens=10, max_length=77)]
+    assert all(out.tolist() == inside.tolist() for out in outside)
+
+
+@pytest.mark.parametrize("top_k,message", [(2.7, "2.7"), (-1, "-1"), (None, "None"), (True, "True")])
+def test_sampling_top_k_must_be_a_whole_number(top_k, message):
+    model = trained_pair("llama", "eagle3")
+    with pytest.raises(ValueError, match=f"top_k must be a whole number >= 0 .*got {message}"):
+        model.eagenerate(torch.zeros(1, 3, dtype=torch.long), temperature=1.0, top_k=top_k)
+    assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, top_k=5.0).shape[1] == 5
