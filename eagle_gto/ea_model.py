@@ -34,7 +34,7 @@ from .drafter import Drafter
 from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
-from .target import TargetRunner, decoder_layers, eagle3_feature_layers
+from .target import TargetRunner, decoder_layers
 from .tree import check_tree_params, num_candidates
 
 AUTO_TREE_CANDIDATES = (32, 40, 48, 56, 60)
@@ -59,7 +59,7 @@ class EaModel(nn.Module):
         self.use_eagle3 = ea_layer.kind == "eagle3"
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
-        features = eagle3_feature_layers(len(layers)) if self.use_eagle3 else None
+        features = ea_layer.feature_layers(len(layers))
         self._target = TargetRunner(base_model, features)
         self._lock = threading.Lock()
         self._lock_owner: int | None = None

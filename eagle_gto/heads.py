@@ -30,6 +30,7 @@ from torch import nn
 
 from .attention import grouped_query_attention
 from .kv_cache import KVBuffer
+from .target import eagle3_feature_layers
 
 
 ACTIVATIONS = ("silu", "swish")
@@ -92,6 +93,7 @@ class HeadConfig:
     norm_before_residual: bool = False  # the residual is hidden_norm(hidden), not hidden
     fc_norm: bool = False  # one RMSNorm per target feature before `fc` (tensors fc_norm.{i}.weight)
     norm_output: bool = False  # deeper steps are fed the normed output, not the pre-norm one
+    feature_layers: tuple[int, ...] | None = None  # target layers whose inputs `fc` reads; None: 2, N//2, N-3
     raw: dict = field(default_factory=dict)  # the config.json as read, written back on export
 
     @property
@@ -172,7 +174,24 @@ def eagle3_variants(cfg: dict) -> dict:
     for name in UNSUPPORTED_VARIANTS:
         if cfg.get(name):
             raise ValueError(f"{name}=true is not supported (an EAGLE-3 variant this engine does not run)")
+    values["feature_layers"] = _feature_layers(cfg)
     return values
+
+
+def _feature_layers(cfg: dict) -> tuple[int, ...] | None:
+    """Target layers a head was trained on, as the index of the layer whose
+    input it reads (transformers' hidden_states[j]). vLLM reads a top-level
+    `eagle_aux_hidden_state_layer_ids` that way; SGLang reads the one under
+    `eagle_config` as layer outputs (j + 1 here)."""
+    ids, shift = cfg.get("eagle_aux_hidden_state_layer_ids"), 0
+    if ids is None and isinstance(cfg.get("eagle_config"), dict):
+        ids, shift = cfg["eagle_config"].get("eagle_aux_hidden_state_layer_ids"), 1
+    if ids is None:
+        return None
+    if (not isinstance(ids, list) or len(ids) != 3
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"eagle_aux_hidden_state_layer_ids must be three layer numbers >= 0, found {ids!r}")
+    return tuple(i + shift for i in ids)
 
 
 class RMSNorm(nn.Module):
@@ -324,6 +343,12 @@ class DraftHead(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids
 
+    def feature_layers(self, num_layers: int) -> list[int] | None:
+        """The target layers whose inputs this head reads (index `num_layers`:
+        the last layer's output), for a base with `num_layers` decoder layers;
+        None: the final normed hidden state (EAGLE-1)."""
+        return None
+
 
 class Eagle1Head(DraftHead):
     """EAGLE-1/2 head: fc(cat(embed(token), feature)) -> layer(s); logits
@@ -394,6 +419,14 @@ class Eagle3Head(DraftHead):
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
+
+    def feature_layers(self, num_layers: int) -> list[int]:
+        if self.config.feature_layers is None:
+            return eagle3_feature_layers(num_layers)
+        if max(self.config.feature_layers) > num_layers:
+            raise ValueError(f"the head reads the inputs of target layers {list(self.config.feature_layers)} "
+                             f"(eagle_aux_hidden_state_layer_ids), but the base model has {num_layers} layers")
+        return list(self.config.feature_layers)
 
 
 HEAD_CLASSES = {"eagle1": Eagle1Head, "eagle3": Eagle3Head}

@@ -148,3 +148,42 @@ def test_a_head_of_every_switch_drafts_losslessly_and_is_accepted():
     spec, new_tokens, idx = model.eagenerate(ids, max_new_tokens=48, log=True)
     assert spec.tolist() == model.naivegenerate(ids, max_new_tokens=48).tolist()
     assert new_tokens / (idx + 1) > 1.5
+
+
+@pytest.mark.parametrize("where,ids,expected", [
+    ("top", [1, 3, 5], [1, 3, 5]),  # vLLM: the input of layer j
+    ("eagle_config", [1, 3, 4], [2, 4, 5]),  # SGLang: the output of layer j
+    (None, None, [2, 3, 3]),  # the EAGLE-3 default for 6 layers: 2, N//2, N-3
+])
+def test_feature_layers_from_the_config(tmp_path, where, ids, expected):
+    """Heads trained on other target layers say so; the engine's pre-hooks
+    then capture those layers' inputs, checked against output_hidden_states."""
+    save_head(variant_head(), tmp_path / "head")
+    cfg = json.loads((tmp_path / "head" / "config.json").read_text())
+    if where == "top":
+        cfg["eagle_aux_hidden_state_layer_ids"] = ids
+    elif where == "eagle_config":
+        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": ids}
+    (tmp_path / "head" / "config.json").write_text(json.dumps(cfg))
+    base = make_base("llama")  # 6 layers
+    model = EaModel(base, build_head(load_checkpoint(str(tmp_path / "head"))), None, total_token=8, depth=2, top_k=2)
+    ids_in = torch.tensor([3, 1, 4, 1, 5])
+    runner = model._target
+    _, features = runner.forward(ids_in, torch.arange(5), torch.ones(5, 5, dtype=torch.bool).tril(),
+                                 runner.new_cache(5), features=True)
+    with torch.no_grad():
+        hidden = base(input_ids=ids_in[None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features, torch.cat([hidden[j][0] for j in expected], dim=-1))
+    save_head(model.ea_layer, tmp_path / "again")  # the ids stay as they were written
+    assert build_head(load_checkpoint(str(tmp_path / "again"))).feature_layers(6) == expected
+
+
+@pytest.mark.parametrize("ids,message", [([1, 2], "three layer numbers"), ([1, 2, 7], "base model has 6 layers")])
+def test_bad_feature_layers_are_refused(tmp_path, ids, message):
+    save_head(variant_head(), tmp_path)
+    cfg = {**json.loads((tmp_path / "config.json").read_text()), "eagle_aux_hidden_state_layer_ids": ids}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    base = tmp_path.parent / f"base-{len(ids)}"
+    make_base("llama").save_pretrained(base)
+    with pytest.raises(CheckpointError, match=message):
+        EaModel.from_pretrained(str(base), str(tmp_path))

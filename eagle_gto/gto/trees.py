@@ -31,7 +31,7 @@ import torch
 from ..drafter import prefix_mask
 from ..heads import DraftHead
 from ..kv_cache import KVBuffer, TargetKVCache
-from ..target import decoder_layers, eagle3_feature_layers
+from ..target import decoder_layers
 from ..tree import DraftTree, select_tree
 
 
@@ -89,7 +89,7 @@ class TreeBatch:
 
 
 def feature_layers_for(head: DraftHead, base) -> list[int] | None:
-    return eagle3_feature_layers(len(decoder_layers(base))) if head.kind == "eagle3" else None
+    return head.feature_layers(len(decoder_layers(base)))
 
 
 @torch.no_grad()
