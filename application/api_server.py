@@ -3,7 +3,8 @@
     python -m application.api_server [--base-model-path ... --ea-model-path ...] [--port 8000]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
-`"stream": true` for server-sent events), GET /v1/models, GET /health.
+`"stream": true` for server-sent events), GET /v1/models, GET
+/v1/models/{id}, GET /health.
 Responses carry OpenAI's fields plus `speculative_stats` (iterations, mean
 accepted length, tokens/s); requests may add `"speculative": false` for
 plain decoding. Requests run one at a time on the model, in arrival order.
@@ -17,35 +18,45 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Awaitable, Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, load_model, model_name
+from .common import ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, load_runner, model_name
 
 log = logging.getLogger("eagle_gto.api")
 
 
 # ---------------------------------------------------------------- requests
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    type: str  # any, so that one other than "text" gets its own error (check_parts), not a union's
+    text: str | None = None
 
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+def check_parts(messages: list[Message]) -> None:
+    for i, message in enumerate(messages):
+        for j, part in enumerate([] if isinstance(message.content, str) else message.content):
+            if part.type != "text":
+                raise APIError(400, f"only text content parts are supported, not {part.type!r}",
+                               f"messages.{i}.content.{j}.type")
+            if part.text is None:
+                raise APIError(400, "a text content part needs its text", f"messages.{i}.content.{j}.text")
 
 
 class StreamOptions(BaseModel):
@@ -65,6 +76,12 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
     speculative: bool = True  # an extension: false decodes plainly, for comparison
+    logprobs: bool | int | None = None  # not served: only false, 0 or null pass (UNSUPPORTED)
+
+    @field_validator("temperature", "top_p", "n", "stream", "speculative", mode="before")
+    @classmethod
+    def null_is_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -73,14 +90,17 @@ class Sampling(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = None  # not served
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    echo: bool | None = None  # not served
 
 
-FIELDS = {name for model in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+FIELDS = {name for model in (ChatRequest, CompletionRequest, Message, ContentPart, StreamOptions)
           for name in model.model_fields}
+UNSUPPORTED = ("echo", "logprobs", "top_logprobs")  # fields whose answer this server cannot give
 
 
 def field_path(loc: tuple) -> str:
@@ -190,6 +210,27 @@ class ModelStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+async def cancel_when_gone(connection: Request, scope: anyio.CancelScope) -> None:
+    """Waits for the client to go away (the body is read already, so that is the next message), then cancels."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def unless_disconnected(connection: Request, work: Awaitable):
+    """`work`'s result, or None if the client goes away first. `work` is then cancelled: a request
+    waiting for the model leaves the queue, a generation is closed after its current step."""
+    # An anyio scope, not Task.cancel: anyio.to_thread.run_sync holds an anyio cancellation back until
+    # the step running in its thread is done, so that the generation can then be closed.
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.ensure_future(cancel_when_gone(connection, scope))
+        try:
+            return await work
+        finally:
+            watcher.cancel()
+    return None
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -221,10 +262,25 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
             finally:
                 updates.close()
 
-    async def complete(endpoint: Endpoint, request: Sampling, prompt_ids: list[int], max_tokens: int | None):
+    def model_not_found(model: str) -> APIError:
+        return APIError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model",
+                        "model_not_found")
+
+    async def whole(events) -> tuple[str, str, GenerationStats]:
+        text, reason, stats = "", None, None
+        async for piece, reason, stats in events:
+            text += piece
+        return text, reason, stats
+
+    async def complete(endpoint: Endpoint, request: Sampling, prompt_ids: list[int], max_tokens: int | None,
+                       connection: Request):
         if request.model not in (None, name):
-            raise APIError(404, f"the model {request.model!r} does not exist; this server serves {name!r}",
-                           "model", "model_not_found")
+            raise model_not_found(request.model)
+        for field in UNSUPPORTED:
+            if getattr(request, field, None):  # false, 0 and null ask for nothing
+                raise APIError(400, f"{field} is not supported by this server", field)
+        if request.stream_options is not None and not request.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         # The server's --max-new-tokens is both the default and the upper bound (GET /v1/models
         # tells it); an answer cut there ends with finish_reason "length", as at the client's own limit.
         options = GenerationOptions(min(max_tokens or max_new_tokens, max_new_tokens), request.temperature,
@@ -233,20 +289,21 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param)
         try:
-            runner.check_fits(prompt_ids, options.speculative)
+            runner.check_fits(prompt_ids)
         except ContextLengthError as err:
             raise APIError(400, str(err), param, "context_length_exceeded") from err
         head = {"id": endpoint.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": name}
         events = answer(prompt_ids, options, request.stops())
         if request.stream:
             return ModelStream(stream(endpoint, head, events, len(prompt_ids), request), media_type="text/event-stream")
-        text, reason, stats = "", None, None
         try:
-            async for piece, reason, stats in events:
-                text += piece
+            result = await unless_disconnected(connection, whole(events))
         except Exception as err:
             log.exception("generation failed")
             raise APIError(500, f"generation failed: {err}", kind="server_error") from err
+        if result is None:  # the client went away: nobody to answer
+            return Response(status_code=499)
+        text, reason, stats = result
         return {**head, "object": endpoint.object, "choices": [endpoint.choice(text, reason)],
                 "usage": usage(len(prompt_ids), stats),
                 "speculative_stats": speculative_stats(stats, request.speculative)}
@@ -274,25 +331,34 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest, connection: Request):
+        check_parts(request.messages)
         try:
             prompt_ids = runner.chat_prompt([m.as_dict() for m in request.messages])
         except ValueError as err:
             raise APIError(400, str(err), "messages") from err
         return await complete(Endpoint(chat=True), request, prompt_ids,
-                              request.max_completion_tokens or request.max_tokens)
+                              request.max_completion_tokens or request.max_tokens, connection)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, connection: Request):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if len(prompts) != 1:
             raise APIError(400, f"give one prompt per request, got {len(prompts)}", "prompt")
-        return await complete(Endpoint(chat=False), request, runner.text_prompt(prompts[0]), request.max_tokens)
+        return await complete(Endpoint(chat=False), request, runner.text_prompt(prompts[0]), request.max_tokens,
+                              connection)
+
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto", "max_tokens": max_new_tokens}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto",
-                                            "max_tokens": max_new_tokens}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")  # a path: hub ids and folders have slashes
+    async def retrieve_model(model: str):
+        if model != name:
+            raise model_not_found(model)
+        return card
 
     @app.get("/health")
     async def health():
@@ -328,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                           "OpenAI-compatible HTTP API over an EAGLE speculative-decoding model.", port=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = ChatRunner(load_model(args), args.model_type, args.max_length)
+    runner = load_runner(parser, args)
     app = create_app(runner, model_name(args), args.max_new_tokens)
     uvicorn.run(app, host=args.host, port=args.port)
 

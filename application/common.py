@@ -42,7 +42,7 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model.add_argument("--max-new-tokens", type=int, default=512,
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int, default=2048,
-                       help="context: prompt + answer + draft tree, in tokens (default: 2048)")
+                       help="context: prompt + answer, in tokens (default: 2048)")
     model.add_argument("--no-cuda-graphs", action="store_true",
                        help="launch decoding steps op by op instead of replaying CUDA graphs (default: graphs on "
                             "a single GPU)")
@@ -57,14 +57,29 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
 
 def load_model(args: argparse.Namespace) -> EaModel:
     cuda = torch.cuda.is_available()
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if cuda else "float32")
     device_map = args.device_map or ("auto" if cuda else "none")
+    on_cuda = cuda and device_map not in ("none", "cpu")  # where the weights go: half precision is slow on a CPU
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if on_cuda else "float32")
     options = {"dtype": getattr(torch, dtype)}
     if device_map != "none":
         options["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
                                    depth=args.depth, top_k=args.top_k, cuda_graphs=False if args.no_cuda_graphs else None,
                                    torch_compile=args.torch_compile or False, **options)
+
+
+def load_runner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ChatRunner:
+    """The model behind a `ChatRunner`. Options it cannot serve requests with end the program here, with an
+    error message, rather than fail every request."""
+    for option, tokens in (("--max-new-tokens", args.max_new_tokens), ("--max-length", args.max_length)):
+        if tokens < 1:
+            parser.error(f"{option} must be a positive number of tokens, got {tokens}")
+    if (args.base_model_path is None) != (args.ea_model_path is None):
+        parser.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
+    try:
+        return ChatRunner(load_model(args), args.model_type, args.max_length)
+    except ValueError as err:  # eagle_gto.CheckpointError (a wrong path) among others: one line, no usage
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -141,6 +156,7 @@ class ChatRunner:
     def __init__(self, model: EaModel, model_type: str = "auto", max_length: int = 2048):
         if model.tokenizer is None:
             raise ValueError("the base model has no tokenizer; the servers need one to turn text into tokens")
+        model.check_max_length(max_length)  # e.g. a sliding-window model's window: at startup, not per request
         self.model = model
         self.tokenizer = model.tokenizer
         self.model_type = model_type
@@ -165,14 +181,12 @@ class ChatRunner:
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
-    def check_fits(self, prompt_ids: list[int], speculative: bool) -> None:
-        """The engine's rule: the prompt plus one step's tokens (the whole draft
-        tree, or one token) must fit in the context."""
-        width = self.model.tree.total_token if speculative else 1
-        if len(prompt_ids) + width > self.max_length:
+    def check_fits(self, prompt_ids: list[int]) -> None:
+        """The engine's rule, in both modes: the prompt and one new token must fit in the context."""
+        if len(prompt_ids) + 1 > self.max_length:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens, too many for the context of {self.max_length} tokens "
-                f"({width} of which one decoding step needs); shorten it or clear the conversation"
+                "(one more is needed for the answer); shorten it or clear the conversation"
             )
 
     def generate(self, prompt_ids: list[int], options: GenerationOptions) -> Iterator[Update]:
@@ -180,7 +194,7 @@ class ChatRunner:
         the iterator to stop early: that frees the model for the next request."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        self.check_fits(prompt_ids, options.speculative)
+        self.check_fits(prompt_ids)
         generator = None
         if options.seed is not None:
             device = self.model.base_model.get_output_embeddings().weight.device  # where sampling happens

@@ -17,7 +17,7 @@ from contextlib import closing
 
 import gradio as gr
 
-from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser, load_model,
+from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser, load_runner,
                      model_name)
 
 log = logging.getLogger("eagle_gto.webui")
@@ -64,22 +64,33 @@ def stats_line(stats, speculative: bool) -> str:
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
+    # The answer shares the context with the prompt, so more than the context never fits.
+    most = min(max_new_tokens, runner.max_length)
+
     def show(history: list[dict]) -> list[dict]:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
         if not runner.plain_text:
             return history
         return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
 
+    def one_turn_at_a_time(state: str) -> None:
+        """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer."""
+        if state in (GENERATING, WAITING):
+            raise gr.Error("An answer is still being generated: wait for it to end, or press Stop.",
+                           title="Answer in progress", print_exception=False)
+
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict]):
+    def add_message(message: str, history: list[dict], state: str):
+        one_turn_at_a_time(state)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
         return "", (asked, message), show(asked), WAITING if runner.busy else GENERATING
 
-    def drop_answer(history: list[dict]):
+    def drop_answer(history: list[dict], state: str):
+        one_turn_at_a_time(state)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
@@ -95,7 +106,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int):
         asked, typed = pending
-        options = GenerationOptions(int(max_new), float(temperature), float(top_p), bool(speculative))
+        options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         try:
             with closing(runner.generate(runner.chat_prompt(asked), options)) as updates:
@@ -156,9 +167,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p (1: off)")
-                # The answer shares the context with the prompt, so more than the context never fits.
-                most = min(max_new_tokens, runner.max_length)
-                max_new = gr.Slider(1, most, value=min(256, most), step=1, elem_id="max-new-tokens",
+                # A slider's maximum must be above its minimum: for a cap of 1 token it shows 2, respond keeps to 1.
+                max_new = gr.Slider(1, max(most, 2), value=min(256, most), step=1, elem_id="max-new-tokens",
                                     label=f"Max new tokens (prompt + answer fit in {runner.max_length} tokens)")
         drafts = gr.HTML(elem_id="drafts")
         # Where the events' progress and error state go instead of their outputs: Gradio shows an error badge
@@ -172,10 +182,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history], outputs=[message, pending, chatbot, notice],
+        turn = dict(fn=add_message, inputs=[message, history, notice], outputs=[message, pending, chatbot, notice],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, history, [pending, chatbot, notice], **nowhere,
+        events.append(regenerate.click(drop_answer, [history, notice], [pending, chatbot, notice], **nowhere,
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (default: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = ChatRunner(load_model(args), args.model_type, args.max_length)
+    runner = load_runner(parser, args)
     demo = build_ui(runner, model_name(args), args.max_new_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 

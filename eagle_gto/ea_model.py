@@ -156,7 +156,7 @@ class EaModel(nn.Module):
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
             raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
                              f"max_length={max_length}")
-        self._check_window(max_length)
+        self.check_max_length(max_length)
         stops = self._stop_ids(is_llama3, stop_token_ids)
         stats = GenerationStats(prompt_length=prompt.shape[0])
         with self._exclusive():
@@ -239,7 +239,9 @@ class EaModel(nn.Module):
             raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
         return ids.to(self._target.input_device, torch.long)
 
-    def _check_window(self, max_length: int) -> None:
+    def check_max_length(self, max_length: int) -> None:
+        """A ValueError when this model cannot decode with this context
+        (servers check their --max-length once, at startup)."""
         config = self.base_model.config
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None) or []

@@ -24,6 +24,7 @@ import openai
 import pytest
 import torch
 
+from application.common import GenerationOptions
 from eagle_gto import EaModel
 from eagle_gto.chat import build_prompt, encode_prompt
 
@@ -45,15 +46,16 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
-def save_tiny_pair(folder: Path) -> tuple[Path, Path]:
-    """A tiny random Llama with the one-character-per-token tokenizer and a
-    random EAGLE-3 head, saved the way real checkpoints are."""
+def save_tiny_pair(folder: Path, arch: str = "llama", **config_fields) -> tuple[Path, Path]:
+    """A tiny random Llama (or `arch`) with the one-character-per-token
+    tokenizer and a random EAGLE-3 head, saved the way real checkpoints are."""
     from transformers import AutoModelForCausalLM
 
     from eagle_gto.checkpoint import save_head
     from eagle_gto.tiny import base_config, head_config, random_head
 
-    config = base_config(vocab_size=len(CHARS))
+    config = base_config(arch, vocab_size=len(CHARS))
+    config.update(config_fields)
     torch.manual_seed(0)
     base, head = folder / "base", folder / "head"
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
@@ -171,6 +173,10 @@ def ask(client, name, prompt: str, max_tokens: int, *, chat: bool, stream: bool,
 
 def test_models_and_health(client, server, name):
     assert [m.id for m in client.models.list().data] == [name]
+    assert client.models.retrieve(name).id == name  # a folder: its slashes are in the URL
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.code == "model_not_found"
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 
@@ -317,3 +323,72 @@ def test_engine_switches_reach_the_model(monkeypatch):
     common.load_model(parser.parse_args(["--torch-compile", "max-autotune-no-cudagraphs"]))
     assert [(s["cuda_graphs"], s["torch_compile"]) for s in seen] == \
         [(None, False), (False, "default"), (None, "max-autotune-no-cudagraphs")]
+
+
+@pytest.mark.parametrize("device_map,dtype", [(None, torch.float16), ("cuda:0", torch.float16),
+                                              ("none", torch.float32), ("cpu", torch.float32)])
+def test_auto_dtype_follows_the_device_map(monkeypatch, device_map, dtype):
+    """float16 where the device map puts the model on CUDA, float32 where it stays on the CPU, GPU or not."""
+    from application import common
+
+    seen = []
+    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    common.load_model(common.build_parser("test", "", 0).parse_args([] if device_map is None else
+                                                                     ["--device-map", device_map]))
+    assert seen[0]["dtype"] == dtype
+
+
+@pytest.fixture(scope="module")
+def sliding_pair(tmp_path_factory):
+    """A tiny Mixtral attending within a sliding window of 64 tokens."""
+    return save_tiny_pair(tmp_path_factory.mktemp("sliding"), "mixtral", sliding_window=64)
+
+
+BAD_OPTIONS = [
+    # (options, the error message); "{pair}" and "{sliding}": the base and head folders of those pairs
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive number of tokens, got 0"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive number of tokens, got -5"),
+    (["--max-length", "-1"], "--max-length must be a positive number of tokens, got -1"),
+    (["--base-model-path", "/no/such/base", "--ea-model-path", "/no/such/head"], "no such folder"),
+    (["--base-model-path", "{pair}"], "give both --base-model-path and --ea-model-path, or neither"),
+    (["{sliding}", "--total-token", "16", "--depth", "4", "--top-k", "4"],
+     "sliding-window attention (window 64); the engine's tree mask is full attention, so max_length must be <= 64, "
+     "got 2048"),
+]
+
+
+@pytest.mark.parametrize("module", ["api_server", "webui"])
+@pytest.mark.parametrize("options,message", BAD_OPTIONS)
+def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, capsys, monkeypatch, module, options,
+                                                           message):
+    """At startup, with an error message and no traceback, rather than a server that fails every request."""
+    import importlib
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("uvicorn.run", serve)
+    monkeypatch.setattr("gradio.Blocks.launch", serve)
+    pairs = {"{pair}": [str(pair[0])],
+             "{sliding}": ["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1])]}
+    argv = [arg for option in options for arg in pairs.get(option, [option])]
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(f"application.{module}").main(argv)
+    assert info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    last = error.splitlines()[-1]
+    assert last.startswith(f"python -m application.{module}: error: ") and message in last
+
+
+def test_a_sliding_window_model_serves_within_its_window(sliding_pair):
+    """The startup check lets through a --max-length within the window."""
+    from application.common import build_parser, load_runner
+
+    parser = build_parser("test", "", 0)
+    args = parser.parse_args(["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1]),
+                              "--max-length", "64", "--total-token", "16", "--depth", "4", "--top-k", "4"])
+    runner = load_runner(parser, args)
+    updates = list(runner.generate(runner.text_prompt("def f(x):"), GenerationOptions(max_new_tokens=8)))
+    assert updates[-1].stats.new_tokens == 8

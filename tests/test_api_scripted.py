@@ -5,7 +5,9 @@ is checked in both modes in milliseconds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -37,6 +39,9 @@ class ScriptedModel:
         self.tokenizer = char_tokenizer()
         self.tokenizer.chat_template = ALTERNATING
         self.calls = []  # each generation's options
+
+    def check_max_length(self, max_length):
+        pass
 
     def generate_steps(self, input_ids, *, max_new_tokens, speculative, **options):
         self.calls.append(dict(options, max_new_tokens=max_new_tokens))
@@ -116,3 +121,126 @@ def test_max_tokens_beyond_the_server_cap(client):
     assert client.get("/v1/models").json()["data"][0]["max_tokens"] == CAP
     text, reason, usage = complete(client, {"prompt": "x", "max_tokens": CAP + 5})
     assert (text, reason, usage["completion_tokens"]) == (ANSWER[:CAP], "length", CAP)
+
+
+def test_null_is_the_default(client, model):
+    """OpenAI's API takes null for a field left out."""
+    body = {"prompt": "x", "max_tokens": 3, "temperature": None, "top_p": None, "n": None, "stream": None,
+            "speculative": None}
+    assert complete(client, body)[:2] == ("abc", "length")
+    assert (model.calls[-1]["temperature"], model.calls[-1]["top_p"]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("part,param,message", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "messages.0.content.1.type",
+     "only text content parts are supported, not 'image_url'"),
+    ({"type": "text"}, "messages.0.content.1.text", "a text content part needs its text"),
+])
+def test_only_text_content_parts(client, part, param, message):
+    content = [{"type": "text", "text": "Describe this:"}, part]
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                        "code": None}
+
+
+@pytest.mark.parametrize("endpoint,fields,param", [
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat/completions", {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_what_the_server_cannot_answer_is_refused(client, endpoint, fields, param):
+    """Rather than an answer without what was asked for."""
+    prompt = {"prompt": "x"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "x"}]}
+    response = client.post(f"/v1/{endpoint}", json={**prompt, "max_tokens": 3, **fields})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert param in error["message"]
+
+
+@pytest.mark.parametrize("fields", [{"echo": False, "logprobs": 0}, {"echo": None, "logprobs": None},
+                                    {"logprobs": False, "top_logprobs": None, "stream_options": None}])
+def test_asking_for_nothing_unsupported_is_fine(client, fields):
+    assert complete(client, {"prompt": "x", "max_tokens": 3, **fields})[0] == "abc"
+
+
+def test_models_retrieve(client):
+    """GET /v1/models/{id}, as client.models.retrieve calls it; another id is OpenAI's 404."""
+    assert client.get("/v1/models/scripted").json() == client.get("/v1/models").json()["data"][0]
+    response = client.get("/v1/models/gpt-4o")
+    assert response.status_code == 404
+    assert response.json()["error"] == {"message": "the model 'gpt-4o' does not exist; this server serves 'scripted'",
+                                        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+
+class GatedModel(ScriptedModel):
+    """The scripted answer, each step after the first only once `gate` is set; `steps` records how many
+    steps each generation made."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.steps = []
+
+    def generate_steps(self, input_ids, **options):
+        made = 0
+        try:
+            for step in super().generate_steps(input_ids, **options):
+                if made:
+                    self.gate.wait(timeout=60)
+                made += 1
+                yield step
+        finally:
+            self.steps.append(made)
+
+
+async def post(app, path: str, body: dict, leave: asyncio.Event) -> list[dict]:
+    """POST `body` to the ASGI app as a client that goes away once `leave` is set; what the app sent back."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    unread = [{"type": "http.request", "body": json.dumps(body).encode()}]
+    sent = []
+
+    async def receive():
+        if unread:
+            return unread.pop()
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_client_that_goes_away_frees_the_model():
+    """Without streaming too: a request whose client went away while it waited for the model never
+    runs, and a generation whose client went away is closed at its next step, not run to its end."""
+    model = GatedModel()
+    runner = ChatRunner(model)
+    app = create_app(runner, "scripted", CAP)
+    body = {"prompt": "x", "max_tokens": CAP, "speculative": False}  # 20 steps
+
+    async def clients():
+        first_left, second_left = asyncio.Event(), asyncio.Event()
+        first = asyncio.ensure_future(post(app, "/v1/completions", body, first_left))
+        while not model.calls:  # the first holds the model, at its second step until the gate opens
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(post(app, "/v1/completions", body, second_left))
+        second_left.set()
+        await asyncio.wait([second], timeout=30)  # it returns at once; before the fix, only after the first
+        first_left.set()
+        await asyncio.sleep(0.2)  # the disconnect is seen while the step waits
+        model.gate.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(clients())
+    assert len(model.steps) == 1 and model.steps[0] < CAP
+    assert not runner.busy

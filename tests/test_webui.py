@@ -20,7 +20,7 @@ from test_api import TREE, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application.common import ChatRunner
-from application.webui import ANSWER_LIMIT, CONTEXT_FULL, build_ui
+from application.webui import ANSWER_LIMIT, CONTEXT_FULL, GENERATING, WAITING, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -79,9 +79,13 @@ def open_chat(browser, url: str, max_new: int = MAX_NEW):
     return page
 
 
-def send(page, message: str) -> None:
+def send(page, message: str, how: str = "click") -> None:
+    """Type and send the message: click Send, or press Shift+Enter (the submit key of a multi-line box)."""
     page.locator("#message textarea").fill(message)
-    page.locator("#send").click()
+    if how == "click":
+        page.locator("#send").click()
+    else:
+        page.locator("#message textarea").press(how)
 
 
 def stats(page) -> str:
@@ -178,23 +182,25 @@ def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, exp
 
 
 def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
-    """A question that fits plain decoding's one-token step but not the draft
-    tree: Regenerate with speculative decoding fails and keeps the question
-    and its answer; a Send that fails keeps them too, and the typed text,
-    and the answer's speed figures and draft panel."""
+    """A question that leaves less room than a draft tree: plain decoding fills
+    the context, and so does Regenerate with speculative decoding (its last
+    tokens one at a time), with the same greedy answer. A Send that no
+    longer fits then fails and keeps the question, its answer, the typed
+    text, the answer's speed figures and the draft panel."""
     page = open_chat(browser, url, max_new=20)
     page.locator("#speculative input").uncheck()
     send(page, "x" * (MAX_LENGTH - 10))
     wait_for_state(page, CONTEXT_FULL.format(MAX_LENGTH))  # before the 20 tokens asked for
-    before = answers(page), stats(page), page.locator("#drafts").inner_text()
+    plain = answers(page)
     page.locator("#speculative input").check()
     page.locator("#regenerate").click()
-    wait_for_error(page, f"({TREE['total_token']} of which one decoding step needs)")
-    now = answers(page), stats(page), page.locator("#drafts").inner_text()
-    assert (page.locator('[data-testid="user"]').count(), now) == (1, before)
-    page.locator("#speculative input").uncheck()
+    full = CONTEXT_FULL.format(MAX_LENGTH)
+    page.wait_for_function(f"!document.querySelector('#notice').innerText.includes({full!r})")
+    wait_for_state(page, full)
+    assert answers(page) == plain and "plain decoding" not in stats(page)
+    before = answers(page), stats(page), page.locator("#drafts").inner_text()
     send(page, "y" * 20)
-    wait_for_error(page, "(1 of which one decoding step needs)")
+    wait_for_error(page, "(one more is needed for the answer)")
     now = answers(page), stats(page), page.locator("#drafts").inner_text()
     assert (page.locator('[data-testid="user"]').count(), now) == (1, before)
     assert page.locator("#message textarea").input_value() == "y" * 20
@@ -235,13 +241,60 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     wait_for_error(first, "There is no message to answer again")
 
 
+@pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
+def test_one_turn_at_a_time(browser, url, first, second):
+    """Sending while the conversation's answer streams is refused, whichever way either message was sent
+    (each way is its own chain of events): the typed text stays in the box and the answer goes on. Sent
+    once the answer has ended (here: stopped), the message is answered after the answer as it was shown."""
+    page = open_chat(browser, url, max_new=1000)
+    send(page, "while True:", first)
+    wait_for_state(page, "Generating")
+    send(page, "    pass", second)
+    wait_for_error(page, "An answer is still being generated")
+    assert state(page) == "Generating…"
+    assert page.locator("#message textarea").input_value() == "    pass"
+    page.locator("#stop").click()
+    wait_for_state(page, "Stopped")
+    stopped = answers(page)
+    assert len(stopped) == 1 and page.locator('[data-testid="user"]').count() == 1
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill(str(MAX_NEW))
+    box.press("Enter")
+    page.locator("#send").click()
+    wait_for_state(page, "Done")
+    assert answers(page)[0] == stopped[0] and len(answers(page)) == 2
+    assert page.locator('[data-testid="user"]').count() == 2
+
+
+@pytest.mark.parametrize("state", [GENERATING, WAITING], ids=["generating", "waiting"])
+def test_no_send_or_regenerate_during_an_answer(state):
+    """Called directly (no browser), as the notice line says the conversation's answer is on its way."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
+    for action, args in (("add_message", ("again", history, state)), ("drop_answer", (history, state))):
+        with pytest.raises(gr.Error, match="An answer is still being generated"):
+            actions[action](*args)
+
+
+def test_max_new_tokens_1():
+    """--max-new-tokens 1: the slider still has a range, and answers keep to 1 token."""
+    model = ScriptedModel()
+    ui = build_ui(ChatRunner(model), "scripted", 1)
+    slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
+    actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
+    assert last[0][-1] == {"role": "assistant", "content": "a"}
+    assert model.calls[-1]["max_new_tokens"] == 1
+
+
 def test_a_chat_template_refusal_shows_its_message():
     """Called directly (no browser): the template's own message, the conversation and typed text as they were."""
     model = ScriptedModel()
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, _, _ = actions["add_message"]("again", history)
+    _, pending, _, _ = actions["add_message"]("again", history, "Done")
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[-1]) == (history, "again")
