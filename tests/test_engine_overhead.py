@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from eagle_gto.benchmarks import engine_overhead, op_count
 
@@ -105,3 +106,12 @@ def test_reference_benchmarks_import_nothing_of_the_engine(module):
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
             "assert not [m for m in loaded if not m.startswith('eagle_gto.benchmarks')], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
+    from eagle_gto.benchmarks import gpu_equality
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        gpu_equality.main([])
+    assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err

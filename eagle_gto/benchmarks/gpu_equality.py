@@ -91,6 +91,9 @@ def main(argv=None) -> list[dict]:
     add_compile_arguments(p)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this check compares decoding paths on a CUDA GPU, and CUDA is not available here "
+                "(the CPU test suite checks the same equalities in float32: python -m pytest)")
     device = torch.device("cuda")
     rows = []
     if not args.skip_demo:
