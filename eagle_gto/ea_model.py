@@ -423,12 +423,12 @@ def head_device(base: nn.Module) -> torch.device:
     return next(decoder_layers(base)[-1].parameters()).device
 
 
-def attach_head(base: nn.Module, head: DraftHead) -> None:
-    """Place the head beside the base's last layer, in the base's dtype, and
-    give it the base's embedding (and lm_head for EAGLE-1) when it has none."""
+def attach_head(base: nn.Module, head: DraftHead, dtype: torch.dtype | None = None) -> None:
+    """Place the head beside the base's last layer, in the base's dtype (or
+    `dtype`: trainers keep float32), and give it the base's embedding (and
+    lm_head for EAGLE-1) when it has none."""
     device = head_device(base)
-    dtype = next(base.parameters()).dtype
-    head.to(device=device, dtype=dtype)
+    head.to(device=device, dtype=dtype or next(base.parameters()).dtype)
     if head.embed_tokens is None:
         weight = base.get_input_embeddings().weight.detach()
         head.attach_embedding(weight if weight.device == device else weight.to(device))

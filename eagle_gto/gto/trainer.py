@@ -121,9 +121,7 @@ def _load_head(path, base) -> DraftHead:
     if head.kind != "eagle3":
         raise ValueError(f"{path}: GTO fine-tunes EAGLE-3 heads (L_token is the EAGLE-3 objective), got {head.kind}")
     check_against_base(head, base.config, str(path))
-    weights = {k: v.clone() for k, v in head.state_dict().items()}  # the checkpoint's exact values, float32
-    attach_head(base, head)  # the base's device and embedding, but also its dtype: bfloat16 would round them
-    head.float().load_state_dict(weights)  # M trains, and M0 scores, in float32 from the exact weights
+    attach_head(base, head, torch.float32)  # M trains, and M0 scores, in float32 from the exact weights
     return head
 
 
