@@ -102,3 +102,19 @@ def test_state_does_not_leak_between_generations(graphs_on_cpu, monkeypatch):
     model.cuda_graphs = True
     model.eagenerate(short_prompt, max_new_tokens=1, max_length=128)
     assert generate(model, True, True, short_prompt) == first
+
+
+def test_the_end_of_the_context_in_one_token_steps(graphs_on_cpu, monkeypatch):
+    """Where a draft tree no longer fits, the graphed steps go on one token at
+    a time (plain steps, their own graphs) and fill max_length as eager ones do."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    for options in ({}, dict(temperature=0.9, top_p=0.95)):
+        outs = []
+        for graphs in (False, True):
+            model.cuda_graphs = graphs
+            torch.manual_seed(3)
+            outs.append(model.eagenerate(ids, max_new_tokens=500, max_length=90, **options).tolist())
+        assert outs[0] == outs[1] and len(outs[0][0]) == 90
+    modes = [key[0] for key in graphs_on_cpu.keys]  # key[0]: speculative
+    assert modes[0] is True and modes[-1] is False
