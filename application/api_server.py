@@ -5,8 +5,8 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
 `"stream": true` for server-sent events), GET /v1/models, GET
 /v1/models/{id}, GET /health.
-Responses carry OpenAI's fields plus `speculative_stats` (iterations, mean
-accepted length, tokens/s); requests may add `"speculative": false` for
+Responses carry OpenAI's fields plus `speculative_stats` (iterations,
+accepted draft tokens, mean accepted length, seconds, tokens/s); requests may add `"speculative": false` for
 plain decoding. Requests run one at a time on the model, in arrival order.
 """
 

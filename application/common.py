@@ -48,7 +48,7 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                             "a single GPU)")
     model.add_argument("--torch-compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
                        help="torch.compile the engine (GPU), in this mode (default mode: default): faster steps "
-                            "after minutes of compilation on first use per shape (default: off)")
+                            "after about a minute of compilation on first use (default: off)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")

@@ -8,7 +8,7 @@ Same names, arguments, defaults and return values as the EAGLE reference
 holds the record of the latest generation.
 
 On a GPU, decoding steps run as CUDA graphs (`cuda_graphs`, default: on when
-the base model sits on one CUDA device); `cuda_graphs=False` runs the same
+the base model and the head sit on one CUDA device); `cuda_graphs=False` runs the same
 steps eagerly.
 """
 
@@ -47,7 +47,7 @@ class EaModel(nn.Module):
                  depth: int = 7, top_k: int = 10, threshold: float = 1.0, cuda_graphs: bool | None = None,
                  torch_compile: bool | str = False):
         """cuda_graphs: replay decoding steps as CUDA graphs; None (default)
-        turns them on when the base model sits on a single CUDA device.
+        turns them on when the base model and the head sit on a single CUDA device.
         torch_compile: also torch.compile the base model's decoder layers and
         the draft head's step work (`enable_torch_compile`); True, or a
         torch.compile mode ("default", "max-autotune-no-cudagraphs")."""
@@ -101,6 +101,8 @@ class EaModel(nn.Module):
         head_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # those name the base's
         # The head is small: read and check it, also against the base's config.json, before loading the base.
         head = build_head(load_checkpoint(ea_model_path, use_eagle3, head_hub))
+        if total_token != -1:  # (-1 is picked by timing, once the model is built)
+            check_tree_params(total_token, depth, top_k, head.config.draft_vocab_size)
         base_config = read_base_config(base_model_path, hub)
         if isinstance(base_config.get("hidden_size"), int) and isinstance(base_config.get("vocab_size"), int):
             check_against_base(head, SimpleNamespace(**base_config), str(ea_model_path))

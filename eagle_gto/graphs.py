@@ -7,8 +7,8 @@ the GPU, sets the pace. A `Decoder` step has static shapes for a given key
 (tree size, sampling settings, attention view) and keeps its state in
 tensors it updates in place, so it can be recorded once per key and replayed
 with a single launch. Compilation (`EaModel(torch_compile=True)`) fuses the
-kernels a step records: the base model's layers one by one and the draft
-head's step work as whole functions.
+kernels a step records: the base model's decoder layers (one set of graphs
+shared by all) and the draft head's step work as whole functions.
 """
 
 from __future__ import annotations

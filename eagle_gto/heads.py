@@ -15,7 +15,7 @@ the interface the engine and the trainers use:
 - `draft_logits(out)`: logits over the head's draft vocabulary;
   `to_target_ids(ids)` maps draft-vocabulary ids to target ids.
 
-Key names follow the official checkpoints exactly (see docs/formats), so
+Key names follow the official checkpoints exactly (see ../shared/docs/formats.md), so
 `state_dict()` is directly the exportable checkpoint.
 """
 

@@ -5,7 +5,8 @@ position ids and the project's own `TargetKVCache`; transformers passes a
 4-D mask through unchanged, which is all tree attention needs. The features a
 draft head reads are taken without touching model code: the final (normed)
 hidden state from the decoder's output (EAGLE-1), or the hidden states
-entering three decoder layers from forward pre-hooks (EAGLE-3).
+entering three decoder layers from forward pre-hooks (EAGLE-3; a forward hook
+where a head reads the last layer's output).
 """
 
 from __future__ import annotations
@@ -19,11 +20,25 @@ from .kv_cache import TargetKVCache
 
 
 def eagle3_feature_layers(num_layers: int) -> list[int]:
-    """Layers whose input EAGLE-3 reads: 2, N//2 and N-3 (formats.md)."""
+    """Layers whose input EAGLE-3 reads: 2, N//2 and N-3 (../shared/docs/formats.md)."""
     layers = [2, num_layers // 2, num_layers - 3]
     if min(layers) < 0 or max(layers) > num_layers:
         raise ValueError(f"EAGLE-3 heads need a base model with at least 3 decoder layers, got {num_layers}")
     return layers
+
+
+def model_logits(lm_head_output: torch.Tensor, config) -> torch.Tensor:
+    """What a model's own forward makes of its lm_head's output (Cohere's
+    logit_scale, Granite's logits_scaling, Gemma-2's final_logit_softcapping):
+    sampling, and GTO's rewards, must use the distribution the model defines."""
+    logits = lm_head_output
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    if scale != 1.0:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -45,12 +60,6 @@ class TargetRunner:
         self.feature_layers = feature_layers
         self.dtype = next(model.parameters()).dtype
         self.input_device = model.get_input_embeddings().weight.device
-        config = model.config
-        # What the model's own forward does to lm_head's output (Cohere, Granite, Gemma-2):
-        # sampling must draw from the logits the model defines.
-        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0) / float(
-            getattr(config, "logits_scaling", None) or 1.0)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
         self._check_logits()
         self._captured: dict[int, torch.Tensor] | None = None
         if feature_layers is not None:
@@ -58,17 +67,12 @@ class TargetRunner:
                 self._hook(index)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return model_logits(self.lm_head(hidden), self.model.config)
 
     @torch.no_grad()
     def _check_logits(self) -> None:
         """The engine computes logits as lm_head(decoder output), post-processed
-        as above; a model whose forward does something else would be sampled
+        by `model_logits`; a model whose forward does something else would be sampled
         from the wrong distribution, so it is refused (two tokens, once)."""
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.input_device)
         expected = self.model(input_ids=ids, use_cache=False).logits[0].float()

@@ -246,3 +246,11 @@ def test_device_and_dtype_arguments_are_checked_first(saved, monkeypatch):
 def test_cli_reports_a_bad_path_in_one_line(capsys, tmp_path):
     assert main(["--base-model-path", str(tmp_path / "missing"), "--ea-model-path", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: no config.json in this folder\n"
+
+
+def test_tree_settings_are_checked_before_the_base_loads(saved, monkeypatch):
+    monkeypatch.setattr(ea_model, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match="top_k=41 is larger than the draft head's vocabulary"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=12, depth=3, top_k=41)
+    with pytest.raises(ValueError, match="total_token"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=0)

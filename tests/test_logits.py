@@ -46,3 +46,17 @@ def test_a_model_with_unknown_logit_processing_is_refused():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="ScaledLlama: its forward computes logits other than lm_head"):
         TargetRunner(ScaledLlama(CONFIGS["llama"]).eval(), None)
+
+
+@pytest.mark.parametrize("arch", ["cohere", "gemma2"])
+def test_gto_rewards_read_the_models_own_logits(arch):
+    """GTO's target pass (its rewards and L_token's targets) uses the same logits as decoding."""
+    from eagle_gto.gto.trees import target_pass
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]).eval()
+    tokens = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        found = target_pass(model, tokens, None).logits
+        expected = model(input_ids=tokens).logits
+    torch.testing.assert_close(found, expected.float(), rtol=1e-5, atol=1e-5)

@@ -233,7 +233,8 @@ def test_bad_arguments_are_refused_before_any_model_loads(argv, message, capsys)
 @pytest.mark.parametrize("setup,extra,message", [
     ("empty", [], "no questions"),
     ("missing", [], "--data-dir names the folder"),
-    ("long", ["--max-length", "40"], "more than --max-length 40 leaves"),
+    ("long", ["--max-length", "40"], "that does not fit in --max-length 40"),
+    ("answer", ["--max-length", "150"], "with --max-new-tokens 128 and a tree of 60 that does not fit"),
     ("one", ["--device", "cuda"], "no CUDA device"),
 ])
 def test_bad_selections_give_clear_errors(tmp_path, setup, extra, message, monkeypatch):
@@ -241,6 +242,7 @@ def test_bad_selections_give_clear_errors(tmp_path, setup, extra, message, monke
     data.mkdir(parents=True)
     questions = {"empty": "", "long": json.dumps({"question_id": 1, "turns": ["word " * 50]}) + "\n",
                  "one": json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n"}
+    questions["answer"] = questions["one"]  # a short prompt whose answer would reach the end of the context
     if setup != "missing":
         (data / "question.jsonl").write_text(questions[setup])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

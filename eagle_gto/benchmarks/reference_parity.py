@@ -146,10 +146,12 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     for prompt in prompts:
         text = build_prompt([{"role": "user", "content": prompt.pop("text")}], args.model_type, model.tokenizer)
         prompt["ids"] = encode_prompt(text, model.tokenizer, args.model_type)
-        if len(prompt["ids"]) + args.total_token > args.max_length:
+        # Both engines must draft every iteration: near the end of the context this one goes on
+        # one token at a time and the reference stops early, so answers end before that.
+        if len(prompt["ids"]) + args.max_new_tokens + args.total_token > args.max_length:
             raise SystemExit(f"{prompt['bench']} question {prompt['question_id']}: its prompt has "
-                             f"{len(prompt['ids'])} tokens, more than --max-length {args.max_length} leaves "
-                             f"with a tree of {args.total_token}")
+                             f"{len(prompt['ids'])} tokens; with --max-new-tokens {args.max_new_tokens} and a tree "
+                             f"of {args.total_token} that does not fit in --max-length {args.max_length}")
 
     def generate(ids: list[int], max_new_tokens: int) -> dict:
         record = dict(trees=[], tie_rule_trees=[], cut_gaps=[])
@@ -157,7 +159,8 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             out = model.eagenerate(torch.tensor([ids]), temperature=0.0, max_new_tokens=max_new_tokens,
                                    max_length=args.max_length, is_llama3=is_llama3)
         accepted = [s.num_accepted for s in model.last_stats.steps[1:]]  # the prefill accepts nothing
-        if len(record["trees"]) != len(accepted):  # e.g. a compiled draft step that bypasses the recording
+        if len(record["trees"]) != len(accepted):  # e.g. a compiled draft step that bypasses the recording, or
+            # one-token steps at the end of the context (which the prompt check above rules out)
             raise RuntimeError(f"{len(record['trees'])} draft trees recorded for {len(accepted)} iterations")
         return dict(record, tokens=out[0, len(ids):].tolist(), accepted=accepted)
 

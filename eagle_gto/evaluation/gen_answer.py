@@ -104,8 +104,9 @@ class Answerer:
         self.speculative = args.mode == "ea"
         self.stops = stop_token_ids(model.tokenizer, args.model_type)
         self.is_llama3 = chat_format(args.model_type).is_llama3
-        # Same prompt budget in both modes (the tree's width in both), so the
-        # two sides see identical prompts and neither runs out of context.
+        # Same prompt budget in both modes, with a tree's width to spare: the two sides see
+        # identical prompts, and answers end before a draft tree no longer fits (every
+        # speculative iteration drafts, as in the reference's runs).
         self.prompt_budget = args.max_length - args.max_new_tokens - model.tree.total_token
         if self.prompt_budget < 1:
             raise ValueError(f"--max-length {args.max_length} leaves no room for a prompt with "

@@ -42,7 +42,7 @@ def _opt(default, help: str, **extra):
 class GTOConfig:
     """Every option of `python -m eagle_gto.gto`, with its default (the CLI is built from these fields)."""
 
-    out: str = _opt("runs/gto", "output folder: head/, metrics.jsonl, metrics.png, config.json")
+    out: str = _opt("runs/gto", "output folder: head/, metrics.jsonl, metrics.png, config.json, summary.json")
     base: str | None = _opt(None, "base model folder or hub id; none: the demo base")
     head: str | None = _opt(None, "EAGLE-3 head to fine-tune; none: the demo EAGLE-3 head")
     reference: str | None = _opt(None, "frozen reference head M0, with --head's draft vocabulary; none: a frozen "

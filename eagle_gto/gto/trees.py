@@ -31,7 +31,7 @@ import torch
 from ..drafter import prefix_mask
 from ..heads import DraftHead
 from ..kv_cache import KVBuffer, TargetKVCache
-from ..target import decoder_layers
+from ..target import decoder_layers, model_logits
 from ..tree import DraftTree, select_tree
 
 
@@ -118,7 +118,7 @@ def target_pass(base, tokens: torch.Tensor, feature_layers: list[int] | None) ->
     else:
         # hidden_states[i] is the input of decoder layer i (index 0: the embeddings).
         features = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)
-    logits = base.get_output_embeddings()(out.last_hidden_state).float()
+    logits = model_logits(base.get_output_embeddings()(out.last_hidden_state), base.config).float()
     return TargetPass(tokens.to(device), features, logits, cache)
 
 
@@ -240,7 +240,7 @@ def verify_trees(base, target: TargetPass, roots: Roots, trees: TreeBatch, chunk
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        logp = torch.log_softmax(lm_head(hidden).float(), dim=-1)  # [b, T, V]
+        logp = torch.log_softmax(model_logits(lm_head(hidden), base.config).float(), dim=-1)  # [b, T, V]
         parents, tokens = trees.parents[rows].to(device), trees.tokens[rows].to(device)
         b = torch.arange(parents.shape[0], device=device)[:, None]
         own = logp[b, parents, tokens]
