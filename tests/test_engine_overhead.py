@@ -76,10 +76,11 @@ def test_kernel_summary_of_a_trace():
     assert summary["sequence"] == [["gemm", 5.0], ["topk", 1.0], ["gemm", 3.0]]
 
 
-def test_rejects_a_tree_the_depth_cannot_fill():
-    with pytest.raises(ValueError, match="total_token=50"):
+def test_rejects_a_tree_the_depth_cannot_fill(capsys):
+    with pytest.raises(SystemExit):
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--total-tokens", "4,50", "--depth", "2",
                               "--top-k", "3"])
+    assert "total_token=50" in capsys.readouterr().err
 
 
 def test_op_count_by_part(tmp_path):
@@ -115,3 +116,24 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         gpu_equality.main([])
     assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--total-tokens", "10,abc"], "--total-tokens 10,abc"),
+    (["--total-tokens", "1"], "--total-tokens [1]: total_token"),
+    (["--prompt-length", "1990", "--new-tokens", "40", "--total-tokens", "60"],
+     "--prompt-length 1990 + --new-tokens 40 + the largest tree 60 must fit in --max-length 2048"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+])
+def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, monkeypatch, capsys):
+    """(Past the end of the context the engine steps one token at a time: those would be averaged in.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        engine_overhead.parse_args(["--device", "cpu"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_op_count_refuses_a_tree_that_cannot_be(capsys):
+    with pytest.raises(SystemExit):
+        op_count.main(["--total-token", "1"])
+    assert "total_token" in capsys.readouterr().err

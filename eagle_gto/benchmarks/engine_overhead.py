@@ -302,6 +302,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    try:  # before building a large model
+        args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
+        for size in args.total_tokens:
+            check_tree_params(size, args.depth, args.top_k)
+    except ValueError as err:
+        p.error(f"--total-tokens {args.total_tokens}: {err}")
+    # Every timed step must be a full iteration: near the end of the context the
+    # engine goes on one token at a time, which would be averaged in.
+    if args.prompt_length + args.new_tokens + max(args.total_tokens) > args.max_length:
+        p.error(f"--prompt-length {args.prompt_length} + --new-tokens {args.new_tokens} + the largest tree "
+                f"{max(args.total_tokens)} must fit in --max-length {args.max_length}")
     return args
 
 
@@ -316,9 +329,7 @@ def main(argv=None) -> dict:
     if shape.draft_vocab_size is not None and shape.draft_vocab_size >= shape.vocab_size:
         shape = replace(shape, draft_vocab_size=None)  # a smaller --vocab-size: draft over all of it
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
-    total_tokens = [int(t) for t in args.total_tokens.split(",")]
-    for size in total_tokens:  # fail before building a large model
-        check_tree_params(size, args.depth, args.top_k)
+    total_tokens = args.total_tokens
     engines = (args.engines or ("eager,graphs" if device.type == "cuda" else "eager")).split(",")
     if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and device.type != "cuda"):
         raise SystemExit(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")

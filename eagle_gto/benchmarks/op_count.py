@@ -30,6 +30,7 @@ from ..drafter import Drafter
 from ..generation import TreeParams
 from ..kv_cache import TargetKVCache
 from ..target import TargetRunner
+from ..tree import check_tree_params
 from .common import write_json
 from .engine_overhead import build_model
 from .shapes import Shape
@@ -99,6 +100,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.layers < 3:
         p.error(f"--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got {args.layers}")
+    try:
+        check_tree_params(args.total_token, args.depth, args.top_k)
+    except ValueError as err:
+        p.error(str(err))
     torch.manual_seed(0)
     shape = Shape(64, args.layers, 8, 2, 128, 2048, draft_vocab_size=512, llama3_rope=True)
     tree = TreeParams(args.total_token, args.depth, args.top_k)
