@@ -10,6 +10,7 @@ import sys
 import torch
 
 from . import EaModel
+from .acceptance import SamplingParams
 from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
@@ -54,6 +55,10 @@ def load_model(args) -> EaModel:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        # The generation settings are checked before the model loads (the engine would refuse them later).
+        SamplingParams(args.temperature, args.top_p, args.top_k).validate()
+        if args.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
         model = load_model(args)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)

@@ -130,3 +130,41 @@ def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
     assert loaded.base_model.dtype == torch.float32 and next(loaded.ea_layer.parameters()).dtype == torch.float32
     half = EaModel.from_pretrained(torch_dtype=torch.float16)
     assert half.base_model.dtype == torch.float16
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens", "0"], "error: max_new_tokens must be >= 1, got 0"),
+    (["--temperature", "-1"], "error: temperature must be >= 0"),
+    (["--top-k", "-1"], "error: top_k must be >= 0"),
+])
+def test_cli_refuses_bad_generation_settings_before_loading(monkeypatch, capsys, argv, message):
+    def no_load(args):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(message)
+
+
+def test_measure_bad_tree_is_one_error_line(capsys):
+    assert measure_cli.main(["--total-token", "1", "--humaneval", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: total_token must be >= 2 (the root and at least one "
+                                               "draft token), got 1")
+
+
+def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys):
+    """--total-token -1 picks a size when the model loads: the header shows it. The
+    held-out prompts are whole files cut to --prompt-tokens: the tokenizer must not
+    warn that they are longer than the model's context."""
+    import transformers.tokenization_utils_base as tokenization
+
+    warned = []
+    monkeypatch.setattr(tokenization.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    argv = ["--total-token", "-1", "--limit", "1", "--max-new-tokens", "4", "--humaneval", "/nonexistent"]
+    assert measure_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert int(re.search(r"total_token=(-?\d+) depth=7 top_k=10", out).group(1)) >= 2
+    assert not [m for m in warned if "sequence length is longer" in m]
+    rows = [line for line in out.splitlines() if line.startswith("| held-out")]
+    assert len(rows) == 1 and rows[0].endswith("|    1/1    |")  # one prompt, greedy identical

@@ -2,6 +2,7 @@
 speed report on its output and on a hand-made answer file, resuming."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,119 @@ def test_max_new_tokens_is_checked_with_the_arguments(capsys):
     with pytest.raises(SystemExit):
         gen_answer.parse_args(["--max-new-tokens", "0"])
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def two_benches(tmp_path):
+    """Two question sets numbered alike, as gsm8k and humaneval are (0, 1, ...)."""
+    paths = []
+    for bench, category in (("gsm8k", "math"), ("humaneval", "code")):
+        (tmp_path / bench).mkdir()
+        questions = [{"question_id": i, "category": category, "turns": [f"{bench} {i}"]} for i in range(2)]
+        paths.append(write(tmp_path / bench / "question.jsonl", questions))
+    return paths
+
+
+def test_resume_refuses_answers_made_with_other_settings(tiny_pair, tmp_path):
+    gsm8k, humaneval = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "1", "--model-id", "m")
+    settings = read_jsonl(path)[0]["settings"]
+    assert settings["question_file"] == "gsm8k/question.jsonl" and settings["ea_model_path"] == tiny_pair[1]
+    assert (settings["total_token"], settings["depth"], settings["top_k"], settings["max_new_tokens"]) == (10, 3, 3, 8)
+    base, head = tiny_pair
+    for pair, extra, message in [
+        (tiny_pair, ["--question-file", humaneval], "question_file 'gsm8k/question.jsonl'.*not this run's 'humaneval/"),
+        ((base, head + "-other"), ["--question-file", gsm8k], "ea_model_path '.*not this run's '.*-other'"),
+        (tiny_pair, ["--question-file", gsm8k, "--total-token", "8", "--max-new-tokens", "4"],
+         "total_token 10 .*not this run's 8; max_new_tokens 8 .*not this run's 4"),
+        (tiny_pair, ["--question-file", gsm8k, "--max-length", "1000"], "max_length 2048 .*not this run's 1000"),
+        (tiny_pair, ["--question-file", gsm8k, "--system", "Be brief."], "system None.*not this run's 'Be brief.'"),
+    ]:
+        with pytest.raises(ValueError, match=message):  # refused before a model loads
+            run_gen(pair, path, *extra, "--limit", "2", "--model-id", "m")
+    assert len(read_jsonl(path)) == 1
+
+
+def test_default_model_id_names_the_head_and_the_tree():
+    def model_id(*argv):
+        return gen_answer.default_model_id(gen_answer.parse_args(["--device", "cpu", *argv]))
+
+    pair = ["--base-model-path", "models/Llama-3-8B", "--ea-model-path", "heads/EAGLE3"]
+    assert model_id(*pair) == "Llama-3-8B-EAGLE3-ea-temperature-0.0-tree-60-7-10"
+    assert model_id() == "demo-ea-temperature-0.0-tree-60-7-10"
+    assert model_id("--total-token", "-1", "--mode", "baseline") == "demo-baseline-temperature-0.0-tree-auto-7-10"
+    others = [pair[:3] + ["heads/GTO"], pair + ["--total-token", "30"], pair + ["--depth", "5"],
+              pair + ["--top-k", "8"]]
+    assert len({model_id(*pair)} | {model_id(*argv) for argv in others}) == 5
+
+
+def test_speed_refuses_answers_to_different_questions(tmp_path):
+    def record(qid, category, turns, question_file=None):
+        a = answer(qid, category, [4] * turns, [1.0] * turns, [1] * turns)
+        return dict(a, settings={"question_file": question_file}) if question_file else a
+
+    ea = [record(0, "math", 1, "gsm8k/question.jsonl")]
+    with pytest.raises(ValueError, match="question 0: question set 'gsm8k/question.jsonl' in --ea-file but "
+                                         "'humaneval/question.jsonl' in --baseline-file"):
+        speed.summarize(ea, [record(0, "math", 1, "humaneval/question.jsonl")])
+    with pytest.raises(ValueError, match="question 0: category 'math' in --ea-file but 'code'"):
+        speed.summarize(ea, [record(0, "code", 1)])
+    with pytest.raises(ValueError, match="question 0: number of turns 1 in --ea-file but 2"):
+        speed.summarize(ea, [record(0, "math", 2)])
+    # the reference's answers record no question set (nor, here, a category): they pair by id as before
+    assert speed.summarize(ea, [record(0, None, 1)])["questions"] == 1
+
+
+def cli_error(cli, argv, capsys):
+    """Exit status and the one line on stderr of a command line (the argument checks exit through SystemExit)."""
+    try:
+        code = cli(argv)
+    except SystemExit as exit:
+        code = exit.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return code, lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data-dir", "/nonexistent"], "question file not found: /nonexistent/mt_bench/question.jsonl"),
+    (["--question-file", "/nonexistent.jsonl"], "question file not found: /nonexistent.jsonl"),
+    (["--question-file", "{no_turns}"], "every question needs a question_id and a non-empty turns list"),
+    (["--question-file", "{empty}"], "holds no questions"),
+    (["--question-file", "{garbage}"], "holds no questions"),
+    (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),
+    (["--total-token", "1"], "total_token must be >= 2"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+])
+def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeypatch, capsys, argv, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    files = {"no_turns": write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": []}]),
+             "empty": write(tmp_path / "empty.jsonl", []), "garbage": str(tmp_path / "garbage.jsonl")}
+    (tmp_path / "garbage.jsonl").write_text("garbage\n")
+    argv = [a.format(**files) for a in argv]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the garbage line's warning
+        code, line = cli_error(gen_answer.cli, ["--answer-file", str(tmp_path / "a.jsonl"), *argv], capsys)
+    assert code == 2 and line.startswith("error: ") and message in line
+
+
+def test_speed_bad_input_is_one_error_line(tmp_path, capsys):
+    ea = write(tmp_path / "ea.jsonl", [dict(answer(1, "c", [12], [1.0], [3]), mode="ea")])
+    base = write(tmp_path / "base.jsonl", [dict(answer(1, "c", [12], [4.0], [11]), mode="baseline")])
+    empty = write(tmp_path / "empty.jsonl", [])
+    not_answers = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}])
+    for argv, message in [
+        (["--ea-file", str(tmp_path / "missing.jsonl"), "--baseline-file", base], "--ea-file"),
+        (["--ea-file", ea, "--baseline-file", empty], f"error: --baseline-file {empty} holds no answers"),
+        (["--ea-file", ea, "--baseline-file", not_answers], f"error: --baseline-file {not_answers}: every record"),
+        (["--ea-file", base, "--baseline-file", ea], "swapped"),
+        (["--ea-file", ea, "--baseline-file", str(tmp_path / "." / "ea.jsonl")], "are the same file"),
+    ]:
+        code, line = cli_error(speed.cli, argv + ["--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and line.startswith("error: ") and message in line, line
+    assert speed.cli(["--ea-file", ea, "--baseline-file", base, "--out-dir", str(tmp_path)]) == 0

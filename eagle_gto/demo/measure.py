@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ DEFAULT_HUMANEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "h
 
 
 def heldout_prompts(tokenizer, prompt_tokens: int = 64) -> list[list[int]]:
-    return [tokenizer(text).input_ids[:prompt_tokens] for text in read_texts(stdlib_files("heldout"))]
+    # Truncated by the tokenizer: whole files, longer than the model's context, raise no length warning.
+    return [tokenizer(text, truncation=True, max_length=prompt_tokens).input_ids
+            for text in read_texts(stdlib_files("heldout"))]
 
 
 def humaneval_prompts(path: str | Path, tokenizer) -> list[list[int]]:
@@ -65,7 +68,7 @@ def measure(model, prompts: list[list[int]], max_new_tokens: int = 128) -> Resul
                   reference_speedup(spec_tps, plain_tps))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", choices=("eagle3", "gto"), help="demo head (default: the better one)")
     p.add_argument("--base-model-path", help="measure another pair: its base (with --ea-model-path)")
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, help="at most this many prompts per set")
     p.add_argument("--prompt-tokens", type=int, default=64, help="held-out prompt length")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--total-token", type=int, default=60)
+    p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: automatic)")
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -92,14 +95,19 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if not base:
         base, head = demo_paths(args.head)
-    model = EaModel.from_pretrained(base, head, total_token=args.total_token, depth=args.depth, top_k=args.top_k,
-                                    dtype=torch.float32)
+    try:
+        model = EaModel.from_pretrained(base, head, total_token=args.total_token, depth=args.depth,
+                                        top_k=args.top_k, dtype=torch.float32)
+    except ValueError as err:  # CheckpointError included: the message names the file and the problem
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sets = {"held-out stdlib": heldout_prompts(model.tokenizer, args.prompt_tokens)}
     if args.humaneval.is_file():
         sets["HumanEval"] = humaneval_prompts(args.humaneval, model.tokenizer)
     else:
         print(f"{args.humaneval} not found: HumanEval skipped")
-    print(f"pair {base} + {head}; total_token={args.total_token} depth={args.depth} top_k={args.top_k}, "
+    tree = model.tree  # total_token -1 is picked when the model loads
+    print(f"pair {base} + {head}; total_token={tree.total_token} depth={tree.depth} top_k={tree.top_k}, "
           f"greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} CPU threads")
     print(f"| {'prompts':<16} | {'n':>3} | {'tau':>5} | {'spec tok/s':>10} | {'plain tok/s':>11} "
           f"| {'speedup':>7} | identical |")
@@ -108,7 +116,8 @@ def main(argv=None) -> None:
         r = measure(model, prompts[: args.limit], args.max_new_tokens)
         print(f"| {name:<16} | {r.prompts:>3} | {r.tau:>5.2f} | {r.spec_tps:>10.1f} | {r.plain_tps:>11.1f} | "
               f"{r.speedup:>6.2f}x | {r.identical:>4}/{r.prompts:<4} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,14 +23,17 @@ are timed and counted the same way:
   token budget cut the step; 1 for the prefill) come from `model.last_stats`.
 
 Answers are appended one line per question in the EAGLE reference's format
-(plus `category`, `mode` and per-turn `accept_lengths`); question ids already
-in the answer file are skipped, so an interrupted run resumes where it
-stopped. A file holding answers of another --mode or --model-id is refused.
+(plus `category`, `mode`, per-turn `accept_lengths` and the run's `settings`:
+question file, model paths, prompt format, tree, budgets, sampling, device);
+question ids already in the answer file are skipped, so an interrupted run
+resumes where it stopped. A file holding answers of another --mode,
+--model-id or settings is refused, naming what differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import uuid
 import warnings
@@ -41,6 +44,7 @@ from tqdm import tqdm
 
 from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
 from ..ea_model import EaModel
+from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="prompt format")
     p.add_argument("--system", help="system prompt for questions (default: none; the format's own where it has one)")
     p.add_argument("--mode", choices=("ea", "baseline"), default="ea", help="speculative or plain decoding")
-    p.add_argument("--model-id", help="name written in the answers (default: base name, mode, temperature)")
+    p.add_argument("--model-id", help="name written in the answers (default: base and head names, mode, "
+                                      "temperature, tree)")
     p.add_argument("--answer-file", help="output JSON lines (default runs/eval/BENCH/MODEL_ID.jsonl)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: automatic)")
@@ -72,12 +77,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
     args = p.parse_args(argv)
+
+    def refuse(message: str) -> None:  # one line, like a run's errors (argparse's own adds the usage)
+        p.exit(2, f"error: {message}\n")
+
     if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
+        refuse("--limit must be >= 1")
     if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
+        refuse("--max-new-tokens must be >= 1")
     if args.warmup < 0:
-        p.error("--warmup must be >= 0")
+        refuse("--warmup must be >= 0")
+    if not args.temperature >= 0:
+        refuse("--temperature must be >= 0")
+    if args.total_token != -1:  # (-1: picked once the model is loaded; Answerer checks the budget then)
+        try:
+            check_tree_params(args.total_token, args.depth, args.top_k)
+        except ValueError as err:
+            refuse(str(err))
+        if args.max_length - args.max_new_tokens - args.total_token < 1:
+            refuse(f"--max-length {args.max_length} leaves no room for a prompt with --max-new-tokens "
+                   f"{args.max_new_tokens} and a tree of {args.total_token}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        refuse(f"--device {args.device}: CUDA is not available (use cpu)")
     return args
 
 
@@ -178,18 +199,36 @@ class Answerer:
 
 
 def default_model_id(args: argparse.Namespace) -> str:
-    base = Path(args.base_model_path).name if args.base_model_path else "demo"
-    return f"{base}-{args.mode}-temperature-{args.temperature}"
+    """E.g. `Llama-3-8B-EAGLE3-ea-temperature-0.0-tree-60-7-10` (folder names of
+    the base and the head; `demo` for the demo pair; `auto` for --total-token -1)."""
+    names = [Path(path).name for path in (args.base_model_path, args.ea_model_path) if path] or ["demo"]
+    total_token = "auto" if args.total_token == -1 else args.total_token
+    return (f"{'-'.join(names)}-{args.mode}-temperature-{args.temperature}"
+            f"-tree-{total_token}-{args.depth}-{args.top_k}")
+
+
+def run_settings(args: argparse.Namespace, questions_path: Path) -> dict:
+    """What the answers depend on besides the mode and model id, recorded in
+    every answer: a file is resumed only with the same. The question file is
+    named by its folder and name (e.g. gsm8k/question.jsonl), so that a run
+    resumes from another data directory."""
+    return {"question_file": f"{questions_path.parent.name}/{questions_path.name}",
+            "base_model_path": args.base_model_path, "ea_model_path": args.ea_model_path,
+            "model_type": args.model_type, "system": args.system, "temperature": args.temperature,
+            "seed": args.seed, "total_token": args.total_token, "depth": args.depth, "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
+            "device": args.device, "dtype": args.dtype}
 
 
 def main(argv=None) -> Path:
-    """Run the benchmark; returns the answer file's path."""
+    """Run the benchmark; returns the answer file's path. Bad input raises ValueError."""
     args = parse_args(argv)
     questions_path = Path(args.question_file) if args.question_file else question_file(args.bench_name, args.data_dir)
     model_id = args.model_id or default_model_id(args)
     answer_file = Path(args.answer_file or Path("runs", "eval", args.bench_name, f"{model_id}.jsonl"))
     questions = load_questions(questions_path, args.limit)
-    done = answered_ids(answer_file, mode=args.mode, model_id=model_id)
+    settings = run_settings(args, questions_path)
+    done = answered_ids(answer_file, {"mode": args.mode, "model_id": model_id, **settings})
     todo = [q for q in questions if q["question_id"] not in done]
     print(f"{len(questions)} questions from {questions_path}; {len(questions) - len(todo)} already in {answer_file}")
     if not todo:
@@ -201,7 +240,7 @@ def main(argv=None) -> Path:
         answerer.warm_up(todo[0])
         for question in tqdm(todo, desc=f"{args.bench_name} {args.mode}"):
             record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                      "category": question.get("category"), "mode": args.mode,
+                      "category": question.get("category"), "mode": args.mode, "settings": settings,
                       "choices": [answerer.answer(question)], "tstamp": time.time()}
             append_answer(answer_file, record)
     sort_answers(answer_file)
@@ -209,5 +248,15 @@ def main(argv=None) -> Path:
     return answer_file
 
 
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one line `error: ...` and exit status 2."""
+    try:
+        main(argv)
+    except ValueError as err:  # CheckpointError included
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

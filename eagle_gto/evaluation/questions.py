@@ -43,25 +43,42 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"question file not found: {path}")
     questions = read_jsonl(path)
+    if not questions:
+        raise ValueError(f"{path} holds no questions")
     for q in questions:
-        if "question_id" not in q or not q.get("turns"):
+        if not isinstance(q, dict) or "question_id" not in q or not q.get("turns"):
             raise ValueError(f"{path}: every question needs a question_id and a non-empty turns list")
     return questions[:limit] if limit is not None else questions
 
 
-def answered_ids(path: str | Path, **settings) -> set:
+def recorded_settings(answer: dict) -> dict:
+    """The mode, model_id and `settings` an answer records, in one dict
+    (gen_answer writes all three; the reference's answers only a model_id)."""
+    recorded = {key: answer[key] for key in ("mode", "model_id") if key in answer}
+    return {**recorded, **answer.get("settings", {})}
+
+
+def answered_ids(path: str | Path, settings: dict) -> set:
     """Question ids already in an answer file (empty when it does not exist).
     Its answers must have been made with the given `settings` (e.g.
-    mode="ea"), or resuming would mix two runs in one file; answers that do
-    not record a setting (the reference's) pass."""
+    mode="ea", max_new_tokens=1024), or resuming would mix two runs in one
+    file; a setting an answer does not record (the reference's) passes."""
     path = Path(path)
     answers = read_jsonl(path) if path.exists() else []
-    for key, value in settings.items():
-        other = next((a for a in answers if a.get(key, value) != value), None)
-        if other is not None:
-            raise ValueError(f"{path} holds answers made with {key} {other[key]!r} (question "
-                             f"{other['question_id']}), not this run's {value!r}: use another answer file")
+    differences = {}
+    for answer in answers:
+        recorded = recorded_settings(answer)
+        for key, value in settings.items():
+            if key in recorded and recorded[key] != value:
+                differences.setdefault(key, f"{key} {recorded[key]!r} (question {answer['question_id']}), "
+                                            f"not this run's {value!r}")
+    if differences:
+        raise ValueError(f"{path} holds answers made with other settings: {'; '.join(differences.values())}: "
+                         f"use another answer file")
     return {a["question_id"] for a in answers}
 
 

@@ -3,7 +3,9 @@
     python -m eagle_gto.evaluation.speed --ea-file EA.jsonl --baseline-file BASE.jsonl [--out-dir DIR]
 
 Questions are paired by question_id (ids present in only one file are left
-out and listed). For question q and one side, T_q is the sum of new_tokens
+out and listed); a pair whose question set (the `question_file` gen_answer
+records), category or number of turns differ is refused: the files answer
+different questions. For question q and one side, T_q is the sum of new_tokens
 over its turns, S_q the sum of wall_time and I_q the sum of (idxs + 1), the
 number of iterations (target forwards, prefill included). Both sides come
 from the same loop and are counted the same way. For a group of questions
@@ -22,7 +24,8 @@ from the same loop and are counted the same way. For a group of questions
 
 Records carry the `mode` gen_answer ran in (records without one, such as the
 reference's, are taken as they come): an --ea-file of baseline answers or a
---baseline-file of ea answers is refused.
+--baseline-file of ea answers is refused, as is the same file given twice.
+Bad input ends in one line `error: ...` and exit status 2.
 
 Prints a table, writes `speed.json` and, with matplotlib, `speedup_tau.png`
 (speedup and tau per category) and `accept_lengths.png`: the histogram of
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -97,6 +101,36 @@ def check_mode(answers: list[dict], mode: str, side: str) -> None:
                          f"(question ids {wrong[:5]}): are --ea-file and --baseline-file swapped?")
 
 
+def question_facts(answer: dict) -> dict:
+    """What two answers to the same question share; None where not recorded."""
+    return {"question set": answer.get("settings", {}).get("question_file"), "category": answer.get("category"),
+            "number of turns": len(answer["choices"][0]["new_tokens"])}
+
+
+def check_same_questions(ea: dict, base: dict, paired: list) -> None:
+    """Refuse pairs that answer different questions under the same id (e.g. gsm8k and humaneval)."""
+    for qid in paired:
+        ea_facts, base_facts = question_facts(ea[qid]), question_facts(base[qid])
+        for key, value in ea_facts.items():
+            other = base_facts[key]
+            if value is not None and other is not None and value != other:
+                raise ValueError(f"question {qid}: {key} {value!r} in --ea-file but {other!r} in --baseline-file: "
+                                 f"the two files answer different questions")
+
+
+def read_answers(path: str | Path, option: str) -> list[dict]:
+    """The answers of one file, refused with the file named when it is missing,
+    empty or holds records that are not answers."""
+    if not Path(path).is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    answers = read_jsonl(path)
+    if not answers:
+        raise ValueError(f"{option} {path} holds no answers")
+    if not all(isinstance(a, dict) and "question_id" in a and a.get("choices") for a in answers):
+        raise ValueError(f"{option} {path}: every record needs a question_id and choices (gen_answer's format)")
+    return answers
+
+
 def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
     """The speed report of two answer lists (see the module docstring)."""
     check_mode(ea_answers, "ea", "speculative (--ea-file)")
@@ -106,6 +140,7 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
     paired = sorted(ea.keys() & base.keys())
     if not paired:
         raise ValueError("the two answer files have no question id in common")
+    check_same_questions(ea, base, paired)
     by_group: dict[str, list] = {ALL: []}
     histogram: Counter = Counter()
     for qid in paired:
@@ -170,13 +205,16 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 
 
 def main(argv=None) -> dict:
-    """Print the table, write speed.json and the plots; returns the summary."""
+    """Print the table, write speed.json and the plots; returns the summary.
+    Bad input raises ValueError."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ea-file", required=True, help="answers with speculation (gen_answer --mode ea)")
     p.add_argument("--baseline-file", required=True, help="answers with plain decoding (--mode baseline)")
     p.add_argument("--out-dir", help="where speed.json and the plots go (default: beside --ea-file)")
     args = p.parse_args(argv)
-    summary = summarize(read_jsonl(args.ea_file), read_jsonl(args.baseline_file))
+    if Path(args.ea_file).resolve() == Path(args.baseline_file).resolve():
+        raise ValueError(f"--ea-file and --baseline-file are the same file ({args.ea_file})")
+    summary = summarize(read_answers(args.ea_file, "--ea-file"), read_answers(args.baseline_file, "--baseline-file"))
     summary.update(ea_file=str(args.ea_file), baseline_file=str(args.baseline_file))
     out_dir = Path(args.out_dir or Path(args.ea_file).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,5 +231,15 @@ def main(argv=None) -> dict:
     return summary
 
 
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one line `error: ...` and exit status 2."""
+    try:
+        main(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
