@@ -344,9 +344,8 @@ class DraftHead(nn.Module):
         return draft_ids
 
     def feature_layers(self, num_layers: int) -> list[int] | None:
-        """The target layers whose inputs this head reads (index `num_layers`:
-        the last layer's output), for a base with `num_layers` decoder layers;
-        None: the final normed hidden state (EAGLE-1)."""
+        """The target layers whose inputs this head reads, for a base with
+        `num_layers` decoder layers; None: the final normed hidden state (EAGLE-1)."""
         return None
 
 
@@ -423,7 +422,7 @@ class Eagle3Head(DraftHead):
     def feature_layers(self, num_layers: int) -> list[int]:
         if self.config.feature_layers is None:
             return eagle3_feature_layers(num_layers)
-        if max(self.config.feature_layers) > num_layers:
+        if max(self.config.feature_layers) >= num_layers:  # (vLLM and SGLang capture layer inputs only)
             raise ValueError(f"the head reads the inputs of target layers {list(self.config.feature_layers)} "
                              f"(eagle_aux_hidden_state_layer_ids), but the base model has {num_layers} layers")
         return list(self.config.feature_layers)

@@ -5,8 +5,7 @@ position ids and the project's own `TargetKVCache`; transformers passes a
 4-D mask through unchanged, which is all tree attention needs. The features a
 draft head reads are taken without touching model code: the final (normed)
 hidden state from the decoder's output (EAGLE-1), or the hidden states
-entering three decoder layers from forward pre-hooks (EAGLE-3; a forward hook
-where a head reads the last layer's output).
+entering three decoder layers from forward pre-hooks (EAGLE-3).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from .kv_cache import TargetKVCache
 def eagle3_feature_layers(num_layers: int) -> list[int]:
     """Layers whose input EAGLE-3 reads: 2, N//2 and N-3 (../shared/docs/formats.md)."""
     layers = [2, num_layers // 2, num_layers - 3]
-    if min(layers) < 0 or max(layers) > num_layers:
+    if min(layers) < 0 or max(layers) >= num_layers:
         raise ValueError(f"EAGLE-3 heads need a base model with at least 3 decoder layers, got {num_layers}")
     return layers
 
@@ -84,19 +83,12 @@ class TargetRunner:
                              "this engine cannot decode it losslessly")
 
     def _hook(self, index: int) -> None:
-        # The input of layer i is hidden_states[i]; index N is the last layer's output.
+        # The input of layer i is transformers' hidden_states[i].
         def keep_input(module, args, kwargs):
             if self._captured is not None:
                 self._captured[index] = args[0] if args else kwargs["hidden_states"]
 
-        def keep_output(module, args, kwargs, output):
-            if self._captured is not None:
-                self._captured[index] = output[0] if isinstance(output, tuple) else output
-
-        if index < len(self.layers):
-            self.layers[index].register_forward_pre_hook(keep_input, with_kwargs=True)
-        else:
-            self.layers[-1].register_forward_hook(keep_output, with_kwargs=True)
+        self.layers[index].register_forward_pre_hook(keep_input, with_kwargs=True)
 
     def new_cache(self, capacity: int) -> TargetKVCache:
         devices = [next(layer.parameters()).device for layer in self.layers]
