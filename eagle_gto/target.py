@@ -74,8 +74,13 @@ class TargetRunner:
         by `model_logits`; a model whose forward does something else would be sampled
         from the wrong distribution, so it is refused (two tokens, once)."""
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.input_device)
-        expected = self.model(input_ids=ids, use_cache=False).logits[0].float()
-        found = self.logits(self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+        training = self.model.training
+        self.model.eval()  # (dropout would make the two forwards differ)
+        try:
+            expected = self.model(input_ids=ids, use_cache=False).logits[0].float()
+            found = self.logits(self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+        finally:
+            self.model.train(training)
         scale = expected.abs().max().item() or 1.0
         if not torch.allclose(found, expected.to(found.device), rtol=1e-2, atol=1e-2 * scale):
             raise ValueError(f"{type(self.model).__name__}: its forward computes logits other than lm_head(decoder "

@@ -60,3 +60,11 @@ def test_gto_rewards_read_the_models_own_logits(arch):
         found = target_pass(model, tokens, None).logits
         expected = model(input_ids=tokens).logits
     torch.testing.assert_close(found, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_check_is_not_fooled_by_dropout_and_leaves_the_mode_as_it_was():
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SIZES, "attention_dropout": 0.5})
+    model = AutoModelForCausalLM.from_config(config).train()
+    TargetRunner(model, None)
+    assert model.training
