@@ -271,10 +271,11 @@ def check_against_base(head: DraftHead, base_config, where: str) -> None:
             f"(target_hidden_size, or hidden_size when absent), base hidden_size is {base_hidden}"
         )
     layers = getattr(base_config, "num_hidden_layers", None)
-    read = cfg.feature_layers if cfg.kind == "eagle3" else None
-    if read and isinstance(layers, int) and max(read) >= layers:  # (engines capture layer inputs only)
-        raise CheckpointError(f"{where}: the head reads the inputs of target layers {list(cfg.feature_layers)} "
-                              f"(eagle_aux_hidden_state_layer_ids), but the base model has {layers} layers")
+    if isinstance(layers, int):
+        try:
+            head.feature_layers(layers)
+        except ValueError as err:
+            raise CheckpointError(f"{where}: {err}") from None
     if head.embed_tokens is None and cfg.hidden_size != base_hidden:
         raise CheckpointError(
             f"{where}: head hidden_size {cfg.hidden_size} != base hidden_size {base_hidden} and the head "

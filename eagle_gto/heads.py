@@ -155,16 +155,15 @@ class HeadConfig:
         )
 
 
-# vLLM reads a speculators config without `norm_before_residual` as True; EAGLE and SpecForge configs as False.
-SPECULATORS_NORM_BEFORE_RESIDUAL = True
 UNSUPPORTED_VARIANTS = ("norm_before_fc",)  # gpt-oss style norm over the concatenated features
 
 
 def eagle3_variants(cfg: dict) -> dict:
     """The EAGLE-3 variant switches of a config, each a bool."""
+    # vLLM reads a speculators config without `norm_before_residual` as true; EAGLE and SpecForge configs as false.
     speculators = cfg.get("speculators_model_type") == "eagle3"
     values = {
-        "norm_before_residual": cfg.get("norm_before_residual", SPECULATORS_NORM_BEFORE_RESIDUAL and speculators),
+        "norm_before_residual": cfg.get("norm_before_residual", speculators),
         "fc_norm": cfg.get("fc_norm", False),
         "norm_output": cfg.get("norm_output", False),
     }
