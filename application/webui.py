@@ -105,6 +105,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int):
+        if pending is None:  # Clear came between Send and the start of its answer: nothing to answer
+            return
         asked, typed = pending
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""

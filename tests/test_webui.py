@@ -119,11 +119,23 @@ RECORD = """() => {
 }"""
 
 
+# What the user would hit at the centre of the element: the element itself, or the HTML of what covers it.
+# One script run, so a renderer busy drawing a streaming answer cannot time it out (a trial click can).
+COVERED_BY = """(selector) => {
+    const element = document.querySelector(selector);
+    element.scrollIntoView({block: 'center'});
+    const box = element.getBoundingClientRect();
+    const hit = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+    return hit && (hit === element || element.contains(hit)) ? null : (hit ? hit.outerHTML.slice(0, 300) : 'nothing');
+}"""
+
+
 def wait_for_error(page, text: str) -> None:
     """The error's toast or notice line, and no Gradio error badge over the chat blocking the message box."""
     page.get_by_text(text).first.wait_for(timeout=60_000)
     assert "Error" not in page.locator("#chatbot").inner_text()
-    page.locator("#message textarea").click(timeout=5_000)  # fails if something covers it
+    cover = page.evaluate(COVERED_BY, "#message textarea")
+    assert cover is None, f"the message box is covered by {cover}"
 
 
 def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
@@ -231,8 +243,8 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     assert int(SPEED.search(stats(first)).group(1)) < 1000
     assert answers(second) == [expected("for i in range(10):") + "\n"]
 
-    send(first, "while True:")
-    first.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 1")
+    send(first, "while True:")  # the second answer of this conversation: wait until it streams
+    first.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 2")
     first.locator("#clear").click()
     first.wait_for_function("document.querySelectorAll('[data-testid=\"user\"]').length == 0")
     time.sleep(0.5)  # the cancelled answer's last step, still on its way, must not bring it back
@@ -274,6 +286,15 @@ def test_no_send_or_regenerate_during_an_answer(state):
     for action, args in (("add_message", ("again", history, state)), ("drop_answer", (history, state))):
         with pytest.raises(gr.Error, match="An answer is still being generated"):
             actions[action](*args)
+
+
+def test_clear_before_the_answer_starts():
+    """Called directly (no browser): Clear emptied the pending question before its answer began, so the
+    answer does not start and bring the conversation back."""
+    model = ScriptedModel()
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    assert list(actions["respond"](None, [], True, 0, 1, 8)) == []
+    assert model.calls == []
 
 
 def test_max_new_tokens_1():
