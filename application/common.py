@@ -18,7 +18,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
+from eagle_gto.chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 
@@ -29,7 +29,7 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model = parser.add_argument_group("model")
     model.add_argument("--base-model-path", help="base model: local folder or hub id (default: the demo pair)")
     model.add_argument("--ea-model-path", help="draft head: local folder or hub id (default: the demo pair)")
-    model.add_argument("--model-type", choices=MODEL_TYPES, default="auto",
+    model.add_argument("--model-type", type=model_type_arg, choices=MODEL_TYPES, default="auto",
                        help="chat template; auto: the tokenizer's own, else plain text (default: auto)")
     model.add_argument("--total-token", type=int, default=60,
                        help="draft tree size: nodes verified per step, -1 picks one (default: 60)")
@@ -43,6 +43,11 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int, default=2048,
                        help="context: prompt + answer, in tokens (default: 2048)")
+    quantize = model.add_mutually_exclusive_group()
+    quantize.add_argument("--load-in-8bit", action="store_true", help="8-bit base model weights (bitsandbytes)")
+    quantize.add_argument("--load-in-4bit", action="store_true", help="4-bit base model weights (bitsandbytes)")
+    model.add_argument("--no-eagle3", action="store_true",
+                       help="the head must be EAGLE-1/2 (the head type is read from the checkpoint anyway)")
     model.add_argument("--no-cuda-graphs", action="store_true",
                        help="launch decoding steps op by op instead of replaying CUDA graphs (default: graphs on "
                             "a single GPU)")
@@ -60,11 +65,12 @@ def load_model(args: argparse.Namespace) -> EaModel:
     device_map = args.device_map or ("auto" if cuda else "none")
     on_cuda = cuda and device_map not in ("none", "cpu")  # where the weights go: half precision is slow on a CPU
     dtype = args.dtype if args.dtype != "auto" else ("float16" if on_cuda else "float32")
-    options = {"dtype": getattr(torch, dtype)}
+    options = {"dtype": getattr(torch, dtype), "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit}
     if device_map != "none":
         options["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
-                                   depth=args.depth, top_k=args.top_k, cuda_graphs=False if args.no_cuda_graphs else None,
+                                   depth=args.depth, top_k=args.top_k, use_eagle3=False if args.no_eagle3 else None,
+                                   cuda_graphs=False if args.no_cuda_graphs else None,
                                    torch_compile=args.torch_compile or False, **options)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from . import EaModel
 from .acceptance import SamplingParams
-from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
+from .chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -21,7 +21,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
-    p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
+    p.add_argument("--model-type", type=model_type_arg, default="auto", choices=MODEL_TYPES,
                    help="chat template; 'plain' sends the prompt as is (default: auto)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (a user message for chat models)")
     p.add_argument("--max-new-tokens", type=int, default=128)

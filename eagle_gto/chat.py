@@ -2,9 +2,10 @@
 the benchmarks and the trainer.
 
 `--model-type` names follow the EAGLE reference (vicuna, llama2-chat, llama3,
-qwen, mixtral) plus `auto` (the tokenizer's own chat template, falling back
-to `plain`) and `plain` (turns joined as text, for base/code models such as
-the demo pair).
+qwen, mixtral; its web UI's spellings llama-2-chat and llama-3-instruct are
+taken too) plus `auto` (the tokenizer's own chat template, falling back to
+`plain`) and `plain` (turns joined as text, for base/code models such as the
+demo pair).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class ChatFormat:
 
 
 MODEL_TYPES = ("auto", "plain", "vicuna", "llama2-chat", "llama3", "qwen", "mixtral")
+MODEL_TYPE_ALIASES = {"llama-2-chat": "llama2-chat", "llama-3-instruct": "llama3"}  # the reference web UI's names
+
+
+def model_type_arg(name: str) -> str:
+    """`--model-type` as command lines give it (argparse `type=`, before its `choices` check):
+    the reference web UI's names become this project's, so its command lines keep working."""
+    return MODEL_TYPE_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)

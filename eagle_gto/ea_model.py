@@ -8,8 +8,8 @@ Same names, arguments, defaults and return values as the EAGLE reference
 holds the record of the latest generation.
 
 On a GPU, decoding steps run as CUDA graphs (`cuda_graphs`, default: on when
-the base model and the head sit on one CUDA device); `cuda_graphs=False` runs the same
-steps eagerly.
+the base model and the head sit on one CUDA device, and the base is not
+quantized); `cuda_graphs=False` runs the same steps eagerly.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ class EaModel(nn.Module):
                         cuda_graphs: bool | None = None, torch_compile: bool | str = False, **kwargs) -> "EaModel":
         """Load a base model (local folder or hub id) with transformers'
         `AutoModelForCausalLM` and a draft head; kwargs go to the base
-        model's `from_pretrained` (torch_dtype/dtype, device_map, ...). With no
-        paths at all, the embedded demo pair is used."""
+        model's `from_pretrained` (torch_dtype/dtype, device_map, ...), and the
+        reference's load_in_8bit/load_in_4bit become a bitsandbytes
+        quantization_config. With no paths at all, the embedded demo pair is used."""
         if base_model_path is None and ea_model_path is None:
             from .demo import demo_paths
 
@@ -96,6 +97,7 @@ class EaModel(nn.Module):
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         check_dtype(kwargs.get("dtype"))
+        quantization_options(kwargs)
         base_model_path, ea_model_path = expand_path(base_model_path), expand_path(ea_model_path)
         hub = hub_options(kwargs)
         head_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # those name the base's
@@ -287,6 +289,12 @@ class EaModel(nn.Module):
         return self._cache, self._drafter, self._state
 
     def _check_graphs(self, wanted: bool | None) -> bool:
+        if getattr(self.base_model.config, "quantization_config", None) is not None:
+            # Quantized kernels (bitsandbytes, GPTQ, ...) are not checked under graph capture here: eager steps.
+            if wanted:
+                raise ValueError("cuda_graphs=True is not supported for a quantized base model; leave it out "
+                                 "(steps then run eagerly)")
+            return False
         devices = {p.device for p in self.base_model.parameters()} | {p.device for p in self.ea_layer.parameters()}
         possible = len(devices) == 1 and next(iter(devices)).type == "cuda"
         if wanted and not possible:
@@ -383,6 +391,21 @@ def check_device_map(device_map) -> None:
     if on_cuda and not torch.cuda.is_available():
         raise ValueError(f"device_map={device_map!r} places the model on CUDA, but CUDA is not available "
                          f"(torch {torch.__version__}); leave device_map out, or use 'cpu' or 'auto'")
+
+
+def quantization_options(kwargs: dict) -> None:
+    """The reference's `load_in_8bit`/`load_in_4bit` arguments (its web UI passes them, False by
+    default), which transformers 5 no longer takes: True becomes a bitsandbytes `quantization_config`."""
+    eight, four = bool(kwargs.pop("load_in_8bit", False)), bool(kwargs.pop("load_in_4bit", False))
+    if not (eight or four):
+        return
+    if eight and four:
+        raise ValueError("give load_in_8bit or load_in_4bit, not both")
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError("give load_in_8bit/load_in_4bit or quantization_config, not both")
+    from transformers import BitsAndBytesConfig
+
+    kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=eight, load_in_4bit=four)
 
 
 def check_dtype(dtype) -> None:

@@ -325,6 +325,27 @@ def test_engine_switches_reach_the_model(monkeypatch):
         [(None, False), (False, "default"), (None, "max-autotune-no-cudagraphs")]
 
 
+def test_the_reference_web_uis_command_line(monkeypatch):
+    """The reference web UI's options and spellings: --model-type llama-3-instruct/llama-2-chat,
+    --max-new-token, --load-in-8bit/--load-in-4bit (one of them), --no-eagle3."""
+    from application import common
+
+    seen = []
+    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    parser = common.build_parser("test", "", 0)
+    args = parser.parse_args(["--model-type", "llama-3-instruct", "--max-new-token", "300", "--load-in-8bit",
+                              "--no-eagle3", "--total-token", "50"])
+    assert (args.model_type, args.max_new_tokens) == ("llama3", 300)
+    common.load_model(args)
+    common.load_model(parser.parse_args(["--model-type", "llama-2-chat", "--load-in-4bit"]))
+    assert [(s["load_in_8bit"], s["load_in_4bit"], s["use_eagle3"], s["total_token"]) for s in seen] == \
+        [(True, False, False, 50), (False, True, None, 60)]
+    assert parser.parse_args(["--model-type", "llama-2-chat"]).model_type == "llama2-chat"
+    for wrong in (["--load-in-8bit", "--load-in-4bit"], ["--model-type", "llama-3"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(wrong)
+
+
 @pytest.mark.parametrize("device_map,dtype", [(None, torch.float16), ("cuda:0", torch.float16),
                                               ("none", torch.float32), ("cpu", torch.float32)])
 def test_auto_dtype_follows_the_device_map(monkeypatch, device_map, dtype):

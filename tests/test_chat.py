@@ -55,3 +55,27 @@ def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():
 
     assert stop_token_ids(Tokenizer(), "qwen") == [7]
     assert stop_token_ids(Tokenizer(), "plain") == []  # the engine adds eos itself (and <|eot_id|> for llama3)
+
+
+def _parsers():
+    from application.common import build_parser
+    from eagle_gto.__main__ import parse_args as demo
+    from eagle_gto.benchmarks.reference_parity import parse_args as parity
+    from eagle_gto.evaluation.gen_answer import parse_args as answers
+    from eagle_gto.gto.__main__ import config_parser
+    from eagle_gto.train.trainer import parse_args as train
+
+    return {"servers": build_parser("test", "", 0).parse_args, "demo": demo, "gen_answer": answers,
+            "train": lambda argv: train(["--data", "x.jsonl", "--base-model-path", "b", "--out", "o", *argv]), "gto": config_parser("").parse_args,
+            "parity": lambda argv: parity(["--reference-path", "x", *argv])}
+
+
+@pytest.mark.parametrize("command", ["servers", "demo", "gen_answer", "train", "gto", "parity"])
+def test_every_command_takes_the_reference_web_uis_model_types(command):
+    """`--model-type llama-3-instruct` / `llama-2-chat` (the reference web UI's) name llama3 / llama2-chat."""
+    parse = _parsers()[command]
+    assert parse(["--model-type", "llama-3-instruct"]).model_type == "llama3"
+    assert parse(["--model-type", "llama-2-chat"]).model_type == "llama2-chat"
+    assert parse(["--model-type", "qwen"]).model_type == "qwen"
+    with pytest.raises(SystemExit):
+        parse(["--model-type", "llama-3"])

@@ -61,6 +61,49 @@ def test_dtype_and_device_map_variants_load(saved, options):
     assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
 
 
+def test_the_reference_web_uis_loading_arguments(saved):
+    """The reference's web UI passes low_cpu_mem_usage and load_in_8bit/load_in_4bit=False, which
+    transformers 5 refuses (load_in_8bit): they load as before."""
+    model = EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **TREE, low_cpu_mem_usage=True,
+                                    load_in_8bit=False, load_in_4bit=False, use_eagle3=True)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert model.eagenerate(ids, max_new_tokens=6).tolist() == model.naivegenerate(ids, max_new_tokens=6).tolist()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bits):
+    from transformers import BitsAndBytesConfig
+
+    seen = {}
+
+    def load_base(path, **kwargs):
+        seen.update(kwargs)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(ea_model, "load_base", load_base)
+    with pytest.raises(CheckpointError, match="stop here"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{f"load_in_{bits}bit": True})
+    config = seen["quantization_config"]
+    assert isinstance(config, BitsAndBytesConfig) and (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
+    assert "load_in_8bit" not in seen and "load_in_4bit" not in seen
+
+
+@pytest.mark.parametrize("options", [dict(load_in_8bit=True, load_in_4bit=True),
+                                     dict(load_in_4bit=True, quantization_config={"load_in_4bit": True})])
+def test_load_in_bits_conflicts(saved, options):
+    with pytest.raises(ValueError, match="not both"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **options)
+
+
+def test_a_quantized_base_steps_eagerly(saved):
+    """No CUDA graphs for quantized kernels (not checked under capture): off by default, refused when asked."""
+    model = EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **TREE)
+    model.base_model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    assert EaModel(model.base_model, model.ea_layer, None, **TREE).cuda_graphs is False
+    with pytest.raises(ValueError, match="not supported for a quantized base model"):
+        EaModel(model.base_model, model.ea_layer, None, **TREE, cuda_graphs=True)
+
+
 def test_a_base_missing_a_tensor_is_refused(saved, tmp_path):
     base = copy(saved / "llama", tmp_path / "base")
     state = load_file(str(base / "model.safetensors"))

@@ -47,6 +47,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..chat import model_type_arg  # (no transformers: the reference side imports this module too)
 from .common import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair's default head)")
     p.add_argument("--demo-head", choices=("eagle3", "gto"), help="which demo head (without model paths)")
-    p.add_argument("--model-type", default="auto", help="prompt format (see eagle_gto.chat)")
+    p.add_argument("--model-type", type=model_type_arg, default="auto", help="prompt format (see eagle_gto.chat)")
     p.add_argument("--benches", default="mt_bench,humaneval,gsm8k", help="comma-separated question sets")
     p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
     p.add_argument("--limit", type=int, default=10, help="questions per bench")

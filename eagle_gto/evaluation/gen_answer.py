@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, stop_token_ids
+from ..chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="prompt format")
+    p.add_argument("--model-type", type=model_type_arg, choices=MODEL_TYPES, default="auto", help="prompt format")
     p.add_argument("--system", help="system prompt for questions (default: none; the format's own where it has one)")
     p.add_argument("--mode", choices=("ea", "baseline"), default="ea", help="speculative or plain decoding")
     p.add_argument("--model-id", help="name written in the answers (default: base and head names, mode, "

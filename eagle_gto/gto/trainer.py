@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import MODEL_TYPES
+from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
@@ -52,7 +52,8 @@ class GTOConfig:
     generated: int = _opt(512, "generated: how many continuations to train on")
     prompt_tokens: int = _opt(64, "generated: prompt length")
     new_tokens: int = _opt(128, "generated: continuation length")
-    model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)", choices=MODEL_TYPES)
+    model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)", choices=MODEL_TYPES,
+                            type=model_type_arg)
     validation_every: int = _opt(10, "every n-th demo-corpus file (jsonl: the last 1/n) is kept out for validation")
     objective: str = _opt("gto", "'gto': L_token + omega*L_GTO; 'token': L_token only (the control)",
                           choices=("gto", "token"))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES
+from ..chat import MODEL_TYPES, model_type_arg
 from ..checkpoint import save_head
 from ..heads import Eagle3Head, HeadConfig
 from ..vocab import build_vocab_mapping
@@ -355,7 +355,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, nargs="+", help="training jsonl file(s)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, exported head)")
     p.add_argument("--eval-data", nargs="+", help="held-out jsonl file(s) for loss / per-step accuracy")
-    p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
+    p.add_argument("--model-type", type=model_type_arg, default="auto", choices=MODEL_TYPES,
                    help="conversation format (default: auto, the tokenizer's chat template or plain)")
     p.add_argument("--system", help="system prompt for conversations that have none")
     p.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
