@@ -55,6 +55,10 @@ class EaModel(nn.Module):
         self.base_model = base_model
         self.ea_layer = ea_layer
         self.tokenizer = tokenizer
+        # The reference's attributes, which its scripts read.
+        self.config = base_model.config
+        self.vocab_size, self.hidden_size = base_model.get_output_embeddings().weight.shape
+        self.base_model_name_or_path = getattr(base_model, "name_or_path", None)
         self.threshold = threshold  # accepted for compatibility; the reference does not use it either
         self.use_eagle3 = ea_layer.kind == "eagle3"
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)

@@ -45,6 +45,15 @@ def test_loads_both_kinds_and_formats(pair_dirs):
         assert m.eagenerate(ids, max_new_tokens=16).tolist() == m.naivegenerate(ids, max_new_tokens=16).tolist()
 
 
+def test_the_reference_attributes(pair_dirs):
+    """config, hidden_size, vocab_size and base_model_name_or_path, as the reference's scripts read them
+    (e.g. `model.config.pad_token_id = model.config.eos_token_id`)."""
+    m = load(pair_dirs)
+    assert m.config is m.base_model.config
+    assert (m.hidden_size, m.vocab_size) == (m.config.hidden_size, VOCAB)
+    assert m.base_model_name_or_path == str(pair_dirs / "base")
+
+
 def test_export_has_official_names(pair_dirs):
     config = json.loads((pair_dirs / "eagle3" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 40

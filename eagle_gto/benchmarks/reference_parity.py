@@ -47,7 +47,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..chat import model_type_arg  # (no transformers: the reference side imports this module too)
 from .common import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair's default head)")
     p.add_argument("--demo-head", choices=("eagle3", "gto"), help="which demo head (without model paths)")
-    p.add_argument("--model-type", type=model_type_arg, default="auto", help="prompt format (see eagle_gto.chat)")
+    p.add_argument("--model-type", default="auto", help="prompt format (see eagle_gto.chat)")
     p.add_argument("--benches", default="mt_bench,humaneval,gsm8k", help="comma-separated question sets")
     p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
     p.add_argument("--limit", type=int, default=10, help="questions per bench")
@@ -82,9 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_side is None:
-        from ..chat import MODEL_TYPES
+        from ..chat import MODEL_TYPES, model_type_arg
         from ..evaluation.questions import BENCHES
 
+        args.model_type = model_type_arg(args.model_type)
         if args.model_type not in MODEL_TYPES:
             p.error(f"--model-type {args.model_type!r}: choose from {', '.join(MODEL_TYPES)}")
         args.benches = [b.strip() for b in args.benches.split(",") if b.strip()]
