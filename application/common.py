@@ -18,7 +18,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
+from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 

@@ -11,7 +11,7 @@ import torch
 
 from . import EaModel
 from .acceptance import SamplingParams
-from .chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
+from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 

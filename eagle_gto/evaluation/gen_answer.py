@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, build_prompt, model_type_arg, chat_format, encode_prompt, stop_token_ids
+from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers

@@ -32,7 +32,8 @@ def config_parser(description: str, command: str = "") -> argparse.ArgumentParse
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=f.metadata.get("type", kind), default=f.default, choices=f.metadata.get("choices"), help=help)
+        parser.add_argument(flag, type=f.metadata.get("type", kind), default=f.default,
+                            choices=f.metadata.get("choices"), help=help)
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
     return parser
 
