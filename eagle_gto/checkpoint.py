@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .heads import HEAD_CLASSES, DraftHead, HeadConfig
+from .heads import EAGLE3_SWITCHES, HEAD_CLASSES, DraftHead, HeadConfig, config_section
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
@@ -196,8 +196,10 @@ def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None, hub: dict |
     if missing:
         raise CheckpointError(f"{path_or_id}/config.json: missing {', '.join(missing)} needed by a {kind} head")
     state = normalise_keys(state, kind)
-    if kind == "eagle3" and any(k.startswith("fc_norm.") for k in state) and "fc_norm" not in cfg:
-        cfg = {**cfg, "fc_norm": True}  # SpecForge: the tensors say it (the export writes the flag)
+    if kind == "eagle3":  # SpecForge and gpt-oss heads: the tensors say it (the export writes the flag)
+        for switch, tensor in (("fc_norm", "fc_norm.0.weight"), ("norm_before_fc", "input_norm.weight")):
+            if tensor in state and switch not in cfg and switch not in config_section(cfg, "eagle_config"):
+                cfg = {**cfg, switch: True}
     try:
         config = HeadConfig.from_dict(cfg, kind)
     except ValueError as err:
@@ -405,7 +407,7 @@ def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = Fa
     for key in ("speculators_model_type", "speculators_config", "speculators_version"):
         config.pop(key, None)  # written in EAGLE-3's flat format, with the variant switches spelled out
     if cfg.kind == "eagle3":
-        for switch in ("norm_before_residual", "fc_norm", "norm_output"):
+        for switch in EAGLE3_SWITCHES:
             if getattr(cfg, switch) or switch in config:
                 config[switch] = getattr(cfg, switch)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

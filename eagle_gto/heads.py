@@ -92,6 +92,7 @@ class HeadConfig:
     # EAGLE-3 variants (SpecForge, vLLM speculators); all False is the EAGLE reference's head.
     norm_before_residual: bool = False  # the residual is hidden_norm(hidden), not hidden
     fc_norm: bool = False  # one RMSNorm per target feature before `fc` (tensors fc_norm.{i}.weight)
+    norm_before_fc: bool = False  # one RMSNorm over the three features together before `fc` (input_norm.weight)
     norm_output: bool = False  # deeper steps are fed the normed output, not the pre-norm one
     feature_layers: tuple[int, ...] | None = None  # target layers whose inputs `fc` reads; None: 2, N//2, N-3
     raw: dict = field(default_factory=dict)  # the config.json as read, written back on export
@@ -155,7 +156,7 @@ class HeadConfig:
         )
 
 
-UNSUPPORTED_VARIANTS = ("norm_before_fc",)  # gpt-oss style norm over the concatenated features
+EAGLE3_SWITCHES = ("norm_before_residual", "fc_norm", "norm_before_fc", "norm_output")
 
 
 def eagle3_variants(cfg: dict) -> dict:
@@ -165,16 +166,23 @@ def eagle3_variants(cfg: dict) -> dict:
     values = {
         "norm_before_residual": cfg.get("norm_before_residual", speculators),
         "fc_norm": cfg.get("fc_norm", False),
+        # NVIDIA's gpt-oss heads write it under `eagle_config`, as vLLM reads it
+        "norm_before_fc": config_section(cfg, "eagle_config").get("norm_before_fc", cfg.get("norm_before_fc", False)),
         "norm_output": cfg.get("norm_output", False),
     }
     for name, value in values.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, found {value!r}")
-    for name in UNSUPPORTED_VARIANTS:
-        if cfg.get(name):
-            raise ValueError(f"{name}=true is not supported (an EAGLE-3 variant this engine does not run)")
+    if values["fc_norm"] and values["norm_before_fc"]:
+        raise ValueError("fc_norm and norm_before_fc are both true: a head normalises its features one way or the "
+                         "other before fc, never both")
     values["feature_layers"] = _feature_layers(cfg)
     return values
+
+
+def config_section(cfg: dict, key: str) -> dict:
+    """cfg[key] where it is an object (some exports nest settings), else {}."""
+    return cfg[key] if isinstance(cfg.get(key), dict) else {}
 
 
 def _feature_layers(cfg: dict) -> tuple[int, ...] | None:
@@ -183,8 +191,8 @@ def _feature_layers(cfg: dict) -> tuple[int, ...] | None:
     `eagle_aux_hidden_state_layer_ids` that way; SGLang reads the one under
     `eagle_config` as layer outputs (j + 1 here)."""
     ids, shift = cfg.get("eagle_aux_hidden_state_layer_ids"), 0
-    if ids is None and isinstance(cfg.get("eagle_config"), dict):
-        ids, shift = cfg["eagle_config"].get("eagle_aux_hidden_state_layer_ids"), 1
+    if ids is None:
+        ids, shift = config_section(cfg, "eagle_config").get("eagle_aux_hidden_state_layer_ids"), 1
     if ids is None:
         return None
     if (not isinstance(ids, list) or len(ids) != 3
@@ -391,6 +399,8 @@ class Eagle3Head(DraftHead):
         self.fc = nn.Linear(3 * cfg.target_hidden_size, h, bias=False)
         if cfg.fc_norm:
             self.fc_norm = nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(3))
+        if cfg.norm_before_fc:
+            self.input_norm = RMSNorm(3 * cfg.target_hidden_size, cfg.rms_norm_eps)
         self.midlayer = DecoderLayer(cfg, eagle3=True, has_input_norm=True)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -405,6 +415,8 @@ class Eagle3Head(DraftHead):
         if self.config.fc_norm:
             parts = features.chunk(3, dim=-1)
             features = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
+        elif self.config.norm_before_fc:
+            features = self.input_norm(features)
         return self.fc(features)
 
     def forward(self, hidden, input_ids, position_ids, attention_mask, caches=None, rope=None):

@@ -1,5 +1,6 @@
 """EAGLE-3 head variants other trainers export (SpecForge's `fc_norm`, vLLM
-speculators' `norm_before_residual`, EAGLE-3.1's `norm_output`): the layer
+speculators' `norm_before_residual`, gpt-oss heads' `norm_before_fc`,
+EAGLE-3.1's `norm_output`): the layer
 math checked against a hand-written forward, the switches read from config
 and weights, kept on export, and drafting with them lossless and accepting."""
 
@@ -15,7 +16,9 @@ from eagle_gto import CheckpointError, EaModel
 from eagle_gto.checkpoint import build_head, load_checkpoint, save_head
 from eagle_gto.tiny import base_config, head_config, random_head
 
-SWITCHES = ("norm_before_residual", "fc_norm", "norm_output")
+SWITCHES = ("norm_before_residual", "fc_norm", "norm_before_fc", "norm_output")
+# fc_norm and norm_before_fc are two ways of one step: a head has one or the other
+ALL_ON = tuple({name: True for name in SWITCHES if name != left_out} for left_out in ("norm_before_fc", "fc_norm"))
 
 
 def variant_head(seed=0, **switches):
@@ -24,7 +27,7 @@ def variant_head(seed=0, **switches):
     head = random_head(cfg, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     for name, param in head.named_parameters():
-        if name.endswith("norm.weight") or ".fc_norm." in f".{name}":
+        if name.endswith("norm.weight") or ".fc_norm." in f".{name}":  # (input_norm.weight ends so too)
             param.copy_(1 + 0.5 * torch.rand(param.shape, generator=generator))
     return head
 
@@ -39,6 +42,8 @@ def by_hand(head, features, token):
     cfg, layer = head.config, head.midlayer
     if cfg.fc_norm:
         features = torch.cat([rms(part, norm.weight) for norm, part in zip(head.fc_norm, features.chunk(3, -1))], -1)
+    if cfg.norm_before_fc:
+        features = rms(features, head.input_norm.weight)
     hidden = features @ head.fc.weight.T
     normed_hidden = rms(hidden, layer.hidden_norm.weight)
     residual = normed_hidden if cfg.norm_before_residual else hidden
@@ -55,7 +60,7 @@ def by_hand(head, features, token):
     return fed_back, normed_out @ head.lm_head.weight.T
 
 
-@pytest.mark.parametrize("switches", [{}, *({name: True} for name in SWITCHES), dict.fromkeys(SWITCHES, True)])
+@pytest.mark.parametrize("switches", [{}, *({name: True} for name in SWITCHES), *ALL_ON])
 def test_layer_math_matches_a_hand_written_forward(switches):
     head = variant_head(**switches)
     head.attach_embedding(torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3)))
@@ -75,6 +80,8 @@ def test_each_switch_changes_the_draft(name):
     off, on = variant_head(), variant_head(**{name: True})
     if name == "fc_norm":
         off.fc_norm = on.fc_norm  # unused when off
+    if name == "norm_before_fc":
+        off.input_norm = on.input_norm
     features = torch.randn(1, 1, 3 * 64, generator=torch.Generator().manual_seed(4))
     mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
     logits = []
@@ -86,21 +93,43 @@ def test_each_switch_changes_the_draft(name):
     assert not torch.allclose(logits[0], logits[1], atol=1e-3)
 
 
-def test_switches_are_read_from_config_and_weights_and_kept_on_export(tmp_path):
-    head = variant_head(**dict.fromkeys(SWITCHES, True))
+@pytest.mark.parametrize("switches", ALL_ON)
+def test_switches_are_read_from_config_and_weights_and_kept_on_export(tmp_path, switches):
+    head = variant_head(**switches)
     save_head(head, tmp_path / "all")
     saved = json.loads((tmp_path / "all" / "config.json").read_text())
-    assert all(saved[name] is True for name in SWITCHES)
+    assert {name: saved.get(name, False) for name in SWITCHES} == {name: name in switches for name in SWITCHES}
     again = build_head(load_checkpoint(str(tmp_path / "all")))
-    assert all(getattr(again.config, name) for name in SWITCHES)
+    assert all(getattr(again.config, name) is (name in switches) for name in SWITCHES)
     for key, value in head.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
-    # SpecForge: fc_norm tensors without the flag in config.json
+    # SpecForge (fc_norm.{i}) and gpt-oss (input_norm) heads: the tensors without the flag in config.json
     cfg = json.loads((tmp_path / "all" / "config.json").read_text())
-    del cfg["fc_norm"]
+    implied = "fc_norm" if "fc_norm" in switches else "norm_before_fc"
+    del cfg[implied]
     (tmp_path / "all" / "config.json").write_text(json.dumps(cfg))
-    assert load_checkpoint(str(tmp_path / "all")).config.fc_norm
+    assert getattr(load_checkpoint(str(tmp_path / "all")).config, implied) is True
+
+
+@pytest.mark.parametrize("top,nested,expected", [(None, True, True), (True, False, False), (True, None, True)])
+def test_norm_before_fc_under_eagle_config(tmp_path, top, nested, expected):
+    """NVIDIA's gpt-oss heads write norm_before_fc under `eagle_config`; as in
+    vLLM, that value wins over a top-level one."""
+    head = variant_head(norm_before_fc=True)
+    save_head(head, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["norm_before_fc"]
+    if top is not None:
+        cfg["norm_before_fc"] = top
+    if nested is not None:
+        cfg["eagle_config"] = {"norm_before_fc": nested}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if expected:
+        assert build_head(load_checkpoint(str(tmp_path))).config.norm_before_fc is True
+    else:  # the config says no norm, the weights hold one: refused, not silently dropped
+        with pytest.raises(CheckpointError, match="unexpected tensors input_norm.weight"):
+            build_head(load_checkpoint(str(tmp_path)))
 
 
 @pytest.mark.parametrize("written,expected", [(None, True), (False, False), (True, True)])
@@ -126,7 +155,7 @@ def test_speculators_configs_default_to_norm_before_residual(tmp_path, written, 
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(norm_before_fc=True), "norm_before_fc=true is not supported"),
+    (dict(norm_before_fc=True, fc_norm=True), "fc_norm and norm_before_fc are both true"),
     (dict(norm_output="yes"), "norm_output must be true or false, found 'yes'"),
 ])
 def test_unsupported_or_bad_switches_are_refused(tmp_path, change, message):
@@ -137,12 +166,13 @@ def test_unsupported_or_bad_switches_are_refused(tmp_path, change, message):
         load_checkpoint(str(tmp_path))
 
 
-def test_a_head_of_every_switch_drafts_losslessly_and_is_accepted():
+@pytest.mark.parametrize("switches", ALL_ON)
+def test_a_head_of_every_switch_drafts_losslessly_and_is_accepted(switches):
     """Fitted with all switches on (training and drafting share the head's
     forward), its drafts are accepted, and greedy output is plain decoding's."""
     base = make_base("llama")
-    head = fit_head(base, "eagle3", **dict.fromkeys(SWITCHES, True))
-    assert all(getattr(head.config, name) for name in SWITCHES)
+    head = fit_head(base, "eagle3", **switches)
+    assert all(getattr(head.config, name) is (name in switches) for name in SWITCHES)
     model = EaModel(base, head, None, total_token=24, depth=5, top_k=4)
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     spec, new_tokens, idx = model.eagenerate(ids, max_new_tokens=48, log=True)
