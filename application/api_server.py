@@ -24,7 +24,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
@@ -60,22 +60,27 @@ def check_parts(messages: list[Message]) -> None:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def null_is_default(cls, value):
+        return False if value is None else value
 
 
 class Sampling(BaseModel):
     """Fields both endpoints take; defaults are OpenAI's. Unknown fields are ignored."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)  # 0: the most probable token only
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
+    n: StrictInt = Field(1, ge=1, le=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
-    speculative: bool = True  # an extension: false decodes plainly, for comparison
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
+    speculative: StrictBool = True  # an extension: false decodes plainly, for comparison
     logprobs: bool | int | None = None  # not served: only false, 0 or null pass (UNSUPPORTED)
 
     @field_validator("temperature", "top_p", "n", "stream", "speculative", mode="before")
@@ -89,7 +94,7 @@ class Sampling(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     top_logprobs: int | None = None  # not served
 
 
@@ -194,7 +199,8 @@ def usage(prompt_tokens: int, stats) -> dict:
 
 def speculative_stats(stats, speculative: bool) -> dict:
     return {"speculative": speculative, "iterations": stats.iterations,
-            "accepted_draft_tokens": sum(s.num_accepted for s in stats.steps),
+            # a step cut by max_tokens or a stop token delivers fewer drafts than it accepted
+            "accepted_draft_tokens": sum(min(s.num_accepted, len(s.tokens)) for s in stats.steps),
             "mean_accepted_length": round(stats.mean_accepted_length, 4),
             "tokens_per_second": round(stats.tokens_per_second, 2), "seconds": round(stats.seconds, 4)}
 
@@ -333,8 +339,8 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, connection: Request):
         check_parts(request.messages)
-        try:
-            prompt_ids = runner.chat_prompt([m.as_dict() for m in request.messages])
+        try:  # in a worker thread: a long prompt's tokenization would hold up every other client
+            prompt_ids = await anyio.to_thread.run_sync(runner.chat_prompt, [m.as_dict() for m in request.messages])
         except ValueError as err:
             raise APIError(400, str(err), "messages") from err
         return await complete(Endpoint(chat=True), request, prompt_ids,
@@ -345,10 +351,15 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if len(prompts) != 1:
             raise APIError(400, f"give one prompt per request, got {len(prompts)}", "prompt")
-        return await complete(Endpoint(chat=False), request, runner.text_prompt(prompts[0]), request.max_tokens,
-                              connection)
+        try:
+            prompt_ids = await anyio.to_thread.run_sync(runner.text_prompt, prompts[0])
+        except ValueError as err:
+            raise APIError(400, str(err), "prompt") from err
+        return await complete(Endpoint(chat=False), request, prompt_ids, request.max_tokens, connection)
 
-    card = {"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto", "max_tokens": max_new_tokens}
+    # An answer also ends where the context does (a prompt holds at least one token).
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto",
+            "max_tokens": min(max_new_tokens, runner.max_length - 1)}
 
     @app.get("/v1/models")
     async def models():
@@ -379,6 +390,11 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         else:
             message = f"{where}: {first['msg']}"
         return await api_error(_, APIError(400, message, where or None))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception):  # a bug, still answered in the API's error format
+        log.exception("request failed")
+        return await api_error(_, APIError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error"))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException):

@@ -41,8 +41,9 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                                             '(default: "auto" on CUDA, none on CPU)')
     model.add_argument("--max-new-tokens", type=int, default=512,
                        help="most tokens one answer may have (default: 512)")
-    model.add_argument("--max-length", type=int, default=2048,
-                       help="context: prompt + answer, in tokens (default: 2048)")
+    model.add_argument("--max-length", type=int,
+                       help="context: prompt + answer, in tokens (default: 2048, or a sliding-window model's "
+                            "window if smaller)")
     quantize = model.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-8bit", action="store_true", help="8-bit base model weights (bitsandbytes)")
     quantize.add_argument("--load-in-4bit", action="store_true", help="4-bit base model weights (bitsandbytes)")
@@ -78,7 +79,7 @@ def load_runner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ch
     """The model behind a `ChatRunner`. Options it cannot serve requests with end the program here, with an
     error message, rather than fail every request."""
     for option, tokens in (("--max-new-tokens", args.max_new_tokens), ("--max-length", args.max_length)):
-        if tokens < 1:
+        if tokens is not None and tokens < 1:
             parser.error(f"{option} must be a positive number of tokens, got {tokens}")
     if (args.base_model_path is None) != (args.ea_model_path is None):
         parser.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
@@ -154,14 +155,25 @@ class TextStream:
         return after[len(before):]
 
 
+def check_text(text: str) -> None:
+    """Text a tokenizer can encode: JSON may carry a lone surrogate (a client
+    that cut a string inside an emoji), which is not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text holds a lone surrogate {text[err.start]!r} at character {err.start}, "
+                         "which is not valid Unicode") from None
+
+
 class ChatRunner:
     """Prompts in, text out, on one shared model. Generations never
     interleave: the model's caches are shared, so each generation holds a
     lock from its first step until it ends or its iterator is closed."""
 
-    def __init__(self, model: EaModel, model_type: str = "auto", max_length: int = 2048):
+    def __init__(self, model: EaModel, model_type: str = "auto", max_length: int | None = None):
         if model.tokenizer is None:
             raise ValueError("the base model has no tokenizer; the servers need one to turn text into tokens")
+        max_length = max_length or model.default_max_length()
         model.check_max_length(max_length)  # e.g. a sliding-window model's window: at startup, not per request
         self.model = model
         self.tokenizer = model.tokenizer
@@ -178,6 +190,8 @@ class ChatRunner:
         return self._lock.locked()
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        for message in messages:
+            check_text(message["content"])
         try:
             text = build_prompt(messages, self.model_type, self.tokenizer)
         except TemplateError as err:  # e.g. Mixtral's and Llama-2's raise_exception on roles that do not alternate
@@ -185,6 +199,7 @@ class ChatRunner:
         return encode_prompt(text, self.tokenizer, self.model_type)
 
     def text_prompt(self, text: str) -> list[int]:
+        check_text(text)
         return self.tokenizer(text).input_ids
 
     def check_fits(self, prompt_ids: list[int]) -> None:

@@ -54,7 +54,9 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop = mass_before >= params.top_p  # the top token always stays (mass_before = 0)
+        # The top token always stays (its mass_before is exactly 0): a top_p that float32 rounds to 0 is
+        # raised to its smallest number, on the host, so that the step stays free of host tensors.
+        drop = mass_before >= max(params.top_p, torch.finfo(mass_before.dtype).tiny)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if params.top_k > 0:
         k = min(int(params.top_k), logits.shape[-1])

@@ -115,8 +115,10 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
         model_type = "plain"
     if system and model_type in SYSTEM_IN_FIRST_TURN:
         first = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
-        if first is not None:
-            turns = list(turns)
+        turns = list(turns)
+        if first is None:  # no user turn to open: the system prompt is the first one
+            turns.insert(0, {"role": "user", "content": system})
+        else:
             turns[first] = {"role": "user", "content": f"{system}\n\n{turns[first]['content']}"}
     return _TEMPLATES[model_type](turns, system, generation_prompt)
 

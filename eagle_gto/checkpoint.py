@@ -116,12 +116,35 @@ def read_config(path_or_id: str, hub: dict | None = None) -> dict:
 
 
 def read_weights(path_or_id: str, hub: dict | None = None) -> tuple[dict[str, torch.Tensor], Path]:
+    """The head's tensors, from one weight file or from the shards an index names."""
     for name in WEIGHT_FILES:
         file = resolve_file(path_or_id, name, required=False, hub=hub)
         if file is not None:
             return _load_tensors(file), file
+    for name in WEIGHT_FILES:
+        index = resolve_file(path_or_id, f"{name}.index.json", required=False, hub=hub)
+        if index is not None:
+            return _load_shards(path_or_id, index, hub), index
     where = "" if Path(expand_path(path_or_id)).is_dir() else " in the repository or the local hub cache"
-    raise CheckpointError(f"{path_or_id}: no draft weights ({' or '.join(WEIGHT_FILES)}){where}")
+    raise CheckpointError(f"{path_or_id}: no draft weights ({' or '.join(WEIGHT_FILES)}, or a sharded "
+                          f"one's .index.json){where}")
+
+
+def _load_shards(path_or_id: str, index: Path, hub: dict | None) -> dict[str, torch.Tensor]:
+    """The tensors of every shard a sharded checkpoint's index maps them to."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a shard index (a JSON object with a weight_map): "
+                              f"{type(err).__name__}: {err}") from None
+    state = {}
+    for shard in shards:
+        state.update(_load_tensors(resolve_file(path_or_id, shard, hub=hub)))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index}: the shards lack tensors the index names: {_some(missing)}")
+    return state
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -215,6 +238,10 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
     expected = {k: v.shape for k, v in head.state_dict().items()}
     state = dict(ckpt.state)
     embedding = state.pop("embed_tokens.weight", None)
+    if cfg.kind == "eagle3" and cfg.draft_vocab_size == cfg.vocab_size:
+        # A full draft vocabulary needs no mapping (formats.md): heads may ship without d2t/t2d.
+        state.setdefault("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        state.setdefault("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
     problems = []
     for key, shape in expected.items():
         if key not in state:
@@ -316,8 +343,8 @@ def load_base(path_or_id: str, **kwargs):
         base, info = AutoModelForCausalLM.from_pretrained(path_or_id, output_loading_info=True,
                                                           ignore_mismatched_sizes=True, **kwargs)
     except SafetensorError as err:
-        raise CheckpointError(f"{_unreadable_safetensors(path_or_id)}: corrupt or truncated safetensors file "
-                              f"({err})") from None
+        file = _unreadable_safetensors(path_or_id, hub_options(kwargs))
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
     except (torch.OutOfMemoryError, KeyboardInterrupt):
         raise
     except Exception as err:  # corrupt pickles, bad index files, config values transformers refuses, ...
@@ -367,17 +394,18 @@ def _some(names, shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _unreadable_safetensors(path_or_id: str) -> str:
+def _unreadable_safetensors(path_or_id: str, hub: dict) -> str:
     """The first .safetensors file of the model's folder whose header does not read (else the folder)."""
     from safetensors import safe_open
 
-    for file in sorted(resolve_file(path_or_id, "config.json").parent.glob("*.safetensors")):
+    folder = resolve_file(path_or_id, "config.json", hub=hub).parent  # (read before: it exists)
+    for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt"):
                 pass
         except Exception:  # SafetensorError, OSError: this is the file
             return str(file)
-    return str(path_or_id)
+    return str(folder)
 
 
 def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = False) -> Path:

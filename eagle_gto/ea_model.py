@@ -15,6 +15,7 @@ quantized); `cuda_graphs=False` runs the same steps eagerly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import threading
 import time
@@ -63,14 +64,17 @@ class EaModel(nn.Module):
         self.use_eagle3 = ea_layer.kind == "eagle3"
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
-        features = ea_layer.feature_layers(len(layers))
-        self._target = TargetRunner(base_model, features)
+        share_base_weights(base_model, ea_layer)  # (a head may come attached to another copy of the base)
+        self._feature_layers = ea_layer.feature_layers(len(layers))
+        self._target = TargetRunner(base_model, self._feature_layers)
+        self._layout = self._weights_layout()
         self._lock = threading.Lock()
         self._lock_owner: int | None = None
         self._cache = None
         self._drafter: Drafter | None = None
         self._state: DecodeState | None = None
         self._graphs: StepGraphs | None = None
+        self._cuda_graphs_asked = cuda_graphs
         self.cuda_graphs = self._check_graphs(cuda_graphs)
         self.torch_compile: str | None = None  # the compile mode once enabled
         if torch_compile:
@@ -78,8 +82,25 @@ class EaModel(nn.Module):
         self.last_stats: GenerationStats | None = None
         if total_token == -1:
             total_token = self._pick_total_token(depth, top_k)
-        check_tree_params(total_token, depth, top_k, ea_layer.config.draft_vocab_size)
         self.tree = TreeParams(total_token, depth, top_k)
+
+    @property
+    def tree(self) -> TreeParams:
+        """The draft tree's settings; assigning a new `TreeParams` checks it first."""
+        return self._tree
+
+    @tree.setter
+    def tree(self, tree: TreeParams) -> None:
+        if not isinstance(tree, TreeParams):
+            raise TypeError(f"model.tree must be a TreeParams(total_token, depth, top_k), got {tree!r}")
+        for name, value in dataclasses.asdict(tree).items():
+            positive_int(name, value)
+        check_tree_params(tree.total_token, tree.depth, tree.top_k, self.ea_layer.config.draft_vocab_size)
+        self._tree = tree
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("EaModel has no forward: generate with eagenerate / ea_generate / naivegenerate "
+                                  "/ naive_generate, or call model.base_model(...) for the base model's logits")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -97,6 +118,9 @@ class EaModel(nn.Module):
             base_model_path, ea_model_path = demo_paths()
         if base_model_path is None or ea_model_path is None:
             raise ValueError("give both base_model_path and ea_model_path (or neither, for the demo pair)")
+        if isinstance(base_model_path, bool):  # the reference's signature starts with use_eagle3
+            raise TypeError(f"from_pretrained's first argument is base_model_path, got {base_model_path!r}: pass "
+                            "base_model_path=, ea_model_path= and use_eagle3= by name")
         check_device_map(kwargs.get("device_map"))
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -120,7 +144,8 @@ class EaModel(nn.Module):
         base.eval()
         check_against_base(head, base.config, str(ea_model_path))
         attach_head(base, head)
-        tokenizer = load_tokenizer(base_model_path, hub)
+        # A base whose tokenizer is custom code needs the user's trust_remote_code for the tokenizer too.
+        tokenizer = load_tokenizer(base_model_path, {**hub, **trusted(kwargs)})
         return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, torch_compile)
 
     def enable_torch_compile(self, mode: str = "default") -> None:
@@ -148,17 +173,18 @@ class EaModel(nn.Module):
     @torch.inference_mode(False)
     @torch.no_grad()
     def generate_steps(self, input_ids, temperature: float = 0.0, top_p: float = 0.0, top_k: float = 0.0,
-                       max_new_tokens: int = 512, max_length: int | None = MAX_LENGTH, is_llama3: bool = False,
+                       max_new_tokens: int = 512, max_length: int | None = None, is_llama3: bool = False,
                        stop_token_ids=None, speculative: bool = True,
                        generator: torch.Generator | None = None) -> Iterator[Step]:
         """Yield one `Step` per target forward (the prefill first). Requests
         on one model run one at a time; `last_stats` records the run. A
         `generator` (sampling) runs the steps eagerly, outside CUDA graphs.
-        max_length=None: the default, 2048."""
+        max_length=None: 2048, or a sliding-window model's window if smaller."""
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
-        max_length = MAX_LENGTH if max_length is None else positive_int("max_length", max_length)
-        sampling = SamplingParams(float(temperature), float(top_p), whole_number("top_k", top_k))
+        max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
+        sampling = SamplingParams(real_number("temperature", temperature), real_number("top_p", top_p),
+                                  whole_number("top_k", top_k))
         sampling.validate()
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
@@ -170,6 +196,7 @@ class EaModel(nn.Module):
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
             cache, drafter, state = self._caches(max_length)
+            prompt = prompt.to(self._target.input_device)
             graphs = None
             if self.cuda_graphs and generator is None:
                 if self._graphs is None:
@@ -177,7 +204,11 @@ class EaModel(nn.Module):
                 graphs = self._graphs
             decoder = Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
                               generator, graphs)
-            yield from generate_steps(decoder, prompt, max_new_tokens, stops, stats)
+            for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
+                yield step
+                # A stream may be driven by another thread than the one that started it; only the
+                # thread driving it now would deadlock by waiting for the model (_exclusive).
+                self._lock_owner = threading.get_ident()
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
         prompt = token_ids("input_ids", input_ids)
@@ -196,7 +227,7 @@ class EaModel(nn.Module):
         return output
 
     @torch.no_grad()
-    def eagenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
+    def eagenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=None,
                    log=False, is_llama3=False, stop_token_ids=None):
         """Speculative generation. Returns input_ids [1, prompt + new] or, with
         log=True, (input_ids, new_token, idx): idx is the 0-based index of the
@@ -206,7 +237,7 @@ class EaModel(nn.Module):
                               stop_token_ids=stop_token_ids)
 
     @torch.no_grad()
-    def naivegenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
+    def naivegenerate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=None,
                       log=False, is_llama3=False, stop_token_ids=None):
         """Plain decoding through the same loop; same returns as `eagenerate`."""
         return self._generate(input_ids, False, log, False, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -216,7 +247,7 @@ class EaModel(nn.Module):
     # On a generator function, torch.no_grad() holds only while the generator
     # runs, not in the caller's loop body between iterations (as a `with` would).
     @torch.no_grad()
-    def ea_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=MAX_LENGTH,
+    def ea_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512, max_length=None,
                     log=False, is_llama3=False, stop_token_ids=None):
         """Yield the growing input_ids once per iteration (speculative)."""
         yield from self._generate(input_ids, True, False, True, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -225,7 +256,7 @@ class EaModel(nn.Module):
 
     @torch.no_grad()
     def naive_generate(self, input_ids, temperature=0.0, top_p=0.0, top_k=0.0, max_new_tokens=512,
-                       max_length=MAX_LENGTH, log=False, is_llama3=False, stop_token_ids=None):
+                       max_length=None, log=False, is_llama3=False, stop_token_ids=None):
         """Yield the growing input_ids once per token (plain decoding)."""
         yield from self._generate(input_ids, False, False, True, temperature=temperature, top_p=top_p, top_k=top_k,
                                   max_new_tokens=max_new_tokens, max_length=max_length, is_llama3=is_llama3,
@@ -245,16 +276,24 @@ class EaModel(nn.Module):
         vocab = self.base_model.config.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-        return ids.to(self._target.input_device, torch.long)
+        return ids.to(torch.long)
 
-    def check_max_length(self, max_length: int) -> None:
-        """A ValueError when this model cannot decode with this context
-        (servers check their --max-length once, at startup)."""
+    def _sliding_window(self) -> int | None:
         config = self.base_model.config
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None) or []
         sliding = "sliding_attention" in layer_types if layer_types else bool(window)
-        if sliding and window and max_length > window:
+        return window if sliding and window else None
+
+    def default_max_length(self) -> int:
+        """max_length when none is given: 2048, or a sliding-window model's window if smaller."""
+        return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH)
+
+    def check_max_length(self, max_length: int) -> None:
+        """A ValueError when this model cannot decode with this context
+        (servers check their --max-length once, at startup)."""
+        window = self._sliding_window()
+        if window and max_length > window:
             raise ValueError(
                 f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
                 f"full attention, so max_length must be <= {window}, got {max_length}"
@@ -276,10 +315,21 @@ class EaModel(nn.Module):
             ids.update(token_ids("stop_token_ids", extra).reshape(-1).tolist())
         return ids
 
+    def _weights_layout(self) -> tuple:
+        """Where the weights are and in what dtype: caches, masks and step graphs are made for one layout."""
+        return tuple((p.device, p.dtype) for p in (next(self.base_model.parameters()), self._target.lm_head.weight,
+                                                     next(self.ea_layer.parameters())))
+
     def _caches(self, max_length: int):
         """The caches and decode state, kept across generations (CUDA graphs
         read them at fixed addresses); new ones, and new graphs, when
-        max_length changes or the tree outgrows the draft cache's scratch."""
+        max_length changes, the tree outgrows the draft cache's scratch, or
+        the model was moved or cast (`model.to(...)`) since they were made."""
+        if self._weights_layout() != self._layout:
+            self._target = TargetRunner(self.base_model, self._feature_layers)
+            share_base_weights(self.base_model, self.ea_layer)
+            self.cuda_graphs = self._check_graphs(self._cuda_graphs_asked)
+            self._layout, self._cache = self._weights_layout(), None
         draft_capacity = max_length + Drafter.view_needed(*dataclasses.astuple(self.tree))
         if (self._cache is None or self._cache.capacity != max_length
                 or self._drafter.caches[0].capacity < draft_capacity):
@@ -374,6 +424,19 @@ def positive_int(name: str, value) -> int:
     return number
 
 
+def real_number(name: str, value) -> float:
+    """A finite float; ints and floats (numpy's, 0-d tensors) pass, strings, None and bools do not."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
 def whole_number(name: str, value) -> int:
     """An int >= 0 given as an integer or an integral float (the reference's
     sampling top_k defaults to 0.0); 2.7, -1 and None are refused."""
@@ -420,7 +483,12 @@ def check_dtype(dtype) -> None:
         raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (e.g. torch.bfloat16, 'float16', 'auto')")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def trusted(kwargs: dict) -> dict:
+    return {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
 
 
 def load_tokenizer(base_model_path, hub: dict):
@@ -428,16 +496,23 @@ def load_tokenizer(base_model_path, hub: dict):
     still generates from token ids). Tokenizer files that do not load are an error."""
     from transformers import AutoTokenizer
 
+    folder = Path(base_model_path) / hub.get("subfolder", "")
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if folder.is_dir() and not present:
+        # Not even tried: for some architectures (Qwen2/3) transformers builds an
+        # empty tokenizer from nothing, whose EOS id 0 would then stop generation.
+        return None
     options = {k: v for k, v in hub.items() if k != "subfolder"}
     try:
-        return AutoTokenizer.from_pretrained(base_model_path, subfolder=hub.get("subfolder", ""), **options)
+        tokenizer = AutoTokenizer.from_pretrained(base_model_path, subfolder=hub.get("subfolder", ""), **options)
     except (OSError, ValueError, TypeError, AttributeError) as err:
-        folder = Path(base_model_path) / hub.get("subfolder", "")
-        present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
         if present:
             raise CheckpointError(f"{folder}: the tokenizer ({', '.join(present)}) does not load: "
                                   f"{type(err).__name__}: {err}") from None
         return None
+    if len(tokenizer) <= 1:  # the same empty tokenizer, for a hub repository without tokenizer files
+        return None
+    return tokenizer
 
 
 def _growing_ids(tokens: list[int], steps: Iterator[Step], device) -> Iterator[torch.Tensor]:
@@ -456,10 +531,17 @@ def attach_head(base: nn.Module, head: DraftHead, dtype: torch.dtype | None = No
     """Place the head beside the base's last layer, in the base's dtype (or
     `dtype`: trainers keep float32), and give it the base's embedding (and
     lm_head for EAGLE-1) when it has none."""
-    device = head_device(base)
-    head.to(device=device, dtype=dtype or next(base.parameters()).dtype)
+    head.to(device=head_device(base), dtype=dtype or next(base.parameters()).dtype)
+    share_base_weights(base, head)
+
+
+def share_base_weights(base: nn.Module, head: DraftHead) -> None:
+    """Give the head the base's embedding (unless it has its own) and, for
+    EAGLE-1, its lm_head; again after `model.to(...)`, which gives the base
+    new tensors."""
     if head.embed_tokens is None:
         weight = base.get_input_embeddings().weight.detach()
+        device = next(head.parameters()).device
         head.attach_embedding(weight if weight.device == device else weight.to(device))
     if head.kind == "eagle1":
         head.attach_lm_head(base.get_output_embeddings())

@@ -10,7 +10,9 @@ entering three decoder layers from forward pre-hooks (EAGLE-3).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+import weakref
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -48,6 +50,54 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+class LayerInputTap:
+    """Keeps the hidden states entering chosen decoder layers, from forward
+    pre-hooks. One tap per model (`layer_input_tap`), shared by all that read
+    features from it (several EaModels on one base, training), so hooks never
+    pile up; what the hooks keep is per thread and only while a caller is
+    `capturing`, so two generations on one base, or a user's own forward
+    beside one, never see each other's features."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self._layers = layers
+        self._hooked: set[int] = set()
+        self._local = threading.local()
+
+    @contextmanager
+    def capturing(self, indices):
+        """Yields a dict that the forwards run inside fill: {index: input of layer index}."""
+        for index in set(indices) - self._hooked:
+            self._layers[index].register_forward_pre_hook(self._keeper(index), with_kwargs=True)
+            self._hooked.add(index)
+        outer = getattr(self._local, "captured", None)
+        self._local.captured = captured = {}
+        try:
+            yield captured
+        finally:
+            self._local.captured = outer
+
+    def _keeper(self, index: int):
+        # The input of layer i is transformers' hidden_states[i].
+        def keep_input(module, args, kwargs):
+            captured = getattr(self._local, "captured", None)
+            if captured is not None:
+                captured[index] = args[0] if args else kwargs["hidden_states"]
+
+        return keep_input
+
+
+_TAPS: weakref.WeakKeyDictionary[nn.ModuleList, LayerInputTap] = weakref.WeakKeyDictionary()
+_TAPS_LOCK = threading.Lock()
+
+
+def layer_input_tap(model: nn.Module) -> LayerInputTap:
+    layers = decoder_layers(model)
+    with _TAPS_LOCK:
+        if layers not in _TAPS:
+            _TAPS[layers] = LayerInputTap(layers)
+        return _TAPS[layers]
+
+
 class TargetRunner:
     def __init__(self, model: nn.Module, feature_layers: list[int] | None):
         """feature_layers: EAGLE-3 layer indices, or None for EAGLE-1's final
@@ -60,10 +110,7 @@ class TargetRunner:
         self.dtype = next(model.parameters()).dtype
         self.input_device = model.get_input_embeddings().weight.device
         self._check_logits()
-        self._captured: dict[int, torch.Tensor] | None = None
-        if feature_layers is not None:
-            for index in sorted(set(feature_layers)):
-                self._hook(index)
+        self._tap = layer_input_tap(model)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return model_logits(self.lm_head(hidden), self.model.config)
@@ -86,14 +133,6 @@ class TargetRunner:
             raise ValueError(f"{type(self.model).__name__}: its forward computes logits other than lm_head(decoder "
                              "output) (with the logit scaling and soft-capping configs this engine applies); "
                              "this engine cannot decode it losslessly")
-
-    def _hook(self, index: int) -> None:
-        # The input of layer i is transformers' hidden_states[i].
-        def keep_input(module, args, kwargs):
-            if self._captured is not None:
-                self._captured[index] = args[0] if args else kwargs["hidden_states"]
-
-        self.layers[index].register_forward_pre_hook(keep_input, with_kwargs=True)
 
     def new_cache(self, capacity: int) -> TargetKVCache:
         devices = [next(layer.parameters()).device for layer in self.layers]
@@ -120,25 +159,20 @@ class TargetRunner:
         bool [n, view] over the cache's first `view` slots. Returns logits
         [n - logits_from, V] (in the model's dtype: greedy argmax needs no
         float32 copy of them, sampling makes its own) and, when asked, the head's features [n, F]."""
-        self._captured = {} if features and self.feature_layers is not None else None
+        taps = features and self.feature_layers is not None
         plan = cache.write_plan(slots, visible.shape[1]) if slots is not None else nullcontext()
-        try:
-            with plan:
-                out = self.decoder(
-                    input_ids=input_ids.to(self.input_device)[None],
-                    attention_mask=self.additive_mask(visible),
-                    position_ids=position_ids.to(self.input_device)[None],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            hidden = out.last_hidden_state[0]
-            feats = None
-            if features:
-                if self.feature_layers is None:
-                    feats = hidden
-                else:
-                    parts = [self._captured[i][0] for i in self.feature_layers]
-                    feats = torch.cat([p.to(hidden.device) for p in parts], dim=-1)
-        finally:
-            self._captured = None
+        with plan, self._tap.capturing(self.feature_layers) if taps else nullcontext() as captured:
+            out = self.decoder(
+                input_ids=input_ids.to(self.input_device)[None],
+                attention_mask=self.additive_mask(visible),
+                position_ids=position_ids.to(self.input_device)[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        hidden = out.last_hidden_state[0]
+        feats = None
+        if taps:
+            feats = torch.cat([captured[i][0].to(hidden.device) for i in self.feature_layers], dim=-1)
+        elif features:
+            feats = hidden
         return self.logits(hidden[logits_from:]), feats

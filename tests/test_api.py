@@ -373,9 +373,9 @@ BAD_OPTIONS = [
     (["--max-length", "-1"], "--max-length must be a positive number of tokens, got -1"),
     (["--base-model-path", "/no/such/base", "--ea-model-path", "/no/such/head"], "no such folder"),
     (["--base-model-path", "{pair}"], "give both --base-model-path and --ea-model-path, or neither"),
-    (["{sliding}", "--total-token", "16", "--depth", "4", "--top-k", "4"],
+    (["{sliding}", "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "65"],
      "sliding-window attention (window 64); the engine's tree mask is full attention, so max_length must be <= 64, "
-     "got 2048"),
+     "got 65"),
 ]
 
 
@@ -403,13 +403,18 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
     assert last.startswith(f"python -m application.{module}: error: ") and message in last
 
 
-def test_a_sliding_window_model_serves_within_its_window(sliding_pair):
-    """The startup check lets through a --max-length within the window."""
+@pytest.mark.parametrize("max_length", [[], ["--max-length", "40"]])
+def test_a_sliding_window_model_serves_within_its_window(sliding_pair, max_length):
+    """The startup check lets through a --max-length within the window; without
+    one, the window is the context (not 2048), for the servers and for eagenerate."""
     from application.common import build_parser, load_runner
 
     parser = build_parser("test", "", 0)
     args = parser.parse_args(["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1]),
-                              "--max-length", "64", "--total-token", "16", "--depth", "4", "--top-k", "4"])
+                              "--total-token", "16", "--depth", "4", "--top-k", "4", *max_length])
     runner = load_runner(parser, args)
+    assert runner.max_length == (40 if max_length else 64)
     updates = list(runner.generate(runner.text_prompt("def f(x):"), GenerationOptions(max_new_tokens=8)))
     assert updates[-1].stats.new_tokens == 8
+    out = runner.model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=100)
+    assert out.shape[1] == 64 and runner.model.last_stats.finish_reason == "length"

@@ -43,6 +43,9 @@ class ScriptedModel:
     def check_max_length(self, max_length):
         pass
 
+    def default_max_length(self):
+        return 2048
+
     def generate_steps(self, input_ids, *, max_new_tokens, speculative, **options):
         self.calls.append(dict(options, max_new_tokens=max_new_tokens))
         tokens = self.tokenizer(ANSWER).input_ids[:max_new_tokens]
@@ -198,12 +201,15 @@ class GatedModel(ScriptedModel):
             self.steps.append(made)
 
 
+def http_scope(method: str, path: str, headers: list) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+
 async def post(app, path: str, body: dict, leave: asyncio.Event) -> list[dict]:
     """POST `body` to the ASGI app as a client that goes away once `leave` is set; what the app sent back."""
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 80)}
+    scope = http_scope("POST", path, [(b"content-type", b"application/json")])
     unread = [{"type": "http.request", "body": json.dumps(body).encode()}]
     sent = []
 
@@ -244,3 +250,91 @@ def test_a_client_that_goes_away_frees_the_model():
     asyncio.run(clients())
     assert len(model.steps) == 1 and model.steps[0] < CAP
     assert not runner.busy
+
+
+async def get(app, path: str) -> list[dict]:
+    """GET `path` from the ASGI app; what the app sent back."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(http_scope("GET", path, []), receive, send)
+    return sent
+
+
+def test_tokenizing_a_prompt_does_not_hold_up_other_clients():
+    """The prompt is tokenized in a worker thread: a long one does not stop the event loop."""
+    answered = threading.Event()
+    waited = []
+
+    class SlowTokenizerRunner(ChatRunner):
+        def text_prompt(self, text):
+            waited.append(answered.wait(timeout=10))  # released once /health has been answered
+            return super().text_prompt(text)
+
+    app = create_app(SlowTokenizerRunner(ScriptedModel()), "scripted", CAP)
+
+    async def clients():
+        completion = asyncio.ensure_future(post(app, "/v1/completions", {"prompt": "x", "max_tokens": 3},
+                                                asyncio.Event()))
+        await asyncio.sleep(0.05)
+        health = await asyncio.wait_for(get(app, "/health"), timeout=5)
+        answered.set()
+        return health, await completion
+
+    health, completion = asyncio.run(clients())
+    assert health[0]["status"] == 200 and completion[0]["status"] == 200
+    assert waited == [True]
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("completions", b'{"prompt": "abc\\ud800def", "max_tokens": 3}', "prompt"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "abc\\udc00"}]}', "messages"),
+])
+def test_a_lone_surrogate_is_a_bad_request(client, endpoint, body, param):
+    """Valid JSON (a client that cut a string inside an emoji), but not Unicode text."""
+    response = client.post(f"/v1/{endpoint}", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "lone surrogate" in error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("stream", "yes"),
+                                         ("seed", 1.5), ("n", "1"), ("speculative", 1)])
+def test_values_of_the_wrong_type_are_refused_not_coerced(client, field, value):
+    response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_include_usage_null_is_the_default(client):
+    body = {"prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": None}}
+    with client.stream("POST", "/v1/completions", json=body) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("data: {")]
+    assert lines and not any(json.loads(line[6:]).get("usage") for line in lines)
+
+
+class OvercountingModel(ScriptedModel):
+    """Steps cut by max_new_tokens keep the uncut accepted count, as the engine's do (the evaluation reads it)."""
+
+    def generate_steps(self, input_ids, *, max_new_tokens, speculative, **options):
+        for step in super().generate_steps(input_ids, max_new_tokens=max_new_tokens, speculative=speculative,
+                                           **options):
+            yield Step(step.tokens, STEP - 1 if speculative else 0, step.seconds, step.finish_reason)
+
+
+def test_accepted_drafts_count_only_delivered_tokens():
+    with TestClient(create_app(ChatRunner(OvercountingModel()), "scripted", CAP)) as client:
+        for max_tokens in (1, 5, 6):
+            answer = client.post("/v1/completions", json={"prompt": "x", "max_tokens": max_tokens}).json()
+            stats, tokens = answer["speculative_stats"], answer["usage"]["completion_tokens"]
+            delivered = [min(STEP, max_tokens - start) for start in range(0, max_tokens, STEP)]
+            assert stats["accepted_draft_tokens"] == sum(min(STEP - 1, n) for n in delivered) <= tokens
+
+
+def test_models_report_the_longest_answer_the_context_allows():
+    with TestClient(create_app(ChatRunner(ScriptedModel(), max_length=10), "scripted", CAP)) as client:
+        assert client.get("/v1/models").json()["data"][0]["max_tokens"] == 9

@@ -46,6 +46,9 @@ def test_formats_without_a_system_slot_open_the_first_user_turn_with_it():
     msgs = [{"role": "system", "content": "Be brief."}] + TURNS
     assert build_prompt(msgs, "mixtral").startswith("<s>[INST] Be brief.\n\nQ1 {braces} [/INST] A1</s>[INST] Q2")
     assert build_prompt(msgs, "plain") == "Be brief.\n\nQ1 {braces}A1\n\nQ2"
+    alone = [{"role": "system", "content": "Be brief."}]  # no user turn to open: it is the first one
+    assert build_prompt(alone, "mixtral") == "<s>[INST] Be brief. [/INST]"
+    assert build_prompt(alone, "plain") == "Be brief."
 
 
 def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():

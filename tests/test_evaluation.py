@@ -10,7 +10,7 @@ import torch
 
 from eagle_gto.chat import build_prompt
 from eagle_gto.evaluation import gen_answer, speed
-from eagle_gto.evaluation.questions import read_jsonl
+from eagle_gto.evaluation.questions import read_jsonl, sort_answers
 from eagle_gto.generation import GenerationStats, Step, TreeParams
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -390,7 +390,15 @@ def cli_error(cli, argv, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--data-dir", "/nonexistent"], "question file not found: /nonexistent/mt_bench/question.jsonl"),
     (["--question-file", "/nonexistent.jsonl"], "question file not found: /nonexistent.jsonl"),
-    (["--question-file", "{no_turns}"], "every question needs a question_id and a non-empty turns list"),
+    (["--question-file", "{no_turns}"], "q.jsonl: question 1 needs a non-empty turns list of strings"),
+    # a string is not a list of turns: it would be answered one character per turn
+    (["--question-file", "{string_turns}"], "strturns.jsonl: question 1 needs a non-empty turns list of strings"),
+    (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
+    (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
+    (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
+    (["--question-file", "{good}", "--answer-file", "{folder}"], "Is a directory"),
+    (["--question-file", "{good}", "--answer-file", "{not_answers}"], "every record needs a question_id"),
+    (["--question-file", "{good}", "--answer-file", "{under_a_file}"], "File exists"),  # checked before loading
     (["--question-file", "{empty}"], "holds no questions"),
     (["--question-file", "{garbage}"], "holds no questions"),
     (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),
@@ -405,8 +413,16 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
     monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", no_load)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     files = {"no_turns": write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": []}]),
+             "string_turns": write(tmp_path / "strturns.jsonl", [{"question_id": 1, "turns": "hello world"}]),
+             "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
+             "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
+             "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),
+             "not_answers": write(tmp_path / "list.jsonl", [[1, 2]]),
+             "folder": str(tmp_path), "under_a_file": str(tmp_path / "good.jsonl" / "a.jsonl"),
+             "latin1": str(tmp_path / "latin1.jsonl"),
              "empty": write(tmp_path / "empty.jsonl", []), "garbage": str(tmp_path / "garbage.jsonl")}
     (tmp_path / "garbage.jsonl").write_text("garbage\n")
+    (tmp_path / "latin1.jsonl").write_bytes('{"question_id": 1, "turns": ["caf\u00e9"]}\n'.encode("latin-1"))
     argv = [a.format(**files) for a in argv]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the garbage line's warning
@@ -422,10 +438,110 @@ def test_speed_bad_input_is_one_error_line(tmp_path, capsys):
     for argv, message in [
         (["--ea-file", str(tmp_path / "missing.jsonl"), "--baseline-file", base], "--ea-file"),
         (["--ea-file", ea, "--baseline-file", empty], f"error: --baseline-file {empty} holds no answers"),
-        (["--ea-file", ea, "--baseline-file", not_answers], f"error: --baseline-file {not_answers}: every record"),
+        (["--ea-file", ea, "--baseline-file", not_answers],
+         f"error: --baseline-file {not_answers}: question 1: choices must be a non-empty list"),
         (["--ea-file", base, "--baseline-file", ea], "swapped"),
         (["--ea-file", ea, "--baseline-file", str(tmp_path / "." / "ea.jsonl")], "are the same file"),
     ]:
         code, line = cli_error(speed.cli, argv + ["--out-dir", str(tmp_path)], capsys)
         assert code == 2 and line.startswith("error: ") and message in line, line
     assert speed.cli(["--ea-file", ea, "--baseline-file", base, "--out-dir", str(tmp_path)]) == 0
+
+
+def settings(**changes):
+    """gen_answer's settings of a greedy run, with `changes`."""
+    return {"question_file": "mt_bench/question.jsonl", "base_model_path": "base", "ea_model_path": "head",
+            "model_type": "llama3", "system": None, "temperature": 0.0, "seed": 0, "total_token": 60, "depth": 7,
+            "top_k": 10, "max_new_tokens": 16, "max_length": 2048, "device": "cuda", "dtype": "auto", **changes}
+
+
+def timed(qid, mode, model_id, run_settings, seconds=1.0):
+    return dict(answer(qid, "writing", [12], [seconds], [3]), mode=mode, model_id=model_id, settings=run_settings)
+
+
+def test_speed_refuses_files_made_with_other_settings(tmp_path):
+    base = [timed(81, "baseline", "plain", settings(), 4.0)]
+    # sampling at 4 tokens against greedy at 16: both settings named, with both values
+    with pytest.raises(ValueError, match="question 81: the two files were made with different settings "
+                                         r"\(temperature 0.7 in --ea-file but 0.0 in --baseline-file; "
+                                         r"max_new_tokens 4 in --ea-file but 16 in --baseline-file\)"):
+        speed.summarize([timed(81, "ea", "m", settings(temperature=0.7, max_new_tokens=4))], base)
+    for key, value in [("base_model_path", "other-base"), ("model_type", "plain"), ("system", "Be brief."),
+                       ("max_length", 4096), ("dtype", "float16"), ("device", "cpu")]:
+        with pytest.raises(ValueError, match=f"{key} {value!r} in --ea-file but"):
+            speed.summarize([timed(81, "ea", "m", settings(**{key: value}))], base)
+    with pytest.raises(ValueError, match="question set 'gsm8k/question.jsonl' in --ea-file"):
+        speed.summarize([timed(81, "ea", "m", settings(question_file="gsm8k/question.jsonl"))], base)
+
+    # what the speculative run adds (its head, its tree) and its own seed and model id may differ
+    ea_settings = settings(ea_model_path="gto-head", total_token=20, depth=4, top_k=4, seed=1)
+    ea = write(tmp_path / "ea.jsonl", [timed(81, "ea", "Llama-GTO-ea", ea_settings)])
+    summary = speed.main(["--ea-file", ea, "--baseline-file", write(tmp_path / "base.jsonl", base),
+                          "--out-dir", str(tmp_path)])
+    assert summary["groups"]["all"]["speedup"] == pytest.approx(4.0)
+    # speed.json records what each side was made with
+    assert json.loads((tmp_path / "speed.json").read_text())["settings"] == {
+        "ea": {"mode": "ea", "model_id": "Llama-GTO-ea", **ea_settings},
+        "baseline": {"mode": "baseline", "model_id": "plain", **settings()}}
+
+
+GOOD = answer(81, "c", [12], [4.0], [11])
+
+
+def good_with(**changes):
+    """GOOD with `changes` to its choice."""
+    return dict(GOOD, choices=[dict(GOOD["choices"][0], **changes)])
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"question_id": 81, "choices": [{}]}, "question 81: new_tokens must be a non-empty list"),
+    (dict(GOOD, choices="abc"), "question 81: choices must be a non-empty list of objects"),
+    (good_with(new_tokens=["12"]), "new_tokens must be a non-empty list of non-negative numbers"),
+    (good_with(wall_time=[-1.0]), "wall_time must be a non-empty list of non-negative numbers"),
+    (good_with(idxs=[11, 3]), "new_tokens, idxs, wall_time must have the same number of turns"),
+    (good_with(accept_lengths=5), "accept_lengths must be a list of lists"),
+    (dict(GOOD, category=["c"]), "category must be a string"),
+    (dict(GOOD, settings="greedy"), "question 81: settings must be an object"),
+    (dict(GOOD, question_id=None), "every record needs a question_id"),
+    (good_with(new_tokens=[0]), "question 81: no new tokens or no wall time"),  # tokens/s 0: a division by 0
+    (good_with(wall_time=[0.0]), "question 81: no new tokens or no wall time"),
+])
+def test_speed_bad_records_are_one_error_line(tmp_path, capsys, record, message):
+    """Records speed cannot count are refused when read, naming the file and the question."""
+    ea = write(tmp_path / "ea.jsonl", [answer(81, "c", [12], [1.0], [3])])
+    base = write(tmp_path / "base.jsonl", [record])
+    code, line = cli_error(speed.cli, ["--ea-file", ea, "--baseline-file", base, "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and line.startswith(f"error: --baseline-file {base}: ") and message in line, line
+
+
+def test_speed_unwritable_out_dir_is_one_error_line(tmp_path, capsys):
+    ea = write(tmp_path / "ea.jsonl", [answer(81, "c", [12], [1.0], [3])])
+    base = write(tmp_path / "base.jsonl", [GOOD])
+    code, line = cli_error(speed.cli, ["--ea-file", ea, "--baseline-file", base, "--out-dir", base], capsys)
+    assert code == 2 and line.startswith("error: ") and "File exists" in line
+
+
+def test_mixed_integer_and_string_ids_sort_integers_first(tmp_path):
+    path = write(tmp_path / "a.jsonl", [answer("x2", "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1]),
+                                        answer("a", "c", [4], [1.0], [1])])
+    sort_answers(path)
+    assert [a["question_id"] for a in read_jsonl(path)] == [1, "a", "x2"]
+    summary = speed.summarize(read_jsonl(path), read_jsonl(path)[:2])
+    assert summary["questions"] == 2 and summary["unpaired"] == ["x2"]
+
+
+def test_answers_are_filed_under_the_question_files_bench(tiny_pair, tmp_path, monkeypatch):
+    gsm8k, _ = two_benches(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    base, head = tiny_pair
+    path = gen_answer.main(["--base-model-path", base, "--ea-model-path", head, "--model-type", "plain",
+                            "--question-file", gsm8k, "--limit", "1", "--max-new-tokens", "2", "--warmup", "0",
+                            "--device", "cpu", "--model-id", "m", *TREE])
+    assert path == Path("runs", "eval", "gsm8k", "m.jsonl") and len(read_jsonl(path)) == 1
+
+    def bench(*argv):
+        return gen_answer.bench_label(gen_answer.parse_args(["--device", "cpu", *argv]))
+
+    assert bench("--question-file", "mine.jsonl") == "mine"  # a file of one's own: its name
+    assert bench("--question-file", gsm8k, "--bench-name", "humaneval") == "humaneval"  # named: as named
+    assert bench() == "mt_bench"

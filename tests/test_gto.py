@@ -2,6 +2,7 @@
 group policy objective and a short end-to-end run (eagle_gto/gto)."""
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from eagle_gto.drafter import Drafter
 from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
+from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.data import TokenStream
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
@@ -502,3 +504,98 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     assert len(evaluated) == 2 and len(trained) == 1  # nothing was reused under other settings
     experiment.main(["--out", str(tmp_path / "other"), *command[2:-1], "5"])  # another --out runs
     assert len(trained) == 2 and trained[-1].steps == 5
+
+
+# ------------------------------------------- options that fail only after loading
+@pytest.mark.parametrize("options, message", [
+    (dict(validation_every=0), "validation_every must be >= 2, got 0"),
+    (dict(validation_every=1), "validation_every must be >= 2, got 1"),  # all of a jsonl kept out
+    (dict(windows=0), "windows must be >= 1, got 0"),
+    (dict(eval_windows=0), "eval_windows must be >= 1, got 0"),
+    (dict(steps=-1), "steps must be >= 1, got -1"),
+    (dict(generated=0), "generated must be >= 1, got 0"),
+    (dict(tree_chunk=0), "tree_chunk must be >= 1, got 0"),
+    (dict(ttt_steps=0), "ttt_steps must be >= 1, got 0"),
+    (dict(grad_clip=0.0), "grad_clip must be > 0, got 0.0"),
+    (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
+    (dict(total_token=1), "total_token must be >= 2"),
+    (dict(total_token=60, depth=2, top_k=3), "total_token=60 needs 59 draft nodes"),
+    (dict(device="tpu:x"), "device 'tpu:x'"),
+])
+def test_config_refuses_values_that_would_fail_after_the_models_load(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GTOConfig(**options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_config_refuses_cuda_without_cuda():
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+        GTOConfig(device="cuda")
+
+
+def test_top_k_beyond_the_heads_vocabulary_and_a_head_as_the_base_are_refused(pair, tmp_path):
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    draft_vocab = pair.ea_layer.config.draft_vocab_size
+    reuse = Models(pair.base_model, None, None, None, None)
+    with pytest.raises(ValueError, match=f"top_k={draft_vocab + 1} is larger than the draft head's vocabulary"):
+        load_models(GTOConfig(head=str(tmp_path / "head"), total_token=draft_vocab, depth=2, top_k=draft_vocab + 1),
+                    reuse)
+    with pytest.raises(ValueError, match="draft head"):
+        load_models(GTOConfig(base=str(tmp_path / "head"), head=str(tmp_path / "head"), **TREE))
+
+
+def test_a_validation_split_shorter_than_a_window_is_refused(pair, monkeypatch):
+    def generated_stream(base, tokenizer, files, count, prompt_tokens, new_tokens, seed):
+        length = count * (prompt_tokens + new_tokens)
+        return TokenStream(torch.zeros(length, dtype=torch.long), torch.ones(length, dtype=torch.long))
+
+    monkeypatch.setattr(gto_trainer, "generated_stream", generated_stream)
+    cfg = GTOConfig(data="generated", generated=8, eval_windows=1, prompt_tokens=4, new_tokens=8, window_length=40,
+                    **TREE)
+    with pytest.raises(ValueError, match=r"the validation data has 12 tokens, fewer than one window of 40"):
+        gto_trainer.load_streams(cfg, tiny_models(pair))  # it would fail as an empty reshape in train()
+    train_stream, val_stream = gto_trainer.load_streams(dataclasses.replace(cfg, eval_windows=4), tiny_models(pair))
+    assert (len(train_stream), len(val_stream)) == (96, 48)
+
+
+def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"python -m eagle_gto.gto: .*run already holds the output of an earlier "
+                                         r"run \(summary.json\)"):
+        gto_cli.main(["--out", str(tmp_path / "run")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        gto_cli.main(["--out", str(tmp_path / "file" / "run")])
+
+
+def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
+    trained, loaded = [], []
+    fake_experiment(monkeypatch, [], trained)
+    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.validation_every) or cfg)
+    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "validation_every=2,5", "omega=1,3"])
+    assert loaded == [2, 5]  # one stream per data setting, shared by the omega values
+    assert [(cfg.validation_every, cfg.omega) for cfg in trained] == [(2, 1.0), (2, 3.0), (5, 1.0), (5, 3.0)]
+    with pytest.raises(SystemExit, match="--grid 'dtype=float32,bfloat16': the base model is loaded once"):
+        experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "dtype=float32,bfloat16"])
+    with pytest.raises(SystemExit, match="validation_every must be >= 2, got 0"):  # every point is checked first
+        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "validation_every=2,0"])
+    assert len(trained) == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--runs", "control", "--ship"], "--ship needs the gto run in --runs"),
+    (["--eval-tree", "20,4"], "--eval-tree '20,4': expected three whole numbers"),
+    (["--eval-tree", "60,2,3"], "--eval-tree '60,2,3': total_token=60 needs 59 draft nodes"),
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+])
+def test_experiment_refuses_bad_options_before_training(tmp_path, monkeypatch, options, message):
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        experiment.main(["--out", str(tmp_path), *options])
+    assert not trained

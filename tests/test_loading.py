@@ -50,6 +50,9 @@ def edit_config(folder, **values):
 @pytest.mark.parametrize("base", [*ARCHITECTURES, "tied"])
 def test_good_bases_load(saved, base):
     model = EaModel.from_pretrained(str(saved / base), str(saved / "eagle3"), **TREE)
+    # Saved without tokenizer files: no tokenizer (transformers makes an empty one for Qwen, whose EOS id 0
+    # would stop generation), so generation runs to max_new_tokens as transformers' generate does.
+    assert model.tokenizer is None and not model._stop_ids(False, None)
     ids = torch.randint(0, VOCAB, (1, 5))
     assert model.eagenerate(ids, max_new_tokens=8).tolist() == model.naivegenerate(ids, max_new_tokens=8).tolist()
 
@@ -251,6 +254,71 @@ def test_a_tokenizer_that_does_not_load_is_an_error(tmp_path):
     (base / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=f"{base}: the tokenizer .*tokenizer.json.* does not load"):
         EaModel.from_pretrained(str(base), head_path)
+
+
+def test_a_truncated_base_in_a_subfolder_names_the_file(saved, tmp_path):
+    base = copy(saved / "llama", tmp_path / "repo" / "base")
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{base / 'model.safetensors'}: corrupt or truncated"):
+        EaModel.from_pretrained(str(tmp_path / "repo"), str(saved / "eagle3"), subfolder="base")
+
+
+def test_a_tokenizer_of_custom_code_gets_trust_remote_code(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from eagle_gto.demo import demo_paths
+
+    base_path, head_path = demo_paths()
+    asked = []
+    real = AutoTokenizer.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs.get("trust_remote_code"))
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    assert EaModel.from_pretrained(base_path, head_path, trust_remote_code=True).tokenizer is not None
+    assert asked == [True]
+
+
+def test_a_full_vocabulary_eagle3_head_needs_no_mapping(saved, tmp_path):
+    """Vd == V: the mapping is the identity, and heads may leave d2t/t2d out."""
+    cfg = base_config("llama", vocab_size=VOCAB)
+    head = tmp_path / "head"
+    save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=VOCAB)), head)
+    state = load_file(str(head / "model.safetensors"))
+    del state["d2t"], state["t2d"]
+    save_file(state, str(head / "model.safetensors"))
+    model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+    assert torch.equal(model.ea_layer.d2t, torch.zeros(VOCAB, dtype=torch.long)) and bool(model.ea_layer.t2d.all())
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(model.eagenerate(ids, max_new_tokens=8), model.naivegenerate(ids, max_new_tokens=8))
+    small = copy(saved / "eagle3", tmp_path / "small")  # Vd < V: the mapping is needed
+    state = load_file(str(small / "model.safetensors"))
+    del state["d2t"]
+    save_file(state, str(small / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor d2t"):
+        EaModel.from_pretrained(str(saved / "llama"), str(small), **TREE)
+
+
+def test_a_sharded_head_loads(saved, tmp_path):
+    head = copy(saved / "eagle3", tmp_path / "head")
+    state = load_file(str(head / "model.safetensors"))
+    (head / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(head / shard))
+    weight_map = {key: shard for shard, keys in shards.items() for key in keys}
+    (head / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+    for key, value in model.ea_layer.state_dict().items():
+        if key in state:
+            assert torch.equal(value, state[key]), key
+    (head / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"{head}: no model-00002-of-00002.safetensors"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
 def test_t2d_must_mark_what_d2t_maps_to(saved, tmp_path):

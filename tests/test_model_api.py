@@ -1,6 +1,7 @@
 """The EAGLE-compatible surface: loading, return values, streaming, stops,
 and a clear error for every kind of bad input."""
 
+import copy
 import json
 import threading
 
@@ -247,6 +248,10 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(input_ids=torch.zeros(1, 5)), "integer"),
     (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
     (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=None), "temperature must be a number, got None"),
+    (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(top_p=None), "top_p must be a number, got None"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=5.7), "max_new_tokens must be an integer"),
     (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110), "does not fit"),
@@ -288,6 +293,112 @@ def test_a_second_generation_in_the_same_thread_is_refused():
         model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4)
     first.close()
     assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
+
+
+def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
+    """Thread-pool servers start a stream in one thread and step it in others:
+    the starting thread may then wait for the model like any other."""
+    model = trained_pair("llama", "eagle3")
+    prompt, other = torch.tensor([[3, 1, 4]]), torch.tensor([[2, 7]])
+    expected = model.naivegenerate(other, max_new_tokens=6).tolist()
+    handed_over, stepped, outcome = threading.Event(), threading.Event(), {}
+
+    def starter():
+        outcome["stream"] = model.ea_generate(prompt, max_new_tokens=30)
+        next(outcome["stream"])
+        handed_over.set()
+        stepped.wait(60)
+        try:  # waits until the main thread finishes the stream
+            outcome["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
+        except RuntimeError as err:
+            outcome["ids"] = err
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    assert handed_over.wait(60)
+    next(outcome["stream"])  # this thread drives the stream now
+    stepped.set()
+    thread.join(0.3)
+    assert thread.is_alive()  # waiting for the model, not refused
+    for _ in outcome["stream"]:
+        pass
+    thread.join(60)
+    assert outcome["ids"] == expected
+
+
+def test_two_models_on_one_base_keep_their_features_apart():
+    """EaModels sharing a base share its layer hooks (added once) and each
+    thread captures only its own forwards' features."""
+    model = trained_pair("llama", "eagle3")
+    layer = model._target.layers[model._feature_layers[0]]
+    hooks = len(layer._forward_pre_hooks)
+    twin = EaModel(model.base_model, model.ea_layer, None, 60, 7, 10)  # another tree: other shapes
+    assert len(layer._forward_pre_hooks) == hooks
+    prompts = [torch.randint(0, VOCAB, (1, 4 + i), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [model.naivegenerate(p, max_new_tokens=30).tolist() for p in prompts]
+    results = {}
+
+    def worker(name, m):
+        try:
+            results[name] = [m.eagenerate(p, max_new_tokens=30).tolist() for p in prompts]
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            results[name] = err
+
+    threads = [threading.Thread(target=worker, args=item) for item in (("model", model), ("twin", twin))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert results == {"model": expected, "twin": expected}
+
+
+def test_a_forward_in_another_thread_does_not_reach_a_capture():
+    from eagle_gto.target import layer_input_tap
+
+    model = trained_pair("llama", "eagle3")
+    tap = layer_input_tap(model.base_model)
+    with tap.capturing([2]) as captured:
+        thread = threading.Thread(target=lambda: model.base_model(torch.tensor([[1, 2, 3]])))
+        thread.start()
+        thread.join(60)
+        assert captured == {}
+        model.base_model(torch.tensor([[1, 2]]))
+        assert captured[2].shape[1] == 2
+
+
+def test_a_model_cast_after_generating_gets_new_caches():
+    shared = trained_pair("llama", "eagle1")  # cached for other tests: cast copies
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    ids = torch.tensor([[5, 17, 33, 2]])
+    before = model.eagenerate(ids, max_new_tokens=20).tolist()
+    model.to(torch.float64)
+    assert model.eagenerate(ids, max_new_tokens=20).tolist() == model.naivegenerate(ids, max_new_tokens=20).tolist()
+    assert model._cache.stacks[0].storage.dtype == torch.float64
+    model.to(torch.float32)
+    assert model.eagenerate(ids, max_new_tokens=20).tolist() == before
+
+
+def test_the_tree_is_checked_when_assigned():
+    from eagle_gto.generation import TreeParams
+
+    model = EaModel(trained_pair("llama", "eagle3").base_model, trained_pair("llama", "eagle3").ea_layer,
+                    None, 8, 3, 3)
+    for bad, error in ((TreeParams(8, 3, DRAFT_VOCAB + 1), ValueError), (TreeParams(8, 0, 3), ValueError),
+                       (TreeParams(100, 2, 3), ValueError), (TreeParams(1, 3, 3), ValueError),
+                       (TreeParams(8.0, 3, 3), ValueError), ((8, 3, 3), TypeError)):
+        with pytest.raises(error):
+            model.tree = bad
+        assert model.tree == TreeParams(8, 3, 3)
+    model.tree = TreeParams(12, 4, 2)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.eagenerate(ids, max_new_tokens=12).tolist() == model.naivegenerate(ids, max_new_tokens=12).tolist()
+
+
+def test_reference_argument_order_and_forward_get_clear_errors(pair_dirs):
+    with pytest.raises(TypeError, match="pass base_model_path=, ea_model_path= and use_eagle3= by name"):
+        EaModel.from_pretrained(True, str(pair_dirs / "base"), str(pair_dirs / "eagle3"))
+    with pytest.raises(NotImplementedError, match="EaModel has no forward"):
+        trained_pair("llama", "eagle3")(torch.tensor([[1, 2]]))
 
 
 # ----------------------------------------------------------------- bad checkpoints

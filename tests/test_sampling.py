@@ -94,3 +94,11 @@ def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
         expected = TopKLogitsWarper(top_k)(None, expected)
     got = target_probs(logits, SamplingParams(temperature, top_p, top_k))
     torch.testing.assert_close(got, expected.softmax(-1))
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-46])
+def test_a_tiny_top_p_keeps_the_most_probable_token(top_p):
+    """Below float32's smallest number top_p compares as 0: the top token must still stay."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    probs = target_probs(logits, SamplingParams(1.0, top_p))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from eagle_gto import EaModel
 from eagle_gto.chat import build_prompt
+from eagle_gto.checkpoint import save_head
 from eagle_gto.drafter import Drafter
 from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
@@ -283,13 +284,41 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
 
 
+def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
+    """The micro-batch results since the last log are checkpointed: a run
+    resumed between two logs averages over the same steps."""
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, ttt_steps=2, log_every=3)
+    train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    straight, resumed = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                         for run in "ab")
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=2, batch_size=2, ttt_steps=1, log_every=1)
+    train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=samples, show_progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=samples, resume=True,
+          show_progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert [("eval_loss" in json.loads(line)) for line in before.splitlines()] == [False, True]
+
+
 def test_evaluation_follows_eval_every_not_log_every(tmp_path, tokenizer):
     samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
     cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, log_every=2, eval_every=3)
     train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=samples, show_progress=False)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The final evaluation shares the last step's record (it comes before the last checkpoint).
     assert [(m["step"], "loss" in m, "eval_loss" in m) for m in metrics] == \
-        [(2, True, False), (3, False, True), (4, True, False), (4, False, True)]
+        [(2, True, False), (3, False, True), (4, True, True)]
 
 
 def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
@@ -307,19 +336,43 @@ def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004"]
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--draft-vocab-size", "0"], "--draft-vocab-size must be at least 1, got 0"),
-    (["--max-length", "-5"], "--max-length must be at least 1, got -5"),
-    (["--intermediate-size", "0"], "--intermediate-size must be at least 1, got 0"),
-    ([], "already holds checkpoints of an earlier run .*: pass --resume"),
+def checkpoint_of(out, step: int, draft_vocab_size: int | None = None):
+    """A checkpoint folder as far as the CLI's checks read it."""
+    folder = out / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    progress = {"step": step, "epoch": 0, "index": step}
+    if draft_vocab_size:
+        progress["head_options"] = {"draft_vocab_size": draft_vocab_size, "intermediate_size": None}
+    (folder / "progress.json").write_text(json.dumps(progress))
+
+
+@pytest.mark.parametrize("options, existing, message", [
+    (["--draft-vocab-size", "0"], None, "--draft-vocab-size must be at least 1, got 0"),
+    (["--max-length", "-5"], None, "--max-length must be at least 1, got -5"),
+    (["--intermediate-size", "0"], None, "--intermediate-size must be at least 1, got 0"),
+    (["--regen-batch-size", "0"], None, "--regen-batch-size must be at least 1, got 0"),
+    (["--regen-max-new-tokens", "0"], None, "--regen-max-new-tokens must be at least 1, got 0"),
+    # the base's answers would be generated (hours) and then lost
+    (["--regenerate", "--save-data", "/nonexistent-folder/regen.jsonl"], None,
+     "--save-data /nonexistent-folder/regen.jsonl: there is no folder /nonexistent-folder"),
+    ([], "checkpoint", "already holds checkpoints of an earlier run .*: pass --resume"),
+    ([], "head", r"already holds the output of an earlier run \(config.json, model.safetensors\)"),
+    ([], "file", "is a file, not a folder"),
+    (["--resume", "--draft-vocab-size", "120"], "checkpoint",
+     r"holds a head of another shape \(--draft-vocab-size 100 then, 120 now\)"),
 ])
-def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, options, message):
+def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, options, existing, message):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     out = tmp_path / "out"
-    if not options:  # a fresh run into another run's folder
-        (out / "checkpoints" / "step-00000004").mkdir(parents=True)
-        (out / "checkpoints" / "step-00000004" / "progress.json").write_text('{"step": 4, "epoch": 0, "index": 4}')
+    if existing == "checkpoint":  # a fresh run into another run's folder, or a resume with another head shape
+        checkpoint_of(out, 4, draft_vocab_size=100)
+    elif existing == "head":  # an exported head, without checkpoints
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("")
+    elif existing == "file":
+        out.write_text("")
 
     def load_base(path):
         raise AssertionError("the base model was loaded")
@@ -327,3 +380,13 @@ def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, op
     monkeypatch.setattr(trainer, "load_base", load_base)
     with pytest.raises(SystemExit, match=message):
         main(["--base-model-path", "unused", "--data", str(data), "--out", str(out), *options])
+
+
+def test_cli_wrong_base_paths_are_one_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    head = tmp_path / "head"
+    save_head(random_head(head_config(base_config(vocab_size=VOCAB), "eagle3", draft_vocab_size=100)), head)
+    for path, message in [(tmp_path / "missing", "missing"), (head, "draft head")]:
+        with pytest.raises(SystemExit, match=f"python -m eagle_gto.train: .*{message}"):
+            main(["--base-model-path", str(path), "--data", str(data), "--out", str(tmp_path / "out")])

@@ -45,15 +45,21 @@ from tqdm import tqdm
 from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from ..ea_model import EaModel
 from ..tree import check_tree_params
-from .questions import BENCHES, answered_ids, append_answer, load_questions, question_file, sort_answers
+from .questions import (BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file,
+                        sort_answers)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench-name", choices=BENCHES, default="mt_bench")
-    p.add_argument("--question-file", help="questions (JSON lines); default DATA_DIR/BENCH/question.jsonl")
+    p.add_argument("--bench-name", choices=BENCHES,
+                   help="question set read from DATA_DIR (default mt_bench); with --question-file it only "
+                        "names the default answer folder")
+    p.add_argument("--question-file", help="questions (JSON lines); default DATA_DIR/BENCH/question.jsonl. "
+                                           "Without --bench-name its answers are filed under the file's folder "
+                                           "(gsm8k for .../gsm8k/question.jsonl) or, for another file name, "
+                                           "under that name (mine for mine.jsonl)")
     p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
@@ -220,12 +226,26 @@ def run_settings(args: argparse.Namespace, questions_path: Path) -> dict:
             "device": args.device, "dtype": args.dtype}
 
 
+def bench_label(args: argparse.Namespace) -> str:
+    """The bench the answers are filed under (runs/eval/BENCH/): --bench-name, else
+    the --question-file's own set: its folder in the data-dir layout
+    (gsm8k/question.jsonl -> gsm8k), else its name (mine.jsonl -> mine)."""
+    if args.bench_name:
+        return args.bench_name
+    if not args.question_file:
+        return "mt_bench"
+    path = Path(args.question_file).resolve()
+    return path.parent.name if path.name == "question.jsonl" else path.stem
+
+
 def main(argv=None) -> Path:
-    """Run the benchmark; returns the answer file's path. Bad input raises ValueError."""
+    """Run the benchmark; returns the answer file's path. Bad input raises ValueError
+    (OSError for files that cannot be read or written)."""
     args = parse_args(argv)
-    questions_path = Path(args.question_file) if args.question_file else question_file(args.bench_name, args.data_dir)
+    bench = bench_label(args)
+    questions_path = Path(args.question_file) if args.question_file else question_file(bench, args.data_dir)
     model_id = args.model_id or default_model_id(args)
-    answer_file = Path(args.answer_file or Path("runs", "eval", args.bench_name, f"{model_id}.jsonl"))
+    answer_file = Path(args.answer_file or Path("runs", "eval", bench, f"{model_id}.jsonl"))
     questions = load_questions(questions_path, args.limit)
     settings = run_settings(args, questions_path)
     done = answered_ids(answer_file, {"mode": args.mode, "model_id": model_id, **settings})
@@ -234,11 +254,12 @@ def main(argv=None) -> Path:
     if not todo:
         return answer_file
 
+    check_writable(answer_file)
     model = load_model(args)
     answerer = Answerer(model, args)
     with torch.no_grad():
         answerer.warm_up(todo[0])
-        for question in tqdm(todo, desc=f"{args.bench_name} {args.mode}"):
+        for question in tqdm(todo, desc=f"{bench} {args.mode}"):
             record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
                       "category": question.get("category"), "mode": args.mode, "settings": settings,
                       "choices": [answerer.answer(question)], "tstamp": time.time()}
@@ -252,7 +273,7 @@ def cli(argv=None) -> int:
     """The command line: bad input ends in one line `error: ...` and exit status 2."""
     try:
         main(argv)
-    except ValueError as err:  # CheckpointError included
+    except (ValueError, OSError) as err:  # CheckpointError included; OSError: a file that cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

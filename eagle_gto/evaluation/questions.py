@@ -31,8 +31,12 @@ def question_file(bench: str, data_dir: str | Path | None = None) -> Path:
 def read_jsonl(path: str | Path) -> list[dict]:
     """All records of a JSON-lines file. A line that does not parse (the
     half-written last line of an interrupted run) is skipped with a warning."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # its own message does not name the file
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -42,17 +46,53 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def is_question_id(value) -> bool:
+    """Question ids are JSON integers or strings (a file may mix them)."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def id_order(question_id: int | str) -> tuple:
+    """Sort key of question ids: integers in order, then strings (the two do not compare)."""
+    return isinstance(question_id, str), question_id
+
+
+def check_question(question, path: Path) -> None:
+    """Refuse a question gen_answer cannot answer turn by turn."""
+    if not isinstance(question, dict) or not is_question_id(question.get("question_id")):
+        raise ValueError(f"{path}: every question needs a question_id (an integer or a string)")
+    turns = question.get("turns")
+    # a string is iterable too: it would be answered one character per turn
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
+        raise ValueError(f"{path}: question {question['question_id']!r} needs a non-empty turns list "
+                         f"of strings, not {turns!r:.60}")
+
+
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The questions of a file, all checked (also those past `limit`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"question file not found: {path}")
     questions = read_jsonl(path)
     if not questions:
         raise ValueError(f"{path} holds no questions")
-    for q in questions:
-        if not isinstance(q, dict) or "question_id" not in q or not q.get("turns"):
-            raise ValueError(f"{path}: every question needs a question_id and a non-empty turns list")
+    seen = set()
+    for question in questions:
+        check_question(question, path)
+        if question["question_id"] in seen:  # answers are filed by id: one would replace the other
+            raise ValueError(f"{path}: question id {question['question_id']!r} appears twice")
+        seen.add(question["question_id"])
     return questions[:limit] if limit is not None else questions
+
+
+def check_answer_records(answers: list, label: str) -> None:
+    """Refuse records of an answer file (named by `label`) that are not answers:
+    each needs a question_id and, where it records them, settings as an object."""
+    for answer in answers:
+        if not isinstance(answer, dict) or not is_question_id(answer.get("question_id")):
+            raise ValueError(f"{label}: every record needs a question_id (an integer or a string): "
+                             f"is it an answer file?")
+        if not isinstance(answer.get("settings", {}), dict):
+            raise ValueError(f"{label}: question {answer['question_id']!r}: settings must be an object")
 
 
 def recorded_settings(answer: dict) -> dict:
@@ -69,6 +109,7 @@ def answered_ids(path: str | Path, settings: dict) -> set:
     file; a setting an answer does not record (the reference's) passes."""
     path = Path(path)
     answers = read_jsonl(path) if path.exists() else []
+    check_answer_records(answers, str(path))
     differences = {}
     for answer in answers:
         recorded = recorded_settings(answer)
@@ -86,8 +127,17 @@ def sort_answers(path: str | Path) -> None:
     """Rewrite an answer file ordered by question id, one answer per id (the
     latest wins), as the reference does after a run."""
     latest = {a["question_id"]: a for a in read_jsonl(path)}
-    lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest)]
+    lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
     Path(path).write_text("".join(lines), encoding="utf-8")
+
+
+def check_writable(path: str | Path) -> None:
+    """Open the answer file for appending once (creating it and its folder):
+    a path that cannot be written fails (OSError) before any answer is generated."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8"):
+        pass
 
 
 def append_answer(path: str | Path, record: dict) -> None:

@@ -5,7 +5,11 @@
 Questions are paired by question_id (ids present in only one file are left
 out and listed); a pair whose question set (the `question_file` gen_answer
 records), category or number of turns differ is refused: the files answer
-different questions. For question q and one side, T_q is the sum of new_tokens
+different questions. So is a pair made with different settings where a fair
+speedup needs the same: base model, prompt format, system prompt,
+temperature, --max-new-tokens, --max-length, dtype, device (the draft head,
+the tree, the seed, the mode and the model id may differ). A setting only
+one side records (the reference's answers record none) passes. For question q and one side, T_q is the sum of new_tokens
 over its turns, S_q the sum of wall_time and I_q the sum of (idxs + 1), the
 number of iterations (target forwards, prefill included). Both sides come
 from the same loop and are counted the same way. For a group of questions
@@ -25,9 +29,11 @@ from the same loop and are counted the same way. For a group of questions
 Records carry the `mode` gen_answer ran in (records without one, such as the
 reference's, are taken as they come): an --ea-file of baseline answers or a
 --baseline-file of ea answers is refused, as is the same file given twice.
-Bad input ends in one line `error: ...` and exit status 2.
+Bad input (also a record without the counts above, or with a question of no
+tokens or no time) ends in one line `error: ...` and exit status 2.
 
-Prints a table, writes `speed.json` and, with matplotlib, `speedup_tau.png`
+Prints a table, writes `speed.json` (with the mode, model id and settings
+of each side's first paired answer) and, with matplotlib, `speedup_tau.png`
 (speedup and tau per category) and `accept_lengths.png`: the histogram of
 tokens accepted per draft-and-verify iteration (accepted drafts + the bonus
 token, before a stop token or the token budget cut the step), from the
@@ -42,19 +48,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .questions import read_jsonl
+from .questions import check_answer_records, id_order, read_jsonl, recorded_settings
 
 ALL = "all"
+# What a fair speedup holds fixed between the two runs (gen_answer's settings names).
+SHARED_SETTINGS = ("base_model_path", "model_type", "system", "temperature", "max_new_tokens", "max_length",
+                   "dtype", "device")
+# The per-turn counts of a choice, and the JSON type of their entries.
+COUNTS = {"new_tokens": int, "idxs": int, "wall_time": (int, float)}
 
 
 def question_totals(answer: dict) -> dict:
     """T_q, S_q, I_q of one answer (its first choice)."""
     choice = answer["choices"][0]
-    totals = {"tokens": sum(choice["new_tokens"]), "seconds": sum(choice["wall_time"]),
-              "iterations": sum(i + 1 for i in choice["idxs"])}
-    if totals["seconds"] <= 0:
-        raise ValueError(f"question {answer['question_id']}: wall time must be positive")
-    return totals
+    return {"tokens": sum(choice["new_tokens"]), "seconds": sum(choice["wall_time"]),
+            "iterations": sum(i + 1 for i in choice["idxs"])}
 
 
 def mean(values: list[float]) -> float:
@@ -102,20 +110,63 @@ def check_mode(answers: list[dict], mode: str, side: str) -> None:
 
 
 def question_facts(answer: dict) -> dict:
-    """What two answers to the same question share; None where not recorded."""
-    return {"question set": answer.get("settings", {}).get("question_file"), "category": answer.get("category"),
-            "number of turns": len(answer["choices"][0]["new_tokens"])}
+    """What two answers to the same question share, where recorded."""
+    facts = {"question set": answer.get("settings", {}).get("question_file"), "category": answer.get("category"),
+             "number of turns": len(answer["choices"][0]["new_tokens"])}
+    return {key: value for key, value in facts.items() if value is not None}
 
 
-def check_same_questions(ea: dict, base: dict, paired: list) -> None:
-    """Refuse pairs that answer different questions under the same id (e.g. gsm8k and humaneval)."""
+def shared_settings(answer: dict) -> dict:
+    """The settings of an answer that a fair speedup holds fixed, where recorded."""
+    settings = answer.get("settings", {})
+    return {key: settings[key] for key in SHARED_SETTINGS if key in settings}
+
+
+def differences(ea_facts: dict, base_facts: dict) -> list[str]:
+    """Each fact recorded on both sides with different values, both named."""
+    return [f"{key} {value!r} in --ea-file but {base_facts[key]!r} in --baseline-file"
+            for key, value in ea_facts.items() if key in base_facts and base_facts[key] != value]
+
+
+def check_pairs(ea: dict, base: dict, paired: list) -> None:
+    """Refuse pairs that answer different questions under the same id (e.g.
+    gsm8k and humaneval), or that were made with different SHARED_SETTINGS."""
     for qid in paired:
-        ea_facts, base_facts = question_facts(ea[qid]), question_facts(base[qid])
-        for key, value in ea_facts.items():
-            other = base_facts[key]
-            if value is not None and other is not None and value != other:
-                raise ValueError(f"question {qid}: {key} {value!r} in --ea-file but {other!r} in --baseline-file: "
-                                 f"the two files answer different questions")
+        different = differences(question_facts(ea[qid]), question_facts(base[qid]))
+        if different:
+            raise ValueError(f"question {qid}: {different[0]}: the two files answer different questions")
+        different = differences(shared_settings(ea[qid]), shared_settings(base[qid]))
+        if different:
+            raise ValueError(f"question {qid}: the two files were made with different settings "
+                             f"({'; '.join(different)}): their speeds do not compare")
+
+
+def is_count(value, kind) -> bool:
+    """A non-negative JSON number of the given type (true and false are not numbers here)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and value >= 0
+
+
+def answer_problem(answer: dict) -> str | None:
+    """Why the speed report cannot use an answer; None when it can."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "choices must be a non-empty list of objects (gen_answer's format)"
+    choice = choices[0]
+    for key, kind in COUNTS.items():
+        values = choice.get(key)
+        if not isinstance(values, list) or not values or not all(is_count(v, kind) for v in values):
+            return f"{key} must be a non-empty list of non-negative numbers, one per turn"
+    if len({len(choice[key]) for key in COUNTS}) > 1:
+        return f"{', '.join(COUNTS)} must have the same number of turns"
+    lengths = choice.get("accept_lengths", [])
+    if not isinstance(lengths, list) or not all(
+            isinstance(turn, list) and all(is_count(n, int) for n in turn) for turn in lengths):
+        return "accept_lengths must be a list of lists of non-negative integers"
+    if not isinstance(answer.get("category", ""), (str, type(None))):
+        return "category must be a string"
+    if sum(choice["new_tokens"]) == 0 or sum(choice["wall_time"]) == 0:  # tokens/s would be 0 or undefined
+        return "no new tokens or no wall time: tokens per second are undefined"
+    return None
 
 
 def read_answers(path: str | Path, option: str) -> list[dict]:
@@ -126,8 +177,11 @@ def read_answers(path: str | Path, option: str) -> list[dict]:
     answers = read_jsonl(path)
     if not answers:
         raise ValueError(f"{option} {path} holds no answers")
-    if not all(isinstance(a, dict) and "question_id" in a and a.get("choices") for a in answers):
-        raise ValueError(f"{option} {path}: every record needs a question_id and choices (gen_answer's format)")
+    check_answer_records(answers, f"{option} {path}")
+    for answer in answers:
+        problem = answer_problem(answer)
+        if problem:
+            raise ValueError(f"{option} {path}: question {answer['question_id']!r}: {problem}")
     return answers
 
 
@@ -137,10 +191,10 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
     check_mode(baseline_answers, "baseline", "plain (--baseline-file)")
     ea = {a["question_id"]: a for a in ea_answers}
     base = {a["question_id"]: a for a in baseline_answers}
-    paired = sorted(ea.keys() & base.keys())
+    paired = sorted(ea.keys() & base.keys(), key=id_order)
     if not paired:
         raise ValueError("the two answer files have no question id in common")
-    check_same_questions(ea, base, paired)
+    check_pairs(ea, base, paired)
     by_group: dict[str, list] = {ALL: []}
     histogram: Counter = Counter()
     for qid in paired:
@@ -152,7 +206,9 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
             histogram.update(lengths[1:])  # the prefill yields one token without drafting
     return {
         "questions": len(paired),
-        "unpaired": sorted(ea.keys() ^ base.keys()),
+        "unpaired": sorted(ea.keys() ^ base.keys(), key=id_order),
+        # gen_answer writes one set of settings per file: its first paired answer's
+        "settings": {"ea": recorded_settings(ea[paired[0]]), "baseline": recorded_settings(base[paired[0]])},
         "groups": {name: group_stats(pairs) for name, pairs in by_group.items()},
         "accept_length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
     }
@@ -235,7 +291,7 @@ def cli(argv=None) -> int:
     """The command line: bad input ends in one line `error: ...` and exit status 2."""
     try:
         main(argv)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a file that cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,14 +12,14 @@ Every option and its default: `python -m eagle_gto.gto --help` (one source:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
 
 import torch
 
-from .trainer import GTOConfig, check_data, load_models, load_streams, train
+from ..train.trainer import check_new_out, one_line_errors
+from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
 
 
 def config_parser(description: str, command: str = "") -> argparse.ArgumentParser:
@@ -45,13 +45,9 @@ def config_from(args: argparse.Namespace) -> GTOConfig:
     return GTOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GTOConfig)})
 
 
-@contextlib.contextmanager
 def input_errors(command: str = ""):
     """Bad options, paths or data: a one-line message instead of a traceback."""
-    try:
-        yield
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"python -m eagle_gto.gto{command}: {err}") from None
+    return one_line_errors(f"python -m eagle_gto.gto{command}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).").parse_args(argv)
     with input_errors():
         cfg = config_from(args)
+        check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
         check_data(cfg)  # before the models load
         models = load_models(cfg)
         streams = load_streams(cfg, models)

@@ -24,7 +24,9 @@ assets/heads.json naming the better of eagle3 and gto as the demo default.
 The sweep trains one GTO run per grid point (plus, with --control, one
 L_token-only run per learning rate) and scores each by the validation slice
 (trees at 60/7/10 on held-out training-split text, see trainer.Validator),
-never by the evaluation prompts.
+never by the evaluation prompts. The base is loaded once, so its options
+(trainer.BASE_OPTIONS) cannot vary; points that vary the data options
+(trainer.STREAM_OPTIONS) get their own data.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from pathlib import Path
 
 import torch
 
-from .trainer import GTOConfig, check_data, load_models, load_streams, train
+from ..train.trainer import check_new_out
+from ..tree import check_tree_params
+from .trainer import BASE_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, GTOConfig, check_data, load_models, load_streams, train
 
 RUNS = {
     "control": dict(objective="token"),
@@ -156,9 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         unknown = set(names) - set(RUNS)
         if unknown:
             raise ValueError(f"unknown runs {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
-        tree = tuple(int(x) for x in args.eval_tree.split(","))
+        if args.ship and "gto" not in names:  # found now, not after hours of the other runs
+            raise ValueError("--ship needs the gto run in --runs")
+        for flag in ("limit", "max_new_tokens"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        tree = eval_tree(args.eval_tree)
         options = dataclasses.asdict(config_from(args))
         out = Path(options.pop("out"))
+        check_new_out(out)
         check_data(GTOConfig(**options))  # before the models load
     torch.manual_seed(options["seed"])
     started = time.perf_counter()
@@ -207,9 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.md").write_text(report + "\n")
     print(report)
     if args.ship:
-        if "gto" not in names:
-            raise ValueError("--ship needs the gto run")
         ship(out / "gto", results, settings)
+
+
+def eval_tree(text: str) -> tuple[int, int, int]:
+    """--eval-tree total_token,depth,top_k, a tree the engine can build."""
+    try:
+        total_token, depth, top_k = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--eval-tree {text!r}: expected three whole numbers total_token,depth,top_k") from None
+    try:
+        check_tree_params(total_token, depth, top_k)
+    except ValueError as err:
+        raise ValueError(f"--eval-tree {text!r}: {err}") from None
+    return total_token, depth, top_k
 
 
 def _kept(path: Path, settings: dict, compute) -> dict:
@@ -270,6 +291,29 @@ def grid_value(text: str, default):
     return text if default is None else type(default)(text)
 
 
+def point_name(point: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in point.items())
+
+
+def parse_grid(items: list[str], options: dict) -> dict[str, list]:
+    """--grid NAME=V1,V2 ... as {option: values}; the base is loaded once, so its options cannot vary."""
+    grid = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.replace("-", "_")
+        if name not in options or not values:
+            raise ValueError(f"--grid {item!r}: expected OPTION=V1,V2 with a GTOConfig option")
+        if name in BASE_OPTIONS:
+            raise ValueError(f"--grid {item!r}: the base model is loaded once for the whole sweep, so "
+                             f"{', '.join(BASE_OPTIONS)} cannot vary (every other option can): run one sweep "
+                             "per base model")
+        try:
+            grid[name] = [grid_value(v, options[name]) for v in values.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--grid {item!r}: {err}") from None
+    return grid
+
+
 def sweep_main(argv: list[str] | None = None) -> None:
     from .__main__ import config_from, config_parser, input_errors
 
@@ -282,35 +326,34 @@ def sweep_main(argv: list[str] | None = None) -> None:
     with input_errors(" sweep"):
         options = dataclasses.asdict(config_from(args))
         out = Path(options.pop("out"))
-        grid = {}
-        for item in args.grid:
-            name, _, values = item.partition("=")
-            name = name.replace("-", "_")
-            if name not in options or not values:
-                raise ValueError(f"--grid {item!r}: expected OPTION=V1,V2 with a GTOConfig option")
-            try:
-                grid[name] = [grid_value(v, options[name]) for v in values.split(",")]
-            except ValueError as err:
-                raise ValueError(f"--grid {item!r}: {err}") from None
+        grid = parse_grid(args.grid, options)
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
         if args.control:
             points += [{"objective": "token", "lr": lr} for lr in grid.get("lr", [options["lr"]])]
-        check_data(GTOConfig(**options))
+        # Every point's options and output folder are checked before anything trains.
+        configs = [GTOConfig(**{**options, **point, "out": str(out / point_name(point))}) for point in points]
+        for cfg in configs:
+            check_new_out(cfg.out, RUN_OUTPUTS)
+        for cfg in {cfg.data: cfg for cfg in configs}.values():
+            check_data(cfg)
         models = load_models(GTOConfig(**options))
-        streams = load_streams(GTOConfig(**options), models)
-    rows = []
-    for point in points:
-        name = "-".join(f"{k}{v}" for k, v in point.items())
-        cfg = GTOConfig(**{**options, **point, "out": str(out / name)})
-        summary = train(cfg, load_models(cfg, models), streams)
+    rows, streams = [], {}
+    for point, cfg in zip(points, configs):
+        with input_errors(" sweep"):  # e.g. too little --data for this point's windows
+            data = tuple(getattr(cfg, name) for name in STREAM_OPTIONS)
+            if data not in streams:
+                streams[data] = load_streams(cfg, models)
+            point_models = load_models(cfg, models)
+        summary = train(cfg, point_models, streams[data])
         rows.append({**point, **summary})
-        print(name, summary, flush=True)
+        print(Path(cfg.out).name, summary, flush=True)
     keys = list(dict.fromkeys(k for row in rows for k in row if k in grid or k == "objective"))
     lines = ["| " + " | ".join(keys) + " | val tau start | val tau end | val reward end |",
              "|" + "---|" * (len(keys) + 3)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys)
                      + f" | {row['val_tau_start']:.3f} | {row['val_tau_end']:.3f} | {row['val_reward_end']:.3f} |")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"training": options, "rows": rows}, indent=2) + "\n")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -27,6 +27,7 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
+from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
                      path_logprob, ratio, root_eligible)
@@ -96,9 +97,37 @@ class GTOConfig:
         if self.group_size >= self.window_length:  # roots need a token before them: no group would ever fit
             raise ValueError(f"group_size ({self.group_size}) must be smaller than window_length "
                              f"({self.window_length})")
-        for name in ("eta", "eps", "delta", "lr"):
+        for name in ("eta", "eps", "delta", "lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("steps", "windows", "eval_windows", "groups_per_window", "generated", "prompt_tokens",
+                     "new_tokens", "tree_chunk", "ttt_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.validation_every < 2:  # 1 would keep every file (all of a jsonl) out for validation
+            raise ValueError(f"validation_every must be >= 2, got {self.validation_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.window_length <= EVAL_STRIDE:
+            raise ValueError(f"window_length must be > {EVAL_STRIDE} (validation trees are rooted every "
+                             f"{EVAL_STRIDE}th position), got {self.window_length}")
+        check_tree_params(self.total_token, self.depth, self.top_k)  # top_k against the head's vocabulary: load_models
+        check_device(self.device)
+
+
+def check_device(device: str | None) -> None:
+    """A device torch cannot use fails only at the first tensor placed there, deep in a traceback."""
+    if device is None:
+        return
+    try:
+        place = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if place.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available (torch {torch.__version__}); "
+                         "leave --device out, or use cpu")
+    if place.type == "cuda" and place.index is not None and place.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 EVAL_TREE = TreeParams()  # validation always uses the engine's decoding defaults
@@ -114,23 +143,35 @@ class Models:
     feature_layers: list[int] | None
 
 
-def _load_head(path, base) -> DraftHead:
-    from ..checkpoint import build_head, check_against_base, load_checkpoint
-    from ..ea_model import attach_head
+def _read_head(path, cfg: GTOConfig) -> DraftHead:
+    """An EAGLE-3 head whose draft vocabulary holds the training trees' top_k."""
+    from ..checkpoint import build_head, load_checkpoint
 
     head = build_head(load_checkpoint(path))
     if head.kind != "eagle3":
         raise ValueError(f"{path}: GTO fine-tunes EAGLE-3 heads (L_token is the EAGLE-3 objective), got {head.kind}")
+    check_tree_params(cfg.total_token, cfg.depth, cfg.top_k, head.config.draft_vocab_size)
+    return head
+
+
+def _attach_head(head: DraftHead, path, base) -> None:
+    from ..checkpoint import check_against_base
+    from ..ea_model import attach_head
+
     check_against_base(head, base.config, str(path))
     attach_head(base, head, torch.float32)  # M trains, and M0 scores, in float32 from the exact weights
-    return head
+
+
+BASE_OPTIONS = ("base", "device", "dtype")  # what load_models reads for the base (not for the heads)
 
 
 def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
     """Base, tokenizer, trainable head M and frozen reference M0 as `cfg`
     names them; `reuse` supplies an already loaded base and tokenizer (the
-    heads are always read afresh)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    heads are always read afresh). The heads are read first: they are small."""
+    from transformers import AutoTokenizer
+
+    from ..checkpoint import load_base
 
     base_path, head_path = cfg.base, cfg.head
     if base_path is None or head_path is None:
@@ -138,19 +179,22 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
 
         demo_base, demo_head = demo_paths(head="eagle3")
         base_path, head_path = base_path or demo_base, head_path or demo_head
-    if reuse is None:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, cfg.dtype)).to(device)
-        base.eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
-    else:
-        base, tokenizer = reuse.base, reuse.tokenizer
-    head = _load_head(head_path, base)
-    reference = _load_head(cfg.reference or head_path, base).eval()
+    reference_path = cfg.reference or head_path
+    head, reference = _read_head(head_path, cfg), _read_head(reference_path, cfg)
     if not (torch.equal(head.d2t, reference.d2t) and torch.equal(head.t2d, reference.t2d)):
         # path_logprob reads M's branches in the draft ids of the head it scores with
         raise ValueError(f"reference {cfg.reference} drafts over another draft vocabulary (d2t/t2d) than the head "
                          f"{head_path}: M0 must share M's draft vocabulary")
+    if reuse is None:
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base = load_base(base_path, dtype=getattr(torch, cfg.dtype)).to(device)  # refuses a head given as the base
+        base.eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    else:
+        base, tokenizer = reuse.base, reuse.tokenizer
+    _attach_head(head, head_path, base)
+    _attach_head(reference, reference_path, base)
+    reference.eval()
     head.train()
     for name, param in head.named_parameters():
         param.requires_grad_(not name.startswith("embed_tokens."))
@@ -165,8 +209,22 @@ def check_data(cfg: GTOConfig) -> None:
         raise ValueError(f"{cfg.data}: no records")
 
 
+# The options load_streams reads: runs that agree on them can share the streams.
+STREAM_OPTIONS = ("data", "validation_every", "generated", "prompt_tokens", "new_tokens", "model_type",
+                  "eval_windows", "window_length", "seed")
+
+
 def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStream]:
-    """(training stream, validation stream), disjoint."""
+    """(training stream, validation stream), disjoint, each at least one window long."""
+    streams = _make_streams(cfg, models)
+    for name, stream in zip(("training", "validation"), streams):
+        if len(stream) < cfg.window_length:
+            raise ValueError(f"the {name} data has {len(stream)} tokens, fewer than one window of "
+                             f"{cfg.window_length} (--window-length)")
+    return streams
+
+
+def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStream]:
     if cfg.data in ("generated", "stdlib"):
         train_files, val_files = stdlib_split(cfg.validation_every)
         if cfg.data == "stdlib":
@@ -180,6 +238,9 @@ def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStre
         raise ValueError(f"{cfg.data}: too few tokens ({len(stream)}) for training and validation windows")
     return (TokenStream(stream.ids[:cut], stream.loss_mask[:cut]),
             TokenStream(stream.ids[cut:], stream.loss_mask[cut:]))
+
+
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "head")  # what train() writes into cfg.out
 
 
 @dataclass

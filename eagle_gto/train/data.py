@@ -42,8 +42,12 @@ class Sample:
 
 
 def read_records(path: str | Path) -> list[dict]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # its own message does not name the file
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -141,9 +145,9 @@ def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str
 
 
 def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_length: int = 2048,
-               system: str | None = None) -> list[Sample]:
+               system: str | None = None, purpose: str = "training") -> list[Sample]:
     """Encode, truncate to max_length, and drop records with nothing to learn
-    (an error when that leaves none)."""
+    (an error when that leaves none; `purpose` names the data in it)."""
     if max_length < 1:
         raise ValueError(f"--max-length must be at least 1, got {max_length}")
     samples, empty, cut = [], 0, 0
@@ -159,7 +163,7 @@ def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_len
             continue
         samples.append(sample)
     if not samples:
-        raise ValueError(f"no training samples in {len(records)} records: {empty} have no loss tokens "
+        raise ValueError(f"no {purpose} samples in {len(records)} records: {empty} have no loss tokens "
                          f"(no assistant answer, or empty), {cut} have none within --max-length {max_length}")
     if cut:
         warnings.warn(f"{cut} of {len(records)} records have no loss tokens within the first {max_length} tokens "

@@ -18,13 +18,12 @@ N+1 layers in memory).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..target import decoder_layers, eagle3_feature_layers
+from ..target import decoder_layers, eagle3_feature_layers, layer_input_tap
 
 
 @dataclass
@@ -33,33 +32,14 @@ class TargetOutputs:
     logits: torch.Tensor  # [b, n, V]: the target's next-token logits at each position
 
 
-@contextmanager
-def _capture_inputs(layers: nn.ModuleList, indices: list[int]):
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(index):
-        def keep(module, args, kwargs):
-            captured[index] = args[0] if args else kwargs["hidden_states"]
-
-        return keep
-
-    handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in sorted(set(indices))]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def target_outputs(model: nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> TargetOutputs:
     """Run the target once over a right-padded batch [b, n] and return the
     EAGLE-3 features and the logits, both on the device of `input_ids`."""
-    layers = decoder_layers(model)
-    indices = eagle3_feature_layers(len(layers))
+    indices = eagle3_feature_layers(len(decoder_layers(model)))
     device = model.get_input_embeddings().weight.device
-    with _capture_inputs(layers, indices) as captured:
+    with layer_input_tap(model).capturing(indices) as captured:
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=None if attention_mask is None else attention_mask.to(device),

@@ -8,7 +8,8 @@ distribution (ttt.py), AdamW updates it with gradient clipping under a
 warm-up + cosine learning rate. accelerate places everything (multi-GPU with
 `accelerate launch`), bf16 autocast on GPU, fp32 on CPU. Checkpoints in
 DIR/checkpoints/ resume with `--resume` (without it, a DIR that holds
-checkpoints is refused); metrics go to DIR/metrics.jsonl and
+checkpoints or an exported head is refused; with it, checkpoints of a head
+of another shape are); metrics go to DIR/metrics.jsonl and
 DIR/training_curves.png; the head is exported to DIR as an EAGLE-3
 checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from .features import target_outputs
 from .plot import plot_metrics
 from .ttt import TTTObjective
 
+PROG = "python -m eagle_gto.train"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -155,6 +158,45 @@ class MicroBatches:
         return order[start : start + self.batch_size].tolist()
 
 
+# ------------------------------------------------------------------ output folder
+HEAD_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_head writes
+
+
+def check_new_out(out: str | Path, outputs: tuple[str, ...] = ()) -> None:
+    """--out must be a folder (or not exist yet) that holds none of a
+    finished run's `outputs`: a new run would overwrite them."""
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+            break
+    found = [name for name in outputs if (out / name).exists()]
+    if found:
+        raise ValueError(f"{out} already holds the output of an earlier run ({', '.join(found)}): "
+                         "choose another --out (or clear this one)")
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """A file written at the end of a long run is checked at its start."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: a folder, not a file")
+    if not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: there is no folder {path.parent}")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable")
+
+
+@contextmanager
+def one_line_errors(prog: str):
+    """Bad options, paths or data: `prog: message` and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{prog}: {err}") from None
+
+
 # -------------------------------------------------------------------- checkpoints
 class CheckpointMismatch(ValueError):
     """--out holds training checkpoints that do not belong to this run."""
@@ -165,20 +207,50 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
 
 
-def previous_checkpoints(out: Path, resume: bool) -> list[Path]:
+def head_options(draft_vocab_size: int, intermediate_size: int | None) -> dict:
+    """The options that shape the head: a checkpoint only loads into a head made with the same."""
+    return {"draft_vocab_size": draft_vocab_size, "intermediate_size": intermediate_size}
+
+
+def previous_checkpoints(out: Path, resume: bool, shape: dict | None = None) -> list[Path]:
     """The checkpoints a run continues from. A fresh run refuses a folder
-    that holds another run's: it would rotate them away or, resumed later,
-    continue from them."""
+    that holds another run's checkpoints (it would rotate them away or,
+    resumed later, continue from them) or exported head; a resumed one
+    refuses checkpoints of a head of another `shape` (head_options)."""
     previous = checkpoint_dirs(Path(out))
     if previous and not resume:
         raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
                                  "pass --resume to continue it, or choose another --out (or clear this one)")
+    if not previous:
+        check_new_out(out, HEAD_FILES)
+    elif shape is not None:
+        check_same_shape(previous[-1], shape)
     return previous
 
 
-def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
+def check_same_shape(checkpoint: Path, shape: dict) -> None:
+    then = json.loads((checkpoint / "progress.json").read_text()).get("head_options")
+    if then is None:  # written before checkpoints recorded it
+        return
+    changed = [f"--{key.replace('_', '-')} {then.get(key)} then, {value} now"
+               for key, value in shape.items() if then.get(key) != value]
+    if changed:
+        raise CheckpointMismatch(f"{checkpoint} holds a head of another shape ({'; '.join(changed)}): resume with "
+                                 "the options that started the run, or choose another --out")
+
+
+def window_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"log_window_{rank}.json"
+
+
+def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: list) -> None:
+    """Weights, optimizer and data position; and each process's micro-batch
+    results since the last log, so that a resumed run logs the same averages."""
     path = out / "checkpoints" / f"step-{progress['step']:08d}"
     accelerator.save_state(str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
+    accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
     if accelerator.is_main_process:
         (path / "progress.json").write_text(json.dumps(progress) + "\n")
         for old in checkpoint_dirs(out)[:-keep]:
@@ -220,7 +292,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     out = Path(out)
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
-    previous = previous_checkpoints(out, resume)
+    shape = head_options(draft_vocab_size, intermediate_size)
+    previous = previous_checkpoints(out, resume, shape)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
@@ -237,6 +310,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
     step = 0
+    window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
     metrics_file = out / "metrics.jsonl"
     if previous:
         progress = json.loads((previous[-1] / "progress.json").read_text())
@@ -245,6 +319,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                                      "resume with the options of the run that wrote it, or choose another --out")
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], progress["index"]
+        saved_window = window_file(previous[-1], accelerator.process_index)
+        window = json.loads(saved_window.read_text()) if saved_window.is_file() else []
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +329,6 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
             if previous and metrics_file.exists() else []
         metrics_file.write_text("".join(line + "\n" for line in kept))
 
-    window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
     started, tokens = time.time(), 0
     bar = tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
                disable=not (show_progress and accelerator.is_main_process))
@@ -283,19 +358,17 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                           tokens_per_s=round(tokens * world / (time.time() - started), 1))
             window = []
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples:
+        # The final evaluation comes before the last checkpoint: a resumed finished run does not log it again.
+        if eval_samples and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
             record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
         if record:
             _append(accelerator, metrics_file, record)
         if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(accelerator, out, {"step": step, "epoch": batches.epoch, "index": batches.index},
-                            cfg.keep_checkpoints)
+            progress = {"step": step, "epoch": batches.epoch, "index": batches.index, "head_options": shape}
+            save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
     bar.close()
 
     head = accelerator.unwrap_model(objective).head
-    if eval_samples and not (cfg.eval_every and total % cfg.eval_every == 0):
-        scores = _evaluate_main(accelerator, objective, base, eval_samples, cfg, device)
-        _append(accelerator, metrics_file, {"step": step, **scores})
     if accelerator.is_main_process:
         # A fresh module for the export: the training head holds the
         # target's embedding by reference, which a copy would duplicate.
@@ -349,7 +422,7 @@ def _append(accelerator, file: Path, record: dict) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eagle_gto.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model-path", required=True, help="base model folder or hub id")
     p.add_argument("--data", required=True, nargs="+", help="training jsonl file(s)")
@@ -391,10 +464,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_base(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model and its tokenizer; the engine's loader gives a clear
+    error for a wrong path or a draft head given as the base."""
+    from transformers import AutoTokenizer
+
+    from ..checkpoint import load_base as load_checked_base
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    base = load_checked_base(path, dtype=dtype)
     if torch.cuda.is_available():
         from accelerate import PartialState
 
@@ -402,33 +479,38 @@ def load_base(path: str):
     return base.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def check_options(args: argparse.Namespace) -> TrainConfig:
+    """The options' values and the files the run writes, before anything loads."""
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    check_head_sizes(args.draft_vocab_size, args.intermediate_size)
+    for flag in ("max_length", "regen_max_new_tokens", "regen_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    previous_checkpoints(Path(args.out), args.resume, head_options(args.draft_vocab_size, args.intermediate_size))
+    if args.regenerate and args.save_data:
+        check_writable(args.save_data, "--save-data")
+    return cfg
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:  # bad options and bad data fail before the base model loads
-        fields = TrainConfig.__dataclass_fields__
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        check_head_sizes(args.draft_vocab_size, args.intermediate_size)
-        if args.max_length < 1:
-            raise ValueError(f"--max-length must be at least 1, got {args.max_length}")
-        previous_checkpoints(Path(args.out), args.resume)
+    with one_line_errors(PROG):  # bad options, paths and data fail before the base model loads
+        cfg = check_options(args)
         records = [r for path in args.data for r in read_records(path)]
         eval_records = [r for path in args.eval_data for r in read_records(path)] if args.eval_data else None
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
-    base, tokenizer = load_base(args.base_model_path)
+        base, tokenizer = load_base(args.base_model_path)
     if args.regenerate:
         records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
                              args.regen_batch_size)
         if args.save_data:
             Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
-    try:
+    with one_line_errors(PROG):
         samples = to_samples(records, tokenizer, args.model_type, args.max_length, args.system)
         eval_samples = eval_records and to_samples(eval_records, tokenizer, args.model_type, args.max_length,
-                                                   args.system)
-    except ValueError as err:
-        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
+                                                   args.system, purpose="evaluation")
     try:  # a resumed checkpoint past this run's steps is found once the step count is known
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
     except CheckpointMismatch as err:
-        raise SystemExit(f"python -m eagle_gto.train: {err}") from None
+        raise SystemExit(f"{PROG}: {err}") from None
     print(f"head written to {args.out}")
