@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 from contextlib import closing
 
 import gradio as gr
@@ -32,6 +33,9 @@ GENERATING, STOPPED = "Generating…", "Stopped."
 DONE = "Done: the model ended its answer."
 ANSWER_LIMIT = "Done: the answer reached its limit of {} new tokens (Max new tokens)."
 CONTEXT_FULL = "Done: the context is full ({} tokens for prompt and answer; see --max-length)."
+# The browser redraws the whole answer and draft panel on each update: more than about 20 a second only
+# loads the page (a fast model verifies 100 iterations a second) and delays clicks such as Stop.
+UPDATE_INTERVAL = 0.05  # seconds between two updates of a streaming answer
 ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error"}  # the user's to fix
 
 
@@ -110,16 +114,21 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         asked, typed = pending
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
+        last_shown = None  # when the browser was last updated; steps in between are shown together
         try:
             with closing(runner.generate(runner.chat_prompt(asked), options)) as updates:
                 for update in updates:
                     answer += update.text
                     pieces += "".join(by_origin(text, drafted) for text, drafted in update.pieces)
+                    if last_shown is not None and not update.step.finished \
+                            and time.monotonic() - last_shown < UPDATE_INTERVAL:
+                        continue
                     chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (finished(update.stats, options.max_new_tokens) if update.step.finished
-                             else GENERATING if update.stats.iterations == 1 else gr.skip())
+                             else GENERATING if last_shown is None else gr.skip())
+                    last_shown = time.monotonic()
                     yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
             title = ERROR_TITLES.get(type(err))

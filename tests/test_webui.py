@@ -20,6 +20,7 @@ from test_api import TREE, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application.common import ChatRunner
+from application import webui
 from application.webui import ANSWER_LIMIT, CONTEXT_FULL, GENERATING, WAITING, build_ui
 from eagle_gto import EaModel
 
@@ -130,6 +131,15 @@ COVERED_BY = """(selector) => {
 }"""
 
 
+def press(page, selector: str) -> None:
+    """Click a button while an answer streams, as the user would: nothing covers it, and the click comes at
+    once. Playwright's click waits for animation frames first, and a renderer busy drawing a long answer on
+    a loaded machine can hold those back until the answer has ended."""
+    cover = page.evaluate(COVERED_BY, selector)
+    assert cover is None, f"{selector} is covered by {cover}"
+    page.evaluate("(selector) => document.querySelector(selector).click()", selector)
+
+
 def wait_for_error(page, text: str) -> None:
     """The error's toast or notice line, and no Gradio error badge over the chat blocking the message box."""
     page.get_by_text(text).first.wait_for(timeout=60_000)
@@ -229,13 +239,13 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     second = open_chat(browser, url)
     send(second, "for i in range(10):")
     wait_for_state(second, "Waiting for the model", timeout=30)
-    second.locator("#stop").click()
+    press(second, "#stop")
     wait_for_state(second, "Stopped", timeout=30)
     assert second.locator('[data-testid="user"]').count() == 0
     assert second.locator("#message textarea").input_value() == "for i in range(10):"
     second.locator("#send").click()
     wait_for_state(second, "Waiting for the model", timeout=30)
-    first.locator("#stop").click()
+    press(first, "#stop")
     wait_for_state(first, "Stopped", timeout=30)
     wait_for_state(second, "Done", timeout=60)
     time.sleep(0.5)  # a step of the stopped answer still on its way would show now
@@ -245,7 +255,7 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
 
     send(first, "while True:")  # the second answer of this conversation: wait until it streams
     first.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 2")
-    first.locator("#clear").click()
+    press(first, "#clear")
     first.wait_for_function("document.querySelectorAll('[data-testid=\"user\"]').length == 0")
     time.sleep(0.5)  # the cancelled answer's last step, still on its way, must not bring it back
     assert (first.locator('[data-testid="user"]').count(), stats(first), state(first)) == (0, "", "")
@@ -265,7 +275,7 @@ def test_one_turn_at_a_time(browser, url, first, second):
     wait_for_error(page, "An answer is still being generated")
     assert state(page) == "Generating…"
     assert page.locator("#message textarea").input_value() == "    pass"
-    page.locator("#stop").click()
+    press(page, "#stop")
     wait_for_state(page, "Stopped")
     stopped = answers(page)
     assert len(stopped) == 1 and page.locator('[data-testid="user"]').count() == 1
@@ -323,6 +333,24 @@ def test_a_chat_template_refusal_shows_its_message():
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
     assert error.value.title == "Chat template error"
+
+
+@pytest.mark.parametrize("interval,shown", [(0, 7), (1e9, 2)], ids=["every-step", "first-and-last"])
+def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
+    """Called directly (no browser): an update within UPDATE_INTERVAL of the last waits for the next step,
+    so a fast model does not flood the page; the first update says Generating, the last is always shown
+    (whole answer, end line), and the history sent with each update is the answer as shown."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
+               if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
+    assert len(updates) == shown
+    states = [u[4] for u in updates]
+    assert states[0] == GENERATING and states[1:-1] == [gr.skip()] * (shown - 2) and states[-1].startswith("Done")
+    texts = [u[0][-1]["content"] for u in updates]
+    assert texts[-1] == "abcdefghijklmnopqrstuvwxyz" and all(texts[-1].startswith(t) for t in texts)
+    assert [len(t) for t in texts] == sorted({len(t) for t in texts})  # each update shows more
 
 
 def test_max_new_tokens_stops_at_the_context():

@@ -8,6 +8,15 @@
 # hangs or fails leaves the others' results. Stages 1-8 are the record of what
 # ran (docs/perf/2026-11-23-h100*/ name the commits); `--freeze` (stages 4, 5)
 # has since been removed from the benchmarks.
+# A new checkout has none of the carried folders; make them here first (each
+# one line in .git/info/exclude), as the device tool's README says for wheels:
+#   .whl      pip download --no-deps --only-binary=:all: (cp312, manylinux) of
+#             transformers==5.23.0 and what the GPU machine lacks of its needs
+#   .whl/ref  the same for transformers==4.53.3 with the tokenizers and
+#             huggingface_hub versions its METADATA asks for
+#   .reference  fetch github:SafeAILab/EAGLE, then git archive cb7e084 | tar -x
+#   .data     cp -r ../shared/data .data
+#   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old
 set -u
 stage=${1:?stage: 1 to 9}
 out=${OUT:-/tmp/out}
