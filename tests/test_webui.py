@@ -97,6 +97,28 @@ def answers(page) -> list[str]:
     return [code.text_content() for code in page.locator('[data-testid="bot"] pre code').all()]
 
 
+def settled_answers(page, expect: list[str] | None = None, timeout: float = 20) -> list[str]:
+    """The answers once the chat has drawn them. The chatbot renders its Markdown on its own schedule, so
+    just after the notice line says the answer ended it can still show an earlier step. Waits until they
+    equal `expect`, or, without it, until they stay the same for a second; returns what is shown then."""
+    deadline = time.monotonic() + timeout
+    shown, since = answers(page), time.monotonic()
+    while shown != expect and time.monotonic() < deadline:
+        if expect is None and time.monotonic() - since >= 1:
+            break
+        time.sleep(0.1)
+        now = answers(page)
+        if now != shown:
+            shown, since = now, time.monotonic()
+    return shown
+
+
+def wait_for_answer(page, count: int = 1) -> None:
+    """Until the chat shows `count` answers, the last one streaming. "Generating…" shows from Send, before
+    the answer's first step: a Stop then takes the question back instead of stopping an answer."""
+    page.wait_for_function(f"document.querySelectorAll('[data-testid=\"bot\"]').length == {count}")
+
+
 def state(page) -> str:
     return page.locator("#notice").inner_text()
 
@@ -157,7 +179,7 @@ def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     send(page, "def fibonacci(n):")
     wait_for_state(page, "Done")
     final = expected("def fibonacci(n):", 64)
-    assert answers(page) == [final + "\n"]
+    assert settled_answers(page, [final + "\n"]) == [final + "\n"]
     shown = page.evaluate("window.shown")
     partial = {text for text, _ in shown if len(text) <= len(final)}  # a code block ends with a newline
     assert all(final.startswith(text[:-1]) for text in partial)
@@ -176,7 +198,8 @@ def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     wait_for_state(page, "Done")
     line = stats(page)
     assert "plain decoding" in line and "mean accepted length 1.00" in line
-    assert answers(page) == [final + "\n"]  # nothing of the cleared conversation in the prompt
+    # nothing of the cleared conversation in the prompt:
+    assert settled_answers(page, [final + "\n"]) == [final + "\n"]
 
 
 def test_regenerate_gives_the_greedy_answer_again(browser, url, expected):
@@ -186,7 +209,8 @@ def test_regenerate_gives_the_greedy_answer_again(browser, url, expected):
     page.locator("#regenerate").click()
     page.wait_for_function("!document.querySelector('#notice').innerText.includes('Done')")
     wait_for_state(page, "Done")
-    assert answers(page) == [expected("class Stack:") + "\n"]
+    answer = [expected("class Stack:") + "\n"]
+    assert settled_answers(page, answer) == answer
 
 
 def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, expected):
@@ -200,7 +224,8 @@ def test_bad_input_shows_an_error_and_the_server_keeps_serving(browser, url, exp
     assert page.locator('[data-testid="user"]').count() == 0  # the turn that failed was taken back
     send(page, "import os")
     wait_for_state(page, "Done")
-    assert answers(page) == [expected("import os") + "\n"]
+    answer = [expected("import os") + "\n"]
+    assert settled_answers(page, answer) == answer
 
 
 def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
@@ -213,13 +238,13 @@ def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
     page.locator("#speculative input").uncheck()
     send(page, "x" * (MAX_LENGTH - 10))
     wait_for_state(page, CONTEXT_FULL.format(MAX_LENGTH))  # before the 20 tokens asked for
-    plain = answers(page)
+    plain = settled_answers(page)
     page.locator("#speculative input").check()
     page.locator("#regenerate").click()
     full = CONTEXT_FULL.format(MAX_LENGTH)
     page.wait_for_function(f"!document.querySelector('#notice').innerText.includes({full!r})")
     wait_for_state(page, full)
-    assert answers(page) == plain and "plain decoding" not in stats(page)
+    assert settled_answers(page, plain) == plain and "plain decoding" not in stats(page)
     before = answers(page), stats(page), page.locator("#drafts").inner_text()
     send(page, "y" * 20)
     wait_for_error(page, "(one more is needed for the answer)")
@@ -236,6 +261,7 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     first = open_chat(browser, url, max_new=1000)
     send(first, "while True:")
     wait_for_state(first, "Generating")
+    wait_for_answer(first)
     second = open_chat(browser, url)
     send(second, "for i in range(10):")
     wait_for_state(second, "Waiting for the model", timeout=30)
@@ -251,10 +277,11 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     time.sleep(0.5)  # a step of the stopped answer still on its way would show now
     assert state(first) == "Stopped."
     assert int(SPEED.search(stats(first)).group(1)) < 1000
-    assert answers(second) == [expected("for i in range(10):") + "\n"]
+    answer = [expected("for i in range(10):") + "\n"]
+    assert settled_answers(second, answer) == answer
 
     send(first, "while True:")  # the second answer of this conversation: wait until it streams
-    first.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 2")
+    wait_for_answer(first, 2)
     press(first, "#clear")
     first.wait_for_function("document.querySelectorAll('[data-testid=\"user\"]').length == 0")
     time.sleep(0.5)  # the cancelled answer's last step, still on its way, must not bring it back
@@ -271,20 +298,22 @@ def test_one_turn_at_a_time(browser, url, first, second):
     page = open_chat(browser, url, max_new=1000)
     send(page, "while True:", first)
     wait_for_state(page, "Generating")
+    wait_for_answer(page)
     send(page, "    pass", second)
     wait_for_error(page, "An answer is still being generated")
     assert state(page) == "Generating…"
     assert page.locator("#message textarea").input_value() == "    pass"
     press(page, "#stop")
     wait_for_state(page, "Stopped")
-    stopped = answers(page)
+    stopped = settled_answers(page)
     assert len(stopped) == 1 and page.locator('[data-testid="user"]').count() == 1
     box = page.locator("#max-new-tokens input[type=number]")
     box.fill(str(MAX_NEW))
     box.press("Enter")
     page.locator("#send").click()
     wait_for_state(page, "Done")
-    assert answers(page)[0] == stopped[0] and len(answers(page)) == 2
+    both = settled_answers(page)
+    assert both[0] == stopped[0] and len(both) == 2
     assert page.locator('[data-testid="user"]').count() == 2
 
 
