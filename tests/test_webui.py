@@ -19,8 +19,8 @@ from playwright import sync_api
 from test_api import TREE, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
-from application.common import ChatRunner
 from application import webui
+from application.common import ChatRunner
 from application.webui import ANSWER_LIMIT, CONTEXT_FULL, GENERATING, WAITING, build_ui
 from eagle_gto import EaModel
 

@@ -12,8 +12,8 @@
 # one line in .git/info/exclude), as the device tool's README says for wheels:
 #   .whl      pip download --no-deps --only-binary=:all: (cp312, manylinux) of
 #             transformers==5.23.0 and what the GPU machine lacks of its needs
-#   .whl/ref  the same for transformers==4.53.3 with the tokenizers and
-#             huggingface_hub versions its METADATA asks for
+#   .whl/ref  the same for transformers==4.53.3 tokenizers==0.21.4
+#             huggingface_hub==0.34.4 (as README, Benchmarks)
 #   .reference  fetch github:SafeAILab/EAGLE, then git archive cb7e084 | tar -x
 #   .data     cp -r ../shared/data .data
 #   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old
