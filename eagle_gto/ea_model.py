@@ -32,6 +32,7 @@ from .acceptance import SamplingParams
 from .checkpoint import (CheckpointError, build_head, check_against_base, expand_path, hub_options, load_base,
                          load_checkpoint, read_base_config)
 from .drafter import Drafter
+from .fusion import fuse_sibling_linears
 from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
@@ -148,16 +149,22 @@ class EaModel(nn.Module):
         tokenizer = load_tokenizer(base_model_path, {**hub, **trusted(kwargs)})
         return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, torch_compile)
 
-    def enable_torch_compile(self, mode: str = "default") -> None:
+    def enable_torch_compile(self, mode: str = "default", fuse_projections: bool = True) -> None:
         """torch.compile the base model's decoder layers (one set of graphs
         for all of them) and the draft head's step work (tree expansion,
         extension) as whole functions, so that the step graphs record fused
         kernels: on an H100 (8B shape) about 20% less time per step, after
         about a minute of compilation on first use (the prefill stays eager).
         `mode`: "default" or "max-autotune-no-cudagraphs" (slower to compile,
-        tuned matrix kernels). For GPUs; on a CPU it works but gains little."""
+        tuned matrix kernels). For GPUs; on a CPU it works but gains little.
+        fuse_projections: first stack the query/key/value and the gate/up
+        projections of the base and the head into one matrix product each
+        (`fusion.fuse_sibling_linears`; their state_dicts keep the stock keys)."""
         check_compile_mode(mode)
         if self.torch_compile is None:
+            if fuse_projections:
+                fuse_sibling_linears(self.base_model)
+                fuse_sibling_linears(self.ea_layer)
             compile_decoder_layers(self.base_model, mode)
             self.torch_compile = mode
             self._cache = None  # the next generation makes a drafter with compiled step functions

@@ -124,6 +124,7 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
     (["--prompt-length", "1990", "--new-tokens", "40", "--total-tokens", "60"],
      "--prompt-length 1990 + --new-tokens 40 + the largest tree 60 must fit in --max-length 2048"),
     (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--unfused"], "--unfused goes with --compile"),
 ])
 def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, monkeypatch, capsys):
     """(Past the end of the context the engine steps one token at a time: those would be averaged in.)"""

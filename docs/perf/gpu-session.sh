@@ -18,7 +18,7 @@
 #   .data     cp -r ../shared/data .data
 #   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old
 set -u
-stage=${1:?stage: 1 to 9}
+stage=${1:?stage: 1 to 10}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -85,14 +85,19 @@ case $stage in
     step efficient 230 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --sdpa-backend efficient \
         --profile 5 --json "$out/efficient.json"
     ;;
-9)  # next: the two-round draft top-k and the greedy argmax without a float32 copy (predicted about -0.35 ms an
-    # iteration), side by side with 49cfdc3 (before them), then the attention as inductor's own kernels (math).
+9)  # next: the two-round draft top-k and the greedy argmax without a float32 copy (predicted together about
+    # -0.35 ms an iteration: 49cfdc3 against HEAD --unfused), and the stacked q/k/v and gate/up projections
+    # (predicted about -0.4 ms an iteration, -0.2 to -0.4 ms a plain step: HEAD --unfused against HEAD), one run.
     # Before the call, here: rm -rf .old && mkdir .old && git archive 49cfdc3 eagle_gto | tar -x -C .old
-    step parity 60 python3 -m eagle_gto.benchmarks.reference_parity --reference-path /tmp/ref-site:.reference \
+    step parity 50 python3 -m eagle_gto.benchmarks.reference_parity --reference-path /tmp/ref-site:.reference \
         --device cuda --limit 3 --data-dir .data --reference-label "SafeAILab/EAGLE cb7e084" --json "$out/parity.json"
     step compiled 200 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --profile 5 --json "$out/compiled.json"
+    step compiled-unfused 150 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --unfused \
+        --json "$out/compiled_unfused.json"
     step compiled-49cfdc3 150 env -C .old PYTHONPATH=/tmp/site:$PWD/.old "${overhead[@]}" --engines graphs \
         --total-tokens 60 --compile --json "$out/compiled_49cfdc3.json"
+    ;;
+10)  # next: the attention as inductor's own kernels (math) against torch's choice (cuDNN)
     step math 170 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --sdpa-backend math --profile 5 \
         --json "$out/math.json"
     ;;

@@ -217,8 +217,11 @@ def format_table(r: dict) -> str:
         plain = f"{x_plain:.2f}" if x_plain is not None else ""
         return f"| {what} | {ms:.3f} | {ms / floor:.2f} | {plain} | {extra} |"
 
+    compiled = ""
+    if r.get("compiled"):
+        compiled = f", compiled ({r['compiled']}, projections {'fused' if r.get('fused') else 'unfused'})"
     lines = [
-        f"engine overhead, {r['device_name']}, {r['dtype']}, {r['date']}: hidden {s['hidden_size']}, "
+        f"engine overhead, {r['device_name']}, {r['dtype']}{compiled}, {r['date']}: hidden {s['hidden_size']}, "
         f"{s['num_layers']} layers, heads {s['num_heads']}/{s['num_kv_heads']}, intermediate "
         f"{s['intermediate_size']}, vocab {s['vocab_size']}; prompt {r['prompt_length']}, "
         f"{r['new_tokens']} new tokens, median of {r['repeats']}",
@@ -251,11 +254,19 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                    help="torch.compile the engine first (EaModel.enable_torch_compile), in this mode "
                         "(default: default)")
+    p.add_argument("--unfused", action="store_true",
+                   help="with --compile: keep the query/key/value and gate/up projections as separate "
+                        "matrix products (enable_torch_compile(fuse_projections=False))")
+
+
+def check_compile_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.unfused and not args.compile:
+        p.error("--unfused goes with --compile (the projections are stacked when the engine compiles)")
 
 
 def compile_engine(model: EaModel, args: argparse.Namespace) -> None:
     if args.compile:
-        model.enable_torch_compile(args.compile)
+        model.enable_torch_compile(args.compile, fuse_projections=not args.unfused)
 
 
 def sdpa_backend(name: str):
@@ -300,6 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_compile_arguments(p, args)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -349,7 +361,8 @@ def main(argv=None) -> dict:
     result.update(
         shape=asdict(shape), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
-        dtype=dtype, compiled=args.compile, sdpa_backend=args.sdpa_backend,
+        dtype=dtype, compiled=args.compile, fused=bool(args.compile) and not args.unfused,
+        sdpa_backend=args.sdpa_backend,
         date=datetime.date.today().isoformat(),
         torch=torch.__version__,
         transformers=__import__("transformers").__version__, prompt_length=args.prompt_length,

@@ -24,7 +24,7 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
-from .engine_overhead import add_compile_arguments, build_model, compile_engine
+from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
 from .shapes import SHAPES
 
 PATHS = (("plain", False, False), ("plain", True, True), ("speculative", True, False), ("speculative", True, True))
@@ -91,6 +91,7 @@ def main(argv=None) -> list[dict]:
     add_compile_arguments(p)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_compile_arguments(p, args)
     if not torch.cuda.is_available():
         p.error("this check compares decoding paths on a CUDA GPU, and CUDA is not available here "
                 "(the CPU test suite checks the same equalities in float32: python -m pytest)")

@@ -1,0 +1,168 @@
+"""Sibling linear layers that read one input, run as one matrix product.
+
+An attention block projects its input three times (queries, keys, values)
+and a gated MLP twice (gate, up). At decoding sizes each product is one pass
+over its weights, and small ones waste it: on the lent H100 the 8B shape's key
+and value products (8 MB each, 60 rows) ran at about 1.2 TB/s with a split-K
+reduction kernel after each, against 2.7 TB/s for the large products
+(docs/perf/2026-11-23-h100-b). One product over the stacked weights reads
+the same bytes in one kernel.
+
+`fuse_sibling_linears` swaps such siblings, where they are stock `nn.Linear`s,
+for `LinearPart`s of one `FusedLinear`. The model keeps its class and its
+forward code. The first part called with an input computes the whole product;
+the others take their slices when called with that same tensor (attention and
+MLP forwards pass one tensor to all of them), and a call that does not follow
+this pattern computes a product of its own, so results never depend on the
+call pattern. The state_dict keeps the stock keys (`q_proj.weight`, ...):
+hooks on the parent split the fused weights on saving and join them on loading.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# fused name -> the sibling linears it replaces, in the order their outputs are stacked
+SIBLINGS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class FusedLinear(nn.Module):
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        requires_grad = linears[0].weight.requires_grad
+        self.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad)
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad)
+        self.sizes = [lin.out_features for lin in linears]
+        self.starts = [0, *itertools.accumulate(self.sizes)]
+        # (input, the slices of its product that parts have not taken yet)
+        self._pending: tuple[torch.Tensor, list] | None = None
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is None or pending[0] is not x or pending[1][index] is None:
+            pending = (x, list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)))
+        out = pending[1][index]
+        pending[1][index] = None
+        # Kept only until every part has its slice, so nothing outlives the parent's forward.
+        self._pending = pending if any(s is not None for s in pending[1]) else None
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, sizes={self.sizes}, bias={self.bias is not None}"
+
+
+class LinearPart(nn.Module):
+    """Stands where one of the fused linears stood. Its `weight` and `bias`
+    are views of the fused parameters (code that reads `q_proj.weight.dtype`
+    still works); it holds no parameters of its own."""
+
+    def __init__(self, fused: FusedLinear, index: int):
+        super().__init__()
+        self.__dict__["fused"] = fused  # not a submodule: the parent holds it once, under its own name
+        self.index = index
+        self.in_features = fused.weight.shape[1]
+        self.out_features = fused.sizes[index]
+
+    def _rows(self, whole: torch.Tensor | None) -> torch.Tensor | None:
+        start = self.fused.starts[self.index]
+        return None if whole is None else whole[start : start + self.out_features]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._rows(self.fused.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._rows(self.fused.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a FusedLinear"
+
+
+def _fusable(parent: nn.Module, fused_name: str, linears: list) -> bool:
+    """Stock linears with their weights at hand (no accelerate offload hook,
+    no hooks of anyone's, not on the meta device, not a tensor subclass),
+    alike in input size, dtype, device, bias and trainability."""
+    if fused_name in parent._modules or hasattr(parent, fused_name):
+        return False
+    for lin in linears:
+        if type(lin) is not nn.Linear or hasattr(lin, "_hf_hook") or lin._forward_hooks or lin._forward_pre_hooks:
+            return False
+        if type(lin.weight.data) is not torch.Tensor or lin.weight.device.type == "meta":
+            return False
+    first = linears[0]
+    return all(
+        lin.in_features == first.in_features and lin.weight.dtype == first.weight.dtype
+        and lin.weight.device == first.weight.device and (lin.bias is None) == (first.bias is None)
+        and lin.weight.requires_grad == first.weight.requires_grad
+        for lin in linears
+    )
+
+
+def fuse_sibling_linears(model: nn.Module) -> int:
+    """Fuse the sibling groups of `SIBLINGS` in every module of `model` where
+    they can be (`_fusable`); the others stay as they are. Fusing twice
+    changes nothing. Returns how many groups were fused."""
+    fused_groups = 0
+    for parent in list(model.modules()):
+        for fused_name, names in SIBLINGS.items():
+            linears = [parent._modules.get(name) for name in names]
+            if None in linears or not _fusable(parent, fused_name, linears):
+                continue
+            fused = FusedLinear(linears)
+            parent.add_module(fused_name, fused)
+            for index, name in enumerate(names):
+                setattr(parent, name, LinearPart(fused, index))  # the stock linear, and its weights, go
+            split, join = _stock_key_hooks(fused_name, names)
+            parent.register_state_dict_post_hook(split)
+            parent.register_load_state_dict_pre_hook(join)
+            fused_groups += 1
+    return fused_groups
+
+
+def _stock_key_hooks(fused_name: str, names: tuple[str, ...]):
+    """The parent's state_dict hooks for one fused group: its entries under
+    the stock names (`q_proj.weight`, ...) rather than the fused one."""
+
+    def split(module, state_dict, prefix, local_metadata) -> None:
+        fused = module._modules[fused_name]
+        for kind in ("weight", "bias"):
+            whole = state_dict.pop(f"{prefix}{fused_name}.{kind}", None)
+            if whole is not None:
+                # Views of one storage, as each part's weight is; transformers' save_pretrained
+                # clones disjoint views before writing safetensors.
+                for name, piece in zip(names, whole.split(fused.sizes)):
+                    state_dict[f"{prefix}{name}.{kind}"] = piece
+
+    def join(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        fused = module._modules[fused_name]
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in names]
+            current = getattr(fused, kind)
+            if current is None or not any(key in state_dict for key in keys):
+                continue  # (parts' biases where the fused linear has none are reported as unexpected)
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{fused_name}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+                continue
+            # Some parts given: they replace their rows, the others are missing.
+            joined = current.detach().clone()
+            for key, rows in zip(keys, joined.split(fused.sizes)):
+                if key not in state_dict:
+                    missing_keys.append(key)
+                elif state_dict[key].shape != rows.shape:
+                    given = tuple(state_dict.pop(key).shape)
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {given}, "
+                                      f"the shape in current model is {tuple(rows.shape)}.")
+                else:
+                    rows.copy_(state_dict.pop(key))
+            state_dict[f"{prefix}{fused_name}.{kind}"] = joined
+
+    return split, join
