@@ -121,36 +121,45 @@ def fuse_sibling_linears(model: nn.Module) -> int:
             parent.add_module(fused_name, fused)
             for index, name in enumerate(names):
                 setattr(parent, name, LinearPart(fused, index))  # the stock linear, and its weights, go
-            split, join = _stock_key_hooks(fused_name, names)
-            parent.register_state_dict_post_hook(split)
-            parent.register_load_state_dict_pre_hook(join)
+            parent.register_state_dict_post_hook(_SplitOnSave(fused_name, names))
+            parent.register_load_state_dict_pre_hook(_JoinOnLoad(fused_name, names))
             fused_groups += 1
     return fused_groups
 
 
-def _stock_key_hooks(fused_name: str, names: tuple[str, ...]):
-    """The parent's state_dict hooks for one fused group: its entries under
-    the stock names (`q_proj.weight`, ...) rather than the fused one."""
+class _StockKeys:
+    """State_dict hooks of a fused group's parent: the group's entries go
+    under the stock names (`q_proj.weight`, ...) rather than the fused one.
+    (Callable objects, not closures: a model with them still pickles.)"""
 
-    def split(module, state_dict, prefix, local_metadata) -> None:
-        fused = module._modules[fused_name]
+    def __init__(self, fused_name: str, names: tuple[str, ...]):
+        self.fused_name, self.names = fused_name, names
+
+
+class _SplitOnSave(_StockKeys):
+    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
+        fused = module._modules[self.fused_name]
         for kind in ("weight", "bias"):
-            whole = state_dict.pop(f"{prefix}{fused_name}.{kind}", None)
+            whole = state_dict.pop(f"{prefix}{self.fused_name}.{kind}", None)
             if whole is not None:
                 # Views of one storage, as each part's weight is; transformers' save_pretrained
                 # clones disjoint views before writing safetensors.
-                for name, piece in zip(names, whole.split(fused.sizes)):
+                for name, piece in zip(self.names, whole.split(fused.sizes)):
                     state_dict[f"{prefix}{name}.{kind}"] = piece
 
-    def join(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        fused = module._modules[fused_name]
+
+class _JoinOnLoad(_StockKeys):
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+        fused = module._modules[self.fused_name]
         for kind in ("weight", "bias"):
-            keys = [f"{prefix}{name}.{kind}" for name in names]
+            keys = [f"{prefix}{name}.{kind}" for name in self.names]
             current = getattr(fused, kind)
             if current is None or not any(key in state_dict for key in keys):
                 continue  # (parts' biases where the fused linear has none are reported as unexpected)
+            fused_key = f"{prefix}{self.fused_name}.{kind}"
             if all(key in state_dict for key in keys):
-                state_dict[f"{prefix}{fused_name}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+                state_dict[fused_key] = torch.cat([state_dict.pop(key) for key in keys])
                 continue
             # Some parts given: they replace their rows, the others are missing.
             joined = current.detach().clone()
@@ -163,6 +172,4 @@ def _stock_key_hooks(fused_name: str, names: tuple[str, ...]):
                                       f"the shape in current model is {tuple(rows.shape)}.")
                 else:
                     rows.copy_(state_dict.pop(key))
-            state_dict[f"{prefix}{fused_name}.{kind}"] = joined
-
-    return split, join
+            state_dict[fused_key] = joined

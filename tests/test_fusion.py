@@ -83,6 +83,22 @@ def test_state_dict_keeps_the_stock_keys_and_loads_back():
         fused.load_state_dict({prefix + "v_proj.weight": torch.zeros(3, 3)}, strict=False)
 
 
+def test_a_fused_model_copies_and_pickles():
+    import pickle
+
+    stock = make_base("llama", num_layers=2)
+    fused = copy.deepcopy(stock)
+    fuse_sibling_linears(fused)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected = products_and_logits(fused, ids)[1]
+    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        attn = decoder_layers(twin)[0].self_attn
+        assert attn.q_proj.fused is attn.qkv_proj  # the parts use their own model's fused linear
+        assert attn.qkv_proj.weight.data_ptr() != decoder_layers(fused)[0].self_attn.qkv_proj.weight.data_ptr()
+        torch.testing.assert_close(products_and_logits(twin, ids)[1], expected, rtol=0, atol=0)
+        assert set(twin.state_dict()) == set(stock.state_dict())
+
+
 def test_save_pretrained_of_a_fused_base_loads_as_the_stock_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
