@@ -93,9 +93,13 @@ def select_tree(
     number + 1 (0 = the root). A stable descending sort ranks ties by creation
     order, so a parent (score >= its child's) is always kept before its child:
     the kept set is closed under ancestors even when log-probs are exactly 0.
+    A NaN score (a head whose logits overflowed; its descendants are NaN too)
+    ranks as -inf, after its parent: sorted first, as torch sorts NaN, it
+    would be kept without its parent.
     """
     n = total_token - 1
-    order = torch.sort(cand_scores, descending=True, stable=True).indices[:n]
+    ranked = torch.nan_to_num(cand_scores, nan=float("-inf"))
+    order = torch.sort(ranked, descending=True, stable=True).indices[:n]
     kept = torch.sort(order).values  # creation order
     parent_cand = cand_parents[kept]  # 1-based candidate number, 0 = root
     # Position of each kept node's parent among the kept nodes, +1 for the root.

@@ -116,10 +116,12 @@ def test_draft_tree_matches_brute_force(kind, total_token, depth, top_k):
     assert tree.size == total_token
 
 
-def random_candidates(depth, top_k, seed, quantize=False):
+def random_candidates(depth, top_k, seed, quantize=False, nan_branch=False):
     """Candidate arrays with the expansion's structure: level 0 has top_k
     children of the root, each later level top_k children of each of the
-    previous level's top_k frontier nodes."""
+    previous level's top_k frontier nodes. `nan_branch`: the first frontier
+    node's draft log-probs are NaN (overflowed logits), so are all its
+    descendants', and topk takes NaN first into the next frontiers."""
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(top_k, generator=g) * 3
     if quantize:  # exact ties, including log-prob 0 (a child scoring as high as its parent)
@@ -131,6 +133,8 @@ def random_candidates(depth, top_k, seed, quantize=False):
         lp = -torch.rand(top_k, top_k, generator=g) * 3
         if quantize:
             lp = (lp * 2).round() / 2
+        if nan_branch and offset == top_k:
+            lp[0] = float("nan")
         cum = (f_scores[:, None] + lp).flatten()
         tokens.append(torch.randint(0, 100, (top_k * top_k,), generator=g))
         scores.append(cum)
@@ -156,6 +160,23 @@ def test_select_tree_matches_brute_force(seed, quantize):
     assert torch.equal(tree.retrieve_indices(), exp_retrieve)
     # Every kept node's parent is kept (closure), even with exact ties.
     assert all(p < i for i, p in enumerate(tree.parents.tolist()) if i > 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nan_scores_rank_as_minus_infinity_and_the_tree_stays_closed(seed):
+    """Sorted first, as torch sorts NaN, NaN candidates were kept without
+    their parent: a node became its own parent, its mask row lacked the root."""
+    depth, top_k = 3, 3
+    tokens, scores, parents = random_candidates(depth, top_k, seed, nan_branch=True)
+    assert scores.isnan().sum() > top_k  # the branch and its descendants
+    cands = [(int(t), float("-inf") if s != s else float(s), int(p) - 1) for t, s, p in zip(tokens, scores, parents)]
+    for total_token in (4, 20, len(cands) + 1):
+        tree = select_tree(torch.tensor(7), tokens, scores, parents, total_token, depth + 1)
+        exp_tokens, exp_parents, exp_mask, _, _ = brute_force_select(cands, 7, total_token)
+        assert tree.tokens.tolist() == exp_tokens and tree.parents.tolist() == exp_parents
+        assert torch.equal(tree.mask, exp_mask)
+        assert all(p < i for i, p in enumerate(tree.parents.tolist()) if i > 0)
+        assert bool(tree.mask[:, 0].all())
 
 
 def test_tree_params_are_checked():
