@@ -329,6 +329,16 @@ class DraftHead(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The rotary frequencies stay float32 in a half-precision head, as transformers keeps its
+        # own (and the reference its cos/sin table): rounded to bf16, the angles a thousand
+        # positions in are off by radians.
+        cfg = self.config
+        self.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(
+            self.inv_freq.device)
+        return self
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -217,3 +217,19 @@ def test_bad_feature_layers_are_refused(tmp_path, ids, message):
     make_base("llama").save_pretrained(base)
     with pytest.raises(CheckpointError, match=message):
         EaModel.from_pretrained(str(base), str(tmp_path))
+
+
+def test_rotary_frequencies_stay_float32_in_a_half_precision_head():
+    """Cast with the head (`.to(torch.bfloat16)`, as attaching it to a bf16
+    base does), the frequencies were rounded to bf16: at position 1500 the
+    angles were off by radians (cos off by 0.1 here, 2 at head_dim 128)."""
+    head = random_head(head_config(base_config("llama", vocab_size=VOCAB), "eagle3"))
+    positions = torch.arange(1500, 1510)
+    cos32, sin32 = head.rope(positions, torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        head.to(dtype)
+        assert head.inv_freq.dtype == torch.float32
+        cos, sin = head.rope(positions, dtype)
+        assert (cos.float() - cos32).abs().max() < 1e-2 and (sin.float() - sin32).abs().max() < 1e-2
+    head.to(torch.float32)
+    assert torch.equal(head.rope(positions, torch.float32)[0], cos32)
