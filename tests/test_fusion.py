@@ -81,6 +81,17 @@ def test_state_dict_keeps_the_stock_keys_and_loads_back():
     assert torch.equal(fused.state_dict()[prefix + "q_proj.weight"], other.state_dict()[prefix + "q_proj.weight"])
     with pytest.raises(RuntimeError, match="size mismatch for model.layers.0.self_attn.v_proj.weight"):
         fused.load_state_dict({prefix + "v_proj.weight": torch.zeros(3, 3)}, strict=False)
+    # missing and misshapen parts are reported under their stock keys, as the stock model reports them
+    partial = {k: v for k, v in other.state_dict().items() if not k.startswith(prefix)}
+    expected_missing = stock.load_state_dict(partial, strict=False).missing_keys
+    assert sorted(fused.load_state_dict(partial, strict=False).missing_keys) == sorted(expected_missing)
+    swapped = dict(other.state_dict())  # q one row short, k one row long: the same total
+    swapped[prefix + "q_proj.weight"] = swapped[prefix + "q_proj.weight"][:-1]
+    k_weight = swapped[prefix + "k_proj.weight"]
+    swapped[prefix + "k_proj.weight"] = torch.cat((k_weight, k_weight[:1]))
+    for model in (stock, fused):
+        with pytest.raises(RuntimeError, match="size mismatch for model.layers.0.self_attn.q_proj.weight"):
+            model.load_state_dict(swapped)
 
 
 def test_a_fused_model_copies_and_pickles():
@@ -113,7 +124,8 @@ def test_save_pretrained_of_a_fused_base_loads_as_the_stock_model(tmp_path):
 
 def test_parts_called_out_of_pattern_still_get_their_own_products():
     """The first part called with an input computes the group's product; a
-    part called with another tensor, or twice, computes its own."""
+    part called with another tensor, or twice, computes its own. What the
+    stock pattern leaves is nothing."""
     torch.manual_seed(0)
     parent = nn.Module()
     parent.q_proj, parent.k_proj, parent.v_proj = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(8, 4)
@@ -121,11 +133,9 @@ def test_parts_called_out_of_pattern_still_get_their_own_products():
     assert fuse_sibling_linears(parent) == 1
     a, b = torch.randn(3, 8), torch.randn(3, 8)
     for name, x in (("q_proj", a), ("k_proj", b), ("v_proj", a), ("k_proj", a), ("k_proj", a), ("q_proj", b),
-                    ("v_proj", b), ("v_proj", b)):
+                    ("v_proj", b), ("v_proj", b), ("q_proj", a), ("k_proj", a), ("v_proj", a)):
         torch.testing.assert_close(getattr(parent, name)(x), getattr(stock, name)(x))
-    assert parent.qkv_proj._pending is not None  # q and k of b's product not taken yet
-    parent.q_proj(b), parent.k_proj(b)
-    assert parent.qkv_proj._pending is None  # all taken: nothing is kept
+    assert parent.qkv_proj._pending is None  # the stock pattern (q, k, v of one input) took every slice
 
 
 def test_gradients_reach_the_fused_weights():
@@ -157,9 +167,15 @@ def test_what_is_not_fused():
 
     hooked = nn.Linear(8, 4)
     hooked.register_forward_hook(lambda *args: None)
+    backward_hooked = nn.Linear(8, 4)
+    backward_hooked.register_full_backward_hook(lambda *args: None)
     offloaded = nn.Linear(8, 4)
     offloaded._hf_hook = object()
+    frozen_bias = nn.Linear(8, 4)
+    frozen_bias.bias.requires_grad_(False)
+    tied = nn.Linear(8, 4)
     for changes in ({"k_proj": QuantizedLinear(8, 4)}, {"k_proj": hooked}, {"v_proj": offloaded},
+                    {"k_proj": backward_hooked}, {"v_proj": frozen_bias}, {"v_proj": tied, "other": tied},
                     {"v_proj": nn.Linear(8, 4).double()}, {"v_proj": nn.Linear(8, 4, bias=False)},
                     {"v_proj": nn.Linear(8, 4, device="meta")}, {"v_proj": None}, {"k_proj": nn.Linear(6, 4)}):
         parent = group(**changes)
