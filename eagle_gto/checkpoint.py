@@ -162,8 +162,14 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{file}: holds more than tensors, refused (only plain tensor state dicts are loaded): {err}"
+        with open(file, "rb") as f:
+            start = f.read(4)
+        if not (start.startswith(b"PK\x03\x04") or start.startswith(b"\x80")):  # a zip or legacy pickle
+            raise CheckpointError(f"{file}: not a PyTorch checkpoint (corrupt, or another kind of file under "
+                                  "this name, such as a failed download's error page)") from None
+        raise CheckpointError(  # (torch's advice to load with weights_only=False is left out: unsafe)
+            f"{file}: holds more than tensors, refused (only plain tensor state dicts are loaded): "
+            f"{str(err).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from None
@@ -230,6 +236,19 @@ def load_checkpoint(path_or_id: str, use_eagle3: bool | None = None, hub: dict |
     return HeadCheckpoint(config, state, file)
 
 
+def t2d_from_d2t(d2t: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """The bool [vocab_size] mask of the target ids `d2t` maps to (target =
+    draft + d2t[draft]); None where d2t is no such mapping (the checks below name it)."""
+    if d2t.dim() != 1 or d2t.dtype.is_floating_point or d2t.dtype == torch.bool:
+        return None
+    ids = torch.arange(d2t.shape[0]) + d2t.long()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        return None
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return t2d
+
+
 def build_head(ckpt: HeadCheckpoint) -> DraftHead:
     """Instantiate the head and load the weights, checking every tensor."""
     cfg = ckpt.config
@@ -242,6 +261,11 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
         # A full draft vocabulary needs no mapping (formats.md): heads may ship without d2t/t2d.
         state.setdefault("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         state.setdefault("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
+    if cfg.kind == "eagle3" and "t2d" not in state and "d2t" in state:
+        # t2d follows from d2t (the reference never reads it): the target ids d2t maps to.
+        t2d = t2d_from_d2t(state["d2t"], cfg.vocab_size)
+        if t2d is not None:
+            state["t2d"] = t2d
     problems = []
     for key, shape in expected.items():
         if key not in state:

@@ -321,6 +321,20 @@ def test_a_sharded_head_loads(saved, tmp_path):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
+def test_t2d_is_rebuilt_from_d2t_when_a_head_leaves_it_out(saved, tmp_path):
+    """The reference never reads t2d; it is the set of target ids d2t maps to."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    state = load_file(str(head / "model.safetensors"))
+    t2d = state.pop("t2d")
+    save_file(state, str(head / "model.safetensors"))
+    model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+    assert torch.equal(model.ea_layer.t2d, t2d)
+    state["d2t"] = state["d2t"] + VOCAB  # maps past the vocabulary: no t2d can be made, and d2t is named
+    save_file(state, str(head / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor t2d"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+
+
 def test_t2d_must_mark_what_d2t_maps_to(saved, tmp_path):
     head = copy(saved / "eagle3", tmp_path / "head")
     state = load_file(str(head / "model.safetensors"))

@@ -464,9 +464,12 @@ def test_corrupt_and_truncated_weights(pair_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
     bin_head = copy_head(pair_dirs / "eagle1", tmp_path / "b")
-    (bin_head / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or truncated|more than tensors"):
-        EaModel.from_pretrained(str(pair_dirs / "base"), str(bin_head))
+    for junk in (b"not a checkpoint at all", b"<html>404 Not Found</html>", bytes(range(7, 200))):
+        (bin_head / "pytorch_model.bin").write_bytes(junk)
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint|corrupt or truncated|a web page") as info:
+            EaModel.from_pretrained(str(pair_dirs / "base"), str(bin_head))
+        assert "weights_only" not in str(info.value)  # never the advice to unpickle arbitrary objects
+        assert junk != b"not a checkpoint at all" or "not a PyTorch checkpoint" in str(info.value)
 
 
 class NotATensor:
