@@ -123,6 +123,20 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
     return _TEMPLATES[model_type](turns, system, generation_prompt)
 
 
+def answer_lead(model_type: str = "auto", tokenizer=None, system: str | None = None) -> str:
+    """What the format writes between the prompt and an assistant answer's
+    text (" " after vicuna's `ASSISTANT:` and mixtral's and llama2-chat's
+    `[/INST]`, "" for llama3 and qwen). A model's own answer begins with it, so
+    text decoded from the answer's tokens may carry it already."""
+    marker = "\ue000"  # (a private-use character: in no template)
+    user = [{"role": "user", "content": "?"}]
+    prompt = build_prompt(user, model_type, tokenizer, system)
+    full = build_prompt(user + [{"role": "assistant", "content": marker}], model_type, tokenizer, system,
+                        generation_prompt=False)
+    end = full.find(marker, len(prompt))
+    return full[len(prompt):end] if full.startswith(prompt) and end >= 0 else ""
+
+
 def chat_format(model_type: str) -> ChatFormat:
     return FORMATS.get(model_type, ChatFormat())
 

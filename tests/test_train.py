@@ -222,6 +222,24 @@ def test_ttt_targets_and_masks_line_up():
 
 
 # ------------------------------------------------------------------------- training
+@pytest.mark.parametrize("model_type", ["vicuna", "mixtral", "llama2-chat"])
+def test_a_regenerated_answer_is_trained_as_the_model_wrote_it(model_type, tokenizer, monkeypatch):
+    """After `ASSISTANT:` or `[/INST]` a model writes " yes"; a byte-level
+    tokenizer decodes the space too, and the template writes its own: the
+    sample read `ASSISTANT:  yes`, two spaces, a sequence the model never wrote."""
+    import eagle_gto.train.data as data
+
+    answer = tokenizer(" yes", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompts = []
+    monkeypatch.setattr(data, "greedy_continue", lambda model, batch, *args: (prompts.extend(batch), [answer])[1])
+    model = nn.Linear(1, 1)  # (no generation_config: the tokenizer's eos stops)
+    records = data.regenerate([{"messages": [{"role": "user", "content": "say yes"},
+                                             {"role": "assistant", "content": "x"}]}], model, tokenizer, model_type)
+    sample = encode_conversation(records[0]["messages"], tokenizer, model_type)
+    written = prompts[0] + answer[:-1]  # (llama2-chat's template then writes " </s>")
+    assert sample.input_ids[: len(written)] == written
+
+
 def write_pair(tmp_path, tokenizer):
     base = make_base()
     base.save_pretrained(tmp_path / "base")

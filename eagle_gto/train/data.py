@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import build_prompt, chat_format, encode_prompt, stop_token_ids
+from ..chat import answer_lead, build_prompt, chat_format, encode_prompt, stop_token_ids
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}
@@ -218,6 +218,8 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
     conversations = [to_messages(r) for r in records]
     stops = regeneration_stop_ids(model, tokenizer, model_type)
     stop_strings = chat_format(model_type).stop_strings
+    # A byte-level tokenizer decodes the model's " yes" with its space, which the template writes itself.
+    lead = answer_lead(model_type, tokenizer, system)
     turn = 0
     while True:
         todo = [(i, m) for i, m in enumerate(conversations)
@@ -232,6 +234,8 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
             text = tokenizer.decode(answer, skip_special_tokens=True)
             for stop in stop_strings:
                 text = text.split(stop)[0]
+            if lead and text.startswith(lead):
+                text = text[len(lead):]
             m[k] = {"role": "assistant", "content": text}
         turn += 1
     return [r if m is None else {"messages": m} for r, m in zip(records, conversations)]
