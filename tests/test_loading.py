@@ -36,6 +36,14 @@ def saved(tmp_path_factory):
     return root
 
 
+def edit_weights(folder, edit) -> None:
+    """Rewrite folder/model.safetensors with `edit(state)` applied to its tensors."""
+    path = str(folder / "model.safetensors")
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
 def copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -287,17 +295,13 @@ def test_a_full_vocabulary_eagle3_head_needs_no_mapping(saved, tmp_path):
     cfg = base_config("llama", vocab_size=VOCAB)
     head = tmp_path / "head"
     save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=VOCAB)), head)
-    state = load_file(str(head / "model.safetensors"))
-    del state["d2t"], state["t2d"]
-    save_file(state, str(head / "model.safetensors"))
+    edit_weights(head, lambda state: [state.pop("d2t"), state.pop("t2d")])
     model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
     assert torch.equal(model.ea_layer.d2t, torch.zeros(VOCAB, dtype=torch.long)) and bool(model.ea_layer.t2d.all())
     ids = torch.randint(0, VOCAB, (1, 5))
     assert torch.equal(model.eagenerate(ids, max_new_tokens=8), model.naivegenerate(ids, max_new_tokens=8))
     small = copy(saved / "eagle3", tmp_path / "small")  # Vd < V: the mapping is needed
-    state = load_file(str(small / "model.safetensors"))
-    del state["d2t"]
-    save_file(state, str(small / "model.safetensors"))
+    edit_weights(small, lambda state: state.pop("d2t"))
     with pytest.raises(CheckpointError, match="missing tensor d2t"):
         EaModel.from_pretrained(str(saved / "llama"), str(small), **TREE)
 
@@ -324,22 +328,18 @@ def test_a_sharded_head_loads(saved, tmp_path):
 def test_t2d_is_rebuilt_from_d2t_when_a_head_leaves_it_out(saved, tmp_path):
     """The reference never reads t2d; it is the set of target ids d2t maps to."""
     head = copy(saved / "eagle3", tmp_path / "head")
-    state = load_file(str(head / "model.safetensors"))
-    t2d = state.pop("t2d")
-    save_file(state, str(head / "model.safetensors"))
+    t2d = load_file(str(head / "model.safetensors"))["t2d"]
+    edit_weights(head, lambda state: state.pop("t2d"))
     model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
     assert torch.equal(model.ea_layer.t2d, t2d)
-    state["d2t"] = state["d2t"] + VOCAB  # maps past the vocabulary: no t2d can be made, and d2t is named
-    save_file(state, str(head / "model.safetensors"))
+    edit_weights(head, lambda state: state.update(d2t=state["d2t"] + VOCAB))  # past the vocabulary: no t2d
     with pytest.raises(CheckpointError, match="missing tensor t2d"):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
 def test_t2d_must_mark_what_d2t_maps_to(saved, tmp_path):
     head = copy(saved / "eagle3", tmp_path / "head")
-    state = load_file(str(head / "model.safetensors"))
-    state["t2d"] = torch.ones_like(state["t2d"])
-    save_file(state, str(head / "model.safetensors"))
+    edit_weights(head, lambda state: state.update(t2d=torch.ones_like(state["t2d"])))
     with pytest.raises(CheckpointError, match="t2d marks 96 target ids, which are not the 40"):
         EaModel.from_pretrained(str(saved / "llama"), str(head))
 
