@@ -177,13 +177,13 @@ class Endpoint:
                 "finish_reason": finish_reason}
 
 
-def until_stop(stats: GenerationStats, tokenizer, chars: int) -> GenerationStats:
+def until_stop(stats: GenerationStats, text: TextStream, chars: int) -> GenerationStats:
     """`stats` as if decoding had stopped at the token that completes the stop
-    string, which ends `chars` characters into the answer. The tokens a
+    string, which ends `chars` characters into the answer (as `text`, a new
+    stream, decodes it: the answer's own decoding, so character counts agree). The tokens a
     speculative step brought after it do not count, so usage is the same in
     both modes: the tokens up to and including the one completing the stop string."""
     last = stats.steps[-1]
-    text = TextStream(tokenizer)  # decodes as the answer was decoded, so character counts agree
     length, keep = len(text.add([t for s in stats.steps[:-1] for t in s.tokens])), 0
     while length < chars and keep < len(last.tokens):
         length += len(text.add([last.tokens[keep]]))
@@ -248,10 +248,11 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
     # the runner's own lock is the guarantee, this is the fair queue in front of it.
     model_lock = asyncio.Lock()
 
-    async def answer(prompt_ids: list[int], options: GenerationOptions, stops: list[str]) -> AsyncIterator[tuple]:
+    async def answer(prompt_ids: list[int], options: GenerationOptions, stops: list[str],
+                     chat: bool) -> AsyncIterator[tuple]:
         """(new text, finish_reason or None, stats) per iteration, stop strings applied."""
         async with model_lock:
-            updates = runner.generate(prompt_ids, options)
+            updates = runner.generate(prompt_ids, options, chat)
             try:
                 stopper = StopStrings(stops)
                 while True:
@@ -259,7 +260,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
                     update = await anyio.to_thread.run_sync(next, updates)
                     text = stopper.feed(update.text)
                     if stopper.hit:
-                        yield text, "stop", until_stop(update.stats, runner.tokenizer, stopper.end)
+                        yield text, "stop", until_stop(update.stats, runner.text_stream(chat), stopper.end)
                         return
                     if update.step.finished:
                         yield text + stopper.flush(), update.step.finish_reason, update.stats
@@ -299,7 +300,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         except ContextLengthError as err:
             raise APIError(400, str(err), param, "context_length_exceeded") from err
         head = {"id": endpoint.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": name}
-        events = answer(prompt_ids, options, request.stops())
+        events = answer(prompt_ids, options, request.stops(), endpoint.chat)
         if request.stream:
             return ModelStream(stream(endpoint, head, events, len(prompt_ids), request), media_type="text/event-stream")
         try:

@@ -18,7 +18,8 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from eagle_gto.chat import (MODEL_TYPES, answer_lead, build_prompt, chat_format, encode_prompt, model_type_arg,
+                            stop_token_ids)
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 
@@ -135,13 +136,16 @@ class TextStream:
     """Incremental detokenization. A token may end inside a character (byte
     level BPE), which decodes to U+FFFD until the rest arrives, so such text
     is held back; and tokenizers that drop a leading space when a token is
-    decoded alone need the previous tokens as context."""
+    decoded alone need the previous tokens as context. `lead`, where the text
+    starts with it, is left out (see `ChatRunner.generate`)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, lead: str = ""):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
         self.read = 0
+        self.lead = lead
+        self.held = ""  # the first text, while it may still be (the start of) the lead
 
     def add(self, ids: list[int], final: bool = False) -> str:
         if not ids and not final:
@@ -152,7 +156,16 @@ class TextStream:
         if after.endswith("\ufffd") and not final:
             return ""
         self.start, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        return self._without_lead(after[len(before):], final)
+
+    def _without_lead(self, text: str, final: bool) -> str:
+        if not self.lead:
+            return text
+        self.held += text
+        if len(self.held) < len(self.lead) and self.lead.startswith(self.held) and not final:
+            return ""
+        text, self.held, self.lead = self.held.removeprefix(self.lead), "", ""
+        return text
 
 
 def check_text(text: str) -> None:
@@ -183,6 +196,10 @@ class ChatRunner:
         self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
         self.is_llama3 = chat_format(model_type).is_llama3
         self.stop_token_ids = stop_token_ids(self.tokenizer, model_type)
+        try:
+            self.answer_lead = answer_lead(model_type, self.tokenizer)
+        except TemplateError:  # a template that refuses a one-question conversation: nothing to leave out
+            self.answer_lead = ""
         self._lock = threading.Lock()
 
     @property
@@ -210,9 +227,17 @@ class ChatRunner:
                 "(one more is needed for the answer); shorten it or clear the conversation"
             )
 
-    def generate(self, prompt_ids: list[int], options: GenerationOptions) -> Iterator[Update]:
+    def text_stream(self, chat: bool = False) -> TextStream:
+        return TextStream(self.tokenizer, self.answer_lead if chat else "")
+
+    def generate(self, prompt_ids: list[int], options: GenerationOptions, chat: bool = False) -> Iterator[Update]:
         """One `Update` per iteration; the last one's step is finished. Close
-        the iterator to stop early: that frees the model for the next request."""
+        the iterator to stop early: that frees the model for the next request.
+
+        `chat`: the prompt is a `chat_prompt`, and the text an assistant turn,
+        without the space the format writes before an answer (vicuna's
+        `ASSISTANT: `, `[/INST] `). A byte-level tokenizer decodes the model's
+        " yes" with its space, and the next turn's prompt would write it twice."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         self.check_fits(prompt_ids)
@@ -225,7 +250,7 @@ class ChatRunner:
                 torch.tensor([prompt_ids]), temperature=options.temperature, top_p=options.top_p or TOP_TOKEN_ONLY,
                 max_new_tokens=options.max_new_tokens, max_length=self.max_length, is_llama3=self.is_llama3,
                 stop_token_ids=self.stop_token_ids, speculative=options.speculative, generator=generator)
-            text = TextStream(self.tokenizer)
+            text = self.text_stream(chat)
             stats = GenerationStats(prompt_length=len(prompt_ids))
             with closing(steps):
                 for step in steps:

@@ -116,7 +116,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
         try:
-            with closing(runner.generate(runner.chat_prompt(asked), options)) as updates:
+            with closing(runner.generate(runner.chat_prompt(asked), options, chat=True)) as updates:
                 for update in updates:
                     answer += update.text
                     pieces += "".join(by_origin(text, drafted) for text, drafted in update.pieces)

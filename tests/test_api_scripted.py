@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import ChatRunner
+from application.common import ChatRunner, TextStream
 from eagle_gto.acceptance import SamplingParams, target_probs
 from eagle_gto.generation import Step
 
@@ -35,9 +35,10 @@ class ScriptedModel:
     tree = SimpleNamespace(total_token=STEP, depth=STEP - 1, top_k=1)
     base_model = SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(1, 1))  # where sampling happens
 
-    def __init__(self):
+    def __init__(self, answer: str = ANSWER):
         self.tokenizer = char_tokenizer()
         self.tokenizer.chat_template = ALTERNATING
+        self.answer = answer
         self.calls = []  # each generation's options
 
     def check_max_length(self, max_length):
@@ -48,7 +49,7 @@ class ScriptedModel:
 
     def generate_steps(self, input_ids, *, max_new_tokens, speculative, **options):
         self.calls.append(dict(options, max_new_tokens=max_new_tokens))
-        tokens = self.tokenizer(ANSWER).input_ids[:max_new_tokens]
+        tokens = self.tokenizer(self.answer).input_ids[:max_new_tokens]
         width = STEP if speculative else 1
         for start in range(0, len(tokens), width):
             step = tokens[start:start + width]
@@ -66,20 +67,25 @@ def client(model):
         yield client
 
 
-def complete(client, body: dict) -> tuple[str, str, dict]:
-    """(text, finish_reason, usage) of a completion, streamed or not."""
+def complete(client, body: dict, chat: bool = False) -> tuple[str, str, dict]:
+    """(text, finish_reason, usage) of a completion (or with `chat`, a chat completion), streamed or not."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+
+    def text_of(choice: dict) -> str:
+        return (choice.get("message") or choice.get("delta") or {}).get("content", "") if chat else choice["text"]
+
     if not body.get("stream"):
-        response = client.post("/v1/completions", json=body)
+        response = client.post(path, json=body)
         assert response.status_code == 200, response.text
         answer = response.json()
-        return answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]
+        return text_of(answer["choices"][0]), answer["choices"][0]["finish_reason"], answer["usage"]
     text, reason, usage = "", None, None
-    with client.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as events:
+    with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}}) as events:
         for line in events.iter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
                 for choice in chunk["choices"]:
-                    text, reason = text + choice["text"], choice["finish_reason"] or reason
+                    text, reason = text + text_of(choice), choice["finish_reason"] or reason
                 usage = chunk.get("usage") or usage
     return text, reason, usage
 
@@ -94,6 +100,47 @@ def test_stop_strings_and_usage_agree_in_both_modes(client, stream, stops, text)
         body = {"prompt": "x", "max_tokens": CAP, "stop": stops, "speculative": speculative, "stream": stream}
         answer, reason, usage = complete(client, body)
         assert (answer, reason, usage["completion_tokens"]) == (text, "stop", 6), f"speculative={speculative}"
+
+
+@pytest.mark.parametrize("model_type", ["vicuna", "mixtral", "llama2-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_answer_goes_back_into_the_next_prompt_as_the_model_wrote_it(model_type, stream):
+    """These formats write a space before an answer, and a byte-level tokenizer (as the one-character one
+    here) decodes the model's " yes" with its own: the answer is sent without the format's space, so that
+    the next turn's prompt holds the tokens the model wrote, not two spaces. Stop strings and usage count
+    from the answer as sent; a plain completion keeps its space."""
+    runner = ChatRunner(ScriptedModel(" yes, I can: abc"), model_type)
+    asked = [{"role": "user", "content": "can you?"}]
+    with TestClient(create_app(runner, "scripted", CAP)) as client:
+        for speculative in (True, False):
+            body = {"messages": asked, "max_tokens": CAP, "speculative": speculative, "stream": stream}
+            answer, reason, usage = complete(client, body, chat=True)
+            assert (answer, reason, usage["completion_tokens"]) == ("yes, I can: abc", "length", 16)
+            turns = [{"role": "assistant", "content": answer}, {"role": "user", "content": "?"}]
+            again = runner.chat_prompt(asked + turns)
+            written = runner.chat_prompt(asked) + runner.tokenizer(" yes, I can: abc").input_ids
+            assert again[:len(written)] == written
+            # "e" ends 2 characters into the answer as sent: 3 tokens with the space the model wrote first.
+            answer, reason, usage = complete(client, {**body, "stop": ["e"]}, chat=True)
+            assert (answer, reason, usage["completion_tokens"]) == ("y", "stop", 3)
+            plain = {"prompt": "x", "max_tokens": 3, "speculative": speculative, "stream": stream}
+            assert complete(client, plain)[0] == " ye"
+
+
+@pytest.mark.parametrize("tokens,final,text", [
+    ([" ", "yes"], True, "yes"),  # the lead alone first: held until the text shows it is the lead
+    ([" ", " ", "x"], True, " x"),  # only one lead is left out
+    (["y", " "], True, "y "),  # text without the lead is kept
+    ([" "], True, ""),  # an answer that is only the lead
+    ([" "], False, ""),  # held: it may still be the lead
+])
+def test_text_stream_leaves_out_the_lead(tokens, final, text):
+    tokenizer = char_tokenizer()
+    stream = TextStream(tokenizer, lead=" ")
+    ids = [tokenizer(t).input_ids for t in tokens]
+    assert "".join(stream.add(i, final=final and k == len(ids) - 1) for k, i in enumerate(ids)) == text
+    two = TextStream(tokenizer, lead=" \n")  # a longer lead, one character a token
+    assert two.add(tokenizer(" ").input_ids) == "" and two.add(tokenizer("\nab").input_ids) == "ab"
 
 
 @pytest.mark.parametrize("messages", [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],

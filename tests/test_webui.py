@@ -348,6 +348,19 @@ def test_max_new_tokens_1():
     assert model.calls[-1]["max_new_tokens"] == 1
 
 
+def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
+    """Vicuna writes "ASSISTANT: " before an answer; a byte-level tokenizer decodes the model's " yes"
+    with its space: the answer is kept without the format's, or the next prompt would hold two."""
+    runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8)
+    history = last[0]
+    assert history[-1] == {"role": "assistant", "content": "yes"}
+    written = runner.chat_prompt(history[:1]) + runner.tokenizer(" yes").input_ids
+    assert runner.chat_prompt(history + [{"role": "user", "content": "?"}])[:len(written)] == written
+
+
 def test_a_chat_template_refusal_shows_its_message():
     """Called directly (no browser): the template's own message, the conversation and typed text as they were."""
     model = ScriptedModel()

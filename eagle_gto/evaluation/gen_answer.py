@@ -12,7 +12,9 @@ are timed and counted the same way:
 
 - the prompt is built turn by turn, each answer carried into the next turn
   as the model wrote it (the answer file keeps it stripped, as the
-  reference's does);
+  reference's does): without the space the format writes before an answer
+  (vicuna's `ASSISTANT: `), which a byte-level tokenizer decodes from the
+  answer's first token, but with the rest of its whitespace;
 - a few warm-up generations with the timed settings run first and are not
   recorded;
 - wall time covers the whole turn, prefill included (the device is
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from ..chat import MODEL_TYPES, answer_lead, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import (BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file,
@@ -131,6 +133,7 @@ class Answerer:
         self.speculative = args.mode == "ea"
         self.stops = stop_token_ids(model.tokenizer, args.model_type)
         self.is_llama3 = chat_format(args.model_type).is_llama3
+        self.lead = answer_lead(args.model_type, model.tokenizer, args.system)
         # Same prompt budget in both modes, with a tree's width to spare: the two sides see
         # identical prompts, and answers end before a draft tree no longer fits (every
         # speculative iteration drafts, as in the reference's runs).
@@ -184,9 +187,9 @@ class Answerer:
             tokens, seconds = self.generate(self.prompt_ids(messages))
             stats = self.model.last_stats
             text = self.decode(tokens)
-            # The next turn's prompt continues what the model wrote: with the plain
-            # format stripping would change it (a leading space, a final newline).
-            messages.append({"role": "assistant", "content": text})
+            # The next turn's prompt continues what the model wrote: stripping would change it
+            # (a final newline, a leading space in the plain format), the format's own space twice too.
+            messages.append({"role": "assistant", "content": text.removeprefix(self.lead)})
             choice["turns"].append(text.strip())
             choice["idxs"].append(stats.iterations - 1)
             choice["new_tokens"].append(stats.new_tokens)
