@@ -17,6 +17,8 @@ base model's (`use_for`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -67,10 +69,18 @@ def register() -> None:
 
 
 def use_for(model) -> bool:
-    """Switch a transformers model from "sdpa" to this attention; other
-    choices (eager, flash attention) are left alone. Returns whether it switched."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Switch a transformers model to this attention, unless it runs eager
+    attention (which takes the tree mask as it is). Returns whether it switched.
+
+    Flash attention kernels read a mask as padding or not at all: verifying a
+    tree under them would let each draft token see its siblings and give
+    wrong logits, so they are switched too, with a warning."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in (None, "eager", IMPLEMENTATION):
         return False
+    if current != "sdpa":
+        warnings.warn(f"the base model's {current!r} attention cannot take the draft tree's mask; it runs "
+                      f"{IMPLEMENTATION!r} (PyTorch's scaled_dot_product_attention) instead", stacklevel=3)
     register()
     model.set_attn_implementation(IMPLEMENTATION)
     return True

@@ -39,3 +39,35 @@ def test_engine_switches_sdpa_models_and_leaves_others_alone():
         base = AutoModelForCausalLM.from_config(cfg, attn_implementation=chosen).eval()
         EaModel(base, head, None, total_token=8, depth=2, top_k=2)
         assert base.config._attn_implementation == expected
+
+
+def causal_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What a flash attention kernel does with the engine's mask when it has no padding: reads it not at
+    all and attends causally, so a tree token would see its siblings."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    n, S = query.shape[2], key.shape[2]
+    causal = torch.ones(n, S, dtype=torch.bool, device=query.device).tril(S - n)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_an_attention_that_cannot_take_the_tree_mask_is_switched():
+    """A base model on such an attention (flash attention 2/3/4, a kernel from the hub) decodes plainly
+    as it should but would verify trees wrongly: the engine runs its own attention instead, and says so."""
+    from tiny_pairs import fit_head, make_base
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("causal_only", causal_only)
+    base = make_base("llama", residual_scale=0.5)  # attention weighs enough that a sibling changes the argmax
+    head = fit_head(base, "eagle3")
+    base.set_attn_implementation("causal_only")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, base.config.vocab_size, (1, 12), generator=g) for _ in range(6)]
+    expected = [base.generate(ids, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids),
+                              pad_token_id=0).tolist() for ids in prompts]
+    with pytest.warns(UserWarning, match="'causal_only' attention cannot take the draft tree's mask"):
+        model = EaModel(base, head, None, total_token=24, depth=5, top_k=4)
+    assert base.config._attn_implementation == attention.IMPLEMENTATION
+    assert [model.eagenerate(ids, max_new_tokens=24).tolist() for ids in prompts] == expected
+    # (Without the switch, the fourth prompt's answer differs: its tree's tokens saw their siblings.)
