@@ -200,6 +200,7 @@ class EaModel(nn.Module):
         self.check_max_length(max_length)
         stops = self._stop_ids(is_llama3, stop_token_ids)
         stats = GenerationStats(prompt_length=prompt.shape[0])
+        last = None
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
             cache, drafter, state = self._caches(max_length)
@@ -212,10 +213,15 @@ class EaModel(nn.Module):
             decoder = Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
                               generator, graphs)
             for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
+                if step.finished:  # handed over below, with the model free: a reader may stop there
+                    last = step
+                    break
                 yield step
                 # A stream may be driven by another thread than the one that started it; only the
                 # thread driving it now would deadlock by waiting for the model (_exclusive).
                 self._lock_owner = threading.get_ident()
+        if last is not None:
+            yield last
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
         prompt = token_ids("input_ids", input_ids)
@@ -349,11 +355,23 @@ class EaModel(nn.Module):
             self._graphs = None  # graphs recorded the old buffers' addresses
         return self._cache, self._drafter, self._state
 
-    def _check_graphs(self, wanted: bool | None) -> bool:
+    def _not_capturable(self) -> str | None:
+        """Why the base model's steps cannot be CUDA graphs, if they cannot."""
         if getattr(self.base_model.config, "quantization_config", None) is not None:
-            # Quantized kernels (bitsandbytes, GPTQ, ...) are not checked under graph capture here: eager steps.
+            # Quantized kernels (bitsandbytes, GPTQ, ...) are not checked under graph capture here.
+            return "a quantized base model"
+        # Dynamic NTK and LongRoPE read the longest position on the host in every forward, to pick frequencies.
+        for module in self.base_model.modules():
+            rope_type = getattr(module, "rope_type", None)
+            if isinstance(rope_type, str) and ("dynamic" in rope_type or "longrope" in rope_type):
+                return f"{rope_type!r} rope scaling"
+        return None
+
+    def _check_graphs(self, wanted: bool | None) -> bool:
+        reason = self._not_capturable()
+        if reason is not None:
             if wanted:
-                raise ValueError("cuda_graphs=True is not supported for a quantized base model; leave it out "
+                raise ValueError(f"cuda_graphs=True is not supported for {reason}; leave it out "
                                  "(steps then run eagerly)")
             return False
         devices = {p.device for p in self.base_model.parameters()} | {p.device for p in self.ea_layer.parameters()}

@@ -295,6 +295,24 @@ def test_a_second_generation_in_the_same_thread_is_refused():
     assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
 
 
+def test_the_model_is_free_once_the_finished_step_is_delivered():
+    """A reader that stops at the step marked finished (or once it has all
+    the tokens it asked for) has nothing left to close."""
+    model = trained_pair("llama", "eagle3")
+    prompt = torch.tensor([[3, 1, 4]])
+    expected = model.eagenerate(prompt, max_new_tokens=10).tolist()
+    steps = model.generate_steps(prompt, max_new_tokens=10)
+    assert next(step for step in steps if step.finished).finish_reason == "length"
+    assert model.eagenerate(prompt, max_new_tokens=10).tolist() == expected  # this thread: not refused
+    stream = model.ea_generate(prompt, max_new_tokens=10)
+    assert next(ids for ids in stream if ids.shape[1] == 13).tolist() == expected
+    other = threading.Thread(target=lambda: model.eagenerate(prompt, max_new_tokens=10))
+    other.start()
+    other.join(60)
+    assert not other.is_alive()  # another thread: not left waiting
+    del steps, stream
+
+
 def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
     """Thread-pool servers start a stream in one thread and step it in others:
     the starting thread may then wait for the model like any other."""

@@ -118,3 +118,30 @@ def test_the_end_of_the_context_in_one_token_steps(graphs_on_cpu, monkeypatch):
         assert outs[0] == outs[1] and len(outs[0][0]) == 90
     modes = [key[0] for key in graphs_on_cpu.keys]  # key[0]: speculative
     assert modes[0] is True and modes[-1] is False
+
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "default"])
+def test_dynamic_rope_scaling_steps_eagerly(rope_type, graphs_on_cpu):
+    """Dynamic NTK scaling picks its frequencies from the longest position, read on the host in every
+    forward, which breaks a capture: such a base gets no CUDA graphs, and asking for them is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from eagle_gto.tiny import base_config, head_config, random_head
+
+    torch.manual_seed(0)
+    config = base_config("llama", vocab_size=VOCAB)
+    config.rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0}
+    base = AutoModelForCausalLM.from_config(config).eval()
+    head = random_head(head_config(config, "eagle3"))
+    model = ea_model.EaModel(base, head, None, total_token=8, depth=3, top_k=2)
+    model.cuda_graphs = True  # the stand-in runs each step as a capture would see it
+    if rope_type == "default":
+        assert model._not_capturable() is None
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+        return
+    assert model._not_capturable() == "'dynamic' rope scaling"  # so off, even on one CUDA device
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="cuda_graphs=True is not supported for 'dynamic' rope scaling"):
+        ea_model.EaModel(base, head, None, total_token=8, depth=3, top_k=2, cuda_graphs=True)
