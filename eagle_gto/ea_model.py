@@ -324,7 +324,8 @@ class EaModel(nn.Module):
             eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
             if eot is not None and eot != self.tokenizer.unk_token_id:  # unk: not in this vocabulary
                 ids.add(eot)
-        if extra is not None:  # one id (int, numpy integer, 0-d tensor) or several
+        if extra is not None:  # one id (int, numpy integer, 0-d tensor) or several (a set too)
+            extra = sorted(extra) if isinstance(extra, (set, frozenset)) else extra
             ids.update(token_ids("stop_token_ids", extra).reshape(-1).tolist())
         return ids
 

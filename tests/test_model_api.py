@@ -115,7 +115,7 @@ def test_stop_tokens_end_generation_at_the_first_stop():
         out = fn(ids, max_new_tokens=40, stop_token_ids=[stop])
         assert out[0, 7:].tolist() == cut
         assert model.last_stats.finish_reason == "stop"
-    for one in (stop, np.int64(stop), torch.tensor(stop)):  # a bare id works too
+    for one in (stop, np.int64(stop), torch.tensor(stop), {stop, VOCAB + 5}):  # a bare id, or a set
         out = model.eagenerate(ids, max_new_tokens=40, stop_token_ids=one)
         assert out[0, 7:].tolist() == cut
 
