@@ -69,6 +69,11 @@ def main(argv=None) -> int:
         return 2
     text = build_prompt([{"role": "user", "content": args.prompt}], args.model_type, tokenizer)
     ids = torch.tensor([encode_prompt(text, tokenizer, args.model_type)])
+    context = model.default_max_length()
+    if ids.shape[1] + 1 > context:
+        print(f"error: the prompt has {ids.shape[1]} tokens, too many for the context of {context} tokens "
+              "(one more is needed for the answer); shorten it", file=sys.stderr)
+        return 2
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, is_llama3=chat_format(args.model_type).is_llama3,
                    stop_token_ids=stop_token_ids(tokenizer, args.model_type))
@@ -82,6 +87,8 @@ def main(argv=None) -> int:
     print(args.prompt, end="")
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     print("-" * 60)
+    if spec.finish_reason == "length" and spec.new_tokens < args.max_new_tokens:
+        print(f"(the answer ended where the context of {context} tokens is full)")
     rows = [("speculative", spec)]
     if not args.no_compare:
         plain = model.naivegenerate(ids, **options)

@@ -147,6 +147,23 @@ def test_cli_refuses_bad_generation_settings_before_loading(monkeypatch, capsys,
     assert len(err.splitlines()) == 1 and err.startswith(message)
 
 
+def test_cli_prompt_longer_than_the_context_and_an_answer_the_context_ends(model, monkeypatch, capsys):
+    """A prompt that leaves no room is one error line, before any generation; an answer cut by the
+    context, not by --max-new-tokens, says so."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    line = "x = 1\n"
+    per_line = len(model.tokenizer(line * 2).input_ids) - len(model.tokenizer(line).input_ids)
+    long = line * (model.default_max_length() // per_line + 1)
+    assert cli.main(["--model-type", "plain", "--prompt", long, "--no-compare"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: the prompt has") and "context of 2048" in err
+    near = line * ((model.default_max_length() - 12) // per_line)
+    assert cli.main(["--model-type", "plain", "--prompt", near, "--max-new-tokens", "40", "--no-compare"]) == 0
+    assert "(the answer ended where the context of 2048 tokens is full)" in capsys.readouterr().out
+    assert cli.main(["--model-type", "plain", "--max-new-tokens", "8", "--no-compare"]) == 0
+    assert "tokens is full" not in capsys.readouterr().out  # ended by --max-new-tokens
+
+
 def test_measure_bad_tree_is_one_error_line(capsys):
     assert measure_cli.main(["--total-token", "1", "--humaneval", "/nonexistent"]) == 2
     assert capsys.readouterr().err.strip() == ("error: total_token must be >= 2 (the root and at least one "

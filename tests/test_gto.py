@@ -599,3 +599,10 @@ def test_experiment_refuses_bad_options_before_training(tmp_path, monkeypatch, o
     with pytest.raises(SystemExit, match=re.escape(message)):
         experiment.main(["--out", str(tmp_path), *options])
     assert not trained
+
+
+def test_help_names_the_experiment_and_sweep_commands(capsys):
+    with pytest.raises(SystemExit):
+        gto_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m eagle_gto.gto [experiment | sweep]") and "`sweep` trains" in out

@@ -282,7 +282,8 @@ def sdpa_backend(name: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.engine_overhead",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, help="preset (default: llama3-8b on GPU, small on CPU)")
     for name in ("hidden-size", "num-layers", "num-heads", "num-kv-heads", "intermediate-size", "vocab-size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value")

@@ -82,7 +82,8 @@ def check(model: EaModel, name: str, prompts: list[torch.Tensor], new_tokens: in
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.gpu_equality",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=2, help="random prompts for the random-weight model")

@@ -91,7 +91,7 @@ def count_step(model, prompt: torch.Tensor, speculative: bool) -> collections.Co
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.op_count", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the base model (Llama-3-8B: 32)")
     p.add_argument("--total-token", type=int, default=60)
     p.add_argument("--depth", type=int, default=7)

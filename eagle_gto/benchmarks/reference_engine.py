@@ -88,7 +88,8 @@ def ms_per_step(run, new_tokens: int, repeats: int, device: torch.device) -> flo
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.reference_engine",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, help="default: llama3-8b on a GPU, small on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto")

@@ -17,7 +17,8 @@ from . import ASSETS, build_head
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.demo.build",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-steps", type=int, help="optimizer steps of the base model (default: build_base's)")
     p.add_argument("--head-steps", type=int, help="optimizer steps of the head (default: build_head's)")

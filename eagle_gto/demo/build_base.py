@@ -112,7 +112,8 @@ def heldout_loss(model: LlamaForCausalLM, stream: torch.Tensor, device: torch.de
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m eagle_gto.demo.build_base",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
     parser.add_argument("--seed", type=int, default=0)

@@ -64,7 +64,8 @@ def build_samples(base, tokenizer, generated: int, texts: int, prompt_tokens: in
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.demo.build_head",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, default=ASSETS / "base", help="demo base model folder")
     p.add_argument("--out", type=Path, default=ASSETS / "eagle3", help="where the head goes")
     p.add_argument("--generated", type=int, default=1536, help="greedy continuations to train on")

@@ -69,7 +69,8 @@ def measure(model, prompts: list[list[int]], max_new_tokens: int = 128) -> Resul
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.demo.measure",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", choices=("eagle3", "gto"), help="demo head (default: the better one)")
     p.add_argument("--base-model-path", help="measure another pair: its base (with --ea-model-path)")
     p.add_argument("--ea-model-path", help="measure another pair: its head")

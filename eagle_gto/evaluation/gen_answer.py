@@ -54,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.evaluation.gen_answer", description=__doc__.split("\n\n")[0])
     p.add_argument("--bench-name", choices=BENCHES,
                    help="question set read from DATA_DIR (default mt_bench); with --question-file it only "
                         "names the default answer folder")

@@ -263,7 +263,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> dict:
     """Print the table, write speed.json and the plots; returns the summary.
     Bad input raises ValueError."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eagle_gto.evaluation.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--ea-file", required=True, help="answers with speculation (gen_answer --mode ea)")
     p.add_argument("--baseline-file", required=True, help="answers with plain decoding (--mode baseline)")
     p.add_argument("--out-dir", help="where speed.json and the plots go (default: beside --ea-file)")

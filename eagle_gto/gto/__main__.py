@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         from . import experiment
 
         return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
-    args = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).").parse_args(argv)
+    parser = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).")
+    parser.usage = "%(prog)s [experiment | sweep] [options]"
+    parser.epilog = ("Two more commands, each with its own --help: `experiment` runs GTO against continued EAGLE-3 "
+                     "training (and ablations) and compares their acceptance; `sweep` trains over a grid of settings "
+                     "and ranks them on the validation slice.")
+    args = parser.parse_args(argv)
     with input_errors():
         cfg = config_from(args)
         check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
