@@ -132,6 +132,7 @@ class HeadConfig:
                 rope_scaling = params
         if rope_scaling is not None:
             _check_rope_scaling(rope_scaling)
+            theta = theta if theta is not None else rope_scaling.get("rope_theta")  # (transformers 5 writes it there)
         hidden_act = cfg.get("hidden_act", "silu")
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")

@@ -233,3 +233,20 @@ def test_rotary_frequencies_stay_float32_in_a_half_precision_head():
         assert (cos.float() - cos32).abs().max() < 1e-2 and (sin.float() - sin32).abs().max() < 1e-2
     head.to(torch.float32)
     assert torch.equal(head.rope(positions, torch.float32)[0], cos32)
+
+
+@pytest.mark.parametrize("written", [
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192, "rope_theta": 500000.0}},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0}},
+], ids=["top-level", "in-rope_scaling", "rope_parameters"])
+def test_rope_theta_is_read_where_each_writer_puts_it(written):
+    from eagle_gto.heads import HeadConfig
+
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 96,
+           "draft_vocab_size": 64, **written}
+    head = HeadConfig.from_dict(cfg, "eagle3")
+    assert (head.rope_theta, head.rope_scaling["rope_type"]) == (500000.0, "llama3")
