@@ -260,7 +260,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
                     update = await anyio.to_thread.run_sync(next, updates)
                     text = stopper.feed(update.text)
                     if stopper.hit:
-                        yield text, "stop", until_stop(update.stats, runner.text_stream(chat), stopper.end)
+                        yield text, "stop", until_stop(update.stats, runner.text_stream(prompt_ids, chat), stopper.end)
                         return
                     if update.step.finished:
                         yield text + stopper.flush(), update.step.finish_reason, update.stats

@@ -18,8 +18,8 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import (MODEL_TYPES, answer_lead, build_prompt, chat_format, encode_prompt, model_type_arg,
-                            stop_token_ids)
+from eagle_gto.chat import (DECODE_CONTEXT, MODEL_TYPES, answer_lead, build_prompt, chat_format, decode_after,
+                            encode_prompt, model_type_arg, stop_token_ids)
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 
@@ -135,15 +135,16 @@ class Update:
 class TextStream:
     """Incremental detokenization. A token may end inside a character (byte
     level BPE), which decodes to U+FFFD until the rest arrives, so such text
-    is held back; and tokenizers that drop a leading space when a token is
-    decoded alone need the previous tokens as context. `lead`, where the text
-    starts with it, is left out (see `ChatRunner.generate`)."""
+    is held back; and each new text is decoded after the tokens before it (at
+    first, the prompt's last ones: `context`), as SentencePiece decoders drop
+    the space before a text's first word. `lead`, where the text starts with
+    it, is left out (see `ChatRunner.generate`)."""
 
-    def __init__(self, tokenizer, lead: str = ""):
+    def __init__(self, tokenizer, lead: str = "", context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-DECODE_CONTEXT:])
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
-        self.read = 0
+        self.read = len(self.ids)
         self.lead = lead
         self.held = ""  # the first text, while it may still be (the start of) the lead
 
@@ -151,12 +152,11 @@ class TextStream:
         if not ids and not final:
             return ""
         self.ids += ids
-        before = self.tokenizer.decode(self.ids[self.start:self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
-        if after.endswith("\ufffd") and not final:
+        text = decode_after(self.tokenizer, self.ids[self.start:self.read], self.ids[self.read:])
+        if text.endswith("\ufffd") and not final:
             return ""
         self.start, self.read = self.read, len(self.ids)
-        return self._without_lead(after[len(before):], final)
+        return self._without_lead(text, final)
 
     def _without_lead(self, text: str, final: bool) -> str:
         if not self.lead:
@@ -227,8 +227,9 @@ class ChatRunner:
                 "(one more is needed for the answer); shorten it or clear the conversation"
             )
 
-    def text_stream(self, chat: bool = False) -> TextStream:
-        return TextStream(self.tokenizer, self.answer_lead if chat else "")
+    def text_stream(self, prompt_ids: list[int], chat: bool = False) -> TextStream:
+        """The answer's text as it comes: decoded after the prompt; for a chat, without the format's lead."""
+        return TextStream(self.tokenizer, self.answer_lead if chat else "", prompt_ids)
 
     def generate(self, prompt_ids: list[int], options: GenerationOptions, chat: bool = False) -> Iterator[Update]:
         """One `Update` per iteration; the last one's step is finished. Close
@@ -250,7 +251,7 @@ class ChatRunner:
                 torch.tensor([prompt_ids]), temperature=options.temperature, top_p=options.top_p or TOP_TOKEN_ONLY,
                 max_new_tokens=options.max_new_tokens, max_length=self.max_length, is_llama3=self.is_llama3,
                 stop_token_ids=self.stop_token_ids, speculative=options.speculative, generator=generator)
-            text = self.text_stream(chat)
+            text = self.text_stream(prompt_ids, chat)
             stats = GenerationStats(prompt_length=len(prompt_ids))
             with closing(steps):
                 for step in steps:

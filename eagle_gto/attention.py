@@ -74,13 +74,21 @@ def use_for(model) -> bool:
 
     Flash attention kernels read a mask as padding or not at all: verifying a
     tree under them would let each draft token see its siblings and give
-    wrong logits, so they are switched too, with a warning."""
+    wrong logits, so they are switched too, with a warning; to eager attention
+    where the model has no SDPA path (attention sinks, soft-capping)."""
     current = getattr(model.config, "_attn_implementation", None)
     if current in (None, "eager", IMPLEMENTATION):
         return False
+    target = IMPLEMENTATION if getattr(model, "_supports_sdpa", True) else "eager"
+    if target == IMPLEMENTATION:
+        register()
+    model.set_attn_implementation(target)  # (a model class that cannot switch leaves it as it was)
+    if model.config._attn_implementation != target:
+        if current == "sdpa":  # takes the mask: only without the grouped-query saving
+            return False
+        raise ValueError(f"the base model's {current!r} attention cannot take the draft tree's mask, and this "
+                         "model cannot be switched to another; load it with attn_implementation='sdpa' or 'eager'")
     if current != "sdpa":
         warnings.warn(f"the base model's {current!r} attention cannot take the draft tree's mask; it runs "
-                      f"{IMPLEMENTATION!r} (PyTorch's scaled_dot_product_attention) instead", stacklevel=3)
-    register()
-    model.set_attn_implementation(IMPLEMENTATION)
+                      f"{target!r} attention instead", stacklevel=3)
     return True

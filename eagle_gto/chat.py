@@ -137,6 +137,30 @@ def answer_lead(model_type: str = "auto", tokenizer=None, system: str | None = N
     return full[len(prompt):end] if full.startswith(prompt) and end >= 0 else ""
 
 
+# Prompt tokens an answer is decoded after (`decode_after`): the last one would do for SentencePiece's rule.
+DECODE_CONTEXT = 4
+
+
+def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `context`. Decoded together: a SentencePiece
+    decoder drops the space before a text's first word, so "▁yes" alone
+    decodes to "yes", after "ASSISTANT:" to " yes" (as a byte-level one does)."""
+    before = tokenizer.decode(list(context), skip_special_tokens=True)
+    return tokenizer.decode(list(context) + list(ids), skip_special_tokens=True)[len(before):]
+
+
+def answer_text(tokenizer, prompt_ids: list[int], answer_ids: list[int], lead: str = "",
+                stop_strings: tuple[str, ...] = ()) -> str:
+    """An assistant turn's text as the conversation keeps it: decoded after
+    its prompt, cut before the first stop string, and without `lead`
+    (`answer_lead`: the format writes it before every answer, so the next
+    turn's prompt holds the tokens the model wrote, not the space twice)."""
+    text = decode_after(tokenizer, prompt_ids[-DECODE_CONTEXT:], answer_ids)
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text.removeprefix(lead)
+
+
 def chat_format(model_type: str) -> ChatFormat:
     return FORMATS.get(model_type, ChatFormat())
 

@@ -364,8 +364,10 @@ class EaModel(nn.Module):
         # Dynamic NTK and LongRoPE read the longest position on the host in every forward, to pick frequencies.
         for module in self.base_model.modules():
             rope_type = getattr(module, "rope_type", None)
-            if isinstance(rope_type, str) and ("dynamic" in rope_type or "longrope" in rope_type):
-                return f"{rope_type!r} rope scaling"
+            # (a dict per layer type in models that mix attention kinds, e.g. Gemma-3)
+            for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
+                if isinstance(kind, str) and ("dynamic" in kind or "longrope" in kind):
+                    return f"{kind!r} rope scaling"
         return None
 
     def _check_graphs(self, wanted: bool | None) -> bool:

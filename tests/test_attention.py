@@ -71,3 +71,22 @@ def test_an_attention_that_cannot_take_the_tree_mask_is_switched():
     assert base.config._attn_implementation == attention.IMPLEMENTATION
     assert [model.eagenerate(ids, max_new_tokens=24).tolist() for ids in prompts] == expected
     # (Without the switch, the fourth prompt's answer differs: its tree's tokens saw their siblings.)
+
+
+def test_a_model_without_sdpa_gets_eager_attention_and_one_that_cannot_switch_is_refused():
+    """Gemma-2 has no SDPA path (soft-capping): eager attention takes the tree mask. A model class that
+    ignores the switch (remote modelling code) would verify trees wrongly: a clear error instead."""
+    from transformers import AttentionInterface, Gemma2Config
+
+    AttentionInterface.register("causal_only", causal_only)
+    config = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=64)
+    gemma = AutoModelForCausalLM.from_config(config, attn_implementation="causal_only")
+    with pytest.warns(UserWarning, match="runs 'eager' attention instead"):
+        assert attention.use_for(gemma)
+    assert gemma.config._attn_implementation == "eager"
+    llama = AutoModelForCausalLM.from_config(base_config("llama"), attn_implementation="causal_only")
+    llama.set_attn_implementation = lambda name: None  # as a class that cannot switch does
+    with pytest.raises(ValueError, match="'causal_only' attention cannot take the draft tree's mask, and this model "
+                                         "cannot be switched"):
+        attention.use_for(llama)

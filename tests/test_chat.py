@@ -82,3 +82,41 @@ def test_every_command_takes_the_reference_web_uis_model_types(command):
     assert parse(["--model-type", "qwen"]).model_type == "qwen"
     with pytest.raises(SystemExit):
         parse(["--model-type", "llama-3"])
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Llama-2, Vicuna, Mistral): its
+    decoder drops the space before a text's first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "▁", "▁yes", "▁ASSISTANT:", "</s>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind,answer,written", [
+    ("byte-level", " yes", " yes"), ("byte-level", "  yes", "  yes"),
+    ("sentencepiece", [2], " yes"), ("sentencepiece", [1, 2], "  yes"),  # "▁yes"; "▁", "▁yes"
+])
+@pytest.mark.parametrize("model_type", ["vicuna", "mixtral"])
+def test_an_answer_goes_back_into_the_conversation_as_the_model_wrote_it(kind, answer, written, model_type):
+    """Whatever the decoder does with a first word's space, the next turn's
+    prompt text is the prompt and then exactly what the model wrote."""
+    from test_api import char_tokenizer
+
+    from application.common import TextStream
+    from eagle_gto.chat import answer_lead, answer_text, encode_prompt
+
+    tokenizer = char_tokenizer() if kind == "byte-level" else metaspace_tokenizer()
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids if isinstance(answer, str) else answer
+    asked = [{"role": "user", "content": "Q"}]
+    prompt = build_prompt(asked, model_type)
+    prompt_ids = encode_prompt(prompt, tokenizer, model_type)
+    lead = answer_lead(model_type, tokenizer)
+    kept = answer_text(tokenizer, prompt_ids, answer_ids, lead)
+    assert TextStream(tokenizer, lead, prompt_ids).add(answer_ids, final=True) == kept  # the servers' answer
+    again = build_prompt(asked + [{"role": "assistant", "content": kept}, {"role": "user", "content": "Q"}], model_type)
+    assert again.startswith(prompt + written) and not again.startswith(prompt + written + " ")

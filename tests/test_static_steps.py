@@ -145,3 +145,15 @@ def test_dynamic_rope_scaling_steps_eagerly(rope_type, graphs_on_cpu):
         model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     with pytest.raises(ValueError, match="cuda_graphs=True is not supported for 'dynamic' rope scaling"):
         ea_model.EaModel(base, head, None, total_token=8, depth=3, top_k=2, cuda_graphs=True)
+
+
+def test_per_layer_type_rope_is_checked_too():
+    """Models that mix attention kinds (Gemma-3) keep one rope type per layer type."""
+    from types import SimpleNamespace
+
+    base = torch.nn.Module()
+    base.config, base.rotary = SimpleNamespace(), torch.nn.Module()
+    base.rotary.rope_type = {"full_attention": "dynamic", "sliding_attention": "default"}
+    assert ea_model.EaModel._not_capturable(SimpleNamespace(base_model=base)) == "'dynamic' rope scaling"
+    base.rotary.rope_type = {"full_attention": "linear", "sliding_attention": "default"}
+    assert ea_model.EaModel._not_capturable(SimpleNamespace(base_model=base)) is None

@@ -12,9 +12,9 @@ are timed and counted the same way:
 
 - the prompt is built turn by turn, each answer carried into the next turn
   as the model wrote it (the answer file keeps it stripped, as the
-  reference's does): without the space the format writes before an answer
-  (vicuna's `ASSISTANT: `), which a byte-level tokenizer decodes from the
-  answer's first token, but with the rest of its whitespace;
+  reference's does): decoded after its prompt, without the space the format
+  writes before an answer itself (vicuna's `ASSISTANT: `), with the rest of
+  its whitespace;
 - a few warm-up generations with the timed settings run first and are not
   recorded;
 - wall time covers the whole turn, prefill included (the device is
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, answer_lead, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from ..chat import MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import (BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file,
@@ -170,13 +170,6 @@ class Answerer:
         self._sync()
         return tokens, time.perf_counter() - start
 
-    def decode(self, tokens: list[int]) -> str:
-        """The answer's text up to a stop string, not stripped."""
-        text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in chat_format(self.args.model_type).stop_strings:
-            text = text.split(stop)[0]
-        return text
-
     def answer(self, question: dict) -> dict:
         """One choice in the reference's format, plus per-turn accept_lengths."""
         torch.manual_seed(self.args.seed)
@@ -184,12 +177,14 @@ class Answerer:
         choice = {"index": 0, "turns": [], "idxs": [], "new_tokens": [], "wall_time": [], "accept_lengths": []}
         for turn in question["turns"]:
             messages.append({"role": "user", "content": turn})
-            tokens, seconds = self.generate(self.prompt_ids(messages))
+            prompt = self.prompt_ids(messages)
+            tokens, seconds = self.generate(prompt)
             stats = self.model.last_stats
-            text = self.decode(tokens)
+            text = answer_text(self.model.tokenizer, prompt, tokens, self.lead,
+                               chat_format(self.args.model_type).stop_strings)
             # The next turn's prompt continues what the model wrote: stripping would change it
-            # (a final newline, a leading space in the plain format), the format's own space twice too.
-            messages.append({"role": "assistant", "content": text.removeprefix(self.lead)})
+            # (a final newline, a leading space in the plain format).
+            messages.append({"role": "assistant", "content": text})
             choice["turns"].append(text.strip())
             choice["idxs"].append(stats.iterations - 1)
             choice["new_tokens"].append(stats.new_tokens)

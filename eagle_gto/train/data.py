@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import answer_lead, build_prompt, chat_format, encode_prompt, stop_token_ids
+from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, stop_token_ids
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}
@@ -218,7 +218,7 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
     conversations = [to_messages(r) for r in records]
     stops = regeneration_stop_ids(model, tokenizer, model_type)
     stop_strings = chat_format(model_type).stop_strings
-    # A byte-level tokenizer decodes the model's " yes" with its space, which the template writes itself.
+    # Decoded after its prompt, an answer starts with the space the template writes itself (answer_text).
     lead = answer_lead(model_type, tokenizer, system)
     turn = 0
     while True:
@@ -230,13 +230,8 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
         prompts = [encode_prompt(build_prompt(m[:k], model_type, tokenizer, system), tokenizer, model_type)
                    for (_, m), k in zip(todo, positions)]
         answers = greedy_continue(model, prompts, max_new_tokens, stops, batch_size)
-        for (i, m), k, answer in zip(todo, positions, answers):
-            text = tokenizer.decode(answer, skip_special_tokens=True)
-            for stop in stop_strings:
-                text = text.split(stop)[0]
-            if lead and text.startswith(lead):
-                text = text[len(lead):]
-            m[k] = {"role": "assistant", "content": text}
+        for (i, m), k, prompt, answer in zip(todo, positions, prompts, answers):
+            m[k] = {"role": "assistant", "content": answer_text(tokenizer, prompt, answer, lead, stop_strings)}
         turn += 1
     return [r if m is None else {"messages": m} for r, m in zip(records, conversations)]
 
