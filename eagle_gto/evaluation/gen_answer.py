@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
+                    stop_token_ids)
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import (BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file,
