@@ -18,13 +18,13 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from typing import AsyncIterator, Awaitable, Literal
+from typing import Any, AsyncIterator, Awaitable, Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator
 from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
@@ -73,8 +73,8 @@ class Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)  # 0: the most probable token only
+    temperature: StrictFloat = Field(1.0, ge=0, le=2)  # (a JSON integer is taken; "0.5" or true is not)
+    top_p: StrictFloat = Field(1.0, ge=0, le=1)  # 0: the most probable token only
     n: StrictInt = Field(1, ge=1, le=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -82,6 +82,9 @@ class Sampling(BaseModel):
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
     speculative: StrictBool = True  # an extension: false decodes plainly, for comparison
     logprobs: bool | int | None = None  # not served: only false, 0 or null pass (UNSUPPORTED)
+    presence_penalty: Any = None  # not served, nor the others below: they would change the answer
+    frequency_penalty: Any = None
+    logit_bias: Any = None
 
     @field_validator("temperature", "top_p", "n", "stream", "speculative", mode="before")
     @classmethod
@@ -96,16 +99,27 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     top_logprobs: int | None = None  # not served
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     echo: bool | None = None  # not served
+    best_of: Any = None
+    suffix: Any = None
 
 
 FIELDS = {name for model in (ChatRequest, CompletionRequest, Message, ContentPart, StreamOptions)
           for name in model.model_fields}
-UNSUPPORTED = ("echo", "logprobs", "top_logprobs")  # fields whose answer this server cannot give
+# Fields whose answer this server cannot give: refused, unless they ask for nothing (false, 0, null, empty,
+# or the value here, which clients such as LangChain send by default).
+UNSUPPORTED = {"echo": (), "logprobs": (), "top_logprobs": (), "presence_penalty": (), "frequency_penalty": (),
+               "logit_bias": (), "response_format": ({"type": "text"},), "tools": (), "tool_choice": ("none", "auto"),
+               "functions": (), "function_call": ("none", "auto"), "best_of": (1,), "suffix": ()}
 
 
 def field_path(loc: tuple) -> str:
@@ -180,16 +194,25 @@ class Endpoint:
 def until_stop(stats: GenerationStats, text: TextStream, chars: int) -> GenerationStats:
     """`stats` as if decoding had stopped at the token that completes the stop
     string, which ends `chars` characters into the answer (as `text`, a new
-    stream, decodes it: the answer's own decoding, so character counts agree). The tokens a
-    speculative step brought after it do not count, so usage is the same in
-    both modes: the tokens up to and including the one completing the stop string."""
-    last = stats.steps[-1]
-    length, keep = len(text.add([t for s in stats.steps[:-1] for t in s.tokens])), 0
-    while length < chars and keep < len(last.tokens):
-        length += len(text.add([last.tokens[keep]]))
-        keep += 1
-    cut = replace(last, tokens=last.tokens[:keep], num_accepted=min(last.num_accepted, keep), finish_reason="stop")
-    return GenerationStats(stats.prompt_length, stats.steps[:-1] + [cut])
+    stream, decodes it: the answer's own decoding, so character counts agree).
+    Counted token by token: a step may end inside a character, whose text
+    comes with the next step's first token. The tokens after it do not count,
+    so usage is the same in both modes: the tokens up to and including the
+    one completing the stop string."""
+    tokens = [t for step in stats.steps for t in step.tokens]
+    length = count = 0
+    while length < chars and count < len(tokens):
+        length += len(text.add([tokens[count]]))
+        count += 1
+    steps = []
+    for step in stats.steps:
+        keep = min(count, len(step.tokens))
+        steps.append(replace(step, tokens=step.tokens[:keep], num_accepted=min(step.num_accepted, keep)))
+        count -= keep
+        if count == 0:
+            break
+    steps[-1] = replace(steps[-1], finish_reason="stop")
+    return GenerationStats(stats.prompt_length, steps)
 
 
 def usage(prompt_tokens: int, stats) -> dict:
@@ -283,8 +306,9 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
                        connection: Request):
         if request.model not in (None, name):
             raise model_not_found(request.model)
-        for field in UNSUPPORTED:
-            if getattr(request, field, None):  # false, 0 and null ask for nothing
+        for field, nothing in UNSUPPORTED.items():
+            value = getattr(request, field, None)
+            if value and value not in nothing:
                 raise APIError(400, f"{field} is not supported by this server", field)
         if request.stream_options is not None and not request.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")

@@ -35,8 +35,8 @@ class ScriptedModel:
     tree = SimpleNamespace(total_token=STEP, depth=STEP - 1, top_k=1)
     base_model = SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(1, 1))  # where sampling happens
 
-    def __init__(self, answer: str = ANSWER):
-        self.tokenizer = char_tokenizer()
+    def __init__(self, answer: str = ANSWER, tokenizer=None):
+        self.tokenizer = tokenizer or char_tokenizer()
         self.tokenizer.chat_template = ALTERNATING
         self.answer = answer
         self.calls = []  # each generation's options
@@ -100,6 +100,23 @@ def test_stop_strings_and_usage_agree_in_both_modes(client, stream, stops, text)
         body = {"prompt": "x", "max_tokens": CAP, "stop": stops, "speculative": speculative, "stream": stream}
         answer, reason, usage = complete(client, body)
         assert (answer, reason, usage["completion_tokens"]) == (text, "stop", 6), f"speculative={speculative}"
+
+
+@pytest.mark.parametrize("stop", ["😀", "d€", "é", "x", "€é😀"])
+def test_usage_after_a_stop_string_counts_tokens_not_steps(stop):
+    """One token per byte: a step may end inside a character, whose text comes with the next step. Usage
+    counts the tokens up to the one completing the stop string, the same in both modes."""
+    from test_evaluation import byte_tokenizer
+
+    answer = "ab😀cd€é😀x"
+    runner = ChatRunner(ScriptedModel(answer, byte_tokenizer()), "plain")
+    expected = (answer[:answer.index(stop)], "stop", len(answer[:answer.index(stop) + len(stop)].encode()))
+    with TestClient(create_app(runner, "scripted", 40)) as client:
+        for speculative in (True, False):
+            for stream in (False, True):
+                body = {"prompt": "q", "max_tokens": 40, "stop": [stop], "speculative": speculative, "stream": stream}
+                assert complete(client, body)[:2] == expected[:2]
+                assert complete(client, body)[2]["completion_tokens"] == expected[2], (speculative, stream)
 
 
 @pytest.mark.parametrize("model_type", ["vicuna", "mixtral", "llama2-chat"])
@@ -201,6 +218,14 @@ def test_only_text_content_parts(client, part, param, message):
     ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
     ("chat/completions", {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat/completions", {"presence_penalty": 1.5}, "presence_penalty"),
+    ("completions", {"frequency_penalty": 2}, "frequency_penalty"),
+    ("completions", {"logit_bias": {"5": -100}}, "logit_bias"),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"suffix": "zzz"}, "suffix"),
 ])
 def test_what_the_server_cannot_answer_is_refused(client, endpoint, fields, param):
     """Rather than an answer without what was asked for."""
@@ -213,9 +238,17 @@ def test_what_the_server_cannot_answer_is_refused(client, endpoint, fields, para
 
 
 @pytest.mark.parametrize("fields", [{"echo": False, "logprobs": 0}, {"echo": None, "logprobs": None},
-                                    {"logprobs": False, "top_logprobs": None, "stream_options": None}])
+                                    {"logprobs": False, "top_logprobs": None, "stream_options": None},
+                                    {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1,
+                                     "suffix": None}])  # what LangChain's OpenAI sends by default
 def test_asking_for_nothing_unsupported_is_fine(client, fields):
     assert complete(client, {"prompt": "x", "max_tokens": 3, **fields})[0] == "abc"
+
+
+def test_asking_chat_for_nothing_unsupported_is_fine(client):
+    fields = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "presence_penalty": 0}
+    assert complete(client, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **fields},
+                    chat=True)[0] == "abc"
 
 
 def test_models_retrieve(client):
@@ -351,10 +384,16 @@ def test_a_lone_surrogate_is_a_bad_request(client, endpoint, body, param):
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("stream", "yes"),
-                                         ("seed", 1.5), ("n", "1"), ("speculative", 1)])
+                                         ("seed", 1.5), ("n", "1"), ("speculative", 1), ("temperature", "0.5"),
+                                         ("temperature", True), ("top_p", "1")])
 def test_values_of_the_wrong_type_are_refused_not_coerced(client, field, value):
     response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, field: value})
     assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_a_whole_number_is_a_number(client, model):
+    assert complete(client, {"prompt": "x", "max_tokens": 3, "temperature": 1, "top_p": 1})[0] == "abc"
+    assert (model.calls[-1]["temperature"], model.calls[-1]["top_p"]) == (1.0, 1.0)
 
 
 def test_include_usage_null_is_the_default(client):
