@@ -171,7 +171,9 @@ def test_speed_arithmetic_by_hand(tmp_path):
     Writing: tau 30 / 10 = 3; math: tau 40 / 10 = 4.
     Histogram over the EA accept lengths after each turn's prefill step:
     q1 [1 | 4, 4, 3, 3, 3, 3, 3, 3, 3] (sum 30), q2 [1 | 4, 5, 5, 5] and
-    [1 | 5, 5, 5, 4] (sums 20, 20): 3 x7, 4 x4, 5 x6."""
+    [1 | 5, 5, 5, 4] (sums 20, 20): 3 x7, 4 x4, 5 x6. Per draft round (the
+    reference's tau): all (29 + 19 + 19) / (9 + 4 + 4) = 67 / 17, writing
+    29 / 9, math 38 / 8."""
     ea = write(tmp_path / "ea.jsonl", [
         answer(1, "writing", [30], [1.0], [9], [[1, 4, 4, 3, 3, 3, 3, 3, 3, 3]]),
         answer(2, "math", [20, 20], [0.5, 1.5], [4, 4], [[1, 4, 5, 5, 5], [1, 5, 5, 5, 4]]),
@@ -198,9 +200,18 @@ def test_speed_arithmetic_by_hand(tmp_path):
     assert summary["groups"]["math"]["speedup"] == pytest.approx(2.0)
     assert summary["groups"]["math"]["tau"] == pytest.approx(4.0)
     assert summary["accept_length_histogram"] == {"3": 7, "4": 4, "5": 6}
+    assert everything["tau_per_round"] == pytest.approx(67 / 17)
+    assert summary["groups"]["writing"]["tau_per_round"] == pytest.approx(29 / 9)
+    assert summary["groups"]["math"]["tau_per_round"] == pytest.approx(38 / 8)
 
     table = speed.format_table(summary)
-    assert "2.500" in table.splitlines()[2] and "3.50" in table.splitlines()[2]
+    assert "2.500" in table.splitlines()[2] and table.splitlines()[2].endswith("3.50       3.94")
+    # Answers without accept_lengths (the reference's) have no rounds to count.
+    plain_records = [{**a, "choices": [{k: v for k, v in a["choices"][0].items() if k != "accept_lengths"}]}
+                     for a in read_jsonl(ea)]
+    summary = speed.summarize(plain_records, read_jsonl(base))
+    assert summary["groups"]["all"]["tau_per_round"] is None
+    assert speed.format_table(summary).splitlines()[2].endswith("3.50          -")
 
 
 def test_speed_cli_writes_report_and_plots(tmp_path):

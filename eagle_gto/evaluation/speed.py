@@ -24,7 +24,10 @@ from the same loop and are counted the same way. For a group of questions
 - speedup_mean_of_ratios = mean over q of (T_q / S_q with speculation) /
   (T_q / S_q plain), kept for comparison (not what the reference reports);
 - tau = sum T_q / sum I_q with speculation, tokens per iteration with the
-  bonus token counted (plain decoding has exactly 1; reported as a check).
+  bonus token counted (plain decoding has exactly 1; reported as a check);
+- tau_per_round = tokens per draft-and-verify round from `accept_lengths`
+  (accepted drafts + 1, prefill steps left out): the EAGLE reference's tau,
+  a little above tau (by about (tau - 1) / rounds a turn).
 
 Records carry the `mode` gen_answer ran in (records without one, such as the
 reference's, are taken as they come): an --ea-file of baseline answers or a
@@ -59,10 +62,14 @@ COUNTS = {"new_tokens": int, "idxs": int, "wall_time": (int, float)}
 
 
 def question_totals(answer: dict) -> dict:
-    """T_q, S_q, I_q of one answer (its first choice)."""
+    """T_q, S_q, I_q of one answer (its first choice), and its draft rounds
+    and their tokens where it records `accept_lengths` (None otherwise)."""
     choice = answer["choices"][0]
+    lengths = choice.get("accept_lengths")
+    rounds = [n for turn in lengths for n in turn[1:]] if lengths else None  # (each turn's prefill left out)
     return {"tokens": sum(choice["new_tokens"]), "seconds": sum(choice["wall_time"]),
-            "iterations": sum(i + 1 for i in choice["idxs"])}
+            "iterations": sum(i + 1 for i in choice["idxs"]),
+            "rounds": None if rounds is None else len(rounds), "round_tokens": None if rounds is None else sum(rounds)}
 
 
 def mean(values: list[float]) -> float:
@@ -98,7 +105,17 @@ def group_stats(pairs: list[tuple[dict, dict]]) -> dict:
         "speedup_mean_of_ratios": mean([ea / base for ea, base in zip(ea_speeds, base_speeds)]),
         "tau": total(0, "tokens") / total(0, "iterations"),
         "baseline_tau": total(1, "tokens") / total(1, "iterations"),
+        "tau_per_round": tau_per_round([ea for ea, _ in pairs]),
     }
+
+
+def tau_per_round(totals: list[dict]) -> float | None:
+    """Tokens per draft-and-verify round, the prefill left out: the EAGLE
+    reference's tau (mean accepted drafts + 1); None where answers do not
+    record their rounds (`accept_lengths`)."""
+    if any(t["rounds"] is None for t in totals) or not sum(t["rounds"] for t in totals):
+        return None
+    return sum(t["round_tokens"] for t in totals) / sum(t["rounds"] for t in totals)
 
 
 def check_mode(answers: list[dict], mode: str, side: str) -> None:
@@ -215,14 +232,17 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    header = f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
+    header = (f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
+              f"{'tau/round':>11}")
     lines = [header, "-" * len(header)]
     for name, g in summary["groups"].items():
+        per_round = "-" if g["tau_per_round"] is None else f"{g['tau_per_round']:.2f}"
         lines.append(f"{name:<14}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
                      f"{g['baseline_mean_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
-                     f"{g['tau']:>7.2f}")
+                     f"{g['tau']:>7.2f}{per_round:>11}")
     lines.append("tok/s: mean over questions; speedup: their ratio (as the reference); "
-                 "(total): total tokens / total time, EA over plain")
+                 "(total): total tokens / total time, EA over plain;\n"
+                 "tau: tokens per target forward, prefill counted; tau/round: tokens per draft round (the reference's)")
     return "\n".join(lines)
 
 
