@@ -560,3 +560,16 @@ def test_answers_are_filed_under_the_question_files_bench(tiny_pair, tmp_path, m
     assert bench("--question-file", "mine.jsonl") == "mine"  # a file of one's own: its name
     assert bench("--question-file", gsm8k, "--bench-name", "humaneval") == "humaneval"  # named: as named
     assert bench() == "mt_bench"
+
+
+def test_an_auto_tree_is_recorded_and_a_resume_with_another_is_refused(tiny_pair, tmp_path, monkeypatch):
+    """--total-token -1 picks the tree by timing (on a GPU): two runs may pick two sizes."""
+    gsm8k, _ = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "1", "--total-token", "-1")
+    settings = read_jsonl(path)[0]["settings"]
+    assert settings["total_token"] == -1 and settings["total_token_used"] >= 2
+    monkeypatch.setattr(gen_answer.EaModel, "_pick_total_token", lambda self, depth, top_k: 2)
+    with pytest.raises(ValueError, match=f"total_token_used {settings['total_token_used']} .*not this run's 2"):
+        run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "2", "--total-token", "-1")
+    assert len(read_jsonl(path)) == 1

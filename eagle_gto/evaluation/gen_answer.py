@@ -255,6 +255,9 @@ def main(argv=None) -> Path:
 
     check_writable(answer_file)
     model = load_model(args)
+    if args.total_token == -1:  # picked by timing, so it may differ between runs: one tree per file
+        settings["total_token_used"] = model.tree.total_token
+        answered_ids(answer_file, settings)
     answerer = Answerer(model, args)
     with torch.no_grad():
         answerer.warm_up(todo[0])
