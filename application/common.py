@@ -18,7 +18,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from eagle_gto import EaModel, GenerationStats, Step
-from eagle_gto.chat import (DECODE_CONTEXT, MODEL_TYPES, answer_lead, build_prompt, chat_format, decode_after,
+from eagle_gto.chat import (MODEL_TYPES, answer_lead, build_prompt, chat_format, decode_after, decode_context,
                             encode_prompt, model_type_arg, stop_token_ids)
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
@@ -142,7 +142,7 @@ class TextStream:
 
     def __init__(self, tokenizer, lead: str = "", context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context[-DECODE_CONTEXT:])
+        self.ids: list[int] = decode_context(tokenizer, list(context))
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
         self.read = len(self.ids)
         self.lead = lead

@@ -141,12 +141,27 @@ def answer_lead(model_type: str = "auto", tokenizer=None, system: str | None = N
 DECODE_CONTEXT = 4
 
 
+def decode_context(tokenizer, prompt_ids: list[int]) -> list[int]:
+    """The prompt's last DECODE_CONTEXT tokens that decode to text: special
+    tokens, left out in decoding, would leave a SentencePiece decoder none."""
+    context: list[int] = []
+    for token in reversed(prompt_ids):
+        if tokenizer.decode([token], skip_special_tokens=True):
+            context.insert(0, token)
+            if len(context) == DECODE_CONTEXT:
+                break
+    return context
+
+
 def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
     """The text `ids` add after `context`. Decoded together: a SentencePiece
     decoder drops the space before a text's first word, so "▁yes" alone
-    decodes to "yes", after "ASSISTANT:" to " yes" (as a byte-level one does)."""
-    before = tokenizer.decode(list(context), skip_special_tokens=True)
-    return tokenizer.decode(list(context) + list(ids), skip_special_tokens=True)[len(before):]
+    decodes to "yes", after "ASSISTANT:" to " yes" (as a byte-level one does).
+    Without transformers' clean-up of spaces before punctuation, which would
+    reach across the seam and shorten the context's text."""
+    options = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    before = tokenizer.decode(list(context), **options)
+    return tokenizer.decode(list(context) + list(ids), **options)[len(before):]
 
 
 def answer_text(tokenizer, prompt_ids: list[int], answer_ids: list[int], lead: str = "",
@@ -155,7 +170,7 @@ def answer_text(tokenizer, prompt_ids: list[int], answer_ids: list[int], lead: s
     its prompt, cut before the first stop string, and without `lead`
     (`answer_lead`: the format writes it before every answer, so the next
     turn's prompt holds the tokens the model wrote, not the space twice)."""
-    text = decode_after(tokenizer, prompt_ids[-DECODE_CONTEXT:], answer_ids)
+    text = decode_after(tokenizer, decode_context(tokenizer, prompt_ids), answer_ids)
     for stop in stop_strings:
         text = text.split(stop)[0]
     return text.removeprefix(lead)

@@ -120,3 +120,24 @@ def test_an_answer_goes_back_into_the_conversation_as_the_model_wrote_it(kind, a
     assert TextStream(tokenizer, lead, prompt_ids).add(answer_ids, final=True) == kept  # the servers' answer
     again = build_prompt(asked + [{"role": "assistant", "content": kept}, {"role": "user", "content": "Q"}], model_type)
     assert again.startswith(prompt + written) and not again.startswith(prompt + written + " ")
+
+
+def test_an_answer_after_special_tokens_or_before_punctuation_keeps_its_first_character():
+    """The prompt's last tokens may all be special (left out in decoding: no context for the first word's
+    space); and a clean-up of spaces before punctuation would reach across the seam into the answer."""
+    from test_api import char_tokenizer
+
+    from application.common import TextStream
+    from eagle_gto.chat import answer_text
+
+    tokenizer = metaspace_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>", "<|user|>", "<|assistant|>"]})
+    prompt = [2] + tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>", "<|end|>", "<|assistant|>"])
+    assert tokenizer.decode(prompt[1:], skip_special_tokens=True) == ""
+    assert answer_text(tokenizer, prompt, [2]) == " yes"  # "▁yes" after "yes"
+    assert TextStream(tokenizer, context=prompt).add([2], final=True) == " yes"
+    chars = char_tokenizer()
+    chars.clean_up_tokenization_spaces = True
+    prompt, answer = chars("Say a word ").input_ids, chars(". Done").input_ids
+    assert answer_text(chars, prompt, answer) == ". Done"
+    assert TextStream(chars, context=prompt).add(answer, final=True) == ". Done"
