@@ -237,8 +237,8 @@ class ChatRunner:
 
         `chat`: the prompt is a `chat_prompt`, and the text an assistant turn,
         without the space the format writes before an answer (vicuna's
-        `ASSISTANT: `, `[/INST] `). A byte-level tokenizer decodes the model's
-        " yes" with its space, and the next turn's prompt would write it twice."""
+        `ASSISTANT: `, `[/INST] `). Decoded after the prompt, the model's
+        " yes" comes with that space, and the next turn's prompt would write it twice."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         self.check_fits(prompt_ids)
