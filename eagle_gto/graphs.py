@@ -13,7 +13,10 @@ shared by all) and the draft head's step work as whole functions.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+import functools
+import threading
+from contextlib import contextmanager
+from typing import Callable, Hashable, Iterator
 
 import torch
 
@@ -72,11 +75,39 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
+_layers_eager = threading.local()
+
+
+@contextmanager
+def eager_layers() -> Iterator[None]:
+    """Compiled decoder layers run their eager forward in this thread
+    meanwhile (the prefill: prompts come in every length). Per thread:
+    `torch.compiler.set_stance` is process-wide, and two threads' prefills
+    ending out of order once left every later step eager."""
+    before = getattr(_layers_eager, "on", False)
+    _layers_eager.on = True
+    try:
+        yield
+    finally:
+        _layers_eager.on = before
+
+
+def eager_or_compiled(eager: Callable, compiled: Callable) -> Callable:
+    """A layer forward that runs `compiled`, or `eager` inside `eager_layers`."""
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        return (eager if getattr(_layers_eager, "on", False) else compiled)(*args, **kwargs)
+
+    forward.compiled = compiled
+    return forward
+
+
 def compile_decoder_layers(base, mode: str = "default") -> None:
     """`torch.compile` every decoder layer of a base model, so that the many
     small kernels of its norms, rotary embeddings and activations are fused
     before the step graphs record them. They compile per step shape on
-    first use; the prefill runs them eagerly (`Decoder.prefill`)."""
+    first use; the prefill runs them eagerly (`eager_layers`)."""
     import torch._dynamo
 
     from .target import decoder_layers
@@ -97,8 +128,8 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
         name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
         forward = getattr(layer, name)
         # Compiled already (a second EaModel on the same base): keep that compilation.
-        if not hasattr(forward, "_torchdynamo_orig_callable"):
-            setattr(layer, name, torch.compile(forward, mode=check_compile_mode(mode)))
+        if not hasattr(forward, "compiled"):
+            setattr(layer, name, eager_or_compiled(forward, torch.compile(forward, mode=check_compile_mode(mode))))
 
 
 def compile_drafter_steps(drafter, mode: str = "default") -> None:

@@ -5,6 +5,8 @@ greedy and sampling. The base model's layers are left uncompiled: the tiny
 pair is shared with other tests, and compiling stock transformers layers is
 torch's business."""
 
+import threading
+
 import pytest
 import torch
 from test_static_steps import generate
@@ -13,7 +15,7 @@ from tiny_pairs import VOCAB, trained_pair
 import eagle_gto.ea_model as ea_model
 import eagle_gto.generation as generation
 from eagle_gto import EaModel
-from eagle_gto.graphs import compile_drafter_steps
+from eagle_gto.graphs import compile_drafter_steps, eager_layers, eager_or_compiled
 
 
 class BucketedEager:
@@ -50,7 +52,7 @@ def test_compile_modes_that_record_their_own_graphs_are_refused():
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
             EaModel(pair.base_model, pair.ea_layer, None, torch_compile=mode)
-    assert not hasattr(pair.base_model.model.layers[0].forward, "_torchdynamo_orig_callable")
+    assert not hasattr(pair.base_model.model.layers[0].forward, "compiled")
 
 
 def test_compiled_layers_beneath_accelerate_device_hooks():
@@ -111,3 +113,29 @@ def test_one_set_of_compiled_graphs_serves_every_layer():
     shallow, deep = graphs_compiled(3), graphs_compiled(6)
     assert shallow == deep
     assert 0 < deep[0] == deep[1]
+
+
+def test_a_prefill_runs_the_layers_eagerly_in_its_own_thread_only():
+    """The prefill's switch to eager layers is per thread: a process-wide one
+    (torch.compiler.set_stance) made other threads' steps eager meanwhile,
+    and two prefills ending out of order left it on for good."""
+    calls = []
+    forward = eager_or_compiled(lambda: calls.append("eager"), lambda: calls.append("compiled"))
+    inside, release = threading.Event(), threading.Event()
+
+    def prefill():
+        with eager_layers():
+            inside.set()
+            release.wait(60)
+            forward()
+
+    thread = threading.Thread(target=prefill)
+    thread.start()
+    assert inside.wait(60)
+    with eager_layers():  # this thread's prefill starts after the other's and ends first
+        forward()
+    forward()  # a step here while the other thread still prefills
+    release.set()
+    thread.join(60)
+    forward()
+    assert calls == ["eager", "compiled", "eager", "compiled"]
