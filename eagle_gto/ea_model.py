@@ -33,7 +33,7 @@ from .checkpoint import (CheckpointError, build_head, check_against_base, expand
                          load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
-from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps
+from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, warm_up_steps
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
 from .target import TargetRunner, decoder_layers
@@ -189,29 +189,19 @@ class EaModel(nn.Module):
         max_length=None: 2048, or a sliding-window model's window if smaller."""
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
-        max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
-        sampling = SamplingParams(real_number("temperature", temperature), real_number("top_p", top_p),
-                                  whole_number("top_k", top_k))
-        sampling.validate()
+        max_length = self._max_length(max_length)
+        sampling = self._sampling(temperature, top_p, top_k)
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
             raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
                              f"max_length={max_length}")
-        self.check_max_length(max_length)
         stops = self._stop_ids(is_llama3, stop_token_ids)
         stats = GenerationStats(prompt_length=prompt.shape[0])
         last = None
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
-            cache, drafter, state = self._caches(max_length)
+            decoder = self._decoder(max_length, sampling, speculative, generator)
             prompt = prompt.to(self._target.input_device)
-            graphs = None
-            if self.cuda_graphs and generator is None:
-                if self._graphs is None:
-                    self._graphs = StepGraphs()
-                graphs = self._graphs
-            decoder = Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
-                              generator, graphs)
             for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
                 if step.finished:  # handed over below, with the model free: a reader may stop there
                     last = step
@@ -222,6 +212,49 @@ class EaModel(nn.Module):
                 self._lock_owner = threading.get_ident()
         if last is not None:
             yield last
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def warm_up(self, max_length: int | None = None, temperature: float = 0.0, top_p: float = 0.0,
+                top_k: float = 0.0, speculative: bool = True) -> int:
+        """Prepare every step shape that generations with these settings can
+        use, so that none of them pays for it later: with CUDA graphs, a step
+        at each attention view up to max_length records its graph (eight
+        views at 2048); compiled steps compile. Benchmarks call it before
+        timing (a server could, before its first request). Nothing is generated;
+        sampling settings draw from torch's global random generator. Returns
+        the number of steps run (0 where steps run eagerly and uncompiled)."""
+        max_length = self._max_length(max_length)
+        sampling = self._sampling(temperature, top_p, top_k)
+        if not self.cuda_graphs and self.torch_compile is None:
+            return 0
+        with self._exclusive():
+            decoder = self._decoder(max_length, sampling, speculative, None)
+            return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
+
+    def _max_length(self, max_length: int | None) -> int:
+        max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
+        self.check_max_length(max_length)
+        return max_length
+
+    @staticmethod
+    def _sampling(temperature, top_p, top_k) -> SamplingParams:
+        sampling = SamplingParams(real_number("temperature", temperature), real_number("top_p", top_p),
+                                  whole_number("top_k", top_k))
+        sampling.validate()
+        return sampling
+
+    def _decoder(self, max_length: int, sampling: SamplingParams, speculative: bool,
+                 generator: torch.Generator | None) -> Decoder:
+        """A decoder on the kept caches (call it holding the model: `_exclusive`)."""
+        cache, drafter, state = self._caches(max_length)
+        graphs = None
+        if self.cuda_graphs and generator is None:
+            if self._graphs is None:
+                self._graphs = StepGraphs()
+            graphs = self._graphs
+        return Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
+                       generator, graphs)
 
     def _generate(self, input_ids, speculative: bool, log: bool, stream: bool, **options):
         prompt = token_ids("input_ids", input_ids)

@@ -33,7 +33,7 @@ import torch
 
 from .acceptance import SamplingParams, accept, choose_tokens
 from .drafter import Drafter
-from .graphs import StepGraphs
+from .graphs import StepGraphs, eager_layers
 from .kv_cache import TargetKVCache, visible_slots
 from .target import TargetRunner
 
@@ -115,6 +115,11 @@ class DecodeState:
             self.head_past.copy_(self.past)
         self.last.copy_(last)
 
+    def move_to(self, past: int) -> None:
+        """Set the cache length (warm-up steps at chosen positions)."""
+        self.past.fill_(past)
+        self.head_past.fill_(past)
+
 
 class Decoder:
     """Prefill and steps of one generation on the device (see the module
@@ -146,7 +151,7 @@ class Decoder:
         causal = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
         # Eager even when the layers are compiled: prompts come in every length, and one
         # compute-bound forward gains little from compilation against a recompile per length.
-        with torch.compiler.set_stance("force_eager"):
+        with eager_layers():
             logits, features = self.target.forward(prompt, slots, causal, self.cache, self.speculative, P - 1,
                                                    slots=slots)
         first = choose_tokens(logits, self.sampling, self.generator)[0]
@@ -159,13 +164,17 @@ class Decoder:
         self.past = P
         return int(first)
 
-    def step(self) -> tuple[list[int], int]:
-        """One iteration: (new tokens, accepted draft tokens)."""
-        view = self.past + self.reach
+    def views(self, past: int) -> tuple[int, int]:
+        """The cache slots attention reads in a step at cache length `past`:
+        (the target's, the head's; 0 in a plain step)."""
+        view = past + self.reach
         if self.graphs is not None:  # a few graph shapes: round the view up
             view = -(-view // VIEW_BUCKET) * VIEW_BUCKET
-        view_target = min(view, self.cache.capacity)
-        view_draft = min(view, self.drafter.caches[0].capacity) if self.speculative else 0
+        return min(view, self.cache.capacity), min(view, self.drafter.caches[0].capacity) if self.speculative else 0
+
+    def step(self) -> tuple[list[int], int]:
+        """One iteration: (new tokens, accepted draft tokens)."""
+        view_target, view_draft = self.views(self.past)
         run = self._speculative_step if self.speculative else self._plain_step
         if self.graphs is None:
             out = run(view_target, view_draft)
@@ -252,3 +261,37 @@ def generate_steps(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, 
         step = Step(tokens, num_accepted, time.perf_counter() - started, reason)
         stats.steps.append(step)
         yield step
+
+
+def warm_up_steps(decoder: Decoder, prompt: torch.Tensor) -> int:
+    """Run a step at every attention view (`Decoder.views`) that a generation
+    with this decoder's settings can reach: speculative steps at each cache
+    length where a tree still fits, then the plain steps that finish the
+    context. With step graphs each new view records its graph, so no later
+    generation records one; without them the view grows a slot a step, and
+    two views of each kind are enough for compiled steps (a second shape
+    makes torch.compile's shapes dynamic). What it leaves in the caches lies
+    past the next prefill's length. Returns the number of steps run."""
+    decoder.prefill(prompt)
+    capacity = decoder.cache.capacity
+    phases = [range(decoder.past, capacity - 1)]  # a plain step at each length where a token fits
+    if decoder.speculative:  # a tree fits; then plain steps finish the context
+        phases = [range(decoder.past, capacity - decoder.width),
+                  range(max(decoder.past, capacity - decoder.width), capacity - 1)]
+    steps = 0
+    for phase, positions in enumerate(phases):
+        if phase == len(phases) - 1:
+            decoder.finish_plainly()
+        seen: set[tuple[int, int]] = set()
+        for past in positions:
+            if decoder.graphs is None and len(seen) == 2:
+                break
+            views = decoder.views(past)
+            if views in seen:
+                continue
+            seen.add(views)
+            decoder.past = past
+            decoder.state.move_to(past)
+            decoder.step()
+            steps += 1
+    return steps

@@ -260,7 +260,11 @@ class ScriptedModel:
     tree = TreeParams(total_token=10)
 
     def __init__(self, tokenizer, steps):
-        self.tokenizer, self.steps, self.calls = tokenizer, steps, []
+        self.tokenizer, self.steps, self.calls, self.warm_ups = tokenizer, steps, [], []
+
+    def warm_up(self, **settings):
+        self.warm_ups.append(settings)
+        return 0
 
     def generate_steps(self, input_ids, **settings):
         self.calls.append((self.tokenizer.decode(input_ids[0]), settings))
@@ -294,8 +298,10 @@ def test_answerer_feeds_back_the_raw_answer_and_records_accepted_lengths(model_t
     written = " Hi\n" if model_type == "plain" else "Hi\n"
     assert second == build_prompt([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": written},
                                    {"role": "user", "content": "Q2"}], model_type, system="Be brief.")
-    # the warm-up generates with the timed settings (mode, sampling, budget, stops)
+    # the warm-up generates with the timed settings (mode, sampling, budget, stops), after preparing
+    # the step shapes of every turn length with them
     assert warm_settings == first_settings == second_settings
+    assert model.warm_ups == [{key: first_settings[key] for key in ("max_length", "temperature", "speculative")}]
     assert first_settings["temperature"] == 0.5 and first_settings["speculative"] is True
 
 

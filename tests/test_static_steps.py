@@ -121,6 +121,55 @@ def test_the_end_of_the_context_in_one_token_steps(graphs_on_cpu, monkeypatch):
 
 
 
+@pytest.mark.parametrize("speculative,options", [(True, {}), (True, dict(temperature=0.8, top_p=0.9)),
+                                                 (False, {})])
+def test_warm_up_records_every_step_shape_a_generation_uses(speculative, options, graphs_on_cpu, monkeypatch):
+    """`EaModel.warm_up` steps once at each view a generation with the same
+    settings can reach (one graph each), and leaves nothing behind: later
+    generations of any prompt length record no new graph and answer as
+    without it."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    run = model.eagenerate if speculative else model.naivegenerate
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (2, 70, 126)]
+
+    def answers():
+        outs = []
+        for ids in prompts:
+            torch.manual_seed(6)
+            outs.append(run(ids, max_new_tokens=500, max_length=128, **options).tolist())
+        return outs
+
+    model.cuda_graphs = False
+    assert model.warm_up(max_length=128, speculative=speculative, **options) == 0  # eager: nothing to prepare
+    eager = answers()
+    model.cuda_graphs = True
+    steps = model.warm_up(max_length=128, speculative=speculative, **options)
+    warmed = set(graphs_on_cpu.keys)
+    assert steps == len(graphs_on_cpu.keys) == len(warmed)  # one step per shape
+    graphs_on_cpu.keys = []
+    assert answers() == eager
+    used = set(graphs_on_cpu.keys)
+    assert used <= warmed and len(used) >= 3  # buckets of 32 slots up to 128, and the plain end
+    # a warm-up with other settings prepares other shapes: the check above can fail
+    model._graphs, graphs_on_cpu.keys = None, []
+    model.warm_up(max_length=128, speculative=speculative, **{**options, "temperature": 0.5})
+    assert not used <= set(graphs_on_cpu.keys)
+
+
+def test_warm_up_compiles_with_two_views_of_each_kind(monkeypatch):
+    """Without step graphs the view grows one slot a step: compiled steps need
+    only two shapes of each kind (speculative, plain) to go dynamic."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    model.cuda_graphs = False
+    monkeypatch.setattr(model, "torch_compile", "default")  # (the steps stay eager: this counts them)
+    assert model.warm_up(max_length=128) == 4
+    assert model.warm_up(max_length=128, speculative=False) == 2
+    with pytest.raises(ValueError, match="temperature"):
+        model.warm_up(temperature=-1)
+
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "default"])
 def test_dynamic_rope_scaling_steps_eagerly(rope_type, graphs_on_cpu):
     """Dynamic NTK scaling picks its frequencies from the longest position, read on the host in every

@@ -15,8 +15,9 @@ are timed and counted the same way:
   reference's does): decoded after its prompt, without the space the format
   writes before an answer itself (vicuna's `ASSISTANT: `), with the rest of
   its whitespace;
-- a few warm-up generations with the timed settings run first and are not
-  recorded;
+- before timing, with the timed settings, a step at every attention view a
+  turn can reach (on a GPU: every CUDA graph the timed turns replay is
+  recorded then), and a few warm-up generations, not recorded;
 - wall time covers the whole turn, prefill included (the device is
   synchronised at both ends);
 - new_tokens, idxs (iterations - 1; iterations are target forwards, the
@@ -195,11 +196,17 @@ class Answerer:
         return choice
 
     def warm_up(self, question: dict) -> None:
-        """Unrecorded generations through `generate`, so with the timed
-        settings (mode, sampling, stops, max_length): on a GPU, the CUDA
-        graphs the timed turns replay are recorded here."""
+        """Before timing, with the timed settings (mode, sampling, stops,
+        max_length): a step at every attention view a turn can reach
+        (`EaModel.warm_up`: on a GPU, the CUDA graphs the timed turns replay
+        are recorded here, long prompts' too), then unrecorded generations
+        through `generate`. --warmup 0 skips both."""
+        a = self.args
+        if a.warmup == 0:
+            return
+        self.model.warm_up(max_length=a.max_length, temperature=a.temperature, speculative=self.speculative)
         ids = self.prompt_ids([{"role": "user", "content": question["turns"][0]}])
-        for _ in tqdm(range(self.args.warmup), desc="warm-up", leave=False):
+        for _ in tqdm(range(a.warmup), desc="warm-up", leave=False):
             self.generate(ids)
 
 
