@@ -55,7 +55,7 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                             "a single GPU)")
     model.add_argument("--torch-compile", nargs="?", const="default", choices=("default", "max-autotune-no-cudagraphs"),
                        help="torch.compile the engine (GPU), in this mode (default mode: default): faster steps "
-                            "after about a minute of compilation on first use (default: off)")
+                            "after about a minute of compilation at startup (default: off)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
@@ -85,9 +85,13 @@ def load_runner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ch
     if (args.base_model_path is None) != (args.ea_model_path is None):
         parser.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
     try:
-        return ChatRunner(load_model(args), args.model_type, args.max_length)
+        runner = ChatRunner(load_model(args), args.model_type, args.max_length)
     except ValueError as err:  # eagle_gto.CheckpointError (a wrong path) among others: one line, no usage
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if runner.model.cuda_graphs or runner.model.torch_compile:
+        print("preparing the decoding steps (CUDA graphs, compilation) before the first request...", flush=True)
+    runner.warm_up()
+    return runner
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -205,6 +209,14 @@ class ChatRunner:
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    def warm_up(self) -> int:
+        """Prepare every step shape of greedy requests, speculative and plain,
+        up to the context (`EaModel.warm_up`), so that no request records a
+        CUDA graph or waits for compilation; sampled requests record their
+        own graphs (a few milliseconds each), the compiled code is shared."""
+        return sum(self.model.warm_up(max_length=self.max_length, speculative=speculative)
+                   for speculative in (True, False))
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         for message in messages:

@@ -37,6 +37,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    def canonical(self) -> "SamplingParams":
+        """The same draws with the settings that change nothing left out
+        (top-p/top-k in greedy decoding, top_p >= 1): settings that compute
+        the same share one key, so one CUDA graph (`generation.Decoder`)."""
+        if self.greedy:
+            return SamplingParams()
+        return SamplingParams(self.temperature, 0.0 if self.top_p >= 1 else self.top_p, self.top_k)
+
     def validate(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

@@ -242,7 +242,7 @@ class EaModel(nn.Module):
         sampling = SamplingParams(real_number("temperature", temperature), real_number("top_p", top_p),
                                   whole_number("top_k", top_k))
         sampling.validate()
-        return sampling
+        return sampling.canonical()
 
     def _decoder(self, max_length: int, sampling: SamplingParams, speculative: bool,
                  generator: torch.Generator | None) -> Decoder:

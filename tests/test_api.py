@@ -418,3 +418,34 @@ def test_a_sliding_window_model_serves_within_its_window(sliding_pair, max_lengt
     assert updates[-1].stats.new_tokens == 8
     out = runner.model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=100)
     assert out.shape[1] == 64 and runner.model.last_stats.finish_reason == "length"
+
+
+def test_the_servers_prepare_the_step_graphs_of_greedy_requests_at_startup(pair, monkeypatch, capsys):
+    """With CUDA graphs (here a stand-in that runs each step eagerly and
+    records its key), every graph greedy requests replay is recorded while
+    the server starts: requests of any length, speculative or plain, record none."""
+    import eagle_gto.ea_model as ea_model
+    import eagle_gto.generation as generation
+    from application.common import build_parser, load_runner
+
+    keys = []
+
+    class RecordingGraphs:
+        def run(self, key, step):
+            keys.append(key)
+            return step()
+
+    monkeypatch.setattr(ea_model, "StepGraphs", RecordingGraphs)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 16)  # several views within a context of 64
+    monkeypatch.setattr(ea_model.EaModel, "_check_graphs", lambda self, wanted: True)
+    parser = build_parser("test", "", 0)
+    args = parser.parse_args(["--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
+                              "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "64"])
+    runner = load_runner(parser, args)
+    assert "preparing the decoding steps" in capsys.readouterr().out
+    warmed = set(keys)
+    keys.clear()
+    for speculative in (True, False):
+        for prompt in ("def f(x):", "a long prompt, " * 3):
+            list(runner.generate(runner.text_prompt(prompt), GenerationOptions(64, speculative=speculative)))
+    assert len(set(keys)) >= 4 and set(keys) <= warmed

@@ -18,7 +18,7 @@ from tiny_pairs import fit_head, make_base
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from eagle_gto import EaModel
-from eagle_gto.acceptance import SamplingParams, target_probs
+from eagle_gto.acceptance import SamplingParams, choose_tokens, target_probs
 
 VOCAB, NEW, SAMPLES = 12, 3, 2000
 
@@ -102,3 +102,16 @@ def test_a_tiny_top_p_keeps_the_most_probable_token(top_p):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     probs = target_probs(logits, SamplingParams(1.0, top_p))
     assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.0, 0.9, 5), SamplingParams(1e-6, 0.5), SamplingParams(0.8, 1.0, 7),
+                                    SamplingParams(0.8, 2.5), SamplingParams(0.8, 0.9, 3)])
+def test_canonical_sampling_settings_draw_the_same_tokens(params):
+    """Settings that change nothing are left out of the key CUDA graphs are
+    kept under (a server's greedy requests come with top_p=1): the canonical
+    settings must draw exactly what the given ones draw."""
+    canonical = params.canonical()
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(3)) * 3
+    draws = [choose_tokens(logits, p, torch.Generator().manual_seed(9)) for p in (params, canonical)]
+    assert torch.equal(draws[0], draws[1])
+    assert canonical.top_p < 1 and (canonical == SamplingParams()) == params.greedy
