@@ -33,7 +33,8 @@ from .checkpoint import (CheckpointError, build_head, check_against_base, expand
                          load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
-from .generation import DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, warm_up_steps
+from .generation import (DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
+                         warm_up_steps)
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
 from .target import TargetRunner, decoder_layers
@@ -219,17 +220,18 @@ class EaModel(nn.Module):
                 top_k: float = 0.0, speculative: bool = True) -> int:
         """Prepare every step shape that generations with these settings can
         use, so that none of them pays for it later: with CUDA graphs, a step
-        at each attention view up to max_length records its graph (eight
-        views at 2048); compiled steps compile. Benchmarks call it before
+        at each attention view up to max_length records its graph (about
+        max_length / 256 + 2 of them: ten at 2048); compiled steps compile.
+        A move or cast (`model.to(...)`) makes new caches: warm up again. Benchmarks call it before
         timing (a server could, before its first request). Nothing is generated;
         sampling settings draw from torch's global random generator. Returns
         the number of steps run (0 where steps run eagerly and uncompiled)."""
         max_length = self._max_length(max_length)
         sampling = self._sampling(temperature, top_p, top_k)
-        if not self.cuda_graphs and self.torch_compile is None:
-            return 0
         with self._exclusive():
-            decoder = self._decoder(max_length, sampling, speculative, None)
+            decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
+            if decoder.graphs is None and self.torch_compile is None:
+                return 0
             return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
 
     def _max_length(self, max_length: int | None) -> int:
@@ -250,8 +252,8 @@ class EaModel(nn.Module):
         cache, drafter, state = self._caches(max_length)
         graphs = None
         if self.cuda_graphs and generator is None:
-            if self._graphs is None:
-                self._graphs = StepGraphs()
+            if self._graphs is None:  # room for the graphs of several settings, each up to max_length
+                self._graphs = StepGraphs(max_graphs=max(64, 8 * views_per_setting(max_length)))
             graphs = self._graphs
         return Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
                        generator, graphs)

@@ -99,6 +99,12 @@ class GenerationStats:
 VIEW_BUCKET = 256  # with CUDA graphs, attention reads the cache in multiples of this many slots
 
 
+def views_per_setting(max_length: int) -> int:
+    """The most step shapes (so graphs) the generations of one setting use:
+    a view per bucket, the draft's last, wider view, and the plain end."""
+    return max_length // VIEW_BUCKET + 3
+
+
 class DecodeState:
     """The device-side state one generation carries from step to step, in
     buffers that keep their addresses across generations (graphs read them)."""

@@ -127,8 +127,8 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
         # tensors between devices and are not traceable, so compile the forward beneath them.
         name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
         forward = getattr(layer, name)
-        # Compiled already (a second EaModel on the same base): keep that compilation.
-        if not hasattr(forward, "compiled"):
+        # Compiled already (a second EaModel on the same base, or the user): keep that compilation.
+        if not (hasattr(forward, "compiled") or hasattr(forward, "_torchdynamo_orig_callable")):
             setattr(layer, name, eager_or_compiled(forward, torch.compile(forward, mode=check_compile_mode(mode))))
 
 

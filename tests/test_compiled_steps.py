@@ -21,6 +21,9 @@ from eagle_gto.graphs import compile_drafter_steps, eager_layers, eager_or_compi
 class BucketedEager:
     """StepGraphs without CUDA: the steps run as graphs would record them (bucketed views), eagerly."""
 
+    def __init__(self, max_graphs: int = 64):
+        pass
+
     def run(self, key, step):
         return step()
 

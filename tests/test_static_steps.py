@@ -32,6 +32,9 @@ class EagerGraphs:
 
     keys: list = []
 
+    def __init__(self, max_graphs: int = 64):
+        self.max_graphs = max_graphs
+
     def run(self, key, step):
         EagerGraphs.keys.append(key)
         with NoHostValues():
@@ -157,12 +160,58 @@ def test_warm_up_records_every_step_shape_a_generation_uses(speculative, options
     assert not used <= set(graphs_on_cpu.keys)
 
 
+def test_warm_up_after_a_move_prepares_the_moved_models_steps(graphs_on_cpu, monkeypatch):
+    """A model moved where graphs become possible (CPU to one GPU; here a cast
+    stands in) turns them on with its new caches: warm_up must see that,
+    not the old setting."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    monkeypatch.setattr(model, "_cuda_graphs_asked", None)
+    model.cuda_graphs = False
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, max_length=128)  # caches for the old layout
+    monkeypatch.setattr(ea_model.EaModel, "_check_graphs", lambda self, wanted: True)
+    model.to(torch.float64)
+    try:
+        assert model.warm_up(max_length=128) > 0 and graphs_on_cpu.keys
+        graphs_on_cpu.keys = []
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=40, max_length=128)
+        assert graphs_on_cpu.keys and model.cuda_graphs
+    finally:  # back, with caches for that layout (the shared pair's next user finds them)
+        model.to(torch.float32)
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, max_length=128)
+
+
+def test_warm_ups_of_long_contexts_keep_their_graphs(monkeypatch):
+    """StepGraphs drops every graph once it holds `max_graphs`: the room it is
+    given must hold a warm-up of both modes up to a long max_length, with
+    room for more settings."""
+
+    class ClearingGraphs(EagerGraphs):  # StepGraphs' bookkeeping, without CUDA
+        def run(self, key, step):
+            used.add(key)
+            if key not in kept:
+                if len(kept) >= self.max_graphs:
+                    kept.clear()
+                kept.add(key)
+            return step()
+
+    kept, used = set(), set()
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    monkeypatch.setattr(ea_model, "StepGraphs", ClearingGraphs)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 32)
+    model.cuda_graphs = True
+    steps = sum(model.warm_up(max_length=4096, speculative=speculative) for speculative in (True, False))
+    assert len(used) > 64 and kept == used  # more graphs than the old fixed room of 64, all kept
+    assert model._graphs.max_graphs >= 4 * len(used) and steps >= len(used)
+
+
+
 def test_warm_up_compiles_with_two_views_of_each_kind(monkeypatch):
     """Without step graphs the view grows one slot a step: compiled steps need
     only two shapes of each kind (speculative, plain) to go dynamic."""
     model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
     model.cuda_graphs = False
     monkeypatch.setattr(model, "torch_compile", "default")  # (the steps stay eager: this counts them)
+    monkeypatch.setattr(ea_model, "compile_drafter_steps", lambda drafter, mode: None)
     assert model.warm_up(max_length=128) == 4
     assert model.warm_up(max_length=128, speculative=False) == 2
     with pytest.raises(ValueError, match="temperature"):
