@@ -365,8 +365,13 @@ def test_short_run_exports_a_head_the_engine_loads(pair, tmp_path):
 
 
 def test_windows_without_a_group_are_counted_and_groups_must_fit(pair, tmp_path):
-    with pytest.raises(ValueError, match=r"group_size \(8\) must be smaller than window_length \(8\)"):
-        GTOConfig(group_size=8, window_length=8)  # no group of 8 roots fits: GTO would silently train L_token only
+    # Roots are positions 1 .. L-2 (a token before, a trained token after): m = L-2 fits once, m = L-1 never
+    # (GTO would silently train L_token only).
+    with pytest.raises(ValueError, match=r"group_size \(9\) must be at most window_length - 2 \(8\)"):
+        GTOConfig(group_size=9, window_length=10)
+    fits = GTOConfig(group_size=8, window_length=10)
+    roots = group_roots(root_eligible(torch.ones(2, fits.window_length, dtype=torch.long)), fits.group_size, 1)
+    assert roots.pos.tolist() == list(range(1, 9)) * 2
     seqs = greedy_windows(pair, 4, 48, seed=9)
     mask = torch.zeros(seqs.numel(), dtype=torch.long)
     mask[::3] = 1  # short answers: never 4 adjacent roots
@@ -521,6 +526,9 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     (dict(total_token=1), "total_token must be >= 2"),
     (dict(total_token=60, depth=2, top_k=3), "total_token=60 needs 59 draft nodes"),
     (dict(device="tpu:x"), "device 'tpu:x'"),
+    (dict(device="meta"), "device 'meta': not a device GTO can train on"),  # tensors without data
+    (dict(export_dtype="float8"), "export_dtype must be one of float32, float16, bfloat16, got 'float8'"),
+    (dict(dtype="int8"), "dtype must be one of float32, float16, bfloat16, got 'int8'"),
 ])
 def test_config_refuses_values_that_would_fail_after_the_models_load(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -529,7 +537,7 @@ def test_config_refuses_values_that_would_fail_after_the_models_load(options, me
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_config_refuses_cuda_without_cuda():
-    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+    with pytest.raises(ValueError, match="device 'cuda': cuda is not available"):
         GTOConfig(device="cuda")
 
 
@@ -606,3 +614,39 @@ def test_help_names_the_experiment_and_sweep_commands(capsys):
         gto_cli.main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m eagle_gto.gto [experiment | sweep]") and "`sweep` trains" in out
+
+
+# ------------------------------------------------------- config and command-line checks
+def test_validation_windows_do_not_depend_on_the_seed(monkeypatch):
+    """Seeds change the training data only, so runs (a sweep's seed grid) that differ in the seed are scored on
+    one validation slice."""
+    seeds = []
+
+    def generated_stream(base, tokenizer, files, count, prompt_tokens, new_tokens, seed):
+        seeds.append(seed)
+        return TokenStream(torch.zeros(400, dtype=torch.long), torch.ones(400, dtype=torch.long))
+
+    monkeypatch.setattr(gto_trainer, "generated_stream", generated_stream)
+    models = SimpleNamespace(base=None, tokenizer=None)
+    for seed in (0, 7):
+        gto_trainer.load_streams(GTOConfig(seed=seed, window_length=40), models)
+    assert seeds == [0, gto_trainer.VALIDATION_SEED, 7, gto_trainer.VALIDATION_SEED]
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_config_refuses_a_device_torch_does_not_have(device):
+    if getattr(torch, device).is_available():
+        pytest.skip(f"{device} is available here")
+    with pytest.raises(ValueError, match=f"device '{device}': {device} is not available"):
+        GTOConfig(device=device)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_cli_refuses_a_thread_count_below_one(threads, tmp_path, monkeypatch, capsys):
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    with pytest.raises(SystemExit):
+        gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--threads", threads])
+    assert "argument --threads: " in capsys.readouterr().err
