@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
+from eagle_gto.demo import measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
@@ -459,12 +461,16 @@ def test_cli_reports_too_little_data_in_one_line(pair, tmp_path, monkeypatch):
         gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run")])
 
 
-def fake_experiment(monkeypatch, evaluated: list, trained: list):
-    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls."""
-    models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None)
+def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
+    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls; the
+    training stub writes what train() writes (config.json first, the head and summary.json at the end);
+    `summary(cfg)` gives its summary. No HumanEval file by default."""
+    head = SimpleNamespace(config=SimpleNamespace(draft_vocab_size=64))
+    models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None, head=head)
     monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse=None: models)
     monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: None)
     monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: {"heldout": [[1, 2]] * limit})
+    monkeypatch.setattr(measure, "DEFAULT_HUMANEVAL", Path("/nonexistent/humaneval/question.jsonl"))
 
     def evaluate(base, head, sets, tree, max_new_tokens):
         evaluated.append(head)
@@ -472,7 +478,13 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list):
 
     def train(cfg, models, streams):
         trained.append(cfg)
-        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        result = summary(cfg) if summary else {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+        (out / "head").mkdir(exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(result))
+        return result
 
     monkeypatch.setattr(experiment, "evaluate", evaluate)
     monkeypatch.setattr(experiment, "train", train)
@@ -481,13 +493,13 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list):
 def test_sweep_parses_boolean_grid_values(tmp_path, monkeypatch):
     trained = []
     fake_experiment(monkeypatch, [], trained)
-    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=False,TRUE", "omega=1"])
+    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "debias=False,TRUE", "omega=1"])
     assert [(cfg.debias, cfg.omega) for cfg in trained] == [(False, 1.0), (True, 1.0)]  # bool("False") is True
     trained.clear()
-    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=0,1"])
+    experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "debias=0,1"])
     assert [cfg.debias for cfg in trained] == [False, True]
     with pytest.raises(SystemExit, match="--grid 'debias=yes': expected true, false, 1 or 0, got 'yes'"):
-        experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=yes"])
+        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "debias=yes"])
 
 
 def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, monkeypatch):
@@ -600,13 +612,15 @@ def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monk
     (["--eval-tree", "20,4"], "--eval-tree '20,4': expected three whole numbers"),
     (["--eval-tree", "60,2,3"], "--eval-tree '60,2,3': total_token=60 needs 59 draft nodes"),
     (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--eval-tree", "60,7,65"], "--eval-tree '60,7,65': top_k=65 is larger than the draft head's vocabulary (64"),
+    (["--humaneval", "/nonexistent/typo.jsonl"], "--humaneval /nonexistent/typo.jsonl: no such file"),
 ])
 def test_experiment_refuses_bad_options_before_training(tmp_path, monkeypatch, options, message):
-    trained = []
-    fake_experiment(monkeypatch, [], trained)
+    trained, evaluated = [], []
+    fake_experiment(monkeypatch, evaluated, trained)
     with pytest.raises(SystemExit, match=re.escape(message)):
         experiment.main(["--out", str(tmp_path), *options])
-    assert not trained
+    assert not trained and not evaluated
 
 
 def test_help_names_the_experiment_and_sweep_commands(capsys):
@@ -614,6 +628,72 @@ def test_help_names_the_experiment_and_sweep_commands(capsys):
         gto_cli.main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m eagle_gto.gto [experiment | sweep]") and "`sweep` trains" in out
+
+
+# ------------------------------------------------ experiment and sweep: what results stand for
+def test_experiment_runs_are_what_their_names_say_whatever_the_command_line(tmp_path, monkeypatch, capsys):
+    """Each run sets objective, reward and debias itself (the ablations differ from gto in one of them), so the
+    command refuses those options: with them, `--objective token --ship` would ship a token-only head as GTO."""
+    assert experiment.RUNS["gto"] == dict(objective="gto", reward="smoothmax", debias=True)
+    assert experiment.RUNS["control"]["objective"] == "token"
+    for name, run in experiment.RUNS.items():
+        assert run.keys() == experiment.RUNS["gto"].keys()
+        changed = {k for k in run if run[k] != experiment.RUNS["gto"][k]}
+        assert len(changed) == (name != "gto"), name
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    for option in (["--objective", "token"], ["--reward", "mean"], ["--no-debias"], ["--debias"]):
+        with pytest.raises(SystemExit):
+            experiment.main(["--out", str(tmp_path / "refused"), *option])
+        assert f"{option[0]}: experiment sets {option[0][2:].replace('no-', '')} per run" in capsys.readouterr().err
+    assert not trained
+    experiment.main(["--out", str(tmp_path / "exp")])
+    assert {Path(cfg.out).name: dict(objective=cfg.objective, reward=cfg.reward, debias=cfg.debias)
+            for cfg in trained} == experiment.RUNS
+    record = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert record["runs"] == experiment.RUNS and "reward" not in record["training"]
+
+
+def test_experiment_records_the_training_device_and_the_evaluation(tmp_path, monkeypatch):
+    """tau is measured on the CPU in float32 whatever --device: the record and the shipped README say so, and
+    name the device the heads trained on (here a stand-in GPU), not the CPU."""
+    fake_experiment(monkeypatch, [], [])
+    monkeypatch.setattr(experiment, "resolve_device", lambda cfg: "cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
+    import eagle_gto.demo
+
+    monkeypatch.setattr(eagle_gto.demo, "ASSETS", tmp_path / "assets")
+    experiment.main(["--out", str(tmp_path / "exp"), "--head", "start-head", "--runs", "gto", "--ship"])
+    record = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert record["device"] == "trained on Stand-in GPU (cuda:0), base in float32"
+    assert record["evaluation"].startswith("tau measured on the CPU in float32")
+    assert (record["measured"]["device"], record["measured"]["dtype"]) == ("cpu", "float32")
+    readme = (tmp_path / "assets" / "gto" / "README.md").read_text()
+    assert "trained on Stand-in GPU" in readme and "tau measured on the CPU in float32" in readme
+    assert "reward smoothmax (eta 1.0), debiased: True" in readme
+
+
+def test_experiment_humaneval_file_is_checked_and_recorded(tmp_path, monkeypatch, capsys):
+    """A missing --humaneval stops the command (test_experiment_refuses_bad_options_before_training); a missing
+    default is skipped with a note; the file measured on is recorded (path, size, sha256), so a changed file
+    counts as other settings when a run is resumed."""
+    evaluated, sets = [], []
+    fake_experiment(monkeypatch, evaluated, [])
+    monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: sets.append(humaneval) or {
+        "heldout": [[1]]})
+    experiment.main(["--out", str(tmp_path / "a"), "--runs", "gto"])
+    assert "/nonexistent/humaneval/question.jsonl not found: HumanEval skipped" in capsys.readouterr().out
+    assert sets == [None] and json.loads((tmp_path / "a" / "start.settings.json").read_text())["measured"][
+        "humaneval"] is None
+    questions = tmp_path / "question.jsonl"
+    questions.write_text('{"turns": ["def f():"]}\n')
+    command = ["--out", str(tmp_path / "b"), "--runs", "gto", "--humaneval", str(questions)]
+    experiment.main(command)
+    recorded = json.loads((tmp_path / "b" / "start.settings.json").read_text())["measured"]["humaneval"]
+    assert sets[-1] == questions and recorded["path"] == str(questions) and recorded["bytes"] == 24
+    questions.write_text('{"turns": ["def g():"]}\n')
+    with pytest.raises(SystemExit, match=r"start.json was made with other settings: measured.humaneval.sha256"):
+        experiment.main(command)
 
 
 # ------------------------------------------------------- config and command-line checks
