@@ -596,14 +596,14 @@ def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
     trained, loaded = [], []
     fake_experiment(monkeypatch, [], trained)
-    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.validation_every) or cfg)
-    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "validation_every=2,5", "omega=1,3"])
-    assert loaded == [2, 5]  # one stream per data setting, shared by the omega values
-    assert [(cfg.validation_every, cfg.omega) for cfg in trained] == [(2, 1.0), (2, 3.0), (5, 1.0), (5, 3.0)]
+    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.generated) or cfg)
+    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "generated=8,16", "omega=1,3"])
+    assert loaded == [8, 16]  # one stream per data setting, shared by the omega values
+    assert [(cfg.generated, cfg.omega) for cfg in trained] == [(8, 1.0), (8, 3.0), (16, 1.0), (16, 3.0)]
     with pytest.raises(SystemExit, match="--grid 'dtype=float32,bfloat16': the base model is loaded once"):
         experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "dtype=float32,bfloat16"])
-    with pytest.raises(SystemExit, match="validation_every must be >= 2, got 0"):  # every point is checked first
-        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "validation_every=2,0"])
+    with pytest.raises(SystemExit, match="generated must be >= 1, got 0"):  # every point is checked first
+        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "generated=2,0"])
     assert len(trained) == 4
 
 
@@ -696,7 +696,26 @@ def test_experiment_humaneval_file_is_checked_and_recorded(tmp_path, monkeypatch
         experiment.main(command)
 
 
-# ------------------------------------------------------- config and command-line checks
+def test_sweep_control_trains_like_the_points_it_is_compared_with(tmp_path, monkeypatch):
+    """--control: one token-only run per combination of the gridded options the control reads (here lr and
+    ttt_steps, not the GTO-only omega), each compared with the points that share it."""
+    trained = []
+    fake_experiment(monkeypatch, [], trained, summary=lambda cfg: {
+        "val_tau_start": 1.0, "val_tau_end": 1 + cfg.lr * 1000 + cfg.ttt_steps / 100 + cfg.omega / 1e4,
+        "val_reward_end": 0.5})
+    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,3e-4", "omega=1,4", "ttt_steps=3",
+                           "steps=5", "--control"])
+    controls = [cfg for cfg in trained if cfg.objective == "token"]
+    assert [(cfg.lr, cfg.ttt_steps, cfg.steps) for cfg in controls] == [(1e-4, 3, 5), (3e-4, 3, 5)]
+    assert len(trained) == 6
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    for row in rows:  # the control trains with the default omega (2), which it ignores
+        assert row["control_val_tau_end"] == pytest.approx(1 + row["lr"] * 1000 + 0.03 + 2 / 1e4)
+    assert "control val tau end" in (tmp_path / "s" / "sweep.md").read_text()
+    with pytest.raises(SystemExit, match="--control adds the token-only runs itself"):
+        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "objective=gto,token", "--control"])
+
+
 def test_validation_windows_do_not_depend_on_the_seed(monkeypatch):
     """Seeds change the training data only, so runs (a sweep's seed grid) that differ in the seed are scored on
     one validation slice."""
@@ -711,6 +730,69 @@ def test_validation_windows_do_not_depend_on_the_seed(monkeypatch):
     for seed in (0, 7):
         gto_trainer.load_streams(GTOConfig(seed=seed, window_length=40), models)
     assert seeds == [0, gto_trainer.VALIDATION_SEED, 7, gto_trainer.VALIDATION_SEED]
+
+
+def test_sweep_refuses_grids_over_the_validation_windows(monkeypatch, tmp_path):
+    """Points are ranked by validation tau, which compares only on the same text."""
+    fake_experiment(monkeypatch, [], [])
+    for option in ("window_length=96", "eval_windows=4,8", "data=stdlib", "validation_every=5", "new_tokens=64"):
+        with pytest.raises(SystemExit, match="change the validation windows, so points would be ranked on different"):
+            experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", option])
+
+
+def test_sweep_checks_every_point_before_the_first_trains(pair, tmp_path, monkeypatch):
+    """Options (export_dtype), top_k against each point's head and the data of every point are checked before
+    anything trains."""
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    reuse = Models(pair.base_model, None, None, None, None)
+    monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse_=None: load_models(cfg, reuse))
+    head = ["--head", str(tmp_path / "head"), "--total-token", "24", "--depth", "5", "--top-k", "4"]
+    with pytest.raises(SystemExit, match="top_k=65 is larger than the draft head's vocabulary"):
+        experiment.sweep_main(["--out", str(tmp_path / "a"), *head, "--grid", "top_k=4,65"])
+    with pytest.raises(SystemExit, match="export_dtype must be one of float32, float16, bfloat16, got 'float8'"):
+        experiment.sweep_main(["--out", str(tmp_path / "b"), *head, "--grid", "export_dtype=float16,float8"])
+
+    def load_streams(cfg, models):
+        if cfg.generated < 16:
+            raise ValueError(f"the training data has {cfg.generated} tokens")
+
+    monkeypatch.setattr(experiment, "load_streams", load_streams)
+    with pytest.raises(SystemExit, match="the training data has 8 tokens"):
+        experiment.sweep_main(["--out", str(tmp_path / "c"), *head, "--grid", "generated=32,8"])
+    assert not trained
+
+
+def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, monkeypatch):
+    trained = []
+
+    def summary(cfg):
+        if cfg.omega == 4 and len(trained) == 2:  # the first attempt fails at the second point
+            raise RuntimeError("out of memory")
+        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+
+    fake_experiment(monkeypatch, [], trained, summary)
+    command = ["--out", str(tmp_path / "s"), "--grid", "omega=1,4", "--steps", "3"]
+    with pytest.raises(RuntimeError):
+        experiment.sweep_main(command)
+    with pytest.raises(SystemExit, match=r"omega1.0 already holds the output of an earlier run \(config.json"):
+        experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, not overwritten
+    experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
+    assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
+    assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2
+
+
+def test_sweep_refuses_points_that_share_a_folder_and_an_out_with_a_finished_sweep(tmp_path, monkeypatch):
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    with pytest.raises(SystemExit, match=r"--grid gives several points the same settings \(lr0.0001\)"):
+        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "lr=1e-4,0.0001"])
+    assert not trained
+    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=1"])
+    with pytest.raises(SystemExit, match=r"s already holds the output of an earlier run \(sweep.json, sweep.md\)"):
+        experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=2"])  # would replace its table
+    assert len(trained) == 1
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu"])
