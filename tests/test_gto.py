@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
+from eagle_gto.demo import measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
@@ -365,8 +367,13 @@ def test_short_run_exports_a_head_the_engine_loads(pair, tmp_path):
 
 
 def test_windows_without_a_group_are_counted_and_groups_must_fit(pair, tmp_path):
-    with pytest.raises(ValueError, match=r"group_size \(8\) must be smaller than window_length \(8\)"):
-        GTOConfig(group_size=8, window_length=8)  # no group of 8 roots fits: GTO would silently train L_token only
+    # Roots are positions 1 .. L-2 (a token before, a trained token after): m = L-2 fits once, m = L-1 never
+    # (GTO would silently train L_token only).
+    with pytest.raises(ValueError, match=r"group_size \(9\) must be at most window_length - 2 \(8\)"):
+        GTOConfig(group_size=9, window_length=10)
+    fits = GTOConfig(group_size=8, window_length=10)
+    roots = group_roots(root_eligible(torch.ones(2, fits.window_length, dtype=torch.long)), fits.group_size, 1)
+    assert roots.pos.tolist() == list(range(1, 9)) * 2
     seqs = greedy_windows(pair, 4, 48, seed=9)
     mask = torch.zeros(seqs.numel(), dtype=torch.long)
     mask[::3] = 1  # short answers: never 4 adjacent roots
@@ -454,12 +461,16 @@ def test_cli_reports_too_little_data_in_one_line(pair, tmp_path, monkeypatch):
         gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run")])
 
 
-def fake_experiment(monkeypatch, evaluated: list, trained: list):
-    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls."""
-    models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None)
+def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
+    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls; the
+    training stub writes what train() writes (config.json first, the head and summary.json at the end);
+    `summary(cfg)` gives its summary. No HumanEval file by default."""
+    head = SimpleNamespace(config=SimpleNamespace(draft_vocab_size=64))
+    models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None, head=head)
     monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse=None: models)
     monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: None)
     monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: {"heldout": [[1, 2]] * limit})
+    monkeypatch.setattr(measure, "DEFAULT_HUMANEVAL", Path("/nonexistent/humaneval/question.jsonl"))
 
     def evaluate(base, head, sets, tree, max_new_tokens):
         evaluated.append(head)
@@ -467,7 +478,13 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list):
 
     def train(cfg, models, streams):
         trained.append(cfg)
-        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        result = summary(cfg) if summary else {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+        (out / "head").mkdir(exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(result))
+        return result
 
     monkeypatch.setattr(experiment, "evaluate", evaluate)
     monkeypatch.setattr(experiment, "train", train)
@@ -476,13 +493,13 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list):
 def test_sweep_parses_boolean_grid_values(tmp_path, monkeypatch):
     trained = []
     fake_experiment(monkeypatch, [], trained)
-    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=False,TRUE", "omega=1"])
+    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "debias=False,TRUE", "omega=1"])
     assert [(cfg.debias, cfg.omega) for cfg in trained] == [(False, 1.0), (True, 1.0)]  # bool("False") is True
     trained.clear()
-    experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=0,1"])
+    experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "debias=0,1"])
     assert [cfg.debias for cfg in trained] == [False, True]
     with pytest.raises(SystemExit, match="--grid 'debias=yes': expected true, false, 1 or 0, got 'yes'"):
-        experiment.sweep_main(["--out", str(tmp_path), "--grid", "debias=yes"])
+        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "debias=yes"])
 
 
 def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, monkeypatch):
@@ -521,6 +538,9 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     (dict(total_token=1), "total_token must be >= 2"),
     (dict(total_token=60, depth=2, top_k=3), "total_token=60 needs 59 draft nodes"),
     (dict(device="tpu:x"), "device 'tpu:x'"),
+    (dict(device="meta"), "device 'meta': not a device GTO can train on"),  # tensors without data
+    (dict(export_dtype="float8"), "export_dtype must be one of float32, float16, bfloat16, got 'float8'"),
+    (dict(dtype="int8"), "dtype must be one of float32, float16, bfloat16, got 'int8'"),
 ])
 def test_config_refuses_values_that_would_fail_after_the_models_load(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -529,7 +549,7 @@ def test_config_refuses_values_that_would_fail_after_the_models_load(options, me
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_config_refuses_cuda_without_cuda():
-    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+    with pytest.raises(ValueError, match="device 'cuda': cuda is not available"):
         GTOConfig(device="cuda")
 
 
@@ -576,14 +596,14 @@ def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
     trained, loaded = [], []
     fake_experiment(monkeypatch, [], trained)
-    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.validation_every) or cfg)
-    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "validation_every=2,5", "omega=1,3"])
-    assert loaded == [2, 5]  # one stream per data setting, shared by the omega values
-    assert [(cfg.validation_every, cfg.omega) for cfg in trained] == [(2, 1.0), (2, 3.0), (5, 1.0), (5, 3.0)]
+    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.generated) or cfg)
+    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "generated=8,16", "omega=1,3"])
+    assert loaded == [8, 16]  # one stream per data setting, shared by the omega values
+    assert [(cfg.generated, cfg.omega) for cfg in trained] == [(8, 1.0), (8, 3.0), (16, 1.0), (16, 3.0)]
     with pytest.raises(SystemExit, match="--grid 'dtype=float32,bfloat16': the base model is loaded once"):
         experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "dtype=float32,bfloat16"])
-    with pytest.raises(SystemExit, match="validation_every must be >= 2, got 0"):  # every point is checked first
-        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "validation_every=2,0"])
+    with pytest.raises(SystemExit, match="generated must be >= 1, got 0"):  # every point is checked first
+        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "generated=2,0"])
     assert len(trained) == 4
 
 
@@ -592,13 +612,15 @@ def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monk
     (["--eval-tree", "20,4"], "--eval-tree '20,4': expected three whole numbers"),
     (["--eval-tree", "60,2,3"], "--eval-tree '60,2,3': total_token=60 needs 59 draft nodes"),
     (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--eval-tree", "60,7,65"], "--eval-tree '60,7,65': top_k=65 is larger than the draft head's vocabulary (64"),
+    (["--humaneval", "/nonexistent/typo.jsonl"], "--humaneval /nonexistent/typo.jsonl: no such file"),
 ])
 def test_experiment_refuses_bad_options_before_training(tmp_path, monkeypatch, options, message):
-    trained = []
-    fake_experiment(monkeypatch, [], trained)
+    trained, evaluated = [], []
+    fake_experiment(monkeypatch, evaluated, trained)
     with pytest.raises(SystemExit, match=re.escape(message)):
         experiment.main(["--out", str(tmp_path), *options])
-    assert not trained
+    assert not trained and not evaluated
 
 
 def test_help_names_the_experiment_and_sweep_commands(capsys):
@@ -606,3 +628,187 @@ def test_help_names_the_experiment_and_sweep_commands(capsys):
         gto_cli.main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m eagle_gto.gto [experiment | sweep]") and "`sweep` trains" in out
+
+
+# ------------------------------------------------ experiment and sweep: what results stand for
+def test_experiment_runs_are_what_their_names_say_whatever_the_command_line(tmp_path, monkeypatch, capsys):
+    """Each run sets objective, reward and debias itself (the ablations differ from gto in one of them), so the
+    command refuses those options: with them, `--objective token --ship` would ship a token-only head as GTO."""
+    assert experiment.RUNS["gto"] == dict(objective="gto", reward="smoothmax", debias=True)
+    assert experiment.RUNS["control"]["objective"] == "token"
+    for name, run in experiment.RUNS.items():
+        assert run.keys() == experiment.RUNS["gto"].keys()
+        changed = {k for k in run if run[k] != experiment.RUNS["gto"][k]}
+        assert len(changed) == (name != "gto"), name
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    for option in (["--objective", "token"], ["--reward", "mean"], ["--no-debias"], ["--debias"]):
+        with pytest.raises(SystemExit):
+            experiment.main(["--out", str(tmp_path / "refused"), *option])
+        assert f"{option[0]}: experiment sets {option[0][2:].replace('no-', '')} per run" in capsys.readouterr().err
+    assert not trained
+    experiment.main(["--out", str(tmp_path / "exp")])
+    assert {Path(cfg.out).name: dict(objective=cfg.objective, reward=cfg.reward, debias=cfg.debias)
+            for cfg in trained} == experiment.RUNS
+    record = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert record["runs"] == experiment.RUNS and "reward" not in record["training"]
+
+
+def test_experiment_records_the_training_device_and_the_evaluation(tmp_path, monkeypatch):
+    """tau is measured on the CPU in float32 whatever --device: the record and the shipped README say so, and
+    name the device the heads trained on (here a stand-in GPU), not the CPU."""
+    fake_experiment(monkeypatch, [], [])
+    monkeypatch.setattr(experiment, "resolve_device", lambda cfg: "cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Stand-in GPU")
+    import eagle_gto.demo
+
+    monkeypatch.setattr(eagle_gto.demo, "ASSETS", tmp_path / "assets")
+    experiment.main(["--out", str(tmp_path / "exp"), "--head", "start-head", "--runs", "gto", "--ship"])
+    record = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert record["device"] == "trained on Stand-in GPU (cuda:0), base in float32"
+    assert record["evaluation"].startswith("tau measured on the CPU in float32")
+    assert (record["measured"]["device"], record["measured"]["dtype"]) == ("cpu", "float32")
+    readme = (tmp_path / "assets" / "gto" / "README.md").read_text()
+    assert "trained on Stand-in GPU" in readme and "tau measured on the CPU in float32" in readme
+    assert "reward smoothmax (eta 1.0), debiased: True" in readme
+
+
+def test_experiment_humaneval_file_is_checked_and_recorded(tmp_path, monkeypatch, capsys):
+    """A missing --humaneval stops the command (test_experiment_refuses_bad_options_before_training); a missing
+    default is skipped with a note; the file measured on is recorded (path, size, sha256), so a changed file
+    counts as other settings when a run is resumed."""
+    evaluated, sets = [], []
+    fake_experiment(monkeypatch, evaluated, [])
+    monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: sets.append(humaneval) or {
+        "heldout": [[1]]})
+    experiment.main(["--out", str(tmp_path / "a"), "--runs", "gto"])
+    assert "/nonexistent/humaneval/question.jsonl not found: HumanEval skipped" in capsys.readouterr().out
+    assert sets == [None] and json.loads((tmp_path / "a" / "start.settings.json").read_text())["measured"][
+        "humaneval"] is None
+    questions = tmp_path / "question.jsonl"
+    questions.write_text('{"turns": ["def f():"]}\n')
+    command = ["--out", str(tmp_path / "b"), "--runs", "gto", "--humaneval", str(questions)]
+    experiment.main(command)
+    recorded = json.loads((tmp_path / "b" / "start.settings.json").read_text())["measured"]["humaneval"]
+    assert sets[-1] == questions and recorded["path"] == str(questions) and recorded["bytes"] == 24
+    questions.write_text('{"turns": ["def g():"]}\n')
+    with pytest.raises(SystemExit, match=r"start.json was made with other settings: measured.humaneval.sha256"):
+        experiment.main(command)
+
+
+def test_sweep_control_trains_like_the_points_it_is_compared_with(tmp_path, monkeypatch):
+    """--control: one token-only run per combination of the gridded options the control reads (here lr and
+    ttt_steps, not the GTO-only omega), each compared with the points that share it."""
+    trained = []
+    fake_experiment(monkeypatch, [], trained, summary=lambda cfg: {
+        "val_tau_start": 1.0, "val_tau_end": 1 + cfg.lr * 1000 + cfg.ttt_steps / 100 + cfg.omega / 1e4,
+        "val_reward_end": 0.5})
+    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,3e-4", "omega=1,4", "ttt_steps=3",
+                           "steps=5", "--control"])
+    controls = [cfg for cfg in trained if cfg.objective == "token"]
+    assert [(cfg.lr, cfg.ttt_steps, cfg.steps) for cfg in controls] == [(1e-4, 3, 5), (3e-4, 3, 5)]
+    assert len(trained) == 6
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    for row in rows:  # the control trains with the default omega (2), which it ignores
+        assert row["control_val_tau_end"] == pytest.approx(1 + row["lr"] * 1000 + 0.03 + 2 / 1e4)
+    assert "control val tau end" in (tmp_path / "s" / "sweep.md").read_text()
+    with pytest.raises(SystemExit, match="--control adds the token-only runs itself"):
+        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "objective=gto,token", "--control"])
+
+
+def test_validation_windows_do_not_depend_on_the_seed(monkeypatch):
+    """Seeds change the training data only, so runs (a sweep's seed grid) that differ in the seed are scored on
+    one validation slice."""
+    seeds = []
+
+    def generated_stream(base, tokenizer, files, count, prompt_tokens, new_tokens, seed):
+        seeds.append(seed)
+        return TokenStream(torch.zeros(400, dtype=torch.long), torch.ones(400, dtype=torch.long))
+
+    monkeypatch.setattr(gto_trainer, "generated_stream", generated_stream)
+    models = SimpleNamespace(base=None, tokenizer=None)
+    for seed in (0, 7):
+        gto_trainer.load_streams(GTOConfig(seed=seed, window_length=40), models)
+    assert seeds == [0, gto_trainer.VALIDATION_SEED, 7, gto_trainer.VALIDATION_SEED]
+
+
+def test_sweep_refuses_grids_over_the_validation_windows(monkeypatch, tmp_path):
+    """Points are ranked by validation tau, which compares only on the same text."""
+    fake_experiment(monkeypatch, [], [])
+    for option in ("window_length=96", "eval_windows=4,8", "data=stdlib", "validation_every=5", "new_tokens=64"):
+        with pytest.raises(SystemExit, match="change the validation windows, so points would be ranked on different"):
+            experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", option])
+
+
+def test_sweep_checks_every_point_before_the_first_trains(pair, tmp_path, monkeypatch):
+    """Options (export_dtype), top_k against each point's head and the data of every point are checked before
+    anything trains."""
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    reuse = Models(pair.base_model, None, None, None, None)
+    monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse_=None: load_models(cfg, reuse))
+    head = ["--head", str(tmp_path / "head"), "--total-token", "24", "--depth", "5", "--top-k", "4"]
+    with pytest.raises(SystemExit, match="top_k=65 is larger than the draft head's vocabulary"):
+        experiment.sweep_main(["--out", str(tmp_path / "a"), *head, "--grid", "top_k=4,65"])
+    with pytest.raises(SystemExit, match="export_dtype must be one of float32, float16, bfloat16, got 'float8'"):
+        experiment.sweep_main(["--out", str(tmp_path / "b"), *head, "--grid", "export_dtype=float16,float8"])
+
+    def load_streams(cfg, models):
+        if cfg.generated < 16:
+            raise ValueError(f"the training data has {cfg.generated} tokens")
+
+    monkeypatch.setattr(experiment, "load_streams", load_streams)
+    with pytest.raises(SystemExit, match="the training data has 8 tokens"):
+        experiment.sweep_main(["--out", str(tmp_path / "c"), *head, "--grid", "generated=32,8"])
+    assert not trained
+
+
+def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, monkeypatch):
+    trained = []
+
+    def summary(cfg):
+        if cfg.omega == 4 and len(trained) == 2:  # the first attempt fails at the second point
+            raise RuntimeError("out of memory")
+        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+
+    fake_experiment(monkeypatch, [], trained, summary)
+    command = ["--out", str(tmp_path / "s"), "--grid", "omega=1,4", "--steps", "3"]
+    with pytest.raises(RuntimeError):
+        experiment.sweep_main(command)
+    with pytest.raises(SystemExit, match=r"omega1.0 already holds the output of an earlier run \(config.json"):
+        experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, not overwritten
+    experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
+    assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
+    assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2
+
+
+def test_sweep_refuses_points_that_share_a_folder_and_an_out_with_a_finished_sweep(tmp_path, monkeypatch):
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    with pytest.raises(SystemExit, match=r"--grid gives several points the same settings \(lr0.0001\)"):
+        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "lr=1e-4,0.0001"])
+    assert not trained
+    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=1"])
+    with pytest.raises(SystemExit, match=r"s already holds the output of an earlier run \(sweep.json, sweep.md\)"):
+        experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=2"])  # would replace its table
+    assert len(trained) == 1
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_config_refuses_a_device_torch_does_not_have(device):
+    if getattr(torch, device).is_available():
+        pytest.skip(f"{device} is available here")
+    with pytest.raises(ValueError, match=f"device '{device}': {device} is not available"):
+        GTOConfig(device=device)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_cli_refuses_a_thread_count_below_one(threads, tmp_path, monkeypatch, capsys):
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    with pytest.raises(SystemExit):
+        gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--threads", threads])
+    assert "argument --threads: " in capsys.readouterr().err

@@ -22,27 +22,59 @@ from ..train.trainer import check_new_out, one_line_errors
 from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
 
 
-def config_parser(description: str, command: str = "") -> argparse.ArgumentParser:
+def config_parser(description: str, command: str = "", fixed: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The CLI of every GTOConfig field; `fixed` ({option: why}) names options the command sets itself:
+    giving one is an error (it would be silently overridden, or worse, change what a result is labelled)."""
     parser = argparse.ArgumentParser(prog=f"python -m eagle_gto.gto{command}", description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fixed = fixed or {}
     for f in dataclasses.fields(GTOConfig):
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"]
-        if f.type in (bool, "bool"):
+        boolean = f.type in (bool, "bool")
+        if f.name in fixed:
+            flags = (flag, "--no-" + flag[2:]) if boolean else (flag,)
+            parser.add_argument(*flags, action=Refused, reason=fixed[f.name], nargs="?", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+            continue
+        if boolean:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(flag, type=f.metadata.get("type", kind), default=f.default,
                             choices=f.metadata.get("choices"), help=help)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument("--threads", type=thread_count, help="torch CPU threads, at least 1 (1 is fastest on a busy "
+                        "shared CPU); none: torch's default")
     return parser
 
 
+class Refused(argparse.Action):
+    """An option the command fixes itself: a usage error that says why."""
+
+    def __init__(self, option_strings, dest, reason: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.reason}")
+
+
+def thread_count(text: str) -> int:
+    """--threads: torch.set_num_threads refuses 0 and below only with a RuntimeError traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def config_from(args: argparse.Namespace) -> GTOConfig:
-    """The GTOConfig part of parsed arguments; applies --threads."""
-    if args.threads:
+    """The GTOConfig part of parsed arguments (a fixed option keeps its default); applies --threads."""
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return GTOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GTOConfig)})
+    return GTOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GTOConfig) if hasattr(args, f.name)})
 
 
 def input_errors(command: str = ""):

@@ -9,11 +9,13 @@ the same training windows in the same order and takes the same number of
 optimizer steps:
 - control: L_token only (continued EAGLE-3 training);
 - gto: L_token + omega * L_GTO (smooth max, debiased by the frozen start head);
-- gto-no-debias, gto-mean, gto-max: the ablations.
+- gto-no-debias, gto-mean, gto-max: the ablations, each gto with one option changed.
+RUNS sets objective, reward and debias for every run, so the command refuses them.
 Then tau (greedy decoding, 60/7/10 by default, `model.last_stats`: generated
 tokens / target forwards over a prompt set) of the start head and of every
 trained head on the held-out stdlib prompts and the HumanEval prompts of
-`eagle_gto.demo.measure`. Training never sees either prompt set.
+`eagle_gto.demo.measure`, always on the CPU in float32 (EVALUATION).
+Training never sees either prompt set.
 Each finished run keeps its result in OUT/RUN/result.json (the start head's
 in OUT/start.json), and the settings that produced it beside it
 (result.settings.json, start.settings.json): rerunning the same command
@@ -22,17 +24,22 @@ resumes after the last one; a command with other settings is refused.
 assets/heads.json naming the better of eagle3 and gto as the demo default.
 
 The sweep trains one GTO run per grid point (plus, with --control, one
-L_token-only run per learning rate) and scores each by the validation slice
+L_token-only run per combination of the gridded options the control reads,
+that is all but trainer.GTO_OPTIONS) and scores each by the validation slice
 (trees at 60/7/10 on held-out training-split text, see trainer.Validator),
 never by the evaluation prompts. The base is loaded once, so its options
-(trainer.BASE_OPTIONS) cannot vary; points that vary the data options
-(trainer.STREAM_OPTIONS) get their own data.
+(trainer.BASE_OPTIONS) cannot vary; nor can the options that change the
+validation windows (trainer.VALIDATION_OPTIONS), so every point is scored on
+the same text; points that vary the other data options (trainer.STREAM_OPTIONS:
+seed, generated) get their own training data. Every point is checked before the
+first trains; a rerun of an interrupted sweep resumes after its finished points.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import json
 import platform
@@ -44,15 +51,22 @@ import torch
 
 from ..train.trainer import check_new_out
 from ..tree import check_tree_params
-from .trainer import BASE_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, GTOConfig, check_data, load_models, load_streams, train
+from .trainer import (BASE_OPTIONS, GTO_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, VALIDATION_OPTIONS, GTOConfig,
+                      check_data, load_models, load_streams, resolve_device, train)
 
+# Every run names every option that makes it what its name says, so no command-line value can change what a run
+# labelled "gto" (and shipped as the GTO head) is: `experiment` refuses these options (RUN_OPTIONS).
+GTO_RUN = dict(objective="gto", reward="smoothmax", debias=True)
 RUNS = {
-    "control": dict(objective="token"),
-    "gto": {},
-    "gto-no-debias": dict(debias=False),
-    "gto-mean": dict(reward="mean"),
-    "gto-max": dict(reward="max"),
+    "control": {**GTO_RUN, "objective": "token"},  # L_token only: reward and debias are not read
+    "gto": GTO_RUN,
+    "gto-no-debias": {**GTO_RUN, "debias": False},
+    "gto-mean": {**GTO_RUN, "reward": "mean"},
+    "gto-max": {**GTO_RUN, "reward": "max"},
 }
+RUN_OPTIONS = {name: f"experiment sets {name} per run ({', '.join(f'{run}: {o[name]}' for run, o in RUNS.items())}); "
+               "choose runs with --runs, or train one setting with `python -m eagle_gto.gto`" for name in GTO_RUN}
+EVALUATION = dict(device="cpu", dtype="float32")  # where evaluate() measures tau, whatever --device and --dtype
 
 
 def accepted_length(model, prompts: list[list[int]], max_new_tokens: int) -> float:
@@ -67,21 +81,47 @@ def accepted_length(model, prompts: list[list[int]], max_new_tokens: int) -> flo
     return new_tokens / iterations
 
 
-def prompt_sets(tokenizer, humaneval: Path, limit: int) -> dict[str, list[list[int]]]:
+def humaneval_file(given: Path | None) -> Path | None:
+    """The HumanEval questions to measure on. A file given with --humaneval
+    must exist (a typo would silently drop the set); the default, the
+    repository's shared/ data (`eagle_gto.demo.measure.DEFAULT_HUMANEVAL`,
+    absent outside that layout), is skipped with a note when missing."""
+    from ..demo.measure import DEFAULT_HUMANEVAL
+
+    if given is not None:
+        if not given.is_file():
+            raise ValueError(f"--humaneval {given}: no such file")
+        return given.resolve()
+    if DEFAULT_HUMANEVAL.is_file():
+        return DEFAULT_HUMANEVAL
+    print(f"{DEFAULT_HUMANEVAL} not found: HumanEval skipped (--humaneval FILE measures it)", flush=True)
+    return None
+
+
+def file_record(path: Path | None) -> dict | None:
+    """Which file a measurement read: its path, size and sha256 (a changed file is other settings)."""
+    if path is None:
+        return None
+    data = path.read_bytes()
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def prompt_sets(tokenizer, humaneval: Path | None, limit: int) -> dict[str, list[list[int]]]:
     from ..demo.measure import heldout_prompts, humaneval_prompts
 
     sets = {"heldout": heldout_prompts(tokenizer)[:limit]}
-    if humaneval.is_file():
+    if humaneval is not None:
         sets["humaneval"] = humaneval_prompts(humaneval, tokenizer)[:limit]
     return sets
 
 
 def evaluate(base_path: str, head_path: str, sets: dict, tree: tuple[int, int, int], max_new_tokens: int) -> dict:
+    """tau of every set, on the CPU in float32 (EVALUATION), whatever device and dtype the heads trained with."""
     from .. import EaModel
 
     total_token, depth, top_k = tree
     model = EaModel.from_pretrained(base_path, head_path, total_token=total_token, depth=depth, top_k=top_k,
-                                    dtype=torch.float32)
+                                    dtype=getattr(torch, EVALUATION["dtype"]))  # no device_map: on the CPU
     return {name: accepted_length(model, prompts, max_new_tokens) for name, prompts in sets.items()}
 
 
@@ -117,7 +157,7 @@ def ship(run_dir: Path, results: dict, settings: dict) -> None:
 
 
 def _head_readme(settings: dict, results: dict, default: str) -> str:
-    t, names = settings["training"], [name for name in results if name != "start"]
+    t, names = {**settings["training"], **settings["runs"]["gto"]}, [name for name in results if name != "start"]
     verdict = ("better than the EAGLE-3 head: it is the demo default" if default == "gto" else
                "not better than the EAGLE-3 head, so `../heads.json` keeps `eagle3` as the demo default")
     return f"""# Demo GTO head
@@ -131,9 +171,10 @@ base model in `../base`, by
   per step, {t["groups_per_window"]} groups of m = {t["group_size"]} adjacent roots per window;
   L_token + {t["omega"]} * L_GTO, reward {t["reward"]} (eta {t["eta"]}), debiased: {t["debias"]},
   delta {t["delta"]}, eps {t["eps"]}, training trees {t["total_token"]}/{t["depth"]}/{t["top_k"]}.
-- Exported in the EAGLE-3 format, {t["export_dtype"]} weights. {settings["device"]}, {settings["date"]}.
+- Exported in the EAGLE-3 format, {t["export_dtype"]} weights; {settings["device"]}, {settings["date"]}.
 - tau (greedy, {"/".join(str(v) for v in settings["measured"]["tree"].values())}, \
-{settings["measured"]["max_new_tokens"]} new tokens) vs the start head and the runs {", ".join(names)}:
+{settings["measured"]["max_new_tokens"]} new tokens; {settings["evaluation"]}) vs the start head and the runs
+  {", ".join(names)}:
 
 {table(results, ["start"] + names)}
 
@@ -145,13 +186,14 @@ the measurement settings and all results.
 def main(argv: list[str] | None = None) -> None:
     from .__main__ import config_from, config_parser, input_errors
 
-    parser = config_parser("GTO vs continued token-level training (and ablations) on one start head.", " experiment")
+    parser = config_parser("GTO vs continued token-level training (and ablations) on one start head. Each run sets "
+                           f"{', '.join(RUN_OPTIONS)} itself (see --runs).", " experiment", fixed=RUN_OPTIONS)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--eval-tree", default="60,7,10", help="total_token,depth,top_k of the tau measurement")
-    parser.add_argument("--humaneval", type=Path,
-                        default=Path(__file__).resolve().parents[3] / "shared" / "data" / "humaneval" / "question.jsonl")
+    parser.add_argument("--humaneval", type=Path, help="HumanEval question.jsonl (must exist); none: the "
+                        "repository's shared/data/humaneval/question.jsonl, skipped with a note when missing")
     parser.add_argument("--ship", action="store_true", help="install the GTO head as the demo's gto head")
     parser.set_defaults(out="runs/gto-experiment", export_dtype="float16")
     args = parser.parse_args(argv)
@@ -166,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         tree = eval_tree(args.eval_tree)
+        humaneval = humaneval_file(args.humaneval)
         options = dataclasses.asdict(config_from(args))
         out = Path(options.pop("out"))
         check_new_out(out)
@@ -174,11 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with input_errors(" experiment"):
         models = load_models(GTOConfig(**options))
+        eval_tree(args.eval_tree, models.head.config.draft_vocab_size)  # every head shares the start head's
     base_path = models.base.name_or_path
     head_path = options["head"] or _demo_head_path()
-    sets = prompt_sets(models.tokenizer, args.humaneval, args.limit)
+    sets = prompt_sets(models.tokenizer, humaneval, args.limit)
     measured = {"tree": dict(zip(("total_token", "depth", "top_k"), tree)), "greedy": True,
-                "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in sets.items()}}
+                "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in sets.items()},
+                "humaneval": file_record(humaneval), **EVALUATION}
     # The settings each result depends on: a kept result is reused only when they match (checked up front).
     made_by = {"start": {"base": base_path, "head": head_path, "measured": measured},
                **{name: {"training": {**options, **RUNS[name]}, "measured": measured} for name in names}}
@@ -206,10 +251,13 @@ def main(argv: list[str] | None = None) -> None:
         print(name, results[name], flush=True)
     settings = {
         "command": "python -m eagle_gto.gto experiment " + " ".join(argv if argv is not None else []),
-        "training": options,
+        "training": {k: v for k, v in options.items() if k not in RUN_OPTIONS},  # the options all runs share
+        "runs": {name: RUNS[name] for name in names},
         "measured": measured,
         "date": datetime.date.today().isoformat(),
-        "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "device": training_device(GTOConfig(**options)),
+        "evaluation": f"tau measured on the {EVALUATION['device'].upper()} in {EVALUATION['dtype']} "
+                      "(whatever the training device and --dtype)",
         "seconds": round(time.perf_counter() - started, 1),
     }
     report = table(results, ["start"] + names)
@@ -220,14 +268,26 @@ def main(argv: list[str] | None = None) -> None:
         ship(out / "gto", results, settings)
 
 
-def eval_tree(text: str) -> tuple[int, int, int]:
-    """--eval-tree total_token,depth,top_k, a tree the engine can build."""
+def training_device(cfg: GTOConfig) -> str:
+    """The device the runs trained on, in words (the base model's dtype with it)."""
+    device = torch.device(resolve_device(cfg))
+    if device.type == "cpu":
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    elif device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)} ({device})"
+    else:
+        name = str(device)
+    return f"trained on {name}, base in {cfg.dtype}"
+
+
+def eval_tree(text: str, draft_vocab_size: int | None = None) -> tuple[int, int, int]:
+    """--eval-tree total_token,depth,top_k, a tree the engine can build (with a head of `draft_vocab_size`)."""
     try:
         total_token, depth, top_k = (int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--eval-tree {text!r}: expected three whole numbers total_token,depth,top_k") from None
     try:
-        check_tree_params(total_token, depth, top_k)
+        check_tree_params(total_token, depth, top_k, draft_vocab_size)
     except ValueError as err:
         raise ValueError(f"--eval-tree {text!r}: {err}") from None
     return total_token, depth, top_k
@@ -295,8 +355,18 @@ def point_name(point: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in point.items())
 
 
+def point_names(points: list[dict]) -> list[str]:
+    """Each point's folder name; two points with one name (e.g. lr=1e-4,0.0001) would share a folder."""
+    names = [point_name(point) for point in points]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--grid gives several points the same settings ({', '.join(twice)}): list each value once")
+    return names
+
+
 def parse_grid(items: list[str], options: dict) -> dict[str, list]:
-    """--grid NAME=V1,V2 ... as {option: values}; the base is loaded once, so its options cannot vary."""
+    """--grid NAME=V1,V2 ... as {option: values}. The base is loaded once, so its options cannot vary; neither can
+    the options that change the validation windows, since points are ranked by their validation tau."""
     grid = {}
     for item in items:
         name, _, values = item.partition("=")
@@ -307,11 +377,45 @@ def parse_grid(items: list[str], options: dict) -> dict[str, list]:
             raise ValueError(f"--grid {item!r}: the base model is loaded once for the whole sweep, so "
                              f"{', '.join(BASE_OPTIONS)} cannot vary (every other option can): run one sweep "
                              "per base model")
+        if name in VALIDATION_OPTIONS:
+            raise ValueError(f"--grid {item!r}: {', '.join(VALIDATION_OPTIONS)} change the validation windows, so "
+                             "points would be ranked on different text: run one sweep per value")
         try:
             grid[name] = [grid_value(v, options[name]) for v in values.split(",")]
         except ValueError as err:
             raise ValueError(f"--grid {item!r}: {err}") from None
     return grid
+
+
+def control_points(grid: dict[str, list]) -> list[dict]:
+    """One L_token-only run per combination of the gridded options the control reads (not GTO_OPTIONS): each
+    GTO point is compared with the control that trained exactly like it, less L_GTO."""
+    if "objective" in grid:
+        raise ValueError("--control adds the token-only runs itself: do not grid objective as well")
+    shared = {name: values for name, values in grid.items() if name not in GTO_OPTIONS}
+    return [{"objective": "token", **dict(zip(shared, values))} for values in itertools.product(*shared.values())]
+
+
+def control_of(cfg: GTOConfig) -> tuple:
+    """What a run shares with its control: every option the control reads."""
+    return tuple((name, value) for name, value in dataclasses.asdict(cfg).items()
+                 if name not in GTO_OPTIONS and name != "out")
+
+
+def finished(cfg: GTOConfig) -> dict | None:
+    """The summary of a point an interrupted sweep finished with these very options (rerunning the command
+    resumes), or None when it is still to train (also when it started and stopped with them); a folder that
+    holds a run with other options is refused."""
+    out = Path(cfg.out)
+    config = out / "config.json"
+    if config.is_file() and json.loads(config.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        summary = out / "summary.json"
+        return json.loads(summary.read_text()) if summary.is_file() else None
+    check_new_out(cfg.out, RUN_OUTPUTS)
+    return None
+
+
+SWEEP_OUTPUTS = ("sweep.json", "sweep.md")
 
 
 def sweep_main(argv: list[str] | None = None) -> None:
@@ -320,40 +424,58 @@ def sweep_main(argv: list[str] | None = None) -> None:
     parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep")
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                         help="option values to combine, e.g. lr=1e-4,3e-4 omega=1,4")
-    parser.add_argument("--control", action="store_true", help="also an L_token-only run per learning rate")
+    parser.add_argument("--control", action="store_true", help="also an L_token-only run per combination of the "
+                        "gridded options it reads (all but the GTO-specific ones)")
     parser.set_defaults(out="runs/gto-sweep", eval_every=0)
     args = parser.parse_args(argv)
+    # Every point is checked before the first trains: options, folders, data files, heads, data sizes.
     with input_errors(" sweep"):
         options = dataclasses.asdict(config_from(args))
         out = Path(options.pop("out"))
+        check_new_out(out, SWEEP_OUTPUTS)  # a finished sweep: its table would be replaced
         grid = parse_grid(args.grid, options)
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-        if args.control:
-            points += [{"objective": "token", "lr": lr} for lr in grid.get("lr", [options["lr"]])]
-        # Every point's options and output folder are checked before anything trains.
-        configs = [GTOConfig(**{**options, **point, "out": str(out / point_name(point))}) for point in points]
-        for cfg in configs:
-            check_new_out(cfg.out, RUN_OUTPUTS)
+        points += control_points(grid) if args.control else []
+        configs = [GTOConfig(**{**options, **point, "out": str(out / name)})
+                   for point, name in zip(points, point_names(points))]
+        done = [finished(cfg) for cfg in configs]
         for cfg in {cfg.data: cfg for cfg in configs}.values():
             check_data(cfg)
         models = load_models(GTOConfig(**options))
-    rows, streams = [], {}
-    for point, cfg in zip(points, configs):
-        with input_errors(" sweep"):  # e.g. too little --data for this point's windows
+        streams = {}
+        for cfg, summary in zip(configs, done):
+            if summary is None:
+                load_models(cfg, models)  # each point's heads: top_k against their vocabulary, the reference
+                data = tuple(getattr(cfg, name) for name in STREAM_OPTIONS)
+                if data not in streams:  # also checks that there is data enough for the windows
+                    streams[data] = load_streams(cfg, models)
+    rows = []
+    for point, cfg, summary in zip(points, configs, done):
+        if summary is None:
             data = tuple(getattr(cfg, name) for name in STREAM_OPTIONS)
-            if data not in streams:
-                streams[data] = load_streams(cfg, models)
-            point_models = load_models(cfg, models)
-        summary = train(cfg, point_models, streams[data])
+            summary = train(cfg, load_models(cfg, models), streams[data])
         rows.append({**point, **summary})
         print(Path(cfg.out).name, summary, flush=True)
-    keys = list(dict.fromkeys(k for row in rows for k in row if k in grid or k == "objective"))
-    lines = ["| " + " | ".join(keys) + " | val tau start | val tau end | val reward end |",
-             "|" + "---|" * (len(keys) + 3)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys)
-                     + f" | {row['val_tau_start']:.3f} | {row['val_tau_end']:.3f} | {row['val_reward_end']:.3f} |")
+    if args.control:
+        control = {control_of(cfg): row for cfg, row in zip(configs, rows) if cfg.objective == "token"}
+        for cfg, row in zip(configs, rows):
+            row["control_val_tau_end"] = control[control_of(cfg)]["val_tau_end"]
+    lines = sweep_table(rows, grid, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"training": options, "rows": rows}, indent=2) + "\n")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def sweep_table(rows: list[dict], grid: dict, options: dict) -> list[str]:
+    """One line a point: its gridded options, validation tau (and, with --control, its control's tau at the end)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row if k in grid or k == "objective"))
+    versus = "control_val_tau_end" in rows[0]
+    lines = ["| " + " | ".join(keys) + " | val tau start | val tau end | val reward end |"
+             + (" control val tau end |" if versus else ""),
+             "|" + "---|" * (len(keys) + 3 + versus)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys)
+                     + f" | {row['val_tau_start']:.3f} | {row['val_tau_end']:.3f} | {row['val_reward_end']:.3f} |"
+                     + (f" {row['control_val_tau_end']:.3f} |" if versus else ""))
+    return lines

@@ -19,7 +19,7 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -90,13 +90,16 @@ class GTOConfig:
             raise ValueError(f"reward must be one of {AGGREGATIONS}, got {self.reward!r}")
         if self.objective not in ("gto", "token"):
             raise ValueError(f"objective must be 'gto' or 'token', got {self.objective!r}")
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        for f in fields(self):  # argparse checks choices, a GTOConfig built in code (or a sweep point) does not
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), got {self.group_size}")
-        if self.group_size >= self.window_length:  # roots need a token before them: no group would ever fit
-            raise ValueError(f"group_size ({self.group_size}) must be smaller than window_length "
-                             f"({self.window_length})")
+        if self.group_size > self.window_length - 2:  # else no group ever fits: GTO would train L_token only
+            raise ValueError(f"group_size ({self.group_size}) must be at most window_length - 2 "
+                             f"({self.window_length - 2}): roots are positions 1 .. window_length - 2 (a root "
+                             "needs a token before it and a trained token after it)")
         for name in ("eta", "eps", "delta", "lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -123,11 +126,22 @@ def check_device(device: str | None) -> None:
         place = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device {device!r}: {err}") from None
-    if place.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available (torch {torch.__version__}); "
+    if place.type == "cpu":
+        return
+    backend = getattr(torch, place.type, None)  # torch.cuda, torch.xpu, torch.mps, ...
+    if not hasattr(backend, "is_available"):  # e.g. meta (tensors without data), or a backend torch lacks
+        raise ValueError(f"device {device!r}: not a device GTO can train on; use cpu, cuda, xpu or mps")
+    if not backend.is_available():
+        raise ValueError(f"device {device!r}: {place.type} is not available (torch {torch.__version__}); "
                          "leave --device out, or use cpu")
-    if place.type == "cuda" and place.index is not None and place.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    count = getattr(backend, "device_count", None)
+    if place.index is not None and count is not None and place.index >= count():
+        raise ValueError(f"device {device!r}: there are {count()} {place.type} devices")
+
+
+def resolve_device(cfg: GTOConfig) -> str:
+    """The device the base (and the heads) train on: --device, or cuda when available, else cpu."""
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 EVAL_TREE = TreeParams()  # validation always uses the engine's decoding defaults
@@ -186,8 +200,8 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
         raise ValueError(f"reference {cfg.reference} drafts over another draft vocabulary (d2t/t2d) than the head "
                          f"{head_path}: M0 must share M's draft vocabulary")
     if reuse is None:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        base = load_base(base_path, dtype=getattr(torch, cfg.dtype)).to(device)  # refuses a head given as the base
+        # load_base refuses a head given as the base
+        base = load_base(base_path, dtype=getattr(torch, cfg.dtype)).to(resolve_device(cfg))
         base.eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(base_path)
     else:
@@ -212,6 +226,14 @@ def check_data(cfg: GTOConfig) -> None:
 # The options load_streams reads: runs that agree on them can share the streams.
 STREAM_OPTIONS = ("data", "validation_every", "generated", "prompt_tokens", "new_tokens", "model_type",
                   "eval_windows", "window_length", "seed")
+# Those of them that change the validation windows (the seed does not: VALIDATION_SEED): runs that differ in
+# one are scored on different text, so their validation numbers do not compare.
+VALIDATION_OPTIONS = ("data", "validation_every", "prompt_tokens", "new_tokens", "model_type", "eval_windows",
+                      "window_length")
+VALIDATION_SEED = 1  # the prompts of the generated validation continuations, whatever --seed (seed 0 + 1 before)
+# The options only the GTO objective reads; the control (objective "token") ignores them.
+GTO_OPTIONS = ("objective", "reference", "reward", "eta", "debias", "group_size", "eps", "omega", "delta",
+               "groups_per_window", "total_token", "depth", "top_k")
 
 
 def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStream]:
@@ -231,7 +253,7 @@ def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStr
             return text_stream(train_files, models.tokenizer), text_stream(val_files, models.tokenizer)
         make = lambda files, count, seed: generated_stream(  # noqa: E731
             models.base, models.tokenizer, files, count, cfg.prompt_tokens, cfg.new_tokens, seed)
-        return make(train_files, cfg.generated, cfg.seed), make(val_files, cfg.eval_windows, cfg.seed + 1)
+        return make(train_files, cfg.generated, cfg.seed), make(val_files, cfg.eval_windows, VALIDATION_SEED)
     stream = jsonl_stream(cfg.data, models.tokenizer, cfg.model_type)
     cut = len(stream) - max(len(stream) // cfg.validation_every, cfg.window_length)
     if cut < cfg.window_length:
