@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from eagle_gto import EaModel
-from eagle_gto.chat import build_prompt
+from eagle_gto.chat import build_prompt, encode_prompt
 from eagle_gto.checkpoint import save_head
 from eagle_gto.drafter import Drafter
 from eagle_gto.target import TargetRunner, eagle3_feature_layers
@@ -113,6 +113,80 @@ def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokeni
         to_samples([long], tokenizer, "plain", max_length=30)
     with pytest.raises(ValueError, match="log_every must be at least 1"):
         TrainConfig(log_every=0)
+
+
+def trained_runs(sample, tokenizer) -> list[str]:
+    """The text of each run of consecutive trained tokens."""
+    runs, run = [], []
+    for token, trained in zip(sample.input_ids + [None], sample.loss_mask + [0]):
+        if trained:
+            run.append(token)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("model_type, opening, trained", [
+    ("vicuna", "A", [" ok</s>"]),  # "A" opens the system prompt, "chat" is in it
+    ("vicuna", "chat", [" ok</s>"]),
+    ("qwen", "You", ["ok"]),  # (the qwen system prompt: "You are a helpful assistant.")
+])
+def test_assistant_turns_before_the_first_question_are_dropped(tokenizer, monkeypatch, model_type, opening, trained):
+    """Nothing asks for an opening assistant turn: searched for from the
+    start of the text, it was trained wherever the system prompt held it."""
+    import eagle_gto.train.data as data
+
+    record = {"conversations": [{"from": "system", "value": "S"}, {"from": "gpt", "value": opening},
+                                {"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    assert [m["role"] for m in to_messages(record)] == ["system", "user", "assistant"]
+    without_system = {"conversations": record["conversations"][1:]}
+    assert trained_runs(to_samples([without_system], tokenizer, model_type)[0], tokenizer) == trained
+    # Regeneration asks for the answer to the question only (it had asked for one to the bare system prompt).
+    prompts, stop = [], [tokenizer.eos_token_id]
+    monkeypatch.setattr(data, "greedy_continue", lambda model, batch, *args: (prompts.extend(batch), [stop])[1])
+    regenerated = data.regenerate([without_system], nn.Linear(1, 1), tokenizer, model_type)
+    question = build_prompt([{"role": "user", "content": "hi"}], model_type)
+    assert prompts == [encode_prompt(question, tokenizer, model_type)]
+    assert [m["role"] for m in regenerated[0]["messages"]] == ["user", "assistant"]
+
+
+def tokenizer_with(tokens: list[str], eos: str | None = None, special: bool = True):
+    """make_tokenizer with added tokens (special or not), e.g. Llama-3's, saved and read back as a base ships it."""
+    import tempfile
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = make_tokenizer()
+    tok.add_tokens([AddedToken(t, special=special) for t in tokens], special_tokens=special)
+    if eos:
+        tok.eos_token = eos
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def test_an_end_of_turn_token_that_is_only_an_added_special_token_is_trained():
+    """transformers 5's all_special_ids lists only the named tokens (bos,
+    eos, ...): Llama-3's <|eot_id|> where eos is <|end_of_text|>, or a
+    template's own end token, was left untrained after every answer."""
+    answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"}]
+    llama3 = tokenizer_with(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|eot_id|>"], eos="<|end_of_text|>")
+    assert llama3.convert_tokens_to_ids("<|eot_id|>") not in llama3.all_special_ids
+    assert trained_runs(encode_conversation(answer, llama3, "llama3"), llama3) == ["x = 1<|eot_id|>"]
+    # A chat template's end-of-turn token, in no format's stop list (Phi-3's <|end|>).
+    phi = tokenizer_with(["<|user|>", "<|assistant|>", "<|end|>"])
+    phi.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert trained_runs(to_samples([{"messages": answer}], phi)[0], phi) == ["x = 1<|end|>"]
+    # Where the template's end token is no special token at all, the base's eos ids (generation_config) name it.
+    plain = tokenizer_with(["<|end|>"], special=False)
+    plain.chat_template = phi.chat_template
+    end = plain.convert_tokens_to_ids("<|end|>")
+    assert trained_runs(to_samples([{"messages": answer}], plain)[0], plain) == ["x = 1"]
+    assert trained_runs(to_samples([{"messages": answer}], plain, stop_ids={end})[0], plain) == ["x = 1<|end|>"]
 
 
 def test_draft_vocab_from_trained_tokens():
@@ -392,12 +466,15 @@ def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, op
     elif existing == "file":
         out.write_text("")
 
+    base = tmp_path / "base"  # (config.json only: --resume's check reads the vocabulary there)
+    base_config(vocab_size=VOCAB).save_pretrained(base)
+
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
     monkeypatch.setattr(trainer, "load_base", load_base)
     with pytest.raises(SystemExit, match=message):
-        main(["--base-model-path", "unused", "--data", str(data), "--out", str(out), *options])
+        main(["--base-model-path", str(base), "--data", str(data), "--out", str(out), *options])
 
 
 def test_cli_wrong_base_paths_are_one_line(tmp_path):
@@ -408,3 +485,212 @@ def test_cli_wrong_base_paths_are_one_line(tmp_path):
     for path, message in [(tmp_path / "missing", "missing"), (head, "draft head")]:
         with pytest.raises(SystemExit, match=f"python -m eagle_gto.train: .*{message}"):
             main(["--base-model-path", str(path), "--data", str(data), "--out", str(tmp_path / "out")])
+
+
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+               "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+# Qwen3-style: the reasoning is dropped from the answers of earlier turns.
+REWRITING = ("{% for m in messages %}{% if m['role'] == 'user' %}<u>{{ m['content'] }}</u>{% else %}"
+             "<a>{{ m['content'].split('</think>')[-1] }}</s>{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<a>{% endif %}")
+
+
+@pytest.mark.parametrize("template, bad_turns, options, message", [
+    (ALTERNATING, [("human", "q"), ("human", "again"), ("gpt", "a b c")], [],
+     "data.jsonl:3: the chat template refuses this conversation: Conversation roles must alternate"),
+    (ALTERNATING, [("human", "q"), ("human", "again"), ("gpt", "a b c")], ["--regenerate"],
+     "data.jsonl:3: the chat template refuses this conversation: Conversation roles must alternate"),
+    (REWRITING, [("human", "q"), ("gpt", "<think>hmm</think>a b c")], [],
+     "data.jsonl:3: the 'auto' prompt format does not contain assistant answer 1 .* verbatim"),
+])
+def test_records_the_chat_template_refuses_are_named_before_the_base_loads(tmp_path, monkeypatch, template,
+                                                                          bad_turns, options, message):
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a b c"}]}
+    bad = {"conversations": [{"from": role, "value": text} for role, text in bad_turns]}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n" + json.dumps(good) + "\n")
+    base = tmp_path / "base"
+    base_config(vocab_size=VOCAB).save_pretrained(base)
+    tok = make_tokenizer()
+    tok.chat_template = template
+    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tok)
+
+    def load_base(path):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(trainer, "load_base", load_base)
+    with pytest.raises(SystemExit, match=f"python -m eagle_gto.train: .*{message}"):
+        main(["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out"), *options])
+
+
+def test_errors_in_training_are_one_line(tmp_path, monkeypatch, tokenizer):
+    """train() finds some problems only once the base model is there; they
+    end the run with one line too, and genuine bugs keep their traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    base = tmp_path / "base"
+    base_config(vocab_size=VOCAB).save_pretrained(base)
+    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tokenizer)
+    monkeypatch.setattr(trainer, "load_base", lambda path: None)
+    argv = ["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out")]
+    for error, caught in [(ValueError("a problem with the base"), SystemExit), (RuntimeError("a bug"), RuntimeError)]:
+        def failing_train(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(trainer, "train", failing_train)
+        with pytest.raises(caught, match=f"^(python -m eagle_gto.train: )?{error}$"):
+            main(argv)
+
+
+def test_regeneration_decodes_greedily_whatever_the_bases_generation_config():
+    """transformers' generate() fills what it is not told from the base's
+    generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05): the
+    answers would not be the ones the engine's greedy decoding gives."""
+    from transformers import GenerationConfig
+
+    from eagle_gto.train.data import greedy_continue
+
+    base = make_base()
+    prompt = [0, 5, 9, 17, 33]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(base(torch.tensor([ids])).logits[0, -1].argmax()))
+    argmax = ids[len(prompt):]
+    settings = GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=12,
+                                suppress_tokens=[argmax[0]], do_sample=True, top_k=5)
+    base.generation_config = settings
+    stop = next(t for t in range(VOCAB) if t not in argmax)
+    assert greedy_continue(base, [prompt], 12, {stop}) == [argmax]
+    assert base.generation_config is settings  # (put back)
+
+
+# ----------------------------------------------------------------------- head shape
+def llama_base(**config):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=64, intermediate_size=128, num_hidden_layers=6, num_key_value_heads=2,
+        **{"hidden_size": 64, "num_attention_heads": 4, **config})).eval()
+
+
+def exported_and_loaded(head, folder):
+    """The head as the engine's loader reads it back from the exported checkpoint."""
+    from eagle_gto.checkpoint import build_head, load_checkpoint
+
+    save_head(head, folder)
+    return build_head(load_checkpoint(str(folder)))
+
+
+@pytest.mark.parametrize("scaling, kept", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, False),
+    ({"rope_type": "dynamic", "factor": 2.0}, False),
+    ({"rope_type": "linear", "factor": 2.0}, True),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, True),
+])
+def test_the_head_keeps_the_rope_scalings_it_implements(tmp_path, scaling, kept):
+    """A yarn base (gpt-oss, long-context Qwen3) crashed after the base loaded:
+    the head only implements default, linear and llama3 RoPE."""
+    import warnings
+
+    base = llama_base(rope_scaling=scaling)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head = new_head(base, torch.arange(64), 32)
+    dropped = [str(w.message) for w in caught if "RoPE scaling" in str(w.message)]
+    assert (head.config.rope_scaling or {}).get("rope_type") == (scaling["rope_type"] if kept else None)
+    assert len(dropped) == (0 if kept else 1)
+    if not kept:
+        assert f"base's {scaling['rope_type']!r} RoPE scaling" in dropped[0] and "default RoPE" in dropped[0]
+    loaded = exported_and_loaded(head, tmp_path)
+    assert torch.equal(loaded.inv_freq, head.inv_freq) and loaded.config.rope_scaling == head.config.rope_scaling
+
+
+def test_a_base_whose_head_dim_is_not_hidden_over_heads(tmp_path):
+    """gpt-oss: hidden 2880, 64 heads of 64 (not 45); here 90 wide, 2 heads of 32."""
+    base = llama_base(hidden_size=90, num_attention_heads=2, head_dim=32)
+    head = new_head(base, torch.arange(64), 32)
+    assert head.config.head_dim == 32 and head.midlayer.self_attn.q_proj.weight.shape == (64, 2 * 90)
+    trainer.attach_target_embedding(head, base)
+    ids = torch.randint(0, 64, (1, 12))
+    target = target_outputs(base, ids)
+    assert torch.isfinite(ttt_loss(head, target.features, ids, target.logits, torch.ones_like(ids), steps=2).loss)
+    assert exported_and_loaded(head, tmp_path).config.head_dim == 32
+
+
+def test_the_head_norm_starts_as_the_bases_final_norm():
+    """Gemma's RMSNorm scales by (1 + weight), the head's by weight: a copied
+    weight (zeros at init) made the head's output zero."""
+    from transformers import GemmaConfig
+
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(GemmaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32)).eval()
+    llama = llama_base()
+    x = torch.randn(3, 64)
+    for base in (gemma, llama):
+        with torch.no_grad():
+            base.get_decoder().norm.weight.uniform_(-0.5, 0.5)
+            head = new_head(base, torch.arange(64), 32)
+            torch.testing.assert_close(head.norm(x), base.get_decoder().norm(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # A LayerNorm is no RMSNorm: the head's norm starts at ones.
+        llama.model.norm = nn.LayerNorm(64)
+        assert torch.equal(new_head(llama, torch.arange(64), 32).norm.weight, torch.ones(64))
+
+
+# ----------------------------------------------------------------------- options
+def test_learning_rate_and_clipping_options(tmp_path, tokenizer):
+    """--max-grad-norm 0 zeroed every gradient (clip_grad_norm_ to 0): now it
+    is no clipping, as in HF Trainer; a learning rate of 0 or below is refused."""
+    for bad, message in [(dict(lr=0.0), "lr must be above 0, got 0.0"), (dict(lr=-1e-4), "lr must be above 0"),
+                         (dict(max_grad_norm=-1.0), "max_grad_norm must be >= 0 .0: no clipping., got -1.0")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 2], tokenizer)
+    heads = {norm: train(base, samples, tmp_path / str(norm), TrainConfig(max_steps=1, batch_size=2, lr=1e-2,
+                                                                        ttt_steps=1, max_grad_norm=norm),
+                         draft_vocab_size=100, show_progress=False) for norm in (0.0, 1e9)}
+    start = new_head(base, token_counts(samples, VOCAB), 100)
+    assert not torch.equal(heads[0.0].fc.weight, start.fc.weight)
+    for (name, a), b in zip(heads[0.0].state_dict().items(), heads[1e9].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tokenizer):
+    """The default --draft-vocab-size 32000, capped at this base's 320, makes
+    the same head as 320: a resume with either is the same run."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=2, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=32000, show_progress=False)
+    progress = tmp_path / "checkpoints" / "step-00000002" / "progress.json"
+    assert json.loads(progress.read_text())["head_options"] == {"draft_vocab_size": VOCAB, "intermediate_size": 128}
+    train(base, samples, tmp_path, cfg, draft_vocab_size=VOCAB, intermediate_size=128, resume=True,
+          show_progress=False)
+    # The CLI's check before the base loads reads the base's vocabulary from its config.json.
+    base_config(vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+
+    class Passed(Exception):
+        pass
+
+    def load_tokenizer(path):
+        raise Passed
+
+    monkeypatch.setattr(trainer, "load_tokenizer", load_tokenizer)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default)
+        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume"])
+    # Checkpoints that recorded the options as typed resume too.
+    record = json.loads(progress.read_text())
+    progress.write_text(json.dumps({**record, "head_options": {"draft_vocab_size": 32000, "intermediate_size": None}}))
+    train(base, samples, tmp_path, cfg, draft_vocab_size=VOCAB, resume=True, show_progress=False)
+    with pytest.raises(ValueError, match=r"--intermediate-size 128 then, 96 now"):
+        train(base, samples, tmp_path, cfg, draft_vocab_size=VOCAB, intermediate_size=96, resume=True,
+              show_progress=False)

@@ -13,7 +13,8 @@ and the special end-of-turn token after it, so the head learns where answers
 stop); plain text is all loss. Which tokens are assistant tokens is found
 from character offsets: each answer is looked up in the text after the
 prompt that asks for it, which works for any template that copies the
-answer text verbatim.
+answer text verbatim. Assistant turns before the first user turn are
+dropped, as the EAGLE reference does: nothing asks for them.
 
 `regenerate` replaces the assistant answers by the base model's own greedy
 answers: a head trained on what its target actually writes accepts more.
@@ -24,10 +25,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+try:
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, no chat templates (transformers renders them with it): nothing to catch
+    TemplateError = ()
 
 from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, stop_token_ids
 
@@ -41,7 +48,22 @@ class Sample:
     loss_mask: list[int]  # 1 where predicting this token is trained
 
 
+@contextmanager
+def naming(where: str):
+    """A ValueError raised inside names the record it is about (`file:line`)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
 def read_records(path: str | Path) -> list[dict]:
+    return [record for _, record in read_numbered_records(path)]
+
+
+def read_numbered_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(`file:line`, record) for each record of a jsonl file: errors found
+    later (a chat template that refuses a conversation) name the record too."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:  # its own message does not name the file
@@ -50,14 +72,12 @@ def read_records(path: str | Path) -> list[dict]:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
+        with naming(f"{path}:{number}"):
             record = json.loads(line)
             if not isinstance(record, dict) or not ({"conversations", "messages", "text"} & set(record)):
                 raise ValueError("expected an object with 'conversations', 'messages' or 'text'")
             to_messages(record)  # check the record's shape now, while its line is known
-        except ValueError as err:
-            raise ValueError(f"{path}:{number}: {err}") from None
-        records.append(record)
+        records.append((f"{path}:{number}", record))
     return records
 
 
@@ -78,7 +98,53 @@ def to_messages(record: dict) -> list[dict] | None:
             raise ValueError(f"unsupported conversation turn: role {role!r} with {type(content).__name__} content "
                              f"(roles: {', '.join(sorted(ROLES))}; content: a string)")
         messages.append({"role": ROLES[role], "content": content})
-    return messages
+    return without_leading_answers(messages)
+
+
+def without_leading_answers(messages: list[dict]) -> list[dict]:
+    """The conversation without the assistant turns before its first user
+    turn (ShareGPT dumps often open with the model's greeting), as the EAGLE
+    reference drops them: no prompt asks for them, so neither training nor
+    regeneration has a place for them."""
+    first_user = next((k for k, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    return [m for k, m in enumerate(messages) if k >= first_user or m["role"] != "assistant"]
+
+
+def render(messages: list[dict], model_type: str, tokenizer, system: str | None,
+           generation_prompt: bool = True) -> str:
+    """build_prompt, with a chat template's refusal (jinja2's TemplateError,
+    e.g. Mixtral's and Llama-2's roles that must alternate) as a ValueError."""
+    try:
+        return build_prompt(messages, model_type, tokenizer, system, generation_prompt)
+    except TemplateError as err:
+        raise ValueError(f"the chat template refuses this conversation: {err}") from None
+
+
+def format_stop_ids(tokenizer, model_type: str) -> set[int]:
+    """The tokens that end an answer in this format, as the tokenizer knows
+    them: its eos, the format's end-of-turn tokens (<|im_end|>), and
+    <|eot_id|> for llama3 (the engine stops there too)."""
+    ids = set(stop_token_ids(tokenizer, model_type)) | ids_of(tokenizer.eos_token_id)
+    if chat_format(model_type).is_llama3 and "<|eot_id|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    return ids
+
+
+def ids_of(eos) -> set[int]:
+    """An eos_token_id setting (None, an id or a list of ids) as a set."""
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def end_of_turn_ids(tokenizer, model_type: str, stop_ids=()) -> set[int]:
+    """Tokens trained when the template writes one after an answer. Besides
+    the named special tokens (`all_special_ids`: bos, eos, unk, pad) that is
+    every added token marked special, such as Llama-3's <|eot_id|> where eos
+    is <|end_of_text|>, and the ids the answers stop at (`stop_ids`, the
+    base's own eos ids): a head that never learns the end-of-turn token
+    cannot draft the end of an answer."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return (set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
+            | format_stop_ids(tokenizer, model_type) | set(stop_ids))
 
 
 def encode_text(text: str, tokenizer) -> Sample:
@@ -86,8 +152,11 @@ def encode_text(text: str, tokenizer) -> Sample:
     return Sample(ids, [1] * len(ids))
 
 
-def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto", system: str | None = None) -> Sample:
-    text = build_prompt(messages, model_type, tokenizer, system, generation_prompt=False)
+def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto", system: str | None = None,
+                        end_ids: set[int] | None = None) -> Sample:
+    """Token ids and loss mask of a conversation; `end_ids`: end_of_turn_ids."""
+    messages = without_leading_answers(messages)
+    text = render(messages, model_type, tokenizer, system, generation_prompt=False)
     spans, cursor = [], 0
     for k, message in enumerate(messages):
         content = message["content"]
@@ -96,15 +165,16 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
         # The answer starts where the prompt that asks for it ends: searching from
         # there, a short answer is never found inside the template's own text
         # ("A" in "ASSISTANT:") or inside an earlier turn.
-        if any(m["role"] == "user" for m in messages[:k]):
-            asking = build_prompt(messages[:k], model_type, tokenizer, system)
-            cursor = max(cursor, len(os.path.commonprefix([asking, text])))
+        asking = render(messages[:k], model_type, tokenizer, system)
+        cursor = max(cursor, len(os.path.commonprefix([asking, text])))
         start = text.find(content, cursor)
         if start < 0:  # some templates strip the turns
             content = content.strip()
             start = text.find(content, cursor)
         if start < 0:
-            raise ValueError(f"the {model_type!r} prompt format does not contain an assistant answer verbatim")
+            raise ValueError(f"the {model_type!r} prompt format does not contain assistant answer "
+                             f"{sum(m['role'] == 'assistant' for m in messages[:k]) + 1} ({excerpt(content)}) verbatim "
+                             "(does the chat template rewrite answers?)")
         end = start + len(content)
         while start > cursor and text[start - 1].isspace():  # the space the model writes first ("ASSISTANT: A")
             start -= 1
@@ -116,7 +186,7 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
     if lead < 0 or ids[lead:] != plain.input_ids:
         raise ValueError("cannot align the tokens of a conversation with its text")
     mask = [0] * len(ids)
-    special = set(tokenizer.all_special_ids)
+    special = end_of_turn_ids(tokenizer, model_type) if end_ids is None else end_ids
     for start, end in spans:
         last = None
         for j, (a, b) in enumerate(plain.offset_mapping):
@@ -137,22 +207,32 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
     return Sample(ids, mask)
 
 
-def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str | None = None) -> Sample:
+def excerpt(text: str, length: int = 40) -> str:
+    return repr(text if len(text) <= length else text[:length] + "...")
+
+
+def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str | None = None,
+                  end_ids: set[int] | None = None) -> Sample:
     messages = to_messages(record)
     if messages is None:
         return encode_text(record["text"], tokenizer)
-    return encode_conversation(messages, tokenizer, model_type, system)
+    return encode_conversation(messages, tokenizer, model_type, system, end_ids)
 
 
 def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_length: int = 2048,
-               system: str | None = None, purpose: str = "training") -> list[Sample]:
+               system: str | None = None, purpose: str = "training", names: list[str] | None = None,
+               stop_ids=()) -> list[Sample]:
     """Encode, truncate to max_length, and drop records with nothing to learn
-    (an error when that leaves none; `purpose` names the data in it)."""
+    (an error when that leaves none; `purpose` names the data in it). An
+    error about one record names it by `names` (`file:line`, read_numbered_records)
+    or by its number; `stop_ids`: the base's eos ids (end_of_turn_ids)."""
     if max_length < 1:
         raise ValueError(f"--max-length must be at least 1, got {max_length}")
+    end_ids = end_of_turn_ids(tokenizer, model_type, stop_ids)
     samples, empty, cut = [], 0, 0
-    for record in records:
-        sample = encode_record(record, tokenizer, model_type, system)
+    for number, record in enumerate(records):
+        with naming(names[number] if names else f"{purpose} record {number + 1}"):
+            sample = encode_record(record, tokenizer, model_type, system, end_ids)
         # A token is only predicted from two tokens before it (see ttt.py).
         if sum(sample.loss_mask[2:]) == 0:
             empty += 1
@@ -171,13 +251,38 @@ def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_len
     return samples
 
 
+def check_prompts(records: list[dict], tokenizer, model_type: str = "auto", system: str | None = None,
+                  names: list[str] | None = None) -> None:
+    """Render each conversation and every prompt `regenerate` builds from it,
+    so that a record the chat template refuses is named before the base
+    model loads and generates, not after."""
+    for number, record in enumerate(records):
+        messages = to_messages(record)
+        if messages is None:
+            continue
+        with naming(names[number] if names else f"record {number + 1}"):
+            render(messages, model_type, tokenizer, system, generation_prompt=False)
+            for k in answer_positions(messages):
+                render(messages[:k], model_type, tokenizer, system)
+
+
+def answer_positions(messages: list[dict]) -> list[int]:
+    return [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+
+
 @torch.no_grad()
 def greedy_continue(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                     batch_size: int = 16) -> list[list[int]]:
     """The base model's greedy continuation of each prompt (plain decoding
     with transformers' generate), cut after the first stop token. Prompts of
     equal length are batched together, so no padding is ever needed."""
+    from transformers import GenerationConfig
+
     device = model.get_input_embeddings().weight.device
+    # Nothing from the base's generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+    # suppress_tokens, ...): the answers are its plain argmax ones, as the engine decodes greedily.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(stop_ids) or None, pad_token_id=min(stop_ids) if stop_ids else 0)
     results: list[list[int] | None] = [None] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for index, prompt in enumerate(prompts):
@@ -186,28 +291,34 @@ def greedy_continue(model, prompts: list[list[int]], max_new_tokens: int, stop_i
         for chunk in range(0, len(indices), batch_size):
             group = indices[chunk : chunk + batch_size]
             ids = torch.tensor([prompts[i] for i in group], device=device)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, eos_token_id=sorted(stop_ids) or None,
-                pad_token_id=min(stop_ids) if stop_ids else 0,
-            )
+            with own_generation_config(model):
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             for i, row in zip(group, out[:, ids.shape[1] :].tolist()):
                 stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
                 results[i] = row if stop is None else row[: stop + 1]
     return results
 
 
+@contextmanager
+def own_generation_config(model):
+    """generate() fills every setting its generation_config leaves unset
+    from model.generation_config (the base's generation_config.json): a
+    blank one while it runs leaves transformers' neutral defaults there."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def regeneration_stop_ids(model, tokenizer, model_type: str) -> set[int]:
     """Where a regenerated answer ends: the model's and tokenizer's eos ids
     and the format's end-of-turn tokens (<|eot_id|>, <|im_end|>)."""
-    ids = set(stop_token_ids(tokenizer, model_type))
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    if chat_format(model_type).is_llama3 and "<|eot_id|>" in tokenizer.get_vocab():
-        ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
-    return ids
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return format_stop_ids(tokenizer, model_type) | ids_of(eos)
 
 
 def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", max_new_tokens: int = 512,
@@ -219,15 +330,17 @@ def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", 
     stops = regeneration_stop_ids(model, tokenizer, model_type)
     stop_strings = chat_format(model_type).stop_strings
     # Decoded after its prompt, an answer starts with the space the template writes itself (answer_text).
-    lead = answer_lead(model_type, tokenizer, system)
+    try:
+        lead = answer_lead(model_type, tokenizer, system)
+    except TemplateError:  # a template that refuses a one-question conversation: nothing to leave out
+        lead = ""
     turn = 0
     while True:
-        todo = [(i, m) for i, m in enumerate(conversations)
-                if m is not None and sum(x["role"] == "assistant" for x in m) > turn]
+        todo = [(i, m) for i, m in enumerate(conversations) if m is not None and len(answer_positions(m)) > turn]
         if not todo:
             break
-        positions = [[k for k, x in enumerate(m) if x["role"] == "assistant"][turn] for _, m in todo]
-        prompts = [encode_prompt(build_prompt(m[:k], model_type, tokenizer, system), tokenizer, model_type)
+        positions = [answer_positions(m)[turn] for _, m in todo]
+        prompts = [encode_prompt(render(m[:k], model_type, tokenizer, system), tokenizer, model_type)
                    for (_, m), k in zip(todo, positions)]
         answers = greedy_continue(model, prompts, max_new_tokens, stops, batch_size)
         for (i, m), k, prompt, answer in zip(todo, positions, prompts, answers):

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ from tqdm import tqdm
 
 from ..chat import MODEL_TYPES, model_type_arg
 from ..checkpoint import save_head
-from ..heads import Eagle3Head, HeadConfig
+from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..vocab import build_vocab_mapping
-from .data import Sample, collate, read_records, regenerate, to_samples, token_counts
+from .data import (Sample, check_prompts, collate, ids_of, read_numbered_records, regenerate, to_samples,
+                   token_counts)
 from .features import target_outputs
 from .plot import plot_metrics
 from .ttt import TTTObjective
@@ -54,7 +56,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = 0.5  # 0: no clipping (as in HF Trainer)
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -71,26 +73,73 @@ class TrainConfig:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.eval_every < 0 or self.epochs <= 0:
             raise ValueError(f"eval_every must be >= 0 and epochs > 0, got {self.eval_every} and {self.epochs}")
+        if not self.lr > 0:  # (a zero rate trains nothing, a negative one climbs the loss)
+            raise ValueError(f"lr must be above 0, got {self.lr}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
 
 
 # ----------------------------------------------------------------------------- head
-def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int | None = None) -> dict:
-    """config.json of an EAGLE-3 head for this base: the base's width, heads
-    and RoPE, one layer, a draft vocabulary of `draft_vocab_size`."""
-    text = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
-    rope = getattr(text, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
+def text_config(base_config):
+    return base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config  # multimodal
+
+
+def head_options(base_config, draft_vocab_size: int, intermediate_size: int | None) -> dict:
+    """The options that shape the head, resolved against the base as the
+    head is made (the draft vocabulary capped at the base's, the base's MLP
+    width by default): a checkpoint only loads into a head made with the
+    same. Resolving is idempotent, so resolved values resolve to themselves."""
+    text = text_config(base_config)
+    if intermediate_size is None:
+        intermediate_size = getattr(text, "intermediate_size", None)
+        if not isinstance(intermediate_size, int):
+            raise ValueError("the base's config has no intermediate_size to copy: give the head's MLP width "
+                             "with --intermediate-size")
+    return {"draft_vocab_size": min(draft_vocab_size, text.vocab_size), "intermediate_size": intermediate_size}
+
+
+def head_rope(text, warn: bool = True) -> tuple[float, dict | None]:
+    """The base's RoPE theta and, when the head implements its scaling, the
+    scaling. Another scaling (yarn, dynamic, longrope) is dropped with a
+    warning: the head gets default RoPE. It is trained and run with the
+    RoPE of its own config.json (which the engine loads back), so it need
+    not be the base's; what is lost is the scaling's long-context reach."""
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if all(isinstance(value, dict) for value in rope.values()):  # one per attention kind (Gemma-3)
+        rope = rope.get("full_attention") or next(iter(rope.values()), {})
+    theta = float(rope.get("rope_theta", getattr(text, "rope_theta", None)) or 10000.0)
+    kind = rope_type(rope)
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPES:
+        if warn:
+            warnings.warn(f"the draft head does not implement the base's {kind!r} RoPE scaling (supported: "
+                          f"{', '.join(ROPE_TYPES)}): the head uses default RoPE with theta {theta:g}, without "
+                          f"the base's scaling {rope}")
+        return theta, None
+    return theta, dict(rope)
+
+
+def head_config_for(base_config, draft_vocab_size: int, intermediate_size: int | None = None,
+                    warn: bool = True) -> dict:
+    """config.json of an EAGLE-3 head for this base: the base's width, heads,
+    head width and RoPE, one layer, a draft vocabulary of `draft_vocab_size`
+    (`warn`: about a RoPE scaling it drops)."""
+    text = text_config(base_config)
+    theta, scaling = head_rope(text, warn)
     cfg = dict(
         architectures=["LlamaForCausalLMEagle3"], model_type="llama", hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size if intermediate_size is None else intermediate_size,
+        **head_options(base_config, draft_vocab_size, intermediate_size),
         num_attention_heads=text.num_attention_heads,
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        num_hidden_layers=1, vocab_size=text.vocab_size, draft_vocab_size=min(draft_vocab_size, text.vocab_size),
-        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6), hidden_act="silu", rope_theta=float(theta),
+        num_hidden_layers=1, vocab_size=text.vocab_size, rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+        hidden_act="silu", rope_theta=theta,
         max_position_embeddings=getattr(text, "max_position_embeddings", 2048), tie_word_embeddings=False,
     )
-    if rope.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = dict(rope)
+    if isinstance(getattr(text, "head_dim", None), int):  # not always hidden / heads (Gemma: 256, gpt-oss: 64)
+        cfg["head_dim"] = text.head_dim
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
     return cfg
 
 
@@ -104,9 +153,9 @@ def check_head_sizes(draft_vocab_size: int, intermediate_size: int | None) -> No
 def new_head(base, counts: torch.Tensor, draft_vocab_size: int, intermediate_size: int | None = None,
              seed: int = 0) -> Eagle3Head:
     """A fresh head whose draft vocabulary is the most frequent tokens of
-    `counts`. Its norm and lm_head start as the target's final norm and the
-    target's lm_head rows of the draft vocabulary: the head's output lives in
-    the target's hidden space, so that is a far better start than noise."""
+    `counts`. Its norm and lm_head start as the target's final norm (norm_scale)
+    and the target's lm_head rows of the draft vocabulary: the head's output
+    lives in the target's hidden space, so that is a far better start than noise."""
     check_head_sizes(draft_vocab_size, intermediate_size)
     cfg = HeadConfig.from_dict(head_config_for(base.config, draft_vocab_size, intermediate_size), "eagle3")
     torch.manual_seed(seed)
@@ -116,10 +165,28 @@ def new_head(base, counts: torch.Tensor, draft_vocab_size: int, intermediate_siz
         head.d2t.copy_(d2t)
         head.t2d.copy_(t2d)
         head.lm_head.weight.copy_(base.get_output_embeddings().weight[t2d.to(base.device)].float())
-        norm = getattr(base.get_decoder(), "norm", None)
-        if getattr(norm, "weight", None) is not None and norm.weight.shape == head.norm.weight.shape:
-            head.norm.weight.copy_(norm.weight.float())
+        scale = norm_scale(getattr(base.get_decoder(), "norm", None), head.norm)
+        if scale is not None:
+            head.norm.weight.copy_(scale)
     return head
+
+
+@torch.no_grad()
+def norm_scale(norm, head_norm) -> torch.Tensor | None:
+    """The head norm's weight that gives the base's final norm's output, or
+    None when that norm is no RMSNorm of the head's width. Read from what the
+    norm does, not from its weight: Gemma's RMSNorm scales by (1 + weight)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.shape != head_norm.weight.shape:
+        return None
+    ones = torch.ones(weight.shape, device=weight.device)
+    unit = torch.nn.functional.rms_norm(ones, ones.shape, eps=head_norm.eps)
+    scale = norm(ones).float() / unit
+    probe = torch.linspace(-2.0, 3.0, weight.numel(), device=weight.device)  # (LayerNorm would not fit)
+    expected = scale * torch.nn.functional.rms_norm(probe, probe.shape, eps=head_norm.eps)
+    if not torch.allclose(norm(probe).float(), expected, rtol=1e-2, atol=1e-3 * float(scale.abs().max())):
+        return None
+    return scale.cpu()
 
 
 def attach_target_embedding(head: Eagle3Head, base) -> None:
@@ -207,16 +274,11 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
 
 
-def head_options(draft_vocab_size: int, intermediate_size: int | None) -> dict:
-    """The options that shape the head: a checkpoint only loads into a head made with the same."""
-    return {"draft_vocab_size": draft_vocab_size, "intermediate_size": intermediate_size}
-
-
-def previous_checkpoints(out: Path, resume: bool, shape: dict | None = None) -> list[Path]:
+def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None) -> list[Path]:
     """The checkpoints a run continues from. A fresh run refuses a folder
     that holds another run's checkpoints (it would rotate them away or,
     resumed later, continue from them) or exported head; a resumed one
-    refuses checkpoints of a head of another `shape` (head_options)."""
+    refuses checkpoints of a head of another `shape` (head_options for `base_config`)."""
     previous = checkpoint_dirs(Path(out))
     if previous and not resume:
         raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
@@ -224,14 +286,16 @@ def previous_checkpoints(out: Path, resume: bool, shape: dict | None = None) -> 
     if not previous:
         check_new_out(out, HEAD_FILES)
     elif shape is not None:
-        check_same_shape(previous[-1], shape)
+        check_same_shape(previous[-1], base_config, shape)
     return previous
 
 
-def check_same_shape(checkpoint: Path, shape: dict) -> None:
+def check_same_shape(checkpoint: Path, base_config, shape: dict) -> None:
     then = json.loads((checkpoint / "progress.json").read_text()).get("head_options")
     if then is None:  # written before checkpoints recorded it
         return
+    # Checkpoints once recorded the options as typed (32000 for a draft vocabulary capped at 320).
+    then = head_options(base_config, then.get("draft_vocab_size"), then.get("intermediate_size"))
     changed = [f"--{key.replace('_', '-')} {then.get(key)} then, {value} now"
                for key, value in shape.items() if then.get(key) != value]
     if changed:
@@ -292,8 +356,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     out = Path(out)
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
-    shape = head_options(draft_vocab_size, intermediate_size)
-    previous = previous_checkpoints(out, resume, shape)
+    shape = head_options(base.config, draft_vocab_size, intermediate_size)
+    previous = previous_checkpoints(out, resume, base.config, shape)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
@@ -345,7 +409,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                 accelerator.backward(result.loss / cfg.grad_accum)
             window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
                            [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
-        accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -463,11 +528,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_base(path: str):
-    """The base model and its tokenizer; the engine's loader gives a clear
-    error for a wrong path or a draft head given as the base."""
+def load_base_config(path: str):
+    """The base's config, read before its weights: a wrong path or a draft
+    head given as the base is a clear error (the engine's check), and the
+    head's shape is known for --resume's check."""
+    from transformers import AutoConfig
+
+    from ..checkpoint import expand_path, read_base_config
+
+    path = expand_path(path)
+    read_base_config(path)
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from ..checkpoint import expand_path
+
+    return AutoTokenizer.from_pretrained(expand_path(path))
+
+
+def base_eos_ids(path: str, base_config) -> set[int]:
+    """The eos ids the base stops at (Llama-3-Instruct's generation_config.json
+    lists <|eot_id|> there), before its weights load."""
+    from transformers import GenerationConfig
+
+    from ..checkpoint import expand_path
+
+    try:
+        return ids_of(GenerationConfig.from_pretrained(expand_path(path)).eos_token_id)
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        return ids_of(getattr(text_config(base_config), "eos_token_id", None))
+
+
+def load_base(path: str):
+    """The base model; the engine's loader gives a clear error for a wrong
+    path or a draft head given as the base."""
     from ..checkpoint import load_base as load_checked_base
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -476,7 +573,7 @@ def load_base(path: str):
         from accelerate import PartialState
 
         base.to(PartialState().device)
-    return base.eval(), AutoTokenizer.from_pretrained(path)
+    return base.eval()
 
 
 def check_options(args: argparse.Namespace) -> TrainConfig:
@@ -487,30 +584,59 @@ def check_options(args: argparse.Namespace) -> TrainConfig:
     for flag in ("max_length", "regen_max_new_tokens", "regen_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    previous_checkpoints(Path(args.out), args.resume, head_options(args.draft_vocab_size, args.intermediate_size))
+    previous_checkpoints(Path(args.out), args.resume)
     if args.regenerate and args.save_data:
         check_writable(args.save_data, "--save-data")
     return cfg
 
 
+def check_head(args: argparse.Namespace, base_config) -> None:
+    """The head these options make for this base, before the base's weights
+    load: its config must be valid, and --resume's checkpoints must hold a
+    head of its shape. (A RoPE scaling it drops is a warning when training
+    starts: warned here too, it would be warned twice.)"""
+    config = head_config_for(base_config, args.draft_vocab_size, args.intermediate_size, warn=False)
+    HeadConfig.from_dict(config, "eagle3")
+    shape = head_options(base_config, args.draft_vocab_size, args.intermediate_size)
+    previous_checkpoints(Path(args.out), args.resume, base_config, shape)
+
+
+def read_data(paths: list[str] | None) -> tuple[list[dict], list[str]]:
+    """The records of jsonl files, and the `file:line` of each."""
+    numbered = [item for path in paths or () for item in read_numbered_records(path)]
+    return [record for _, record in numbered], [name for name, _ in numbered]
+
+
+def samples_for(args, records: list[dict], names: list[str], tokenizer, stop_ids: set[int],
+                purpose: str = "training") -> list[Sample]:
+    return to_samples(records, tokenizer, args.model_type, args.max_length, args.system, purpose, names, stop_ids)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with one_line_errors(PROG):  # bad options, paths and data fail before the base model loads
-        cfg = check_options(args)
-        records = [r for path in args.data for r in read_records(path)]
-        eval_records = [r for path in args.eval_data for r in read_records(path)] if args.eval_data else None
-        base, tokenizer = load_base(args.base_model_path)
-    if args.regenerate:
-        records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
-                             args.regen_batch_size)
-        if args.save_data:
-            Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Bad options, paths and data (a record the chat template refuses too) fail before the base model loads.
     with one_line_errors(PROG):
-        samples = to_samples(records, tokenizer, args.model_type, args.max_length, args.system)
-        eval_samples = eval_records and to_samples(eval_records, tokenizer, args.model_type, args.max_length,
-                                                   args.system, purpose="evaluation")
-    try:  # a resumed checkpoint past this run's steps is found once the step count is known
+        cfg = check_options(args)
+        base_config = load_base_config(args.base_model_path)
+        check_head(args, base_config)
+        tokenizer = load_tokenizer(args.base_model_path)
+        stop_ids = base_eos_ids(args.base_model_path, base_config)
+        records, names = read_data(args.data)
+        eval_records, eval_names = read_data(args.eval_data)
+        if args.regenerate:  # the answers are checked once the base model has written them
+            check_prompts(records, tokenizer, args.model_type, args.system, names)
+        else:
+            samples = samples_for(args, records, names, tokenizer, stop_ids)
+        eval_samples = samples_for(args, eval_records, eval_names, tokenizer, stop_ids, "evaluation") \
+            if eval_records else None
+        base = load_base(args.base_model_path)
+    with one_line_errors(PROG):
+        if args.regenerate:
+            records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
+                                 args.regen_batch_size)
+            if args.save_data:
+                Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
+            samples = samples_for(args, records, names, tokenizer, stop_ids)
+        # (a resumed checkpoint past this run's steps is found once the step count is known)
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
-    except CheckpointMismatch as err:
-        raise SystemExit(f"{PROG}: {err}") from None
     print(f"head written to {args.out}")
