@@ -22,6 +22,7 @@ answers: a head trained on what its target actually writes accepts more.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -212,11 +213,13 @@ def excerpt(text: str, length: int = 40) -> str:
 
 
 def encode_record(record: dict, tokenizer, model_type: str = "auto", system: str | None = None,
-                  end_ids: set[int] | None = None) -> Sample:
+                  end_ids=None) -> Sample:
+    """`end_ids`: end_of_turn_ids, or a function that gives them (asked
+    only for conversations: plain text trains every token)."""
     messages = to_messages(record)
     if messages is None:
         return encode_text(record["text"], tokenizer)
-    return encode_conversation(messages, tokenizer, model_type, system, end_ids)
+    return encode_conversation(messages, tokenizer, model_type, system, end_ids() if callable(end_ids) else end_ids)
 
 
 def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_length: int = 2048,
@@ -228,7 +231,7 @@ def to_samples(records: list[dict], tokenizer, model_type: str = "auto", max_len
     or by its number; `stop_ids`: the base's eos ids (end_of_turn_ids)."""
     if max_length < 1:
         raise ValueError(f"--max-length must be at least 1, got {max_length}")
-    end_ids = end_of_turn_ids(tokenizer, model_type, stop_ids)
+    end_ids = functools.cache(lambda: end_of_turn_ids(tokenizer, model_type, stop_ids))
     samples, empty, cut = [], 0, 0
     for number, record in enumerate(records):
         with naming(names[number] if names else f"{purpose} record {number + 1}"):
