@@ -535,6 +535,8 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     (dict(ttt_steps=0), "ttt_steps must be >= 1, got 0"),
     (dict(grad_clip=0.0), "grad_clip must be > 0, got 0.0"),
     (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
+    (dict(omega=-1.0), "omega must be >= 0, got -1.0"),
+    (dict(step_weight=-0.5), "step_weight must be >= 0, got -0.5"),
     (dict(total_token=1), "total_token must be >= 2"),
     (dict(total_token=60, depth=2, top_k=3), "total_token=60 needs 59 draft nodes"),
     (dict(device="tpu:x"), "device 'tpu:x'"),

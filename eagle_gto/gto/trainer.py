@@ -103,6 +103,9 @@ class GTOConfig:
         for name in ("eta", "eps", "delta", "lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("omega", "step_weight"):  # (negative weights would train against their losses)
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "windows", "eval_windows", "groups_per_window", "generated", "prompt_tokens",
                      "new_tokens", "tree_chunk", "ttt_steps"):
             if getattr(self, name) < 1:
