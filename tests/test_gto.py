@@ -275,6 +275,24 @@ def tiny_models(pair, perturb: float = 0.0):
     return Models(pair.base_model, head, reference, None, pair._target.feature_layers)
 
 
+def test_validation_trees_are_rooted_where_the_model_writes(pair):
+    """The engine drafts only what the model writes: on chat data, validation
+    roots are the stride positions whose next token carries loss (an answer),
+    never inside a prompt; plain text (all loss) keeps every stride position
+    whose next token is in the window."""
+    models = tiny_models(pair)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    mask[0, 20:] = 1  # window 0: a prompt, then an answer; window 1: all prompt
+    chat = gto_trainer.Validator(models, tokens, 64, mask)
+    assert chat.roots.seq.tolist() == [0, 0] and chat.roots.pos.tolist() == [24, 32]
+    plain = gto_trainer.Validator(models, tokens, 64)
+    assert plain.roots.seq.tolist() == [0] * 4 + [1] * 4 and plain.roots.pos.tolist() == [8, 16, 24, 32] * 2
+    assert 0 < chat(models.head)["val_tau"] <= 8
+    with pytest.raises(ValueError, match="no trained tokens"):
+        gto_trainer.Validator(models, tokens, 64, torch.zeros_like(mask))
+
+
 def test_gradients_reach_m_only_through_the_ratio(pair):
     """The gradient of L_GTO w.r.t. M is exactly the clipped-PPO policy
     gradient -(1/B) sum_i A_i s_i 1[unclipped] d/dθ log M(Ŝ_i) / max(l_i, 1):

@@ -338,15 +338,22 @@ def training_loss(cfg: GTOConfig, models: Models, tokens: torch.Tensor, loss_mas
 
 class Validator:
     """The head's trees at the decoding defaults (60/7/10), rooted every 8th
-    position of fixed validation windows: greedy accepted length + 1 (an
-    estimate of tau) and the mean tree reward, on text GTO never trains on."""
+    position of fixed validation windows where the next token is trained
+    (an answer's, not a prompt's: the engine drafts only what the model
+    writes): greedy accepted length + 1 (an estimate of tau) and the mean
+    tree reward, on text GTO never trains on."""
 
-    def __init__(self, models: Models, tokens: torch.Tensor, chunk: int):
+    def __init__(self, models: Models, tokens: torch.Tensor, chunk: int, loss_mask: torch.Tensor | None = None):
         self.models, self.chunk = models, chunk
         self.target = target_pass(models.base, tokens, models.feature_layers)
         S, L = tokens.shape
-        pos = torch.arange(EVAL_STRIDE, L, EVAL_STRIDE)
-        self.roots = Roots(torch.arange(S).repeat_interleave(len(pos)), pos.repeat(S))
+        stride = torch.zeros(S, L, dtype=torch.bool)
+        stride[:, EVAL_STRIDE::EVAL_STRIDE] = True
+        eligible = stride & root_eligible(torch.ones(S, L, dtype=torch.long) if loss_mask is None else loss_mask.cpu())
+        if not eligible.any():
+            raise ValueError("the validation windows hold no trained tokens to draft (prompts only?)")
+        seq, pos = eligible.nonzero(as_tuple=True)
+        self.roots = Roots(seq, pos)
 
     @torch.no_grad()
     def __call__(self, head: DraftHead) -> dict:
@@ -410,8 +417,8 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     train_stream, val_stream = streams or load_streams(cfg, models)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    val_tokens, _ = val_stream.spread(cfg.eval_windows, cfg.window_length)
-    validator = Validator(models, val_tokens, cfg.tree_chunk)
+    val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
+    validator = Validator(models, val_tokens, cfg.tree_chunk, val_mask)
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     records = [{"step": 0, **validator(models.head)}]
