@@ -394,9 +394,10 @@ def load_base(path_or_id: str, **kwargs):
     offloaded = sorted({name for name, p in list(base.named_parameters()) + list(base.named_buffers())
                         if p.device.type == "meta"})
     if offloaded:
-        raise CheckpointError(f"{path_or_id}: device_map left weights on disk or unloaded ({_some(offloaded)}); "
-                              "the engine needs every weight in CPU or GPU memory (give max_memory more room, "
-                              "or another device_map)")
+        raise CheckpointError(f"{path_or_id}: device_map left weights offloaded, on disk or unloaded "
+                              f"({_some(offloaded)}); accelerate offloads a 'cpu' entry beside GPUs too. The engine "
+                              "needs every weight in the memory of the device that runs it (give max_memory more "
+                              "room, or another device_map)")
     return base
 
 

@@ -186,7 +186,8 @@ class EaModel(nn.Module):
                        generator: torch.Generator | None = None) -> Iterator[Step]:
         """Yield one `Step` per target forward (the prefill first). Requests
         on one model run one at a time; `last_stats` records the run. A
-        `generator` (sampling) runs the steps eagerly, outside CUDA graphs.
+        `generator` (sampling; on the device of the base's lm_head, where
+        tokens are drawn) runs the steps eagerly, outside CUDA graphs.
         max_length=None: 2048, or a sliding-window model's window if smaller."""
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
@@ -253,7 +254,7 @@ class EaModel(nn.Module):
         graphs = None
         if self.cuda_graphs and generator is None:
             if self._graphs is None:  # room for the graphs of several settings, each up to max_length
-                self._graphs = StepGraphs(max_graphs=max(64, 8 * views_per_setting(max_length)))
+                self._graphs = StepGraphs(self._target.input_device, max(64, 8 * views_per_setting(max_length)))
             graphs = self._graphs
         return Decoder(self._target, drafter if speculative else None, cache, state, sampling, self.tree,
                        generator, graphs)

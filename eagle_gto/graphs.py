@@ -22,13 +22,15 @@ import torch
 
 
 class StepGraphs:
-    """One CUDA graph per key, all in one memory pool. Keys include the
-    sampling settings, so a server whose clients vary them could collect
-    graphs without end: past `max_graphs` all are dropped and re-recorded."""
+    """One CUDA graph per key, all in one memory pool, on the model's
+    `device`. Keys include the sampling settings, so a server whose clients
+    vary them could collect graphs without end: past `max_graphs` all are
+    dropped and re-recorded."""
 
-    def __init__(self, max_graphs: int = 64) -> None:
+    def __init__(self, device: torch.device, max_graphs: int = 64) -> None:
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self.device = device
         self.max_graphs = max_graphs
 
     def __len__(self) -> int:
@@ -42,6 +44,12 @@ class StepGraphs:
         """Run `step` (it returns a tensor) through its graph. The first call
         at a key runs it eagerly, which is both a real step and the warm-up
         that recording needs, then records it: recording executes nothing."""
+        # Streams, captures and replays belong to the current device: make it the model's
+        # (a model on cuda:1 would otherwise be recorded on cuda:0's streams, capturing nothing).
+        with torch.cuda.device(self.device):
+            return self._run(key, step)
+
+    def _run(self, key: Hashable, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         recorded = self._graphs.get(key)
         if recorded is not None:
             graph, output = recorded

@@ -394,7 +394,12 @@ class Eagle1Head(DraftHead):
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         lm_head = self._target_lm_head[0]
-        return lm_head(out.to(lm_head.weight.device)).to(out.device)
+        x = out.to(lm_head.weight.device)
+        if type(lm_head) is nn.Linear:
+            # Its weights, not its forward: a base sharded by accelerate has a device hook
+            # around the forward that compiled draft steps (fullgraph) cannot trace.
+            return F.linear(x, lm_head.weight, lm_head.bias).to(out.device)
+        return lm_head(x).to(out.device)
 
 
 class Eagle3Head(DraftHead):

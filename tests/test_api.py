@@ -431,7 +431,7 @@ def test_the_servers_prepare_the_step_graphs_of_greedy_requests_at_startup(pair,
     keys = []
 
     class RecordingGraphs:
-        def __init__(self, max_graphs: int = 64):
+        def __init__(self, device=None, max_graphs: int = 64):
             pass
 
         def run(self, key, step):

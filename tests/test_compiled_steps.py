@@ -21,7 +21,7 @@ from eagle_gto.graphs import compile_drafter_steps, eager_layers, eager_or_compi
 class BucketedEager:
     """StepGraphs without CUDA: the steps run as graphs would record them (bucketed views), eagerly."""
 
-    def __init__(self, max_graphs: int = 64):
+    def __init__(self, device=None, max_graphs: int = 64):
         pass
 
     def run(self, key, step):
@@ -86,6 +86,28 @@ def test_compiled_layers_beneath_accelerate_device_hooks():
     assert compiled.eagenerate(ids, max_new_tokens=30).tolist() == eager.eagenerate(ids, max_new_tokens=30).tolist()
     assert moved, "the device hooks did not run"
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+
+
+def test_a_compiled_eagle1_head_drafts_through_a_hooked_lm_head():
+    """An EAGLE-1 head drafts with the base's lm_head, which carries an
+    accelerate device hook on a sharded base: the compiled draft steps
+    (whole graphs) must not trace into the hook, and decode as eager ones."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from eagle_gto.ea_model import attach_head
+
+    pair = trained_pair("llama", "eagle1")
+    base, head = copy.deepcopy(pair.base_model), copy.deepcopy(pair.ea_layer)  # the shared pair stays as it is
+    add_hook_to_module(base.lm_head, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
+    attach_head(base, head)
+    eager = EaModel(pair.base_model, pair.ea_layer, None, **vars(pair.tree))
+    compiled = EaModel(base, head, None, **vars(pair.tree))
+    compiled._caches(128)
+    compile_drafter_steps(compiled._drafter)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    assert generate(compiled, False, True, ids) == generate(eager, False, True, ids)
 
 
 def test_one_set_of_compiled_graphs_serves_every_layer():

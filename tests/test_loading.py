@@ -215,7 +215,7 @@ def test_a_home_relative_path_is_a_folder(saved, tmp_path, monkeypatch):
 
 
 def test_weights_offloaded_to_disk_are_refused(saved, tmp_path):
-    with pytest.raises(CheckpointError, match="device_map left weights on disk or unloaded"):
+    with pytest.raises(CheckpointError, match="device_map left weights offloaded, on disk or unloaded"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map="auto",
                                 max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"))
 

@@ -32,7 +32,7 @@ class EagerGraphs:
 
     keys: list = []
 
-    def __init__(self, max_graphs: int = 64):
+    def __init__(self, device=None, max_graphs: int = 64):
         self.max_graphs = max_graphs
 
     def run(self, key, step):
