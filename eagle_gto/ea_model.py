@@ -376,6 +376,11 @@ class EaModel(nn.Module):
         max_length changes, the tree outgrows the draft cache's scratch, or
         the model was moved or cast (`model.to(...)`) since they were made."""
         if self._weights_layout() != self._layout:
+            moved = [old[0] != new[0] for old, new in zip(self._layout, self._weights_layout())]
+            if any(moved) and len(set(getattr(self.base_model, "hf_device_map", {}).values())) > 1:
+                # accelerate's hooks still send each layer's inputs where device_map put it
+                raise ValueError("this base model was dispatched over several devices (device_map) and then moved "
+                                 "with .to(): load it again with the device_map wanted instead")
             self._target = TargetRunner(self.base_model, self._feature_layers)
             share_base_weights(self.base_model, self.ea_layer)
             self.cuda_graphs = self._check_graphs(self._cuda_graphs_asked)

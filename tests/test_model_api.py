@@ -396,6 +396,22 @@ def test_a_model_cast_after_generating_gets_new_caches():
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == before
 
 
+def test_a_dispatched_base_may_be_cast_but_not_moved():
+    """accelerate's hooks keep sending each layer's inputs where the
+    device_map put it: a base dispatched over devices and then moved with
+    .to() would fail deep in a forward, so the next generation refuses it."""
+    shared = trained_pair("llama", "eagle3")
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model.base_model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}  # as dispatched
+    ids = torch.tensor([[5, 17, 33, 2]])
+    model.eagenerate(ids, max_new_tokens=4)
+    model.to(torch.float64)  # a cast keeps every weight where it was
+    model.eagenerate(ids, max_new_tokens=4)
+    model.to("meta")  # (a move; the CPU has no second device)
+    with pytest.raises(ValueError, match="dispatched over several devices"):
+        model.eagenerate(ids, max_new_tokens=4)
+
+
 def test_the_tree_is_checked_when_assigned():
     from eagle_gto.generation import TreeParams
 
