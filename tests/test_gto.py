@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
-from eagle_gto.gto.data import TokenStream
+from eagle_gto.gto.data import TokenStream, from_samples
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
                                   ratio, root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
@@ -29,6 +30,7 @@ from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective,
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
 from eagle_gto.target import TargetRunner
 from eagle_gto.tree import ancestor_mask
+from eagle_gto.train.data import Sample
 from eagle_gto.train.features import target_outputs
 from eagle_gto.vocab import build_vocab_mapping
 
@@ -596,6 +598,28 @@ def test_a_validation_split_shorter_than_a_window_is_refused(pair, monkeypatch):
         gto_trainer.load_streams(cfg, tiny_models(pair))  # it would fail as an empty reshape in train()
     train_stream, val_stream = gto_trainer.load_streams(dataclasses.replace(cfg, eval_windows=4), tiny_models(pair))
     assert (len(train_stream), len(val_stream)) == (96, 48)
+
+
+def test_fewer_validation_windows_than_asked_are_announced(pair, monkeypatch):
+    """Generated validation continuations that end early at </s> are shorter:
+    windows start at continuations, so the last ones may not fit a window."""
+    stopped_early = [True]
+
+    def generated_stream(base, tokenizer, files, count, prompt_tokens, new_tokens, seed):
+        lengths = [prompt_tokens + new_tokens] * count
+        if stopped_early[0]:
+            lengths[-1] = prompt_tokens + 2
+        return from_samples([Sample([1] * n, [1] * n) for n in lengths], aligned=True)
+
+    monkeypatch.setattr(gto_trainer, "generated_stream", generated_stream)
+    cfg = GTOConfig(data="generated", generated=8, eval_windows=4, prompt_tokens=4, new_tokens=8, window_length=12,
+                    **TREE)
+    with pytest.warns(UserWarning, match="holds 3 windows of 12 tokens, fewer than --eval-windows 4"):
+        gto_trainer.load_streams(cfg, tiny_models(pair))
+    stopped_early[0] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gto_trainer.load_streams(cfg, tiny_models(pair))
 
 
 def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):

@@ -246,6 +246,10 @@ def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStre
         if len(stream) < cfg.window_length:
             raise ValueError(f"the {name} data has {len(stream)} tokens, fewer than one window of "
                              f"{cfg.window_length} (--window-length)")
+    windows = len(streams[1].spread(cfg.eval_windows, cfg.window_length)[0])
+    if windows < cfg.eval_windows:  # e.g. generated continuations that ended early at </s>
+        warnings.warn(f"the validation data holds {windows} windows of {cfg.window_length} tokens, fewer than "
+                      f"--eval-windows {cfg.eval_windows}: validation uses those {windows}")
     return streams
 
 
