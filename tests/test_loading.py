@@ -3,6 +3,7 @@ CheckpointError (naming the folder or file) for what must not."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from eagle_gto import CheckpointError, EaModel
 from eagle_gto.__main__ import main
 from eagle_gto import checkpoint, ea_model
-from eagle_gto.checkpoint import load_base, save_head
+from eagle_gto.checkpoint import build_head, load_base, load_checkpoint, save_head
 from eagle_gto.tiny import ARCHITECTURES, base_config, head_config, random_head
 
 TREE = dict(total_token=12, depth=3, top_k=3)
@@ -379,3 +380,40 @@ def test_tree_settings_are_checked_before_the_base_loads(saved, monkeypatch):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=12, depth=3, top_k=41)
     with pytest.raises(ValueError, match="total_token"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=0)
+
+
+HEAD_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "head-configs"
+SCALED_DOWN = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=VOCAB, draft_vocab_size=40)
+
+
+@pytest.mark.skipif(not HEAD_CONFIGS.is_dir(), reason=f"{HEAD_CONFIGS} not found")
+@pytest.mark.parametrize("name,kind,fc_bias,kv_heads,rope_theta", [
+    ("eagle3-llama3.1-8b.json", "eagle3", False, 2, 10000.0),  # no rope_theta key: 10000
+    ("eagle1-llama3-8b.json", "eagle1", False, 2, 500000.0),  # bias: false
+    ("eagle1-vicuna-7b.json", "eagle1", True, 4, 10000.0),  # no bias key (fc has one), no num_key_value_heads
+])
+def test_the_reference_head_configs_load(saved, tmp_path, name, kind, fc_bias, kv_heads, rope_theta):
+    """config.json files as the EAGLE reference ships them (all say LlamaForCausalLM),
+    sizes scaled down and keys kept: the kind, the fc bias, the key/value heads and
+    the rotary base are read as the reference reads them, and the head drafts losslessly."""
+    written = json.loads((HEAD_CONFIGS / name).read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"]
+    config = {**written, **{key: value for key, value in SCALED_DOWN.items() if key in written}}
+    meaning = {**config, "bias": fc_bias, "num_key_value_heads": kv_heads, "rope_theta": rope_theta}
+    original = random_head(meaning, seed=3)
+    save_head(original, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # the reference's spelling, not save_head's
+
+    loaded = load_checkpoint(str(tmp_path))
+    head = build_head(loaded)
+    assert loaded.config.kind == kind
+    assert (head.fc.bias is not None, head.config.num_key_value_heads, head.config.rope_theta) == \
+        (fc_bias, kv_heads, rope_theta)
+    ours, theirs = original.state_dict(), head.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    base = AutoModelForCausalLM.from_pretrained(saved / "llama").eval()
+    model = EaModel(base, head, None, **TREE)
+    prompt = torch.tensor([[5, 17, 3, 42, 8]])
+    assert torch.equal(model.eagenerate(prompt, max_new_tokens=24), model.naivegenerate(prompt, max_new_tokens=24))
