@@ -66,6 +66,8 @@ class EaModel(nn.Module):
         self.use_eagle3 = ea_layer.kind == "eagle3"
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
+        if next(ea_layer.parameters()).device != head_device(base_model):
+            ea_layer.to(head_device(base_model))  # as the reference does: the head works beside the last layer
         share_base_weights(base_model, ea_layer)  # (a head may come attached to another copy of the base)
         self._feature_layers = ea_layer.feature_layers(len(layers))
         self._target = TargetRunner(base_model, self._feature_layers)
