@@ -200,6 +200,8 @@ def test_speed_arithmetic_by_hand(tmp_path):
     assert summary["groups"]["math"]["speedup"] == pytest.approx(2.0)
     assert summary["groups"]["math"]["tau"] == pytest.approx(4.0)
     assert summary["accept_length_histogram"] == {"3": 7, "4": 4, "5": 6}
+    # 17 rounds accepted 2 drafts or more (positions 1 and 2 always), 10 a third, 6 a fourth
+    assert summary["acceptance_per_position"] == pytest.approx({"1": 1.0, "2": 1.0, "3": 10 / 17, "4": 6 / 10})
     assert everything["tau_per_round"] == pytest.approx(67 / 17)
     assert summary["groups"]["writing"]["tau_per_round"] == pytest.approx(29 / 9)
     assert summary["groups"]["math"]["tau_per_round"] == pytest.approx(38 / 8)

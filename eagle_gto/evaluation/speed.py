@@ -40,7 +40,10 @@ of each side's first paired answer) and, with matplotlib, `speedup_tau.png`
 (speedup and tau per category) and `accept_lengths.png`: the histogram of
 tokens accepted per draft-and-verify iteration (accepted drafts + the bonus
 token, before a stop token or the token budget cut the step), from the
-answers' `accept_lengths`, prefill steps left out.
+answers' `accept_lengths`, prefill steps left out. From the same rounds it
+prints the acceptance rate per draft position d: of the rounds whose first
+d - 1 drafts were accepted, the share that accepted the d-th too (positions
+below the longest round seen; the tree's depth, not the answers, bounds the rest).
 """
 
 from __future__ import annotations
@@ -228,7 +231,16 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
         "settings": {"ea": recorded_settings(ea[paired[0]]), "baseline": recorded_settings(base[paired[0]])},
         "groups": {name: group_stats(pairs) for name, pairs in by_group.items()},
         "accept_length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+        "acceptance_per_position": acceptance_per_position(histogram),
     }
+
+
+def acceptance_per_position(histogram: Counter) -> dict[str, float]:
+    """{d: rounds that accepted d drafts / rounds that accepted d - 1}, for d
+    below the longest round (a round of length n accepted n - 1 drafts)."""
+    longest = max(histogram, default=0)
+    reached = {d: sum(count for length, count in histogram.items() if length >= d) for d in range(1, longest + 1)}
+    return {str(d): reached[d + 1] / reached[d] for d in range(1, longest)}
 
 
 def format_table(summary: dict) -> str:
@@ -295,6 +307,9 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir or Path(args.ea_file).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(format_table(summary))
+    if summary["acceptance_per_position"]:
+        print("acceptance per draft position (accepted / reached): "
+              + "  ".join(f"{d}: {rate:.2f}" for d, rate in summary["acceptance_per_position"].items()))
     if summary["unpaired"]:
         print(f"left out (answered in one file only): {summary['unpaired']}")
     (out_dir / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
