@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, load_runner, model_name
+from .common import (ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, check_address,
+                     load_runner, model_name)
 
 log = logging.getLogger("eagle_gto.api")
 
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                           "OpenAI-compatible HTTP API over an EAGLE speculative-decoding model.", port=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
     app = create_app(runner, model_name(args), args.max_new_tokens)
     uvicorn.run(app, host=args.host, port=args.port)
