@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, load_runner, model_name
+from .common import (ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, check_address,
+                     load_runner, model_name)
 
 log = logging.getLogger("eagle_gto.api")
 
@@ -408,8 +409,15 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
     async def invalid_request(_: Request, err: RequestValidationError):
         first = err.errors()[0]
         where = field_path(first["loc"])
+        content_type = _.headers.get("content-type")
+        kind = (content_type or "").split(";")[0].strip().lower()
         if first["type"] == "json_invalid":
             message, where = "the request body is not valid JSON", ""
+        elif not where and not (kind == "application/json" or kind.endswith("+json")):
+            # FastAPI reads a body as JSON only under a JSON content type; `curl -d` sends a form's.
+            sent = f"as {content_type!r}" if content_type else "without a Content-Type"
+            message = f"the request body was sent {sent}, so not read as JSON: send it with Content-Type: " \
+                      "application/json"
         elif not where:
             message = f"the request body must be a JSON object: {first['msg']}"
         else:
@@ -435,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                           "OpenAI-compatible HTTP API over an EAGLE speculative-decoding model.", port=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
     app = create_app(runner, model_name(args), args.max_new_tokens)
     uvicorn.run(app, host=args.host, port=args.port)

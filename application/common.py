@@ -5,6 +5,7 @@ the one shared model, one request at a time."""
 from __future__ import annotations
 
 import argparse
+import socket
 import threading
 from contextlib import closing
 from dataclasses import dataclass
@@ -58,8 +59,30 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                             "after about a minute of compilation at startup (default: off)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    server.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
+    server.add_argument("--port", type=port_number, default=port, help=f"port (default: {port})")
     return parser
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text}")
+    return port
+
+
+def check_address(parser: argparse.ArgumentParser, host: str, port: int) -> None:
+    """Ends the program when the server could not listen on host:port (taken, or an unknown host), before the
+    model loads (minutes, for a large one) rather than after."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:  # socket.gaierror included
+        parser.exit(2, f"{parser.prog}: error: cannot listen on {host}:{port}: {err}\n")
 
 
 def load_model(args: argparse.Namespace) -> EaModel:
@@ -88,6 +111,11 @@ def load_runner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ch
         runner = ChatRunner(load_model(args), args.model_type, args.max_length)
     except ValueError as err:  # eagle_gto.CheckpointError (a wrong path) among others: one line, no usage
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    try:
+        runner.make_caches()
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        parser.exit(2, f"{parser.prog}: error: the caches of a context of {runner.max_length} tokens (--max-length) "
+                       f"do not fit in memory: {str(err).splitlines()[0]}\n")
     if runner.model.cuda_graphs or runner.model.torch_compile:
         print("preparing the decoding steps (CUDA graphs, compilation) before the first request...", flush=True)
     runner.warm_up()
@@ -209,6 +237,11 @@ class ChatRunner:
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    def make_caches(self) -> None:
+        """Makes the model's caches for the whole context now (the first request would), so that a context
+        too large for the memory is found at startup; they are kept for every request."""
+        self.model.naivegenerate(torch.tensor([[0]]), max_new_tokens=1, max_length=self.max_length)
 
     def warm_up(self) -> int:
         """Prepare every step shape of greedy requests, speculative and plain,

@@ -18,8 +18,8 @@ from contextlib import closing
 
 import gradio as gr
 
-from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser, load_runner,
-                     model_name)
+from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser,
+                     check_address, load_runner, model_name)
 
 log = logging.getLogger("eagle_gto.webui")
 
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (default: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
     demo = build_ui(runner, model_name(args), args.max_new_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

@@ -39,6 +39,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_text(prompt: str) -> None:
+    """Python passes command-line bytes that are not UTF-8 on as lone surrogates, which no tokenizer takes."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = prompt[err.start]
+        byte = f"byte {ord(char) - 0xDC00:#x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise ValueError(f"the prompt is not UTF-8 text: {byte} at character {err.start}") from None
+
+
 def load_model(args) -> EaModel:
     # "none": no device map, the model stays on the CPU (as the web UI and API servers read it)
     device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "none")
@@ -59,6 +69,7 @@ def main(argv=None) -> int:
         SamplingParams(args.temperature, args.top_p, args.top_k).validate()
         if args.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        check_text(args.prompt)
         model = load_model(args)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)

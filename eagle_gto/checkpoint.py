@@ -347,7 +347,23 @@ def read_base_config(path_or_id: str, hub: dict | None = None) -> dict:
     if looks_like_head(cfg):
         raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
                               "(are base_model_path and ea_model_path swapped?)")
+    _check_generation_config(path_or_id, hub)
     return cfg
+
+
+def _check_generation_config(path_or_id: str, hub: dict | None) -> None:
+    """A local base's generation_config.json must read: transformers takes one that does not for a missing
+    one (with an info log line), and the eos ids it lists would then not stop generation."""
+    file = Path(expand_path(path_or_id)) / (hub or {}).get("subfolder", "") / "generation_config.json"
+    if not file.is_file():
+        return
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); transformers would ignore it, and the stop "
+                              "token ids it lists with it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
 
 
 def load_base(path_or_id: str, **kwargs):
@@ -408,6 +424,8 @@ def _check_local_weight_files(path_or_id, subfolder=None) -> None:
     if not folder.is_dir():
         return
     for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        if file.is_dir():
+            raise CheckpointError(f"{file}: a folder, not a weights file")
         instead = not_weights(file)
         if instead:
             raise CheckpointError(f"{file}: {instead}")

@@ -135,7 +135,10 @@ class EaModel(nn.Module):
         head_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # those name the base's
         # The head is small: read and check it, also against the base's config.json, before loading the base.
         head = build_head(load_checkpoint(ea_model_path, use_eagle3, head_hub))
-        if total_token != -1:  # (-1 is picked by timing, once the model is built)
+        for name, value in (("total_token", total_token), ("depth", depth), ("top_k", top_k)):
+            if not (name == "total_token" and value == -1):  # (-1 is picked by timing, once the model is built)
+                positive_int(name, value)
+        if total_token != -1:
             check_tree_params(total_token, depth, top_k, head.config.draft_vocab_size)
         base_config = read_base_config(base_model_path, hub)
         if isinstance(base_config.get("hidden_size"), int) and isinstance(base_config.get("vocab_size"), int):

@@ -376,6 +376,10 @@ BAD_OPTIONS = [
     (["{sliding}", "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "65"],
      "sliding-window attention (window 64); the engine's tree mask is full attention, so max_length must be <= 64, "
      "got 65"),
+    (["--port", "70000"], "argument --port: a port is a number from 0 to 65535, got 70000"),
+    (["{busy}"], "cannot listen on 127.0.0.1:"),  # a port another program listens on: found before the model loads
+    (["{both}", "--max-length", str(10**13)], "the caches of a context of 10000000000000 tokens (--max-length) "
+                                               "do not fit in memory"),
 ]
 
 
@@ -391,11 +395,18 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
 
     monkeypatch.setattr("uvicorn.run", serve)
     monkeypatch.setattr("gradio.Blocks.launch", serve)
-    pairs = {"{pair}": [str(pair[0])],
-             "{sliding}": ["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1])]}
-    argv = [arg for option in options for arg in pairs.get(option, [option])]
-    with pytest.raises(SystemExit) as info:
-        importlib.import_module(f"application.{module}").main(argv)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        pairs = {"{pair}": [str(pair[0])],
+                 "{both}": ["--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1])],
+                 "{sliding}": ["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1])],
+                 "{busy}": ["--port", str(busy.getsockname()[1])]}
+        argv = [arg for option in options for arg in pairs.get(option, [option])]
+        if "--port" not in argv:  # any free one: the servers' default ports may be taken on this machine
+            argv += ["--port", "0"]
+        with pytest.raises(SystemExit) as info:
+            importlib.import_module(f"application.{module}").main(argv)
     assert info.value.code == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error

@@ -383,6 +383,20 @@ def test_a_lone_surrogate_is_a_bad_request(client, endpoint, body, param):
     assert "lone surrogate" in error["message"] and error["param"] == param
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_sent_as_another_content_type_is_named(client, content_type):
+    """`curl -d '{...}'` without `-H "Content-Type: application/json"` sends a form: the body is a JSON
+    object, but the server does not read it as one. The error says so, not that the body is no JSON object."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 3}', headers=headers)
+    if response.status_code == 200:  # (older FastAPI, without strict_content_type, reads it as JSON)
+        assert content_type is None
+        return
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and (content_type or "without a Content-Type") in message
+
+
 @pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("stream", "yes"),
                                          ("seed", 1.5), ("n", "1"), ("speculative", 1), ("temperature", "0.5"),
                                          ("temperature", True), ("top_p", "1")])

@@ -136,6 +136,8 @@ def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
     (["--max-new-tokens", "0"], "error: max_new_tokens must be >= 1, got 0"),
     (["--temperature", "-1"], "error: temperature must be >= 0"),
     (["--top-k", "-1"], "error: top_k must be >= 0"),
+    # bytes that are not UTF-8 (a latin-1 file pasted with $(cat ...)) reach sys.argv as lone surrogates
+    (["--prompt", "caf\udce9"], "error: the prompt is not UTF-8 text: byte 0xe9 at character 3"),
 ])
 def test_cli_refuses_bad_generation_settings_before_loading(monkeypatch, capsys, argv, message):
     def no_load(args):

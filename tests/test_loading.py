@@ -265,6 +265,24 @@ def test_a_tokenizer_that_does_not_load_is_an_error(tmp_path):
         EaModel.from_pretrained(str(base), head_path)
 
 
+@pytest.mark.parametrize("content", ['{"eos_token_id": [1, 2', "[1, 2]"])
+def test_a_corrupt_generation_config_is_an_error(saved, tmp_path, content):
+    """transformers reads a generation_config.json that does not parse as missing (one info log line), so
+    the stop ids it lists (Llama-3-Instruct's <|eot_id|>) would silently not stop generation."""
+    base = copy(saved / "llama", tmp_path / "base")
+    (base / "generation_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=f"{base / 'generation_config.json'}: "):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
+
+
+def test_a_folder_named_as_a_weights_file_is_a_checkpoint_error(saved, tmp_path):
+    base = copy(saved / "llama", tmp_path / "base")
+    (base / "model.safetensors").unlink()
+    (base / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=f"{base}"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
+
+
 def test_a_truncated_base_in_a_subfolder_names_the_file(saved, tmp_path):
     base = copy(saved / "llama", tmp_path / "repo" / "base")
     data = (base / "model.safetensors").read_bytes()
@@ -380,6 +398,9 @@ def test_tree_settings_are_checked_before_the_base_loads(saved, monkeypatch):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=12, depth=3, top_k=41)
     with pytest.raises(ValueError, match="total_token"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), total_token=0)
+    for name, value in (("total_token", "12"), ("depth", 3.0), ("top_k", None)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer, got {value!r}"):
+            EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{**TREE, name: value})
 
 
 HEAD_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "head-configs"
