@@ -111,7 +111,14 @@ class HeadConfig:
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         if cfg.get("head_dim") is not None:
-            _positive_int("head_dim", cfg["head_dim"])
+            head_dim = _positive_int("head_dim", cfg["head_dim"])
+        elif hidden % heads:
+            raise ValueError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                             "(and no head_dim is given)")
+        else:
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise ValueError(f"the head dimension {head_dim} is odd: rotary embeddings rotate pairs of channels")
         vocab = _positive_int("vocab_size", cfg.get("vocab_size"))
         variants = {}
         if kind == "eagle3":

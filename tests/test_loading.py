@@ -165,6 +165,8 @@ def test_swapped_paths_are_named(saved, head):
     (dict(hidden_size=None), "hidden_size must be a positive integer, found None"),
     (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, found 0"),
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (dict(num_attention_heads=6), r"hidden_size=64 is not a multiple of num_attention_heads=6 \(and no head_dim"),
+    (dict(head_dim=7), "the head dimension 7 is odd"),
     (dict(rms_norm_eps="tiny"), "rms_norm_eps must be a positive number"),
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope scaling type 'yarn'"),
