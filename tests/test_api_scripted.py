@@ -405,6 +405,14 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(client, field, value):
     assert response.status_code == 400 and response.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_nan_is_refused_as_not_a_number(client, field):
+    body = b'{"prompt": "x", "max_tokens": 3, "%s": NaN}' % field.encode()  # (Python's json reads NaN)
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == field and "finite number" in error["message"]
+
+
 def test_a_whole_number_is_a_number(client, model):
     assert complete(client, {"prompt": "x", "max_tokens": 3, "temperature": 1, "top_p": 1})[0] == "abc"
     assert (model.calls[-1]["temperature"], model.calls[-1]["top_p"]) == (1.0, 1.0)
