@@ -352,8 +352,9 @@ def test_objective_scores_each_heads_own_trees_and_debiases_by_the_reference(pai
     and R(T̄_i) by walking every root-to-leaf branch of M's and M0's own trees
     (node probabilities from separate verifications of each), A_i the group-
     standardised R(T_i) - R(T̄_i), l_i the greedy accepted length of each tree,
-    s_i = exp((log M(Ŝ_i) - log M0(Ŝ_i)) / max(l_i, 1)) along M's branch."""
-    models = tiny_models(pair, perturb=0.05)
+    s_i = exp((log M(Ŝ_i) - log M0(Ŝ_i)) / max(l_i, 1)) along M's branch.
+    (M is nudged far enough from M0 for their trees to differ in shape.)"""
+    models = tiny_models(pair, perturb=0.2)
     cfg = GTOConfig(group_size=4, delta=1e-2, **TREE)
     seqs = greedy_windows(pair, 2, 40, seed=5)
     target = target_pass(models.base, seqs, models.feature_layers)
