@@ -366,6 +366,22 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
     assert trainer.lr_at(total, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
 
 
+def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes():
+    """Each epoch visits every sample once, in its own order; with two
+    processes each takes its own half of every global batch."""
+    per_rank = [trainer.MicroBatches(12, 3, world=2, rank=rank, seed=0) for rank in (0, 1)]
+    epochs = []
+    for _ in range(3):
+        batches = [[b.next() for b in per_rank] for _ in range(per_rank[0].per_epoch)]
+        assert all(not set(a) & set(b) for a, b in batches)  # the processes never share a sample
+        epochs.append([i for pair in batches for batch in pair for i in batch])
+    for order in epochs:
+        assert sorted(order) == list(range(12))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled every epoch
+    resumed = trainer.MicroBatches(12, 3, world=2, rank=1, seed=0, epoch=1, index=1)  # (epoch, index) suffice
+    assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
+
+
 def test_the_export_is_an_eagle3_checkpoint_in_the_requested_dtype(tmp_path, tokenizer):
     """The exported head holds the trained weights cast to --export-dtype, and
     the vocabulary mapping in the EAGLE-3 format: d2t[i] = target id - i, t2d
