@@ -347,6 +347,100 @@ def test_identical_heads_give_zero_debiased_advantage(pair):
     assert plain.advantages.abs().sum() > 0
 
 
+def test_objective_scores_each_heads_own_trees_and_debiases_by_the_reference(pair):
+    """gto_objective against the method's definitions, computed apart: R(T_i)
+    and R(T̄_i) by walking every root-to-leaf branch of M's and M0's own trees
+    (node probabilities from separate verifications of each), A_i the group-
+    standardised R(T_i) - R(T̄_i), l_i the greedy accepted length of each tree,
+    s_i = exp((log M(Ŝ_i) - log M0(Ŝ_i)) / max(l_i, 1)) along M's branch.
+    (M is nudged far enough from M0 for their trees to differ in shape.)"""
+    models = tiny_models(pair, perturb=0.2)
+    cfg = GTOConfig(group_size=4, delta=1e-2, **TREE)
+    seqs = greedy_windows(pair, 2, 40, seed=5)
+    target = target_pass(models.base, seqs, models.feature_layers)
+    roots = group_roots(torch.ones(2, 40, dtype=torch.bool), 4, 2, torch.Generator().manual_seed(2))
+    result = gto_objective(cfg, models, target, roots)
+    rewards, lengths, logps = {}, {}, {}
+    with torch.no_grad():
+        for name, head in (("M", models.head), ("M0", models.reference)):
+            state = head_pass(head, target)
+            trees = draft_trees(head, state, target, roots, **TREE)
+            verdict = verify_trees(models.base, target, roots, trees)
+            rewards[name] = torch.tensor([
+                math.log(sum(math.exp(v) for v in enumerate_branches(tree.parents, verdict.node_logp[b].exp())))
+                for b, tree in enumerate(trees.trees)])
+            tokens, lengths[name] = accepted_paths(trees, verdict.choices)
+            if name == "M":
+                path = tokens, lengths[name]  # Ŝ_i: M's accepted branch, scored by both heads
+            logps[name] = path_logprob(head, state, roots, *path)
+    assert (rewards["M"] - rewards["M0"]).abs().max() > 1e-3  # the heads' trees differ
+    torch.testing.assert_close(result.rewards.double(), rewards["M"].double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.ref_rewards.double(), rewards["M0"].double(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.lengths, lengths["M"]) and torch.equal(result.ref_lengths, lengths["M0"])
+    groups = (rewards["M"] - rewards["M0"]).double().reshape(-1, 4)
+    spread = ((groups - groups.mean(1, keepdim=True)) ** 2).mean(1, keepdim=True).sqrt()
+    advantages = ((groups - groups.mean(1, keepdim=True)) / (spread + cfg.delta)).flatten()
+    torch.testing.assert_close(result.advantages.double(), advantages, atol=1e-3, rtol=1e-3)
+    s = torch.exp((logps["M"] - logps["M0"]) / lengths["M"].clamp_min(1))
+    assert (s - 1).abs().max() > 1e-3  # M0 scores Ŝ otherwise than M
+    torch.testing.assert_close(result.s.detach(), s, atol=1e-5, rtol=1e-5)
+
+
+def test_training_loss_weights_l_gto_by_omega_and_roots_draft_trained_tokens(pair, monkeypatch):
+    """L = L_token + omega * L_GTO, with L_token the TTT loss of the configured
+    unroll; roots are the positions whose next token is trained, in every
+    whole group of m adjacent ones (here: all of them)."""
+    from eagle_gto.train.ttt import ttt_loss
+
+    models = tiny_models(pair, perturb=0.05)
+    cfg = GTOConfig(omega=3.0, ttt_steps=3, step_weight=0.5, groups_per_window=10, **TREE)
+    tokens = greedy_windows(pair, 2, 40, seed=5)
+    mask = torch.ones_like(tokens)
+    mask[0, :18] = 0  # a prompt: window 0's roots start at 17, whose next token is the first trained one
+    seen = []
+    original = gto_trainer.gto_objective
+
+    def recording(cfg, models, target, roots):
+        seen.append(roots)
+        return original(cfg, models, target, roots)
+
+    monkeypatch.setattr(gto_trainer, "gto_objective", recording)
+    loss, stats = training_loss(cfg, models, tokens, mask, torch.Generator().manual_seed(0))
+    assert abs(stats["l_gto"]) > 1e-5  # (small: s is near 1 and the advantages sum to 0 in each group)
+    assert loss.item() - stats["l_token"] == pytest.approx(cfg.omega * stats["l_gto"], abs=1e-6)
+    target = target_pass(models.base, tokens, models.feature_layers)
+    token = ttt_loss(models.head, target.features, tokens, target.logits, mask, steps=3, step_weight=0.5)
+    assert stats["l_token"] == pytest.approx(token.loss.item(), rel=1e-5)
+    (roots,) = seen
+    expected = []  # brute force: groups 1+g*m .. g*m+m whose every root r has token r+1 trained
+    for w in range(2):
+        for g in range((40 - 1) // 4):
+            group = [1 + g * 4 + j for j in range(4)]
+            if all(r + 1 < 40 and mask[w, r + 1] for r in group):
+                expected += [(w, r) for r in group]
+    assert (0, 17) in expected
+    assert sorted(zip(roots.seq.tolist(), roots.pos.tolist())) == sorted(expected)
+
+
+def test_the_optimizer_steps_with_the_clipped_gradient(pair, tmp_path, monkeypatch):
+    """Every AdamW step of `train` sees gradients of total norm at most --grad-clip."""
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    seqs = greedy_windows(pair, 4, 48, seed=9)
+    stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=2, windows=2, window_length=40, grad_clip=1e-3, eval_every=0,
+                    eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair, perturb=0.05), (stream, stream), progress=False)
+    assert len(norms) == 2 and all(n == pytest.approx(cfg.grad_clip, rel=1e-3) for n in norms)  # (larger unclipped)
+
+
 # -------------------------------------------------------------- end to end
 def test_cli_options_map_to_the_config():
     args = config_parser("x").parse_args(["--no-debias", "--reward", "mean", "--eta", "2", "--group-size", "6"])

@@ -3,6 +3,7 @@ its loss, the training loop with resume, export and reload."""
 
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -293,6 +294,116 @@ def test_ttt_targets_and_masks_line_up():
     pad[0, -3:] = 0
     padded = ttt_loss(SuccessorHead(vocab, 1), feats, ids, target, loss_mask, pad, steps=steps)
     assert padded.step_counts == [max(0, n - 3 - max(5, 2 + s)) for s in range(steps)]
+
+
+class TableHead(nn.Module):
+    """A stand-in head over a draft vocabulary (the target ids `t2d` marks)
+    whose draft logits depend only on its input token: row `table[token]`."""
+
+    def __init__(self, table, t2d):
+        super().__init__()
+        self.table = table
+        self.register_buffer("t2d", t2d)
+
+    def project_features(self, features):
+        return features
+
+    def forward(self, hidden, input_ids, position_ids, mask, caches):
+        return self.table[input_ids] + 0 * hidden.sum()
+
+    def draft_logits(self, out):
+        return out
+
+    def to_target_ids(self, ids):
+        return self.t2d.nonzero().flatten()[ids]
+
+
+def test_ttt_loss_is_the_weighted_cross_entropy_on_the_draft_vocabulary():
+    """Brute force of the module docstring: step s at position i is the
+    cross-entropy of the head's draft distribution against the target's
+    distribution at i+1+s renormalised over the draft vocabulary, averaged
+    over the positions whose token i+2+s exists and is trained and whose
+    target top-1 is a draft token; the loss is sum_s step_weight**s * loss_s."""
+    vocab, n, steps, weight = 16, 14, 4, 0.5
+    g = torch.Generator().manual_seed(0)
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[torch.randperm(vocab, generator=g)[:10]] = True  # 10 draft tokens, in target-id order
+    ids = torch.randint(0, vocab, (1, n), generator=g)
+    target = torch.randn(1, n, vocab, generator=g) * 3
+    table = torch.randn(vocab, 10, generator=g) * 2
+    loss_mask = torch.ones(1, n, dtype=torch.long)
+    loss_mask[0, :4] = 0
+    out = ttt_loss(TableHead(table, t2d), torch.zeros(1, n, 10), ids, target, loss_mask, steps=steps,
+                   step_weight=weight)
+    expected, skipped = [], 0
+    for s in range(steps):
+        terms = []
+        for i in range(n - 2 - s):
+            if not loss_mask[0, i + 2 + s]:
+                continue
+            row = target[0, i + 1 + s]
+            if not t2d[row.argmax()]:
+                skipped += 1
+                continue
+            p = torch.softmax(row[t2d], dim=-1)
+            logq = torch.log_softmax(table[ids[0, i + 1 + s]], dim=-1)  # step s reads token i+1+s
+            terms.append(-(p * logq).sum())
+        expected.append(torch.stack(terms).mean())
+    assert skipped > 0  # some targets' top-1 lie outside the draft vocabulary
+    torch.testing.assert_close(torch.stack(out.step_losses), torch.stack(expected))
+    torch.testing.assert_close(out.loss, sum(weight**s * loss for s, loss in enumerate(expected)))
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    cfg = TrainConfig(lr=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
+    total, warmup = 100, 10
+    for step in range(warmup):
+        assert trainer.lr_at(step, total, cfg) == pytest.approx(cfg.lr * (step + 1) / warmup)
+    for step in range(warmup, total + 1):
+        progress = (step - warmup) / (total - warmup)
+        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        assert trainer.lr_at(step, total, cfg) == pytest.approx(cfg.lr * cosine)
+    assert trainer.lr_at(total, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes():
+    """Each epoch visits every sample once, in its own order; with two
+    processes each takes its own half of every global batch."""
+    per_rank = [trainer.MicroBatches(12, 3, world=2, rank=rank, seed=0) for rank in (0, 1)]
+    epochs = []
+    for _ in range(3):
+        batches = [[b.next() for b in per_rank] for _ in range(per_rank[0].per_epoch)]
+        assert all(not set(a) & set(b) for a, b in batches)  # the processes never share a sample
+        epochs.append([i for pair in batches for batch in pair for i in batch])
+    for order in epochs:
+        assert sorted(order) == list(range(12))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled every epoch
+    resumed = trainer.MicroBatches(12, 3, world=2, rank=1, seed=0, epoch=1, index=1)  # (epoch, index) suffice
+    assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
+
+
+def test_the_export_is_an_eagle3_checkpoint_in_the_requested_dtype(tmp_path, tokenizer):
+    """The exported head holds the trained weights cast to --export-dtype, and
+    the vocabulary mapping in the EAGLE-3 format: d2t[i] = target id - i, t2d
+    marking those target ids."""
+    from safetensors.torch import load_file
+
+    from eagle_gto.checkpoint import build_head, load_checkpoint
+
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=1, batch_size=2, ttt_steps=1, export_dtype="float16")
+    head = train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved["fc.weight"].dtype == torch.float16 and saved["d2t"].dtype == torch.long
+    used = torch.arange(100) + saved["d2t"]  # the target id of each draft id
+    assert torch.equal(saved["t2d"].nonzero().flatten(), used)  # distinct, increasing, and what t2d marks
+    counts = token_counts(samples, VOCAB)
+    assert counts[used].min() >= counts[~saved["t2d"]].max()  # the most trained tokens
+    state = head.state_dict()
+    assert saved.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(saved[name], value.half() if value.is_floating_point() else value), name
+    assert torch.equal(build_head(load_checkpoint(str(tmp_path))).d2t, head.d2t)  # the engine's loader takes it
 
 
 # ------------------------------------------------------------------------- training
