@@ -137,6 +137,24 @@ def test_a_stop_token_just_past_the_budget_is_not_reached():
         assert runs[0] == runs[1] == (full[:budget], "length"), budget
 
 
+def test_a_stop_token_among_a_steps_accepted_tokens_ends_the_output_there():
+    """A speculative step emits several tokens at once: a stop token anywhere
+    among them, not only the step's last, ends the output right after it."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    full = model.naivegenerate(ids, max_new_tokens=30)[0, 7:].tolist()
+    model.eagenerate(ids, max_new_tokens=30)
+    step_ends = np.cumsum([len(step.tokens) for step in model.last_stats.steps]) - 1  # (stops change no step before)
+    inside = 0
+    for i, stop in enumerate(full):
+        if stop in full[:i]:
+            continue
+        out = model.eagenerate(ids, max_new_tokens=30, stop_token_ids=[stop])
+        assert (out[0, 7:].tolist(), model.last_stats.finish_reason) == (full[: i + 1], "stop"), i
+        inside += i not in step_ends
+    assert inside >= 3  # stops with more of their step's tokens after them
+
+
 def test_llama3_stop_is_skipped_when_the_tokenizer_lacks_eot_id():
     """convert_tokens_to_ids returns the unk id for an unknown token: that
     must not become a stop token."""

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny_pairs import fit_head, make_base
+from tiny_pairs import fit_head, make_base, trained_pair
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from eagle_gto import EaModel
@@ -82,6 +82,36 @@ def test_speculative_sampling_matches_base_distribution(model, params):
     assert chi_square_pvalue(counts, exact_joint(model.base_model, prompt, shifted)) < 1e-3
 
 
+def test_the_bonus_after_a_rejected_draft_leaves_the_draft_out(model):
+    """Where the walk stops at a node that has a drafted child, the bonus token
+    is the target's draw that missed the child: p with the child left out,
+    never a fresh draw from p (which gives the child twice its chance). A
+    chain tree (top_k=1) at a high temperature stops so about half the time;
+    the two-token joint distribution is checked as above. (The three-token
+    test above, with its peaky distributions and wide tree, cannot see this.)"""
+    chain = EaModel(model.base_model, model.ea_layer, None, total_token=3, depth=2, top_k=1)
+    params = SamplingParams(temperature=3.0)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    counts = torch.zeros(VOCAB, VOCAB)
+    accepted = []
+    torch.manual_seed(123)
+    for _ in range(600):
+        out = chain.eagenerate(prompt[None], temperature=params.temperature, max_new_tokens=2)
+        x1, x2 = out[0, -2:].tolist()
+        counts[x1, x2] += 1
+        accepted.append(chain.last_stats.steps[1].num_accepted)
+    assert 0.2 < sum(a > 0 for a in accepted) / len(accepted) < 0.8  # drafts both taken and missed, often
+
+    def exact(params):
+        with torch.no_grad():
+            p1 = target_probs(model.base_model(prompt[None]).logits[0, -1:], params)[0]
+            seq2 = torch.cat((prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]), 1)
+            return p1[:, None] * target_probs(model.base_model(seq2).logits[:, -1], params)
+
+    assert chi_square_pvalue(counts, exact(params)) > 1e-3
+    assert chi_square_pvalue(counts, exact(SamplingParams(params.temperature * 1.25))) < 1e-3
+
+
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.0, 0), (0.5, 0.9, 0), (2.0, 0.0, 5), (0.8, 0.6, 3)])
 def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
     """The processing order and semantics of the EAGLE reference (which uses
@@ -115,3 +145,55 @@ def test_canonical_sampling_settings_draw_the_same_tokens(params):
     draws = [choose_tokens(logits, p, torch.Generator().manual_seed(9)) for p in (params, canonical)]
     assert torch.equal(draws[0], draws[1])
     assert canonical.top_p < 1 and (canonical == SamplingParams()) == params.greedy
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.25, 2), (0.5, 4), (0.75, 6)])
+def test_top_p_at_an_exact_boundary_keeps_what_transformers_keeps(top_p, kept):
+    """Eight equal tokens (1/8 each, exact in float32): a token whose preceding
+    mass equals top_p is dropped, as TopPLogitsWarper drops it. Random logits
+    never land on the boundary, so the comparison above cannot see it."""
+    logits = torch.zeros(1, 8)
+    probs = target_probs(logits, SamplingParams(1.0, top_p))
+    expected = TopPLogitsWarper(top_p)(None, logits.clone()).softmax(-1)
+    assert int((probs > 0).sum()) == int((expected > 0).sum()) == kept
+    assert torch.equal(probs[probs > 0], torch.full((kept,), 1 / kept))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, 0.8, 5)],
+                         ids=["temperature", "top_p_top_k"])
+def test_choose_tokens_draws_from_target_probs(params):
+    """The exponential race, checked on its own: many rows of one logit
+    vector, each drawn once, follow the processed distribution."""
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(2)) * 2
+    probs = target_probs(logits, params)[0]
+    draws = choose_tokens(logits.expand(20000, -1), params, torch.Generator().manual_seed(8))
+    counts = torch.bincount(draws, minlength=12).float()
+    assert chi_square_pvalue(counts, probs) > 1e-3
+    shifted = SamplingParams(params.temperature * 1.25, params.top_p, params.top_k)
+    assert chi_square_pvalue(counts, target_probs(logits, shifted)[0]) < 1e-3
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.8), SamplingParams(0.7, 0.8, 5)],
+                         ids=["temperature", "top_p_top_k"])
+def test_plain_sampling_draws_each_token_from_the_base_models_own_distribution(params):
+    """Plain decoding (naivegenerate, and the one-token steps that finish a
+    speculative generation where a tree no longer fits in max_length) draws
+    every token with choose_tokens from the base model's logits after the
+    tokens before it: the same draws from torch's generator, replayed here on
+    full forwards. (The statistical test above runs speculative steps only.)"""
+    model = trained_pair("llama", "eagle3")  # trees of 24 tokens
+    g = torch.Generator().manual_seed(1)
+    options = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    for seed in range(3):
+        for run, length, max_length in ((model.naivegenerate, 6, 24), (model.eagenerate, 16, 28)):
+            prompt = torch.randint(0, model.base_model.config.vocab_size, (1, length), generator=g)
+            torch.manual_seed(seed)
+            out = run(prompt, max_new_tokens=100, max_length=max_length, **options)
+            assert out.shape[1] == max_length and all(step.num_accepted == 0 for step in model.last_stats.steps)
+            torch.manual_seed(seed)
+            expected = prompt
+            with torch.no_grad():
+                while expected.shape[1] < max_length:
+                    token = choose_tokens(model.base_model(expected).logits[:, -1], params)
+                    expected = torch.cat((expected, token[None]), dim=1)
+            assert out.tolist() == expected.tolist()

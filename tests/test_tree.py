@@ -215,3 +215,79 @@ def test_vocab_chunk_is_the_largest_fitting_divisor():
         fitting = [c for c in range(2, 2561) if vocab % c == 0 and vocab // c >= 2]
         assert vocab_chunk(vocab) == max(fitting, default=1)
     assert [vocab_chunk(v) for v in (32000, 128256, 151936, 152064)] == [2000, 2004, 2374, 2376]
+
+
+def brute_force_accept(tokens, parents, choices):
+    """Walk from the root to the child whose token is the target's choice at
+    the current node, while there is one; the last choice is the bonus."""
+    node, path = 0, [0]
+    while True:
+        child = next((c for c in range(1, len(tokens)) if parents[c] == node and tokens[c] == choices[node]), None)
+        if child is None:
+            return path, choices[node]
+        node = child
+        path.append(node)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_accept_matches_brute_force(seed):
+    """The accepted branch, its length and the bonus token, against a walk
+    down the tree. Choices are drawn mostly from each node's children, so long
+    branches are accepted, and the root's own token is unrelated to the choice
+    at the root (the root is the target's token: it needs no match)."""
+    from eagle_gto.acceptance import accept
+
+    depth, top_k, total_token = 4, 3, 16
+    tokens, scores, parents = random_candidates(depth, top_k, seed)
+    tree = select_tree(torch.tensor(200), tokens, scores, parents, total_token, depth + 1)
+    T, toks, pars = tree.size, tree.tokens.tolist(), tree.parents.tolist()
+    g = torch.Generator().manual_seed(seed)
+    lengths = set()
+    for _ in range(200):
+        choices = torch.randint(0, 100, (T,), generator=g)
+        for node in range(T):
+            children = [c for c in range(1, T) if pars[c] == node]
+            if children and float(torch.rand((), generator=g)) < 0.8:
+                choices[node] = toks[children[int(torch.randint(0, len(children), (1,), generator=g))]]
+        path, bonus = brute_force_accept(toks, pars, choices.tolist())
+        result = accept(tree, choices)
+        assert result.path.tolist() == path + [T] * (T - len(path))
+        assert int(result.num_accepted) == len(path) - 1 and int(result.bonus) == bonus
+        lengths.add(len(path) - 1)
+    assert 0 in lengths and max(lengths) >= 3  # rejections and long branches both occurred
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_head_state_after_speculative_steps_equals_one_causal_pass(kind):
+    """After prefill and speculative steps (trees drafted, branches accepted
+    and fed back), the draft head's cache and its last output are those of one
+    plain causal head pass over the whole sequence: entry j reads the target's
+    feature at j and the token at j + 1. Drafting mistakes here are lossless,
+    so the greedy tests only see them as fewer accepted tokens."""
+    from tiny_pairs import VOCAB, trained_pair
+
+    from eagle_gto.acceptance import SamplingParams
+
+    model = trained_pair("llama", kind)
+    prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(5))
+    with model._exclusive():
+        decoder = model._decoder(128, SamplingParams(), True, None)
+        seq = prompt.tolist() + [decoder.prefill(prompt)]
+        accepted = []
+        for _ in range(10):
+            tokens, num_accepted = decoder.step()
+            seq += tokens
+            accepted.append(num_accepted)
+    n = len(seq) - 1  # cached positions; the last token follows them
+    assert int(decoder.state.past) == n and max(accepted) >= 2 and min(accepted) < max(accepted)
+    ids, causal = torch.tensor(seq), torch.ones(n, n, dtype=torch.bool).tril()
+    runner, head = model._target, model.ea_layer
+    _, features = runner.forward(ids[:-1], torch.arange(n), causal, runner.new_cache(n), features=True)
+    caches = [KVBuffer(n) for _ in range(head.num_layers)]
+    with torch.no_grad():
+        out = head(head.project_features(features)[None], ids[1:][None], torch.arange(n)[None], causal[None, None],
+                   caches)[0]
+    torch.testing.assert_close(decoder.state.head_out, out[-1], atol=1e-4, rtol=1e-4)
+    for mine, expected in zip(decoder.drafter.caches, caches):
+        torch.testing.assert_close(mine.keys[:, :, :n], expected.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mine.values[:, :, :n], expected.values, atol=1e-4, rtol=1e-4)
