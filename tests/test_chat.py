@@ -141,3 +141,72 @@ def test_an_answer_after_special_tokens_or_before_punctuation_keeps_its_first_ch
     prompt, answer = chars("Say a word ").input_ids, chars(". Done").input_ids
     assert answer_text(chars, prompt, answer) == ". Done"
     assert TextStream(chars, context=prompt).add(answer, final=True) == ". Done"
+
+
+def test_formats_with_a_default_system_prompt_write_it_when_the_conversation_has_none():
+    """Vicuna, Llama-2 chat and Qwen open every conversation with a system prompt: their own unless one is
+    given (a system message or `system`); Llama-3 writes none of its own."""
+    from eagle_gto.chat import LLAMA2_SYSTEM, VICUNA_SYSTEM
+
+    asked = [{"role": "user", "content": "Q"}]
+    qwen_default = "You are a helpful assistant."
+    for system, vicuna, llama2, qwen in [(None, VICUNA_SYSTEM, LLAMA2_SYSTEM, qwen_default), ("S", "S", "S", "S")]:
+        assert build_prompt(asked, "vicuna", system=system) == f"{vicuna} USER: Q ASSISTANT:"
+        assert build_prompt(asked, "llama2-chat", system=system) == (f"<s>[INST] <<SYS>>\n{llama2}\n<</SYS>>\n\n"
+                                                                     "Q [/INST]")
+        assert build_prompt(asked, "qwen", system=system) == (f"<|im_start|>system\n{qwen}<|im_end|>\n"
+                                                              "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    assert build_prompt(asked, "llama3") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|>"
+                                             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_prompt_gets_a_bos_from_the_tokenizer_only_where_its_template_writes_none(model_type):
+    """Llama-2 chat and Mixtral write <s>, Llama-3 <|begin_of_text|>, a tokenizer's chat template its own:
+    the tokenizer must not add a second one. The others' text has none, so the tokenizer adds it."""
+    from types import SimpleNamespace
+
+    from eagle_gto.chat import encode_prompt
+
+    class RecordingTokenizer:
+        chat_template = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
+        seen = []
+
+        def __call__(self, text, add_special_tokens=True):
+            self.seen.append(add_special_tokens)
+            return SimpleNamespace(input_ids=[])
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "<bos>" + "".join(m["content"] for m in messages)
+
+    tokenizer = RecordingTokenizer()
+    text = build_prompt(TURNS, model_type, tokenizer)
+    encode_prompt(text, tokenizer, model_type)
+    assert tokenizer.seen == [not text.startswith(("<s>", "<|begin_of_text|>", "<bos>"))]
+
+
+def test_an_answer_is_cut_before_the_formats_stop_string():
+    """A tokenizer without Qwen's <|im_end|> as one token writes it as text: the turn ends before it."""
+    from test_api import char_tokenizer
+
+    from eagle_gto.chat import answer_text
+
+    chars = char_tokenizer()
+    prompt, answer = chars("Q:").input_ids, chars(" yes<|im_end|>\n<|im_start|>user").input_ids
+    assert answer_text(chars, prompt, answer, stop_strings=("<|im_end|>",)) == " yes"
+    assert answer_text(chars, prompt, answer, lead=" ", stop_strings=("<|im_end|>",)) == "yes"
+    assert answer_text(chars, prompt, answer) == chars.decode(answer)  # no stop strings: all of it
+
+
+def test_an_answer_streamed_token_by_token_keeps_every_words_space():
+    """Each text is decoded after the tokens before it: a SentencePiece decoder alone drops the space
+    before a text's first word, so "▁yes" after "▁yes" must still be " yes"."""
+    from application.common import TextStream
+    from eagle_gto.chat import answer_text
+
+    tokenizer = metaspace_tokenizer()
+    prompt, answer = [3], [2, 2, 1, 2]  # "▁ASSISTANT:" then "▁yes", "▁yes", "▁", "▁yes"
+    stream = TextStream(tokenizer, context=prompt)
+    pieces = [stream.add([token]) for token in answer] + [stream.add([], final=True)]
+    assert "".join(pieces) == answer_text(tokenizer, prompt, answer) == " yes yes  yes"
+    assert pieces[1] == " yes"
