@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import ChatRunner, TextStream
+from application.common import ChatRunner, GenerationOptions, TextStream
 from eagle_gto.acceptance import SamplingParams, target_probs
 from eagle_gto.generation import Step
 
@@ -158,6 +158,7 @@ def test_text_stream_leaves_out_the_lead(tokens, final, text):
     assert "".join(stream.add(i, final=final and k == len(ids) - 1) for k, i in enumerate(ids)) == text
     two = TextStream(tokenizer, lead=" \n")  # a longer lead, one character a token
     assert two.add(tokenizer(" ").input_ids) == "" and two.add(tokenizer("\nab").input_ids) == "ab"
+    assert TextStream(tokenizer, lead=" \n").add(tokenizer("y").input_ids) == "y"  # not the lead's start: not held
 
 
 @pytest.mark.parametrize("messages", [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
@@ -446,3 +447,111 @@ def test_accepted_drafts_count_only_delivered_tokens():
 def test_models_report_the_longest_answer_the_context_allows():
     with TestClient(create_app(ChatRunner(ScriptedModel(), max_length=10), "scripted", CAP)) as client:
         assert client.get("/v1/models").json()["data"][0]["max_tokens"] == 9
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_held_back_as_a_possible_stop_string_is_sent_when_the_answer_ends(client, stream):
+    """"t" may start the stop string "t!": held back, then sent once the answer ends without it."""
+    for speculative in (True, False):
+        body = {"prompt": "x", "max_tokens": CAP, "stop": ["t!"], "speculative": speculative, "stream": stream}
+        prompt_tokens = len(char_tokenizer()("x").input_ids)
+        assert complete(client, body) == (ANSWER[:CAP], "length", {"prompt_tokens": prompt_tokens,
+                                                                   "completion_tokens": CAP,
+                                                                   "total_tokens": prompt_tokens + CAP})
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_event_stream_opens_and_ends_as_openais_does(client, chat):
+    """A chat stream opens with the assistant's role and an empty text; every stream ends with the usage
+    chunk (asked for) and then `data: [DONE]`, which clients such as LangChain's read as the end."""
+    prompt = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
+    body = {**prompt, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as events:
+        data = [line[6:] for line in events.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    runner = ChatRunner(ScriptedModel())
+    prompt_tokens = len(runner.chat_prompt(prompt["messages"]) if chat else runner.text_prompt("x"))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    if chat:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "abc"
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk" if chat else "text_completion"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_is_the_chat_limit(client, stream):
+    """OpenAI's newer name for max_tokens (which it deprecates): where both are given, it wins."""
+    asked = {"messages": [{"role": "user", "content": "x"}], "stream": stream}
+    assert complete(client, {**asked, "max_completion_tokens": 3}, chat=True)[:2] == ("abc", "length")
+    assert complete(client, {**asked, "max_tokens": 10, "max_completion_tokens": 3}, chat=True)[:2] == ("abc", "length")
+
+
+class PromptRecordingModel(ScriptedModel):
+    def generate_steps(self, input_ids, **options):
+        self.prompts = getattr(self, "prompts", []) + [input_ids[0].tolist()]
+        return super().generate_steps(input_ids, **options)
+
+
+def test_a_developer_message_is_a_system_message():
+    """OpenAI's newer name for the system role, for the format's system prompt (not a turn)."""
+    model = PromptRecordingModel()
+    runner = ChatRunner(model, "qwen")
+    with TestClient(create_app(runner, "scripted", CAP)) as client:
+        for role in ("developer", "system"):
+            messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "x"}]
+            assert complete(client, {"messages": messages, "max_tokens": 3}, chat=True)[0] == "abc"
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    assert model.prompts == [runner.chat_prompt(system)] * 2
+
+
+def test_a_seed_reaches_the_model_as_a_generator_seeded_with_it(client, model):
+    """Seed 0 too: a seeded request's sampling is reproducible; without a seed, the global generator."""
+    for seed in (0, 7):
+        complete(client, {"prompt": "x", "max_tokens": 3, "temperature": 1, "seed": seed})
+        assert model.calls[-1]["generator"].initial_seed() == seed
+    complete(client, {"prompt": "x", "max_tokens": 3, "temperature": 1})
+    assert model.calls[-1]["generator"] is None
+
+
+def test_a_prompt_fits_with_one_token_to_spare():
+    """The engine's rule: the prompt and one new token fit in the context (here 10 tokens, one a character)."""
+    with TestClient(create_app(ChatRunner(ScriptedModel(), max_length=10), "scripted", CAP)) as client:
+        assert complete(client, {"prompt": "x" * 9, "max_tokens": 1})[:2] == ("a", "length")
+        response = client.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 1})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_updates_split_the_text_into_accepted_drafts_and_the_targets_own_tokens(speculative):
+    """A step's first num_accepted tokens are drafts the target accepted, the rest (the bonus) its own."""
+    runner = ChatRunner(ScriptedModel())
+    updates = list(runner.generate(runner.text_prompt("x"), GenerationOptions(CAP, speculative=speculative)))
+    steps = [update.step for update in updates]
+    assert [update.pieces for update in updates] == [
+        [(text, drafted) for text, drafted in ((ANSWER[start:start + step.num_accepted], True),
+                                               (ANSWER[start + step.num_accepted:start + len(step.tokens)], False))
+         if text]
+        for start, step in zip(range(0, CAP, len(steps[0].tokens)), steps)]
+    assert all(u.pieces[0][1] is True for u in updates) is speculative
+
+
+def test_a_generation_holds_the_model_until_it_ends_or_is_closed():
+    """The caches are shared: from its first step to its end a generation keeps the lock (a second one
+    waits for it), and closing it early frees the model."""
+    runner = ChatRunner(ScriptedModel())
+    options = GenerationOptions(CAP)
+    updates = runner.generate(runner.text_prompt("x"), options)
+    next(updates)
+    assert runner.busy
+    second = threading.Thread(target=lambda: list(runner.generate(runner.text_prompt("y"), options)))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # waiting for the lock
+    updates.close()
+    second.join(timeout=10)
+    assert not second.is_alive() and not runner.busy
+    list(runner.generate(runner.text_prompt("x"), options))  # run to its end: freed too
+    assert not runner.busy
