@@ -400,3 +400,27 @@ def test_max_new_tokens_stops_at_the_context():
     ui = build_ui(ChatRunner(ScriptedModel(), max_length=100), "scripted", 1000)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     assert slider.maximum == 100 and "100 tokens" in slider.label
+
+
+@pytest.mark.parametrize("answer,max_new,line", [(ScriptedModel().answer, 8, ANSWER_LIMIT.format(8)),
+                                                 ("abc", 8, CONTEXT_FULL.format(100))])
+def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, line):
+    """Called directly (no browser): an answer of exactly Max new tokens ended at its own limit; one that
+    ended shorter, with the model's "length", at the context's."""
+    ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
+    actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
+    assert last[4] == line
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_the_speculative_switch_reaches_the_model(speculative):
+    """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
+    model = ScriptedModel()
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
+    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    assert tokens == 8 and (iterations < tokens) is speculative
+    assert ("plain decoding" in last[2]) is not speculative
