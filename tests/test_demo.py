@@ -187,3 +187,38 @@ def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys)
     assert not [m for m in warned if "sequence length is longer" in m]
     rows = [line for line in out.splitlines() if line.startswith("| held-out")]
     assert len(rows) == 1 and rows[0].endswith("|    1/1    |")  # one prompt, greedy identical
+
+
+def test_cli_says_whether_the_greedy_outputs_are_identical(model, monkeypatch, capsys):
+    """The check compares the two runs' tokens: a plain run that differs is reported as such."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    argv = ["--model-type", "plain", "--max-new-tokens", "8"]
+    assert cli.main(argv) == 0
+    assert "greedy outputs identical: yes" in capsys.readouterr().out
+    naivegenerate = model.naivegenerate
+
+    def one_token_off(*args, **kwargs):
+        out = naivegenerate(*args, **kwargs).clone()
+        out[0, -1] += 1
+        return out
+
+    monkeypatch.setattr(model, "naivegenerate", one_token_off)
+    assert cli.main(argv) == 0
+    assert "greedy outputs identical: NO" in capsys.readouterr().out
+
+
+def test_cli_prompt_fits_with_one_token_to_spare(model, monkeypatch, capsys):
+    """The engine's rule: the prompt and one new token fit in the context."""
+    from eagle_gto.chat import build_prompt, encode_prompt
+
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    prompt = "def f(x):\n"
+    length = len(encode_prompt(build_prompt([{"role": "user", "content": prompt}], "plain"), model.tokenizer, "plain"))
+    argv = ["--model-type", "plain", "--prompt", prompt, "--max-new-tokens", "1", "--no-compare"]
+    monkeypatch.setattr(model, "default_max_length", lambda: length)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: the prompt has {length} tokens, too many for the context "
+                                              f"of {length} tokens")
+    monkeypatch.setattr(model, "default_max_length", lambda: length + 1)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""
