@@ -2,6 +2,7 @@
 speed report on its output and on a hand-made answer file, resuming."""
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -581,3 +582,121 @@ def test_an_auto_tree_is_recorded_and_a_resume_with_another_is_refused(tiny_pair
     with pytest.raises(ValueError, match=f"total_token_used {settings['total_token_used']} .*not this run's 2"):
         run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "2", "--total-token", "-1")
     assert len(read_jsonl(path)) == 1
+
+
+def answerer(model, *argv):
+    return gen_answer.Answerer(model, gen_answer.parse_args(["--device", "cpu", "--warmup", "0", *argv]))
+
+
+def test_a_prompt_longer_than_its_budget_keeps_its_end():
+    """The budget is the context less the answer's tokens and a draft tree's (the same in both modes); a
+    longer prompt keeps its last tokens, the question's end and the generation prompt."""
+    tokenizer = byte_tokenizer()
+    model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")])
+    argv = ["--model-type", "vicuna", "--max-length", "64", "--max-new-tokens", "4", *TREE]
+    question = " ".join(f"word{i}" for i in range(40))
+    full = build_prompt([{"role": "user", "content": question}], "vicuna")
+    budget = 64 - 4 - model.tree.total_token
+    assert len(tokenizer(full).input_ids) > budget
+    with pytest.warns(UserWarning, match=f"cut to its last {budget}"):
+        answerer(model, *argv).answer({"question_id": 1, "turns": [question]})
+    assert model.calls[0][0] == tokenizer.decode(tokenizer(full).input_ids[-budget:])
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class SamplingModel(ScriptedModel):
+    """Each generation draws its letter from the global generator, as sampling does."""
+
+    def generate_steps(self, input_ids, **settings):
+        letter = LETTERS[int(torch.randint(len(LETTERS), ()))]
+        self.steps = [Step(self.tokenizer(letter).input_ids, 0, 0.01, "length")]
+        return super().generate_steps(input_ids, **settings)
+
+
+def test_every_question_is_answered_from_the_seed():
+    """The seed is reset before each question: its sampled answer does not depend on the questions
+    answered before it (a resumed run, a --limit)."""
+    model = SamplingModel(byte_tokenizer(), [])
+    ask = answerer(model, "--model-type", "plain", "--temperature", "1", "--seed", "3")
+    first, _, again = (ask.answer({"question_id": q, "turns": [t, t]}) for q, t in ((1, "A"), (2, "B"), (1, "A")))
+    assert first["turns"] == again["turns"]
+    torch.manual_seed(3)
+    assert first["turns"] == [LETTERS[int(torch.randint(len(LETTERS), ()))] for _ in range(2)]
+
+
+class SlowModel(ScriptedModel):
+    """Takes `delay` seconds a generation, while its steps claim almost none."""
+
+    delay = 0.05
+
+    def generate_steps(self, input_ids, **settings):
+        time.sleep(self.delay)
+        return super().generate_steps(input_ids, **settings)
+
+
+def test_wall_time_is_the_turns_own_time():
+    """Measured around the whole turn (as the reference does), not the steps' own timings."""
+    tokenizer = byte_tokenizer()
+    model = SlowModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 1e-6, "length")])
+    choice = answerer(model, "--model-type", "plain").answer({"question_id": 1, "turns": ["Q"]})
+    assert choice["wall_time"][0] >= SlowModel.delay > model.last_stats.seconds
+
+
+@pytest.mark.parametrize("model_type", ["qwen", "llama3", "plain"])
+def test_the_formats_stops_reach_the_engine(model_type):
+    """Qwen's <|im_end|> (a token of its tokenizer) and Llama-3's <|eot_id|> end a turn."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")])
+    answerer(model, "--model-type", model_type).answer({"question_id": 1, "turns": ["Q"]})
+    settings = model.calls[0][1]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert settings["stop_token_ids"] == ([im_end] if model_type == "qwen" else [])
+    assert settings["is_llama3"] is (model_type == "llama3")
+
+
+@pytest.mark.parametrize("option,value", [("--seed", "1"), ("--device", "auto"), ("--dtype", "float32"),
+                                          ("--temperature", "0.5"), ("--model-type", "vicuna"),
+                                          ("--max-length", "4096"), ("--base-model-path", "other-base")])
+def test_resume_refuses_a_run_with_any_other_setting(tmp_path, monkeypatch, option, value):
+    """An answer file holds one run: any setting the answers depend on that differs is refused, before a
+    model loads."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", no_load)
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
+    path = tmp_path / "a.jsonl"
+    run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
+           "--base-model-path", "base", "--ea-model-path", "head", "--model-type", "plain"]
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(questions))
+    write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=settings)])
+    assert gen_answer.main(run + ["--limit", "1"]) == path  # the same run: nothing left to answer
+    with pytest.raises(ValueError, match=f"{option[2:].replace('-', '_')} .*not this run's"):
+        gen_answer.main(run + [option, value])
+
+
+def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
+    path = write(tmp_path / "a.jsonl", [dict(answer(2, "c", [4], [1.0], [1]), answer_id="old"),
+                                        answer(1, "c", [4], [1.0], [1]),
+                                        dict(answer(2, "c", [4], [1.0], [1]), answer_id="new")])
+    sort_answers(path)
+    assert [(a["question_id"], a["answer_id"]) for a in read_jsonl(path)] == [(1, "1"), (2, "new")]
+
+
+def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():
+    ea = [answer(1, None, [12], [1.0], [3]), answer(2, "code", [12], [1.0], [3])]
+    base = [answer(1, "math", [12], [4.0], [11]), answer(3, "math", [12], [4.0], [11])]
+    summary = speed.summarize(ea, base)
+    assert summary["unpaired"] == [2, 3]
+    assert set(summary["groups"]) == {"all", "math"}  # question 1: the baseline's category
+
+
+def test_baseline_tau_counts_the_baselines_own_tokens():
+    """Sampled runs answer with different lengths: each side's tau is its tokens over its iterations."""
+    ea = [answer(1, "c", [12], [1.0], [3])]
+    base = [answer(1, "c", [10], [4.0], [9])]
+    everything = speed.summarize(ea, base)["groups"]["all"]
+    assert (everything["tau"], everything["baseline_tau"]) == (12 / 4, 10 / 10)
