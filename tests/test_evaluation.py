@@ -700,3 +700,15 @@ def test_baseline_tau_counts_the_baselines_own_tokens():
     base = [answer(1, "c", [10], [4.0], [9])]
     everything = speed.summarize(ea, base)["groups"]["all"]
     assert (everything["tau"], everything["baseline_tau"]) == (12 / 4, 10 / 10)
+
+
+def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM: it is no part of the first line's JSON."""
+    from eagle_gto.evaluation.questions import load_questions
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps({"question_id": i, "turns": ["Q"]}) + "\n" for i in (1, 2)),
+                    encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no line is skipped
+        assert [q["question_id"] for q in load_questions(path)] == [1, 2]

@@ -32,7 +32,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """All records of a JSON-lines file. A line that does not parse (the
     half-written last line of an interrupted run) is skipped with a warning."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is no JSON)
     except UnicodeDecodeError as err:  # its own message does not name the file
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     records = []
