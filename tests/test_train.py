@@ -107,6 +107,8 @@ def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokeni
         path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=f"data.jsonl:3: .*{message}"):
             read_records(path)
+    path.write_text(json.dumps(good) + "\n", encoding="utf-8-sig")  # a byte-order mark opens the file
+    assert read_records(path) == [good]
     long = {"messages": [{"role": "user", "content": "hello there " * 20}, {"role": "assistant", "content": "x = 1"}]}
     with pytest.warns(UserWarning, match="1 of 2 records have no loss tokens within the first 30"):
         assert len(to_samples([long, good], tokenizer, "plain", max_length=30)) == 1

@@ -66,7 +66,7 @@ def read_numbered_records(path: str | Path) -> list[tuple[str, dict]]:
     """(`file:line`, record) for each record of a jsonl file: errors found
     later (a chat template that refuses a conversation) name the record too."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is no JSON)
     except UnicodeDecodeError as err:  # its own message does not name the file
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     records = []
