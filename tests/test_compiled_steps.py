@@ -164,3 +164,16 @@ def test_a_prefill_runs_the_layers_eagerly_in_its_own_thread_only():
     thread.join(60)
     forward()
     assert calls == ["eager", "compiled", "eager", "compiled"]
+
+
+def test_eager_layers_nest():
+    """Leaving an inner `eager_layers` (a prefill inside a caller's own)
+    leaves the outer one in force."""
+    calls = []
+    forward = eager_or_compiled(lambda: calls.append("eager"), lambda: calls.append("compiled"))
+    with eager_layers():
+        with eager_layers():
+            forward()
+        forward()
+    forward()
+    assert calls == ["eager", "eager", "compiled"]

@@ -138,6 +138,34 @@ def test_parts_called_out_of_pattern_still_get_their_own_products():
     assert parent.qkv_proj._pending is None  # the stock pattern (q, k, v of one input) took every slice
 
 
+def test_a_parts_weight_and_bias_are_its_own_rows_of_the_fused_ones():
+    """Code that reads `k_proj.weight` (or its bias) of a fused model finds the
+    stock linear's values, as views into the fused parameters."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(8, 4)
+    stock = copy.deepcopy(parent)
+    fuse_sibling_linears(parent)
+    storage = parent.qkv_proj.weight.untyped_storage().data_ptr()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        part, linear = getattr(parent, name), getattr(stock, name)
+        assert torch.equal(part.weight, linear.weight) and torch.equal(part.bias, linear.bias), name
+        assert part.weight.untyped_storage().data_ptr() == storage
+
+
+def test_a_state_dict_under_the_fused_names_loads_as_it_is():
+    """A state_dict of a fused model's own parameters (`qkv_proj.weight`, as
+    named_parameters names them) loads without the stock keys being reported
+    missing, and its weights are the ones the model then computes with."""
+    fused, other = (make_base("qwen2", seed=seed, num_layers=2) for seed in (0, 3))  # q/k/v with biases
+    expected = products_and_logits(other, torch.arange(9)[None])[1]
+    for model in (fused, other):
+        fuse_sibling_linears(model)
+    result = fused.load_state_dict(dict(other.named_parameters()), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(products_and_logits(fused, torch.arange(9)[None])[1], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_the_fused_weights():
     torch.manual_seed(0)
     parent = nn.Module()
@@ -173,9 +201,12 @@ def test_what_is_not_fused():
     offloaded._hf_hook = object()
     frozen_bias = nn.Linear(8, 4)
     frozen_bias.bias.requires_grad_(False)
+    frozen_weight = nn.Linear(8, 4)  # (fused, it would become trainable with its siblings)
+    frozen_weight.weight.requires_grad_(False)
     tied = nn.Linear(8, 4)
     for changes in ({"k_proj": QuantizedLinear(8, 4)}, {"k_proj": hooked}, {"v_proj": offloaded},
-                    {"k_proj": backward_hooked}, {"v_proj": frozen_bias}, {"v_proj": tied, "other": tied},
+                    {"k_proj": backward_hooked}, {"v_proj": frozen_bias}, {"v_proj": frozen_weight},
+                    {"v_proj": tied, "other": tied},
                     {"v_proj": nn.Linear(8, 4).double()}, {"v_proj": nn.Linear(8, 4, bias=False)},
                     {"v_proj": nn.Linear(8, 4, device="meta")}, {"v_proj": None}, {"k_proj": nn.Linear(6, 4)}):
         parent = group(**changes)

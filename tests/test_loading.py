@@ -142,6 +142,10 @@ def test_a_config_that_contradicts_the_weights_is_refused(saved, tmp_path, chang
     edit_config(base, **change)
     with pytest.raises(CheckpointError, match=f"{base}: .*wrong shape: .*model.embed_tokens.weight {shape}"):
         load_base(str(base))
+    # unless the caller asks transformers to re-initialise such tensors
+    cfg = json.loads((base / "config.json").read_text())
+    model = load_base(str(base), ignore_mismatched_sizes=True)
+    assert tuple(model.get_input_embeddings().weight.shape) == (cfg["vocab_size"], cfg["hidden_size"])
 
 
 def test_a_head_that_does_not_fit_the_base_config_fails_before_the_base_loads(saved, tmp_path, monkeypatch):
@@ -232,6 +236,10 @@ def test_weight_files_that_are_not_weights_are_named(saved, tmp_path, content, m
     base = copy(saved / "llama", tmp_path / "base")
     (base / "model.safetensors").write_bytes(content)
     with pytest.raises(CheckpointError, match=f"{base / 'model.safetensors'}: {message}"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"))
+    (base / "model.safetensors").unlink()  # a base saved as pytorch_model.bin
+    (base / "pytorch_model.bin").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{base / 'pytorch_model.bin'}: {message}"):
         EaModel.from_pretrained(str(base), str(saved / "eagle3"))
     head = copy(saved / "eagle3", tmp_path / "head")
     (head / "pytorch_model.bin").write_bytes(content)
@@ -341,6 +349,10 @@ def test_a_sharded_head_loads(saved, tmp_path):
     for key, value in model.ea_layer.state_dict().items():
         if key in state:
             assert torch.equal(value, state[key]), key
+    index = head / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {**weight_map, "extra.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match=f"{index}: the shards lack tensors the index names: extra.weight"):
+        checkpoint.read_weights(str(head))
     (head / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=f"{head}: no model-00002-of-00002.safetensors"):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
@@ -363,6 +375,72 @@ def test_t2d_must_mark_what_d2t_maps_to(saved, tmp_path):
     edit_weights(head, lambda state: state.update(t2d=torch.ones_like(state["t2d"])))
     with pytest.raises(CheckpointError, match="t2d marks 96 target ids, which are not the 40"):
         EaModel.from_pretrained(str(saved / "llama"), str(head))
+
+
+def last_target_is(state, target):
+    """d2t's last draft id mapped to `target` (t2d left as it was)."""
+    state["d2t"][-1] = target - (state["d2t"].shape[0] - 1)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda state: state["d2t"].__setitem__(1, state["d2t"][0] - 1),  # draft ids 0 and 1: one target id
+     "d2t maps two draft ids to the same target id"),
+    (lambda state: state.update(t2d=state["t2d"].roll(1)), "t2d marks 40 target ids, which are not the 40"),
+    (lambda state: last_target_is(state, VOCAB), "d2t maps draft ids outside the target vocabulary"),
+    (lambda state: last_target_is(state, -1), "d2t maps draft ids outside the target vocabulary"),
+    # and no t2d: none is rebuilt from a d2t that is no mapping
+    (lambda state: [last_target_is(state, VOCAB), state.pop("t2d")], "missing tensor t2d"),
+])
+def test_a_vocabulary_mapping_that_is_no_mapping_is_refused(saved, tmp_path, edit, message):
+    """d2t must map the draft ids onto distinct target ids (just past the
+    vocabulary is past it), and t2d mark exactly those: the right number of
+    marks is not enough."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, edit)
+    with pytest.raises(CheckpointError, match=f"{head / 'model.safetensors'}: .*{message}"):
+        build_head(load_checkpoint(str(head)))
+
+
+@pytest.mark.parametrize("key,shape", [("fc.weight", [64, 192]), ("embed_tokens.weight", [VOCAB, 64])])
+def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
+    """The shape, not only the number of elements: a transposed weight (or a
+    head's own embedding) is named with both shapes."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({key: torch.zeros(shape[::-1])}))
+    with pytest.raises(CheckpointError, match=rf"tensor {key}: expected shape \[{shape[0]}, {shape[1]}\], "
+                                              rf"found \[{shape[1]}, {shape[0]}\]"):
+        build_head(load_checkpoint(str(head)))
+
+
+def test_speculators_keys_tell_an_eagle3_head_without_a_config_that_says_so(tmp_path):
+    """`layers.0.` keys (vLLM speculators naming) and a config.json without
+    draft_vocab_size (a full draft vocabulary): the hidden_norm weight tells
+    the kind."""
+    original = random_head(head_config(base_config("llama", vocab_size=VOCAB), "eagle3"))
+    save_head(original, tmp_path)
+    edit_weights(tmp_path, lambda state: state.update(
+        {key.replace("midlayer.", "layers.0."): state.pop(key) for key in list(state)}))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["draft_vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    head = build_head(load_checkpoint(str(tmp_path)))
+    assert head.kind == "eagle3"
+    loaded = head.state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in original.state_dict().items())
+
+
+def test_an_eagle3_head_narrower_than_its_target_loads(saved, tmp_path):
+    """An EAGLE-3 head's own width may differ from the target's: what must
+    match the base is target_hidden_size (the features it reads), and the head
+    then carries its own embedding."""
+    cfg = base_config("llama", vocab_size=VOCAB)
+    save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=40, hidden_size=32)), tmp_path / "head")
+    embedding = torch.randn(VOCAB, 32) * 0.02
+    edit_weights(tmp_path / "head", lambda state: state.update({"embed_tokens.weight": embedding}))
+    model = EaModel.from_pretrained(str(saved / "llama"), str(tmp_path / "head"), **TREE)
+    assert (model.ea_layer.config.hidden_size, model.ea_layer.config.target_hidden_size) == (32, 64)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(model.eagenerate(ids, max_new_tokens=8), model.naivegenerate(ids, max_new_tokens=8))
 
 
 def test_save_head_leaves_no_stale_pytorch_bin(saved, tmp_path):

@@ -363,10 +363,11 @@ def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
 
 
 def test_two_models_on_one_base_keep_their_features_apart():
-    """EaModels sharing a base share its layer hooks (added once) and each
-    thread captures only its own forwards' features."""
+    """EaModels sharing a base share its layer hooks (added once, not per
+    model or per capture) and each thread captures only its own forwards' features."""
     model = trained_pair("llama", "eagle3")
     layer = model._target.layers[model._feature_layers[0]]
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)  # features captured: the hooks are on
     hooks = len(layer._forward_pre_hooks)
     twin = EaModel(model.base_model, model.ea_layer, None, 60, 7, 10)  # another tree: other shapes
     assert len(layer._forward_pre_hooks) == hooks
@@ -386,6 +387,7 @@ def test_two_models_on_one_base_keep_their_features_apart():
     for t in threads:
         t.join(300)
     assert results == {"model": expected, "twin": expected}
+    assert len(layer._forward_pre_hooks) == hooks
 
 
 def test_a_forward_in_another_thread_does_not_reach_a_capture():
@@ -400,6 +402,21 @@ def test_a_forward_in_another_thread_does_not_reach_a_capture():
         assert captured == {}
         model.base_model(torch.tensor([[1, 2]]))
         assert captured[2].shape[1] == 2
+
+
+def test_a_capture_inside_another_leaves_the_outer_one_capturing():
+    """A nested capture gets the forwards run inside it; once it ends, the
+    outer one captures again."""
+    from eagle_gto.target import layer_input_tap
+
+    model = trained_pair("llama", "eagle3")
+    tap = layer_input_tap(model.base_model)
+    with tap.capturing([2]) as outer:
+        with tap.capturing([3]) as inner:
+            model.base_model(torch.tensor([[1, 2, 3]]))
+        assert inner[3].shape[1] == 3 and outer == {}
+        model.base_model(torch.tensor([[1, 2]]))
+        assert outer[2].shape[1] == 2
 
 
 def test_a_model_cast_after_generating_gets_new_caches():
@@ -444,6 +461,23 @@ def test_the_tree_is_checked_when_assigned():
     model.tree = TreeParams(12, 4, 2)
     ids = torch.tensor([[1, 2, 3]])
     assert model.eagenerate(ids, max_new_tokens=12).tolist() == model.naivegenerate(ids, max_new_tokens=12).tolist()
+
+
+def test_a_tree_that_reaches_further_gets_a_larger_draft_cache():
+    """A tree assigned after generating may reach further past the cache
+    length (depth * top_k draft slots) than the draft cache made for the old
+    tree holds: the next generation makes new caches, and decodes to the end
+    of the context."""
+    from eagle_gto.generation import TreeParams
+
+    pair = trained_pair("llama", "eagle3")
+    model = EaModel(pair.base_model, pair.ea_layer, None, 4, 2, 2)
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected = model.naivegenerate(ids, max_new_tokens=200, max_length=96).tolist()
+    assert len(expected[0]) == 96
+    assert model.eagenerate(ids, max_new_tokens=200, max_length=96).tolist() == expected
+    model.tree = TreeParams(8, 8, 8)  # 64 draft slots, where the old tree wrote 4
+    assert model.eagenerate(ids, max_new_tokens=200, max_length=96).tolist() == expected
 
 
 def test_reference_argument_order_and_forward_get_clear_errors(pair_dirs):

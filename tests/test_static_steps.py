@@ -6,15 +6,20 @@ bucketed static-shape steps produce exactly what the tight eager steps do,
 greedy and sampling, speculative and plain, across generations; and that a
 step never reads a device value on the host (`.item()`, indexing by a 0-dim
 tensor) nor makes a tensor from host data (which would be a host-to-device
-copy): either breaks graph recording, and costs a synchronisation."""
+copy): either breaks graph recording, and costs a synchronisation. A second
+stand-in replays what it recorded, as a graph does, so that a step which
+bakes in a host value (the host's cache length, a setting the graph key
+lacks) decodes wrongly on the CPU too."""
 
 import pytest
 import torch
 from tiny_pairs import VOCAB, trained_pair
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 import eagle_gto.ea_model as ea_model
 import eagle_gto.generation as generation
+from eagle_gto.generation import TreeParams
 
 
 class NoHostValues(TorchDispatchMode):
@@ -41,12 +46,95 @@ class EagerGraphs:
             return step()
 
 
+class _Made:
+    """Stands for the n-th tensor a recorded step made."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+class Recording(NoHostValues):
+    """Records the ops a step runs (with NoHostValues' checks): each op with
+    its arguments, where the tensors the step made stand as `_Made` and
+    every other tensor (weights, caches, the decode state) and value stays as
+    it was, as a CUDA graph records them: tensors at fixed addresses, host
+    values baked in."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.made = [], {}  # id(tensor) -> (number, tensor), the tensor kept alive meanwhile
+
+    def ref(self, x):
+        return _Made(self.made[id(x)][0]) if isinstance(x, torch.Tensor) and id(x) in self.made else x
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        inputs = {id(x) for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:  # (an in-place op returns its input: not made here)
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.made and id(tensor) not in inputs:
+                self.made[id(tensor)] = (len(self.made), tensor)
+        self.ops.append((func, tree_map(self.ref, (args, kwargs or {})), tree_map(self.ref, out)))
+        return out
+
+
+def replay(ops, result):
+    made = {}
+
+    def get(x):
+        return made[x.n] if isinstance(x, _Made) else x
+
+    for func, (args, kwargs), out in ops:
+        value = func(*tree_map(get, args), **tree_map(get, kwargs))
+        for spec, tensor in zip(tree_flatten(out)[0], tree_flatten(value)[0]):
+            if isinstance(spec, _Made):
+                made[spec.n] = tensor
+    return get(result)
+
+
+class ReplayingGraphs(EagerGraphs):
+    """StepGraphs without CUDA, closer to them than EagerGraphs: the first
+    step at a key runs and is recorded (`Recording`); every later one at that
+    key replays the recording, not the step it is handed, as a CUDA graph
+    replays its kernels. So a step that reads a host value which changes
+    between replays (the host's cache length, the generation's settings or
+    caches) decodes wrongly here, as it would on the GPU."""
+
+    def __init__(self, device=None, max_graphs: int = 64):
+        super().__init__(device, max_graphs)
+        self.recorded = {}
+
+    def run(self, key, step):
+        EagerGraphs.keys.append(key)
+        if key in self.recorded:
+            return replay(*self.recorded[key])
+        with Recording() as recording:
+            out = step()
+        self.recorded[key] = (recording.ops, recording.ref(out))
+        return out
+
+
 def test_host_value_detector_catches_what_it_should():
     x = torch.arange(5.0)
     with NoHostValues(), pytest.raises(AssertionError, match="_local_scalar_dense"):
         x[x.argmax()]  # a 0-dim index is read on the host
     with NoHostValues(), pytest.raises(AssertionError, match="lift_fresh"):
         x[torch.arange(2)] = torch.tensor(1.0)  # host data
+
+
+def test_the_replaying_stand_in_replays_what_it_recorded():
+    """As a CUDA graph: a replay runs the recorded ops on the same tensors
+    (state kept there advances), with host values as they were recorded, and
+    whatever step it is handed at that key."""
+    graphs, state, host = ReplayingGraphs(), torch.zeros(2), [1.0]
+
+    def step():
+        return state.add_(host[0]).mul(2)
+
+    assert graphs.run("key", step).tolist() == [2.0, 2.0]
+    host[0] = 10.0
+    assert graphs.run("key", step).tolist() == [4.0, 4.0]  # adds the recorded 1.0
+    assert graphs.run("key", lambda: state.sub_(5)).tolist() == [6.0, 6.0]  # the recorded step, not this one
+    assert graphs.run("other", step).tolist() == [26.0, 26.0]
 
 
 @pytest.fixture
@@ -92,6 +180,45 @@ def test_bucketed_steps_equal_eager_steps(arch, kind, graphs_on_cpu, monkeypatch
     views = sorted({key[3] for key in keys})
     assert len(views) >= 2 and all(v % 32 == 0 or v == 128 for v in views)  # buckets, capped by max_length
     assert len(set(keys)) < len(keys) / 4  # few shapes: each would be one recorded graph
+
+
+def test_replayed_steps_decode_as_eager_steps(monkeypatch):
+    """Steps replayed as recorded (`ReplayingGraphs`) decode as eager ones:
+    greedy and sampling, speculative and plain, after a max_length change
+    (new caches) and a tree change (the same views); and a caller's generator
+    (drawn from by the steps: eager ones) is the one drawn from."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    monkeypatch.setattr(model, "_tree", model.tree)  # (restored after the test)
+    monkeypatch.setattr(EagerGraphs, "keys", [])
+    monkeypatch.setattr(ea_model, "StepGraphs", ReplayingGraphs)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 32)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    sampling = dict(temperature=0.9, top_p=0.95, top_k=20)
+
+    def decode(graphs, speculative, max_length, **options):
+        model.cuda_graphs = graphs
+        torch.manual_seed(5)
+        run = model.eagenerate if speculative else model.naivegenerate
+        out = run(ids, max_new_tokens=40, max_length=max_length, **options).tolist()
+        return out, [s.num_accepted for s in model.last_stats.steps]
+
+    model.cuda_graphs = True
+    model._graphs = None
+    for max_length, tree in ((128, model.tree), (96, model.tree), (96, TreeParams(16, 4, 3))):
+        model.tree = tree
+        for speculative in (True, False):
+            for options in ({}, sampling):
+                assert decode(True, speculative, max_length, **options) == \
+                    decode(False, speculative, max_length, **options), (max_length, tree, speculative, options)
+    assert len(set(EagerGraphs.keys)) < len(EagerGraphs.keys) / 4  # most steps were replays
+    for speculative in (True, False):
+        outs = []
+        for graphs in (False, True):
+            model.cuda_graphs = graphs
+            steps = model.generate_steps(ids, max_new_tokens=30, max_length=96, speculative=speculative,
+                                         generator=torch.Generator().manual_seed(3), **sampling)
+            outs.append([token for step in steps for token in step.tokens])
+        assert outs[0] == outs[1]
 
 
 def test_state_does_not_leak_between_generations(graphs_on_cpu, monkeypatch):
@@ -158,6 +285,28 @@ def test_warm_up_records_every_step_shape_a_generation_uses(speculative, options
     model._graphs, graphs_on_cpu.keys = None, []
     model.warm_up(max_length=128, speculative=speculative, **{**options, "temperature": 0.5})
     assert not used <= set(graphs_on_cpu.keys)
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+@pytest.mark.parametrize("max_length", [66, 87])
+def test_warm_up_reaches_the_views_at_the_ends_of_each_phase(max_length, speculative, graphs_on_cpu, monkeypatch):
+    """The last cache length of each phase may be the only one with its view
+    (buckets of 32; a tree of 24): at 66 the last speculative step (41) and
+    the last one-token step (64); at 87 the first one-token step after the
+    trees (63). Prompts that start a generation there find their step warmed;
+    and views_per_setting bounds what one setting warms."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    model.cuda_graphs = True
+    steps = model.warm_up(max_length=max_length, speculative=speculative)
+    warmed = set(graphs_on_cpu.keys)
+    assert steps == len(warmed) <= generation.views_per_setting(max_length)
+    width = model.tree.total_token
+    g = torch.Generator().manual_seed(9)
+    for length in (max_length - width - 1, max_length - width, max_length - 2):
+        graphs_on_cpu.keys = []
+        ids = torch.randint(0, VOCAB, (1, length), generator=g)
+        (model.eagenerate if speculative else model.naivegenerate)(ids, max_new_tokens=2, max_length=max_length)
+        assert len(graphs_on_cpu.keys) == 1 and set(graphs_on_cpu.keys) <= warmed, length
 
 
 def test_warm_up_after_a_move_prepares_the_moved_models_steps(graphs_on_cpu, monkeypatch):

@@ -22,6 +22,7 @@ from eagle_gto.train.data import encode_conversation, read_records, to_messages
 from eagle_gto.train import trainer
 from eagle_gto.train.trainer import checkpoint_dirs, main
 from eagle_gto.train.ttt import unroll
+from eagle_gto.vocab import target_to_draft
 
 VOCAB = 320
 TEXTS = ["def add(a, b):\n    return a + b\n", "USER: hello there ASSISTANT: x = 1</s>",
@@ -202,6 +203,8 @@ def test_draft_vocab_from_trained_tokens():
     used = torch.arange(3) + head.d2t
     assert used.tolist() == [3, 9, 11] and head.d2t.tolist() == [3, 8, 9]
     assert head.t2d.nonzero().flatten().tolist() == [3, 9, 11]
+    # and back: the draft id of each target id, -1 outside the draft vocabulary
+    assert target_to_draft(head.t2d).tolist() == [used.tolist().index(j) if j in used else -1 for j in range(VOCAB)]
     # The head's output layer starts as the target's rows of those tokens.
     assert torch.equal(head.lm_head.weight, base.lm_head.weight[used])
 
