@@ -11,8 +11,9 @@ import torch
 
 from eagle_gto.chat import build_prompt
 from eagle_gto.evaluation import gen_answer, speed
-from eagle_gto.evaluation.questions import read_jsonl, sort_answers
+from eagle_gto.evaluation.questions import sort_answers
 from eagle_gto.generation import GenerationStats, Step, TreeParams
+from eagle_gto.jsonl import read_jsonl
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark questions not found at {DATA}")

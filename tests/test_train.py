@@ -19,6 +19,7 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, ttt_loss
 from eagle_gto.train.data import encode_conversation, read_records, to_messages
+from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train import trainer
 from eagle_gto.train.trainer import checkpoint_dirs, main
 from eagle_gto.train.ttt import unroll
@@ -110,6 +111,9 @@ def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokeni
             read_records(path)
     path.write_text(json.dumps(good) + "\n", encoding="utf-8-sig")  # a byte-order mark opens the file
     assert read_records(path) == [good]
+    path.write_bytes(json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match="data.jsonl is not UTF-8 text"):
+        read_records(path)
     long = {"messages": [{"role": "user", "content": "hello there " * 20}, {"role": "assistant", "content": "x = 1"}]}
     with pytest.warns(UserWarning, match="1 of 2 records have no loss tokens within the first 30"):
         assert len(to_samples([long, good], tokenizer, "plain", max_length=30)) == 1
@@ -118,6 +122,15 @@ def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokeni
     with pytest.raises(ValueError, match="log_every must be at least 1"):
         TrainConfig(log_every=0)
 
+
+
+def test_curves_plot_from_a_log_still_being_written(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 3.0 - s, "acc": [0.1 * s, 0.05 * s]}) for s in range(1, 4)]
+    log.write_text("\n".join(lines) + "\n" + lines[0][:9])  # the last line half written
+    with pytest.warns(UserWarning, match="metrics.jsonl:4: skipping a line that is not valid JSON"):
+        png = plot_metrics(log, tmp_path / "curves.png")
+    assert png.stat().st_size > 1000
 
 def trained_runs(sample, tokenizer) -> list[str]:
     """The text of each run of consecutive trained tokens."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
+
+from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -26,24 +27,6 @@ def question_file(bench: str, data_dir: str | Path | None = None) -> Path:
     if not path.is_file():
         raise ValueError(f"question file not found: {path}")
     return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON-lines file. A line that does not parse (the
-    half-written last line of an interrupted run) is skipped with a warning."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is no JSON)
-    except UnicodeDecodeError as err:  # its own message does not name the file
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: skipping a line that is not valid JSON")
-    return records
 
 
 def is_question_id(value) -> bool:

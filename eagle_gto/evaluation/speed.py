@@ -54,7 +54,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .questions import check_answer_records, id_order, read_jsonl, recorded_settings
+from ..jsonl import read_jsonl
+from .questions import check_answer_records, id_order, recorded_settings
 
 ALL = "all"
 # What a fair speedup holds fixed between the two runs (gen_answer's settings names).

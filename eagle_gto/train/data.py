@@ -38,6 +38,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
     TemplateError = ()
 
 from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, stop_token_ids
+from ..jsonl import numbered_lines
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}
@@ -65,14 +66,8 @@ def read_records(path: str | Path) -> list[dict]:
 def read_numbered_records(path: str | Path) -> list[tuple[str, dict]]:
     """(`file:line`, record) for each record of a jsonl file: errors found
     later (a chat template that refuses a conversation) name the record too."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is no JSON)
-    except UnicodeDecodeError as err:  # its own message does not name the file
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(path):
         with naming(f"{path}:{number}"):
             record = json.loads(line)
             if not isinstance(record, dict) or not ({"conversations", "messages", "text"} & set(record)):

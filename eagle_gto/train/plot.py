@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..jsonl import read_jsonl
 
 
 def plot_metrics(metrics_file: str | Path, png: str | Path) -> Path:
@@ -14,7 +15,7 @@ def plot_metrics(metrics_file: str | Path, png: str | Path) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    records = read_jsonl(metrics_file)  # (a run still writing may end in half a line)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
