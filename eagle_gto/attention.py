@@ -49,6 +49,10 @@ def transformers_attention(module, query, key, value, attention_mask, dropout: f
     """transformers' attention-function signature; returns ([b, n, H, d], None) as its sdpa does."""
     if dropout and module.training:
         raise ValueError(f"{IMPLEMENTATION} is for inference: no attention dropout")
+    for name, what in (("softcap", "soft-capped scores"), ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:  # computing without them would give this model's layers other outputs
+            raise ValueError(f"{IMPLEMENTATION} does not compute {what}, which this model's attention uses; load the "
+                             "base model with attn_implementation='eager'")
     n, S = query.shape[2], key.shape[2]
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, :S]
@@ -79,7 +83,10 @@ def use_for(model) -> bool:
     current = getattr(model.config, "_attn_implementation", None)
     if current in (None, "eager", IMPLEMENTATION):
         return False
-    target = IMPLEMENTATION if getattr(model, "_supports_sdpa", True) else "eager"
+    # (a class may claim SDPA while its scores are soft-capped, as Gemma-2's did before transformers 5.23)
+    sdpa_computes_it = getattr(model, "_supports_sdpa", True) and not getattr(model.config, "attn_logit_softcapping",
+                                                                               None)
+    target = IMPLEMENTATION if sdpa_computes_it else "eager"
     if target == IMPLEMENTATION:
         register()
     model.set_attn_implementation(target)  # (a model class that cannot switch leaves it as it was)

@@ -73,8 +73,19 @@ def test_an_attention_that_cannot_take_the_tree_mask_is_switched():
     # (Without the switch, the fourth prompt's answer differs: its tree's tokens saw their siblings.)
 
 
+
+@pytest.mark.parametrize("name", ["softcap", "s_aux"])
+def test_attention_it_does_not_compute_is_refused_not_dropped(name):
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = attention.transformers_attention(module, q, k, v, None, **{name: None})  # not used by this model
+    assert out.shape == (1, 3, 2, 8)
+    with pytest.raises(ValueError, match="does not compute .*load the base model with attn_implementation='eager'"):
+        attention.transformers_attention(module, q, k, v, None, **{name: torch.tensor(50.0)})
+
 def test_a_model_without_sdpa_gets_eager_attention_and_one_that_cannot_switch_is_refused():
-    """Gemma-2 has no SDPA path (soft-capping): eager attention takes the tree mask. A model class that
+    """Gemma-2's attention scores are soft-capped, which SDPA does not compute (transformers before 5.23
+    claimed an SDPA path for it all the same): eager attention takes the tree mask. A model class that
     ignores the switch (remote modelling code) would verify trees wrongly: a clear error instead."""
     from transformers import AttentionInterface, Gemma2Config
 
@@ -84,6 +95,14 @@ def test_a_model_without_sdpa_gets_eager_attention_and_one_that_cannot_switch_is
     gemma = AutoModelForCausalLM.from_config(config, attn_implementation="causal_only")
     with pytest.warns(UserWarning, match="runs 'eager' attention instead"):
         assert attention.use_for(gemma)
+    assert gemma.config._attn_implementation == "eager"
+    gemma = AutoModelForCausalLM.from_config(config, attn_implementation="causal_only")
+    type(gemma)._supports_sdpa, claimed = True, type(gemma)._supports_sdpa  # as transformers 5.17 has it
+    try:
+        with pytest.warns(UserWarning, match="runs 'eager' attention instead"):
+            assert attention.use_for(gemma)
+    finally:
+        type(gemma)._supports_sdpa = claimed
     assert gemma.config._attn_implementation == "eager"
     llama = AutoModelForCausalLM.from_config(base_config("llama"), attn_implementation="causal_only")
     llama.set_attn_implementation = lambda name: None  # as a class that cannot switch does
