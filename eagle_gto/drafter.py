@@ -72,9 +72,6 @@ class Drafter:
         for cache in self.caches:
             cache.length = length
 
-    def reset(self) -> None:
-        self._set_length(0)
-
     @staticmethod
     def view_needed(total_token: int, depth: int, top_k: int) -> int:
         """Slots after the prefix that one engine step touches: the frontier

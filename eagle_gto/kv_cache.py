@@ -257,7 +257,3 @@ class TargetKVCache(Cache):
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         stack, slots, view = self.stacked_plan
         return stack.write_and_view(layer_idx, key_states, value_states, slots, view)
-
-    def truncate(self, length: int) -> None:
-        for layer in self.layers:
-            layer.buffer.length = length
