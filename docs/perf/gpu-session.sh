@@ -18,7 +18,7 @@
 #   .data     cp -r ../shared/data .data
 #   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old
 set -u
-stage=${1:?stage: 1 to 10}
+stage=${1:?stage: 1 to 11}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -100,6 +100,10 @@ case $stage in
 10)  # next: the attention as inductor's own kernels (math) against torch's choice (cuDNN)
     step math 170 "${overhead[@]}" --engines graphs --total-tokens 60 --compile --sdpa-backend math --profile 5 \
         --json "$out/math.json"
+    ;;
+11)  # next: after warm_up, generations to the end of the context record no new graph (compiled, small shape:
+    # the graph keys do not depend on the width); a server's start-up (demo pair) with and without --torch-compile
+    step warm-up 500 python3 docs/perf/check_warm_up.py --shape small --compile --server --json "$out/warm_up.json"
     ;;
 esac
 grep -h -A30 '^| what' "$log" | grep -v '^=== ' | tail -n 40

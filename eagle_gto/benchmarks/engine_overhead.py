@@ -45,8 +45,9 @@ from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
-from .shapes import DTYPES, SHAPES, Shape, llama_config
 from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
+from .shapes import DTYPES, SHAPES, Shape, llama_config
+
 
 def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, tree: TreeParams) -> EaModel:
     """Random base and EAGLE-3 head of `shape`, created on the device (an 8B
