@@ -377,6 +377,8 @@ BAD_OPTIONS = [
      "sliding-window attention (window 64); the engine's tree mask is full attention, so max_length must be <= 64, "
      "got 65"),
     (["--port", "70000"], "argument --port: a port is a number from 0 to 65535, got 70000"),
+    (["--port", "65536"], "argument --port: a port is a number from 0 to 65535, got 65536"),  # one past the last
+    (["--port", "http"], "argument --port: a port is a number from 0 to 65535, got http"),  # not port 0 (any)
     (["{busy}"], "cannot listen on 127.0.0.1:"),  # a port another program listens on: found before the model loads
     (["{both}", "--max-length", str(10**13)], "the caches of a context of 10000000000000 tokens (--max-length) "
                                                "do not fit in memory"),
@@ -412,6 +414,13 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
     assert "Traceback" not in error
     last = error.splitlines()[-1]
     assert last.startswith(f"python -m application.{module}: error: ") and message in last
+
+
+@pytest.mark.parametrize("port", ["0", "65535"])
+def test_the_ends_of_the_port_range_are_ports(port):
+    from application.common import build_parser
+
+    assert build_parser("test", "", 8000).parse_args(["--port", port]).port == int(port)
 
 
 @pytest.mark.parametrize("max_length", [[], ["--max-length", "40"]])
