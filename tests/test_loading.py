@@ -275,14 +275,24 @@ def test_a_tokenizer_that_does_not_load_is_an_error(tmp_path):
         EaModel.from_pretrained(str(base), head_path)
 
 
-@pytest.mark.parametrize("content", ['{"eos_token_id": [1, 2', "[1, 2]"])
+@pytest.mark.parametrize("content", ['{"eos_token_id": [1, 2', "[1, 2]",
+                                     '{"eos_token_id": 2, "note": "caf\u00e9"}'.encode("latin-1")])  # not UTF-8
 def test_a_corrupt_generation_config_is_an_error(saved, tmp_path, content):
     """transformers reads a generation_config.json that does not parse as missing (one info log line), so
     the stop ids it lists (Llama-3-Instruct's <|eot_id|>) would silently not stop generation."""
     base = copy(saved / "llama", tmp_path / "base")
-    (base / "generation_config.json").write_text(content)
-    with pytest.raises(CheckpointError, match=f"{base / 'generation_config.json'}: "):
+    file = base / "generation_config.json"
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=f"{file}: "):
         EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
+
+
+def test_a_corrupt_generation_config_in_a_subfolder_is_an_error(saved, tmp_path):
+    # The base's subfolder is where transformers reads it from, not the repository's top.
+    base = copy(saved / "llama", tmp_path / "repo" / "base")
+    (base / "generation_config.json").write_text('{"eos_token_id": [1, 2')
+    with pytest.raises(CheckpointError, match=f"{base / 'generation_config.json'}: not valid JSON"):
+        EaModel.from_pretrained(str(tmp_path / "repo"), str(saved / "eagle3"), subfolder="base", **TREE)
 
 
 def test_a_folder_named_as_a_weights_file_is_a_checkpoint_error(saved, tmp_path):
