@@ -423,6 +423,23 @@ def test_the_ends_of_the_port_range_are_ports(port):
     assert build_parser("test", "", 8000).parse_args(["--port", port]).port == int(port)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEADDR's rules for TIME_WAIT are Linux's")
+def test_a_port_a_stopped_server_left_connections_waiting_on_is_free():
+    """A restarted server finds its port's closed connections in TIME_WAIT for a minute; uvicorn binds over them
+    (SO_REUSEADDR, set by the stopped server too), so the check before loading must not refuse the port."""
+    from application.common import build_parser, check_address
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            connection, _ = server.accept()
+            connection.close()  # the server's side closes first: it waits in TIME_WAIT
+    check_address(build_parser("test", "", 8000), "127.0.0.1", port)  # (exits when it cannot listen there)
+
+
 @pytest.mark.parametrize("max_length", [[], ["--max-length", "40"]])
 def test_a_sliding_window_model_serves_within_its_window(sliding_pair, max_length):
     """The startup check lets through a --max-length within the window; without
