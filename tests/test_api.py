@@ -416,6 +416,28 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
     assert last.startswith(f"python -m application.{module}: error: ") and message in last
 
 
+def test_caches_that_do_not_fit_are_one_line_of_the_first_line_of_the_error(pair, capsys, monkeypatch):
+    """An out-of-memory error may go on over more lines (advice on allocator settings): the server's last word
+    before exiting stays one line."""
+    from application import common
+
+    def out_of_memory(runner):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nIf reserved but unallocated "
+                                     "memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+    monkeypatch.setattr(common.ChatRunner, "make_caches", out_of_memory)
+    parser = common.build_parser("test", "", 0)
+    args = parser.parse_args(["--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
+                              "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "64"])
+    with pytest.raises(SystemExit) as info:
+        common.load_runner(parser, args)
+    assert info.value.code == 2
+    error = capsys.readouterr().err  # (after transformers' progress bar)
+    assert error.splitlines()[-1] == ("test: error: the caches of a context of 64 tokens (--max-length) do not fit "
+                                      "in memory: CUDA out of memory. Tried to allocate 8.00 GiB.")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in error
+
+
 @pytest.mark.parametrize("port", ["0", "65535"])
 def test_the_ends_of_the_port_range_are_ports(port):
     from application.common import build_parser
