@@ -377,6 +377,8 @@ BAD_OPTIONS = [
      "sliding-window attention (window 64); the engine's tree mask is full attention, so max_length must be <= 64, "
      "got 65"),
     (["--port", "70000"], "argument --port: a port is a number from 0 to 65535, got 70000"),
+    (["--port", "65536"], "argument --port: a port is a number from 0 to 65535, got 65536"),  # one past the last
+    (["--port", "http"], "argument --port: a port is a number from 0 to 65535, got http"),  # not port 0 (any)
     (["{busy}"], "cannot listen on 127.0.0.1:"),  # a port another program listens on: found before the model loads
     (["{both}", "--max-length", str(10**13)], "the caches of a context of 10000000000000 tokens (--max-length) "
                                                "do not fit in memory"),
@@ -412,6 +414,52 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
     assert "Traceback" not in error
     last = error.splitlines()[-1]
     assert last.startswith(f"python -m application.{module}: error: ") and message in last
+
+
+def test_caches_that_do_not_fit_are_one_line_of_the_first_line_of_the_error(pair, capsys, monkeypatch):
+    """An out-of-memory error may go on over more lines (advice on allocator settings): the server's last word
+    before exiting stays one line."""
+    from application import common
+
+    def out_of_memory(runner):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nIf reserved but unallocated "
+                                     "memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+    monkeypatch.setattr(common.ChatRunner, "make_caches", out_of_memory)
+    parser = common.build_parser("test", "", 0)
+    args = parser.parse_args(["--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
+                              "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "64"])
+    with pytest.raises(SystemExit) as info:
+        common.load_runner(parser, args)
+    assert info.value.code == 2
+    error = capsys.readouterr().err  # (after transformers' progress bar)
+    assert error.splitlines()[-1] == ("test: error: the caches of a context of 64 tokens (--max-length) do not fit "
+                                      "in memory: CUDA out of memory. Tried to allocate 8.00 GiB.")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in error
+
+
+@pytest.mark.parametrize("port", ["0", "65535"])
+def test_the_ends_of_the_port_range_are_ports(port):
+    from application.common import build_parser
+
+    assert build_parser("test", "", 8000).parse_args(["--port", port]).port == int(port)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEADDR's rules for TIME_WAIT are Linux's")
+def test_a_port_a_stopped_server_left_connections_waiting_on_is_free():
+    """A restarted server finds its port's closed connections in TIME_WAIT for a minute; uvicorn binds over them
+    (SO_REUSEADDR, set by the stopped server too), so the check before loading must not refuse the port."""
+    from application.common import build_parser, check_address
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            connection, _ = server.accept()
+            connection.close()  # the server's side closes first: it waits in TIME_WAIT
+    check_address(build_parser("test", "", 8000), "127.0.0.1", port)  # (exits when it cannot listen there)
 
 
 @pytest.mark.parametrize("max_length", [[], ["--max-length", "40"]])

@@ -398,6 +398,19 @@ def test_a_json_body_sent_as_another_content_type_is_named(client, content_type)
     assert "Content-Type: application/json" in message and (content_type or "without a Content-Type") in message
 
 
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON",
+                                          "application/merge-patch+json"])
+def test_a_body_under_any_json_content_type_is_read_as_json(client, content_type):
+    """FastAPI reads the body as JSON under a parameter, capitals or a +json subtype: an object is answered,
+    and an array is named as no JSON object, not as a body sent without the JSON content type."""
+    headers = {"content-type": content_type}
+    response = client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 3}', headers=headers)
+    assert response.status_code == 200
+    response = client.post("/v1/completions", content=b'[{"prompt": "x", "max_tokens": 3}]', headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("the request body must be a JSON object: ")
+
+
 @pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("stream", "yes"),
                                          ("seed", 1.5), ("n", "1"), ("speculative", 1), ("temperature", "0.5"),
                                          ("temperature", True), ("top_p", "1")])

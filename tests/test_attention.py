@@ -74,14 +74,16 @@ def test_an_attention_that_cannot_take_the_tree_mask_is_switched():
 
 
 
-@pytest.mark.parametrize("name", ["softcap", "s_aux"])
-def test_attention_it_does_not_compute_is_refused_not_dropped(name):
+# (Gemma-2 passes its softcap as a float; sinks are a parameter of one value per head, which has no truth value)
+@pytest.mark.parametrize("name,used", [("softcap", torch.tensor(50.0)), ("softcap", 50.0),
+                                       ("s_aux", torch.tensor(50.0)), ("s_aux", torch.zeros(2))])
+def test_attention_it_does_not_compute_is_refused_not_dropped(name, used):
     q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
     module = torch.nn.Module()
     out, _ = attention.transformers_attention(module, q, k, v, None, **{name: None})  # not used by this model
     assert out.shape == (1, 3, 2, 8)
     with pytest.raises(ValueError, match="does not compute .*load the base model with attn_implementation='eager'"):
-        attention.transformers_attention(module, q, k, v, None, **{name: torch.tensor(50.0)})
+        attention.transformers_attention(module, q, k, v, None, **{name: used})
 
 def test_a_model_without_sdpa_gets_eager_attention_and_one_that_cannot_switch_is_refused():
     """Gemma-2's attention scores are soft-capped, which SDPA does not compute (transformers before 5.23
@@ -104,6 +106,16 @@ def test_a_model_without_sdpa_gets_eager_attention_and_one_that_cannot_switch_is
     finally:
         type(gemma)._supports_sdpa = claimed
     assert gemma.config._attn_implementation == "eager"
+    # Scores that are not soft-capped (only the final logits are): the engine's SDPA attention computes them.
+    config.attn_logit_softcapping = None
+    gemma = AutoModelForCausalLM.from_config(config, attn_implementation="causal_only")
+    type(gemma)._supports_sdpa = True
+    try:
+        with pytest.warns(UserWarning, match=f"runs '{attention.IMPLEMENTATION}' attention instead"):
+            assert attention.use_for(gemma)
+    finally:
+        type(gemma)._supports_sdpa = claimed
+    assert gemma.config._attn_implementation == attention.IMPLEMENTATION and config.final_logit_softcapping
     llama = AutoModelForCausalLM.from_config(base_config("llama"), attn_implementation="causal_only")
     llama.set_attn_implementation = lambda name: None  # as a class that cannot switch does
     with pytest.raises(ValueError, match="'causal_only' attention cannot take the draft tree's mask, and this model "

@@ -138,6 +138,10 @@ def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
     (["--top-k", "-1"], "error: top_k must be >= 0"),
     # bytes that are not UTF-8 (a latin-1 file pasted with $(cat ...)) reach sys.argv as lone surrogates
     (["--prompt", "caf\udce9"], "error: the prompt is not UTF-8 text: byte 0xe9 at character 3"),
+    (["--prompt", "\udc80"], "error: the prompt is not UTF-8 text: byte 0x80 at character 0"),  # the lowest
+    (["--prompt", "x\udcff"], "error: the prompt is not UTF-8 text: byte 0xff at character 1"),  # the highest
+    # a lone surrogate no byte became (main called from Python): the character itself
+    (["--prompt", "ab\ud800"], "error: the prompt is not UTF-8 text: '\\ud800' at character 2"),
 ])
 def test_cli_refuses_bad_generation_settings_before_loading(monkeypatch, capsys, argv, message):
     def no_load(args):

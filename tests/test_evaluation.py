@@ -230,6 +230,20 @@ def test_speed_cli_writes_report_and_plots(tmp_path):
         speed.main(["--ea-file", ea, "--baseline-file", write(tmp_path / "other.jsonl", [answer(2, "c", [1], [1.0], [0])])])
 
 
+def test_speed_prints_the_acceptance_per_draft_position_when_answers_have_rounds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "plot", lambda summary, out_dir: [])  # (the printed lines are the point)
+    # rounds of 3, 4 and 4 tokens after the prefill: all 3 accepted 2 drafts, 2 of them a third
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "code", [12], [1.0], [3], [[1, 3, 4, 4]])])
+    base = write(tmp_path / "base.jsonl", [answer(1, "code", [12], [4.0], [11])])
+    speed.main(["--ea-file", ea, "--baseline-file", base])
+    lines = capsys.readouterr().out.splitlines()
+    assert "acceptance per draft position (accepted / reached): 1: 1.00  2: 1.00  3: 0.67" in lines
+    # Answers without accept_lengths (the reference's): no rounds, so no such line.
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "code", [12], [1.0], [3])])
+    assert speed.main(["--ea-file", ea, "--baseline-file", base])["acceptance_per_position"] == {}
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("acceptance")]
+
+
 def test_speedup_is_the_ratio_of_mean_tokens_per_second(tmp_path):
     """The reference's speedup: mean tok/s with speculation / mean tok/s plain.
     Question 1: EA 10 tokens in 1 s (10 tok/s), plain 10 in 0.1 s (100 tok/s);

@@ -171,6 +171,7 @@ def test_swapped_paths_are_named(saved, head):
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (dict(num_attention_heads=6), r"hidden_size=64 is not a multiple of num_attention_heads=6 \(and no head_dim"),
     (dict(head_dim=7), "the head dimension 7 is odd"),
+    (dict(hidden_size=60), "the head dimension 15 is odd"),  # 60 / 4 heads, without a head_dim
     (dict(rms_norm_eps="tiny"), "rms_norm_eps must be a positive number"),
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope scaling type 'yarn'"),
@@ -275,14 +276,24 @@ def test_a_tokenizer_that_does_not_load_is_an_error(tmp_path):
         EaModel.from_pretrained(str(base), head_path)
 
 
-@pytest.mark.parametrize("content", ['{"eos_token_id": [1, 2', "[1, 2]"])
+@pytest.mark.parametrize("content", ['{"eos_token_id": [1, 2', "[1, 2]",
+                                     '{"eos_token_id": 2, "note": "caf\u00e9"}'.encode("latin-1")])  # not UTF-8
 def test_a_corrupt_generation_config_is_an_error(saved, tmp_path, content):
     """transformers reads a generation_config.json that does not parse as missing (one info log line), so
     the stop ids it lists (Llama-3-Instruct's <|eot_id|>) would silently not stop generation."""
     base = copy(saved / "llama", tmp_path / "base")
-    (base / "generation_config.json").write_text(content)
-    with pytest.raises(CheckpointError, match=f"{base / 'generation_config.json'}: "):
+    file = base / "generation_config.json"
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=f"{file}: "):
         EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
+
+
+def test_a_corrupt_generation_config_in_a_subfolder_is_an_error(saved, tmp_path):
+    # The base's subfolder is where transformers reads it from, not the repository's top.
+    base = copy(saved / "llama", tmp_path / "repo" / "base")
+    (base / "generation_config.json").write_text('{"eos_token_id": [1, 2')
+    with pytest.raises(CheckpointError, match=f"{base / 'generation_config.json'}: not valid JSON"):
+        EaModel.from_pretrained(str(tmp_path / "repo"), str(saved / "eagle3"), subfolder="base", **TREE)
 
 
 def test_a_folder_named_as_a_weights_file_is_a_checkpoint_error(saved, tmp_path):
@@ -481,6 +492,11 @@ def test_tree_settings_are_checked_before_the_base_loads(saved, monkeypatch):
     for name, value in (("total_token", "12"), ("depth", 3.0), ("top_k", None)):
         with pytest.raises(ValueError, match=f"{name} must be an integer, got {value!r}"):
             EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{**TREE, name: value})
+    # total_token=-1 is picked by timing once the model is built: depth and top_k are still checked first
+    for name, value, message in (("depth", 3.0, "must be an integer, got 3.0"), ("top_k", -1, "must be >= 1, got -1")):
+        with pytest.raises(ValueError, match=f"{name} {message}"):
+            EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{**TREE, "total_token": -1,
+                                                                                     name: value})
 
 
 HEAD_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "head-configs"

@@ -431,6 +431,19 @@ def test_a_model_cast_after_generating_gets_new_caches():
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == before
 
 
+def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(monkeypatch):
+    """As the reference's constructor does (from_pretrained places the head itself). The CPU has no second
+    device: the base's last layer is said to be on "meta", where a move needs no copy of the weights."""
+    from eagle_gto import ea_model
+
+    cfg = base_config("llama", vocab_size=VOCAB)
+    base = AutoModelForCausalLM.from_config(cfg)
+    head = random_head(head_config(cfg, "eagle3", draft_vocab_size=DRAFT_VOCAB))
+    monkeypatch.setattr(ea_model, "head_device", lambda model: torch.device("meta"))
+    EaModel(base, head, None, 12, 3, 3)
+    assert head.fc.weight.device == torch.device("meta")
+
+
 def test_a_dispatched_base_may_be_cast_but_not_moved():
     """accelerate's hooks keep sending each layer's inputs where the
     device_map put it: a base dispatched over devices and then moved with
