@@ -355,6 +355,8 @@ def _check_generation_config(path_or_id: str, hub: dict | None) -> None:
     """A local base's generation_config.json must read: transformers takes one that does not for a missing
     one (with an info log line), and the eos ids it lists would then not stop generation."""
     file = Path(expand_path(path_or_id)) / (hub or {}).get("subfolder", "") / "generation_config.json"
+    if file.is_dir():  # (transformers passes over it as over a missing one)
+        raise CheckpointError(f"{file}: a folder, not a generation config")
     if not file.is_file():
         return
     try:

@@ -288,6 +288,14 @@ def test_a_corrupt_generation_config_is_an_error(saved, tmp_path, content):
         EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
 
 
+def test_a_folder_named_generation_config_is_an_error(saved, tmp_path):
+    base = copy(saved / "llama", tmp_path / "base")
+    (base / "generation_config.json").unlink()
+    (base / "generation_config.json").mkdir()
+    with pytest.raises(CheckpointError, match="generation_config.json: a folder, not a generation config"):
+        EaModel.from_pretrained(str(base), str(saved / "eagle3"), **TREE)
+
+
 def test_a_corrupt_generation_config_in_a_subfolder_is_an_error(saved, tmp_path):
     # The base's subfolder is where transformers reads it from, not the repository's top.
     base = copy(saved / "llama", tmp_path / "repo" / "base")
