@@ -84,9 +84,8 @@ def use_for(model) -> bool:
     if current in (None, "eager", IMPLEMENTATION):
         return False
     # (a class may claim SDPA while its scores are soft-capped, as Gemma-2's did before transformers 5.23)
-    sdpa_computes_it = getattr(model, "_supports_sdpa", True) and not getattr(model.config, "attn_logit_softcapping",
-                                                                               None)
-    target = IMPLEMENTATION if sdpa_computes_it else "eager"
+    softcapped = getattr(model.config, "attn_logit_softcapping", None)
+    target = IMPLEMENTATION if getattr(model, "_supports_sdpa", True) and not softcapped else "eager"
     if target == IMPLEMENTATION:
         register()
     model.set_attn_implementation(target)  # (a model class that cannot switch leaves it as it was)
