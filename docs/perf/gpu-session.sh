@@ -14,9 +14,11 @@
 #             transformers==5.23.0 and what the GPU machine lacks of its needs
 #   .whl/ref  the same for transformers==4.53.3 tokenizers==0.21.4
 #             huggingface_hub==0.34.4 (as README, Benchmarks)
-#   .reference  fetch github:SafeAILab/EAGLE, then git archive cb7e084 | tar -x
+#   .reference  fetch github:SafeAILab/EAGLE, then git archive cb7e084 eagle | tar -x -C .reference
+#             (the eagle/ folder only: the mirror lacks the repository's large figures)
 #   .data     cp -r ../shared/data .data
-#   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old
+#   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old, then rm -r .old/eagle_gto/demo/assets
+#             (16 MB the benchmarks do not read: the carry, with the working tree, must stay under 64 MiB)
 set -u
 stage=${1:?stage: 1 to 11}
 out=${OUT:-/tmp/out}
