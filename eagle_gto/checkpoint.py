@@ -66,7 +66,7 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True, hub: dic
         raise CheckpointError(f"{local}: a file, not a folder (give the model's folder, which holds {filename})")
     if local.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
         raise CheckpointError(f"{path_or_id}: no such folder")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
@@ -74,9 +74,11 @@ def resolve_file(path_or_id: str, filename: str, required: bool = True, hub: dic
     except LocalEntryNotFoundError as err:  # before EntryNotFoundError, its base class
         if not required:  # maybe cached under another name (model.safetensors for pytorch_model.bin)
             return None
+        tried_network = not (constants.HF_HUB_OFFLINE or hub.get("local_files_only"))
+        hint = ", HF_HUB_OFFLINE=1 fails at once, without the retries" if tried_network else ""
         raise CheckpointError(
             f"{path_or_id}: not a local folder, and the hub could not be reached to download "
-            f"{filename} (offline?): {err}"
+            f"{filename} (offline?{hint}): {err}"
         ) from None
     except EntryNotFoundError:
         if required:

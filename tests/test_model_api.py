@@ -516,7 +516,22 @@ def test_missing_folder_and_offline_hub_id(pair_dirs, monkeypatch, tmp_path):
     with pytest.raises(CheckpointError, match="a file, not a folder"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(pair_dirs / "eagle3" / "config.json"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not from the env
-    with pytest.raises(CheckpointError, match="the hub could not be reached .*offline"):
+    with pytest.raises(CheckpointError, match=r"the hub could not be reached .*\(offline\?\)") as refused:
+        EaModel.from_pretrained(str(pair_dirs / "base"), "someone/some-eagle-head")
+    assert "HF_HUB_OFFLINE" not in str(refused.value)
+
+
+def test_an_unreachable_hub_says_how_to_fail_at_once(pair_dirs, monkeypatch):
+    """Without HF_HUB_OFFLINE the hub client retries for about 25 s before
+    giving up; the error names the setting that skips that wait."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(CheckpointError, match="offline\\?, HF_HUB_OFFLINE=1 fails at once"):
         EaModel.from_pretrained(str(pair_dirs / "base"), "someone/some-eagle-head")
 
 
