@@ -19,6 +19,7 @@ import math
 import operator
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,18 +342,25 @@ class EaModel(nn.Module):
         return window if sliding and window else None
 
     def default_max_length(self) -> int:
-        """max_length when none is given: 2048, or a sliding-window model's window if smaller."""
-        return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH)
+        """max_length when none is given: 2048, or the base's context
+        (max_position_embeddings) or sliding window where smaller."""
+        trained = getattr(self.base_model.config, "max_position_embeddings", None)
+        return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH, trained or MAX_LENGTH)
 
     def check_max_length(self, max_length: int) -> None:
-        """A ValueError when this model cannot decode with this context
-        (servers check their --max-length once, at startup)."""
+        """A ValueError when this model cannot decode with this context, a
+        warning when it was not trained for it (servers check their
+        --max-length once, at startup)."""
         window = self._sliding_window()
         if window and max_length > window:
             raise ValueError(
                 f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
                 f"full attention, so max_length must be <= {window}, got {max_length}"
             )
+        trained = getattr(self.base_model.config, "max_position_embeddings", None)
+        if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
+            warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
+                          "positions past it were not trained for", stacklevel=3)
 
     def _stop_ids(self, is_llama3: bool, extra) -> set[int]:
         ids: set[int] = set()

@@ -4,6 +4,7 @@ and a clear error for every kind of bad input."""
 import copy
 import json
 import threading
+import warnings
 
 import huggingface_hub.constants
 import numpy as np
@@ -223,6 +224,19 @@ def test_max_length_is_an_integer_and_a_bad_one_caches_nothing():
     assert model.eagenerate(ids, max_new_tokens=4, max_length=64).shape[1] == 7
     assert model.naivegenerate(ids, max_new_tokens=4, max_length=np.int64(64)).shape[1] == 7
     assert model.eagenerate(ids, max_new_tokens=4, max_length=None).shape[1] == 7  # None: the default
+
+
+def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
+    model = trained_pair("llama", "eagle3")
+    monkeypatch.setattr(model.base_model.config, "max_position_embeddings", 40)
+    assert model.default_max_length() == 40
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.eagenerate(ids, max_new_tokens=500).shape[1] == 40  # the default: no warning
+        model.check_max_length(40)
+    with pytest.warns(UserWarning, match="max_length=41 is beyond the base model's max_position_embeddings \\(40\\)"):
+        assert model.naivegenerate(ids, max_new_tokens=500, max_length=41).shape[1] == 41
 
 
 def test_tree_settings_are_checked_against_the_head():
