@@ -162,7 +162,11 @@ class StopStrings:
         if found:
             self.end, cut = min(found)
             return self._send(cut)
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        # Only unsent text can start a stop string (sent text was not the start of one), so the prefixes tried
+        # are no longer than it: a long stop string costs no more than a short one.
+        unsent = len(self.text) - self.sent
+        hold = max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
+                   default=0)
         return self._send(len(self.text) - hold)
 
     def flush(self) -> str:

@@ -568,3 +568,31 @@ def test_a_generation_holds_the_model_until_it_ends_or_is_closed():
     assert not second.is_alive() and not runner.busy
     list(runner.generate(runner.text_prompt("x"), options))  # run to its end: freed too
     assert not runner.busy
+
+
+def test_stop_strings_send_what_brute_force_says_can_be_sent():
+    """Against brute force, over random pieces of a two-letter text: after
+    each piece, everything before the earliest-ending stop string is sent,
+    and without a hit everything but the longest end that may start one;
+    long stop strings hold back no more than the text not sent yet."""
+    from application.api_server import StopStrings
+
+    rng = torch.Generator().manual_seed(0)
+
+    def word(length):
+        return "".join("ab"[i] for i in torch.randint(0, 2, (length,), generator=rng).tolist())
+
+    for _ in range(300):
+        stops = [word(int(n)) for n in torch.randint(1, 6, (int(torch.randint(1, 4, (1,), generator=rng)),),
+                                                       generator=rng)]
+        stops.append("a" * 5000)  # longer than any text here: can be started, never completed
+        stopper, text, sent = StopStrings(stops), "", ""
+        for piece in [word(int(n)) for n in torch.randint(0, 4, (8,), generator=rng)]:
+            text += piece
+            sent += stopper.feed(piece)
+            hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+            if hits:
+                assert stopper.hit and sent == text[:min(hits)[1]], (stops, text)
+                break
+            may_start = [k for k in range(1, len(text) + 1) for s in stops if s.startswith(text[len(text) - k:])]
+            assert not stopper.hit and sent == text[:len(text) - max(may_start, default=0)], (stops, text)
