@@ -95,6 +95,9 @@ _TEMPLATES = {
 FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
 # Formats with no place for a system prompt: it opens the first user turn (as Mistral's own template does).
 SYSTEM_IN_FIRST_TURN = ("mixtral", "plain")
+# Formats where only a user turn opens an assistant turn (vicuna's `ASSISTANT:`, `[/INST]`), and where Llama-2
+# chat writes the system prompt: a conversation with no user turn gets an empty one first.
+USER_TURN_OPENS_ANSWER = ("vicuna", "llama2-chat", "mixtral")
 
 
 def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None, system: str | None = None,
@@ -120,6 +123,8 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
             turns.insert(0, {"role": "user", "content": system})
         else:
             turns[first] = {"role": "user", "content": f"{system}\n\n{turns[first]['content']}"}
+    if model_type in USER_TURN_OPENS_ANSWER and not any(m["role"] == "user" for m in turns):
+        turns = [{"role": "user", "content": ""}] + turns
     return _TEMPLATES[model_type](turns, system, generation_prompt)
 
 

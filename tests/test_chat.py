@@ -51,6 +51,20 @@ def test_formats_without_a_system_slot_open_the_first_user_turn_with_it():
     assert build_prompt(alone, "plain") == "Be brief."
 
 
+def test_a_conversation_without_a_user_turn_still_opens_an_answer():
+    """Where only a user turn opens an assistant turn, a conversation with
+    none gets an empty one: a system prompt alone is not dropped (Llama-2
+    chat writes it inside the first user turn) nor left to be continued."""
+    alone = [{"role": "system", "content": "Be brief."}]
+    assert build_prompt(alone, "llama2-chat") == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n [/INST]"
+    assert build_prompt(alone, "vicuna") == "Be brief. USER:  ASSISTANT:"
+    assert build_prompt(alone + [{"role": "assistant", "content": "Hi."}], "llama2-chat", generation_prompt=False) \
+        == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n [/INST] Hi. </s>"
+    assert build_prompt([{"role": "assistant", "content": "Hi."}], "mixtral", generation_prompt=False) \
+        == "<s>[INST]  [/INST] Hi.</s>"
+    assert build_prompt(alone, "qwen").endswith("Be brief.<|im_end|>\n<|im_start|>assistant\n")  # had its place
+
+
 def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():
     class Tokenizer:
         def get_vocab(self):
