@@ -387,9 +387,9 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
             raise APIError(400, str(err), "prompt") from err
         return await complete(Endpoint(chat=False), request, prompt_ids, request.max_tokens, connection)
 
-    # An answer also ends where the context does (a prompt holds at least one token).
+    # An answer also ends where the context does.
     card = {"id": name, "object": "model", "created": 0, "owned_by": "eagle-gto",
-            "max_tokens": min(max_new_tokens, runner.max_length - 1)}
+            "max_tokens": min(max_new_tokens, runner.longest_answer)}
 
     @app.get("/v1/models")
     async def models():

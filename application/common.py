@@ -235,6 +235,11 @@ class ChatRunner:
         self._lock = threading.Lock()
 
     @property
+    def longest_answer(self) -> int:
+        """The most new tokens the context allows (a prompt holds at least one token)."""
+        return self.max_length - 1
+
+    @property
     def busy(self) -> bool:
         return self._lock.locked()
 

@@ -68,8 +68,8 @@ def stats_line(stats, speculative: bool) -> str:
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
-    # The answer shares the context with the prompt, so more than the context never fits.
-    most = min(max_new_tokens, runner.max_length)
+    # The answer shares the context with the prompt.
+    most = min(max_new_tokens, runner.longest_answer)
 
     def show(history: list[dict]) -> list[dict]:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
