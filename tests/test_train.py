@@ -4,6 +4,7 @@ its loss, the training loop with resume, export and reload."""
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -789,6 +790,24 @@ def test_learning_rate_and_clipping_options(tmp_path, tokenizer):
     assert not torch.equal(heads[0.0].fc.weight, start.fc.weight)
     for (name, a), b in zip(heads[0.0].state_dict().items(), heads[1e9].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(min_lr_ratio=-1.0), "min_lr_ratio must be between 0 and 1, got -1.0"),  # the cosine ended at -lr
+    (dict(min_lr_ratio=3.0), "min_lr_ratio must be between 0 and 1, got 3.0"),
+    (dict(min_lr_ratio=math.nan), "min_lr_ratio must be between 0 and 1, got nan"),
+    (dict(warmup_ratio=-0.5), "warmup_ratio must be between 0 and 1, got -0.5"),
+    (dict(warmup_ratio=2.0), "warmup_ratio must be between 0 and 1, got 2.0"),
+])
+def test_config_refuses_values_that_would_misdirect_training(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**options)
+
+
+def test_the_learning_rate_stays_within_its_range_at_the_ends_of_the_ratios():
+    for min_lr_ratio, warmup_ratio in [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]:
+        cfg = TrainConfig(lr=1e-3, min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio)
+        assert all(0 < trainer.lr_at(step, 50, cfg) <= cfg.lr for step in range(50))
 
 
 def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tokenizer):
