@@ -27,6 +27,7 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
+from ..train.trainer import check_not_negative
 from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
@@ -103,9 +104,7 @@ class GTOConfig:
         for name in ("eta", "eps", "delta", "lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("omega", "step_weight"):  # (negative weights would train against their losses)
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_not_negative(self, "omega", "step_weight")  # (negative weights would train against their losses)
         for name in ("steps", "windows", "eval_windows", "groups_per_window", "generated", "prompt_tokens",
                      "new_tokens", "tree_chunk", "ttt_steps"):
             if getattr(self, name) < 1:

@@ -44,6 +44,13 @@ PROG = "python -m eagle_gto.train"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_not_negative(cfg, *names: str) -> None:
+    """The options `names` of `cfg` must be >= 0 (nan too is refused): one check for TrainConfig and GTOConfig."""
+    for name in names:
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
 @dataclass
 class TrainConfig:
     ttt_steps: int = 7
@@ -77,6 +84,7 @@ class TrainConfig:
             raise ValueError(f"lr must be above 0, got {self.lr}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        check_not_negative(self, "step_weight")  # (a negative weight would train against the later steps' losses)
         for name in ("min_lr_ratio", "warmup_ratio"):  # fractions of lr and of the steps (below 0: a negative lr)
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
