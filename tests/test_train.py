@@ -799,6 +799,8 @@ def test_learning_rate_and_clipping_options(tmp_path, tokenizer):
     (dict(warmup_ratio=-0.5), "warmup_ratio must be between 0 and 1, got -0.5"),
     (dict(warmup_ratio=2.0), "warmup_ratio must be between 0 and 1, got 2.0"),
     (dict(step_weight=-1.0), "step_weight must be >= 0, got -1.0"),  # as GTOConfig refuses it
+    # (it failed as a KeyError after training, before the export)
+    (dict(export_dtype="fp16"), "export_dtype must be one of float32, float16, bfloat16, got 'fp16'"),
 ])
 def test_config_refuses_values_that_would_misdirect_training(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):

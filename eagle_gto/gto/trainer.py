@@ -27,7 +27,7 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
-from ..train.trainer import check_not_negative
+from ..train.trainer import DTYPES, check_choice, check_not_negative
 from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
@@ -80,10 +80,9 @@ class GTOConfig:
     tree_chunk: int = _opt(64, "trees per verification forward (memory bound)")
     eval_every: int = _opt(100, "validation every n steps (0: start and end only)")
     eval_windows: int = _opt(16, "validation windows (trees every 8th position, 60/7/10)")
-    export_dtype: str = _opt("float32", "dtype of the exported head", choices=("float32", "float16", "bfloat16"))
+    export_dtype: str = _opt("float32", "dtype of the exported head", choices=tuple(DTYPES))
     device: str | None = _opt(None, "torch device; none: cuda if available, else cpu")
-    dtype: str = _opt("float32", "base model dtype (the head trains in float32)",
-                      choices=("float32", "float16", "bfloat16"))
+    dtype: str = _opt("float32", "base model dtype (the head trains in float32)", choices=tuple(DTYPES))
     seed: int = _opt(0, "seed of the data order and the group draws")
 
     def __post_init__(self):
@@ -91,10 +90,9 @@ class GTOConfig:
             raise ValueError(f"reward must be one of {AGGREGATIONS}, got {self.reward!r}")
         if self.objective not in ("gto", "token"):
             raise ValueError(f"objective must be 'gto' or 'token', got {self.objective!r}")
-        for f in fields(self):  # argparse checks choices, a GTOConfig built in code (or a sweep point) does not
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        for f in fields(self):
+            if f.metadata.get("choices"):
+                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), got {self.group_size}")
         if self.group_size > self.window_length - 2:  # else no group ever fits: GTO would train L_token only

@@ -41,14 +41,21 @@ from .plot import plot_metrics
 from .ttt import TTTObjective
 
 PROG = "python -m eagle_gto.train"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # (GTO's too)
 
 
+# The checks TrainConfig and GTOConfig share, one message for both.
 def check_not_negative(cfg, *names: str) -> None:
-    """The options `names` of `cfg` must be >= 0 (nan too is refused): one check for TrainConfig and GTOConfig."""
+    """The options `names` of `cfg` must be >= 0 (nan too is refused)."""
     for name in names:
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """argparse checks choices; a config built in code (or a sweep point) does not."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass
@@ -85,6 +92,7 @@ class TrainConfig:
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         check_not_negative(self, "step_weight")  # (a negative weight would train against the later steps' losses)
+        check_choice("export_dtype", self.export_dtype, tuple(DTYPES))  # (else a KeyError after training)
         for name in ("min_lr_ratio", "warmup_ratio"):  # fractions of lr and of the steps (below 0: a negative lr)
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
