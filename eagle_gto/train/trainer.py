@@ -92,6 +92,7 @@ class TrainConfig:
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         check_not_negative(self, "step_weight")  # (a negative weight would train against the later steps' losses)
+        check_not_negative(self, "weight_decay")  # (AdamW refuses it only once the base model has loaded)
         check_choice("export_dtype", self.export_dtype, tuple(DTYPES))  # (else a KeyError after training)
         for name in ("min_lr_ratio", "warmup_ratio"):  # fractions of lr and of the steps (below 0: a negative lr)
             if not 0 <= getattr(self, name) <= 1:
