@@ -575,6 +575,7 @@ def checkpoint_of(out, step: int, draft_vocab_size: int | None = None):
     (["--regen-batch-size", "0"], None, "--regen-batch-size must be at least 1, got 0"),
     (["--regen-max-new-tokens", "0"], None, "--regen-max-new-tokens must be at least 1, got 0"),
     (["--weight-decay", "-0.1"], None, "weight_decay must be >= 0, got -0.1"),  # (AdamW's check comes later)
+    (["--epochs", "inf"], None, "epochs must be a finite number above 0, got inf"),
     # the base's answers would be generated (hours) and then lost
     (["--regenerate", "--save-data", "/nonexistent-folder/regen.jsonl"], None,
      "--save-data /nonexistent-folder/regen.jsonl: there is no folder /nonexistent-folder"),
@@ -801,6 +802,10 @@ def test_learning_rate_and_clipping_options(tmp_path, tokenizer):
     (dict(warmup_ratio=2.0), "warmup_ratio must be between 0 and 1, got 2.0"),
     (dict(step_weight=-1.0), "step_weight must be >= 0, got -1.0"),  # as GTOConfig refuses it
     (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(epochs=0.0), "epochs must be a finite number above 0, got 0.0"),
+    (dict(epochs=math.inf), "epochs must be a finite number above 0, got inf"),
+    (dict(epochs=math.nan), "epochs must be a finite number above 0, got nan"),
+    (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
     # (it failed as a KeyError after training, before the export)
     (dict(export_dtype="fp16"), "export_dtype must be one of float32, float16, bfloat16, got 'fp16'"),
 ])

@@ -85,8 +85,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.eval_every < 0 or self.epochs <= 0:
-            raise ValueError(f"eval_every must be >= 0 and epochs > 0, got {self.eval_every} and {self.epochs}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if not 0 < self.epochs < math.inf:  # (inf or nan: no step count, an error only once the base has loaded)
+            raise ValueError(f"epochs must be a finite number above 0, got {self.epochs}")
         if not self.lr > 0:  # (a zero rate trains nothing, a negative one climbs the loss)
             raise ValueError(f"lr must be above 0, got {self.lr}")
         if not self.max_grad_norm >= 0:
