@@ -26,3 +26,20 @@ def read_jsonl(path: str | Path) -> list:
         except json.JSONDecodeError:
             warnings.warn(f"{path}:{number}: skipping a line that is not valid JSON")
     return records
+
+
+def read_log(path: str | Path) -> list[tuple[str, object]]:
+    """(line, record) for each line of a log that an interrupted run may have
+    left: a last line that does not parse (the write the interruption cut
+    short) is dropped with a warning; one before it is an error naming it."""
+    lines = numbered_lines(path)
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); only the last line can be one an "
+                                 "interruption cut short: fix or remove this one") from None
+            warnings.warn(f"{path}:{number}: dropping a last line that is not valid JSON (a write cut short)")
+    return records

@@ -506,6 +506,28 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
 
 
+def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
+    """A run interrupted while it wrote a log line leaves half of it: the
+    resumed run drops it with a warning (and logs that step again). A line
+    before the last that does not parse is no interruption's: an error naming it."""
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, log_every=1, save_every=2)
+    train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    for broken, last in [(lines[:2] + [lines[2][:20]], True), ([lines[0], lines[1][:20], *lines[2:]], False)]:
+        shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")  # stopped after step 2's checkpoint
+        metrics.write_text("\n".join(broken))
+        if last:
+            with pytest.warns(UserWarning, match="metrics.jsonl:3: dropping a last line that is not valid JSON"):
+                train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+            assert metrics.read_text().splitlines()[:2] == lines[:2]
+            assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+        else:
+            with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON .*: fix or remove this one"):
+                train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+
+
 def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
     """The micro-batch results since the last log are checkpointed: a run
     resumed between two logs averages over the same steps."""

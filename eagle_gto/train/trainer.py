@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..chat import MODEL_TYPES, model_type_arg
 from ..checkpoint import save_head
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
+from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
 from .data import (Sample, check_prompts, collate, ids_of, read_numbered_records, regenerate, to_samples,
                    token_counts)
@@ -411,7 +412,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         # Metrics logged after the checkpoint are logged again by the resumed run.
-        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step] \
+        kept = [line for line, record in read_log(metrics_file) if record["step"] <= step] \
             if previous and metrics_file.exists() else []
         metrics_file.write_text("".join(line + "\n" for line in kept))
 
