@@ -601,6 +601,10 @@ def checkpoint_of(out, step: int, draft_vocab_size: int | None = None):
     # the base's answers would be generated (hours) and then lost
     (["--regenerate", "--save-data", "/nonexistent-folder/regen.jsonl"], None,
      "--save-data /nonexistent-folder/regen.jsonl: there is no folder /nonexistent-folder"),
+    # without --regenerate they were silently ignored (no file written)
+    (["--save-data", "regen.jsonl"], None, "--save-data: only with --regenerate .*; add --regenerate, or leave it out"),
+    (["--regen-batch-size", "16", "--regen-max-new-tokens", "64"], None,
+     "--regen-max-new-tokens, --regen-batch-size: only with --regenerate .*, or leave them out"),
     ([], "checkpoint", "already holds checkpoints of an earlier run .*: pass --resume"),
     ([], "head", r"already holds the output of an earlier run \(config.json, model.safetensors\)"),
     ([], "file", "is a file, not a folder"),

@@ -42,6 +42,7 @@ from .plot import plot_metrics
 from .ttt import TTTObjective
 
 PROG = "python -m eagle_gto.train"
+REGEN_DEFAULTS = {"regen_max_new_tokens": 512, "regen_batch_size": 16}  # (options of --regenerate only)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # (GTO's too)
 
 
@@ -523,9 +524,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regenerate", action="store_true",
                    help="replace assistant answers by the base model's greedy ones (run it in one process, "
                         "with --save-data, before a multi-GPU run)")
-    p.add_argument("--regen-max-new-tokens", type=int, default=512)
-    p.add_argument("--regen-batch-size", type=int, default=16)
-    p.add_argument("--save-data", help="write the (regenerated) training records to this jsonl")
+    p.add_argument("--regen-max-new-tokens", type=int,
+                   help=f"with --regenerate: answer length (default {REGEN_DEFAULTS['regen_max_new_tokens']})")
+    p.add_argument("--regen-batch-size", type=int,
+                   help=f"with --regenerate: prompts per batch (default {REGEN_DEFAULTS['regen_batch_size']})")
+    p.add_argument("--save-data", help="with --regenerate: write the regenerated training records to this jsonl")
     p.add_argument("--draft-vocab-size", type=int, default=32000, help="capped at the base vocabulary")
     p.add_argument("--intermediate-size", type=int, help="head MLP width (default: the base's)")
     d = TrainConfig()
@@ -600,13 +603,22 @@ def load_base(path: str):
 
 
 def check_options(args: argparse.Namespace) -> TrainConfig:
-    """The options' values and the files the run writes, before anything loads."""
+    """The options' values and the files the run writes, before anything loads
+    (and the defaults of the --regen-* options, left None to see them given)."""
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     check_head_sizes(args.draft_vocab_size, args.intermediate_size)
     for flag in ("max_length", "regen_max_new_tokens", "regen_batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    given = [f"--{name.replace('_', '-')}" for name in (*REGEN_DEFAULTS, "save_data")
+             if getattr(args, name) is not None]
+    if given and not args.regenerate:  # they would be silently ignored
+        raise ValueError(f"{', '.join(given)}: only with --regenerate (the base model's own answers); add "
+                         f"--regenerate, or leave {'it' if len(given) == 1 else 'them'} out")
+    for name, default in REGEN_DEFAULTS.items():  # (None: not given)
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     previous_checkpoints(Path(args.out), args.resume)
     if args.regenerate and args.save_data:
         check_writable(args.save_data, "--save-data")
