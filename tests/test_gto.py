@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -478,6 +479,21 @@ def test_short_run_exports_a_head_the_engine_loads(pair, tmp_path):
         fast = model.eagenerate(prompt, max_new_tokens=30)
         assert model.last_stats.mean_accepted_length > 1
         assert torch.equal(fast, model.naivegenerate(prompt, max_new_tokens=30))
+
+
+def test_a_run_without_matplotlib_ends_with_its_summary(pair, tmp_path, monkeypatch, capsys):
+    """matplotlib is an extra: without it there is no metrics.png, as the
+    train CLI does, but the summary is written (a run dying there could not
+    be run again: its --out holds config.json)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    seqs = greedy_windows(pair, 4, 48, seed=9)
+    stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=1, windows=1, window_length=40, eval_every=0, eval_windows=1,
+                    **TREE)
+    summary = train(cfg, tiny_models(pair), (stream, stream), progress=False)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert (tmp_path / "run" / "head" / "config.json").is_file() and not (tmp_path / "run" / "metrics.png").exists()
+    assert "matplotlib is not installed (pip install eagle-gto[train]): no metrics.png" in capsys.readouterr().out
 
 
 def test_windows_without_a_group_are_counted_and_groups_must_fit(pair, tmp_path):

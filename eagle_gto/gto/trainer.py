@@ -444,7 +444,10 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("l_token", "l_gto", "tau", "tau_ref")})
     export_head(models.head, out / "head", cfg.export_dtype)
-    plot_metrics(records, out / "metrics.png")
+    try:  # (matplotlib is an extra: without it the run still ends with its summary.json)
+        plot_metrics(records, out / "metrics.png")
+    except ImportError:
+        print("matplotlib is not installed (pip install eagle-gto[train]): no metrics.png")
     summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
                "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],
                "seconds": round(time.perf_counter() - started, 1), "steps": cfg.steps}
