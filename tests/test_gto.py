@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -550,6 +551,25 @@ def test_a_reference_with_another_draft_vocabulary_is_refused(pair, tmp_path):
         load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "other")), reuse)
     same = load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "head")), reuse)
     assert torch.equal(same.reference.t2d, same.head.t2d)
+
+
+def test_a_reference_that_reads_other_target_layers_is_refused(pair, tmp_path):
+    """One target pass, with M's feature layers, feeds M and M0: a reference
+    trained on other layers would be scored on features it never saw."""
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    reuse = Models(pair.base_model, None, None, None, None)
+    layers = load_models(GTOConfig(head=str(tmp_path / "head"), **TREE), reuse).feature_layers
+    for name, ids in [("other", [0, 1, 2]), ("same", layers)]:  # (M's layers given explicitly: the same head)
+        shutil.copytree(tmp_path / "head", tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "eagle_aux_hidden_state_layer_ids": ids}))
+    assert layers != [0, 1, 2]
+    with pytest.raises(ValueError, match=re.escape(f"reads the inputs of target layers [0, 1, 2] "
+                                                   f"(eagle_aux_hidden_state_layer_ids), the head {tmp_path / 'head'} "
+                                                   f"those of {layers}: M0 must read M's feature layers")):
+        load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "other"), **TREE), reuse)
+    same = load_models(GTOConfig(head=str(tmp_path / "head"), reference=str(tmp_path / "same"), **TREE), reuse)
+    assert same.feature_layers == layers
 
 
 # --------------------------------------------------------- command line

@@ -208,11 +208,16 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
         base, tokenizer = reuse.base, reuse.tokenizer
     _attach_head(head, head_path, base)
     _attach_head(reference, reference_path, base)
+    layers, reference_layers = feature_layers_for(head, base), feature_layers_for(reference, base)
+    if reference_layers != layers:  # one target pass, with M's layers, feeds both heads
+        raise ValueError(f"reference {reference_path} reads the inputs of target layers {reference_layers} "
+                         f"(eagle_aux_hidden_state_layer_ids), the head {head_path} those of {layers}: M0 must read "
+                         "M's feature layers")
     reference.eval()
     head.train()
     for name, param in head.named_parameters():
         param.requires_grad_(not name.startswith("embed_tokens."))
-    return Models(base, head, reference, tokenizer, feature_layers_for(head, base))
+    return Models(base, head, reference, tokenizer, layers)
 
 
 def check_data(cfg: GTOConfig) -> None:
