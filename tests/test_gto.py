@@ -611,6 +611,36 @@ def test_cli_reports_too_little_data_in_one_line(pair, tmp_path, monkeypatch):
         gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.parametrize("answers, message", [
+    # one-token answers at position 3 of every 16 tokens: never the token after a validation root (8)
+    ([3], "the 2 validation windows of 16 tokens hold no trained token right after a validation root (every 8th "
+          "position): use a longer --window-length, more --eval-windows or more data"),
+    ([], "the validation data holds no trained tokens (prompts only?)"),
+])
+def test_validation_windows_without_a_root_stop_the_run_in_one_line_before_it_writes(pair, tmp_path, monkeypatch,
+                                                                                     answers, message):
+    """It was a traceback after config.json was written: the same command
+    could not be run again (--out held an earlier run's output)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "x"}\n')  # (read by check_data; the stream below stands for its tokens)
+    ids = greedy_windows(pair, 4, 16, seed=9).flatten()
+    mask = torch.zeros(4, 16, dtype=torch.long)
+    mask[:, answers] = 1
+    stream = TokenStream(ids, mask.flatten())
+    monkeypatch.setattr(gto_trainer, "jsonl_stream", lambda path, tokenizer, model_type: stream)
+    models = tiny_models(pair)
+    monkeypatch.setattr(gto_cli, "load_models", lambda cfg: models)
+    options = ["--window-length", "16", "--eval-windows", "2", "--validation-every", "2", "--group-size", "4"]
+    with pytest.raises(SystemExit, match=re.escape(f"python -m eagle_gto.gto: {message}")):
+        gto_cli.main(["--data", str(data), "--out", str(tmp_path / "run"), *options])
+    assert not (tmp_path / "run").exists()
+    if answers:  # train() given the streams checks the windows before it writes too
+        cfg = GTOConfig(out=str(tmp_path / "run"), window_length=16, eval_windows=2, group_size=4, **TREE)
+        with pytest.raises(ValueError, match=re.escape(message.split(":")[0])):
+            train(cfg, models, (stream, stream), progress=False)
+        assert not (tmp_path / "run").exists()
+
+
 def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
     """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls; the
     training stub writes what train() writes (config.json first, the head and summary.json at the end);

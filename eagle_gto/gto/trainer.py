@@ -248,10 +248,14 @@ def load_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStre
         if len(stream) < cfg.window_length:
             raise ValueError(f"the {name} data has {len(stream)} tokens, fewer than one window of "
                              f"{cfg.window_length} (--window-length)")
-    windows = len(streams[1].spread(cfg.eval_windows, cfg.window_length)[0])
-    if windows < cfg.eval_windows:  # e.g. generated continuations that ended early at </s>
-        warnings.warn(f"the validation data holds {windows} windows of {cfg.window_length} tokens, fewer than "
-                      f"--eval-windows {cfg.eval_windows}: validation uses those {windows}")
+    if not streams[1].loss_mask.any():
+        raise ValueError("the validation data holds no trained tokens (prompts only?): validation drafts only what "
+                         "the model writes (answers)")
+    val_mask = streams[1].spread(cfg.eval_windows, cfg.window_length)[1]
+    if len(val_mask) < cfg.eval_windows:  # e.g. generated continuations that ended early at </s>
+        warnings.warn(f"the validation data holds {len(val_mask)} windows of {cfg.window_length} tokens, fewer than "
+                      f"--eval-windows {cfg.eval_windows}: validation uses those {len(val_mask)}")
+    validation_roots(val_mask)  # (e.g. short answers that no validation root precedes)
     return streams
 
 
@@ -342,24 +346,32 @@ def training_loss(cfg: GTOConfig, models: Models, tokens: torch.Tensor, loss_mas
     return token.loss + cfg.omega * gto.loss, stats
 
 
+def validation_roots(loss_mask: torch.Tensor) -> Roots:
+    """Every EVAL_STRIDE-th position of the validation windows where the next
+    token is trained (an answer's, not a prompt's: the engine drafts only what
+    the model writes); refused when there is none."""
+    S, L = loss_mask.shape
+    stride = torch.zeros(S, L, dtype=torch.bool)
+    stride[:, EVAL_STRIDE::EVAL_STRIDE] = True
+    eligible = stride & root_eligible(loss_mask.cpu())
+    if not eligible.any():
+        held = "no trained tokens" if not loss_mask.any() else \
+            f"no trained token right after a validation root (every {EVAL_STRIDE}th position)"
+        raise ValueError(f"the {S} validation windows of {L} tokens hold {held}: use a longer --window-length, more "
+                         "--eval-windows or more data")
+    return Roots(*eligible.nonzero(as_tuple=True))
+
+
 class Validator:
     """The head's trees at the decoding defaults (60/7/10), rooted every 8th
     position of fixed validation windows where the next token is trained
-    (an answer's, not a prompt's: the engine drafts only what the model
-    writes): greedy accepted length + 1 (an estimate of tau) and the mean
-    tree reward, on text GTO never trains on."""
+    (validation_roots): greedy accepted length + 1 (an estimate of tau) and
+    the mean tree reward, on text GTO never trains on."""
 
     def __init__(self, models: Models, tokens: torch.Tensor, chunk: int, loss_mask: torch.Tensor | None = None):
         self.models, self.chunk = models, chunk
+        self.roots = validation_roots(torch.ones_like(tokens, device="cpu") if loss_mask is None else loss_mask)
         self.target = target_pass(models.base, tokens, models.feature_layers)
-        S, L = tokens.shape
-        stride = torch.zeros(S, L, dtype=torch.bool)
-        stride[:, EVAL_STRIDE::EVAL_STRIDE] = True
-        eligible = stride & root_eligible(torch.ones(S, L, dtype=torch.long) if loss_mask is None else loss_mask.cpu())
-        if not eligible.any():
-            raise ValueError("the validation windows hold no trained tokens to draft (prompts only?)")
-        seq, pos = eligible.nonzero(as_tuple=True)
-        self.roots = Roots(seq, pos)
 
     @torch.no_grad()
     def __call__(self, head: DraftHead) -> dict:
@@ -417,14 +429,14 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     if streams is None:
         check_data(cfg)
     models = models or load_models(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     train_stream, val_stream = streams or load_streams(cfg, models)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
     validator = Validator(models, val_tokens, cfg.tree_chunk, val_mask)
+    out = Path(cfg.out)  # written only now: a run the checks above stop can be run again
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     records = [{"step": 0, **validator(models.head)}]
