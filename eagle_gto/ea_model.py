@@ -67,9 +67,8 @@ class EaModel(nn.Module):
         self.use_eagle3 = ea_layer.kind == "eagle3"
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
-        if next(ea_layer.parameters()).device != head_device(base_model):
-            ea_layer.to(head_device(base_model))  # as the reference does: the head works beside the last layer
-        share_base_weights(base_model, ea_layer)  # (a head may come attached to another copy of the base)
+        check_against_base(ea_layer, base_model.config, "ea_layer")  # (a head built apart from this base)
+        attach_head(base_model, ea_layer)  # as the reference does: beside the last layer, in the base's dtype
         self._feature_layers = ea_layer.feature_layers(len(layers))
         self._target = TargetRunner(base_model, self._feature_layers)
         self._layout = self._weights_layout()
@@ -150,8 +149,7 @@ class EaModel(nn.Module):
             kwargs["dtype"] = torch.float32
         base = load_base(base_model_path, **kwargs)
         base.eval()
-        check_against_base(head, base.config, str(ea_model_path))
-        attach_head(base, head)
+        check_against_base(head, base.config, str(ea_model_path))  # (__init__ checks again, naming no path)
         # A base whose tokenizer is custom code needs the user's trust_remote_code for the tokenizer too.
         tokenizer = load_tokenizer(base_model_path, {**hub, **trusted(kwargs)})
         return cls(base, head, tokenizer, total_token, depth, top_k, threshold, cuda_graphs, torch_compile)
@@ -613,8 +611,12 @@ def head_device(base: nn.Module) -> torch.device:
 def attach_head(base: nn.Module, head: DraftHead, dtype: torch.dtype | None = None) -> None:
     """Place the head beside the base's last layer, in the base's dtype (or
     `dtype`: trainers keep float32), and give it the base's embedding (and
-    lm_head for EAGLE-1) when it has none."""
-    head.to(device=head_device(base), dtype=dtype or next(base.parameters()).dtype)
+    lm_head for EAGLE-1) when it has none (a head may come attached to
+    another copy of the base)."""
+    weights = next(head.parameters())
+    place = (head_device(base), dtype or next(base.parameters()).dtype)
+    if (weights.device, weights.dtype) != place:
+        head.to(*place)
     share_base_weights(base, head)
 
 

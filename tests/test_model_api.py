@@ -458,6 +458,24 @@ def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(mo
     assert head.fc.weight.device == torch.device("meta")
 
 
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_the_constructor_checks_a_head_against_the_base_and_casts_it_to_the_bases_dtype(kind):
+    """As from_pretrained does: a head made for another base is refused when the model is built (not with a
+    shape error at the first step), and a head in another dtype is cast to the base's, as the reference does."""
+    cfg = base_config("llama", vocab_size=VOCAB)
+    draft_vocab = DRAFT_VOCAB if kind == "eagle3" else None
+    for other in (base_config("llama", vocab_size=VOCAB, hidden_size=32), base_config("llama", vocab_size=VOCAB + 8)):
+        head = random_head(head_config(other, kind, draft_vocab_size=draft_vocab))
+        with pytest.raises(CheckpointError, match="^ea_layer: .*(hidden_size|target features|vocab_size)"):
+            EaModel(AutoModelForCausalLM.from_config(cfg), head, None, 12, 3, 3)
+    base = AutoModelForCausalLM.from_config(cfg).to(torch.float64)
+    head = random_head(head_config(cfg, kind, draft_vocab_size=draft_vocab))  # float32
+    model = EaModel(base, head, None, 12, 3, 3)
+    assert {p.dtype for p in head.parameters()} == {torch.float64}
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert model.eagenerate(ids, max_new_tokens=12).tolist() == model.naivegenerate(ids, max_new_tokens=12).tolist()
+
+
 def test_a_dispatched_base_may_be_cast_but_not_moved():
     """accelerate's hooks keep sending each layer's inputs where the
     device_map put it: a base dispatched over devices and then moved with
