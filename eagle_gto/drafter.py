@@ -138,6 +138,8 @@ class Drafter:
             child_tokens = head.to_target_ids(child_ids).flatten()
             cand_tokens.append(child_tokens)
             cand_scores.append(cum)
+            if level == depth - 1:  # the last level's children are candidates, never parents
+                break
             f_scores, best = cum.topk(k)
             parent_slot = best // k
             f_hidden, f_tokens = out[parent_slot], child_tokens[best]
@@ -146,7 +148,7 @@ class Drafter:
             offset += k * k
         # Level l's k*k children have the level's frontier as parents, each k
         # times (numbers + 1: 0 stands for the root, parent of level 0).
-        parents = (torch.stack(f_numbers[:-1]) + 1).repeat_interleave(k, dim=1).flatten()
+        parents = (torch.stack(f_numbers) + 1).repeat_interleave(k, dim=1).flatten()
         return select_tree(
             root_token,
             torch.cat(cand_tokens),
