@@ -44,8 +44,8 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model.add_argument("--max-new-tokens", type=int, default=512,
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int,
-                       help="context: prompt + answer, in tokens (default: 2048, or a sliding-window model's "
-                            "window if smaller)")
+                       help="context: prompt + answer, in tokens (default: 2048, or the base model's sliding "
+                            "window or max_position_embeddings if smaller)")
     quantize = model.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-8bit", action="store_true", help="8-bit base model weights (bitsandbytes)")
     quantize.add_argument("--load-in-4bit", action="store_true", help="4-bit base model weights (bitsandbytes)")

@@ -192,7 +192,7 @@ class EaModel(nn.Module):
         on one model run one at a time; `last_stats` records the run. A
         `generator` (sampling; on the device of the base's lm_head, where
         tokens are drawn) runs the steps eagerly, outside CUDA graphs.
-        max_length=None: 2048, or a sliding-window model's window if smaller."""
+        max_length=None: 2048, or the base's max_position_embeddings or sliding window if smaller."""
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
         max_length = self._max_length(max_length)
