@@ -693,6 +693,23 @@ def test_resume_refuses_a_run_with_any_other_setting(tmp_path, monkeypatch, opti
         gen_answer.main(run + [option, value])
 
 
+def test_a_relative_question_file_is_recorded_by_its_folder(tmp_path, monkeypatch):
+    """`--question-file question.jsonl` run from its folder is the same question set as the path from elsewhere
+    (or --bench-name): the same label, so the answers resume and pair with speed."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", no_load)
+    gsm8k, _ = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    run = ["--answer-file", str(path), "--model-id", "m", "--device", "cpu", "--limit", "1"]
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(gsm8k))
+    assert settings["question_file"] == "gsm8k/question.jsonl"
+    write(path, [dict(answer(0, "math", [1], [1.0], [0]), mode="ea", settings=settings)])
+    monkeypatch.chdir(tmp_path / "gsm8k")
+    assert gen_answer.main(run + ["--question-file", "question.jsonl"]) == path  # resumed: nothing left to answer
+
+
 def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
     path = write(tmp_path / "a.jsonl", [dict(answer(2, "c", [4], [1.0], [1]), answer_id="old"),
                                         answer(1, "c", [4], [1.0], [1]),
