@@ -432,6 +432,9 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{no_turns}"], "q.jsonl: question 1 needs a non-empty turns list of strings"),
     # a string is not a list of turns: it would be answered one character per turn
     (["--question-file", "{string_turns}"], "strturns.jsonl: question 1 needs a non-empty turns list of strings"),
+    # an empty turn would be an empty prompt: the run would stop part-way, at that question
+    (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
+    (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
@@ -453,6 +456,9 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     files = {"no_turns": write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": []}]),
              "string_turns": write(tmp_path / "strturns.jsonl", [{"question_id": 1, "turns": "hello world"}]),
+             "empty_turn": write(tmp_path / "blank.jsonl", [{"question_id": 1, "turns": ["Q"]},
+                                                            {"question_id": 2, "turns": ["Q", ""]}]),
+             "blank_turn": write(tmp_path / "blank2.jsonl", [{"question_id": "x", "turns": [" \n\t"]}]),
              "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
              "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
              "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),

@@ -48,6 +48,10 @@ def check_question(question, path: Path) -> None:
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
         raise ValueError(f"{path}: question {question['question_id']!r} needs a non-empty turns list "
                          f"of strings, not {turns!r:.60}")
+    # it would be asked as nothing: an empty prompt stops the run part-way, without naming the question
+    blank = next((number for number, turn in enumerate(turns, 1) if not turn.strip()), None)
+    if blank is not None:
+        raise ValueError(f"{path}: question {question['question_id']!r}: turn {blank} is empty (or only whitespace)")
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
