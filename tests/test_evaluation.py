@@ -435,6 +435,8 @@ def cli_error(cli, argv, capsys):
     # an empty turn would be an empty prompt: the run would stop part-way, at that question
     (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
     (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
+    # speed refuses it in the answers: refused before answering anything
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string, not 5"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
@@ -459,6 +461,7 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
              "empty_turn": write(tmp_path / "blank.jsonl", [{"question_id": 1, "turns": ["Q"]},
                                                             {"question_id": 2, "turns": ["Q", ""]}]),
              "blank_turn": write(tmp_path / "blank2.jsonl", [{"question_id": "x", "turns": [" \n\t"]}]),
+             "number_category": write(tmp_path / "cat.jsonl", [{"question_id": 1, "category": 5, "turns": ["Q"]}]),
              "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
              "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
              "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),
