@@ -176,6 +176,25 @@ def test_measure_bad_tree_is_one_error_line(capsys):
                                                "draft token), got 1")
 
 
+@pytest.mark.parametrize("lines,message", [
+    ([], "empty.jsonl holds no questions"),
+    (['{"id": 1, "prompt": "def f():"}'], "empty.jsonl: every question needs a question_id"),
+    (['{"question_id": 1, "prompt": "def f():"}'], "empty.jsonl: question 1 needs a non-empty turns list"),
+])
+def test_measure_bad_humaneval_file_is_one_error_line_before_loading(tmp_path, monkeypatch, capsys, lines, message):
+    """Read as gen_answer reads question files (an empty one was an IndexError once the held-out set had been
+    measured)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(EaModel, "from_pretrained", no_load)
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    assert measure_cli.main(["--humaneval", str(path), "--limit", "1", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path}/") and message in err, err
+
+
 def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys):
     """--total-token -1 picks a size when the model loads: the header shows it. The
     held-out prompts are whole files cut to --prompt-tokens: the tokenizer must not
