@@ -195,6 +195,24 @@ def test_measure_bad_humaneval_file_is_one_error_line_before_loading(tmp_path, m
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path}/") and message in err, err
 
 
+def test_build_head_without_matplotlib_keeps_the_head_and_its_log(tmp_path, monkeypatch):
+    """matplotlib is an extra: without it train() writes no training_curves.png, and the build goes on."""
+    from eagle_gto.demo import build_head
+    from eagle_gto.train import Sample, trainer
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(trainer, "plot_metrics", no_matplotlib)
+    ids = torch.randint(3, 2048, (2, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    monkeypatch.setattr(build_head, "build_samples", lambda *args: [Sample(s, [1] * len(s)) for s in ids])
+    out = tmp_path / "head"
+    build_head.main(["--out", str(out), "--steps", "1", "--batch-size", "2", "--draft-vocab-size", "64",
+                     "--intermediate-size", "32", "--ttt-steps", "2", "--threads", "1"])
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "metrics.jsonl", "model.safetensors",
+                                                     "training_log.json"]
+
+
 def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys):
     """--total-token -1 picks a size when the model loads: the header shows it. The
     held-out prompts are whole files cut to --prompt-tokens: the tokenizer must not
