@@ -46,9 +46,10 @@ def test_tiny_shape_report(tmp_path, capsys):
     assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
 
 
-def test_graphs_need_a_gpu():
-    with pytest.raises(SystemExit, match="graphs needs a CUDA device"):
+def test_graphs_need_a_gpu(capsys):
+    with pytest.raises(SystemExit) as info:
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
+    assert info.value.code == 2 and "graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_sdpa_backend_choice_is_applied_and_recorded(monkeypatch):
@@ -125,6 +126,11 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
      "--prompt-length 1990 + --new-tokens 40 + the largest tree 60 must fit in --max-length 2048"),
     (["--device", "cuda"], "--device cuda: CUDA is not available here"),
     (["--unfused"], "--unfused goes with --compile"),
+    # the profile is of CUDA graph replays: on the CPU (eager only) it would silently profile nothing
+    (["--profile", "5"], "--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device"),
+    (["--profile", "5", "--trace", "t.json"], "--profile profiles the graphs engine"),
+    (["--trace", "t.json"], "--trace goes with --profile"),
+    (["--profile", "-1"], "--profile must be >= 0"),
 ])
 def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, monkeypatch, capsys):
     """(Past the end of the context the engine steps one token at a time: those would be averaged in.)"""
@@ -132,6 +138,16 @@ def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, mon
     with pytest.raises(SystemExit):
         engine_overhead.parse_args(["--device", "cpu"] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
+    assert args.engines == ["eager", "graphs"] and args.profile == 5
+    assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
+    with pytest.raises(SystemExit) as info:
+        engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
+    assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err
 
 
 def test_op_count_refuses_a_tree_that_cannot_be(capsys):

@@ -318,6 +318,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    on_gpu = args.device.startswith("cuda")
+    engines = (args.engines or ("eager,graphs" if on_gpu else "eager")).split(",")
+    if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and not on_gpu):
+        p.error(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    args.engines = engines
+    # The profile is of the graphs engine's replayed iterations: without it nothing would be profiled.
+    if args.profile < 0:
+        p.error(f"--profile must be >= 0 (replays to profile; 0: none), got {args.profile}")
+    if args.profile and "graphs" not in engines:
+        p.error("--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device and graphs in --engines")
+    if args.trace and not args.profile:
+        p.error("--trace goes with --profile (it keeps the profile's Chrome trace)")
     try:  # before building a large model
         args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
         for size in args.total_tokens:
@@ -343,10 +355,7 @@ def main(argv=None) -> dict:
     if shape.draft_vocab_size is not None and shape.draft_vocab_size >= shape.vocab_size:
         shape = replace(shape, draft_vocab_size=None)  # a smaller --vocab-size: draft over all of it
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
-    total_tokens = args.total_tokens
-    engines = (args.engines or ("eager,graphs" if device.type == "cuda" else "eager")).split(",")
-    if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and device.type != "cuda"):
-        raise SystemExit(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    total_tokens, engines = args.total_tokens, args.engines
 
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))
