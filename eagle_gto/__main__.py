@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     text = build_prompt([{"role": "user", "content": args.prompt}], args.model_type, tokenizer)
     ids = torch.tensor([encode_prompt(text, tokenizer, args.model_type)])
     context = model.default_max_length()
+    if ids.shape[1] == 0:  # a tokenizer that adds no BOS, and no chat template around the prompt
+        print("error: the prompt encodes to no tokens: give a non-empty --prompt", file=sys.stderr)
+        return 2
     if ids.shape[1] + 1 > context:
         print(f"error: the prompt has {ids.shape[1]} tokens, too many for the context of {context} tokens "
               "(one more is needed for the answer); shorten it", file=sys.stderr)

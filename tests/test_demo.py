@@ -230,6 +230,15 @@ def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys)
     assert len(rows) == 1 and rows[0].endswith("|    1/1    |")  # one prompt, greedy identical
 
 
+def test_cli_prompt_of_no_tokens_is_one_error_line(model, monkeypatch, capsys):
+    """An empty prompt with a tokenizer that adds no BOS (the demo's adds one: a stand-in encodes nothing)."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    monkeypatch.setattr(cli, "encode_prompt", lambda text, tokenizer, model_type: [])
+    assert cli.main(["--model-type", "plain", "--prompt", "", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the prompt encodes to no tokens: give a non-empty --prompt"
+
+
 def test_cli_says_whether_the_greedy_outputs_are_identical(model, monkeypatch, capsys):
     """The check compares the two runs' tokens: a plain run that differs is reported as such."""
     monkeypatch.setattr(cli, "load_model", lambda args: model)
