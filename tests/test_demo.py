@@ -97,20 +97,32 @@ def test_measure_refuses_bad_arguments_before_loading(monkeypatch, capsys, argv,
 
 def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_formats_stops(model, monkeypatch, capsys):
     """On a GPU each mode and sampling setting records its own CUDA graph on
-    first use: the warm-up must run every (mode, settings) pair timed after it.
+    first use, one per 256-slot attention view: the warm-up must run every
+    (mode, settings) pair timed after it, model.warm_up at every view of the
+    context (a long answer would otherwise record graphs while timed).
     The format's stop strings reach the engine as ids (a stand-in <|im_end|>)."""
     vocab = model.tokenizer.get_vocab()
     monkeypatch.setattr(model.tokenizer, "get_vocab", lambda: {**vocab, "<|im_end|>": 5})
-    calls = []
-    generate_steps = model.generate_steps
+    calls, events = [], []
+    generate_steps, warm_up = model.generate_steps, model.warm_up
 
     def spy(input_ids, **settings):
         calls.append(settings)
+        events.append(("generate", settings["speculative"]))
         return generate_steps(input_ids, **settings)
 
+    def warm_up_spy(**settings):
+        events.append(("warm_up", settings))
+        return warm_up(**settings)
+
     monkeypatch.setattr(model, "generate_steps", spy)
+    monkeypatch.setattr(model, "warm_up", warm_up_spy)
     monkeypatch.setattr(cli, "load_model", lambda args: model)
     assert cli.main(["--model-type", "qwen", "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "12"]) == 0
+    sampling = dict(max_length=model.default_max_length(), temperature=0.7, top_p=0.9, top_k=0)
+    assert events == [("warm_up", {**sampling, "speculative": True}), ("generate", True),
+                      ("warm_up", {**sampling, "speculative": False}), ("generate", False),
+                      ("generate", True), ("generate", False)]
     out = capsys.readouterr().out
     speedup = float(re.search(r"speedup ([\d.]+)x", out).group(1))
     cost, tau = map(float, re.search(r"an iteration cost ([\d.]+) plain steps and produced tau = ([\d.]+)", out).groups())
@@ -119,6 +131,10 @@ def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_format
     assert [c["speculative"] for c in calls] == [True, False, True, False]  # warm-ups first, then the timed runs
     assert without_budget[:2] == without_budget[2:]
     assert all(c["temperature"] == 0.7 and c["top_p"] == 0.9 and c["stop_token_ids"] == [5] for c in calls)
+    events.clear()
+    assert cli.main(["--model-type", "plain", "--max-new-tokens", "4", "--no-compare"]) == 0
+    greedy = dict(max_length=model.default_max_length(), temperature=0.0, top_p=0.0, top_k=0)
+    assert events == [("warm_up", {**greedy, "speculative": True}), ("generate", True), ("generate", True)]
 
 
 def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
