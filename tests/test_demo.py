@@ -211,6 +211,24 @@ def test_measure_bad_humaneval_file_is_one_error_line_before_loading(tmp_path, m
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path}/") and message in err, err
 
 
+def test_demo_build_passes_the_step_counts_given_and_refuses_zero(monkeypatch, capsys):
+    from eagle_gto.demo import build
+
+    ran = []
+    monkeypatch.setattr(build.subprocess, "run", lambda command, check: ran.append(command))
+    monkeypatch.setattr(build.build_head, "main", lambda argv: ran.append(argv))
+    build.main(["--base-steps", "5", "--head-steps", "7"])
+    assert ran[0][-2:] == ["--steps", "5"] and ran[1][-2:] == ["--steps", "7"]
+    ran.clear()
+    build.main([])
+    assert "--steps" not in ran[0] + ran[1]  # the builders' own defaults
+    for option in ("--base-steps", "--head-steps"):  # 0 was taken as "not given": the default's hours of training
+        with pytest.raises(SystemExit) as info:
+            build.main([option, "0"])
+        assert info.value.code == 2 and f"{option} must be >= 1, got 0" in capsys.readouterr().err
+    assert len(ran) == 2
+
+
 def test_build_head_without_matplotlib_keeps_the_head_and_its_log(tmp_path, monkeypatch):
     """matplotlib is an extra: without it train() writes no training_curves.png, and the build goes on."""
     from eagle_gto.demo import build_head
