@@ -119,6 +119,18 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
     assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err
 
 
+def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
+    """As the other benchmarks' --json (write_json): a folder that does not exist yet is made (the rows of a GPU
+    session were lost at the end of the run)."""
+    from eagle_gto.benchmarks import gpu_equality
+
+    rows = [{"model": "demo", "prompt": 0, "path": "plain, graphs", "tau": 1.0, "first_difference": None}]
+    path = tmp_path / "new" / "equality.json"
+    gpu_equality.report(rows, str(path))
+    assert json.loads(path.read_text()) == rows
+    assert "| demo | 0 | plain, graphs | 1.0 | - |  |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--total-tokens", "10,abc"], "--total-tokens 10,abc"),
     (["--total-tokens", "1"], "--total-tokens [1]: total_token"),
