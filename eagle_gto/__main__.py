@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     text = build_prompt([{"role": "user", "content": args.prompt}], args.model_type, tokenizer)
     ids = torch.tensor([encode_prompt(text, tokenizer, args.model_type)])
     context = model.default_max_length()
+    if ids.shape[1] == 0:  # a tokenizer that adds no BOS, and no chat template around the prompt
+        print("error: the prompt encodes to no tokens: give a non-empty --prompt", file=sys.stderr)
+        return 2
     if ids.shape[1] + 1 > context:
         print(f"error: the prompt has {ids.shape[1]} tokens, too many for the context of {context} tokens "
               "(one more is needed for the answer); shorten it", file=sys.stderr)
@@ -88,10 +91,14 @@ def main(argv=None) -> int:
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, is_llama3=chat_format(args.model_type).is_llama3,
                    stop_token_ids=stop_token_ids(tokenizer, args.model_type))
-    # Warm up each timed path with its settings: on a GPU a step's CUDA graph is
-    # recorded per mode and sampling setting, and recording must not be timed.
-    warm_ups = (model.eagenerate,) if args.no_compare else (model.eagenerate, model.naivegenerate)
-    for warm_up in warm_ups:
+    # Warm up each timed path with its settings, as gen_answer does: on a GPU a step's CUDA graph is
+    # recorded per mode, sampling setting and 256-slot attention view, and model.warm_up records every
+    # view the context can reach (recording must not be timed); a short generation then pays the
+    # first-call costs it leaves (the prefill; on a CPU, where it runs nothing, all of them).
+    warm_ups = [(True, model.eagenerate)] + ([] if args.no_compare else [(False, model.naivegenerate)])
+    for speculative, warm_up in warm_ups:
+        model.warm_up(max_length=context, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      speculative=speculative)
         warm_up(ids, **{**options, "max_new_tokens": 8})
     out = model.eagenerate(ids, **options)
     spec = model.last_stats

@@ -228,10 +228,10 @@ class EaModel(nn.Module):
         at each attention view up to max_length records its graph (about
         max_length / 256 + 2 of them: ten at 2048); compiled steps compile.
         A move or cast (`model.to(...)`) makes new caches: warm up again.
-        gen_answer calls it before timing, the servers at startup. Nothing is
-        generated; sampling settings draw from torch's global random
-        generator. Returns the number of steps run (0 where steps run eagerly
-        and uncompiled)."""
+        gen_answer and `python -m eagle_gto` call it before timing, the
+        servers at startup. Nothing is generated; sampling settings draw from
+        torch's global random generator. Returns the number of steps run (0
+        where steps run eagerly and uncompiled)."""
         max_length = self._max_length(max_length)
         sampling = self._sampling(temperature, top_p, top_k)
         with self._exclusive():

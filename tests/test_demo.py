@@ -97,20 +97,32 @@ def test_measure_refuses_bad_arguments_before_loading(monkeypatch, capsys, argv,
 
 def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_formats_stops(model, monkeypatch, capsys):
     """On a GPU each mode and sampling setting records its own CUDA graph on
-    first use: the warm-up must run every (mode, settings) pair timed after it.
+    first use, one per 256-slot attention view: the warm-up must run every
+    (mode, settings) pair timed after it, model.warm_up at every view of the
+    context (a long answer would otherwise record graphs while timed).
     The format's stop strings reach the engine as ids (a stand-in <|im_end|>)."""
     vocab = model.tokenizer.get_vocab()
     monkeypatch.setattr(model.tokenizer, "get_vocab", lambda: {**vocab, "<|im_end|>": 5})
-    calls = []
-    generate_steps = model.generate_steps
+    calls, events = [], []
+    generate_steps, warm_up = model.generate_steps, model.warm_up
 
     def spy(input_ids, **settings):
         calls.append(settings)
+        events.append(("generate", settings["speculative"]))
         return generate_steps(input_ids, **settings)
 
+    def warm_up_spy(**settings):
+        events.append(("warm_up", settings))
+        return warm_up(**settings)
+
     monkeypatch.setattr(model, "generate_steps", spy)
+    monkeypatch.setattr(model, "warm_up", warm_up_spy)
     monkeypatch.setattr(cli, "load_model", lambda args: model)
     assert cli.main(["--model-type", "qwen", "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "12"]) == 0
+    sampling = dict(max_length=model.default_max_length(), temperature=0.7, top_p=0.9, top_k=0)
+    assert events == [("warm_up", {**sampling, "speculative": True}), ("generate", True),
+                      ("warm_up", {**sampling, "speculative": False}), ("generate", False),
+                      ("generate", True), ("generate", False)]
     out = capsys.readouterr().out
     speedup = float(re.search(r"speedup ([\d.]+)x", out).group(1))
     cost, tau = map(float, re.search(r"an iteration cost ([\d.]+) plain steps and produced tau = ([\d.]+)", out).groups())
@@ -119,6 +131,10 @@ def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_format
     assert [c["speculative"] for c in calls] == [True, False, True, False]  # warm-ups first, then the timed runs
     assert without_budget[:2] == without_budget[2:]
     assert all(c["temperature"] == 0.7 and c["top_p"] == 0.9 and c["stop_token_ids"] == [5] for c in calls)
+    events.clear()
+    assert cli.main(["--model-type", "plain", "--max-new-tokens", "4", "--no-compare"]) == 0
+    greedy = dict(max_length=model.default_max_length(), temperature=0.0, top_p=0.0, top_k=0)
+    assert events == [("warm_up", {**greedy, "speculative": True}), ("generate", True), ("generate", True)]
 
 
 def test_without_a_dtype_a_cpu_load_is_float32_else_the_checkpoints():
@@ -176,6 +192,61 @@ def test_measure_bad_tree_is_one_error_line(capsys):
                                                "draft token), got 1")
 
 
+@pytest.mark.parametrize("lines,message", [
+    ([], "empty.jsonl holds no questions"),
+    (['{"id": 1, "prompt": "def f():"}'], "empty.jsonl: every question needs a question_id"),
+    (['{"question_id": 1, "prompt": "def f():"}'], "empty.jsonl: question 1 needs a non-empty turns list"),
+])
+def test_measure_bad_humaneval_file_is_one_error_line_before_loading(tmp_path, monkeypatch, capsys, lines, message):
+    """Read as gen_answer reads question files (an empty one was an IndexError once the held-out set had been
+    measured)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(EaModel, "from_pretrained", no_load)
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    assert measure_cli.main(["--humaneval", str(path), "--limit", "1", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path}/") and message in err, err
+
+
+def test_demo_build_passes_the_step_counts_given_and_refuses_zero(monkeypatch, capsys):
+    from eagle_gto.demo import build
+
+    ran = []
+    monkeypatch.setattr(build.subprocess, "run", lambda command, check: ran.append(command))
+    monkeypatch.setattr(build.build_head, "main", lambda argv: ran.append(argv))
+    build.main(["--base-steps", "5", "--head-steps", "7"])
+    assert ran[0][-2:] == ["--steps", "5"] and ran[1][-2:] == ["--steps", "7"]
+    ran.clear()
+    build.main([])
+    assert "--steps" not in ran[0] + ran[1]  # the builders' own defaults
+    for option in ("--base-steps", "--head-steps"):  # 0 was taken as "not given": the default's hours of training
+        with pytest.raises(SystemExit) as info:
+            build.main([option, "0"])
+        assert info.value.code == 2 and f"{option} must be >= 1, got 0" in capsys.readouterr().err
+    assert len(ran) == 2
+
+
+def test_build_head_without_matplotlib_keeps_the_head_and_its_log(tmp_path, monkeypatch):
+    """matplotlib is an extra: without it train() writes no training_curves.png, and the build goes on."""
+    from eagle_gto.demo import build_head
+    from eagle_gto.train import Sample, trainer
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(trainer, "plot_metrics", no_matplotlib)
+    ids = torch.randint(3, 2048, (2, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    monkeypatch.setattr(build_head, "build_samples", lambda *args: [Sample(s, [1] * len(s)) for s in ids])
+    out = tmp_path / "head"
+    build_head.main(["--out", str(out), "--steps", "1", "--batch-size", "2", "--draft-vocab-size", "64",
+                     "--intermediate-size", "32", "--ttt-steps", "2", "--threads", "1"])
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "metrics.jsonl", "model.safetensors",
+                                                     "training_log.json"]
+
+
 def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys):
     """--total-token -1 picks a size when the model loads: the header shows it. The
     held-out prompts are whole files cut to --prompt-tokens: the tokenizer must not
@@ -191,6 +262,15 @@ def test_measure_prints_the_tree_used_and_no_length_warning(monkeypatch, capsys)
     assert not [m for m in warned if "sequence length is longer" in m]
     rows = [line for line in out.splitlines() if line.startswith("| held-out")]
     assert len(rows) == 1 and rows[0].endswith("|    1/1    |")  # one prompt, greedy identical
+
+
+def test_cli_prompt_of_no_tokens_is_one_error_line(model, monkeypatch, capsys):
+    """An empty prompt with a tokenizer that adds no BOS (the demo's adds one: a stand-in encodes nothing)."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    monkeypatch.setattr(cli, "encode_prompt", lambda text, tokenizer, model_type: [])
+    assert cli.main(["--model-type", "plain", "--prompt", "", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the prompt encodes to no tokens: give a non-empty --prompt"
 
 
 def test_cli_says_whether_the_greedy_outputs_are_identical(model, monkeypatch, capsys):

@@ -46,9 +46,10 @@ def test_tiny_shape_report(tmp_path, capsys):
     assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
 
 
-def test_graphs_need_a_gpu():
-    with pytest.raises(SystemExit, match="graphs needs a CUDA device"):
+def test_graphs_need_a_gpu(capsys):
+    with pytest.raises(SystemExit) as info:
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
+    assert info.value.code == 2 and "graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_sdpa_backend_choice_is_applied_and_recorded(monkeypatch):
@@ -118,6 +119,18 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
     assert info.value.code == 2 and "CUDA is not available here" in capsys.readouterr().err
 
 
+def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
+    """As the other benchmarks' --json (write_json): a folder that does not exist yet is made (the rows of a GPU
+    session were lost at the end of the run)."""
+    from eagle_gto.benchmarks import gpu_equality
+
+    rows = [{"model": "demo", "prompt": 0, "path": "plain, graphs", "tau": 1.0, "first_difference": None}]
+    path = tmp_path / "new" / "equality.json"
+    gpu_equality.report(rows, str(path))
+    assert json.loads(path.read_text()) == rows
+    assert "| demo | 0 | plain, graphs | 1.0 | - |  |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--total-tokens", "10,abc"], "--total-tokens 10,abc"),
     (["--total-tokens", "1"], "--total-tokens [1]: total_token"),
@@ -125,6 +138,20 @@ def test_gpu_equality_without_cuda_says_so(monkeypatch, capsys):
      "--prompt-length 1990 + --new-tokens 40 + the largest tree 60 must fit in --max-length 2048"),
     (["--device", "cuda"], "--device cuda: CUDA is not available here"),
     (["--unfused"], "--unfused goes with --compile"),
+    # the profile is of CUDA graph replays: on the CPU (eager only) it would silently profile nothing
+    (["--profile", "5"], "--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device"),
+    (["--profile", "5", "--trace", "t.json"], "--profile profiles the graphs engine"),
+    (["--trace", "t.json"], "--trace goes with --profile"),
+    (["--profile", "-1"], "--profile must be >= 0"),
+    # shapes the model or its head cannot take: refused before a model is built
+    (["--shape", "tiny", "--num-layers", "2"], "--num-layers must be at least 3 (an EAGLE-3 head reads three"),
+    (["--shape", "tiny", "--hidden-size", "100"], "--hidden-size 100 / --num-heads 4 = head dim 25: it must be even"),
+    (["--shape", "tiny", "--num-heads", "3"], "--hidden-size 64 must be a multiple of --num-heads 3"),
+    (["--shape", "tiny", "--num-kv-heads", "3"], "--num-heads 4 must be a multiple of --num-kv-heads 3"),
+    (["--shape", "tiny", "--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+    (["--shape", "tiny", "--num-kv-heads", "0"], "--num-kv-heads must be >= 1, got 0"),
+    (["--shape", "tiny", "--vocab-size", "5", "--top-k", "6"], "--top-k 6 is larger than the draft vocabulary (5"),
+    (["--shape", "small", "--vocab-size", "5"], "--top-k 10 is larger than the draft vocabulary (5"),  # the preset's
 ])
 def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, monkeypatch, capsys):
     """(Past the end of the context the engine steps one token at a time: those would be averaged in.)"""
@@ -134,7 +161,32 @@ def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, mon
     assert message in capsys.readouterr().err
 
 
+def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
+    assert args.engines == ["eager", "graphs"] and args.profile == 5
+    assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
+    with pytest.raises(SystemExit) as info:
+        engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
+    assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err
+
+
+def test_shapes_the_engine_takes_pass(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_overhead.parse_args(["--device", "cuda"]).model_shape == engine_overhead.SHAPES["llama3-8b"]
+    shape = engine_overhead.parse_args(["--device", "cpu", "--num-layers", "3", "--hidden-size", "32", "--num-heads",
+                                        "16", "--num-kv-heads", "1", "--vocab-size", "3000"]).model_shape
+    assert (shape.num_layers, shape.hidden_size, shape.num_heads, shape.num_kv_heads) == (3, 32, 16, 1)
+    assert (shape.vocab_size, shape.draft_vocab_size) == (3000, None)  # the small preset's 4000 drafts over all
+
+
 def test_op_count_refuses_a_tree_that_cannot_be(capsys):
     with pytest.raises(SystemExit):
         op_count.main(["--total-token", "1"])
     assert "total_token" in capsys.readouterr().err
+
+
+def test_op_count_refuses_a_base_an_eagle3_head_cannot_read(capsys):
+    with pytest.raises(SystemExit):
+        op_count.main(["--layers", "2"])
+    assert "--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got 2" in capsys.readouterr().err

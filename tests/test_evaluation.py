@@ -432,6 +432,11 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{no_turns}"], "q.jsonl: question 1 needs a non-empty turns list of strings"),
     # a string is not a list of turns: it would be answered one character per turn
     (["--question-file", "{string_turns}"], "strturns.jsonl: question 1 needs a non-empty turns list of strings"),
+    # an empty turn would be an empty prompt: the run would stop part-way, at that question
+    (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
+    (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
+    # speed refuses it in the answers: refused before answering anything
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string, not 5"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
@@ -453,6 +458,10 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     files = {"no_turns": write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": []}]),
              "string_turns": write(tmp_path / "strturns.jsonl", [{"question_id": 1, "turns": "hello world"}]),
+             "empty_turn": write(tmp_path / "blank.jsonl", [{"question_id": 1, "turns": ["Q"]},
+                                                            {"question_id": 2, "turns": ["Q", ""]}]),
+             "blank_turn": write(tmp_path / "blank2.jsonl", [{"question_id": "x", "turns": [" \n\t"]}]),
+             "number_category": write(tmp_path / "cat.jsonl", [{"question_id": 1, "category": 5, "turns": ["Q"]}]),
              "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
              "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
              "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),
@@ -691,6 +700,23 @@ def test_resume_refuses_a_run_with_any_other_setting(tmp_path, monkeypatch, opti
     assert gen_answer.main(run + ["--limit", "1"]) == path  # the same run: nothing left to answer
     with pytest.raises(ValueError, match=f"{option[2:].replace('-', '_')} .*not this run's"):
         gen_answer.main(run + [option, value])
+
+
+def test_a_relative_question_file_is_recorded_by_its_folder(tmp_path, monkeypatch):
+    """`--question-file question.jsonl` run from its folder is the same question set as the path from elsewhere
+    (or --bench-name): the same label, so the answers resume and pair with speed."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", no_load)
+    gsm8k, _ = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    run = ["--answer-file", str(path), "--model-id", "m", "--device", "cpu", "--limit", "1"]
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(gsm8k))
+    assert settings["question_file"] == "gsm8k/question.jsonl"
+    write(path, [dict(answer(0, "math", [1], [1.0], [0]), mode="ea", settings=settings)])
+    monkeypatch.chdir(tmp_path / "gsm8k")
+    assert gen_answer.main(run + ["--question-file", "question.jsonl"]) == path  # resumed: nothing left to answer
 
 
 def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):

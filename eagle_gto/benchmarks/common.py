@@ -54,7 +54,7 @@ def bandwidth_floors(base, bandwidth: float) -> dict:
             "floor_ms": 1000 * weights / bandwidth, "read_floor_ms": 1000 * read / bandwidth}
 
 
-def write_json(path: str | None, result: dict) -> None:
+def write_json(path: str | None, result: dict | list) -> None:
     """Write the results to `path` (folders made as needed); nothing without a path."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

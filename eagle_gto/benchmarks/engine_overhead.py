@@ -282,12 +282,44 @@ def sdpa_backend(name: str):
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel([backends[name]])
 
 
+SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+
+
+def check_layers(p: argparse.ArgumentParser, option: str, layers: int) -> None:
+    if layers < 3:
+        p.error(f"{option} must be at least 3 (an EAGLE-3 head reads three decoder layers), got {layers}")
+
+
+def pick_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> Shape:
+    """The --shape preset (default: llama3-8b on a GPU, small on a CPU) with the size options' values,
+    refused (before a model is built) where the model or its head could not be."""
+    preset = SHAPES[args.shape or ("llama3-8b" if args.device.startswith("cuda") else "small")]
+    for name in SIZES:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    shape = replace(preset, **{name: getattr(args, name) for name in SIZES if getattr(args, name) is not None})
+    if shape.draft_vocab_size is not None and shape.draft_vocab_size >= shape.vocab_size:
+        shape = replace(shape, draft_vocab_size=None)  # a smaller --vocab-size: draft over all of it
+    check_layers(p, "--num-layers", shape.num_layers)
+    hidden, heads, kv_heads = shape.hidden_size, shape.num_heads, shape.num_kv_heads
+    if hidden % heads:
+        p.error(f"--hidden-size {hidden} must be a multiple of --num-heads {heads}")
+    if hidden // heads % 2:  # rotary embeddings turn pairs of dimensions
+        p.error(f"--hidden-size {hidden} / --num-heads {heads} = head dim {hidden // heads}: it must be even")
+    if heads % kv_heads:
+        p.error(f"--num-heads {heads} must be a multiple of --num-kv-heads {kv_heads}")
+    draft_vocab = shape.draft_vocab_size or shape.vocab_size
+    if args.top_k > draft_vocab:
+        p.error(f"--top-k {args.top_k} is larger than the draft vocabulary ({draft_vocab} tokens)")
+    return shape
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.engine_overhead",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, help="preset (default: llama3-8b on GPU, small on CPU)")
-    for name in ("hidden-size", "num-layers", "num-heads", "num-kv-heads", "intermediate-size", "vocab-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    for name in SIZES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset's value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
@@ -318,6 +350,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    on_gpu = args.device.startswith("cuda")
+    engines = (args.engines or ("eager,graphs" if on_gpu else "eager")).split(",")
+    if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and not on_gpu):
+        p.error(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    args.engines = engines
+    # The profile is of the graphs engine's replayed iterations: without it nothing would be profiled.
+    if args.profile < 0:
+        p.error(f"--profile must be >= 0 (replays to profile; 0: none), got {args.profile}")
+    if args.profile and "graphs" not in engines:
+        p.error("--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device and graphs in --engines")
+    if args.trace and not args.profile:
+        p.error("--trace goes with --profile (it keeps the profile's Chrome trace)")
     try:  # before building a large model
         args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
         for size in args.total_tokens:
@@ -329,6 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.prompt_length + args.new_tokens + max(args.total_tokens) > args.max_length:
         p.error(f"--prompt-length {args.prompt_length} + --new-tokens {args.new_tokens} + the largest tree "
                 f"{max(args.total_tokens)} must fit in --max-length {args.max_length}")
+    args.model_shape = pick_shape(p, args)
     return args
 
 
@@ -336,17 +381,9 @@ def main(argv=None) -> dict:
     """Run the benchmark, print the table; returns (and optionally writes) the results."""
     args = parse_args(argv)
     device = torch.device(args.device)
-    preset = SHAPES[args.shape or ("llama3-8b" if device.type == "cuda" else "small")]
-    overrides = {f: getattr(args, f) for f in
-                 ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")}
-    shape = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-    if shape.draft_vocab_size is not None and shape.draft_vocab_size >= shape.vocab_size:
-        shape = replace(shape, draft_vocab_size=None)  # a smaller --vocab-size: draft over all of it
+    shape = args.model_shape
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
-    total_tokens = args.total_tokens
-    engines = (args.engines or ("eager,graphs" if device.type == "cuda" else "eager")).split(",")
-    if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and device.type != "cuda"):
-        raise SystemExit(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    total_tokens, engines = args.total_tokens, args.engines
 
     torch.manual_seed(args.seed)
     model = build_model(shape, device, DTYPES[dtype], TreeParams(total_tokens[0], args.depth, args.top_k))

@@ -16,14 +16,13 @@ margin of a few ulp; anything wider is a bug. float32 runs must agree.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
+from .common import write_json
 from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
 from .shapes import SHAPES
 
@@ -115,14 +114,18 @@ def main(argv=None) -> list[dict]:
         del model
         model = EaModel(base, head, None)
         rows += check(model, f"random {args.shape}, bfloat16", prompts, args.new_tokens, args)
+    report(rows, args.json)
+    return rows
+
+
+def report(rows: list[dict], json_path: str | None) -> None:
+    """Print the rows as a table; write them to `json_path` (its folders made, as the other benchmarks do)."""
     print("\n| model | prompt | path | tau | first difference | margin (ulp) |\n|---|---|---|---|---|---|")
     for r in rows:
         margin = f"{r['margin']:.4g} ({r['margin_ulp']:.1f})" if "margin" in r else ""
         print(f"| {r['model']} | {r['prompt']} | {r['path']} | {r['tau']} | "
               f"{'-' if r['first_difference'] is None else r['first_difference']} | {margin} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
+    write_json(json_path, rows)
 
 
 if __name__ == "__main__":

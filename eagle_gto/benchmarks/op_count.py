@@ -32,7 +32,7 @@ from ..kv_cache import TargetKVCache
 from ..target import TargetRunner
 from ..tree import check_tree_params
 from .common import write_json
-from .engine_overhead import build_model
+from .engine_overhead import build_model, check_layers
 from .shapes import Shape
 
 # The parts of a step, each the function that runs it (see generation.Decoder).
@@ -98,8 +98,7 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
-    if args.layers < 3:
-        p.error(f"--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got {args.layers}")
+    check_layers(p, "--layers", args.layers)
     try:
         check_tree_params(args.total_token, args.depth, args.top_k)
     except ValueError as err:

@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         train(base, samples, work, cfg, args.draft_vocab_size, args.intermediate_size)
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "model.safetensors", "training_curves.png", "metrics.jsonl"):
-            shutil.copy(Path(work) / name, args.out / name)
+            if name != "training_curves.png" or (Path(work) / name).is_file():  # no plot without matplotlib
+                shutil.copy(Path(work) / name, args.out / name)
     metrics = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
     log = {
         "command": "python -m eagle_gto.demo.build_head " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -15,13 +15,13 @@ reference and `eagle_gto.evaluation.speed` compute it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..evaluation.questions import load_questions
 from ..evaluation.speed import mean, reference_speedup
 from . import demo_paths
 from .corpus import read_texts, stdlib_files
@@ -35,9 +35,13 @@ def heldout_prompts(tokenizer, prompt_tokens: int = 64) -> list[list[int]]:
             for text in read_texts(stdlib_files("heldout"))]
 
 
+def first_turns(questions: list[dict], tokenizer) -> list[list[int]]:
+    return [tokenizer(question["turns"][0]).input_ids for question in questions]
+
+
 def humaneval_prompts(path: str | Path, tokenizer) -> list[list[int]]:
-    lines = Path(path).read_text().splitlines()
-    return [tokenizer(json.loads(line)["turns"][0]).input_ids for line in lines if line.strip()]
+    """The first turn of each question; a file gen_answer would refuse is a ValueError naming it."""
+    return first_turns(load_questions(path), tokenizer)
 
 
 @dataclass
@@ -96,15 +100,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if not base:
         base, head = demo_paths(args.head)
+    humaneval = None
     try:
+        if args.humaneval.is_file():  # read first: a bad file fails before the model loads, not after a set ran
+            humaneval = load_questions(args.humaneval)
         model = EaModel.from_pretrained(base, head, total_token=args.total_token, depth=args.depth,
                                         top_k=args.top_k, dtype=torch.float32)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)
         return 2
     sets = {"held-out stdlib": heldout_prompts(model.tokenizer, args.prompt_tokens)}
-    if args.humaneval.is_file():
-        sets["HumanEval"] = humaneval_prompts(args.humaneval, model.tokenizer)
+    if humaneval is not None:
+        sets["HumanEval"] = first_turns(humaneval, model.tokenizer)
     else:
         print(f"{args.humaneval} not found: HumanEval skipped")
     tree = model.tree  # total_token -1 is picked when the model loads

@@ -223,7 +223,9 @@ def run_settings(args: argparse.Namespace, questions_path: Path) -> dict:
     """What the answers depend on besides the mode and model id, recorded in
     every answer: a file is resumed only with the same. The question file is
     named by its folder and name (e.g. gsm8k/question.jsonl), so that a run
-    resumes from another data directory."""
+    resumes from another data directory (resolved first: a relative
+    question.jsonl has no folder of its own)."""
+    questions_path = questions_path.resolve()
     return {"question_file": f"{questions_path.parent.name}/{questions_path.name}",
             "base_model_path": args.base_model_path, "ea_model_path": args.ea_model_path,
             "model_type": args.model_type, "system": args.system, "temperature": args.temperature,

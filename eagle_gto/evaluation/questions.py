@@ -34,6 +34,11 @@ def is_question_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
+def is_category(value) -> bool:
+    """A question's category is a string, or none (null or absent): speed groups answers by it."""
+    return isinstance(value, (str, type(None)))
+
+
 def id_order(question_id: int | str) -> tuple:
     """Sort key of question ids: integers in order, then strings (the two do not compare)."""
     return isinstance(question_id, str), question_id
@@ -48,6 +53,14 @@ def check_question(question, path: Path) -> None:
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
         raise ValueError(f"{path}: question {question['question_id']!r} needs a non-empty turns list "
                          f"of strings, not {turns!r:.60}")
+    # it would be asked as nothing: an empty prompt stops the run part-way, without naming the question
+    blank = next((number for number, turn in enumerate(turns, 1) if not turn.strip()), None)
+    if blank is not None:
+        raise ValueError(f"{path}: question {question['question_id']!r}: turn {blank} is empty (or only whitespace)")
+    # gen_answer copies it into every answer, where speed would refuse it once both runs are done
+    if not is_category(question.get("category")):
+        raise ValueError(f"{path}: question {question['question_id']!r}: category must be a string, "
+                         f"not {question['category']!r:.60}")
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
