@@ -1,6 +1,7 @@
 """Loading a base model and a head: what must load, and a clear
 CheckpointError (naming the folder or file) for what must not."""
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -318,6 +319,32 @@ def test_a_truncated_base_in_a_subfolder_names_the_file(saved, tmp_path):
     (base / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"{base / 'model.safetensors'}: corrupt or truncated"):
         EaModel.from_pretrained(str(tmp_path / "repo"), str(saved / "eagle3"), subfolder="base")
+
+
+def test_a_tokenizer_saved_only_as_a_sentencepiece_model_loads(tmp_path):
+    """Vicuna v1.3 (the base of the reference's README example) ships its tokenizer only as a SentencePiece
+    `tokenizer.model`: transformers converts it with sentencepiece and protobuf, core requirements for that
+    reason. The converted tokenizer splits text as SentencePiece itself does."""
+    import sentencepiece
+
+    words = ["the", "draft", "tree", "accepts", "tokens", "that", "the", "target", "verifies"]
+    lines = [" ".join(words[(i + j) % len(words)] for j in range(6)) for i in range(100)]
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=48,
+                                             model_type="bpe", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    base = tmp_path / "base"
+    cfg = base_config("llama", vocab_size=48)
+    cfg.bos_token_id, cfg.eos_token_id = 1, 2
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    (base / "tokenizer.model").write_bytes(proto.getvalue())
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    save_head(random_head(head_config(cfg, "eagle1")), tmp_path / "head")
+    model = EaModel.from_pretrained(str(base), str(tmp_path / "head"), **TREE)
+    text = "the target accepts the draft tree"
+    ids = model.get_tokenizer()(text, add_special_tokens=False).input_ids
+    assert ids == sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue()).encode(text)
+    assert model.tokenizer.decode(ids) == text and model.tokenizer.eos_token_id == 2
 
 
 def test_a_tokenizer_of_custom_code_gets_trust_remote_code(tmp_path, monkeypatch):
