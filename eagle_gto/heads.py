@@ -68,6 +68,9 @@ def _check_rope_scaling(scaling) -> None:
         raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
     if kind != "default":
         _positive_number("rope_scaling factor", scaling.get("factor"))
+    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if kind == "llama3" and name in scaling:  # numbers in rope_inverse_frequencies (absent: Llama-3.1's)
+            _positive_number(f"rope_scaling {name}", scaling[name])
 
 
 @dataclass

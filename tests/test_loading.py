@@ -176,6 +176,10 @@ def test_swapped_paths_are_named(saved, head):
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope scaling type 'yarn'"),
     (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling factor must be a positive number, found None"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"}),
+     "rope_scaling low_freq_factor must be a positive number, found '1'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": None}),
+     "rope_scaling original_max_position_embeddings must be a positive number, found None"),
 ])
 def test_bad_head_config_values_name_the_file(saved, tmp_path, change, message):
     head = copy(saved / "eagle3", tmp_path / "head")
