@@ -435,6 +435,15 @@ def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
         build_head(load_checkpoint(str(head)))
 
 
+@pytest.mark.parametrize("key,shape", [("fc.weight", [64, 192]), ("embed_tokens.weight", [VOCAB, 64])])
+def test_integer_weights_are_refused_by_name(saved, tmp_path, key, shape):
+    """Integer tensors (a quantized export's, without its scales) were cast into the float weights silently."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({key: torch.ones(shape, dtype=torch.int8)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {key}: expected floating-point weights, found torch.int8"):
+        build_head(load_checkpoint(str(head)))
+
+
 def test_speculators_keys_tell_an_eagle3_head_without_a_config_that_says_so(tmp_path):
     """`layers.0.` keys (vLLM speculators naming) and a config.json without
     draft_vocab_size (a full draft vocabulary): the hidden_norm weight tells
