@@ -176,6 +176,7 @@ def test_swapped_paths_are_named(saved, head):
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope scaling type 'yarn'"),
     (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling factor must be a positive number, found None"),
+    (dict(qkv_bias="false"), "qkv_bias must be true or false, found 'false'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"}),
      "rope_scaling low_freq_factor must be a positive number, found '1'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": None}),
@@ -186,6 +187,14 @@ def test_bad_head_config_values_name_the_file(saved, tmp_path, change, message):
     edit_config(head, **change)
     with pytest.raises(CheckpointError, match=f"{head / 'config.json'}: {message}"):
         EaModel.from_pretrained(str(saved / "llama"), str(head))
+
+
+def test_an_eagle1_heads_bias_must_be_true_or_false(saved, tmp_path):
+    """`"bias": "false"` read as true: the head loaded with the fc bias the config said it has not."""
+    head = copy(saved / "eagle1", tmp_path / "head")
+    edit_config(head, bias="false")
+    with pytest.raises(CheckpointError, match=f"{head / 'config.json'}: bias must be true or false, found 'false'"):
+        load_checkpoint(str(head))
 
 
 def test_device_map_cuda_without_cuda(saved, monkeypatch):
