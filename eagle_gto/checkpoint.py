@@ -140,6 +140,9 @@ def _load_shards(path_or_id: str, index: Path, hub: dict | None) -> dict[str, to
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index}: not a shard index (a JSON object with a weight_map): "
                               f"{type(err).__name__}: {err}") from None
+    odd = [shard for shard in shards if not isinstance(shard, str)]  # (a path is built from each)
+    if odd:
+        raise CheckpointError(f"{index}: the weight_map maps tensors to {odd[0]!r}, not a shard's file name")
     state = {}
     for shard in shards:
         state.update(_load_tensors(resolve_file(path_or_id, shard, hub=hub)))

@@ -390,6 +390,17 @@ def test_a_sharded_head_loads(saved, tmp_path):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
+@pytest.mark.parametrize("shard", [None, 1])
+def test_a_head_shard_index_naming_no_file_is_refused(saved, tmp_path, shard):
+    """A shard name that is not a string failed with a raw TypeError from building its path."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    (head / "model.safetensors").unlink()
+    index = head / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"fc.weight": shard}}))
+    with pytest.raises(CheckpointError, match=f"{index}: the weight_map maps tensors to {shard}, not a shard's file"):
+        checkpoint.read_weights(str(head))
+
+
 def test_t2d_is_rebuilt_from_d2t_when_a_head_leaves_it_out(saved, tmp_path):
     """The reference never reads t2d; it is the set of target ids d2t maps to."""
     head = copy(saved / "eagle3", tmp_path / "head")
