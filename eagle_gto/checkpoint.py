@@ -140,6 +140,9 @@ def _load_shards(path_or_id: str, index: Path, hub: dict | None) -> dict[str, to
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index}: not a shard index (a JSON object with a weight_map): "
                               f"{type(err).__name__}: {err}") from None
+    odd = [shard for shard in shards if not isinstance(shard, str)]  # (a path is built from each)
+    if odd:
+        raise CheckpointError(f"{index}: the weight_map maps tensors to {odd[0]!r}, not a shard's file name")
     state = {}
     for shard in shards:
         state.update(_load_tensors(resolve_file(path_or_id, shard, hub=hub)))
@@ -257,6 +260,7 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
     with torch.device("meta"):
         head = HEAD_CLASSES[cfg.kind](cfg)
     expected = {k: v.shape for k, v in head.state_dict().items()}
+    floating = [k for k, v in head.state_dict().items() if v.is_floating_point()]
     state = dict(ckpt.state)
     embedding = state.pop("embed_tokens.weight", None)
     if cfg.kind == "eagle3" and cfg.draft_vocab_size == cfg.vocab_size:
@@ -282,6 +286,10 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
             f"tensor embed_tokens.weight: expected shape {[cfg.vocab_size, cfg.hidden_size]}, "
             f"found {list(embedding.shape)}"
         )
+    # Loading would cast integer tensors (a quantized export's, without its scales) into the float weights silently.
+    for key, tensor in [(k, state.get(k)) for k in floating] + [("embed_tokens.weight", embedding)]:
+        if tensor is not None and not tensor.is_floating_point():
+            problems.append(f"tensor {key}: expected floating-point weights, found {tensor.dtype}")
     if problems:
         if "fc.weight" not in state:
             problems.append("no fc.weight: not an EAGLE draft head (a base model? are base_model_path and "

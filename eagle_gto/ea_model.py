@@ -195,7 +195,7 @@ class EaModel(nn.Module):
         max_length=None: 2048, or the base's max_position_embeddings or sliding window if smaller."""
         prompt = self._check_prompt(input_ids)
         # Checked before anything is cached: the caches are kept per max_length.
-        max_length = self._max_length(max_length)
+        max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
@@ -232,7 +232,7 @@ class EaModel(nn.Module):
         servers at startup. Nothing is generated; sampling settings draw from
         torch's global random generator. Returns the number of steps run (0
         where steps run eagerly and uncompiled)."""
-        max_length = self._max_length(max_length)
+        max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
         with self._exclusive():
             decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
@@ -240,9 +240,9 @@ class EaModel(nn.Module):
                 return 0
             return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
 
-    def _max_length(self, max_length: int | None) -> int:
+    def _max_length(self, max_length: int | None, speculative: bool = True) -> int:
         max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
-        self.check_max_length(max_length)
+        self.check_max_length(max_length, speculative)
         return max_length
 
     @staticmethod
@@ -345,17 +345,29 @@ class EaModel(nn.Module):
         trained = getattr(self.base_model.config, "max_position_embeddings", None)
         return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH, trained or MAX_LENGTH)
 
-    def check_max_length(self, max_length: int) -> None:
-        """A ValueError when this model cannot decode with this context, a
-        warning when it was not trained for it (servers check their
-        --max-length once, at startup)."""
+    def check_max_length(self, max_length: int, speculative: bool = True) -> None:
+        """A ValueError when this model cannot decode with this context
+        (`speculative`: with draft trees), a warning when it was not trained
+        for it (servers check their --max-length once, at startup)."""
         window = self._sliding_window()
         if window and max_length > window:
             raise ValueError(
                 f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
                 f"full attention, so max_length must be <= {window}, got {max_length}"
             )
-        trained = getattr(self.base_model.config, "max_position_embeddings", None)
+        config = self.base_model.config
+        trained = getattr(config, "max_position_embeddings", None)
+        kind = length_dependent_rope(self.base_model)
+        # Past `limit`, such a rope rotates all tokens of a forward by the frequencies of its longest position: a draft
+        # tree's forward would rotate the tokens it verifies otherwise than plain decoding's one-token forwards do.
+        limit = trained
+        if kind == "longrope":  # (it switches at the original context)
+            limit = (getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings") or trained
+        if speculative and kind and limit and max_length > limit:
+            raise ValueError(f"this base model's {kind!r} rope scaling picks its rotary frequencies from the longest "
+                             f"position of each forward, so past {limit} positions speculative output would not equal "
+                             f"plain decoding's; max_length must be <= {limit}, got {max_length} (plain decoding, "
+                             "naivegenerate, has no such limit)")
         if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
             warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
                           "positions past it were not trained for", stacklevel=3)
@@ -415,13 +427,8 @@ class EaModel(nn.Module):
             # Quantized kernels (bitsandbytes, GPTQ, ...) are not checked under graph capture here.
             return "a quantized base model"
         # Dynamic NTK and LongRoPE read the longest position on the host in every forward, to pick frequencies.
-        for module in self.base_model.modules():
-            rope_type = getattr(module, "rope_type", None)
-            # (a dict per layer type in models that mix attention kinds, e.g. Gemma-3)
-            for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
-                if isinstance(kind, str) and ("dynamic" in kind or "longrope" in kind):
-                    return f"{kind!r} rope scaling"
-        return None
+        kind = length_dependent_rope(self.base_model)
+        return f"{kind!r} rope scaling" if kind else None
 
     def _check_graphs(self, wanted: bool | None) -> bool:
         reason = self._not_capturable()
@@ -479,6 +486,18 @@ class EaModel(nn.Module):
             if cost < best_cost:
                 best, best_cost = size, cost
         return best
+
+
+def length_dependent_rope(model: nn.Module) -> str | None:
+    """The rope scaling of a base whose rotary frequencies depend on the longest position of each forward
+    (dynamic NTK, LongRoPE), else None."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        # (a dict per layer type in models that mix attention kinds, e.g. Gemma-3)
+        for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
+            if isinstance(kind, str) and ("dynamic" in kind or "longrope" in kind):
+                return kind
+    return None
 
 
 def token_ids(name: str, value) -> torch.Tensor:

@@ -54,6 +54,14 @@ def _positive_number(name: str, value, default: float | None = None) -> float:
     return float(value)
 
 
+def _flag(cfg: dict, name: str, default: bool) -> bool:
+    """A true/false config value (absent: `default`); a string "false" would otherwise read as true."""
+    value = cfg.get(name, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, found {value!r}")
+    return value
+
+
 def rope_type(scaling: dict | None) -> str:
     """"default", "linear", "llama3", ... from a rope_scaling dict (old configs say "type")."""
     scaling = scaling or {}
@@ -68,6 +76,9 @@ def _check_rope_scaling(scaling) -> None:
         raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
     if kind != "default":
         _positive_number("rope_scaling factor", scaling.get("factor"))
+    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if kind == "llama3" and name in scaling:  # numbers in rope_inverse_frequencies (absent: Llama-3.1's)
+            _positive_number(f"rope_scaling {name}", scaling[name])
 
 
 @dataclass
@@ -128,7 +139,7 @@ class HeadConfig:
             variants = eagle3_variants(cfg)
         else:
             draft_vocab = vocab
-            fc_bias = cfg.get("bias", True)
+            fc_bias = _flag(cfg, "bias", True)
             layers = _positive_int("num_hidden_layers", cfg.get("num_hidden_layers"), 1)
         theta = cfg.get("rope_theta")
         rope_scaling = cfg.get("rope_scaling")
@@ -156,7 +167,7 @@ class HeadConfig:
             rope_theta=_positive_number("rope_theta", theta, 10000.0),
             rope_scaling=rope_scaling,
             fc_bias=fc_bias,
-            qkv_bias=cfg.get("qkv_bias", False),
+            qkv_bias=_flag(cfg, "qkv_bias", False),
             hidden_act=hidden_act,
             num_layers=layers,
             raw=dict(cfg),

@@ -5,6 +5,10 @@ and head kind, with heads that draft well enough to get tokens accepted."""
 import pytest
 import torch
 from tiny_pairs import VOCAB, trained_pair
+from transformers import AutoModelForCausalLM
+
+from eagle_gto import EaModel
+from eagle_gto.tiny import base_config, head_config, random_head
 
 ARCHS = ["llama", "qwen2", "qwen3", "mixtral"]
 KINDS = ["eagle1", "eagle3"]
@@ -59,3 +63,23 @@ def test_greedy_with_larger_tree_and_eagle_defaults():
         expected = model.naivegenerate(ids, max_new_tokens=NEW_TOKENS)
         assert out.tolist() == expected.tolist()
     assert sum(taus) / len(taus) > 1.5
+
+
+def test_dynamic_rope_bases_decode_speculatively_only_within_their_context():
+    """Dynamic NTK scaling picks the rotary frequencies of a whole forward from its longest position: past
+    max_position_embeddings a draft tree's forward rotated the tokens it verifies otherwise than plain decoding's
+    one-token forwards, and greedy outputs could differ (with sharper attention than here, at tokens whose top two
+    logits were 0.2 apart: no tie). Speculation is refused there; plain decoding is not; within the context the two
+    agree."""
+    torch.manual_seed(0)
+    config = base_config("llama", vocab_size=VOCAB, num_layers=3)
+    config.max_position_embeddings = 24
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 16.0, "rope_theta": 100.0}
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = EaModel(base, random_head(head_config(config, "eagle1")), None, total_token=24, depth=6, top_k=4)
+    ids = torch.tensor([[5, 17, 3, 60]])
+    with pytest.raises(ValueError, match=r"'dynamic' rope scaling .* max_length must be <= 24, got 100 \(plain"):
+        model.eagenerate(ids, max_new_tokens=30, max_length=100)
+    with pytest.warns(UserWarning, match="beyond the base model's max_position_embeddings"):
+        assert model.naivegenerate(ids, max_new_tokens=30, max_length=100).shape == (1, 34)
+    assert model.eagenerate(ids, max_new_tokens=20).tolist() == model.naivegenerate(ids, max_new_tokens=20).tolist()

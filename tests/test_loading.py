@@ -177,12 +177,25 @@ def test_swapped_paths_are_named(saved, head):
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope scaling type 'yarn'"),
     (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling factor must be a positive number, found None"),
+    (dict(qkv_bias="false"), "qkv_bias must be true or false, found 'false'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"}),
+     "rope_scaling low_freq_factor must be a positive number, found '1'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": None}),
+     "rope_scaling original_max_position_embeddings must be a positive number, found None"),
 ])
 def test_bad_head_config_values_name_the_file(saved, tmp_path, change, message):
     head = copy(saved / "eagle3", tmp_path / "head")
     edit_config(head, **change)
     with pytest.raises(CheckpointError, match=f"{head / 'config.json'}: {message}"):
         EaModel.from_pretrained(str(saved / "llama"), str(head))
+
+
+def test_an_eagle1_heads_bias_must_be_true_or_false(saved, tmp_path):
+    """`"bias": "false"` read as true: the head loaded with the fc bias the config said it has not."""
+    head = copy(saved / "eagle1", tmp_path / "head")
+    edit_config(head, bias="false")
+    with pytest.raises(CheckpointError, match=f"{head / 'config.json'}: bias must be true or false, found 'false'"):
+        load_checkpoint(str(head))
 
 
 def test_device_map_cuda_without_cuda(saved, monkeypatch):
@@ -404,6 +417,17 @@ def test_a_sharded_head_loads(saved, tmp_path):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
+@pytest.mark.parametrize("shard", [None, 1])
+def test_a_head_shard_index_naming_no_file_is_refused(saved, tmp_path, shard):
+    """A shard name that is not a string failed with a raw TypeError from building its path."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    (head / "model.safetensors").unlink()
+    index = head / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"fc.weight": shard}}))
+    with pytest.raises(CheckpointError, match=f"{index}: the weight_map maps tensors to {shard}, not a shard's file"):
+        checkpoint.read_weights(str(head))
+
+
 def test_t2d_is_rebuilt_from_d2t_when_a_head_leaves_it_out(saved, tmp_path):
     """The reference never reads t2d; it is the set of target ids d2t maps to."""
     head = copy(saved / "eagle3", tmp_path / "head")
@@ -455,6 +479,15 @@ def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
     edit_weights(head, lambda state: state.update({key: torch.zeros(shape[::-1])}))
     with pytest.raises(CheckpointError, match=rf"tensor {key}: expected shape \[{shape[0]}, {shape[1]}\], "
                                               rf"found \[{shape[1]}, {shape[0]}\]"):
+        build_head(load_checkpoint(str(head)))
+
+
+@pytest.mark.parametrize("key,shape", [("fc.weight", [64, 192]), ("embed_tokens.weight", [VOCAB, 64])])
+def test_integer_weights_are_refused_by_name(saved, tmp_path, key, shape):
+    """Integer tensors (a quantized export's, without its scales) were cast into the float weights silently."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({key: torch.ones(shape, dtype=torch.int8)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {key}: expected floating-point weights, found torch.int8"):
         build_head(load_checkpoint(str(head)))
 
 
