@@ -83,8 +83,8 @@ def accepted_length(model, prompts: list[list[int]], max_new_tokens: int) -> flo
 
 def humaneval_file(given: Path | None) -> Path | None:
     """The HumanEval questions to measure on. A file given with --humaneval
-    must exist (a typo would silently drop the set); the default, the
-    repository's shared/ data (`eagle_gto.demo.measure.DEFAULT_HUMANEVAL`,
+    must exist (a typo would silently drop the set); the default, shared/data
+    beside the repository (`eagle_gto.demo.measure.DEFAULT_HUMANEVAL`,
     absent outside that layout), is skipped with a note when missing."""
     from ..demo.measure import DEFAULT_HUMANEVAL
 
@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--eval-tree", default="60,7,10", help="total_token,depth,top_k of the tau measurement")
-    parser.add_argument("--humaneval", type=Path, help="HumanEval question.jsonl (must exist); none: the "
-                        "repository's shared/data/humaneval/question.jsonl, skipped with a note when missing")
+    parser.add_argument("--humaneval", type=Path, help="HumanEval question.jsonl (must exist); none: "
+                        "shared/data/humaneval/question.jsonl beside the repository, skipped with a note when "
+                        "missing")
     parser.add_argument("--ship", action="store_true", help="install the GTO head as the demo's gto head")
     parser.set_defaults(out="runs/gto-experiment", export_dtype="float16")
     args = parser.parse_args(argv)
