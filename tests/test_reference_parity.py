@@ -216,6 +216,13 @@ def test_a_run_reports_what_the_reference_does_differently(tmp_path, monkeypatch
     assert "acceptance first differs at iteration 1" in out and "other trees from iteration 2" in out
 
 
+def test_a_reference_path_without_the_reference_is_refused_before_this_engine_runs(tmp_path, monkeypatch):
+    """Not after this engine has answered every question (minutes of a lent GPU)."""
+    monkeypatch.setattr(parity, "run_ours", lambda args: pytest.fail("this engine ran before the check"))
+    with pytest.raises(SystemExit, match="the EAGLE reference cannot be imported from it .*No module named 'eagle'"):
+        parity.main(["--reference-path", str(tmp_path / "nowhere")])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--benches", "mt_bench,foo"], "unknown foo"),
     (["--benches", ","], "none given"),

@@ -224,16 +224,32 @@ def reference_rule_paths(root: int, tokens, scores, parents, total_token: int) -
     return node_paths([root] + tokens[kept].tolist(), mask.tolist(), (mask.sum(dim=1) - 1).tolist())
 
 
+def reference_env(reference_path: str) -> dict:
+    """The environment of the reference side: `reference_path` first on PYTHONPATH."""
+    paths = [reference_path, str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def check_reference(reference_path: str) -> None:
+    """Exit at once when the reference cannot be imported from `reference_path`, rather than after this engine
+    has answered every question (minutes of a lent GPU)."""
+    probe = "import transformers, eagle.model.ea_model; print(transformers.__version__)"
+    done = subprocess.run([sys.executable, "-c", probe], env=reference_env(reference_path), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"--reference-path {reference_path}: the EAGLE reference cannot be imported from it "
+                         f"({last}); it needs transformers 4.53 and an EAGLE checkout (the folder holding eagle/)")
+
+
 def run_reference(job: dict, reference_path: str) -> dict:
     """Run the reference side in a subprocess with `reference_path` first on PYTHONPATH."""
     with tempfile.TemporaryDirectory(prefix="eagle-parity-") as folder:
         job_file, result_file = Path(folder) / "job.json", Path(folder) / "result.json"
         job_file.write_text(json.dumps(job))
-        paths = [reference_path, str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         command = [sys.executable, "-m", "eagle_gto.benchmarks.reference_parity", "--reference-path",
                    reference_path, "--reference-side", str(job_file), str(result_file)]
-        done = subprocess.run(command, env=env)
+        done = subprocess.run(command, env=reference_env(reference_path))
         if done.returncode != 0 or not result_file.is_file():
             raise SystemExit(f"the reference side failed (exit status {done.returncode}); its output is above")
         return json.loads(result_file.read_text())
@@ -425,6 +441,7 @@ def main(argv=None) -> dict:
     if args.reference_side:
         reference_side(*args.reference_side)
         return {}
+    check_reference(args.reference_path)
     import torch
     import transformers
 
