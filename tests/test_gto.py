@@ -177,6 +177,28 @@ def test_training_trees_are_the_decoding_trees(pair, monkeypatch):
     assert checked > 10
 
 
+def test_training_trees_break_ties_as_the_engine_does(pair):
+    """A head whose draft tokens come in groups of 8 with equal logits: every
+    level of the expansion meets exact ties, and the engine's top-k
+    (`vocab_top_k`, two rounds over vocabulary chunks) orders tied tokens
+    differently from torch.topk. The training trees must still be the
+    engine's, node for node (else GTO scores trees decoding never drafts)."""
+    head = copy.deepcopy(pair.ea_layer)
+    attach_head(pair.base_model, head)
+    with torch.no_grad():
+        weight = head.lm_head.weight
+        weight.copy_(weight[:8].repeat(weight.shape[0] // 8, 1))
+    seq = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    target = target_pass(pair.base_model, seq, pair._target.feature_layers)
+    roots = Roots(torch.zeros(4, dtype=torch.long), torch.tensor([1, 7, 15, 28]))
+    batch = draft_trees(head, head_pass(head, target), target, roots, **TREE)
+    for b, r in enumerate(roots.pos.tolist()):
+        drafter = Drafter(head, 64)
+        last = drafter.extend(target.features[0, :r], seq[0, 1 : r + 1])
+        tree = drafter.draft_tree(last, seq[0, r], **TREE)
+        assert torch.equal(batch.tokens[b], tree.tokens) and torch.equal(batch.parents[b], tree.parents)
+
+
 def test_target_features_match_the_trainer(pair):
     """GTO's target pass gives the EAGLE-3 trainer's features and logits."""
     seqs = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
