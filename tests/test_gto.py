@@ -229,6 +229,32 @@ def test_teacher_forced_branch_logprob_equals_the_tree_score(pair):
         assert logp[b].item() == pytest.approx(tree.scores[node].item(), abs=1e-4)
 
 
+def test_branch_logprob_follows_d2t_when_draft_ids_are_not_in_target_order(pair):
+    """The pair's head with its draft ids permuted (lm_head rows and d2t
+    together: a checkpoint the loader accepts) drafts the same trees and must
+    give the same log M(Ŝ): the tokens are mapped to draft ids through d2t,
+    not through t2d's ascending order."""
+    head, base = pair.ea_layer, pair.base_model
+    other = copy.deepcopy(head)
+    attach_head(base, other)
+    draft = torch.arange(head.config.draft_vocab_size)
+    perm = torch.randperm(len(draft), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        other.lm_head.weight.copy_(head.lm_head.weight[perm])
+        other.d2t.copy_((draft + head.d2t)[perm] - draft)
+    seqs = greedy_windows(pair, 2, 40, seed=1)
+    target = target_pass(base, seqs, pair._target.feature_layers)
+    roots = group_roots(torch.ones(2, 40, dtype=torch.bool), 4, 3, torch.Generator().manual_seed(0))
+    state = head_pass(head, target)
+    trees = draft_trees(head, state, target, roots, **TREE)
+    assert torch.equal(draft_trees(other, head_pass(other, target), target, roots, **TREE).tokens, trees.tokens)
+    tokens, lengths = accepted_paths(trees, verify_trees(base, target, roots, trees).choices)
+    assert lengths.max() >= 2
+    want = path_logprob(head, state, roots, tokens, lengths)
+    got = path_logprob(other, head_pass(other, target), roots, tokens, lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------- policy
 def test_group_roots_are_adjacent_and_eligible():
     eligible = torch.ones(3, 50, dtype=torch.bool)
