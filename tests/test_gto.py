@@ -199,6 +199,30 @@ def test_training_trees_break_ties_as_the_engine_does(pair):
         assert torch.equal(batch.tokens[b], tree.tokens) and torch.equal(batch.parents[b], tree.parents)
 
 
+def test_verdict_choices_are_the_argmax_of_the_logits(pair, monkeypatch):
+    """The greedy choice at each node is the engine's: the argmax of the
+    target's logits. Logits whose top two differ by one float32 ulp (1.0 and
+    the next float) come out of log_softmax equal here, so an argmax of the
+    log-probs took token 0 where the engine takes token 1."""
+    from eagle_gto.gto import trees as gto_trees
+
+    top = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    assert torch.log_softmax(torch.cat((torch.tensor([1.0, top]), torch.zeros(VOCAB - 2))), 0).argmax() == 0
+
+    def near_tie(lm_head_output, config):
+        logits = torch.zeros_like(lm_head_output)
+        logits[..., 0], logits[..., 1] = 1.0, top
+        return logits
+
+    seq = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    target = target_pass(pair.base_model, seq, pair._target.feature_layers)
+    roots = Roots(torch.zeros(2, dtype=torch.long), torch.tensor([5, 12]))
+    trees = draft_trees(pair.ea_layer, head_pass(pair.ea_layer, target), target, roots, **TREE)
+    monkeypatch.setattr(gto_trees, "model_logits", near_tie)
+    verdict = verify_trees(pair.base_model, target, roots, trees)
+    assert (verdict.choices == 1).all()
+
+
 def test_target_features_match_the_trainer(pair):
     """GTO's target pass gives the EAGLE-3 trainer's features and logits."""
     seqs = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))

@@ -242,11 +242,14 @@ def verify_trees(base, target: TargetPass, roots: Roots, trees: TreeBatch, chunk
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        logp = torch.log_softmax(model_logits(lm_head(hidden), base.config).float(), dim=-1)  # [b, T, V]
+        logits = model_logits(lm_head(hidden), base.config)  # [b, T, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         parents, tokens = trees.parents[rows].to(device), trees.tokens[rows].to(device)
         b = torch.arange(parents.shape[0], device=device)[:, None]
         own = logp[b, parents, tokens]
         own[:, 0] = 0.0  # the root is the target's own token
         node_logp.append(own)
-        choices.append(logp.argmax(dim=-1))
+        # The argmax of the logits, as the engine's greedy choice: log_softmax may round two top logits that
+        # differ by one ulp to the same value, and argmax would then take the first.
+        choices.append(logits.argmax(dim=-1))
     return Verdict(torch.cat(node_logp), torch.cat(choices))
