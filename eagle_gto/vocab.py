@@ -24,8 +24,11 @@ def build_vocab_mapping(token_counts: torch.Tensor, draft_vocab_size: int) -> tu
     return d2t, t2d
 
 
-def target_to_draft(t2d: torch.Tensor) -> torch.Tensor:
-    """[V] long: the draft id of each target id, -1 outside the draft vocabulary."""
-    index = torch.full(t2d.shape, -1, dtype=torch.long, device=t2d.device)
-    index[t2d] = torch.arange(int(t2d.sum()), device=t2d.device)
+def target_to_draft(d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] long: the draft id of each target id (target = draft +
+    d2t[draft]), -1 outside the draft vocabulary. Read from d2t, not t2d: a
+    checkpoint's d2t may list its target ids in any order (t2d has none)."""
+    draft = torch.arange(d2t.shape[0], device=d2t.device)
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=d2t.device)
+    index[draft + d2t] = draft
     return index

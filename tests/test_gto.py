@@ -177,6 +177,52 @@ def test_training_trees_are_the_decoding_trees(pair, monkeypatch):
     assert checked > 10
 
 
+def test_training_trees_break_ties_as_the_engine_does(pair):
+    """A head whose draft tokens come in groups of 8 with equal logits: every
+    level of the expansion meets exact ties, and the engine's top-k
+    (`vocab_top_k`, two rounds over vocabulary chunks) orders tied tokens
+    differently from torch.topk. The training trees must still be the
+    engine's, node for node (else GTO scores trees decoding never drafts)."""
+    head = copy.deepcopy(pair.ea_layer)
+    attach_head(pair.base_model, head)
+    with torch.no_grad():
+        weight = head.lm_head.weight
+        weight.copy_(weight[:8].repeat(weight.shape[0] // 8, 1))
+    seq = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    target = target_pass(pair.base_model, seq, pair._target.feature_layers)
+    roots = Roots(torch.zeros(4, dtype=torch.long), torch.tensor([1, 7, 15, 28]))
+    batch = draft_trees(head, head_pass(head, target), target, roots, **TREE)
+    for b, r in enumerate(roots.pos.tolist()):
+        drafter = Drafter(head, 64)
+        last = drafter.extend(target.features[0, :r], seq[0, 1 : r + 1])
+        tree = drafter.draft_tree(last, seq[0, r], **TREE)
+        assert torch.equal(batch.tokens[b], tree.tokens) and torch.equal(batch.parents[b], tree.parents)
+
+
+def test_verdict_choices_are_the_argmax_of_the_logits(pair, monkeypatch):
+    """The greedy choice at each node is the engine's: the argmax of the
+    target's logits. Logits whose top two differ by one float32 ulp (1.0 and
+    the next float) come out of log_softmax equal here, so an argmax of the
+    log-probs took token 0 where the engine takes token 1."""
+    from eagle_gto.gto import trees as gto_trees
+
+    top = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    assert torch.log_softmax(torch.cat((torch.tensor([1.0, top]), torch.zeros(VOCAB - 2))), 0).argmax() == 0
+
+    def near_tie(lm_head_output, config):
+        logits = torch.zeros_like(lm_head_output)
+        logits[..., 0], logits[..., 1] = 1.0, top
+        return logits
+
+    seq = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    target = target_pass(pair.base_model, seq, pair._target.feature_layers)
+    roots = Roots(torch.zeros(2, dtype=torch.long), torch.tensor([5, 12]))
+    trees = draft_trees(pair.ea_layer, head_pass(pair.ea_layer, target), target, roots, **TREE)
+    monkeypatch.setattr(gto_trees, "model_logits", near_tie)
+    verdict = verify_trees(pair.base_model, target, roots, trees)
+    assert (verdict.choices == 1).all()
+
+
 def test_target_features_match_the_trainer(pair):
     """GTO's target pass gives the EAGLE-3 trainer's features and logits."""
     seqs = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
@@ -205,6 +251,32 @@ def test_teacher_forced_branch_logprob_equals_the_tree_score(pair):
             children = ((tree.parents == node) & (tree.tokens == token)).nonzero().flatten()
             node = int(children[children > 0][0])
         assert logp[b].item() == pytest.approx(tree.scores[node].item(), abs=1e-4)
+
+
+def test_branch_logprob_follows_d2t_when_draft_ids_are_not_in_target_order(pair):
+    """The pair's head with its draft ids permuted (lm_head rows and d2t
+    together: a checkpoint the loader accepts) drafts the same trees and must
+    give the same log M(Ŝ): the tokens are mapped to draft ids through d2t,
+    not through t2d's ascending order."""
+    head, base = pair.ea_layer, pair.base_model
+    other = copy.deepcopy(head)
+    attach_head(base, other)
+    draft = torch.arange(head.config.draft_vocab_size)
+    perm = torch.randperm(len(draft), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        other.lm_head.weight.copy_(head.lm_head.weight[perm])
+        other.d2t.copy_((draft + head.d2t)[perm] - draft)
+    seqs = greedy_windows(pair, 2, 40, seed=1)
+    target = target_pass(base, seqs, pair._target.feature_layers)
+    roots = group_roots(torch.ones(2, 40, dtype=torch.bool), 4, 3, torch.Generator().manual_seed(0))
+    state = head_pass(head, target)
+    trees = draft_trees(head, state, target, roots, **TREE)
+    assert torch.equal(draft_trees(other, head_pass(other, target), target, roots, **TREE).tokens, trees.tokens)
+    tokens, lengths = accepted_paths(trees, verify_trees(base, target, roots, trees).choices)
+    assert lengths.max() >= 2
+    want = path_logprob(head, state, roots, tokens, lengths)
+    got = path_logprob(other, head_pass(other, target), roots, tokens, lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------- policy

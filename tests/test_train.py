@@ -1,6 +1,7 @@
 """Draft-head training (eagle_gto.train): data, features, the TTT unroll and
 its loss, the training loop with resume, export and reload."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -218,7 +219,8 @@ def test_draft_vocab_from_trained_tokens():
     assert used.tolist() == [3, 9, 11] and head.d2t.tolist() == [3, 8, 9]
     assert head.t2d.nonzero().flatten().tolist() == [3, 9, 11]
     # and back: the draft id of each target id, -1 outside the draft vocabulary
-    assert target_to_draft(head.t2d).tolist() == [used.tolist().index(j) if j in used else -1 for j in range(VOCAB)]
+    expected = [used.tolist().index(j) if j in used else -1 for j in range(VOCAB)]
+    assert target_to_draft(head.d2t, VOCAB).tolist() == expected
     # The head's output layer starts as the target's rows of those tokens.
     assert torch.equal(head.lm_head.weight, base.lm_head.weight[used])
 
@@ -371,6 +373,39 @@ def test_ttt_loss_is_the_weighted_cross_entropy_on_the_draft_vocabulary():
     assert skipped > 0  # some targets' top-1 lie outside the draft vocabulary
     torch.testing.assert_close(torch.stack(out.step_losses), torch.stack(expected))
     torch.testing.assert_close(out.loss, sum(weight**s * loss for s, loss in enumerate(expected)))
+
+
+def permuted_vocab(head, seed: int = 0):
+    """The same head with its draft ids listed in another order: lm_head rows
+    and d2t permuted together (a valid checkpoint; t2d is unchanged), so it
+    drafts the same target tokens with the same probabilities."""
+    other = copy.deepcopy(head)
+    draft = torch.arange(head.config.draft_vocab_size)
+    perm = torch.randperm(len(draft), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        other.lm_head.weight.copy_(head.lm_head.weight[perm])
+        other.d2t.copy_((draft + head.d2t)[perm] - draft)
+    return other
+
+
+def test_ttt_loss_follows_d2t_when_draft_ids_are_not_in_target_order():
+    """A checkpoint's d2t may list its target ids in any order (the loader
+    accepts it; t2d cannot express an order). The loss must pair draft id i
+    with target id i + d2t[i], so the same head with its draft ids permuted
+    has the same losses; pairing by t2d's ascending order trained each draft
+    id towards another token's probability."""
+    base = make_base()
+    head = random_head(head_config(base.config, "eagle3", draft_vocab_size=40), seed=1,
+                       token_counts=torch.rand(VOCAB, generator=torch.Generator().manual_seed(2)))
+    head.attach_embedding(base.get_input_embeddings().weight)
+    other = permuted_vocab(head)
+    assert not torch.equal(torch.arange(40) + other.d2t, other.t2d.nonzero().flatten())  # not ascending
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    out = target_outputs(base, ids)
+    mask = torch.ones_like(ids)
+    want, got = (ttt_loss(h, out.features, ids, out.logits, mask, steps=3) for h in (head, other))
+    torch.testing.assert_close(torch.stack(got.step_losses), torch.stack(want.step_losses))
+    assert got.step_accuracy == want.step_accuracy
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine():

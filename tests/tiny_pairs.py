@@ -66,7 +66,7 @@ def fit_head(base, kind: str, steps: int = 250, seed: int = 0, draft_vocab: int 
     head.float()
     labels = seqs[:, 2:]
     if kind == "eagle3":
-        labels = target_to_draft(head.t2d)[labels]
+        labels = target_to_draft(head.d2t, base.config.vocab_size)[labels]
     n = seqs.shape[1] - 2
     positions = torch.arange(n)[None]
     mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]

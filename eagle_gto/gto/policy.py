@@ -88,7 +88,10 @@ def path_logprob(head: DraftHead, state: HeadPass, roots: Roots, tokens: torch.T
     seq, pos = roots.seq.to(device), roots.pos.to(device)
     tokens, lengths = tokens.to(device), lengths.to(device)
     B, D = tokens.shape
-    draft_ids = target_to_draft(head.t2d)[tokens].clamp_min(0) if head.kind == "eagle3" else tokens
+    if head.kind == "eagle3":
+        draft_ids = target_to_draft(head.d2t, head.config.vocab_size).to(device)[tokens].clamp_min(0)
+    else:
+        draft_ids = tokens
     caches = []
     for keys, values in zip(state.keys, state.values):
         # Concatenating keys (not writing into a buffer) keeps the views autograd saved valid.

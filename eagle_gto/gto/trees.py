@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..drafter import prefix_mask
+from ..drafter import prefix_mask, vocab_chunk, vocab_top_k
 from ..heads import DraftHead
 from ..kv_cache import KVBuffer, TargetKVCache
 from ..target import decoder_layers, model_logits
@@ -164,10 +164,12 @@ def draft_trees(head: DraftHead, state: HeadPass, target: TargetPass, roots: Roo
     seq, pos = roots.seq.to(device), roots.pos.to(device)
     roots = Roots(seq, pos)
     B = len(roots)
+    # The engine's own top-k (not torch.topk): tied log-probs must come out in the same order, or the trees differ.
+    chunk = vocab_chunk(head.config.draft_vocab_size)
     caches = prefix_caches(state, roots, k * depth)
     last_out = state.out[seq, pos - 1]  # [B, h]
     logp = torch.log_softmax(head.draft_logits(last_out).float(), dim=-1)
-    scores, ids = logp.topk(k, dim=-1)  # [B, k]
+    scores, ids = vocab_top_k(logp, k, chunk)  # [B, k]
     tokens = head.to_target_ids(ids)
     cand_tokens, cand_scores = [tokens], [scores]
     cand_parents = [torch.zeros(B, k, dtype=torch.long, device=device)]
@@ -183,7 +185,7 @@ def draft_trees(head: DraftHead, state: HeadPass, target: TargetPass, roots: Roo
         mask = torch.cat((seen, history), dim=2)[:, None]  # [B, 1, k, n + k*(level+1)]
         out = head(f_hidden, f_tokens, positions, mask, caches)  # [B, k, h]
         logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
-        child_p, child_ids = logp.topk(k, dim=-1)  # [B, k, k]
+        child_p, child_ids = vocab_top_k(logp, k, chunk)  # [B, k, k]
         cum = (child_p + f_scores[:, :, None]).flatten(1)  # [B, k*k]
         child_tokens = head.to_target_ids(child_ids).flatten(1)
         cand_tokens.append(child_tokens)
@@ -240,11 +242,14 @@ def verify_trees(base, target: TargetPass, roots: Roots, trees: TreeBatch, chunk
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        logp = torch.log_softmax(model_logits(lm_head(hidden), base.config).float(), dim=-1)  # [b, T, V]
+        logits = model_logits(lm_head(hidden), base.config)  # [b, T, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         parents, tokens = trees.parents[rows].to(device), trees.tokens[rows].to(device)
         b = torch.arange(parents.shape[0], device=device)[:, None]
         own = logp[b, parents, tokens]
         own[:, 0] = 0.0  # the root is the target's own token
         node_logp.append(own)
-        choices.append(logp.argmax(dim=-1))
+        # The argmax of the logits, as the engine's greedy choice: log_softmax may round two top logits that
+        # differ by one ulp to the same value, and argmax would then take the first.
+        choices.append(logits.argmax(dim=-1))
     return Verdict(torch.cat(node_logp), torch.cat(choices))

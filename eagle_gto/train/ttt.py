@@ -104,6 +104,8 @@ def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, 
     t2d = head.t2d.to(device)
     target_top = target_logits.argmax(-1)  # [b, n] target ids
     draftable = t2d[target_top]
+    # The target id of each draft id, in draft-id order: a checkpoint's d2t need not list them ascending as t2d does.
+    draft_targets = head.to_target_ids(torch.arange(int(t2d.sum()), device=device))
     losses, accuracy, counts = [], [], []
     total = features.new_zeros((), dtype=torch.float32)
     outputs = unroll(head, head.project_features(features), input_ids, steps)
@@ -113,7 +115,7 @@ def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, 
         weight = (counted & shift(draftable, 1 + s)).float()
         logp = torch.log_softmax(head.draft_logits(out).float(), dim=-1)
         with torch.no_grad():
-            target_p = torch.softmax(shift(target_logits, 1 + s)[..., t2d].float(), dim=-1)
+            target_p = torch.softmax(shift(target_logits, 1 + s)[..., draft_targets].float(), dim=-1)
         per_position = -(target_p * logp).sum(-1)
         loss = (per_position * weight).sum() / weight.sum().clamp(min=1)
         with torch.no_grad():
