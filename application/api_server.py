@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import (ChatRunner, ContextLengthError, GenerationOptions, TextStream, build_parser, check_address,
-                     load_runner, model_name)
+from .common import (ChatRunner, ContextLengthError, GenerationOptions, StopStrings, TextStream, build_parser,
+                     check_address, load_runner, model_name)
 
 log = logging.getLogger("eagle_gto.api")
 
@@ -140,43 +140,6 @@ class APIError(Exception):
 
 
 # ----------------------------------------------------------------- answers
-class StopStrings:
-    """Cuts the answer before the stop string that is complete first (the one
-    plain decoding would meet first, however many tokens a step brings). Text
-    that might be the start of one is held back until the next text shows it
-    is not."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-        self.end: int | None = None  # where the stop string that was hit ends in the text
-
-    @property
-    def hit(self) -> bool:
-        return self.end is not None
-
-    def feed(self, new: str) -> str:
-        self.text += new
-        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
-        if found:
-            self.end, cut = min(found)
-            return self._send(cut)
-        # Only unsent text can start a stop string (sent text was not the start of one), so the prefixes tried
-        # are no longer than it: a long stop string costs no more than a short one.
-        unsent = len(self.text) - self.sent
-        hold = max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
-                   default=0)
-        return self._send(len(self.text) - hold)
-
-    def flush(self) -> str:
-        return self._send(len(self.text))
-
-    def _send(self, end: int) -> str:
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
-
-
 class Endpoint:
     """How one endpoint writes an answer: chat messages or plain text."""
 
@@ -282,7 +245,8 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         async with model_lock:
             updates = runner.generate(prompt_ids, options, chat)
             try:
-                stopper = StopStrings(stops)
+                # A chat answer also ends before its format's end of turn written as text (ChatRunner.stop_strings).
+                stopper = StopStrings(stops + list(runner.stop_strings) if chat else stops)
                 while True:
                     # Not cancellable mid-step: a disconnect waits for the step, then closes the generation.
                     update = await anyio.to_thread.run_sync(next, updates)

@@ -1,6 +1,7 @@
 """What the web UI and the HTTP API share: the command line, model loading,
-and `ChatRunner`, which turns one request into a stream of text updates on
-the one shared model, one request at a time."""
+stop strings over streamed text (`StopStrings`) and `ChatRunner`, which
+turns one request into a stream of text updates on the one shared model,
+one request at a time."""
 
 from __future__ import annotations
 
@@ -200,6 +201,43 @@ class TextStream:
         return text
 
 
+class StopStrings:
+    """Cuts the answer before the stop string that is complete first (the one
+    plain decoding would meet first, however many tokens a step brings). Text
+    that might be the start of one is held back until the next text shows it
+    is not."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.end: int | None = None  # where the stop string that was hit ends in the text
+
+    @property
+    def hit(self) -> bool:
+        return self.end is not None
+
+    def feed(self, new: str) -> str:
+        self.text += new
+        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        if found:
+            self.end, cut = min(found)
+            return self._send(cut)
+        # Only unsent text can start a stop string (sent text was not the start of one), so the prefixes tried
+        # are no longer than it: a long stop string costs no more than a short one.
+        unsent = len(self.text) - self.sent
+        hold = max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
+                   default=0)
+        return self._send(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._send(len(self.text))
+
+    def _send(self, end: int) -> str:
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
 def check_text(text: str) -> None:
     """Text a tokenizer can encode: JSON may carry a lone surrogate (a client
     that cut a string inside an emoji), which is not Unicode text."""
@@ -228,6 +266,9 @@ class ChatRunner:
         self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
         self.is_llama3 = chat_format(model_type).is_llama3
         self.stop_token_ids = stop_token_ids(self.tokenizer, model_type)
+        # The format's end of turn as text (qwen's <|im_end|>, which a tokenizer without it as one token writes
+        # so): a chat answer ends before it, as gen_answer's and the CLI's do (chat.answer_text).
+        self.stop_strings = chat_format(model_type).stop_strings
         try:
             self.answer_lead = answer_lead(model_type, self.tokenizer)
         except TemplateError:  # a template that refuses a one-question conversation: nothing to leave out

@@ -18,7 +18,7 @@ from contextlib import closing
 
 import gradio as gr
 
-from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, build_parser,
+from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, StopStrings, build_parser,
                      check_address, load_runner, model_name)
 
 log = logging.getLogger("eagle_gto.webui")
@@ -115,21 +115,29 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
+        # The format's end of turn written as text ends the answer there, as in the API and gen_answer.
+        stopper = StopStrings(runner.stop_strings)
         try:
             with closing(runner.generate(runner.chat_prompt(asked), options, chat=True)) as updates:
                 for update in updates:
-                    answer += update.text
-                    pieces += "".join(by_origin(text, drafted) for text, drafted in update.pieces)
-                    if last_shown is not None and not update.step.finished \
-                            and time.monotonic() - last_shown < UPDATE_INTERVAL:
+                    for text, drafted in update.pieces:
+                        shown = stopper.feed(text)
+                        answer, pieces = answer + shown, pieces + (by_origin(shown, drafted) if shown else "")
+                    done = update.step.finished or stopper.hit
+                    if update.step.finished and not stopper.hit:  # text held back as a stop string's possible start
+                        rest = stopper.flush()
+                        answer, pieces = answer + rest, pieces + (by_origin(rest, False) if rest else "")
+                    if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
                     chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
-                    state = (finished(update.stats, options.max_new_tokens) if update.step.finished
+                    state = (DONE if stopper.hit else finished(update.stats, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
                     yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
+                    if stopper.hit:  # (closing the updates frees the model)
+                        break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
             title = ERROR_TITLES.get(type(err))
             if title is None:

@@ -11,7 +11,8 @@ import torch
 
 from . import EaModel
 from .acceptance import SamplingParams
-from .chat import MODEL_TYPES, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from .chat import (MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
+                   stop_token_ids)
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -103,7 +104,10 @@ def main(argv=None) -> int:
     out = model.eagenerate(ids, **options)
     spec = model.last_stats
     print(args.prompt, end="")
-    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    # As the servers and gen_answer write an answer: decoded after the prompt (a SentencePiece decoder alone drops
+    # the first word's space) and cut before the format's stop string.
+    print(answer_text(tokenizer, ids[0].tolist(), out[0, ids.shape[1]:].tolist(),
+                      stop_strings=chat_format(args.model_type).stop_strings))
     print("-" * 60)
     if spec.finish_reason == "length" and spec.new_tokens < args.max_new_tokens:
         print(f"(the answer ended where the context of {context} tokens is full)")

@@ -102,6 +102,27 @@ def test_stop_strings_and_usage_agree_in_both_modes(client, stream, stops, text)
         assert (answer, reason, usage["completion_tokens"]) == (text, "stop", 6), f"speculative={speculative}"
 
 
+def test_a_chat_answer_ends_before_the_formats_end_of_turn_written_as_text():
+    """A tokenizer without Qwen's <|im_end|> as one token writes it as text: a chat answer ends before it, as
+    gen_answer's (chat.answer_text) does, and usage counts the tokens up to it; a completion is raw text."""
+    from eagle_gto.chat import answer_lead, answer_text, chat_format
+
+    answer = " yes<|im_end|>\n<|im_start|>user\nmore"
+    runner = ChatRunner(ScriptedModel(answer), "qwen")
+    messages = [{"role": "user", "content": "can you?"}]
+    tokenizer = runner.tokenizer
+    written = answer_text(tokenizer, runner.chat_prompt(messages), tokenizer(answer).input_ids,
+                          answer_lead("qwen", tokenizer), chat_format("qwen").stop_strings)
+    assert written == " yes"
+    with TestClient(create_app(runner, "scripted", 100)) as client:
+        for speculative in (True, False):
+            for stream in (False, True):
+                options = {"max_tokens": 100, "speculative": speculative, "stream": stream}
+                text, reason, usage = complete(client, {"messages": messages, **options}, chat=True)
+                assert (text, reason, usage["completion_tokens"]) == (written, "stop", len(" yes<|im_end|>"))
+                assert complete(client, {"prompt": "can you?", **options})[:2] == (answer, "length")
+
+
 @pytest.mark.parametrize("stop", ["😀", "d€", "é", "x", "€é😀"])
 def test_usage_after_a_stop_string_counts_tokens_not_steps(stop):
     """One token per byte: a step may end inside a character, whose text comes with the next step. Usage

@@ -306,3 +306,42 @@ def test_cli_prompt_fits_with_one_token_to_spare(model, monkeypatch, capsys):
     monkeypatch.setattr(model, "default_max_length", lambda: length + 1)
     assert cli.main(argv) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_cli_prints_the_answer_as_the_servers_and_gen_answer_write_it(model, monkeypatch, capsys):
+    """The answer is cut before the format's stop string (a tokenizer without Qwen's <|im_end|> as one token
+    writes it as text), as gen_answer and regeneration cut it."""
+    prompt = "def f(x):\n"
+    eagenerate = model.eagenerate
+
+    def writes_the_end_as_text(input_ids, **options):
+        eagenerate(input_ids, **options)  # (its stats)
+        answer = model.tokenizer(" yes<|im_end|>\n<|im_start|>user", add_special_tokens=False).input_ids
+        return torch.cat([input_ids, torch.tensor([answer])], dim=1)
+
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    monkeypatch.setattr(model, "eagenerate", writes_the_end_as_text)
+    assert cli.main(["--model-type", "qwen", "--prompt", prompt, "--max-new-tokens", "4", "--no-compare"]) == 0
+    assert capsys.readouterr().out.split("-" * 60)[0] == prompt + " yes\n"
+
+
+def test_cli_keeps_the_space_before_a_sentencepiece_answers_first_word(monkeypatch, capsys):
+    """Decoded alone, "▁def" is "def": the answer is decoded after the prompt, as the servers decode it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from eagle_gto.tiny import base_config, head_config, random_head
+
+    words = ["▁yes", "▁no", "▁def"]
+    sentencepiece = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="▁no"))
+    sentencepiece.pre_tokenizer, sentencepiece.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece)
+    torch.manual_seed(0)
+    config = base_config(vocab_size=len(words))
+    tiny = EaModel(AutoModelForCausalLM.from_config(config).eval(), random_head(head_config(config, "eagle3")),
+                   tokenizer, total_token=8, depth=3, top_k=2)
+    monkeypatch.setattr(cli, "load_model", lambda args: tiny)
+    assert cli.main(["--model-type", "plain", "--prompt", "def", "--max-new-tokens", "6", "--no-compare"]) == 0
+    answer = tiny.eagenerate(torch.tensor([tokenizer("def").input_ids]), max_new_tokens=6)[0, 1:]
+    written = "".join(tokenizer.convert_ids_to_tokens(answer.tolist())).replace("▁", " ")  # every word's space
+    assert capsys.readouterr().out.split("-" * 60)[0] == "def" + written + "\n"

@@ -21,7 +21,7 @@ from test_api_scripted import ScriptedModel
 
 from application import webui
 from application.common import ChatRunner
-from application.webui import ANSWER_LIMIT, CONTEXT_FULL, GENERATING, WAITING, build_ui
+from application.webui import ANSWER_LIMIT, CONTEXT_FULL, DONE, GENERATING, WAITING, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -359,6 +359,19 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     assert history[-1] == {"role": "assistant", "content": "yes"}
     written = runner.chat_prompt(history[:1]) + runner.tokenizer(" yes").input_ids
     assert runner.chat_prompt(history + [{"role": "user", "content": "?"}])[:len(written)] == written
+
+
+@pytest.mark.parametrize("interval", [0, 1e9], ids=["every-step", "first-and-last"])
+def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypatch, interval):
+    """Called directly (no browser): a tokenizer without Qwen's <|im_end|> as one token writes it as text; the
+    answer ends before it, as gen_answer's and the API's do, and the model is free again."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
+    runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 100)
+    assert (last[0][-1], last[4]) == ({"role": "assistant", "content": " yes"}, DONE)
+    assert "im_end" not in last[3] and not runner.busy  # the draft panel too
 
 
 def test_a_chat_template_refusal_shows_its_message():
