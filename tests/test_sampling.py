@@ -157,6 +157,17 @@ def test_top_p_at_an_exact_boundary_keeps_what_transformers_keeps(top_p, kept):
     expected = TopPLogitsWarper(top_p)(None, logits.clone()).softmax(-1)
     assert int((probs > 0).sum()) == int((expected > 0).sum()) == kept
     assert torch.equal(probs[probs > 0], torch.full((kept,), 1 / kept))
+    assert torch.equal(probs, expected)  # the same tokens, not only as many
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 0.2, 0.4, 0.6, 0.8, 0.95])
+def test_top_p_keeps_the_tokens_transformers_keeps_among_ties(top_p):
+    """Of tokens tied at the top-p boundary (exact ties are common in bfloat16
+    logits), TopPLogitsWarper drops the first in its ascending sort: the same
+    ones must stay here, the top token included when it ties."""
+    logits = torch.tensor([[1.0, 2.0, 1.0, 0.0, 1.0, 2.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5, 3.0, 0.5, 0.5, 0.5]])
+    expected = TopPLogitsWarper(top_p)(None, logits.clone()).softmax(-1)
+    assert torch.equal(target_probs(logits, SamplingParams(1.0, top_p)), expected)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, 0.8, 5)],
@@ -197,3 +208,12 @@ def test_plain_sampling_draws_each_token_from_the_base_models_own_distribution(p
                     token = choose_tokens(model.base_model(expected).logits[:, -1], params)
                     expected = torch.cat((expected, token[None]), dim=1)
             assert out.tolist() == expected.tolist()
+
+
+def test_temperature_1e_5_is_greedy_as_in_the_reference():
+    """The reference samples only above temperature 1e-5 (`temperature > 1e-5`):
+    at 1e-5 itself it takes the argmax, also where the top logits tie."""
+    assert SamplingParams(1e-5).greedy and not SamplingParams(1.5e-5).greedy
+    assert SamplingParams(1e-5, 0.9, 4).canonical() == SamplingParams()
+    logits = torch.tensor([[3.0, 3.0, 1.0]]).expand(100, -1)
+    assert choose_tokens(logits, SamplingParams(1e-5), torch.Generator().manual_seed(0)).eq(0).all()
