@@ -24,7 +24,7 @@ import torch
 
 from .tree import DraftTree, take
 
-GREEDY_TEMPERATURE = 1e-5  # below this temperature decoding is greedy (as the reference)
+GREEDY_TEMPERATURE = 1e-5  # up to this temperature decoding is greedy (the reference samples above it only)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
+        return self.temperature <= GREEDY_TEMPERATURE
 
     def canonical(self) -> "SamplingParams":
         """The same draws with the settings that change nothing left out
@@ -59,7 +59,10 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     top-p, then top-k (the reference's processor order)."""
     logits = logits.float() / params.temperature
     if 0 < params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # TopPLogitsWarper's (the reference's) ascending sort, reversed, rather than a descending sort: of the
+        # tokens tied at the boundary the same ones stay (it drops them in its ascending order).
+        ascending, order = logits.sort(dim=-1)
+        sorted_logits, order = ascending.flip(-1), order.flip(-1)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # The top token always stays (its mass_before is exactly 0): a top_p that float32 rounds to 0 is
