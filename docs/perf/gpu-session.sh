@@ -8,17 +8,9 @@
 # hangs or fails leaves the others' results. Stages 1-8 are the record of what
 # ran (docs/perf/2026-11-23-h100*/ name the commits); `--freeze` (stages 4, 5)
 # has since been removed from the benchmarks.
-# A new checkout has none of the carried folders; make them here first (each
-# one line in .git/info/exclude), as the device tool's README says for wheels:
-#   .whl      pip download --no-deps --only-binary=:all: (cp312, manylinux) of
-#             transformers==5.23.0 and what the GPU machine lacks of its needs
-#   .whl/ref  the same for transformers==4.53.3 tokenizers==0.21.4
-#             huggingface_hub==0.34.4 (as README, Benchmarks)
-#   .reference  fetch github:SafeAILab/EAGLE, then git archive cb7e084 eagle | tar -x -C .reference
-#             (the eagle/ folder only: the mirror lacks the repository's large figures)
-#   .data     cp -r ../shared/data .data
-#   .old      (stage 9) git archive 49cfdc3 eagle_gto | tar -x -C .old, then rm -r .old/eagle_gto/demo/assets
-#             (16 MB the benchmarks do not read: the carry, with the working tree, must stay under 64 MiB)
+# A new checkout has none of the carried folders: make them first with
+#   bash docs/perf/prepare-carry.sh EAGLE_GIT_DIR
+# (about 10 s here; the header there says what each folder holds).
 set -u
 stage=${1:?stage: 1 to 11}
 out=${OUT:-/tmp/out}
