@@ -10,6 +10,7 @@ entering three decoder layers from forward pre-hooks (EAGLE-3).
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -48,6 +49,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected `.layers`)")
     return layers
+
+
+def cache_keyword(decoder: nn.Module) -> str:
+    """The name under which `decoder.forward` takes the KV cache: transformers
+    5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40),
+    one model family at a time."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class LayerInputTap:
@@ -104,6 +112,7 @@ class TargetRunner:
         hidden state (also fine when no head is used)."""
         self.model = model
         self.decoder = model.get_decoder()
+        self._cache_keyword = cache_keyword(self.decoder)
         self.lm_head = model.get_output_embeddings()
         self.layers = decoder_layers(model)
         self.feature_layers = feature_layers
@@ -166,8 +175,8 @@ class TargetRunner:
                 input_ids=input_ids.to(self.input_device)[None],
                 attention_mask=self.additive_mask(visible),
                 position_ids=position_ids.to(self.input_device)[None],
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_keyword: cache},
             )
         hidden = out.last_hidden_state[0]
         feats = None

@@ -31,7 +31,7 @@ import torch
 from ..drafter import prefix_mask, vocab_chunk, vocab_top_k
 from ..heads import DraftHead
 from ..kv_cache import KVBuffer, TargetKVCache
-from ..target import decoder_layers, model_logits
+from ..target import cache_keyword, decoder_layers, model_logits
 from ..tree import DraftTree, select_tree
 
 
@@ -109,8 +109,8 @@ def target_pass(base, tokens: torch.Tensor, feature_layers: list[int] | None) ->
         input_ids=tokens.to(device),
         attention_mask=additive,
         position_ids=torch.arange(L, device=device)[None].expand(S, L),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_keyword(decoder): cache},
         output_hidden_states=feature_layers is not None,
     )
     if feature_layers is None:
@@ -239,8 +239,8 @@ def verify_trees(base, target: TargetPass, roots: Roots, trees: TreeBatch, chunk
             input_ids=trees.tokens[rows].to(device),
             attention_mask=additive[:, None],
             position_ids=pos[:, None] + trees.depths[rows].to(device),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(decoder): cache},
         ).last_hidden_state
         logits = model_logits(lm_head(hidden), base.config)  # [b, T, V]
         logp = torch.log_softmax(logits.float(), dim=-1)
