@@ -433,6 +433,25 @@ def test_a_capture_inside_another_leaves_the_outer_one_capturing():
         assert outer[2].shape[1] == 2
 
 
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_a_dropped_model_frees_its_base_models_layers(kind):
+    """The module-wide registry of feature hooks (one per base) must not keep a base's layers, most of its
+    weights, alive once no model uses them."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    cfg = base_config("llama", vocab_size=VOCAB)
+    base = AutoModelForCausalLM.from_config(cfg).eval()
+    head = random_head(head_config(cfg, kind, draft_vocab_size=DRAFT_VOCAB if kind == "eagle3" else None))
+    model = EaModel(base, head, None, total_token=12, depth=3, top_k=3)
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
+    layers = weakref.ref(base.model.layers)
+    del base, head, model
+    gc.collect()
+    assert layers() is None
+
+
 def test_a_model_cast_after_generating_gets_new_caches():
     shared = trained_pair("llama", "eagle1")  # cached for other tests: cast copies
     model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
