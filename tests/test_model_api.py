@@ -376,6 +376,46 @@ def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
     assert outcome["ids"] == expected
 
 
+def test_a_new_thread_with_a_finished_threads_id_waits_for_its_stream_not_fails():
+    """Thread ids are reused once a thread ends: a new thread that gets the id of the finished thread that
+    last stepped a stream has not stepped it, so it waits for the model like any other."""
+    model = trained_pair("llama", "eagle3")
+    prompt, other = torch.tensor([[3, 1, 4]]), torch.tensor([[2, 7]])
+    expected = model.naivegenerate(other, max_new_tokens=6).tolist()
+    box = {}
+
+    def starter():
+        box["stream"] = model.ea_generate(prompt, max_new_tokens=30)
+        next(box["stream"])
+        box["ident"] = threading.get_ident()
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    thread.join(60)
+
+    def later():
+        if threading.get_ident() != box["ident"]:
+            return
+        try:  # waits until the main thread finishes the stream
+            box["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
+        except RuntimeError as err:
+            box["ids"] = err
+
+    for _ in range(100):  # until a new thread gets the finished one's id
+        thread = threading.Thread(target=later)
+        thread.start()
+        thread.join(0.3)
+        if thread.is_alive() or "ids" in box:
+            break
+    if not thread.is_alive() and "ids" not in box:
+        box["stream"].close()
+        pytest.skip("no thread id was reused")
+    for _ in box["stream"]:
+        pass
+    thread.join(60)
+    assert box["ids"] == expected
+
+
 def test_two_models_on_one_base_keep_their_features_apart():
     """EaModels sharing a base share its layer hooks (added once, not per
     model or per capture) and each thread captures only its own forwards' features."""
