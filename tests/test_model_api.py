@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from eagle_gto import CheckpointError, EaModel
 from eagle_gto.checkpoint import save_head
+from eagle_gto.generation import Decoder
 from eagle_gto.tiny import base_config, head_config, random_head
 
 
@@ -490,6 +491,47 @@ def test_a_dropped_model_frees_its_base_models_layers(kind):
     del base, head, model
     gc.collect()
     assert layers() is None
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_nothing_a_generation_leaves_behind_changes_the_next_one(kind):
+    """Caches and decode state are kept across generations: after a longer prompt, a stream closed mid-way,
+    an exception inside a step, a sampled generation and another max_length, a greedy generation gives what
+    a fresh model gives, in as many iterations (stale draft entries would change only those), and draws
+    nothing from torch's global random generator."""
+    shared = trained_pair("llama", kind)
+    fresh = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in (40, 5)]
+    expected = [[fresh.eagenerate(p, max_new_tokens=40, max_length=m, log=True) for m in (None, 64)] for p in prompts]
+
+    def check():
+        rng = torch.get_rng_state()
+        for p, outputs in zip(prompts[::-1], expected[::-1]):  # the shorter prompt after the longer one
+            for m, (output, new_token, idx) in zip((None, 64), outputs):
+                ids, n, i = model.eagenerate(p, max_new_tokens=40, max_length=m, log=True)
+                assert (ids.tolist(), n, i) == (output.tolist(), new_token, idx)
+                assert model.naivegenerate(p, max_new_tokens=40, max_length=m).tolist() == output.tolist()
+        assert torch.equal(torch.get_rng_state(), rng)
+
+    check()
+    stream = model.ea_generate(prompts[0], max_new_tokens=40, max_length=64)
+    next(stream), next(stream)
+    stream.close()
+    check()
+    step = Decoder._speculative_step
+
+    def failing(self, *args):
+        step(self, *args)
+        raise KeyboardInterrupt  # after the step's cache and state updates
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Decoder, "_speculative_step", failing)
+        with pytest.raises(KeyboardInterrupt):
+            model.eagenerate(prompts[0], max_new_tokens=40)
+    check()
+    model.eagenerate(prompts[0], temperature=1.0, max_new_tokens=40, max_length=100)
+    check()
 
 
 def test_a_model_cast_after_generating_gets_new_caches():
