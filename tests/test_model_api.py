@@ -394,21 +394,24 @@ def test_a_new_thread_with_a_finished_threads_id_waits_for_its_stream_not_fails(
     thread.start()
     thread.join(60)
 
-    def later():
-        if threading.get_ident() != box["ident"]:
-            return
-        try:  # waits until the main thread finishes the stream
-            box["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
-        except RuntimeError as err:
-            box["ids"] = err
+    def later(checked):
+        box["reused"] = threading.get_ident() == box["ident"]
+        checked.set()
+        if box["reused"]:
+            try:  # waits until the main thread finishes the stream
+                box["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
+            except RuntimeError as err:
+                box["ids"] = err
 
     for _ in range(100):  # until a new thread gets the finished one's id
-        thread = threading.Thread(target=later)
+        checked = threading.Event()
+        thread = threading.Thread(target=later, args=(checked,))
         thread.start()
-        thread.join(0.3)
-        if thread.is_alive() or "ids" in box:
+        assert checked.wait(60)
+        if box["reused"]:
             break
-    if not thread.is_alive() and "ids" not in box:
+        thread.join(60)
+    else:
         box["stream"].close()
         pytest.skip("no thread id was reused")
     for _ in box["stream"]:
