@@ -73,7 +73,8 @@ class EaModel(nn.Module):
         self._target = TargetRunner(base_model, self._feature_layers)
         self._layout = self._weights_layout()
         self._lock = threading.Lock()
-        self._lock_owner: int | None = None
+        # The thread itself, not its ident: a finished thread's ident is often reused by a new one.
+        self._lock_owner: threading.Thread | None = None
         self._cache = None
         self._drafter: Drafter | None = None
         self._state: DecodeState | None = None
@@ -215,7 +216,7 @@ class EaModel(nn.Module):
                 yield step
                 # A stream may be driven by another thread than the one that started it; only the
                 # thread driving it now would deadlock by waiting for the model (_exclusive).
-                self._lock_owner = threading.get_ident()
+                self._lock_owner = threading.current_thread()
         if last is not None:
             yield last
 
@@ -447,8 +448,8 @@ class EaModel(nn.Module):
     @contextmanager
     def _exclusive(self):
         """One generation at a time per model: the caches are shared."""
-        me = threading.get_ident()
-        if self._lock_owner == me:
+        me = threading.current_thread()
+        if self._lock_owner is me:
             raise RuntimeError("a generation on this model is still running in this thread: "
                                "finish or close its generator before starting another")
         with self._lock:

@@ -67,7 +67,9 @@ class LayerInputTap:
     beside one, never see each other's features."""
 
     def __init__(self, layers: nn.ModuleList):
-        self._layers = layers
+        # Weakly: a strong reference from the tap, a value of the module-wide `_TAPS`, would keep its key, the
+        # layers (most of a model's weights), alive after the model is dropped.
+        self._layers = weakref.ref(layers)
         self._hooked: set[int] = set()
         self._local = threading.local()
 
@@ -75,7 +77,7 @@ class LayerInputTap:
     def capturing(self, indices):
         """Yields a dict that the forwards run inside fill: {index: input of layer index}."""
         for index in set(indices) - self._hooked:
-            self._layers[index].register_forward_pre_hook(self._keeper(index), with_kwargs=True)
+            self._layers()[index].register_forward_pre_hook(self._keeper(index), with_kwargs=True)
             self._hooked.add(index)
         outer = getattr(self._local, "captured", None)
         self._local.captured = captured = {}

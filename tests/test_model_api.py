@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from eagle_gto import CheckpointError, EaModel
 from eagle_gto.checkpoint import save_head
+from eagle_gto.generation import Decoder
 from eagle_gto.tiny import base_config, head_config, random_head
 
 
@@ -376,6 +377,49 @@ def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
     assert outcome["ids"] == expected
 
 
+def test_a_new_thread_with_a_finished_threads_id_waits_for_its_stream_not_fails():
+    """Thread ids are reused once a thread ends: a new thread that gets the id of the finished thread that
+    last stepped a stream has not stepped it, so it waits for the model like any other."""
+    model = trained_pair("llama", "eagle3")
+    prompt, other = torch.tensor([[3, 1, 4]]), torch.tensor([[2, 7]])
+    expected = model.naivegenerate(other, max_new_tokens=6).tolist()
+    box = {}
+
+    def starter():
+        box["stream"] = model.ea_generate(prompt, max_new_tokens=30)
+        next(box["stream"])
+        box["ident"] = threading.get_ident()
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    thread.join(60)
+
+    def later(checked):
+        box["reused"] = threading.get_ident() == box["ident"]
+        checked.set()
+        if box["reused"]:
+            try:  # waits until the main thread finishes the stream
+                box["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
+            except RuntimeError as err:
+                box["ids"] = err
+
+    for _ in range(100):  # until a new thread gets the finished one's id
+        checked = threading.Event()
+        thread = threading.Thread(target=later, args=(checked,))
+        thread.start()
+        assert checked.wait(60)
+        if box["reused"]:
+            break
+        thread.join(60)
+    else:
+        box["stream"].close()
+        pytest.skip("no thread id was reused")
+    for _ in box["stream"]:
+        pass
+    thread.join(60)
+    assert box["ids"] == expected
+
+
 def test_two_models_on_one_base_keep_their_features_apart():
     """EaModels sharing a base share its layer hooks (added once, not per
     model or per capture) and each thread captures only its own forwards' features."""
@@ -431,6 +475,66 @@ def test_a_capture_inside_another_leaves_the_outer_one_capturing():
         assert inner[3].shape[1] == 3 and outer == {}
         model.base_model(torch.tensor([[1, 2]]))
         assert outer[2].shape[1] == 2
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_a_dropped_model_frees_its_base_models_layers(kind):
+    """The module-wide registry of feature hooks (one per base) must not keep a base's layers, most of its
+    weights, alive once no model uses them."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    cfg = base_config("llama", vocab_size=VOCAB)
+    base = AutoModelForCausalLM.from_config(cfg).eval()
+    head = random_head(head_config(cfg, kind, draft_vocab_size=DRAFT_VOCAB if kind == "eagle3" else None))
+    model = EaModel(base, head, None, total_token=12, depth=3, top_k=3)
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
+    layers = weakref.ref(base.model.layers)
+    del base, head, model
+    gc.collect()
+    assert layers() is None
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_nothing_a_generation_leaves_behind_changes_the_next_one(kind):
+    """Caches and decode state are kept across generations: after a longer prompt, a stream closed mid-way,
+    an exception inside a step, a sampled generation and another max_length, a greedy generation gives what
+    a fresh model gives, in as many iterations (stale draft entries would change only those), and draws
+    nothing from torch's global random generator."""
+    shared = trained_pair("llama", kind)
+    fresh = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in (40, 5)]
+    expected = [[fresh.eagenerate(p, max_new_tokens=40, max_length=m, log=True) for m in (None, 64)] for p in prompts]
+
+    def check():
+        rng = torch.get_rng_state()
+        for p, outputs in zip(prompts[::-1], expected[::-1]):  # the shorter prompt after the longer one
+            for m, (output, new_token, idx) in zip((None, 64), outputs):
+                ids, n, i = model.eagenerate(p, max_new_tokens=40, max_length=m, log=True)
+                assert (ids.tolist(), n, i) == (output.tolist(), new_token, idx)
+                assert model.naivegenerate(p, max_new_tokens=40, max_length=m).tolist() == output.tolist()
+        assert torch.equal(torch.get_rng_state(), rng)
+
+    check()
+    stream = model.ea_generate(prompts[0], max_new_tokens=40, max_length=64)
+    next(stream), next(stream)
+    stream.close()
+    check()
+    step = Decoder._speculative_step
+
+    def failing(self, *args):
+        step(self, *args)
+        raise KeyboardInterrupt  # after the step's cache and state updates
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Decoder, "_speculative_step", failing)
+        with pytest.raises(KeyboardInterrupt):
+            model.eagenerate(prompts[0], max_new_tokens=40)
+    check()
+    model.eagenerate(prompts[0], temperature=1.0, max_new_tokens=40, max_length=100)
+    check()
 
 
 def test_a_model_cast_after_generating_gets_new_caches():
