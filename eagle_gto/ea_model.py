@@ -413,13 +413,16 @@ class EaModel(nn.Module):
         draft_capacity = max_length + Drafter.view_needed(*dataclasses.astuple(self.tree))
         if (self._cache is None or self._cache.capacity != max_length
                 or self._drafter.caches[0].capacity < draft_capacity):
-            self._cache = self._target.new_cache(max_length)
+            # Graphs recorded the old buffers' addresses. The old cache goes first (its memory is the new one's),
+            # and the new one is set last: a failure in between (out of memory) leaves nothing half made to reuse.
+            self._cache = self._graphs = None
+            cache = self._target.new_cache(max_length)
             self._drafter = Drafter(self.ea_layer, draft_capacity)
             if self.torch_compile is not None:
                 compile_drafter_steps(self._drafter, self.torch_compile)
             self._state = DecodeState(self._target.input_device, head_device(self.base_model),
                                       self.ea_layer.config.hidden_size, next(self.ea_layer.parameters()).dtype)
-            self._graphs = None  # graphs recorded the old buffers' addresses
+            self._cache = cache
         return self._cache, self._drafter, self._state
 
     def _not_capturable(self) -> str | None:

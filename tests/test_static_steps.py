@@ -404,3 +404,34 @@ def test_per_layer_type_rope_is_checked_too():
     assert ea_model.EaModel._not_capturable(SimpleNamespace(base_model=base)) == "'dynamic' rope scaling"
     base.rotary.rope_type = {"full_attention": "linear", "sliding_attention": "default"}
     assert ea_model.EaModel._not_capturable(SimpleNamespace(base_model=base)) is None
+
+
+def test_a_failure_while_making_new_caches_leaves_no_stale_graphs(monkeypatch):
+    """Running out of memory while the caches for a new max_length are made
+    (here: the drafter's) must not leave the new target cache beside the old
+    drafter, state and graphs: the next generation at that max_length would
+    replay graphs recorded on the old caches."""
+    model = isolated(trained_pair("llama", "eagle3"), monkeypatch)
+    monkeypatch.setattr(EagerGraphs, "keys", [])
+    monkeypatch.setattr(ea_model, "StepGraphs", ReplayingGraphs)
+    monkeypatch.setattr(generation, "VIEW_BUCKET", 32)
+    first, ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+
+    def decode(graphs, max_length, prompt=ids):
+        model.cuda_graphs = graphs
+        out = model.eagenerate(prompt[None], max_new_tokens=40, max_length=max_length).tolist()
+        return out, [s.num_accepted for s in model.last_stats.steps]
+
+    model._graphs = None
+    decode(True, 128, first)  # records graphs on the caches for 128 (another prompt: other keys and values there)
+    real_drafter = ea_model.Drafter
+
+    class OutOfMemory(real_drafter):
+        def __init__(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("no room for the drafter")
+
+    monkeypatch.setattr(ea_model, "Drafter", OutOfMemory)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(True, 96)
+    monkeypatch.setattr(ea_model, "Drafter", real_drafter)
+    assert decode(True, 96) == decode(False, 96)
