@@ -347,6 +347,14 @@ def test_the_model_is_free_once_the_finished_step_is_delivered():
     del steps, stream
 
 
+def greedy_or_refusal(model, ids):
+    """A greedy generation's ids, or the RuntimeError refusing it."""
+    try:
+        return model.eagenerate(ids, max_new_tokens=6).tolist()
+    except RuntimeError as err:
+        return err
+
+
 def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
     """Thread-pool servers start a stream in one thread and step it in others:
     the starting thread may then wait for the model like any other."""
@@ -360,10 +368,7 @@ def test_a_stream_driven_by_another_thread_makes_its_starter_wait_not_fail():
         next(outcome["stream"])
         handed_over.set()
         stepped.wait(60)
-        try:  # waits until the main thread finishes the stream
-            outcome["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
-        except RuntimeError as err:
-            outcome["ids"] = err
+        outcome["ids"] = greedy_or_refusal(model, other)  # waits until the main thread finishes the stream
 
     thread = threading.Thread(target=starter)
     thread.start()
@@ -406,10 +411,7 @@ def test_a_new_thread_with_a_finished_threads_id_waits_for_its_stream_not_fails(
     thread.join(60)
 
     def later():
-        try:  # waits until the main thread finishes the stream
-            box["ids"] = model.eagenerate(other, max_new_tokens=6).tolist()
-        except RuntimeError as err:
-            box["ids"] = err
+        box["ids"] = greedy_or_refusal(model, other)  # waits until the main thread finishes the stream
 
     thread = threading.Thread(target=later)
     thread.start()
