@@ -193,6 +193,17 @@ def stop_token_ids(tokenizer, model_type: str) -> list[int]:
     return [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
 
 
+def eos_ids(*sources) -> set[int]:
+    """The eos ids `sources` set (a generation_config, a model config, a
+    tokenizer: each None, one id or a list of ids)."""
+    ids: set[int] = set()
+    for source in sources:
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return ids
+
+
 def encode_prompt(text: str, tokenizer, model_type: str = "auto") -> list[int]:
     """Token ids of a prompt. Templates that write their own <s>/BOS must not
     get a second one from the tokenizer."""

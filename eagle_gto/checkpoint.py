@@ -254,6 +254,26 @@ def t2d_from_d2t(d2t: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
     return t2d
 
 
+def d2t_from_t2d(t2d: torch.Tensor, draft_vocab_size: int) -> torch.Tensor | None:
+    """d2t for a head that ships only t2d: the draft vocabulary is the marked
+    target ids in ascending order (formats.md), so d2t[i] = used[i] - i; None
+    where t2d is no mask of `draft_vocab_size` ids (the checks below name it)."""
+    if t2d.dim() != 1 or t2d.dtype != torch.bool or int(t2d.sum()) != draft_vocab_size:
+        return None
+    used = t2d.nonzero().flatten()
+    return used - torch.arange(draft_vocab_size)
+
+
+def not_finite(name: str, tensor: torch.Tensor) -> str | None:
+    """A problem when a weight holds NaN or infinity (a diverged training run's
+    export): the engine's output would stay right, but no draft would be accepted."""
+    low, high = torch.aminmax(tensor)  # one fast pass; NaN anywhere makes both NaN
+    if torch.isfinite(low) and torch.isfinite(high):
+        return None
+    nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    return f"tensor {name}: {nan} NaN and {inf} infinite values (of {tensor.numel()})"
+
+
 def build_head(ckpt: HeadCheckpoint) -> DraftHead:
     """Instantiate the head and load the weights, checking every tensor."""
     cfg = ckpt.config
@@ -272,6 +292,10 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
         t2d = t2d_from_d2t(state["d2t"], cfg.vocab_size)
         if t2d is not None:
             state["t2d"] = t2d
+    if cfg.kind == "eagle3" and "d2t" not in state and "t2d" in state:  # and d2t from t2d, the other way round
+        d2t = d2t_from_t2d(state["t2d"], cfg.draft_vocab_size)
+        if d2t is not None:
+            state["d2t"] = d2t
     problems = []
     for key, shape in expected.items():
         if key not in state:
@@ -286,10 +310,13 @@ def build_head(ckpt: HeadCheckpoint) -> DraftHead:
             f"tensor embed_tokens.weight: expected shape {[cfg.vocab_size, cfg.hidden_size]}, "
             f"found {list(embedding.shape)}"
         )
-    # Loading would cast integer tensors (a quantized export's, without its scales) into the float weights silently.
+    # Loading would cast integer tensors (a quantized export's, without its scales) into the float weights silently,
+    # and take NaN weights (drafts never accepted) without a word.
     for key, tensor in [(k, state.get(k)) for k in floating] + [("embed_tokens.weight", embedding)]:
         if tensor is not None and not tensor.is_floating_point():
             problems.append(f"tensor {key}: expected floating-point weights, found {tensor.dtype}")
+        elif tensor is not None and tensor.numel() and (problem := not_finite(key, tensor)):
+            problems.append(problem)
     if problems:
         if "fc.weight" not in state:
             problems.append("no fc.weight: not an EAGLE draft head (a base model? are base_model_path and "

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import attention
 from .acceptance import SamplingParams
+from .chat import eos_ids
 from .checkpoint import (CheckpointError, build_head, check_against_base, expand_path, hub_options, load_base,
                          load_checkpoint, read_base_config)
 from .drafter import Drafter
@@ -374,11 +375,7 @@ class EaModel(nn.Module):
                           "positions past it were not trained for", stacklevel=3)
 
     def _stop_ids(self, is_llama3: bool, extra) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer):
-            eos = getattr(source, "eos_token_id", None)
-            if eos is not None:
-                ids.update([eos] if isinstance(eos, int) else eos)
+        ids = eos_ids(getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer)
         if is_llama3:
             if self.tokenizer is None:
                 raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>")
@@ -387,7 +384,12 @@ class EaModel(nn.Module):
                 ids.add(eot)
         if extra is not None:  # one id (int, numpy integer, 0-d tensor) or several (a set too)
             extra = sorted(extra) if isinstance(extra, (set, frozenset)) else extra
-            ids.update(token_ids("stop_token_ids", extra).reshape(-1).tolist())
+            extra = token_ids("stop_token_ids", extra).reshape(-1).tolist()
+            outside = sorted({i for i in extra if not 0 <= i < self.vocab_size})
+            if outside:  # such a stop could never be met: a mistake (another tokenizer's ids? -1 for none?)
+                raise ValueError(f"stop_token_ids holds ids outside the vocabulary [0, {self.vocab_size}): "
+                                 f"{', '.join(map(str, outside))}")
+            ids.update(extra)
         return ids
 
     def _weights_layout(self) -> tuple:

@@ -3,6 +3,7 @@ CheckpointError (naming the folder or file) for what must not."""
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -389,8 +390,8 @@ def test_a_full_vocabulary_eagle3_head_needs_no_mapping(saved, tmp_path):
     ids = torch.randint(0, VOCAB, (1, 5))
     assert torch.equal(model.eagenerate(ids, max_new_tokens=8), model.naivegenerate(ids, max_new_tokens=8))
     small = copy(saved / "eagle3", tmp_path / "small")  # Vd < V: the mapping is needed
-    edit_weights(small, lambda state: state.pop("d2t"))
-    with pytest.raises(CheckpointError, match="missing tensor d2t"):
+    edit_weights(small, lambda state: [state.pop("d2t"), state.pop("t2d")])
+    with pytest.raises(CheckpointError, match="missing tensor d2t .*; missing tensor t2d"):
         EaModel.from_pretrained(str(saved / "llama"), str(small), **TREE)
 
 
@@ -437,6 +438,23 @@ def test_t2d_is_rebuilt_from_d2t_when_a_head_leaves_it_out(saved, tmp_path):
     assert torch.equal(model.ea_layer.t2d, t2d)
     edit_weights(head, lambda state: state.update(d2t=state["d2t"] + VOCAB))  # past the vocabulary: no t2d
     with pytest.raises(CheckpointError, match="missing tensor t2d"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+
+
+def test_d2t_is_rebuilt_from_t2d_when_a_head_leaves_it_out(saved, tmp_path):
+    """The draft vocabulary is the target ids t2d marks, in ascending order
+    (formats.md): d2t follows from t2d as t2d from d2t."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    used = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:40].sort().values
+    t2d = torch.zeros(VOCAB, dtype=torch.bool)
+    t2d[used] = True
+    edit_weights(head, lambda state: [state.pop("d2t"), state.update(t2d=t2d)])
+    model = EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
+    assert torch.equal(model.ea_layer.d2t, used - torch.arange(40))
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(model.eagenerate(ids, max_new_tokens=8), model.naivegenerate(ids, max_new_tokens=8))
+    edit_weights(head, lambda state: state["t2d"].__setitem__(state["t2d"].nonzero()[0], False))  # one mark short
+    with pytest.raises(CheckpointError, match="missing tensor d2t"):
         EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
@@ -489,6 +507,24 @@ def test_integer_weights_are_refused_by_name(saved, tmp_path, key, shape):
     edit_weights(head, lambda state: state.update({key: torch.ones(shape, dtype=torch.int8)}))
     with pytest.raises(CheckpointError, match=rf"tensor {key}: expected floating-point weights, found torch.int8"):
         build_head(load_checkpoint(str(head)))
+
+
+@pytest.mark.parametrize("key,value", [("fc.weight", math.nan), ("norm.weight", math.inf),
+                                       ("embed_tokens.weight", -math.inf)])
+def test_weights_with_nan_or_infinity_are_refused_by_name(saved, tmp_path, key, value):
+    """A diverged training run exports NaN weights: they loaded silently, the
+    output stayed right, and no draft was ever accepted."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+
+    def spoil(state):
+        weight = state.get(key, torch.randn(VOCAB, 64) * 0.02)  # (the saved head shares the base's embedding)
+        weight.view(-1)[[3, 7]] = value
+        state[key] = weight
+
+    edit_weights(head, spoil)
+    kind = "2 NaN and 0 infinite" if math.isnan(value) else "0 NaN and 2 infinite"
+    with pytest.raises(CheckpointError, match=rf"{head / 'model.safetensors'}: tensor {key}: {kind} values"):
+        EaModel.from_pretrained(str(saved / "llama"), str(head), **TREE)
 
 
 def test_speculators_keys_tell_an_eagle3_head_without_a_config_that_says_so(tmp_path):

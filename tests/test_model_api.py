@@ -118,7 +118,8 @@ def test_stop_tokens_end_generation_at_the_first_stop():
         out = fn(ids, max_new_tokens=40, stop_token_ids=[stop])
         assert out[0, 7:].tolist() == cut
         assert model.last_stats.finish_reason == "stop"
-    for one in (stop, np.int64(stop), torch.tensor(stop), {stop, VOCAB + 5}):  # a bare id, or a set
+    unseen = next(t for t in range(VOCAB) if t not in cut)
+    for one in (stop, np.int64(stop), torch.tensor(stop), {stop, unseen}):  # a bare id, or a set
         out = model.eagenerate(ids, max_new_tokens=40, stop_token_ids=one)
         assert out[0, 7:].tolist() == cut
 
@@ -292,6 +293,8 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(max_length=True), "max_length must be an integer"),
     (dict(max_length=0), "max_length must be >= 1"),
     (dict(stop_token_ids=[1.5]), "stop_token_ids must hold integer token ids"),
+    (dict(stop_token_ids=[3, VOCAB, -1]),  # (never met: another tokenizer's ids? -1 for none?)
+     rf"stop_token_ids holds ids outside the vocabulary \[0, {VOCAB}\): -1, {VOCAB}$"),
 ])
 def test_bad_generation_input(kwargs, message):
     model = trained_pair("llama", "eagle3")

@@ -479,6 +479,23 @@ def test_a_regenerated_answer_is_trained_as_the_model_wrote_it(model_type, token
     assert sample.input_ids[: len(written)] == written
 
 
+def test_regenerated_answers_stop_at_every_eos_the_engine_stops_at(tokenizer):
+    """The engine stops at the eos ids of generation_config, config.json and
+    the tokenizer; regeneration read config.json's not, and wrote on past it."""
+    from transformers import GenerationConfig
+
+    from eagle_gto.train.data import regeneration_stop_ids
+
+    base = make_base()
+    base.config.eos_token_id = [11, 12]
+    base.generation_config = GenerationConfig(eos_token_id=13)
+    stops = regeneration_stop_ids(base, tokenizer, "plain")
+    assert {11, 12, 13, tokenizer.eos_token_id} <= stops
+    model = EaModel(base, random_head(head_config(base.config, "eagle3")), total_token=8, depth=2, top_k=2,
+                    tokenizer=tokenizer)
+    assert model._stop_ids(False, None) <= stops
+
+
 def write_pair(tmp_path, tokenizer):
     base = make_base()
     base.save_pretrained(tmp_path / "base")

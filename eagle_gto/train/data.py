@@ -37,7 +37,7 @@ try:
 except ImportError:  # no jinja2, no chat templates (transformers renders them with it): nothing to catch
     TemplateError = ()
 
-from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, stop_token_ids
+from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, eos_ids, stop_token_ids
 from ..jsonl import numbered_lines
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -313,10 +313,11 @@ def own_generation_config(model):
 
 
 def regeneration_stop_ids(model, tokenizer, model_type: str) -> set[int]:
-    """Where a regenerated answer ends: the model's and tokenizer's eos ids
-    and the format's end-of-turn tokens (<|eot_id|>, <|im_end|>)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return format_stop_ids(tokenizer, model_type) | ids_of(eos)
+    """Where a regenerated answer ends: the model's (generation_config and
+    config, as the engine reads them) and tokenizer's eos ids and the format's
+    end-of-turn tokens (<|eot_id|>, <|im_end|>)."""
+    return format_stop_ids(tokenizer, model_type) | eos_ids(getattr(model, "generation_config", None),
+                                                          getattr(model, "config", None))
 
 
 def regenerate(records: list[dict], model, tokenizer, model_type: str = "auto", max_new_tokens: int = 512,
