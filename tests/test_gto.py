@@ -699,7 +699,7 @@ def test_validation_windows_without_a_root_stop_the_run_in_one_line_before_it_wr
     mask = torch.zeros(4, 16, dtype=torch.long)
     mask[:, answers] = 1
     stream = TokenStream(ids, mask.flatten())
-    monkeypatch.setattr(gto_trainer, "jsonl_stream", lambda path, tokenizer, model_type: stream)
+    monkeypatch.setattr(gto_trainer, "jsonl_stream", lambda path, tokenizer, model_type, system: stream)
     models = tiny_models(pair)
     monkeypatch.setattr(gto_cli, "load_models", lambda cfg: models)
     options = ["--window-length", "16", "--eval-windows", "2", "--validation-every", "2", "--group-size", "4"]
@@ -795,6 +795,7 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     (dict(device="meta"), "device 'meta': not a device GTO can train on"),  # tensors without data
     (dict(export_dtype="float8"), "export_dtype must be one of float32, float16, bfloat16, got 'float8'"),
     (dict(dtype="int8"), "dtype must be one of float32, float16, bfloat16, got 'int8'"),
+    (dict(system="Be brief."), "system: only with a jsonl --data (conversations), not with data 'generated'"),
 ])
 def test_config_refuses_values_that_would_fail_after_the_models_load(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -1054,6 +1055,8 @@ def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, mo
         experiment.sweep_main(command)
     with pytest.raises(SystemExit, match=r"omega1.0 already holds the output of an earlier run \(config.json"):
         experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, not overwritten
+    made = tmp_path / "s" / "omega1.0" / "config.json"  # as a run made before the option --system existed
+    made.write_text(json.dumps({k: v for k, v in json.loads(made.read_text()).items() if k != "system"}))
     experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
     assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2

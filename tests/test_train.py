@@ -170,6 +170,19 @@ def test_assistant_turns_before_the_first_question_are_dropped(tokenizer, monkey
     assert [m["role"] for m in regenerated[0]["messages"]] == ["user", "assistant"]
 
 
+def test_gto_jsonl_conversations_get_the_system_prompt_given(tokenizer, tmp_path):
+    """GTO's --system, as this trainer's: conversations that have no system prompt get it."""
+    from eagle_gto.gto.data import jsonl_stream
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "human", "value": "hello there"},
+                                                  {"from": "gpt", "value": "x = 1"}]}) + "\n")
+    default, told = (jsonl_stream(str(data), tokenizer, "vicuna", system=system) for system in (None, "BE BRIEF"))
+    assert "BE BRIEF" in tokenizer.decode(told.ids) and "BE BRIEF" not in tokenizer.decode(default.ids)
+    trained = [tokenizer.decode(stream.ids[stream.loss_mask.bool()]) for stream in (default, told)]
+    assert trained[0] == trained[1] and "x = 1" in trained[0]
+
+
 def tokenizer_with(tokens: list[str], eos: str | None = None, special: bool = True):
     """make_tokenizer with added tokens (special or not), e.g. Llama-3's, saved and read back as a base ships it."""
     import tempfile

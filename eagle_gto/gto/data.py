@@ -96,7 +96,8 @@ def generated_stream(base, tokenizer, files, count: int, prompt_tokens: int, new
     return from_samples(samples, aligned=True)
 
 
-def jsonl_stream(path: str, tokenizer, model_type: str = "auto", max_length: int = 2048) -> TokenStream:
+def jsonl_stream(path: str, tokenizer, model_type: str = "auto", max_length: int = 2048,
+                 system: str | None = None) -> TokenStream:
     from ..train.data import read_records, to_samples
 
-    return from_samples(to_samples(read_records(path), tokenizer, model_type, max_length))
+    return from_samples(to_samples(read_records(path), tokenizer, model_type, max_length, system))

@@ -409,7 +409,9 @@ def finished(cfg: GTOConfig) -> dict | None:
     holds a run with other options is refused."""
     out = Path(cfg.out)
     config = out / "config.json"
-    if config.is_file() and json.loads(config.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
+    options = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # (_differences: an option added since, absent from the file, matches its default None)
+    if config.is_file() and not _differences(json.loads(config.read_text()), options):
         summary = out / "summary.json"
         return json.loads(summary.read_text()) if summary.is_file() else None
     check_new_out(cfg.out, RUN_OUTPUTS)

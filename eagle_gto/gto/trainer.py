@@ -56,6 +56,7 @@ class GTOConfig:
     new_tokens: int = _opt(128, "generated: continuation length")
     model_type: str = _opt("auto", "prompt format of jsonl conversations (eagle_gto.chat)", choices=MODEL_TYPES,
                             type=model_type_arg)
+    system: str | None = _opt(None, "system prompt for jsonl conversations that have none (as eagle_gto.train's)")
     validation_every: int = _opt(10, "every n-th demo-corpus file (jsonl: the last 1/n) is kept out for validation")
     objective: str = _opt("gto", "'gto': L_token + omega*L_GTO; 'token': L_token only (the control)",
                           choices=("gto", "token"))
@@ -107,6 +108,8 @@ class GTOConfig:
                      "new_tokens", "tree_chunk", "ttt_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.system is not None and self.data in ("generated", "stdlib"):  # it would be silently ignored
+            raise ValueError(f"system: only with a jsonl --data (conversations), not with data {self.data!r}")
         if self.validation_every < 2:  # 1 would keep every file (all of a jsonl) out for validation
             raise ValueError(f"validation_every must be >= 2, got {self.validation_every}")
         if self.eval_every < 0:
@@ -229,12 +232,12 @@ def check_data(cfg: GTOConfig) -> None:
 
 
 # The options load_streams reads: runs that agree on them can share the streams.
-STREAM_OPTIONS = ("data", "validation_every", "generated", "prompt_tokens", "new_tokens", "model_type",
+STREAM_OPTIONS = ("data", "validation_every", "generated", "prompt_tokens", "new_tokens", "model_type", "system",
                   "eval_windows", "window_length", "seed")
 # Those of them that change the validation windows (the seed does not: VALIDATION_SEED): runs that differ in
 # one are scored on different text, so their validation numbers do not compare.
-VALIDATION_OPTIONS = ("data", "validation_every", "prompt_tokens", "new_tokens", "model_type", "eval_windows",
-                      "window_length")
+VALIDATION_OPTIONS = ("data", "validation_every", "prompt_tokens", "new_tokens", "model_type", "system",
+                      "eval_windows", "window_length")
 VALIDATION_SEED = 1  # the prompts of the generated validation continuations, whatever --seed (seed 0 + 1 before)
 # The options only the GTO objective reads; the control (objective "token") ignores them.
 GTO_OPTIONS = ("objective", "reference", "reward", "eta", "debias", "group_size", "eps", "omega", "delta",
@@ -267,7 +270,7 @@ def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStr
         make = lambda files, count, seed: generated_stream(  # noqa: E731
             models.base, models.tokenizer, files, count, cfg.prompt_tokens, cfg.new_tokens, seed)
         return make(train_files, cfg.generated, cfg.seed), make(val_files, cfg.eval_windows, VALIDATION_SEED)
-    stream = jsonl_stream(cfg.data, models.tokenizer, cfg.model_type)
+    stream = jsonl_stream(cfg.data, models.tokenizer, cfg.model_type, system=cfg.system)
     cut = len(stream) - max(len(stream) // cfg.validation_every, cfg.window_length)
     if cut < cfg.window_length:
         raise ValueError(f"{cfg.data}: too few tokens ({len(stream)}) for training and validation windows")
