@@ -713,6 +713,33 @@ def test_validation_windows_without_a_root_stop_the_run_in_one_line_before_it_wr
         assert not (tmp_path / "run").exists()
 
 
+def test_a_diverged_run_stops_before_the_update_and_exports_no_head(pair, tmp_path, monkeypatch):
+    """A NaN loss (a too high lr) went on for every step and exported NaN weights."""
+    models = tiny_models(pair)
+    seqs = greedy_windows(pair, 8, 48, seed=9)
+    stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
+    calls = []
+
+    def nan_at_step_2(*args):
+        loss, stats = real_loss(*args)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 2 else loss), stats
+
+    real_loss = gto_trainer.training_loss
+    monkeypatch.setattr(gto_trainer, "training_loss", nan_at_step_2)
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=4, windows=1, window_length=40, eval_every=0, eval_windows=1,
+                    **TREE)
+    before = [p.detach().clone() for p in models.head.parameters()]
+    with pytest.raises(gto_trainer.TrainingDiverged, match="step 2: the gradient norm is nan: training diverged"):
+        train(cfg, models, (stream, stream), progress=False)
+    after = list(models.head.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["diverged"].startswith("step 2") and summary["val_tau_start"] > 1
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1] and not (tmp_path / "run" / "head").exists()
+
+
 def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
     """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls; the
     training stub writes what train() writes (config.json first, the head and summary.json at the end);
@@ -1060,6 +1087,29 @@ def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, mo
     experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
     assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2
+
+
+def test_a_sweep_point_that_diverges_is_a_row_of_its_own_and_the_others_train(tmp_path, monkeypatch):
+    trained = []
+
+    def summary(cfg):
+        if (cfg.lr, cfg.objective) in ((1.0, "gto"), (3e-4, "token")):  # as train(): summary.json says why, raises
+            result = {"diverged": "step 3: the gradient norm is nan", "val_tau_start": 1.0, "val_reward_start": 0.1,
+                      "steps": 2}
+            (Path(cfg.out) / "summary.json").write_text(json.dumps(result))
+            raise gto_trainer.TrainingDiverged(result["diverged"])
+        return {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
+
+    fake_experiment(monkeypatch, [], trained, summary)
+    command = ["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,1,3e-4", "--control"]
+    experiment.sweep_main(command)
+    assert [cfg.lr for cfg in trained] == [1e-4, 1.0, 3e-4, 1e-4, 1.0, 3e-4]  # (each lr's control too)
+    table = (tmp_path / "s" / "sweep.md").read_text().splitlines()
+    assert table[2] == "| 0.0001 | gto | 1.000 | 1.500 | 0.500 | 1.500 |"
+    assert table[3] == "| 1.0 | gto | 1.000 | diverged after step 2 | diverged after step 2 | 1.500 |"
+    assert table[4] == "| 0.0003 | gto | 1.000 | 1.500 | 0.500 | diverged after step 2 |"  # its control did
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    assert rows[1]["diverged"] == "step 3: the gradient norm is nan" and len(rows) == 6
 
 
 def test_sweep_refuses_points_that_share_a_folder_and_an_out_with_a_finished_sweep(tmp_path, monkeypatch):

@@ -571,6 +571,27 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])  # (0: no clipping, still the check)
+def test_a_diverged_run_stops_before_the_update_keeping_its_checkpoints(tmp_path, tokenizer, monkeypatch,
+                                                                        max_grad_norm):
+    """A NaN loss went on for every step and exported a head with NaN weights."""
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, ttt_steps=1, max_grad_norm=max_grad_norm)
+    batches = []
+
+    def nan_at_step_3(*args):
+        result = real_batch(*args)
+        batches.append(1)
+        return dataclasses.replace(result, loss=result.loss * math.nan) if len(batches) == 3 else result
+
+    real_batch = trainer.run_batch
+    monkeypatch.setattr(trainer, "run_batch", nan_at_step_3)
+    with pytest.raises(trainer.TrainingDiverged, match="^step 3: the gradient norm is nan: training diverged"):
+        train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002"]
+    assert not (tmp_path / "model.safetensors").exists()  # no export
+
+
 def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
     """A run interrupted while it wrote a log line leaves half of it: the
     resumed run drops it with a warning (and logs that step again). A line

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         check_data(cfg)  # before the models load
         models = load_models(cfg)
         streams = load_streams(cfg, models)
-    summary = train(cfg, models, streams)
+        summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
     print(json.dumps(summary, indent=2))
 
 

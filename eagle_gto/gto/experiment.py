@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.trainer import check_new_out
+from ..train.trainer import TrainingDiverged, check_new_out
 from ..tree import check_tree_params
 from .trainer import (BASE_OPTIONS, GTO_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, VALIDATION_OPTIONS, GTOConfig,
                       check_data, load_models, load_streams, resolve_device, train)
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                 streams = streams or load_streams(GTOConfig(**options), models)  # every run sees the same data
             cfg = GTOConfig(**{**options, **RUNS[name], "out": str(out / name)})
             run_started = time.perf_counter()
-            summary = train(cfg, load_models(cfg, models), streams)
+            with input_errors(" experiment"):  # (a diverged run: one line)
+                summary = train(cfg, load_models(cfg, models), streams)
             return {"tau": evaluate(base_path, str(out / name / "head"), sets, tree, args.max_new_tokens),
                     "train": summary, "seconds": round(time.perf_counter() - run_started, 1)}
 
@@ -456,13 +457,17 @@ def sweep_main(argv: list[str] | None = None) -> None:
     for point, cfg, summary in zip(points, configs, done):
         if summary is None:
             data = tuple(getattr(cfg, name) for name in STREAM_OPTIONS)
-            summary = train(cfg, load_models(cfg, models), streams[data])
+            try:
+                summary = train(cfg, load_models(cfg, models), streams[data])
+            except TrainingDiverged:  # (e.g. a too high lr of the grid) a row of its own; the other points go on
+                summary = finished(cfg)
         rows.append({**point, **summary})
         print(Path(cfg.out).name, summary, flush=True)
     if args.control:
         control = {control_of(cfg): row for cfg, row in zip(configs, rows) if cfg.objective == "token"}
         for cfg, row in zip(configs, rows):
-            row["control_val_tau_end"] = control[control_of(cfg)]["val_tau_end"]
+            versus = control[control_of(cfg)]
+            row["control_val_tau_end"] = versus.get("val_tau_end", _diverged(versus))
     lines = sweep_table(rows, grid, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"training": options, "rows": rows}, indent=2) + "\n")
@@ -478,7 +483,13 @@ def sweep_table(rows: list[dict], grid: dict, options: dict) -> list[str]:
              + (" control val tau end |" if versus else ""),
              "|" + "---|" * (len(keys) + 3 + versus)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys)
-                     + f" | {row['val_tau_start']:.3f} | {row['val_tau_end']:.3f} | {row['val_reward_end']:.3f} |"
-                     + (f" {row['control_val_tau_end']:.3f} |" if versus else ""))
+        numbers = [row.get(k, _diverged(row)) for k in ("val_tau_start", "val_tau_end", "val_reward_end")]
+        numbers += [row["control_val_tau_end"]] if versus else []
+        lines.append("| " + " | ".join(str(row.get(k, options.get(k))) for k in keys) + " | "
+                     + " | ".join(n if isinstance(n, str) else f"{n:.3f}" for n in numbers) + " |")
     return lines
+
+
+def _diverged(row: dict) -> str:
+    """What a run that diverged (train() stopped it; its summary has no end values) shows instead."""
+    return f"diverged after step {row.get('steps')}"

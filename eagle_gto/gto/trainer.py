@@ -27,7 +27,7 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
-from ..train.trainer import DTYPES, check_choice, check_not_negative
+from ..train.trainer import DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_not_negative
 from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
@@ -454,7 +454,13 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
             without_groups += cfg.objective == "gto" and "l_gto" not in stats
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            try:
+                check_gradient_norm(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip), step)
+            except TrainingDiverged as err:  # no head is exported; the summary says why (a sweep goes on)
+                summary = {"diverged": str(err), "val_tau_start": records[0]["val_tau"],
+                           "val_reward_start": records[0]["val_reward"], "steps": step - 1}
+                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                raise
             optimizer.step()
             record = {"step": step, **stats, "seconds": round(time.perf_counter() - started, 2)}
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):

@@ -293,6 +293,22 @@ class CheckpointMismatch(ValueError):
     """--out holds training checkpoints that do not belong to this run."""
 
 
+class TrainingDiverged(ValueError):
+    """A step's gradients hold NaN or infinity."""
+
+
+def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
+    """Stop before a step with NaN or infinite gradients updates the head: the
+    run would go on for hours and export weights whose drafts are never
+    accepted. (Under DDP the norm is taken of the reduced gradients, so every
+    process stops at the same step.)"""
+    value = float(norm)
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"step {step}: the gradient norm is {value}: training diverged (or a batch's loss is "
+                               "not a number); the head was not updated with it. Lower --lr and start again (or "
+                               "resume from a checkpoint saved before)")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     root = out / "checkpoints"
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
@@ -433,8 +449,9 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                 accelerator.backward(result.loss / cfg.grad_accum)
             window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
                            [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+        # (an infinite bound clips nothing: max_grad_norm 0 turns clipping off, not the check)
+        norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm or math.inf)
+        check_gradient_norm(norm, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
