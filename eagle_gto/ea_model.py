@@ -204,6 +204,7 @@ class EaModel(nn.Module):
             raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
                              f"max_length={max_length}")
         stops = self._stop_ids(is_llama3, stop_token_ids)
+        self._check_generator(generator)
         stats = GenerationStats(prompt_length=prompt.shape[0])
         last = None
         with self._exclusive():
@@ -373,6 +374,17 @@ class EaModel(nn.Module):
         if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
             warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
                           "positions past it were not trained for", stacklevel=3)
+
+    def _check_generator(self, generator) -> None:
+        """A generator torch cannot draw with failed only at the first draw, mid-generation, in torch's words."""
+        if generator is None:
+            return
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        drawn_on = self._target.lm_head.weight.device  # (meta: offloaded weights, whose device shows only at run time)
+        if drawn_on.type not in (generator.device.type, "meta"):
+            raise ValueError(f"the generator is on {generator.device.type}, but tokens are drawn on {drawn_on} (the "
+                             f"base's lm_head): make it with torch.Generator(device={str(drawn_on)!r})")
 
     def _stop_ids(self, is_llama3: bool, extra) -> set[int]:
         ids = eos_ids(getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer)

@@ -305,6 +305,26 @@ def test_bad_generation_input(kwargs, message):
     assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
 
 
+class CudaGenerator(torch.Generator):
+    """A generator that says it is on cuda:0 (this CPU machine cannot make one)."""
+    device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("generator,message", [
+    (1234, "generator must be a torch.Generator, got int"),
+    (CudaGenerator(), r"the generator is on cuda, but tokens are drawn on cpu \(the base's lm_head\): "
+                      r"make it with torch.Generator\(device='cpu'\)"),
+])
+def test_a_generator_torch_cannot_draw_with_is_refused_before_the_first_step(generator, message):
+    """It failed at the first draw, mid-generation, in torch's words (an int; a generator on another device)."""
+    model = trained_pair("llama", "eagle3")
+    with pytest.raises(ValueError, match=message):
+        next(model.generate_steps(torch.zeros(1, 5, dtype=torch.long), temperature=0.8, generator=generator))
+    steps = list(model.generate_steps(torch.zeros(1, 5, dtype=torch.long), temperature=0.8, max_new_tokens=4,
+                                      generator=torch.Generator().manual_seed(0)))
+    assert steps[-1].finished and model.last_stats.new_tokens == 4
+
+
 def test_concurrent_generations_do_not_interleave():
     model = trained_pair("qwen2", "eagle3")
     prompts = [torch.randint(0, VOCAB, (1, 4 + i)) for i in range(6)]
