@@ -305,8 +305,7 @@ def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
     value = float(norm)
     if not math.isfinite(value):
         raise TrainingDiverged(f"step {step}: the gradient norm is {value}: training diverged (or a batch's loss is "
-                               "not a number); the head was not updated with it. Lower --lr and start again (or "
-                               "resume from a checkpoint saved before)")
+                               "not a number); the head was not updated with it. Lower --lr and start again")
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
