@@ -210,6 +210,11 @@ def test_speed_arithmetic_by_hand(tmp_path):
 
     table = speed.format_table(summary)
     assert "2.500" in table.splitlines()[2] and table.splitlines()[2].endswith("3.50       3.94")
+    # Records without a mode are the reference's, whose idxs count no prefill iteration: the label says so.
+    assert "tau: tokens per draft round (the reference's answers count no prefill" in table
+    ours = [{**a, "mode": "ea"} for a in read_jsonl(ea)]
+    ours_table = speed.format_table(speed.summarize(ours, read_jsonl(base)))
+    assert "tau: tokens per target forward, prefill counted" in ours_table
     # Answers without accept_lengths (the reference's) have no rounds to count.
     plain_records = [{**a, "choices": [{k: v for k, v in a["choices"][0].items() if k != "accept_lengths"}]}
                      for a in read_jsonl(ea)]

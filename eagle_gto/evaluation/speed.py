@@ -25,6 +25,8 @@ from the same loop and are counted the same way. For a group of questions
   (T_q / S_q plain), kept for comparison (not what the reference reports);
 - tau = sum T_q / sum I_q with speculation, tokens per iteration with the
   bonus token counted (plain decoding has exactly 1; reported as a check);
+  the reference's answers (records without a mode) count no prefill in
+  their idxs, so theirs is tokens per draft round, and the table says so;
 - tau_per_round = tokens per draft-and-verify round from `accept_lengths`
   (accepted drafts + 1, prefill steps left out): the EAGLE reference's tau,
   a little above tau (by about (tau - 1) / rounds a turn).
@@ -231,6 +233,8 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
         # gen_answer writes one set of settings per file: its first paired answer's
         "settings": {"ea": recorded_settings(ea[paired[0]]), "baseline": recorded_settings(base[paired[0]])},
         "groups": {name: group_stats(pairs) for name, pairs in by_group.items()},
+        # gen_answer's idxs count the prefill as an iteration; the reference's (records without a mode) do not
+        "tau_counts_prefill": all("mode" in ea[qid] for qid in paired),
         "accept_length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
         "acceptance_per_position": acceptance_per_position(histogram),
     }
@@ -253,9 +257,11 @@ def format_table(summary: dict) -> str:
         lines.append(f"{name:<14}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
                      f"{g['baseline_mean_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
                      f"{g['tau']:>7.2f}{per_round:>11}")
+    tau = "tokens per target forward, prefill counted" if summary["tau_counts_prefill"] else \
+        "tokens per draft round (the reference's answers count no prefill iteration)"
     lines.append("tok/s: mean over questions; speedup: their ratio (as the reference); "
                  "(total): total tokens / total time, EA over plain;\n"
-                 "tau: tokens per target forward, prefill counted; tau/round: tokens per draft round (the reference's)")
+                 f"tau: {tau}; tau/round: tokens per draft round (the reference's)")
     return "\n".join(lines)
 
 
@@ -286,7 +292,8 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     ax.bar([int(k) for k in hist], list(hist.values()))
     ax.set_xlabel("tokens accepted per iteration (accepted drafts + 1)")
     ax.set_ylabel("iterations")
-    ax.set_title(f"draft-and-verify iterations (tau incl. prefill = {summary['groups'][ALL]['tau']:.2f})")
+    counted = "tau incl. prefill" if summary["tau_counts_prefill"] else "tau"
+    ax.set_title(f"draft-and-verify iterations ({counted} = {summary['groups'][ALL]['tau']:.2f})")
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
