@@ -120,15 +120,10 @@ def format_stop_ids(tokenizer, model_type: str) -> set[int]:
     """The tokens that end an answer in this format, as the tokenizer knows
     them: its eos, the format's end-of-turn tokens (<|im_end|>), and
     <|eot_id|> for llama3 (the engine stops there too)."""
-    ids = set(stop_token_ids(tokenizer, model_type)) | ids_of(tokenizer.eos_token_id)
+    ids = set(stop_token_ids(tokenizer, model_type)) | eos_ids(tokenizer)
     if chat_format(model_type).is_llama3 and "<|eot_id|>" in tokenizer.get_vocab():
         ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
     return ids
-
-
-def ids_of(eos) -> set[int]:
-    """An eos_token_id setting (None, an id or a list of ids) as a set."""
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 def end_of_turn_ids(tokenizer, model_type: str, stop_ids=()) -> set[int]:

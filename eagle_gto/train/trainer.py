@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..chat import MODEL_TYPES, model_type_arg
+from ..chat import MODEL_TYPES, eos_ids, model_type_arg
 from ..checkpoint import save_head
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
-from .data import (Sample, check_prompts, collate, ids_of, read_numbered_records, regenerate, to_samples,
-                   token_counts)
+from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
 from .features import target_outputs
 from .plot import plot_metrics
 from .ttt import TTTObjective
@@ -599,9 +598,9 @@ def base_eos_ids(path: str, base_config) -> set[int]:
     from ..checkpoint import expand_path
 
     try:
-        return ids_of(GenerationConfig.from_pretrained(expand_path(path)).eos_token_id)
+        return eos_ids(GenerationConfig.from_pretrained(expand_path(path)))
     except OSError:  # no generation_config.json: transformers derives it from config.json
-        return ids_of(getattr(text_config(base_config), "eos_token_id", None))
+        return eos_ids(text_config(base_config))
 
 
 def load_base(path: str):
