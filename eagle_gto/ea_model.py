@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import threading
 import time
 import warnings
@@ -371,6 +372,11 @@ class EaModel(nn.Module):
                              f"position of each forward, so past {limit} positions speculative output would not equal "
                              f"plain decoding's; max_length must be <= {limit}, got {max_length} (plain decoding, "
                              "naivegenerate, has no such limit)")
+        for device, needed in self._target.cache_bytes(max_length).items():
+            memory = device_memory(device)
+            if memory is not None and needed > memory:  # it fails at the prefill, in the allocator's words
+                raise ValueError(f"max_length={max_length} needs {needed / 2**30:.1f} GiB of key/value cache on "
+                                 f"{device}, which has {memory / 2**30:.1f} GiB in all: lower max_length")
         if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
             warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
                           "positions past it were not trained for", stacklevel=3)
@@ -381,10 +387,7 @@ class EaModel(nn.Module):
             return
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        drawn_on = self._target.lm_head.weight.device  # (meta: offloaded weights, whose device shows only at run time)
-        if drawn_on.type not in (generator.device.type, "meta"):
-            raise ValueError(f"the generator is on {generator.device.type}, but tokens are drawn on {drawn_on} (the "
-                             f"base's lm_head): make it with torch.Generator(device={str(drawn_on)!r})")
+        check_generator_device(generator, self._target.lm_head.weight.device)
 
     def _stop_ids(self, is_llama3: bool, extra) -> set[int]:
         ids = eos_ids(getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer)
@@ -599,6 +602,26 @@ def check_dtype(dtype) -> None:
         return
     if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
         raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (e.g. torch.bfloat16, 'float16', 'auto')")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """All the memory of a CPU or CUDA device in bytes; None where it is not known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # (no sysconf on Windows)
+        pass
+    return None
+
+
+def check_generator_device(generator: torch.Generator, drawn_on: torch.device) -> None:
+    """Tokens are drawn on the lm_head's device; a generator elsewhere fails at the first draw, in torch's words.
+    meta: offloaded weights, whose device shows only at run time."""
+    if drawn_on.type != "meta" and generator.device != drawn_on:
+        raise ValueError(f"the generator is on {generator.device}, but tokens are drawn on {drawn_on} (the "
+                         f"base's lm_head): make it with torch.Generator(device={str(drawn_on)!r})")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -145,9 +145,26 @@ class TargetRunner:
                              "output) (with the logit scaling and soft-capping configs this engine applies); "
                              "this engine cannot decode it losslessly")
 
+    def layer_devices(self) -> list[torch.device]:
+        return [next(layer.parameters()).device for layer in self.layers]
+
     def new_cache(self, capacity: int) -> TargetKVCache:
-        devices = [next(layer.parameters()).device for layer in self.layers]
-        return TargetKVCache(len(self.layers), capacity, devices)
+        return TargetKVCache(len(self.layers), capacity, self.layer_devices())
+
+    def cache_bytes(self, capacity: int) -> dict[torch.device, int]:
+        """What `new_cache(capacity)` will allocate on each device: a key and a value row per layer and position."""
+        config = self.model.config
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:  # (a config of other names: nothing is claimed)
+            return {}
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        itemsize = next(self.model.parameters()).dtype.itemsize  # (read now: the model may have been cast since)
+        per_layer = 2 * kv_heads * head_dim * capacity * itemsize
+        sizes: dict[torch.device, int] = {}
+        for device in self.layer_devices():
+            sizes[device] = sizes.get(device, 0) + per_layer
+        return sizes
 
     def additive_mask(self, visible: torch.Tensor) -> torch.Tensor:
         """bool [n, kv_len] (True = visible) -> float [1, 1, n, kv_len]."""

@@ -229,6 +229,24 @@ def test_max_length_is_an_integer_and_a_bad_one_caches_nothing():
     assert model.eagenerate(ids, max_new_tokens=4, max_length=None).shape[1] == 7  # None: the default
 
 
+def test_a_max_length_whose_cache_cannot_fit_the_device_is_refused_before_anything_is_cached(monkeypatch):
+    """It failed at the prefill, in the allocator's words ("you tried to allocate 1536000000000000 bytes")."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    kept = model.eagenerate(ids, max_new_tokens=4, max_length=64)
+    cache = model._cache
+    allocated = sum(stack.storage.numel() * stack.storage.element_size() for stack in cache.stacks)
+    assert model._target.cache_bytes(64) == {torch.device("cpu"): allocated}
+    with pytest.raises(ValueError, match=r"max_length=1000000000000 needs 1430511.5 GiB of key/value cache on cpu, "
+                                         r"which has [0-9.]+ GiB in all: lower max_length"):
+        model.eagenerate(ids, max_new_tokens=4, max_length=10**12)
+    monkeypatch.setattr(ea_model, "device_memory", lambda device: 2 * allocated)
+    model.check_max_length(128)  # exactly all of it
+    with pytest.raises(ValueError, match="max_length=129 needs"):
+        model.naivegenerate(ids, max_new_tokens=4, max_length=129)
+    assert model._cache is cache and torch.equal(model.eagenerate(ids, max_new_tokens=4, max_length=64), kept)
+
+
 def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
     model = trained_pair("llama", "eagle3")
     monkeypatch.setattr(model.base_model.config, "max_position_embeddings", 40)
@@ -312,7 +330,7 @@ class CudaGenerator(torch.Generator):
 
 @pytest.mark.parametrize("generator,message", [
     (1234, "generator must be a torch.Generator, got int"),
-    (CudaGenerator(), r"the generator is on cuda, but tokens are drawn on cpu \(the base's lm_head\): "
+    (CudaGenerator(), r"the generator is on cuda:0, but tokens are drawn on cpu \(the base's lm_head\): "
                       r"make it with torch.Generator\(device='cpu'\)"),
 ])
 def test_a_generator_torch_cannot_draw_with_is_refused_before_the_first_step(generator, message):
@@ -323,6 +341,19 @@ def test_a_generator_torch_cannot_draw_with_is_refused_before_the_first_step(gen
     steps = list(model.generate_steps(torch.zeros(1, 5, dtype=torch.long), temperature=0.8, max_new_tokens=4,
                                       generator=torch.Generator().manual_seed(0)))
     assert steps[-1].finished and model.last_stats.new_tokens == 4
+
+
+class SecondCudaGenerator(torch.Generator):
+    device = torch.device("cuda", 1)
+
+
+def test_a_generator_on_another_gpu_than_the_lm_head_is_refused():
+    """Same device type, other index: torch refuses that only at the first draw."""
+    with pytest.raises(ValueError, match=r"the generator is on cuda:1, but tokens are drawn on cuda:0 .*"
+                                         r"torch.Generator\(device='cuda:0'\)"):
+        ea_model.check_generator_device(SecondCudaGenerator(), torch.device("cuda", 0))
+    ea_model.check_generator_device(CudaGenerator(), torch.device("cuda", 0))
+    ea_model.check_generator_device(SecondCudaGenerator(), torch.device("meta"))  # offloaded: its device shows only later
 
 
 def test_concurrent_generations_do_not_interleave():
