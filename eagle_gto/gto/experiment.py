@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                            f"{', '.join(RUN_OPTIONS)} itself (see --runs).", " experiment", fixed=RUN_OPTIONS)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per evaluation prompt")
     parser.add_argument("--eval-tree", default="60,7,10", help="total_token,depth,top_k of the tau measurement")
     parser.add_argument("--humaneval", type=Path, help="HumanEval question.jsonl (must exist); none: "
                         "shared/data/humaneval/question.jsonl beside the repository, skipped with a note when "
