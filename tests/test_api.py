@@ -380,8 +380,7 @@ BAD_OPTIONS = [
     (["--port", "65536"], "argument --port: a port is a number from 0 to 65535, got 65536"),  # one past the last
     (["--port", "http"], "argument --port: a port is a number from 0 to 65535, got http"),  # not port 0 (any)
     (["{busy}"], "cannot listen on 127.0.0.1:"),  # a port another program listens on: found before the model loads
-    (["{both}", "--max-length", str(10**13)], "the caches of a context of 10000000000000 tokens (--max-length) "
-                                               "do not fit in memory"),
+    (["{both}", "--max-length", str(10**13)], "max_length=10000000000000 needs "),  # more than all the memory
 ]
 
 
@@ -414,6 +413,28 @@ def test_options_no_request_could_run_with_stop_the_server(pair, sliding_pair, c
     assert "Traceback" not in error
     last = error.splitlines()[-1]
     assert last.startswith(f"python -m application.{module}: error: ") and message in last
+
+
+def test_a_format_stop_token_past_the_model_vocabulary_stops_the_server_at_startup(tmp_path, capsys):
+    """A tokenizer with Qwen's <|im_end|> added past the model's rows: the engine refused every request."""
+    from transformers import AutoTokenizer
+
+    from application import common
+
+    base, head = save_tiny_pair(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tokenizer.save_pretrained(base)
+    parser = common.build_parser("test", "", 0)
+    options = ["--base-model-path", str(base), "--ea-model-path", str(head), "--total-token", "16", "--depth", "4",
+               "--top-k", "4", "--max-length", "64"]
+    with pytest.raises(SystemExit) as info:
+        common.load_runner(parser, parser.parse_args([*options, "--model-type", "qwen"]))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"test: error: the qwen format's stop token ids [{len(CHARS)}] lie outside the model's vocabulary "
+        f"[0, {len(CHARS)}): is the tokenizer this model's?")
+    assert common.load_runner(parser, parser.parse_args([*options, "--model-type", "vicuna"])).stop_token_ids == []
 
 
 def test_caches_that_do_not_fit_are_one_line_of_the_first_line_of_the_error(pair, capsys, monkeypatch):
