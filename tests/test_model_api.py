@@ -574,6 +574,20 @@ def test_a_model_cast_after_generating_gets_new_caches():
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == before
 
 
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_a_float32_head_beside_a_half_precision_base_drafts(kind):
+    """A head kept in float32 (or the base alone cast afterwards) beside a bfloat16 base: features are cast
+    to the head's dtype, and an EAGLE-1 head's output to the base's lm_head's (it failed with a dtype error)."""
+    shared = trained_pair("llama", kind)
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model.base_model.to(torch.bfloat16)
+    assert next(model.ea_layer.parameters()).dtype == torch.float32
+    ids = torch.tensor([[5, 17, 33, 2]])
+    out = model.eagenerate(ids, max_new_tokens=30)
+    assert model.last_stats.mean_accepted_length > 1.5  # the float32 head's drafts are accepted
+    assert out.tolist() == model.naivegenerate(ids, max_new_tokens=30).tolist()
+
+
 def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(monkeypatch):
     """As the reference's constructor does (from_pretrained places the head itself). The CPU has no second
     device: the base's last layer is said to be on "meta", where a move needs no copy of the weights."""
