@@ -105,6 +105,20 @@ class EaModel(nn.Module):
         check_tree_params(tree.total_token, tree.depth, tree.top_k, self.ea_layer.config.draft_vocab_size)
         self._tree = tree
 
+    def _apply(self, fn, recurse=True):
+        # A cast (model.to(torch.bfloat16)) keeps the base's rotary frequencies in float32, as transformers loads
+        # them into a half-precision model and as the head keeps its own: rounded to bf16, the angles a thousand
+        # positions in are off by radians.
+        kept = [(module, name, buffer) for module in self.base_model.modules()
+                for name, buffer in module.named_buffers(recurse=False)
+                if name.endswith("inv_freq") and buffer.dtype == torch.float32]
+        super()._apply(fn, recurse)
+        for module, name, before in kept:
+            after = getattr(module, name)
+            if after.dtype != before.dtype:
+                setattr(module, name, before.to(after.device))
+        return self
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError("EaModel has no forward: generate with eagenerate / ea_generate / naivegenerate "
                                   "/ naive_generate, or call model.base_model(...) for the base model's logits")

@@ -415,8 +415,9 @@ class Eagle1Head(DraftHead):
         x = out.to(lm_head.weight.device)
         if type(lm_head) is nn.Linear:
             # Its weights, not its forward: a base sharded by accelerate has a device hook
-            # around the forward that compiled draft steps (fullgraph) cannot trace.
-            return F.linear(x, lm_head.weight, lm_head.bias).to(out.device)
+            # around the forward that compiled draft steps (fullgraph) cannot trace. In their
+            # dtype: a head kept in float32 beside a half-precision base (as EAGLE-3 heads may be).
+            return F.linear(x.to(lm_head.weight.dtype), lm_head.weight, lm_head.bias).to(out.device)
         return lm_head(x).to(out.device)
 
 

@@ -605,6 +605,41 @@ def test_a_model_cast_after_generating_gets_new_caches():
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == before
 
 
+def test_a_cast_keeps_the_bases_rotary_frequencies_in_float32(tmp_path):
+    """transformers loads a base in bfloat16 with float32 rotary frequencies; model.to(torch.bfloat16) rounded
+    them (torch casts every float buffer), so the cast model's logits drifted from the loaded one's with the
+    position. Cast, it is the model loaded in bfloat16."""
+    from eagle_gto.attention import use_for
+
+    shared = trained_pair("llama", "eagle3")
+    shared.base_model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    use_for(loaded)  # the attention EaModel switches its base to
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model.to(torch.bfloat16)
+    buffers = dict(model.base_model.named_buffers())
+    assert buffers and all(buffer.dtype == torch.float32 for name, buffer in buffers.items() if "inv_freq" in name)
+    ids = torch.randint(0, VOCAB, (1, 1200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.base_model(ids).logits[0, -50:], loaded(ids).logits[0, -50:])
+    model.to(torch.float32)  # and back: the frequencies are the float32 model's own
+    assert all(torch.equal(buffer, dict(shared.base_model.named_buffers())[name]) for name, buffer in buffers.items())
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_a_float32_head_beside_a_half_precision_base_drafts(kind):
+    """A head kept in float32 (or the base alone cast afterwards) beside a bfloat16 base: features are cast
+    to the head's dtype, and an EAGLE-1 head's output to the base's lm_head's (it failed with a dtype error)."""
+    shared = trained_pair("llama", kind)
+    model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
+    model.base_model.to(torch.bfloat16)
+    assert next(model.ea_layer.parameters()).dtype == torch.float32
+    ids = torch.tensor([[5, 17, 33, 2]])
+    out = model.eagenerate(ids, max_new_tokens=30)
+    assert model.last_stats.mean_accepted_length > 1.5  # the float32 head's drafts are accepted
+    assert out.tolist() == model.naivegenerate(ids, max_new_tokens=30).tolist()
+
+
 def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(monkeypatch):
     """As the reference's constructor does (from_pretrained places the head itself). The CPU has no second
     device: the base's last layer is said to be on "meta", where a move needs no copy of the weights."""

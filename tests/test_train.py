@@ -449,6 +449,20 @@ def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes
     assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_trains_a_float32_head_without_autocast(tmp_path, tokenizer, dtype):
+    """On the CPU nothing autocasts: a half-precision base's features met the float32 head's fc (a dtype
+    error at the first step). Cast as GTO casts them, the loss is the float32 base's, within rounding."""
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=1, batch_size=2, ttt_steps=2, log_every=1)
+    losses = []
+    for name, base in (("float32", make_base()), ("half", make_base().to(dtype))):
+        head = train(base, samples, tmp_path / name, cfg, draft_vocab_size=100, show_progress=False)
+        assert head.fc.weight.dtype == torch.float32
+        losses.append(json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert math.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
 def test_the_export_is_an_eagle3_checkpoint_in_the_requested_dtype(tmp_path, tokenizer):
     """The exported head holds the trained weights cast to --export-dtype, and
     the vocabulary mapping in the EAGLE-3 format: d2t[i] = target id - i, t2d

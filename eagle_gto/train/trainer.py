@@ -364,7 +364,10 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
 def run_batch(objective, base, samples: list[Sample], device):
     batch = {k: v.to(device) for k, v in collate(samples).items()}
     target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
-    return objective(target.features, batch["input_ids"], target.logits, batch["loss_mask"], batch["attention_mask"])
+    # The head trains in float32: a half-precision base's features are cast, as GTO casts them (on GPUs autocast
+    # would reconcile the two; on the CPU nothing does)
+    features = target.features.float()
+    return objective(features, batch["input_ids"], target.logits, batch["loss_mask"], batch["attention_mask"])
 
 
 @torch.no_grad()
