@@ -32,8 +32,8 @@ from torch import nn
 from . import attention
 from .acceptance import SamplingParams
 from .chat import eos_ids
-from .checkpoint import (CheckpointError, build_head, check_against_base, expand_path, hub_options, load_base,
-                         load_checkpoint, read_base_config)
+from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path,
+                         hub_options, load_base, load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
 from .generation import (DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
@@ -70,6 +70,7 @@ class EaModel(nn.Module):
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
         check_against_base(ea_layer, base_model.config, "ea_layer")  # (a head built apart from this base)
+        check_not_offloaded(base_model, "base_model")  # (as from_pretrained does; before the head moves)
         attach_head(base_model, ea_layer)  # as the reference does: beside the last layer, in the base's dtype
         self._feature_layers = ea_layer.feature_layers(len(layers))
         self._target = TargetRunner(base_model, self._feature_layers)

@@ -243,6 +243,20 @@ def test_weights_offloaded_to_disk_are_refused(saved, tmp_path):
                                 max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"))
 
 
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+@pytest.mark.parametrize("on_disk", ["model.layers.5", "model.embed_tokens", "lm_head"])
+def test_a_base_loaded_with_offloaded_weights_is_refused_by_eamodel_too(saved, tmp_path, kind, on_disk):
+    # EaModel(base, head) directly: the head went to the meta device beside an offloaded last layer (its weights
+    # lost), a shared offloaded embedding failed in torch's words, other cases failed mid-generation.
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(6)}, **{on_disk: "disk"})
+    base = AutoModelForCausalLM.from_pretrained(str(saved / "llama"), device_map=device_map, dtype=torch.float32,
+                                                offload_folder=str(tmp_path / "offload"))
+    head = build_head(load_checkpoint(str(saved / kind)))
+    with pytest.raises(CheckpointError, match=rf"base_model: device_map left weights offloaded.*\({on_disk}\."):
+        EaModel(base, head, None, **TREE)
+    assert {p.device.type for p in head.parameters()} == {"cpu"}  # refused before the head moves
+
 @pytest.mark.parametrize("content,message", [
     (b"", "an empty file"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
