@@ -438,6 +438,7 @@ class EaModel(nn.Module):
                 # accelerate's hooks still send each layer's inputs where device_map put it
                 raise ValueError("this base model was dispatched over several devices (device_map) and then moved "
                                  "with .to(): load it again with the device_map wanted instead")
+            check_not_offloaded(self.base_model, "base_model")  # (accelerate's cpu_offload or disk_offload since)
             self._target = TargetRunner(self.base_model, self._feature_layers)
             share_base_weights(self.base_model, self.ea_layer)
             self.cuda_graphs = self._check_graphs(self._cuda_graphs_asked)

@@ -257,6 +257,17 @@ def test_a_base_loaded_with_offloaded_weights_is_refused_by_eamodel_too(saved, t
         EaModel(base, head, None, **TREE)
     assert {p.device.type for p in head.parameters()} == {"cpu"}  # refused before the head moves
 
+
+def test_a_base_offloaded_after_loading_is_refused_at_the_next_generation(saved, tmp_path):
+    from accelerate import disk_offload
+
+    model = EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **TREE)
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    disk_offload(model.base_model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    # (it failed making the new caches, in torch's words: "Cannot copy out of meta tensor")
+    with pytest.raises(CheckpointError, match="base_model: device_map left weights offloaded"):
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
 @pytest.mark.parametrize("content,message", [
     (b"", "an empty file"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
