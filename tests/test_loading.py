@@ -258,6 +258,16 @@ def test_a_base_loaded_with_offloaded_weights_is_refused_by_eamodel_too(saved, t
     assert {p.device.type for p in head.parameters()} == {"cpu"}  # refused before the head moves
 
 
+@pytest.mark.parametrize("device_map", [{"": "disk"}, {"model": "cpu", "lm_head": "disk"}, "meta",
+                                        {"model": torch.device("meta"), "lm_head": "cpu"}])
+def test_a_device_map_that_offloads_by_name_is_refused_before_the_base_loads(saved, tmp_path, monkeypatch,
+                                                                            device_map):
+    monkeypatch.setattr(ea_model, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match="device_map places weights on '(disk|meta)': the engine needs every weight"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map,
+                                offload_folder=str(tmp_path / "offload"))
+
+
 def test_a_base_offloaded_after_loading_is_refused_at_the_next_generation(saved, tmp_path):
     from accelerate import disk_offload
 
