@@ -446,14 +446,21 @@ def load_base(path_or_id: str, **kwargs):
         hint = " (they look like an EAGLE draft head's: are base_model_path and ea_model_path swapped?)"
         raise CheckpointError(f"{path_or_id}: the weights do not fit config.json: " + "; ".join(problems)
                               + (hint if looks_like_head({}, unexpected) else ""))
-    offloaded = sorted({name for name, p in list(base.named_parameters()) + list(base.named_buffers())
+    check_not_offloaded(base, path_or_id)
+    return base
+
+
+def check_not_offloaded(base, name: str) -> None:
+    """Weights accelerate offloaded (to disk, or to the CPU beside GPUs) sit on the meta device between forwards;
+    the engine reads weights and their devices directly (the head's place and embedding, the caches, EAGLE-1's
+    lm_head), which fails mid-generation on them, or moves a head to meta, losing its weights."""
+    offloaded = sorted({key for key, p in list(base.named_parameters()) + list(base.named_buffers())
                         if p.device.type == "meta"})
     if offloaded:
-        raise CheckpointError(f"{path_or_id}: device_map left weights offloaded, on disk or unloaded "
+        raise CheckpointError(f"{name}: device_map left weights offloaded, on disk or unloaded "
                               f"({_some(offloaded)}); accelerate offloads a 'cpu' entry beside GPUs too. The engine "
                               "needs every weight in the memory of the device that runs it (give max_memory more "
                               "room, or another device_map)")
-    return base
 
 
 def _check_local_weight_files(path_or_id, subfolder=None) -> None:

@@ -32,8 +32,8 @@ from torch import nn
 from . import attention
 from .acceptance import SamplingParams
 from .chat import eos_ids
-from .checkpoint import (CheckpointError, build_head, check_against_base, expand_path, hub_options, load_base,
-                         load_checkpoint, read_base_config)
+from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path,
+                         hub_options, load_base, load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
 from .generation import (DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
@@ -70,6 +70,7 @@ class EaModel(nn.Module):
         attention.use_for(base_model)  # sdpa without copying grouped keys/values (attention.py)
         layers = decoder_layers(base_model)
         check_against_base(ea_layer, base_model.config, "ea_layer")  # (a head built apart from this base)
+        check_not_offloaded(base_model, "base_model")  # (as from_pretrained does; before the head moves)
         attach_head(base_model, ea_layer)  # as the reference does: beside the last layer, in the base's dtype
         self._feature_layers = ea_layer.feature_layers(len(layers))
         self._target = TargetRunner(base_model, self._feature_layers)
@@ -437,6 +438,7 @@ class EaModel(nn.Module):
                 # accelerate's hooks still send each layer's inputs where device_map put it
                 raise ValueError("this base model was dispatched over several devices (device_map) and then moved "
                                  "with .to(): load it again with the device_map wanted instead")
+            check_not_offloaded(self.base_model, "base_model")  # (accelerate's cpu_offload or disk_offload since)
             self._target = TargetRunner(self.base_model, self._feature_layers)
             share_base_weights(self.base_model, self.ea_layer)
             self.cuda_graphs = self._check_graphs(self._cuda_graphs_asked)
@@ -587,8 +589,14 @@ def whole_number(name: str, value) -> int:
 
 
 def check_device_map(device_map) -> None:
-    """A device map that names CUDA where there is none would fail deep in torch (an AssertionError)."""
+    """A device map that names CUDA where there is none would fail deep in torch (an AssertionError); one that
+    offloads by name ("disk", "meta") was refused only once the rest of the base had loaded (minutes for a
+    large one)."""
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    offloaded = sorted({str(t) for t in targets if str(t) in ("disk", "meta")})
+    if offloaded:
+        raise ValueError(f"device_map places weights on {' and '.join(map(repr, offloaded))}: the engine needs every "
+                         "weight in the memory of the device that runs it; map those modules to a device")
     on_cuda = [t for t in targets if str(t).startswith("cuda") or (isinstance(t, int) and not isinstance(t, bool))]
     if on_cuda and not torch.cuda.is_available():
         raise ValueError(f"device_map={device_map!r} places the model on CUDA, but CUDA is not available "

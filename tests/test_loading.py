@@ -243,6 +243,41 @@ def test_weights_offloaded_to_disk_are_refused(saved, tmp_path):
                                 max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"))
 
 
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+@pytest.mark.parametrize("on_disk", ["model.layers.5", "model.embed_tokens", "lm_head"])
+def test_a_base_loaded_with_offloaded_weights_is_refused_by_eamodel_too(saved, tmp_path, kind, on_disk):
+    # EaModel(base, head) directly: the head went to the meta device beside an offloaded last layer (its weights
+    # lost), a shared offloaded embedding failed in torch's words, other cases failed mid-generation.
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(6)}, **{on_disk: "disk"})
+    base = AutoModelForCausalLM.from_pretrained(str(saved / "llama"), device_map=device_map, dtype=torch.float32,
+                                                offload_folder=str(tmp_path / "offload"))
+    head = build_head(load_checkpoint(str(saved / kind)))
+    with pytest.raises(CheckpointError, match=rf"base_model: device_map left weights offloaded.*\({on_disk}\."):
+        EaModel(base, head, None, **TREE)
+    assert {p.device.type for p in head.parameters()} == {"cpu"}  # refused before the head moves
+
+
+@pytest.mark.parametrize("device_map", [{"": "disk"}, {"model": "cpu", "lm_head": "disk"}, "meta",
+                                        {"model": torch.device("meta"), "lm_head": "cpu"}])
+def test_a_device_map_that_offloads_by_name_is_refused_before_the_base_loads(saved, tmp_path, monkeypatch,
+                                                                            device_map):
+    monkeypatch.setattr(ea_model, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match="device_map places weights on '(disk|meta)': the engine needs every weight"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map,
+                                offload_folder=str(tmp_path / "offload"))
+
+
+def test_a_base_offloaded_after_loading_is_refused_at_the_next_generation(saved, tmp_path):
+    from accelerate import disk_offload
+
+    model = EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **TREE)
+    model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    disk_offload(model.base_model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    # (it failed making the new caches, in torch's words: "Cannot copy out of meta tensor")
+    with pytest.raises(CheckpointError, match="base_model: device_map left weights offloaded"):
+        model.eagenerate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
 @pytest.mark.parametrize("content,message", [
     (b"", "an empty file"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
