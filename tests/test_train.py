@@ -585,6 +585,44 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
 
 
+def test_a_run_resumed_with_another_split_of_its_global_batch_takes_the_next_samples(tmp_path, tokenizer,
+                                                                                     monkeypatch):
+    """Two processes with --batch-size 2 take, step by step, the samples one
+    process takes with --batch-size 2 --grad-accum 2 or with --batch-size 4.
+    A checkpoint counted its position in micro-batches of its own size: a
+    two-process run resumed by one process (or the other way round) repeated
+    and skipped samples. Here one process stands for two: the micro-batch
+    over all processes is --batch-size x processes."""
+    drawn = []
+    real_next = trainer.MicroBatches.next
+
+    def next_recorded(self):
+        drawn.append(real_next(self))
+        return drawn[-1]
+
+    monkeypatch.setattr(trainer.MicroBatches, "next", next_recorded)
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 4], tokenizer)
+    split = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, save_every=2, ttt_steps=1)
+    whole = dataclasses.replace(split, batch_size=4, grad_accum=1)
+    for first, then in [(split, whole), (whole, split)]:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        drawn.clear()
+        train(base, samples, tmp_path / "a", first, draft_vocab_size=100, show_progress=False)
+        per_step = len(drawn) // 4
+        straight = [sorted(sum(drawn[i : i + per_step], [])) for i in range(0, len(drawn), per_step)]
+        shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002",
+                        tmp_path / "b" / "checkpoints" / "step-00000002")
+        drawn.clear()
+        train(base, samples, tmp_path / "b", then, draft_vocab_size=100, resume=True, show_progress=False)
+        per_step = len(drawn) // 2
+        assert [sorted(sum(drawn[i : i + per_step], [])) for i in range(0, len(drawn), per_step)] == straight[2:]
+    # A position that is no whole number of the new micro-batches is refused; an older checkpoint's is kept.
+    with pytest.raises(trainer.CheckpointMismatch, match="6 sequences into its epoch, not a whole number of this "):
+        trainer.resumed_index({"index": 3, "micro_batch": 2}, 4)
+    assert trainer.resumed_index({"index": 3}, 4) == 3
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])  # (0: no clipping, still the check)
 def test_a_diverged_run_stops_before_the_update_keeping_its_checkpoints(tmp_path, tokenizer, monkeypatch,
                                                                         max_grad_norm):

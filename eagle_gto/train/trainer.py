@@ -248,6 +248,21 @@ class MicroBatches:
         return order[start : start + self.batch_size].tolist()
 
 
+def resumed_index(progress: dict, micro_batch: int) -> int:
+    """The checkpoint's position in its epoch in micro-batches of `micro_batch`
+    sequences over all processes (--batch-size x processes). A run resumed with
+    another split of the same global batch (one process with --grad-accum 2 for
+    two) counts other micro-batches: the index is converted, else samples are
+    skipped and repeated. (Checkpoints that do not record it: not converted.)"""
+    then = progress.get("micro_batch", micro_batch)
+    seen = progress["index"] * then
+    if seen % micro_batch:
+        raise CheckpointMismatch(f"the checkpoint is {seen} sequences into its epoch, not a whole number of this "
+                                 f"run's micro-batches of {micro_batch} (--batch-size x processes): resume with "
+                                 f"--batch-size x processes dividing {seen}, or as the run started ({then})")
+    return seen // micro_batch
+
+
 # ------------------------------------------------------------------ output folder
 HEAD_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_head writes
 
@@ -422,8 +437,9 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         if progress["step"] > total:  # another run's: it would be exported untrained
             raise CheckpointMismatch(f"{previous[-1]} is at step {progress['step']}, past this run's {total} steps: "
                                      "resume with the options of the run that wrote it, or choose another --out")
+        index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
-        step, batches.epoch, batches.index = progress["step"], progress["epoch"], progress["index"]
+        step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
         saved_window = window_file(previous[-1], accelerator.process_index)
         window = json.loads(saved_window.read_text()) if saved_window.is_file() else []
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
@@ -471,7 +487,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         if record:
             _append(accelerator, metrics_file, record)
         if step % cfg.save_every == 0 or step == total:
-            progress = {"step": step, "epoch": batches.epoch, "index": batches.index, "head_options": shape}
+            progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
+                        "micro_batch": cfg.batch_size * world, "head_options": shape}
             save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
     bar.close()
 
