@@ -5,8 +5,12 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -563,6 +567,28 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
         taus.append(model.last_stats.mean_accepted_length)
         assert torch.equal(spec, model.naivegenerate(prompt, max_new_tokens=30))
     assert max(taus) > 1.0  # the trained head gets drafts accepted
+
+
+def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, tokenizer):
+    """Under `accelerate launch` every process runs main(): each wrote --save-data
+    (two writers truncating one file) and printed that the head was written."""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data
+    script.write_text("import pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
+                      "def noted(path, *args):\n"
+                      "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
+                      "    return write(path, *args)\n"
+                      "pathlib.Path.write_text = noted\ntrainer.main(sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
+                          str(tmp_path / "head"), "--model-type", "plain", "--regenerate", "--regen-max-new-tokens",
+                          "4", "--save-data", str(tmp_path / "regen.jsonl"), "--draft-vocab-size", "100",
+                          "--max-steps", "1", "--batch-size", "2", "--ttt-steps", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
+    assert len((tmp_path / "regen.jsonl").read_text().splitlines()) == 15
 
 
 def test_resume_continues_exactly(tmp_path, tokenizer):

@@ -637,6 +637,14 @@ def load_base(path: str):
     return base.eval()
 
 
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs main(): what is written or
+    said once, the main process does. (The state train's Accelerator takes up.)"""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
 def check_options(args: argparse.Namespace) -> TrainConfig:
     """The options' values and the files the run writes, before anything loads
     (and the defaults of the --regen-* options, left None to see them given)."""
@@ -704,9 +712,10 @@ def main(argv=None) -> None:
         if args.regenerate:
             records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
                                  args.regen_batch_size)
-            if args.save_data:
+            if args.save_data and is_main_process():  # (every process regenerated all of them)
                 Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
-    print(f"head written to {args.out}")
+    if is_main_process():
+        print(f"head written to {args.out}")
