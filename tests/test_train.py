@@ -708,6 +708,32 @@ def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
 
 
+def test_a_run_resumed_with_another_number_of_processes_logs_the_same_averages(tmp_path, tokenizer):
+    """Each process checkpoints its micro-batch results since the last log; a
+    run resumed with fewer processes read only its own ranks' and logged the
+    averages of part of them (with more, the processes' means were averaged
+    as if they held equal shares)."""
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 4], tokenizer)
+    # One process with --grad-accum 2 takes the micro-batches two processes with --grad-accum 1 take.
+    cfg = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, lr=1e-3, save_every=2, ttt_steps=2, log_every=3)
+    train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-00000002"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", checkpoint)
+    window = json.loads(trainer.window_file(checkpoint, 0).read_text())
+    for rank in (0, 1):  # as the two processes saved them: rank 0 the first micro-batch of each step
+        trainer.window_file(checkpoint, rank).write_text(json.dumps(window[rank::2]))
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    straight, resumed = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                         for run in "ab")
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    # Resumed by more processes than saved them, some start with none.
+    trainer.window_file(checkpoint, 1).unlink()
+    assert trainer.saved_window(checkpoint, 0, 2) == window[0::2] and trainer.saved_window(checkpoint, 1, 2) == []
+
+
 def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):
     samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
     cfg = TrainConfig(max_steps=2, batch_size=2, ttt_steps=1, log_every=1)

@@ -360,6 +360,15 @@ def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
 
+def saved_window(checkpoint: Path, rank: int, world: int) -> list:
+    """This process's share of the micro-batch results the checkpoint's
+    processes saved: all of them shared out when the resumed run has another
+    number of processes (the log sums them over processes, whichever holds them)."""
+    saved = sorted(checkpoint.glob("log_window_*.json"), key=lambda file: int(file.stem.rsplit("_", 1)[1]))
+    return [entry for file in saved if int(file.stem.rsplit("_", 1)[1]) % world == rank
+            for entry in json.loads(file.read_text())]
+
+
 def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: list) -> None:
     """Weights, optimizer and data position; and each process's micro-batch
     results since the last log, so that a resumed run logs the same averages."""
@@ -440,8 +449,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
-        saved_window = window_file(previous[-1], accelerator.process_index)
-        window = json.loads(saved_window.read_text()) if saved_window.is_file() else []
+        window = saved_window(previous[-1], accelerator.process_index, world)
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -510,17 +518,18 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
 
 def _summarise(window, accelerator) -> dict:
     """Mean loss, per-step losses and position-weighted per-step accuracy
-    over the micro-batches since the last log, averaged over processes."""
+    over the micro-batches since the last log of all processes. Sums are
+    reduced, not means: a resumed run's processes may hold unequal shares."""
     steps = len(window[0][1])
-    loss = torch.tensor([sum(w[0] for w in window) / len(window)], device=accelerator.device)
-    step_losses = torch.tensor([sum(w[1][s] for w in window) / len(window) for s in range(steps)],
-                               device=accelerator.device)
-    hits = torch.tensor([sum(w[2][s] for w in window) for s in range(steps)], device=accelerator.device,
-                        dtype=torch.float64)
-    counts = torch.tensor([sum(w[3][s] for w in window) for s in range(steps)], device=accelerator.device,
-                          dtype=torch.float64)
-    loss, step_losses = accelerator.reduce(loss, "mean"), accelerator.reduce(step_losses, "mean")
-    hits, counts = accelerator.reduce(hits, "sum"), accelerator.reduce(counts, "sum")
+
+    def total(values) -> torch.Tensor:
+        return accelerator.reduce(torch.tensor(values, device=accelerator.device, dtype=torch.float64), "sum")
+
+    batches = total([len(window)])
+    loss = total([sum(w[0] for w in window)]) / batches
+    step_losses = total([sum(w[1][s] for w in window) for s in range(steps)]) / batches
+    hits = total([sum(w[2][s] for w in window) for s in range(steps)])
+    counts = total([sum(w[3][s] for w in window) for s in range(steps)])
     return {"loss": round(float(loss), 5), "step_loss": [round(float(x), 5) for x in step_losses],
             "acc": [round(float(x), 4) for x in hits / counts.clamp(min=1)]}
 
