@@ -230,7 +230,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 class MicroBatches:
     """Micro-batches of sample indices for one process, epoch after epoch,
-    each epoch in its own seeded order; (epoch, index) is all a resume needs."""
+    each epoch in its own seeded order; (epoch, index) is all a resume needs
+    (index in micro-batches over all processes: resumed_index converts it to another split)."""
 
     def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0):
         self.count, self.batch_size, self.world, self.rank, self.seed = count, batch_size, world, rank, seed
