@@ -5,8 +5,12 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -565,6 +569,28 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
     assert max(taus) > 1.0  # the trained head gets drafts accepted
 
 
+def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, tokenizer):
+    """Under `accelerate launch` every process runs main(): each wrote --save-data
+    (two writers truncating one file) and printed that the head was written."""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data
+    script.write_text("import pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
+                      "def noted(path, *args):\n"
+                      "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
+                      "    return write(path, *args)\n"
+                      "pathlib.Path.write_text = noted\ntrainer.main(sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
+                          str(tmp_path / "head"), "--model-type", "plain", "--regenerate", "--regen-max-new-tokens",
+                          "4", "--save-data", str(tmp_path / "regen.jsonl"), "--draft-vocab-size", "100",
+                          "--max-steps", "1", "--batch-size", "2", "--ttt-steps", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
+    assert len((tmp_path / "regen.jsonl").read_text().splitlines()) == 15
+
+
 def test_resume_continues_exactly(tmp_path, tokenizer):
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
@@ -583,6 +609,44 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert progress["step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the step counter came back, the log continues
+
+
+def test_a_run_resumed_with_another_split_of_its_global_batch_takes_the_next_samples(tmp_path, tokenizer,
+                                                                                     monkeypatch):
+    """Two processes with --batch-size 2 take, step by step, the samples one
+    process takes with --batch-size 2 --grad-accum 2 or with --batch-size 4.
+    A checkpoint counted its position in micro-batches of its own size: a
+    two-process run resumed by one process (or the other way round) repeated
+    and skipped samples. Here one process stands for two: the micro-batch
+    over all processes is --batch-size x processes."""
+    drawn = []
+    real_next = trainer.MicroBatches.next
+
+    def next_recorded(self):
+        drawn.append(real_next(self))
+        return drawn[-1]
+
+    monkeypatch.setattr(trainer.MicroBatches, "next", next_recorded)
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 4], tokenizer)
+    split = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, save_every=2, ttt_steps=1)
+    whole = dataclasses.replace(split, batch_size=4, grad_accum=1)
+    for first, then in [(split, whole), (whole, split)]:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        drawn.clear()
+        train(base, samples, tmp_path / "a", first, draft_vocab_size=100, show_progress=False)
+        per_step = len(drawn) // 4
+        straight = [sorted(sum(drawn[i : i + per_step], [])) for i in range(0, len(drawn), per_step)]
+        shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002",
+                        tmp_path / "b" / "checkpoints" / "step-00000002")
+        drawn.clear()
+        train(base, samples, tmp_path / "b", then, draft_vocab_size=100, resume=True, show_progress=False)
+        per_step = len(drawn) // 2
+        assert [sorted(sum(drawn[i : i + per_step], [])) for i in range(0, len(drawn), per_step)] == straight[2:]
+    # A position that is no whole number of the new micro-batches is refused; an older checkpoint's is kept.
+    with pytest.raises(trainer.CheckpointMismatch, match="6 sequences into its epoch, not a whole number of this "):
+        trainer.resumed_index({"index": 3, "micro_batch": 2}, 4)
+    assert trainer.resumed_index({"index": 3}, 4) == 3
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])  # (0: no clipping, still the check)
@@ -642,6 +706,32 @@ def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
     assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+
+
+def test_a_run_resumed_with_another_number_of_processes_logs_the_same_averages(tmp_path, tokenizer):
+    """Each process checkpoints its micro-batch results since the last log; a
+    run resumed with fewer processes read only its own ranks' and logged the
+    averages of part of them (with more, the processes' means were averaged
+    as if they held equal shares)."""
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 4], tokenizer)
+    # One process with --grad-accum 2 takes the micro-batches two processes with --grad-accum 1 take.
+    cfg = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, lr=1e-3, save_every=2, ttt_steps=2, log_every=3)
+    train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-00000002"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", checkpoint)
+    window = json.loads(trainer.window_file(checkpoint, 0).read_text())
+    for rank in (0, 1):  # as the two processes saved them: rank 0 the first micro-batch of each step
+        trainer.window_file(checkpoint, rank).write_text(json.dumps(window[rank::2]))
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    straight, resumed = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                         for run in "ab")
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    # Resumed by more processes than saved them, some start with none.
+    trainer.window_file(checkpoint, 1).unlink()
+    assert trainer.saved_window(checkpoint, 0, 2) == window[0::2] and trainer.saved_window(checkpoint, 1, 2) == []
 
 
 def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):

@@ -230,7 +230,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 class MicroBatches:
     """Micro-batches of sample indices for one process, epoch after epoch,
-    each epoch in its own seeded order; (epoch, index) is all a resume needs."""
+    each epoch in its own seeded order; (epoch, index) is all a resume needs
+    (index in micro-batches over all processes: resumed_index converts it to another split)."""
 
     def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0):
         self.count, self.batch_size, self.world, self.rank, self.seed = count, batch_size, world, rank, seed
@@ -246,6 +247,21 @@ class MicroBatches:
         start = self.index * size + self.rank * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
+
+
+def resumed_index(progress: dict, micro_batch: int) -> int:
+    """The checkpoint's position in its epoch in micro-batches of `micro_batch`
+    sequences over all processes (--batch-size x processes). A run resumed with
+    another split of the same global batch (one process with --grad-accum 2 for
+    two) counts other micro-batches: the index is converted, else samples are
+    skipped and repeated. (Checkpoints that do not record it: not converted.)"""
+    then = progress.get("micro_batch", micro_batch)
+    seen = progress["index"] * then
+    if seen % micro_batch:
+        raise CheckpointMismatch(f"the checkpoint is {seen} sequences into its epoch, not a whole number of this "
+                                 f"run's micro-batches of {micro_batch} (--batch-size x processes): resume with "
+                                 f"--batch-size x processes dividing {seen}, or as the run started ({then})")
+    return seen // micro_batch
 
 
 # ------------------------------------------------------------------ output folder
@@ -345,6 +361,15 @@ def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
 
+def saved_window(checkpoint: Path, rank: int, world: int) -> list:
+    """This process's share of the micro-batch results the checkpoint's
+    processes saved: all of them shared out when the resumed run has another
+    number of processes (the log sums them over processes, whichever holds them)."""
+    saved = sorted(checkpoint.glob("log_window_*.json"), key=lambda file: int(file.stem.rsplit("_", 1)[1]))
+    return [entry for file in saved if int(file.stem.rsplit("_", 1)[1]) % world == rank
+            for entry in json.loads(file.read_text())]
+
+
 def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: list) -> None:
     """Weights, optimizer and data position; and each process's micro-batch
     results since the last log, so that a resumed run logs the same averages."""
@@ -422,10 +447,10 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         if progress["step"] > total:  # another run's: it would be exported untrained
             raise CheckpointMismatch(f"{previous[-1]} is at step {progress['step']}, past this run's {total} steps: "
                                      "resume with the options of the run that wrote it, or choose another --out")
+        index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
-        step, batches.epoch, batches.index = progress["step"], progress["epoch"], progress["index"]
-        saved_window = window_file(previous[-1], accelerator.process_index)
-        window = json.loads(saved_window.read_text()) if saved_window.is_file() else []
+        step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
+        window = saved_window(previous[-1], accelerator.process_index, world)
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +496,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         if record:
             _append(accelerator, metrics_file, record)
         if step % cfg.save_every == 0 or step == total:
-            progress = {"step": step, "epoch": batches.epoch, "index": batches.index, "head_options": shape}
+            progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
+                        "micro_batch": cfg.batch_size * world, "head_options": shape}
             save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
     bar.close()
 
@@ -493,17 +519,18 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
 
 def _summarise(window, accelerator) -> dict:
     """Mean loss, per-step losses and position-weighted per-step accuracy
-    over the micro-batches since the last log, averaged over processes."""
+    over the micro-batches since the last log of all processes. Sums are
+    reduced, not means: a resumed run's processes may hold unequal shares."""
     steps = len(window[0][1])
-    loss = torch.tensor([sum(w[0] for w in window) / len(window)], device=accelerator.device)
-    step_losses = torch.tensor([sum(w[1][s] for w in window) / len(window) for s in range(steps)],
-                               device=accelerator.device)
-    hits = torch.tensor([sum(w[2][s] for w in window) for s in range(steps)], device=accelerator.device,
-                        dtype=torch.float64)
-    counts = torch.tensor([sum(w[3][s] for w in window) for s in range(steps)], device=accelerator.device,
-                          dtype=torch.float64)
-    loss, step_losses = accelerator.reduce(loss, "mean"), accelerator.reduce(step_losses, "mean")
-    hits, counts = accelerator.reduce(hits, "sum"), accelerator.reduce(counts, "sum")
+
+    def total(values) -> torch.Tensor:
+        return accelerator.reduce(torch.tensor(values, device=accelerator.device, dtype=torch.float64), "sum")
+
+    batches = total([len(window)])
+    loss = total([sum(w[0] for w in window)]) / batches
+    step_losses = total([sum(w[1][s] for w in window) for s in range(steps)]) / batches
+    hits = total([sum(w[2][s] for w in window) for s in range(steps)])
+    counts = total([sum(w[3][s] for w in window) for s in range(steps)])
     return {"loss": round(float(loss), 5), "step_loss": [round(float(x), 5) for x in step_losses],
             "acc": [round(float(x), 4) for x in hits / counts.clamp(min=1)]}
 
@@ -620,6 +647,14 @@ def load_base(path: str):
     return base.eval()
 
 
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs main(): what is written or
+    said once, the main process does. (The state train's Accelerator takes up.)"""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
 def check_options(args: argparse.Namespace) -> TrainConfig:
     """The options' values and the files the run writes, before anything loads
     (and the defaults of the --regen-* options, left None to see them given)."""
@@ -687,9 +722,10 @@ def main(argv=None) -> None:
         if args.regenerate:
             records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
                                  args.regen_batch_size)
-            if args.save_data:
+            if args.save_data and is_main_process():  # (every process regenerated all of them)
                 Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
-    print(f"head written to {args.out}")
+    if is_main_process():
+        print(f"head written to {args.out}")
