@@ -174,6 +174,19 @@ def test_formats_with_a_default_system_prompt_write_it_when_the_conversation_has
                                              "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_llama2_chats_default_system_prompt_is_the_references_in_full():
+    """The reference's web UI and evaluation scripts give Llama-2 chat Meta's whole default system prompt
+    (eagle/evaluation/gen_ea_answer_llama2chat.py), not its first two sentences."""
+    reference = ("You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
+                 "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+                 "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
+                 "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why "
+                 "instead of answering something not correct. If you don't know the answer to a question, please "
+                 "don't share false information.")
+    assert build_prompt([{"role": "user", "content": "Q"}], "llama2-chat") == (
+        f"<s>[INST] <<SYS>>\n{reference}\n<</SYS>>\n\nQ [/INST]")
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_a_prompt_gets_a_bos_from_the_tokenizer_only_where_its_template_writes_none(model_type):
     """Llama-2 chat and Mixtral write <s>, Llama-3 <|begin_of_text|>, a tokenizer's chat template its own:
