@@ -209,9 +209,24 @@ def eos_ids(*sources) -> set[int]:
     return ids
 
 
+def written_bos(text: str, tokenizer, model_type: str) -> int:
+    """Characters of the <s> a llama2-chat or mixtral prompt opens with, which
+    `encode_prompt` gives as the tokenizer's BOS id, the rest tokenized as a
+    text's start (0 where there is none, or the tokenizer has no BOS)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if model_type in ("llama2-chat", "mixtral") and bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        return len(bos) if text.startswith(bos) else 0
+    return 0
+
+
 def encode_prompt(text: str, tokenizer, model_type: str = "auto") -> list[int]:
     """Token ids of a prompt. Templates that write their own <s>/BOS must not
     get a second one from the tokenizer."""
+    skip = written_bos(text, tokenizer, model_type)
+    if skip:
+        # The reference's text has no <s>: its tokenizer adds the BOS and reads "[INST]" as a text's start ("▁[").
+        # Tokenized after a written <s>, a SentencePiece tokenizer without the legacy space would read "[".
+        return [tokenizer.bos_token_id] + tokenizer(text[skip:], add_special_tokens=False).input_ids
     writes_bos = model_type in ("llama2-chat", "llama3", "mixtral") or (
         model_type == "auto" and getattr(tokenizer, "chat_template", None)
     )

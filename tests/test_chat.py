@@ -237,3 +237,31 @@ def test_an_answer_streamed_token_by_token_keeps_every_words_space():
     pieces = [stream.add([token]) for token in answer] + [stream.add([], final=True)]
     assert "".join(pieces) == answer_text(tokenizer, prompt, answer) == " yes yes  yes"
     assert pieces[1] == " yes"
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("model_type", ["llama2-chat", "mixtral"])
+def test_a_written_bos_gives_the_references_tokens(model_type, legacy):
+    """The reference's Llama-2 chat and Mixtral text has no <s>: its tokenizer adds the BOS and reads "[INST]" as a
+    text's start ("▁["). A SentencePiece tokenizer without the legacy space after special tokens (transformers'
+    default) reads a written "<s>[INST]" as "<s>", "[": the prompt and the trainer's tokens must not."""
+    from transformers import LlamaTokenizer
+
+    from eagle_gto.chat import encode_prompt
+    from eagle_gto.train.data import encode_conversation
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for char in "[]/<>INSTYQA12 \n":
+        vocab.setdefault(char, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], legacy=legacy, add_bos_token=True)
+    asked = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    text = build_prompt(asked, model_type, tokenizer, system="S")
+    ids = encode_prompt(text, tokenizer, model_type)
+    assert ids == tokenizer(text.removeprefix("<s>")).input_ids  # as the reference tokenizes its text
+    assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["<s>", "▁", "["]
+    answered = asked + [{"role": "assistant", "content": "A2"}]
+    sample = encode_conversation(answered, tokenizer, model_type, "S")
+    full = build_prompt(answered, model_type, tokenizer, system="S", generation_prompt=False)
+    assert sample.input_ids == encode_prompt(full, tokenizer, model_type)
+    trained = tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
+    assert trained.replace(" ", "") == "A1</s>A2</s>"
