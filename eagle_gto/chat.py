@@ -3,9 +3,9 @@ the benchmarks and the trainer.
 
 `--model-type` names follow the EAGLE reference (vicuna, llama2-chat, llama3,
 qwen, mixtral; its web UI's spellings llama-2-chat and llama-3-instruct are
-taken too) plus `auto` (the tokenizer's own chat template, falling back to
-`plain`) and `plain` (turns joined as text, for base/code models such as the
-demo pair).
+taken too; llama3 is the tokenizer's template where it has one) plus `auto`
+(the tokenizer's own chat template, falling back to `plain`) and `plain`
+(turns joined as text, for base/code models such as the demo pair).
 """
 
 from __future__ import annotations
@@ -116,10 +116,13 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
         raise ValueError(f"unknown model type {model_type!r}; choose from {', '.join(MODEL_TYPES)}")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or system
     turns = [m for m in messages if m["role"] != "system"]
+    template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    # llama3 too, as the reference's Llama-3 scripts: the template trims the turns, and Llama-3.1's writes a system
+    # turn with its date lines; Llama-3's format is written out for a tokenizer without one.
+    if template and model_type in ("auto", "llama3"):
+        full = ([{"role": "system", "content": system}] if system else []) + turns
+        return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
     if model_type == "auto":
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            full = ([{"role": "system", "content": system}] if system else []) + turns
-            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
         model_type = "plain"
     if system and model_type in SYSTEM_IN_FIRST_TURN:
         first = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)

@@ -254,7 +254,8 @@ def test_a_written_bos_gives_the_references_tokens(model_type, legacy):
     for char in "[]/<>INSTYQA12 \n":
         vocab.setdefault(char, len(vocab))
     tokenizer = LlamaTokenizer(vocab=vocab, merges=[], legacy=legacy, add_bos_token=True)
-    asked = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    asked = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Q2"}]
     text = build_prompt(asked, model_type, tokenizer, system="S")
     ids = encode_prompt(text, tokenizer, model_type)
     assert ids == tokenizer(text.removeprefix("<s>")).input_ids  # as the reference tokenizes its text
@@ -265,3 +266,25 @@ def test_a_written_bos_gives_the_references_tokens(model_type, legacy):
     assert sample.input_ids == encode_prompt(full, tokenizer, model_type)
     trained = tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
     assert trained.replace(" ", "") == "A1</s>A2</s>"
+
+
+def test_llama3_prompts_are_the_tokenizers_chat_template_as_the_references():
+    """The reference's Llama-3 scripts write prompts with `tokenizer.apply_chat_template`: Llama-3's template trims
+    every turn, Llama-3.1's opens with a system turn holding its date lines. Without a template: the format written."""
+    from test_api import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (  # a Llama-3.1-like template: trims, and always writes a system turn with a date
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}{% endif %}<|eot_id|>"
+        "{% for m in messages if m['role'] != 'system' %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    asked = [{"role": "user", "content": "Q1\n"}, {"role": "assistant", "content": " A1\n"},
+             {"role": "user", "content": "Q2"}]
+    reference = tokenizer.apply_chat_template([{"role": "system", "content": "S"}] + asked, tokenize=False,
+                                              add_generation_prompt=True)
+    assert build_prompt(asked, "llama3", tokenizer, system="S") == reference
+    assert "\n\nQ1<|eot_id|>" in reference and "Today Date" in reference
+    assert build_prompt(asked, "llama3", system="S").startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>")
