@@ -3,9 +3,9 @@ the benchmarks and the trainer.
 
 `--model-type` names follow the EAGLE reference (vicuna, llama2-chat, llama3,
 qwen, mixtral; its web UI's spellings llama-2-chat and llama-3-instruct are
-taken too) plus `auto` (the tokenizer's own chat template, falling back to
-`plain`) and `plain` (turns joined as text, for base/code models such as the
-demo pair).
+taken too; llama3 is the tokenizer's template where it has one) plus `auto`
+(the tokenizer's own chat template, falling back to `plain`) and `plain`
+(turns joined as text, for base/code models such as the demo pair).
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# Llama-2 chat's own default, which the reference's web UI and evaluation scripts pass in full.
 LLAMA2_SYSTEM = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
+    "not correct. If you don't know the answer to a question, please don't share false information."
 )
 
 
@@ -111,10 +116,13 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
         raise ValueError(f"unknown model type {model_type!r}; choose from {', '.join(MODEL_TYPES)}")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or system
     turns = [m for m in messages if m["role"] != "system"]
+    template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    # llama3 too, as the reference's Llama-3 scripts: the template trims the turns, and Llama-3.1's writes a system
+    # turn with its date lines; Llama-3's format is written out for a tokenizer without one.
+    if template and model_type in ("auto", "llama3"):
+        full = ([{"role": "system", "content": system}] if system else []) + turns
+        return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
     if model_type == "auto":
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            full = ([{"role": "system", "content": system}] if system else []) + turns
-            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=generation_prompt)
         model_type = "plain"
     if system and model_type in SYSTEM_IN_FIRST_TURN:
         first = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
@@ -204,9 +212,24 @@ def eos_ids(*sources) -> set[int]:
     return ids
 
 
+def written_bos(text: str, tokenizer, model_type: str) -> int:
+    """Characters of the <s> a llama2-chat or mixtral prompt opens with, which
+    `encode_prompt` gives as the tokenizer's BOS id, the rest tokenized as a
+    text's start (0 where there is none, or the tokenizer has no BOS)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if model_type in ("llama2-chat", "mixtral") and bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        return len(bos) if text.startswith(bos) else 0
+    return 0
+
+
 def encode_prompt(text: str, tokenizer, model_type: str = "auto") -> list[int]:
     """Token ids of a prompt. Templates that write their own <s>/BOS must not
     get a second one from the tokenizer."""
+    skip = written_bos(text, tokenizer, model_type)
+    if skip:
+        # The reference's text has no <s>: its tokenizer adds the BOS and reads "[INST]" as a text's start ("▁[").
+        # Tokenized after a written <s>, a SentencePiece tokenizer without the legacy space would read "[".
+        return [tokenizer.bos_token_id] + tokenizer(text[skip:], add_special_tokens=False).input_ids
     writes_bos = model_type in ("llama2-chat", "llama3", "mixtral") or (
         model_type == "auto" and getattr(tokenizer, "chat_template", None)
     )

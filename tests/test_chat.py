@@ -174,6 +174,19 @@ def test_formats_with_a_default_system_prompt_write_it_when_the_conversation_has
                                              "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_llama2_chats_default_system_prompt_is_the_references_in_full():
+    """The reference's web UI and evaluation scripts give Llama-2 chat Meta's whole default system prompt
+    (eagle/evaluation/gen_ea_answer_llama2chat.py), not its first two sentences."""
+    reference = ("You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
+                 "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+                 "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
+                 "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why "
+                 "instead of answering something not correct. If you don't know the answer to a question, please "
+                 "don't share false information.")
+    assert build_prompt([{"role": "user", "content": "Q"}], "llama2-chat") == (
+        f"<s>[INST] <<SYS>>\n{reference}\n<</SYS>>\n\nQ [/INST]")
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_a_prompt_gets_a_bos_from_the_tokenizer_only_where_its_template_writes_none(model_type):
     """Llama-2 chat and Mixtral write <s>, Llama-3 <|begin_of_text|>, a tokenizer's chat template its own:
@@ -224,3 +237,54 @@ def test_an_answer_streamed_token_by_token_keeps_every_words_space():
     pieces = [stream.add([token]) for token in answer] + [stream.add([], final=True)]
     assert "".join(pieces) == answer_text(tokenizer, prompt, answer) == " yes yes  yes"
     assert pieces[1] == " yes"
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("model_type", ["llama2-chat", "mixtral"])
+def test_a_written_bos_gives_the_references_tokens(model_type, legacy):
+    """The reference's Llama-2 chat and Mixtral text has no <s>: its tokenizer adds the BOS and reads "[INST]" as a
+    text's start ("▁["). A SentencePiece tokenizer without the legacy space after special tokens (transformers'
+    default) reads a written "<s>[INST]" as "<s>", "[": the prompt and the trainer's tokens must not."""
+    from transformers import LlamaTokenizer
+
+    from eagle_gto.chat import encode_prompt
+    from eagle_gto.train.data import encode_conversation
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for char in "[]/<>INSTYQA12 \n":
+        vocab.setdefault(char, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], legacy=legacy, add_bos_token=True)
+    asked = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Q2"}]
+    text = build_prompt(asked, model_type, tokenizer, system="S")
+    ids = encode_prompt(text, tokenizer, model_type)
+    assert ids == tokenizer(text.removeprefix("<s>")).input_ids  # as the reference tokenizes its text
+    assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["<s>", "▁", "["]
+    answered = asked + [{"role": "assistant", "content": "A2"}]
+    sample = encode_conversation(answered, tokenizer, model_type, "S")
+    full = build_prompt(answered, model_type, tokenizer, system="S", generation_prompt=False)
+    assert sample.input_ids == encode_prompt(full, tokenizer, model_type)
+    trained = tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
+    assert trained.replace(" ", "") == "A1</s>A2</s>"
+
+
+def test_llama3_prompts_are_the_tokenizers_chat_template_as_the_references():
+    """The reference's Llama-3 scripts write prompts with `tokenizer.apply_chat_template`: Llama-3's template trims
+    every turn, Llama-3.1's opens with a system turn holding its date lines. Without a template: the format written."""
+    from test_api import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (  # a Llama-3.1-like template: trims, and always writes a system turn with a date
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}{% endif %}<|eot_id|>"
+        "{% for m in messages if m['role'] != 'system' %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    asked = [{"role": "user", "content": "Q1\n"}, {"role": "assistant", "content": " A1\n"},
+             {"role": "user", "content": "Q2"}]
+    reference = tokenizer.apply_chat_template([{"role": "system", "content": "S"}] + asked, tokenize=False,
+                                              add_generation_prompt=True)
+    assert build_prompt(asked, "llama3", tokenizer, system="S") == reference
+    assert "\n\nQ1<|eot_id|>" in reference and "Today Date" in reference
+    assert build_prompt(asked, "llama3", system="S").startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>")

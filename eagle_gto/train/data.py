@@ -37,7 +37,8 @@ try:
 except ImportError:  # no jinja2, no chat templates (transformers renders them with it): nothing to catch
     TemplateError = ()
 
-from ..chat import answer_lead, answer_text, build_prompt, chat_format, encode_prompt, eos_ids, stop_token_ids
+from ..chat import (answer_lead, answer_text, build_prompt, chat_format, encode_prompt, eos_ids, stop_token_ids,
+                    written_bos)
 from ..jsonl import numbered_lines
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -172,15 +173,17 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
         spans.append((start, end))
         cursor = end
     ids = encode_prompt(text, tokenizer, model_type)
-    plain = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    lead = len(ids) - len(plain.input_ids)  # special tokens the tokenizer put in front (BOS)
+    skip = written_bos(text, tokenizer, model_type)  # tokenized as encode_prompt does: after the BOS it writes
+    plain = tokenizer(text[skip:], add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [(a + skip, b + skip) for a, b in plain.offset_mapping]
+    lead = len(ids) - len(plain.input_ids)  # special tokens put in front (BOS)
     if lead < 0 or ids[lead:] != plain.input_ids:
         raise ValueError("cannot align the tokens of a conversation with its text")
     mask = [0] * len(ids)
     special = end_of_turn_ids(tokenizer, model_type) if end_ids is None else end_ids
     for start, end in spans:
         last = None
-        for j, (a, b) in enumerate(plain.offset_mapping):
+        for j, (a, b) in enumerate(offsets):
             if a < end and b > start:
                 mask[lead + j] = 1
                 last = j
@@ -190,7 +193,7 @@ def encode_conversation(messages: list[dict], tokenizer, model_type: str = "auto
         # template writes before it (llama2-chat: " answer </s>").
         after = last + 1
         while (after < len(plain.input_ids) and plain.input_ids[after] not in special
-               and not text[slice(*plain.offset_mapping[after])].strip()):
+               and not text[slice(*offsets[after])].strip()):
             after += 1
         if after < len(plain.input_ids) and plain.input_ids[after] in special:
             for j in range(last + 1, after + 1):
