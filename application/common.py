@@ -34,6 +34,8 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model.add_argument("--ea-model-path", help="draft head: local folder or hub id (default: the demo pair)")
     model.add_argument("--model-type", type=model_type_arg, choices=MODEL_TYPES, default="auto",
                        help="chat template; auto: the tokenizer's own, else plain text (default: auto)")
+    model.add_argument("--system", help="system prompt for conversations that send none (default: none; the "
+                                        "format's own where it has one)")
     model.add_argument("--total-token", type=int, default=60,
                        help="draft tree size: nodes verified per step, -1 picks one (default: 60)")
     model.add_argument("--depth", type=int, default=7, help="draft tree depth (default: 7)")
@@ -109,7 +111,7 @@ def load_runner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ch
     if (args.base_model_path is None) != (args.ea_model_path is None):
         parser.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
     try:
-        runner = ChatRunner(load_model(args), args.model_type, args.max_length)
+        runner = ChatRunner(load_model(args), args.model_type, args.max_length, args.system)
     except ValueError as err:  # eagle_gto.CheckpointError (a wrong path) among others: one line, no usage
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     try:
@@ -253,7 +255,8 @@ class ChatRunner:
     interleave: the model's caches are shared, so each generation holds a
     lock from its first step until it ends or its iterator is closed."""
 
-    def __init__(self, model: EaModel, model_type: str = "auto", max_length: int | None = None):
+    def __init__(self, model: EaModel, model_type: str = "auto", max_length: int | None = None,
+                 system: str | None = None):
         if model.tokenizer is None:
             raise ValueError("the base model has no tokenizer; the servers need one to turn text into tokens")
         max_length = max_length or model.default_max_length()
@@ -262,6 +265,7 @@ class ChatRunner:
         self.tokenizer = model.tokenizer
         self.model_type = model_type
         self.max_length = max_length
+        self.system = system  # for conversations that send none (a system message wins)
         template = bool(getattr(self.tokenizer, "chat_template", None))
         self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
         self.is_llama3 = chat_format(model_type).is_llama3
@@ -274,7 +278,7 @@ class ChatRunner:
         # so): a chat answer ends before it, as gen_answer's and the CLI's do (chat.answer_text).
         self.stop_strings = chat_format(model_type).stop_strings
         try:
-            self.answer_lead = answer_lead(model_type, self.tokenizer)
+            self.answer_lead = answer_lead(model_type, self.tokenizer, system)
         except TemplateError:  # a template that refuses a one-question conversation: nothing to leave out
             self.answer_lead = ""
         self._lock = threading.Lock()
@@ -305,7 +309,7 @@ class ChatRunner:
         for message in messages:
             check_text(message["content"])
         try:
-            text = build_prompt(messages, self.model_type, self.tokenizer)
+            text = build_prompt(messages, self.model_type, self.tokenizer, system=self.system)
         except TemplateError as err:  # e.g. Mixtral's and Llama-2's raise_exception on roles that do not alternate
             raise ChatTemplateError(f"the model's chat template refuses these messages: {err}") from err
         return encode_prompt(text, self.tokenizer, self.model_type)

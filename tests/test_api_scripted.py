@@ -140,6 +140,27 @@ def test_usage_after_a_stop_string_counts_tokens_not_steps(stop):
                 assert complete(client, body)[2]["completion_tokens"] == expected[2], (speculative, stream)
 
 
+def test_the_servers_system_prompt_opens_conversations_that_send_none(monkeypatch):
+    """--system, as gen_answer's and the reference's scripts give one (its web UI always passes Llama-3 a long
+    one); a system message a client sends wins."""
+    from application import common
+
+    class Loaded(ScriptedModel):  # what load_runner reads of a loaded model
+        cuda_graphs, torch_compile = False, None
+
+    monkeypatch.setattr(common, "load_model", lambda args: Loaded())
+    monkeypatch.setattr(common.ChatRunner, "make_caches", lambda runner: None)
+    monkeypatch.setattr(common.ChatRunner, "warm_up", lambda runner: 0)
+    parser = common.build_parser("test", "", 0)
+    runner = common.load_runner(parser, parser.parse_args(["--model-type", "vicuna", "--system", "Be brief."]))
+    asked = [{"role": "user", "content": "Hi?"}]
+    assert runner.tokenizer.decode(runner.chat_prompt(asked)) == "Be brief. USER: Hi? ASSISTANT:"
+    own = [{"role": "system", "content": "Be kind."}] + asked
+    assert runner.tokenizer.decode(runner.chat_prompt(own)) == "Be kind. USER: Hi? ASSISTANT:"
+    default = common.load_runner(parser, parser.parse_args(["--model-type", "vicuna"]))
+    assert runner.tokenizer.decode(default.chat_prompt(asked)).startswith("A chat between a curious user")
+
+
 @pytest.mark.parametrize("model_type", ["vicuna", "mixtral", "llama2-chat"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_chat_answer_goes_back_into_the_next_prompt_as_the_model_wrote_it(model_type, stream):
