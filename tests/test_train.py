@@ -692,6 +692,14 @@ def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
                 train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
 
 
+def assert_same_logs(straight_run, resumed_run, steps: list[int]) -> None:
+    straight, resumed = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                         for run in (straight_run, resumed_run))
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == steps
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+
+
 def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
     """The micro-batch results since the last log are checkpointed: a run
     resumed between two logs averages over the same steps."""
@@ -701,11 +709,7 @@ def test_a_resumed_run_logs_the_same_averages(tmp_path, tokenizer):
     train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
-    straight, resumed = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                         for run in "ab")
-    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
-    for a, b in zip(straight, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])
 
 
 def test_a_run_resumed_with_another_number_of_processes_logs_the_same_averages(tmp_path, tokenizer):
@@ -724,11 +728,7 @@ def test_a_run_resumed_with_another_number_of_processes_logs_the_same_averages(t
     for rank in (0, 1):  # as the two processes saved them: rank 0 the first micro-batch of each step
         trainer.window_file(checkpoint, rank).write_text(json.dumps(window[rank::2]))
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
-    straight, resumed = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                         for run in "ab")
-    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [3, 4]
-    for a, b in zip(straight, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])
     # Resumed by more processes than saved them, some start with none.
     trainer.window_file(checkpoint, 1).unlink()
     assert trainer.saved_window(checkpoint, 0, 2) == window[0::2] and trainer.saved_window(checkpoint, 1, 2) == []
