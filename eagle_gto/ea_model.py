@@ -640,7 +640,7 @@ def device_memory(device: torch.device) -> int | None:
 
 def check_generator_device(generator: torch.Generator, drawn_on: torch.device) -> None:
     """Tokens are drawn on the lm_head's device; a generator elsewhere fails at the first draw, in torch's words.
-    meta: offloaded weights, whose device shows only at run time."""
+    (meta: weights not in memory, which the next generation refuses by name: `check_not_offloaded`.)"""
     if drawn_on.type != "meta" and generator.device != drawn_on:
         raise ValueError(f"the generator is on {generator.device}, but tokens are drawn on {drawn_on} (the "
                          f"base's lm_head): make it with torch.Generator(device={str(drawn_on)!r})")

@@ -353,7 +353,7 @@ def test_a_generator_on_another_gpu_than_the_lm_head_is_refused():
                                          r"torch.Generator\(device='cuda:0'\)"):
         ea_model.check_generator_device(SecondCudaGenerator(), torch.device("cuda", 0))
     ea_model.check_generator_device(CudaGenerator(), torch.device("cuda", 0))
-    ea_model.check_generator_device(SecondCudaGenerator(), torch.device("meta"))  # offloaded: known only later
+    ea_model.check_generator_device(SecondCudaGenerator(), torch.device("meta"))  # refused by name later
 
 
 def test_concurrent_generations_do_not_interleave():
