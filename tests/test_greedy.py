@@ -4,7 +4,7 @@ and head kind, with heads that draft well enough to get tokens accepted."""
 
 import pytest
 import torch
-from tiny_pairs import VOCAB, trained_pair
+from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
 from transformers import AutoModelForCausalLM
 
 from eagle_gto import EaModel
@@ -63,6 +63,24 @@ def test_greedy_with_larger_tree_and_eagle_defaults():
         expected = model.naivegenerate(ids, max_new_tokens=NEW_TOKENS)
         assert out.tolist() == expected.tolist()
     assert sum(taus) / len(taus) > 1.5
+
+
+@pytest.mark.parametrize("tree", [(2, 1, 1), (2, 6, 1), (7, 1, 2), (15, 3, 2), (DRAFT_VOCAB + 1, 1, DRAFT_VOCAB)])
+def test_greedy_at_tree_extremes_and_context_ends(tree):
+    """Trees at their limits (one draft token, top_k 1, every candidate kept, top_k the whole draft vocabulary,
+    depth past the token budget), each with budgets of one token or a few, and with prompts that leave the
+    context room for less than a tree: speculative output, its stream and its log equal plain decoding's."""
+    pair = trained_pair("llama", "eagle3")
+    model = EaModel(pair.base_model, pair.ea_layer, None, *tree)
+    g = torch.Generator().manual_seed(sum(tree))
+    for prompt_length, max_new_tokens, max_length in ((1, 1, None), (5, 3, None), (20, 200, 40), (37, 200, 40)):
+        ids = torch.randint(0, VOCAB, (1, prompt_length), generator=g)
+        options = dict(max_new_tokens=max_new_tokens, max_length=max_length)
+        out, new_token, idx = model.eagenerate(ids, log=True, **options)
+        assert out.tolist() == model.naivegenerate(ids, **options).tolist()
+        streamed = list(model.ea_generate(ids, **options))
+        assert streamed[-1].tolist() == out.tolist()
+        assert (new_token, idx) == (out.shape[1] - prompt_length, len(streamed) - 1)
 
 
 def test_dynamic_rope_bases_decode_speculatively_only_within_their_context():

@@ -84,6 +84,8 @@ def brute_force_select(cands, root, total_token):
 
 @pytest.mark.parametrize("kind,total_token,depth,top_k", [
     ("eagle3", 20, 4, 4), ("eagle1", 12, 3, 3), ("eagle3", 60, 5, 5), ("eagle3", 5, 2, 2),
+    # extremes: one draft token; top_k 1; every candidate kept; top_k the whole draft vocabulary
+    ("eagle3", 2, 1, 1), ("eagle3", 6, 5, 1), ("eagle1", 7, 1, 2), ("eagle3", 41, 1, 40),
 ])
 def test_draft_tree_matches_brute_force(kind, total_token, depth, top_k):
     torch.manual_seed(3)
