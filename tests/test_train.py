@@ -569,16 +569,21 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
     assert max(taus) > 1.0  # the trained head gets drafts accepted
 
 
-def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, tokenizer):
+def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(tmp_path, tokenizer):
     """Under `accelerate launch` every process runs main(): each wrote --save-data
-    (two writers truncating one file) and printed that the head was written."""
+    (two writers truncating one file) and printed that the head was written;
+    and each regenerated every record. Now each answers its share, and the
+    data written is what one process regenerates."""
     base_dir, data = write_pair(tmp_path, tokenizer)
-    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data
+    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data and each share regenerated
     script.write_text("import pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
                       "def noted(path, *args):\n"
                       "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
                       "    return write(path, *args)\n"
-                      "pathlib.Path.write_text = noted\ntrainer.main(sys.argv[1:])\n")
+                      "pathlib.Path.write_text = noted\nregenerate = trainer.regenerate\n"
+                      "def counted(records, *args):\n    print('regenerated', len(records), flush=True)\n"
+                      "    return regenerate(records, *args)\n"
+                      "trainer.regenerate = counted\ntrainer.main(sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
@@ -588,7 +593,10 @@ def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, to
                          capture_output=True, text=True, env=env, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
-    assert len((tmp_path / "regen.jsonl").read_text().splitlines()) == 15
+    assert sorted(re.findall(r"regenerated (\d+)", ran.stdout)) == ["7", "8"]  # 15 records, shared out
+    one_process = trainer.regenerate(read_records(str(data)), trainer.load_base(str(base_dir)),
+                                     trainer.load_tokenizer(str(base_dir)), "plain", 4)
+    assert [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()] == one_process
 
 
 def test_resume_continues_exactly(tmp_path, tokenizer):

@@ -567,8 +567,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", help="system prompt for conversations that have none")
     p.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
     p.add_argument("--regenerate", action="store_true",
-                   help="replace assistant answers by the base model's greedy ones (run it in one process, "
-                        "with --save-data, before a multi-GPU run)")
+                   help="replace assistant answers by the base model's greedy ones (several processes share "
+                        "the records out)")
     p.add_argument("--regen-max-new-tokens", type=int,
                    help=f"with --regenerate: answer length (default {REGEN_DEFAULTS['regen_max_new_tokens']})")
     p.add_argument("--regen-batch-size", type=int,
@@ -647,12 +647,30 @@ def load_base(path: str):
     return base.eval()
 
 
-def is_main_process() -> bool:
-    """Under `accelerate launch` every process runs main(): what is written or
-    said once, the main process does. (The state train's Accelerator takes up.)"""
+def process_state():
+    """The processes `accelerate launch` (or torchrun) started; the state train's Accelerator takes up."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs main(): what is written or
+    said once, the main process does."""
+    return process_state().is_main_process
+
+
+def regenerate_shared(records: list[dict], base, tokenizer, args: argparse.Namespace) -> list[dict]:
+    """`regenerate` with the records split over the processes: each answers
+    its contiguous share, and every process gets all of them back in order.
+    A record's answers depend on it alone (greedy, unpadded batches), so the
+    answers are those of one process."""
+    from accelerate.utils import gather_object
+
+    with process_state().split_between_processes(records) as share:
+        answered = regenerate(share, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
+                              args.regen_batch_size)
+    return gather_object(answered)
 
 
 def check_options(args: argparse.Namespace) -> TrainConfig:
@@ -720,9 +738,8 @@ def main(argv=None) -> None:
         base = load_base(args.base_model_path)
     with one_line_errors(PROG):
         if args.regenerate:
-            records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
-                                 args.regen_batch_size)
-            if args.save_data and is_main_process():  # (every process regenerated all of them)
+            records = regenerate_shared(records, base, tokenizer, args)
+            if args.save_data and is_main_process():  # (every process holds all of them)
                 Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
