@@ -453,6 +453,22 @@ def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes
     assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
 
 
+@pytest.mark.parametrize("count", [15, 3])  # (3: fewer samples than one global batch)
+def test_every_split_of_a_global_batch_takes_the_same_samples_across_epochs(count):
+    """Two processes at --batch-size 2, one at --batch-size 2 --grad-accum 2 and
+    one at --batch-size 4 take the same samples step by step. An epoch was a
+    whole number of micro-batches, not of global batches: of 15 samples the
+    grad-accum split's epoch held 14, the others' 12, and from the second
+    epoch on it trained on other samples (and a resume across the splits
+    took other ones than the run it continued)."""
+    def per_step(split: list, accum: int, steps: int = 8) -> list[list[int]]:
+        return [sorted(i for _ in range(accum) for batches in split for i in batches.next()) for _ in range(steps)]
+
+    two = per_step([trainer.MicroBatches(count, 2, world=2, rank=rank, seed=0) for rank in (0, 1)], 1)
+    assert per_step([trainer.MicroBatches(count, 2, world=1, rank=0, seed=0, grad_accum=2)], 2) == two
+    assert per_step([trainer.MicroBatches(count, 4, world=1, rank=0, seed=0)], 1) == two
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_base_trains_a_float32_head_without_autocast(tmp_path, tokenizer, dtype):
     """On the CPU nothing autocasts: a half-precision base's features met the float32 head's fc (a dtype

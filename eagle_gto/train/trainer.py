@@ -231,19 +231,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 class MicroBatches:
     """Micro-batches of sample indices for one process, epoch after epoch,
     each epoch in its own seeded order; (epoch, index) is all a resume needs
-    (index in micro-batches over all processes: resumed_index converts it to another split)."""
+    (index in micro-batches over all processes: resumed_index converts it to another split).
+    An epoch is a whole number of global batches (x `grad_accum`): every split
+    of one global batch ends its epochs at the same sample."""
 
-    def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0):
+    def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0,
+                 grad_accum: int = 1):
         self.count, self.batch_size, self.world, self.rank, self.seed = count, batch_size, world, rank, seed
         self.epoch, self.index = epoch, index
-        self.per_epoch = max(1, count // (batch_size * world))
+        self.per_epoch = max(1, count // (batch_size * world * grad_accum)) * grad_accum
 
     def next(self) -> list[int]:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         size = self.batch_size * self.world
-        order = order.repeat(math.ceil(size / self.count))  # a data set smaller than one global batch
+        order = order.repeat(math.ceil(self.per_epoch * size / self.count))  # a data set smaller than one epoch
         start = self.index * size + self.rank * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
@@ -437,7 +440,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
     world = accelerator.num_processes
-    batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed)
+    batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed,
+                           grad_accum=cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
     step = 0
     window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
