@@ -897,6 +897,27 @@ def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):
         gto_cli.main(["--out", str(tmp_path / "file" / "run")])
 
 
+@pytest.mark.parametrize("command", [[], ["experiment"], ["sweep", "--grid", "omega=1,2"]])
+def test_several_processes_are_refused_once_before_anything_loads(tmp_path, monkeypatch, capsys, command):
+    """Under torchrun every process ran the whole job on the same windows (no
+    gradient averaging, no sharding) and wrote the same files at once."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    monkeypatch.setattr(experiment, "load_models", load_models)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match=r"python -m eagle_gto.gto.*: 2 processes \(WORLD_SIZE\): GTO fine-tuning "
+                                         r"runs in one process"):
+        gto_cli.main([*command, "--out", str(tmp_path / "run")])
+    monkeypatch.setenv("RANK", "1")  # the other process leaves without repeating it (the launch fails by rank 0)
+    with pytest.raises(SystemExit) as stopped:
+        gto_cli.main([*command, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 0 and not capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
     trained, loaded = [], []
     fake_experiment(monkeypatch, [], trained)

@@ -453,6 +453,22 @@ def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes
     assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
 
 
+@pytest.mark.parametrize("count", [15, 3])  # (3: fewer samples than one global batch)
+def test_every_split_of_a_global_batch_takes_the_same_samples_across_epochs(count):
+    """Two processes at --batch-size 2, one at --batch-size 2 --grad-accum 2 and
+    one at --batch-size 4 take the same samples step by step. An epoch was a
+    whole number of micro-batches, not of global batches: of 15 samples the
+    grad-accum split's epoch held 14, the others' 12, and from the second
+    epoch on it trained on other samples (and a resume across the splits
+    took other ones than the run it continued)."""
+    def per_step(split: list, accum: int, steps: int = 8) -> list[list[int]]:
+        return [sorted(i for _ in range(accum) for batches in split for i in batches.next()) for _ in range(steps)]
+
+    two = per_step([trainer.MicroBatches(count, 2, world=2, rank=rank, seed=0) for rank in (0, 1)], 1)
+    assert per_step([trainer.MicroBatches(count, 2, world=1, rank=0, seed=0, grad_accum=2)], 2) == two
+    assert per_step([trainer.MicroBatches(count, 4, world=1, rank=0, seed=0)], 1) == two
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_base_trains_a_float32_head_without_autocast(tmp_path, tokenizer, dtype):
     """On the CPU nothing autocasts: a half-precision base's features met the float32 head's fc (a dtype
@@ -569,16 +585,21 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
     assert max(taus) > 1.0  # the trained head gets drafts accepted
 
 
-def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, tokenizer):
+def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(tmp_path, tokenizer):
     """Under `accelerate launch` every process runs main(): each wrote --save-data
-    (two writers truncating one file) and printed that the head was written."""
+    (two writers truncating one file) and printed that the head was written;
+    and each regenerated every record. Now each answers its share, and the
+    data written is what one process regenerates."""
     base_dir, data = write_pair(tmp_path, tokenizer)
-    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data
+    script = tmp_path / "run.py"  # main(), saying each write of the regenerated data and each share regenerated
     script.write_text("import pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
                       "def noted(path, *args):\n"
                       "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
                       "    return write(path, *args)\n"
-                      "pathlib.Path.write_text = noted\ntrainer.main(sys.argv[1:])\n")
+                      "pathlib.Path.write_text = noted\nregenerate = trainer.regenerate\n"
+                      "def counted(records, *args):\n    print('regenerated', len(records), flush=True)\n"
+                      "    return regenerate(records, *args)\n"
+                      "trainer.regenerate = counted\ntrainer.main(sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
@@ -588,7 +609,10 @@ def test_two_processes_write_the_regenerated_data_and_say_done_once(tmp_path, to
                          capture_output=True, text=True, env=env, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
-    assert len((tmp_path / "regen.jsonl").read_text().splitlines()) == 15
+    assert sorted(re.findall(r"regenerated (\d+)", ran.stdout)) == ["7", "8"]  # 15 records, shared out
+    one_process = trainer.regenerate(read_records(str(data)), trainer.load_base(str(base_dir)),
+                                     trainer.load_tokenizer(str(base_dir)), "plain", 4)
+    assert [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()] == one_process
 
 
 def test_resume_continues_exactly(tmp_path, tokenizer):

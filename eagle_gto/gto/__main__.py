@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
@@ -82,8 +83,24 @@ def input_errors(command: str = ""):
     return one_line_errors(f"python -m eagle_gto.gto{command}")
 
 
+def check_one_process() -> None:
+    """GTO trains in one process (no data parallelism): under torchrun or
+    `accelerate launch` every process ran the whole job on the same windows
+    and wrote the same files. Refused before anything loads, said once, by
+    rank 0: the others leave with status 0 (a failed one would make the
+    launcher stop rank 0, perhaps before it says why; the launch still fails)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if int(os.environ.get("RANK", "0")):
+            raise SystemExit(0)
+        raise ValueError(f"{world} processes (WORLD_SIZE): GTO fine-tuning runs in one process (each would run "
+                         "the whole job and write the same files); run it without torchrun / accelerate launch")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    with input_errors(f" {argv[0]}" if argv[:1] in (["experiment"], ["sweep"]) else ""):
+        check_one_process()
     if argv[:1] in (["experiment"], ["sweep"]):
         from . import experiment
 

@@ -231,19 +231,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 class MicroBatches:
     """Micro-batches of sample indices for one process, epoch after epoch,
     each epoch in its own seeded order; (epoch, index) is all a resume needs
-    (index in micro-batches over all processes: resumed_index converts it to another split)."""
+    (index in micro-batches over all processes: resumed_index converts it to another split).
+    An epoch is a whole number of global batches (x `grad_accum`): every split
+    of one global batch ends its epochs at the same sample."""
 
-    def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0):
+    def __init__(self, count: int, batch_size: int, world: int, rank: int, seed: int, epoch: int = 0, index: int = 0,
+                 grad_accum: int = 1):
         self.count, self.batch_size, self.world, self.rank, self.seed = count, batch_size, world, rank, seed
         self.epoch, self.index = epoch, index
-        self.per_epoch = max(1, count // (batch_size * world))
+        self.per_epoch = max(1, count // (batch_size * world * grad_accum)) * grad_accum
 
     def next(self) -> list[int]:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         size = self.batch_size * self.world
-        order = order.repeat(math.ceil(size / self.count))  # a data set smaller than one global batch
+        order = order.repeat(math.ceil(self.per_epoch * size / self.count))  # a data set smaller than one epoch
         start = self.index * size + self.rank * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
@@ -437,7 +440,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
     world = accelerator.num_processes
-    batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed)
+    batches = MicroBatches(len(samples), cfg.batch_size, world, accelerator.process_index, cfg.seed,
+                           grad_accum=cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
     step = 0
     window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
@@ -567,8 +571,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", help="system prompt for conversations that have none")
     p.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
     p.add_argument("--regenerate", action="store_true",
-                   help="replace assistant answers by the base model's greedy ones (run it in one process, "
-                        "with --save-data, before a multi-GPU run)")
+                   help="replace assistant answers by the base model's greedy ones (several processes share "
+                        "the records out)")
     p.add_argument("--regen-max-new-tokens", type=int,
                    help=f"with --regenerate: answer length (default {REGEN_DEFAULTS['regen_max_new_tokens']})")
     p.add_argument("--regen-batch-size", type=int,
@@ -647,12 +651,30 @@ def load_base(path: str):
     return base.eval()
 
 
-def is_main_process() -> bool:
-    """Under `accelerate launch` every process runs main(): what is written or
-    said once, the main process does. (The state train's Accelerator takes up.)"""
+def process_state():
+    """The processes `accelerate launch` (or torchrun) started; the state train's Accelerator takes up."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs main(): what is written or
+    said once, the main process does."""
+    return process_state().is_main_process
+
+
+def regenerate_shared(records: list[dict], base, tokenizer, args: argparse.Namespace) -> list[dict]:
+    """`regenerate` with the records split over the processes: each answers
+    its contiguous share, and every process gets all of them back in order.
+    A record's answers depend on it alone (greedy, unpadded batches), so the
+    answers are those of one process."""
+    from accelerate.utils import gather_object
+
+    with process_state().split_between_processes(records) as share:
+        answered = regenerate(share, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
+                              args.regen_batch_size)
+    return gather_object(answered)
 
 
 def check_options(args: argparse.Namespace) -> TrainConfig:
@@ -720,9 +742,8 @@ def main(argv=None) -> None:
         base = load_base(args.base_model_path)
     with one_line_errors(PROG):
         if args.regenerate:
-            records = regenerate(records, base, tokenizer, args.model_type, args.regen_max_new_tokens, args.system,
-                                 args.regen_batch_size)
-            if args.save_data and is_main_process():  # (every process regenerated all of them)
+            records = regenerate_shared(records, base, tokenizer, args)
+            if args.save_data and is_main_process():  # (every process holds all of them)
                 Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
