@@ -282,8 +282,9 @@ class ScriptedModel:
 
     tree = TreeParams(total_token=10)
 
-    def __init__(self, tokenizer, steps):
+    def __init__(self, tokenizer, steps, vocab_size=None):
         self.tokenizer, self.steps, self.calls, self.warm_ups = tokenizer, steps, [], []
+        self.vocab_size = vocab_size or len(tokenizer)
 
     def warm_up(self, **settings):
         self.warm_ups.append(settings)
@@ -684,6 +685,22 @@ def test_the_formats_stops_reach_the_engine(model_type):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert settings["stop_token_ids"] == ([im_end] if model_type == "qwen" else [])
     assert settings["is_llama3"] is (model_type == "llama3")
+
+
+def test_a_format_stop_token_past_the_model_vocabulary_is_refused_before_any_question(tmp_path, monkeypatch, capsys):
+    """A tokenizer with Qwen's <|im_end|> added past the model's rows: the engine refused the first question."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")], vocab_size=256)
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", lambda *args, **kwargs: model)
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}])
+    path = tmp_path / "a.jsonl"
+    argv = ["--question-file", questions, "--answer-file", str(path), "--device", "cpu", "--model-type", "qwen"]
+    code, line = cli_error(gen_answer.cli, argv, capsys)
+    assert (code, line) == (2, "error: the qwen format's stop token ids [256] lie outside the model's vocabulary "
+                               "[0, 256): is the tokenizer this model's?")
+    assert model.calls == [] and read_jsonl(path) == []
+    assert gen_answer.cli(argv[:-1] + ["vicuna"]) == 0 and len(read_jsonl(path)) == 1  # no such stop: answered
 
 
 @pytest.mark.parametrize("option,value", [("--seed", "1"), ("--device", "auto"), ("--dtype", "float32"),
