@@ -97,7 +97,10 @@ _TEMPLATES = {
     # A base/code model continues text: the conversation is its turns in order.
     "plain": Template("", "{}", "{}\n\n").render,
 }
-FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
+# Qwen stops where FastChat's qwen-7b-chat does: at its end of turn, and at a new turn or the end of text
+# that a model writes without closing its own turn first.
+FORMATS = {"llama3": ChatFormat(is_llama3=True),
+           "qwen": ChatFormat(stop_strings=("<|im_end|>", "<|im_start|>", "<|endoftext|>"))}
 # Formats with no place for a system prompt: it opens the first user turn (as Mistral's own template does).
 SYSTEM_IN_FIRST_TURN = ("mixtral", "plain")
 # Formats where only a user turn opens an assistant turn (vicuna's `ASSISTANT:`, `[/INST]`), and where Llama-2

@@ -676,14 +676,16 @@ def test_wall_time_is_the_turns_own_time():
 
 @pytest.mark.parametrize("model_type", ["qwen", "llama3", "plain"])
 def test_the_formats_stops_reach_the_engine(model_type):
-    """Qwen's <|im_end|> (a token of its tokenizer) and Llama-3's <|eot_id|> end a turn."""
+    """Qwen's <|im_end|>, <|im_start|> and <|endoftext|> (tokens of its tokenizer) and Llama-3's <|eot_id|> end
+    a turn."""
     tokenizer = byte_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    qwen_stops = ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": qwen_stops})
     model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")])
     answerer(model, "--model-type", model_type).answer({"question_id": 1, "turns": ["Q"]})
     settings = model.calls[0][1]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert settings["stop_token_ids"] == ([im_end] if model_type == "qwen" else [])
+    ids = tokenizer.convert_tokens_to_ids(qwen_stops)
+    assert settings["stop_token_ids"] == (ids if model_type == "qwen" else [])
     assert settings["is_llama3"] is (model_type == "llama3")
 
 
