@@ -449,6 +449,9 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{good}", "--answer-file", "{folder}"], "Is a directory"),
     (["--question-file", "{good}", "--answer-file", "{not_answers}"], "every record needs a question_id"),
     (["--question-file", "{good}", "--answer-file", "{under_a_file}"], "File exists"),  # checked before loading
+    # a question file passed as the answer file: its questions passed as answered, or it was rewritten with answers
+    (["--question-file", "{good}", "--answer-file", "{good}"], "good.jsonl: question 1: choices must be"),
+    (["--question-file", "{good}", "--answer-file", "{duplicate}"], "dup.jsonl: question 1: choices must be"),
     (["--question-file", "{empty}"], "holds no questions"),
     (["--question-file", "{garbage}"], "holds no questions"),
     (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),

@@ -82,11 +82,16 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def check_answer_records(answers: list, label: str) -> None:
     """Refuse records of an answer file (named by `label`) that are not answers:
-    each needs a question_id and, where it records them, settings as an object."""
+    each needs a question_id, choices and, where it records them, settings as an object."""
     for answer in answers:
         if not isinstance(answer, dict) or not is_question_id(answer.get("question_id")):
             raise ValueError(f"{label}: every record needs a question_id (an integer or a string): "
                              f"is it an answer file?")
+        # A question file has ids too: taken for answers, its questions would pass as answered, or be rewritten
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ValueError(f"{label}: question {answer['question_id']!r}: choices must be a non-empty list of "
+                             f"objects (gen_answer's format): is it an answer file?")
         if not isinstance(answer.get("settings", {}), dict):
             raise ValueError(f"{label}: question {answer['question_id']!r}: settings must be an object")
 

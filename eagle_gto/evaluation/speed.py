@@ -170,11 +170,8 @@ def is_count(value, kind) -> bool:
 
 
 def answer_problem(answer: dict) -> str | None:
-    """Why the speed report cannot use an answer; None when it can."""
-    choices = answer.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return "choices must be a non-empty list of objects (gen_answer's format)"
-    choice = choices[0]
+    """Why the speed report cannot use an answer (one of `check_answer_records`); None when it can."""
+    choice = answer["choices"][0]
     for key, kind in COUNTS.items():
         values = choice.get(key)
         if not isinstance(values, list) or not values or not all(is_count(v, kind) for v in values):
