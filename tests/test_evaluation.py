@@ -442,7 +442,10 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
     (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
     # speed refuses it in the answers: refused before answering anything
-    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string, not 5"),
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all', "
+                                                "not 5"),
+    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all', "
+                                            "not 'all'"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
@@ -471,6 +474,7 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
                                                             {"question_id": 2, "turns": ["Q", ""]}]),
              "blank_turn": write(tmp_path / "blank2.jsonl", [{"question_id": "x", "turns": [" \n\t"]}]),
              "number_category": write(tmp_path / "cat.jsonl", [{"question_id": 1, "category": 5, "turns": ["Q"]}]),
+             "all_category": write(tmp_path / "all.jsonl", [{"question_id": 1, "category": "all", "turns": ["Q"]}]),
              "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
              "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
              "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),
@@ -558,6 +562,8 @@ def good_with(**changes):
     (good_with(idxs=[11, 3]), "new_tokens, idxs, wall_time must have the same number of turns"),
     (good_with(accept_lengths=5), "accept_lengths must be a list of lists"),
     (dict(GOOD, category=["c"]), "category must be a string"),
+    # the group of every question: the answer was counted into it twice
+    (dict(GOOD, category="all"), "question 81: category must be a string other than 'all'"),
     (dict(GOOD, settings="greedy"), "question 81: settings must be an object"),
     (dict(GOOD, question_id=None), "every record needs a question_id"),
     (good_with(new_tokens=[0]), "question 81: no new tokens or no wall time"),  # tokens/s 0: a division by 0

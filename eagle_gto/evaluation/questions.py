@@ -8,6 +8,8 @@ from pathlib import Path
 from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
+ALL = "all"  # the speed report's group of every question: no category may take its name
+CATEGORY_RULE = f"category must be a string other than {ALL!r}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,8 +37,9 @@ def is_question_id(value) -> bool:
 
 
 def is_category(value) -> bool:
-    """A question's category is a string, or none (null or absent): speed groups answers by it."""
-    return isinstance(value, (str, type(None)))
+    """A question's category is a string, or none (null or absent): speed groups answers by it
+    (a category named ALL would be counted into that group a second time)."""
+    return isinstance(value, (str, type(None))) and value != ALL
 
 
 def id_order(question_id: int | str) -> tuple:
@@ -59,7 +62,7 @@ def check_question(question, path: Path) -> None:
         raise ValueError(f"{path}: question {question['question_id']!r}: turn {blank} is empty (or only whitespace)")
     # gen_answer copies it into every answer, where speed would refuse it once both runs are done
     if not is_category(question.get("category")):
-        raise ValueError(f"{path}: question {question['question_id']!r}: category must be a string, "
+        raise ValueError(f"{path}: question {question['question_id']!r}: {CATEGORY_RULE}, "
                          f"not {question['category']!r:.60}")
 
 

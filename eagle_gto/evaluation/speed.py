@@ -57,9 +57,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from .questions import check_answer_records, id_order, is_category, recorded_settings
+from .questions import ALL, CATEGORY_RULE, check_answer_records, id_order, is_category, recorded_settings
 
-ALL = "all"
 # What a fair speedup holds fixed between the two runs (gen_answer's settings names).
 SHARED_SETTINGS = ("base_model_path", "model_type", "system", "temperature", "max_new_tokens", "max_length",
                    "dtype", "device")
@@ -183,7 +182,7 @@ def answer_problem(answer: dict) -> str | None:
             isinstance(turn, list) and all(is_count(n, int) for n in turn) for turn in lengths):
         return "accept_lengths must be a list of lists of non-negative integers"
     if not is_category(answer.get("category")):
-        return "category must be a string"
+        return CATEGORY_RULE
     if sum(choice["new_tokens"]) == 0 or sum(choice["wall_time"]) == 0:  # tokens/s would be 0 or undefined
         return "no new tokens or no wall time: tokens per second are undefined"
     return None
