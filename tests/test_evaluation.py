@@ -557,8 +557,10 @@ def good_with(**changes):
 @pytest.mark.parametrize("record,message", [
     ({"question_id": 81, "choices": [{}]}, "question 81: new_tokens must be a non-empty list"),
     (dict(GOOD, choices="abc"), "question 81: choices must be a non-empty list of objects"),
-    (good_with(new_tokens=["12"]), "new_tokens must be a non-empty list of non-negative numbers"),
-    (good_with(wall_time=[-1.0]), "wall_time must be a non-empty list of non-negative numbers"),
+    (good_with(new_tokens=["12"]), "new_tokens must be a non-empty list of finite non-negative numbers"),
+    (good_with(wall_time=[-1.0]), "wall_time must be a non-empty list of finite non-negative numbers"),
+    # (json reads Infinity): 0 tokens per second, a division by zero
+    (good_with(wall_time=[float("inf")]), "wall_time must be a non-empty list of finite non-negative numbers"),
     (good_with(idxs=[11, 3]), "new_tokens, idxs, wall_time must have the same number of turns"),
     (good_with(accept_lengths=5), "accept_lengths must be a list of lists"),
     (dict(GOOD, category=["c"]), "category must be a string"),

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -164,8 +165,9 @@ def check_pairs(ea: dict, base: dict, paired: list) -> None:
 
 
 def is_count(value, kind) -> bool:
-    """A non-negative JSON number of the given type (true and false are not numbers here)."""
-    return isinstance(value, kind) and not isinstance(value, bool) and value >= 0
+    """A finite non-negative JSON number of the given type (true and false are not numbers here; Python's
+    json reads Infinity, whose tokens per second, 0, would end in a division by zero)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def answer_problem(answer: dict) -> str | None:
@@ -174,7 +176,7 @@ def answer_problem(answer: dict) -> str | None:
     for key, kind in COUNTS.items():
         values = choice.get(key)
         if not isinstance(values, list) or not values or not all(is_count(v, kind) for v in values):
-            return f"{key} must be a non-empty list of non-negative numbers, one per turn"
+            return f"{key} must be a non-empty list of finite non-negative numbers, one per turn"
     if len({len(choice[key]) for key in COUNTS}) > 1:
         return f"{', '.join(COUNTS)} must have the same number of turns"
     lengths = choice.get("accept_lengths", [])
