@@ -762,6 +762,22 @@ def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
     assert [(a["question_id"], a["answer_id"]) for a in read_jsonl(path)] == [(1, "1"), (2, "new")]
 
 
+def test_an_interrupted_sort_keeps_every_answer(tmp_path, monkeypatch):
+    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers."""
+    path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
+    before = Path(path).read_text()
+
+    def interrupted(self, text, **kwargs):
+        with self.open("w", **kwargs) as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sort_answers(path)
+    assert Path(path).read_text() == before
+
+
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():
     ea = [answer(1, None, [12], [1.0], [3]), answer(2, "code", [12], [1.0], [3])]
     base = [answer(1, "math", [12], [4.0], [11]), answer(3, "math", [12], [4.0], [11])]

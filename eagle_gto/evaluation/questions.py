@@ -132,7 +132,10 @@ def sort_answers(path: str | Path) -> None:
     latest wins), as the reference does after a run."""
     latest = {a["question_id"]: a for a in read_jsonl(path)}
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
-    Path(path).write_text("".join(lines), encoding="utf-8")
+    # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
+    temporary = Path(f"{path}.sorting")
+    temporary.write_text("".join(lines), encoding="utf-8")
+    temporary.replace(path)
 
 
 def check_writable(path: str | Path) -> None:
