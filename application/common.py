@@ -269,11 +269,8 @@ class ChatRunner:
         template = bool(getattr(self.tokenizer, "chat_template", None))
         self.plain_text = model_type == "plain" or (model_type == "auto" and not template)
         self.is_llama3 = chat_format(model_type).is_llama3
-        self.stop_token_ids = stop_token_ids(self.tokenizer, model_type)
-        outside = [i for i in self.stop_token_ids if not 0 <= i < model.vocab_size]
-        if outside:  # every request would be refused by the engine: say why once, at startup
-            raise ValueError(f"the {model_type} format's stop token ids {outside} lie outside the model's vocabulary "
-                             f"[0, {model.vocab_size}): is the tokenizer this model's?")
+        # checked against the model's rows: at startup, not by refusing every request
+        self.stop_token_ids = stop_token_ids(self.tokenizer, model_type, model.vocab_size)
         # The format's end of turn as text (qwen's <|im_end|>, which a tokenizer without it as one token writes
         # so): a chat answer ends before it, as gen_answer's and the CLI's do (chat.answer_text).
         self.stop_strings = chat_format(model_type).stop_strings

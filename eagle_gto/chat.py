@@ -97,7 +97,10 @@ _TEMPLATES = {
     # A base/code model continues text: the conversation is its turns in order.
     "plain": Template("", "{}", "{}\n\n").render,
 }
-FORMATS = {"llama3": ChatFormat(is_llama3=True), "qwen": ChatFormat(stop_strings=("<|im_end|>",))}
+# Qwen stops where FastChat's qwen-7b-chat does: at its end of turn, and at a new turn or the end of text
+# that a model writes without closing its own turn first.
+FORMATS = {"llama3": ChatFormat(is_llama3=True),
+           "qwen": ChatFormat(stop_strings=("<|im_end|>", "<|im_start|>", "<|endoftext|>"))}
 # Formats with no place for a system prompt: it opens the first user turn (as Mistral's own template does).
 SYSTEM_IN_FIRST_TURN = ("mixtral", "plain")
 # Formats where only a user turn opens an assistant turn (vicuna's `ASSISTANT:`, `[/INST]`), and where Llama-2
@@ -193,12 +196,19 @@ def chat_format(model_type: str) -> ChatFormat:
     return FORMATS.get(model_type, ChatFormat())
 
 
-def stop_token_ids(tokenizer, model_type: str) -> list[int]:
+def stop_token_ids(tokenizer, model_type: str, vocab_size: int | None = None) -> list[int]:
     """Ids of the format's stop strings that are single tokens of this
     tokenizer (e.g. Qwen's <|im_end|>), for the engine's `stop_token_ids`;
-    the engine adds the model's eos ids itself, and <|eot_id|> with `is_llama3`."""
+    the engine adds the model's eos ids itself, and <|eot_id|> with `is_llama3`.
+    With the model's `vocab_size`, ids past it are refused (ValueError): the
+    engine would refuse every generation, so callers check once, at startup."""
     vocab = tokenizer.get_vocab()
-    return [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
+    ids = [vocab[s] for s in chat_format(model_type).stop_strings if s in vocab]
+    outside = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"the {model_type} format's stop token ids {outside} lie outside the model's vocabulary "
+                         f"[0, {vocab_size}): is the tokenizer this model's?")
+    return ids
 
 
 def eos_ids(*sources) -> set[int]:

@@ -40,6 +40,7 @@ class ScriptedModel:
         self.tokenizer.chat_template = ALTERNATING
         self.answer = answer
         self.calls = []  # each generation's options
+        self.vocab_size = len(self.tokenizer)  # the format's stop tokens are checked against it
 
     def check_max_length(self, max_length):
         pass

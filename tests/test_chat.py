@@ -2,7 +2,7 @@
 
 import pytest
 
-from eagle_gto.chat import MODEL_TYPES, build_prompt, stop_token_ids
+from eagle_gto.chat import MODEL_TYPES, build_prompt, chat_format, stop_token_ids
 
 TURNS = [{"role": "user", "content": "Q1 {braces}"}, {"role": "assistant", "content": "A1"},
          {"role": "user", "content": "Q2"}]
@@ -67,11 +67,18 @@ def test_a_conversation_without_a_user_turn_still_opens_an_answer():
 
 def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():
     class Tokenizer:
-        def get_vocab(self):
-            return {"<|im_end|>": 7, "a": 1}
+        def __init__(self, vocab):
+            self.vocab = vocab
 
-    assert stop_token_ids(Tokenizer(), "qwen") == [7]
-    assert stop_token_ids(Tokenizer(), "plain") == []  # the engine adds eos itself (and <|eot_id|> for llama3)
+        def get_vocab(self):
+            return self.vocab
+
+    # as FastChat's qwen-7b-chat: <|im_end|>, and a new turn or the end of text written without it
+    qwen = Tokenizer({"<|endoftext|>": 5, "<|im_start|>": 6, "<|im_end|>": 7, "a": 1})
+    assert stop_token_ids(qwen, "qwen") == [7, 6, 5]
+    assert stop_token_ids(Tokenizer({"<|im_end|>": 7, "a": 1}), "qwen") == [7]  # only those that are tokens
+    assert stop_token_ids(qwen, "llama3") == []
+    assert stop_token_ids(qwen, "plain") == []  # the engine adds eos itself (and <|eot_id|> for llama3)
 
 
 def _parsers():
@@ -223,6 +230,10 @@ def test_an_answer_is_cut_before_the_formats_stop_string():
     assert answer_text(chars, prompt, answer, stop_strings=("<|im_end|>",)) == " yes"
     assert answer_text(chars, prompt, answer, lead=" ", stop_strings=("<|im_end|>",)) == "yes"
     assert answer_text(chars, prompt, answer) == chars.decode(answer)  # no stop strings: all of it
+    # a model that opens a new turn or ends the text without closing its own: cut there too
+    for stop in ("<|im_start|>", "<|endoftext|>"):
+        answer = chars(f" yes{stop}user").input_ids
+        assert answer_text(chars, prompt, answer, stop_strings=chat_format("qwen").stop_strings) == " yes"
 
 
 def test_an_answer_streamed_token_by_token_keeps_every_words_space():

@@ -282,8 +282,9 @@ class ScriptedModel:
 
     tree = TreeParams(total_token=10)
 
-    def __init__(self, tokenizer, steps):
+    def __init__(self, tokenizer, steps, vocab_size=None):
         self.tokenizer, self.steps, self.calls, self.warm_ups = tokenizer, steps, [], []
+        self.vocab_size = vocab_size or len(tokenizer)
 
     def warm_up(self, **settings):
         self.warm_ups.append(settings)
@@ -441,13 +442,19 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
     (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
     # speed refuses it in the answers: refused before answering anything
-    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string, not 5"),
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all', "
+                                                "not 5"),
+    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all', "
+                                            "not 'all'"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
     (["--question-file", "{good}", "--answer-file", "{folder}"], "Is a directory"),
     (["--question-file", "{good}", "--answer-file", "{not_answers}"], "every record needs a question_id"),
     (["--question-file", "{good}", "--answer-file", "{under_a_file}"], "File exists"),  # checked before loading
+    # a question file passed as the answer file: its questions passed as answered, or it was rewritten with answers
+    (["--question-file", "{good}", "--answer-file", "{good}"], "good.jsonl: question 1: choices must be"),
+    (["--question-file", "{good}", "--answer-file", "{duplicate}"], "dup.jsonl: question 1: choices must be"),
     (["--question-file", "{empty}"], "holds no questions"),
     (["--question-file", "{garbage}"], "holds no questions"),
     (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),
@@ -467,6 +474,7 @@ def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeyp
                                                             {"question_id": 2, "turns": ["Q", ""]}]),
              "blank_turn": write(tmp_path / "blank2.jsonl", [{"question_id": "x", "turns": [" \n\t"]}]),
              "number_category": write(tmp_path / "cat.jsonl", [{"question_id": 1, "category": 5, "turns": ["Q"]}]),
+             "all_category": write(tmp_path / "all.jsonl", [{"question_id": 1, "category": "all", "turns": ["Q"]}]),
              "no_id": write(tmp_path / "noid.jsonl", [{"question_id": [1], "turns": ["Q"]}]),
              "duplicate": write(tmp_path / "dup.jsonl", [{"question_id": i, "turns": ["Q"]} for i in (1, 2, 1)]),
              "good": write(tmp_path / "good.jsonl", [{"question_id": 1, "turns": ["Q"]}]),
@@ -549,11 +557,15 @@ def good_with(**changes):
 @pytest.mark.parametrize("record,message", [
     ({"question_id": 81, "choices": [{}]}, "question 81: new_tokens must be a non-empty list"),
     (dict(GOOD, choices="abc"), "question 81: choices must be a non-empty list of objects"),
-    (good_with(new_tokens=["12"]), "new_tokens must be a non-empty list of non-negative numbers"),
-    (good_with(wall_time=[-1.0]), "wall_time must be a non-empty list of non-negative numbers"),
+    (good_with(new_tokens=["12"]), "new_tokens must be a non-empty list of finite non-negative numbers"),
+    (good_with(wall_time=[-1.0]), "wall_time must be a non-empty list of finite non-negative numbers"),
+    # (json reads Infinity): 0 tokens per second, a division by zero
+    (good_with(wall_time=[float("inf")]), "wall_time must be a non-empty list of finite non-negative numbers"),
     (good_with(idxs=[11, 3]), "new_tokens, idxs, wall_time must have the same number of turns"),
     (good_with(accept_lengths=5), "accept_lengths must be a list of lists"),
     (dict(GOOD, category=["c"]), "category must be a string"),
+    # the group of every question: the answer was counted into it twice
+    (dict(GOOD, category="all"), "question 81: category must be a string other than 'all'"),
     (dict(GOOD, settings="greedy"), "question 81: settings must be an object"),
     (dict(GOOD, question_id=None), "every record needs a question_id"),
     (good_with(new_tokens=[0]), "question 81: no new tokens or no wall time"),  # tokens/s 0: a division by 0
@@ -675,15 +687,33 @@ def test_wall_time_is_the_turns_own_time():
 
 @pytest.mark.parametrize("model_type", ["qwen", "llama3", "plain"])
 def test_the_formats_stops_reach_the_engine(model_type):
-    """Qwen's <|im_end|> (a token of its tokenizer) and Llama-3's <|eot_id|> end a turn."""
+    """Qwen's <|im_end|>, <|im_start|> and <|endoftext|> (tokens of its tokenizer) and Llama-3's <|eot_id|> end
+    a turn."""
     tokenizer = byte_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    qwen_stops = ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": qwen_stops})
     model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")])
     answerer(model, "--model-type", model_type).answer({"question_id": 1, "turns": ["Q"]})
     settings = model.calls[0][1]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert settings["stop_token_ids"] == ([im_end] if model_type == "qwen" else [])
+    ids = tokenizer.convert_tokens_to_ids(qwen_stops)
+    assert settings["stop_token_ids"] == (ids if model_type == "qwen" else [])
     assert settings["is_llama3"] is (model_type == "llama3")
+
+
+def test_a_format_stop_token_past_the_model_vocabulary_is_refused_before_any_question(tmp_path, monkeypatch, capsys):
+    """A tokenizer with Qwen's <|im_end|> added past the model's rows: the engine refused the first question."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = ScriptedModel(tokenizer, [Step(tokenizer("a").input_ids, 0, 0.01, "length")], vocab_size=256)
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", lambda *args, **kwargs: model)
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}])
+    path = tmp_path / "a.jsonl"
+    argv = ["--question-file", questions, "--answer-file", str(path), "--device", "cpu", "--model-type", "qwen"]
+    code, line = cli_error(gen_answer.cli, argv, capsys)
+    assert (code, line) == (2, "error: the qwen format's stop token ids [256] lie outside the model's vocabulary "
+                               "[0, 256): is the tokenizer this model's?")
+    assert model.calls == [] and read_jsonl(path) == []
+    assert gen_answer.cli(argv[:-1] + ["vicuna"]) == 0 and len(read_jsonl(path)) == 1  # no such stop: answered
 
 
 @pytest.mark.parametrize("option,value", [("--seed", "1"), ("--device", "auto"), ("--dtype", "float32"),
@@ -730,6 +760,22 @@ def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
                                         dict(answer(2, "c", [4], [1.0], [1]), answer_id="new")])
     sort_answers(path)
     assert [(a["question_id"], a["answer_id"]) for a in read_jsonl(path)] == [(1, "1"), (2, "new")]
+
+
+def test_an_interrupted_sort_keeps_every_answer(tmp_path, monkeypatch):
+    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers."""
+    path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
+    before = Path(path).read_text()
+
+    def interrupted(self, text, **kwargs):
+        with self.open("w", **kwargs) as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sort_answers(path)
+    assert Path(path).read_text() == before
 
 
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():

@@ -133,7 +133,8 @@ class Answerer:
         self.model = model
         self.args = args
         self.speculative = args.mode == "ea"
-        self.stops = stop_token_ids(model.tokenizer, args.model_type)
+        # checked against the model's rows before any question (the engine would refuse each one)
+        self.stops = stop_token_ids(model.tokenizer, args.model_type, model.vocab_size)
         self.is_llama3 = chat_format(args.model_type).is_llama3
         self.lead = answer_lead(args.model_type, model.tokenizer, args.system)
         # Same prompt budget in both modes, with a tree's width to spare: the two sides see

@@ -8,6 +8,8 @@ from pathlib import Path
 from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
+ALL = "all"  # the speed report's group of every question: no category may take its name
+CATEGORY_RULE = f"category must be a string other than {ALL!r}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,8 +37,9 @@ def is_question_id(value) -> bool:
 
 
 def is_category(value) -> bool:
-    """A question's category is a string, or none (null or absent): speed groups answers by it."""
-    return isinstance(value, (str, type(None)))
+    """A question's category is a string, or none (null or absent): speed groups answers by it
+    (a category named ALL would be counted into that group a second time)."""
+    return isinstance(value, (str, type(None))) and value != ALL
 
 
 def id_order(question_id: int | str) -> tuple:
@@ -59,7 +62,7 @@ def check_question(question, path: Path) -> None:
         raise ValueError(f"{path}: question {question['question_id']!r}: turn {blank} is empty (or only whitespace)")
     # gen_answer copies it into every answer, where speed would refuse it once both runs are done
     if not is_category(question.get("category")):
-        raise ValueError(f"{path}: question {question['question_id']!r}: category must be a string, "
+        raise ValueError(f"{path}: question {question['question_id']!r}: {CATEGORY_RULE}, "
                          f"not {question['category']!r:.60}")
 
 
@@ -82,11 +85,16 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def check_answer_records(answers: list, label: str) -> None:
     """Refuse records of an answer file (named by `label`) that are not answers:
-    each needs a question_id and, where it records them, settings as an object."""
+    each needs a question_id, choices and, where it records them, settings as an object."""
     for answer in answers:
         if not isinstance(answer, dict) or not is_question_id(answer.get("question_id")):
             raise ValueError(f"{label}: every record needs a question_id (an integer or a string): "
                              f"is it an answer file?")
+        # A question file has ids too: taken for answers, its questions would pass as answered, or be rewritten
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ValueError(f"{label}: question {answer['question_id']!r}: choices must be a non-empty list of "
+                             f"objects (gen_answer's format): is it an answer file?")
         if not isinstance(answer.get("settings", {}), dict):
             raise ValueError(f"{label}: question {answer['question_id']!r}: settings must be an object")
 
@@ -124,7 +132,10 @@ def sort_answers(path: str | Path) -> None:
     latest wins), as the reference does after a run."""
     latest = {a["question_id"]: a for a in read_jsonl(path)}
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
-    Path(path).write_text("".join(lines), encoding="utf-8")
+    # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
+    temporary = Path(f"{path}.sorting")
+    temporary.write_text("".join(lines), encoding="utf-8")
+    temporary.replace(path)
 
 
 def check_writable(path: str | Path) -> None:

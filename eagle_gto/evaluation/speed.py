@@ -52,14 +52,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from .questions import check_answer_records, id_order, is_category, recorded_settings
+from .questions import ALL, CATEGORY_RULE, check_answer_records, id_order, is_category, recorded_settings
 
-ALL = "all"
 # What a fair speedup holds fixed between the two runs (gen_answer's settings names).
 SHARED_SETTINGS = ("base_model_path", "model_type", "system", "temperature", "max_new_tokens", "max_length",
                    "dtype", "device")
@@ -165,20 +165,18 @@ def check_pairs(ea: dict, base: dict, paired: list) -> None:
 
 
 def is_count(value, kind) -> bool:
-    """A non-negative JSON number of the given type (true and false are not numbers here)."""
-    return isinstance(value, kind) and not isinstance(value, bool) and value >= 0
+    """A finite non-negative JSON number of the given type (true and false are not numbers here; Python's
+    json reads Infinity, whose tokens per second, 0, would end in a division by zero)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def answer_problem(answer: dict) -> str | None:
-    """Why the speed report cannot use an answer; None when it can."""
-    choices = answer.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return "choices must be a non-empty list of objects (gen_answer's format)"
-    choice = choices[0]
+    """Why the speed report cannot use an answer (one of `check_answer_records`); None when it can."""
+    choice = answer["choices"][0]
     for key, kind in COUNTS.items():
         values = choice.get(key)
         if not isinstance(values, list) or not values or not all(is_count(v, kind) for v in values):
-            return f"{key} must be a non-empty list of non-negative numbers, one per turn"
+            return f"{key} must be a non-empty list of finite non-negative numbers, one per turn"
     if len({len(choice[key]) for key in COUNTS}) > 1:
         return f"{', '.join(COUNTS)} must have the same number of turns"
     lengths = choice.get("accept_lengths", [])
@@ -186,7 +184,7 @@ def answer_problem(answer: dict) -> str | None:
             isinstance(turn, list) and all(is_count(n, int) for n in turn) for turn in lengths):
         return "accept_lengths must be a list of lists of non-negative integers"
     if not is_category(answer.get("category")):
-        return "category must be a string"
+        return CATEGORY_RULE
     if sum(choice["new_tokens"]) == 0 or sum(choice["wall_time"]) == 0:  # tokens/s would be 0 or undefined
         return "no new tokens or no wall time: tokens per second are undefined"
     return None
