@@ -139,6 +139,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def prompt_error(err: ValueError, param: str) -> APIError:
+    """A prompt the runner refuses: OpenAI's code for one too long for the context."""
+    code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
+    return APIError(400, str(err), param, code)
+
+
 # ----------------------------------------------------------------- answers
 class Endpoint:
     """How one endpoint writes an answer: chat messages or plain text."""
@@ -291,7 +297,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         try:
             runner.check_fits(prompt_ids)
         except ContextLengthError as err:
-            raise APIError(400, str(err), param, "context_length_exceeded") from err
+            raise prompt_error(err, param) from err
         head = {"id": endpoint.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": name}
         events = answer(prompt_ids, options, request.stops(), endpoint.chat)
         if request.stream:
@@ -336,7 +342,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         try:  # in a worker thread: a long prompt's tokenization would hold up every other client
             prompt_ids = await anyio.to_thread.run_sync(runner.chat_prompt, [m.as_dict() for m in request.messages])
         except ValueError as err:
-            raise APIError(400, str(err), "messages") from err
+            raise prompt_error(err, "messages") from err
         return await complete(Endpoint(chat=True), request, prompt_ids,
                               request.max_completion_tokens or request.max_tokens, connection)
 
@@ -348,7 +354,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
         try:
             prompt_ids = await anyio.to_thread.run_sync(runner.text_prompt, prompts[0])
         except ValueError as err:
-            raise APIError(400, str(err), "prompt") from err
+            raise prompt_error(err, "prompt") from err
         return await complete(Endpoint(chat=False), request, prompt_ids, request.max_tokens, connection)
 
     # An answer also ends where the context does.

@@ -142,6 +142,11 @@ class ChatTemplateError(ValueError):
 # "off", but any top_p below the top token's probability (>= 1/vocabulary) does that.
 TOP_TOKEN_ONLY = 1e-9
 
+# Tokenizing costs seconds and about half a gigabyte per megabyte of text, so a prompt far longer than the
+# context is refused from the tokens of its first TOO_LONG_CHARS_PER_TOKEN * max_length characters (a token is a
+# few characters) instead of being tokenized whole first: a 100 MB body would have run the server out of memory.
+TOO_LONG_CHARS_PER_TOKEN = 32
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -312,11 +317,20 @@ class ChatRunner:
             text = build_prompt(messages, self.model_type, self.tokenizer, system=self.system)
         except TemplateError as err:  # e.g. Mixtral's and Llama-2's raise_exception on roles that do not alternate
             raise ChatTemplateError(f"the model's chat template refuses these messages: {err}") from err
-        return encode_prompt(text, self.tokenizer, self.model_type)
+        return self._encode(text, lambda part: encode_prompt(part, self.tokenizer, self.model_type))
 
     def text_prompt(self, text: str) -> list[int]:
         check_text(text)
-        return self.tokenizer(text).input_ids
+        return self._encode(text, lambda part: self.tokenizer(part).input_ids)
+
+    def _encode(self, text: str, encode) -> list[int]:
+        """`encode(text)`, unless the text's start alone has twice the tokens the context holds (twice: a text cut
+        inside a word may have a token or so more than its whole)."""
+        start = text[:TOO_LONG_CHARS_PER_TOKEN * self.max_length]
+        if len(start) < len(text) and len(encode(start)) > 2 * self.max_length:
+            raise ContextLengthError(f"the prompt has more than {2 * self.max_length} tokens, too many for the "
+                                     f"context of {self.max_length} tokens; shorten it or clear the conversation")
+        return encode(text)
 
     def check_fits(self, prompt_ids: list[int]) -> None:
         """The engine's rule, in both modes: the prompt and one new token must fit in the context."""

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import ChatRunner, GenerationOptions, TextStream
+from application.common import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions, TextStream
 from eagle_gto.acceptance import SamplingParams, target_probs
 from eagle_gto.generation import Step
 
@@ -577,6 +577,24 @@ def test_a_prompt_fits_with_one_token_to_spare():
         assert complete(client, {"prompt": "x" * 9, "max_tokens": 1})[:2] == ("a", "length")
         response = client.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 1})
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized_whole(monkeypatch, chat):
+    """Tokenizing takes about 5 s and 0.5 GB per MB of text: a prompt far longer than the context (here 16
+    tokens) is refused from the tokens of its start, so that a huge body cannot run the server out of memory."""
+    runner = ChatRunner(ScriptedModel(), max_length=16)
+    tokenized = []  # the length of each text the tokenizer was given
+    tokenize = type(runner.tokenizer).__call__
+    monkeypatch.setattr(type(runner.tokenizer), "__call__",
+                        lambda self, text, **options: tokenized.append(len(text)) or tokenize(self, text, **options))
+    text = "x" * 100_000
+    path, body = ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}) if chat else \
+        ("/v1/completions", {"prompt": text})
+    with TestClient(create_app(runner, "scripted", CAP)) as client:
+        response = client.post(path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert max(tokenized) <= TOO_LONG_CHARS_PER_TOKEN * 16
 
 
 @pytest.mark.parametrize("speculative", [True, False])
