@@ -172,6 +172,36 @@ class Update:
         return "".join(text for text, _ in self.pieces)
 
 
+Pieces = list[tuple[str, bool]]  # text by origin, as in `Update.pieces`
+
+
+class HeldText:
+    """Text held back by origin, so that each part is sent later with its own
+    piece's origin rather than with that of the piece that releases it."""
+
+    def __init__(self):
+        self.pieces: Pieces = []
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.pieces)
+
+    def hold(self, pieces: Pieces) -> None:
+        self.pieces += [piece for piece in pieces if piece[0]]
+
+    def release(self, chars: int) -> Pieces:
+        """The first `chars` characters held, no longer held."""
+        out = []
+        while chars > 0 and self.pieces:
+            text, drafted = self.pieces[0]
+            out.append((text[:chars], drafted))
+            self.pieces[0] = (text[chars:], drafted)
+            if len(text) <= chars:
+                self.pieces.pop(0)
+            chars -= len(text)
+        return out
+
+
 class TextStream:
     """Incremental detokenization. A token may end inside a character (byte
     level BPE), which decodes to U+FFFD until the rest arrives, so such text
@@ -186,26 +216,33 @@ class TextStream:
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
         self.read = len(self.ids)
         self.lead = lead
-        self.held = ""  # the first text, while it may still be (the start of) the lead
+        self.held = HeldText()  # the first text, while it may still be (the start of) the lead
 
     def add(self, ids: list[int], final: bool = False) -> str:
+        return "".join(text for text, _ in self.add_piece(ids, False, final))
+
+    def add_piece(self, ids: list[int], drafted: bool, final: bool = False) -> Pieces:
+        """The new text of `ids`, which come from accepted drafts or not; held text goes with its own origin."""
         if not ids and not final:
-            return ""
+            return []
         self.ids += ids
         text = decode_after(self.tokenizer, self.ids[self.start:self.read], self.ids[self.read:])
         if text.endswith("\ufffd") and not final:
-            return ""
+            return []
         self.start, self.read = self.read, len(self.ids)
-        return self._without_lead(text, final)
+        return self._without_lead([(text, drafted)] if text else [], final)
 
-    def _without_lead(self, text: str, final: bool) -> str:
+    def _without_lead(self, pieces: Pieces, final: bool) -> Pieces:
         if not self.lead:
-            return text
-        self.held += text
-        if len(self.held) < len(self.lead) and self.lead.startswith(self.held) and not final:
-            return ""
-        text, self.held, self.lead = self.held.removeprefix(self.lead), "", ""
-        return text
+            return pieces
+        self.held.hold(pieces)
+        text = self.held.text
+        if len(text) < len(self.lead) and self.lead.startswith(text) and not final:
+            return []
+        if text.startswith(self.lead):
+            self.held.release(len(self.lead))
+        self.lead = ""
+        return self.held.release(len(text))
 
 
 class StopStrings:
@@ -219,6 +256,7 @@ class StopStrings:
         self.text = ""
         self.sent = 0
         self.end: int | None = None  # where the stop string that was hit ends in the text
+        self.held = HeldText()  # the text not sent yet, by origin (`feed_pieces`)
 
     @property
     def hit(self) -> bool:
@@ -239,6 +277,18 @@ class StopStrings:
 
     def flush(self) -> str:
         return self._send(len(self.text))
+
+    def feed_pieces(self, pieces: Pieces) -> Pieces:
+        """`feed` by origin: the text sent, each part with the origin of the piece it came with."""
+        sent = []
+        for text, drafted in pieces:
+            if not self.hit:
+                self.held.hold([(text, drafted)])
+                sent += self.held.release(len(self.feed(text)))
+        return sent
+
+    def flush_pieces(self) -> Pieces:
+        return self.held.release(len(self.flush()))
 
     def _send(self, end: int) -> str:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
@@ -370,5 +420,6 @@ class ChatRunner:
                 for step in steps:
                     stats.steps.append(step)
                     drafted = step.tokens[:step.num_accepted]
-                    pieces = [(text.add(drafted), True), (text.add(step.tokens[len(drafted):], step.finished), False)]
-                    yield Update([p for p in pieces if p[0]], step, stats)
+                    pieces = text.add_piece(drafted, True) + text.add_piece(step.tokens[len(drafted):], False,
+                                                                            step.finished)
+                    yield Update(pieces, step, stats)

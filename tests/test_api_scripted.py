@@ -203,6 +203,18 @@ def test_text_stream_leaves_out_the_lead(tokens, final, text):
     assert TextStream(tokenizer, lead=" \n").add(tokenizer("y").input_ids) == "y"  # not the lead's start: not held
 
 
+
+def test_text_held_back_as_the_lead_keeps_its_origin():
+    """Text held back while it may be the lead is sent with the origin of the piece it came with."""
+    tokenizer = char_tokenizer()
+    stream = TextStream(tokenizer, lead=" \n")
+    assert stream.add_piece(tokenizer(" ").input_ids, True) == []
+    assert stream.add_piece(tokenizer("x").input_ids, False) == [(" ", True), ("x", False)]
+    lead = TextStream(tokenizer, lead=" \n")
+    assert lead.add_piece(tokenizer(" ").input_ids, True) + lead.add_piece(tokenizer("\nx").input_ids, False) == [
+        ("x", False)]
+
+
 @pytest.mark.parametrize("messages", [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
                                       [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]])
 def test_a_chat_template_refusal_is_a_bad_request(client, messages):
