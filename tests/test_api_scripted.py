@@ -591,6 +591,15 @@ def test_a_prompt_fits_with_one_token_to_spare():
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_stop_takes_up_to_64_strings(client):
+    """Stop strings are looked for after every step on the event loop, which every client shares: their
+    number is bounded (a harness's few pass)."""
+    stops = [f"stop{i}" for i in range(64)]
+    assert complete(client, {"prompt": "x", "max_tokens": 8, "stop": stops[1:] + ["d"]})[:2] == ("abc", "stop")
+    response = client.post("/v1/completions", json={"prompt": "x", "stop": stops + ["d"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized_whole(monkeypatch, chat):
     """Tokenizing takes about 5 s and 0.5 GB per MB of text: a prompt far longer than the context (here 16
