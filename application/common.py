@@ -245,6 +245,18 @@ class TextStream:
         return self.held.release(len(text))
 
 
+def fallbacks(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt's failure function: for each start of `stop`, the
+    length of its longest proper end that is a start of `stop` too."""
+    out, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = out[k - 1]
+        k += stop[i] == stop[k]
+        out[i] = k
+    return out
+
+
 class StopStrings:
     """Cuts the answer before the stop string that is complete first (the one
     plain decoding would meet first, however many tokens a step brings). Text
@@ -253,6 +265,8 @@ class StopStrings:
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self.fallbacks = [fallbacks(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop string: the most of its start the text ends with
         self.text = ""
         self.sent = 0
         self.end: int | None = None  # where the stop string that was hit ends in the text
@@ -263,17 +277,30 @@ class StopStrings:
         return self.end is not None
 
     def feed(self, new: str) -> str:
+        """The text that can be sent now. Each stop string is matched as a
+        Knuth-Morris-Pratt automaton, in time linear in the text: testing each
+        possible start at the end of the text took time quadratic in a long
+        held run (a long stop string of spaces, over indented code)."""
+        if self.hit:
+            return ""
+        start = len(self.text)
         self.text += new
-        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        found = []
+        for n, stop in enumerate(self.stops):
+            matched, fallback = self.matched[n], self.fallbacks[n]
+            for i, char in enumerate(new, start + 1):
+                while matched and stop[matched] != char:
+                    matched = fallback[matched - 1]
+                matched += stop[matched] == char
+                if matched == len(stop):
+                    found.append((i, i - matched))
+                    break
+            self.matched[n] = matched
         if found:
             self.end, cut = min(found)
             return self._send(cut)
-        # Only unsent text can start a stop string (sent text was not the start of one), so the prefixes tried
-        # are no longer than it: a long stop string costs no more than a short one.
-        unsent = len(self.text) - self.sent
-        hold = max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
-                   default=0)
-        return self._send(len(self.text) - hold)
+        # The longest end of the text that may start a stop string is held (the text before it cannot).
+        return self._send(len(self.text) - max(self.matched, default=0))
 
     def flush(self) -> str:
         return self._send(len(self.text))

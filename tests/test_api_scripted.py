@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -677,3 +678,15 @@ def test_stop_strings_send_what_brute_force_says_can_be_sent():
                 break
             may_start = [k for k in range(1, len(text) + 1) for s in stops if s.startswith(text[len(text) - k:])]
             assert not stopper.hit and sent == text[:len(text) - max(may_start, default=0)], (stops, text)
+
+
+def test_a_long_held_run_costs_time_linear_in_the_text():
+    """A stop string of 20,000 spaces, over an answer of spaces: all of it is held, and each step's text is
+    matched in time linear in the text (testing each possible start at its end took 15 s here, on the
+    event loop that every client shares)."""
+    from application.api_server import StopStrings
+
+    stopper, started = StopStrings([" " * 20_000 + "x"]), time.monotonic()
+    assert "".join(stopper.feed(" " * 10) for _ in range(2000)) == ""
+    assert stopper.feed("x") == "" and stopper.hit
+    assert time.monotonic() - started < 2
