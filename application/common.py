@@ -142,6 +142,11 @@ class ChatTemplateError(ValueError):
 # "off", but any top_p below the top token's probability (>= 1/vocabulary) does that.
 TOP_TOKEN_ONLY = 1e-9
 
+# Tokenizing costs seconds and about half a gigabyte per megabyte of text, so a prompt far longer than the
+# context is refused from the tokens of its first TOO_LONG_CHARS_PER_TOKEN * max_length characters (a token is a
+# few characters) instead of being tokenized whole first: a 100 MB body would have run the server out of memory.
+TOO_LONG_CHARS_PER_TOKEN = 32
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -167,6 +172,36 @@ class Update:
         return "".join(text for text, _ in self.pieces)
 
 
+Pieces = list[tuple[str, bool]]  # text by origin, as in `Update.pieces`
+
+
+class HeldText:
+    """Text held back by origin, so that each part is sent later with its own
+    piece's origin rather than with that of the piece that releases it."""
+
+    def __init__(self):
+        self.pieces: Pieces = []
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.pieces)
+
+    def hold(self, pieces: Pieces) -> None:
+        self.pieces += [piece for piece in pieces if piece[0]]
+
+    def release(self, chars: int) -> Pieces:
+        """The first `chars` characters held, no longer held."""
+        out = []
+        while chars > 0 and self.pieces:
+            text, drafted = self.pieces[0]
+            out.append((text[:chars], drafted))
+            self.pieces[0] = (text[chars:], drafted)
+            if len(text) <= chars:
+                self.pieces.pop(0)
+            chars -= len(text)
+        return out
+
+
 class TextStream:
     """Incremental detokenization. A token may end inside a character (byte
     level BPE), which decodes to U+FFFD until the rest arrives, so such text
@@ -181,26 +216,45 @@ class TextStream:
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
         self.read = len(self.ids)
         self.lead = lead
-        self.held = ""  # the first text, while it may still be (the start of) the lead
+        self.held = HeldText()  # the first text, while it may still be (the start of) the lead
 
     def add(self, ids: list[int], final: bool = False) -> str:
+        return "".join(text for text, _ in self.add_piece(ids, False, final))
+
+    def add_piece(self, ids: list[int], drafted: bool, final: bool = False) -> Pieces:
+        """The new text of `ids`, which come from accepted drafts or not; held text goes with its own origin."""
         if not ids and not final:
-            return ""
+            return []
         self.ids += ids
         text = decode_after(self.tokenizer, self.ids[self.start:self.read], self.ids[self.read:])
         if text.endswith("\ufffd") and not final:
-            return ""
+            return []
         self.start, self.read = self.read, len(self.ids)
-        return self._without_lead(text, final)
+        return self._without_lead([(text, drafted)] if text else [], final)
 
-    def _without_lead(self, text: str, final: bool) -> str:
+    def _without_lead(self, pieces: Pieces, final: bool) -> Pieces:
         if not self.lead:
-            return text
-        self.held += text
-        if len(self.held) < len(self.lead) and self.lead.startswith(self.held) and not final:
-            return ""
-        text, self.held, self.lead = self.held.removeprefix(self.lead), "", ""
-        return text
+            return pieces
+        self.held.hold(pieces)
+        text = self.held.text
+        if len(text) < len(self.lead) and self.lead.startswith(text) and not final:
+            return []
+        if text.startswith(self.lead):
+            self.held.release(len(self.lead))
+        self.lead = ""
+        return self.held.release(len(text))
+
+
+def fallbacks(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt's failure function: for each start of `stop`, the
+    length of its longest proper end that is a start of `stop` too."""
+    out, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = out[k - 1]
+        k += stop[i] == stop[k]
+        out[i] = k
+    return out
 
 
 class StopStrings:
@@ -211,29 +265,57 @@ class StopStrings:
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self.fallbacks = [fallbacks(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop string: the most of its start the text ends with
         self.text = ""
         self.sent = 0
         self.end: int | None = None  # where the stop string that was hit ends in the text
+        self.held = HeldText()  # the text not sent yet, by origin (`feed_pieces`)
 
     @property
     def hit(self) -> bool:
         return self.end is not None
 
     def feed(self, new: str) -> str:
+        """The text that can be sent now. Each stop string is matched as a
+        Knuth-Morris-Pratt automaton, in time linear in the text: testing each
+        possible start at the end of the text took time quadratic in a long
+        held run (a long stop string of spaces, over indented code)."""
+        if self.hit:
+            return ""
+        start = len(self.text)
         self.text += new
-        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        found = []
+        for n, stop in enumerate(self.stops):
+            matched, fallback = self.matched[n], self.fallbacks[n]
+            for i, char in enumerate(new, start + 1):
+                while matched and stop[matched] != char:
+                    matched = fallback[matched - 1]
+                matched += stop[matched] == char
+                if matched == len(stop):
+                    found.append((i, i - matched))
+                    break
+            self.matched[n] = matched
         if found:
             self.end, cut = min(found)
             return self._send(cut)
-        # Only unsent text can start a stop string (sent text was not the start of one), so the prefixes tried
-        # are no longer than it: a long stop string costs no more than a short one.
-        unsent = len(self.text) - self.sent
-        hold = max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
-                   default=0)
-        return self._send(len(self.text) - hold)
+        # The longest end of the text that may start a stop string is held (the text before it cannot).
+        return self._send(len(self.text) - max(self.matched, default=0))
 
     def flush(self) -> str:
         return self._send(len(self.text))
+
+    def feed_pieces(self, pieces: Pieces) -> Pieces:
+        """`feed` by origin: the text sent, each part with the origin of the piece it came with."""
+        sent = []
+        for text, drafted in pieces:
+            if not self.hit:
+                self.held.hold([(text, drafted)])
+                sent += self.held.release(len(self.feed(text)))
+        return sent
+
+    def flush_pieces(self) -> Pieces:
+        return self.held.release(len(self.flush()))
 
     def _send(self, end: int) -> str:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
@@ -309,11 +391,20 @@ class ChatRunner:
             text = build_prompt(messages, self.model_type, self.tokenizer, system=self.system)
         except TemplateError as err:  # e.g. Mixtral's and Llama-2's raise_exception on roles that do not alternate
             raise ChatTemplateError(f"the model's chat template refuses these messages: {err}") from err
-        return encode_prompt(text, self.tokenizer, self.model_type)
+        return self._encode(text, lambda part: encode_prompt(part, self.tokenizer, self.model_type))
 
     def text_prompt(self, text: str) -> list[int]:
         check_text(text)
-        return self.tokenizer(text).input_ids
+        return self._encode(text, lambda part: self.tokenizer(part).input_ids)
+
+    def _encode(self, text: str, encode) -> list[int]:
+        """`encode(text)`, unless the text's start alone has twice the tokens the context holds (twice: a text cut
+        inside a word may have a token or so more than its whole)."""
+        start = text[:TOO_LONG_CHARS_PER_TOKEN * self.max_length]
+        if len(start) < len(text) and len(encode(start)) > 2 * self.max_length:
+            raise ContextLengthError(f"the prompt has more than {2 * self.max_length} tokens, too many for the "
+                                     f"context of {self.max_length} tokens; shorten it or clear the conversation")
+        return encode(text)
 
     def check_fits(self, prompt_ids: list[int]) -> None:
         """The engine's rule, in both modes: the prompt and one new token must fit in the context."""
@@ -353,5 +444,6 @@ class ChatRunner:
                 for step in steps:
                     stats.steps.append(step)
                     drafted = step.tokens[:step.num_accepted]
-                    pieces = [(text.add(drafted), True), (text.add(step.tokens[len(drafted):], step.finished), False)]
-                    yield Update([p for p in pieces if p[0]], step, stats)
+                    pieces = text.add_piece(drafted, True) + text.add_piece(step.tokens[len(drafted):], False,
+                                                                            step.finished)
+                    yield Update(pieces, step, stats)

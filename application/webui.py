@@ -120,13 +120,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         try:
             with closing(runner.generate(runner.chat_prompt(asked), options, chat=True)) as updates:
                 for update in updates:
-                    for text, drafted in update.pieces:
-                        shown = stopper.feed(text)
-                        answer, pieces = answer + shown, pieces + (by_origin(shown, drafted) if shown else "")
+                    shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
                     if update.step.finished and not stopper.hit:  # text held back as a stop string's possible start
-                        rest = stopper.flush()
-                        answer, pieces = answer + rest, pieces + (by_origin(rest, False) if rest else "")
+                        shown += stopper.flush_pieces()
+                    answer += "".join(text for text, _ in shown)
+                    pieces += "".join(by_origin(text, drafted) for text, drafted in shown)
                     if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
                     chat = asked + [{"role": "assistant", "content": answer}]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import ChatRunner, GenerationOptions, TextStream
+from application.common import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions, TextStream
 from eagle_gto.acceptance import SamplingParams, target_probs
 from eagle_gto.generation import Step
 
@@ -202,6 +203,18 @@ def test_text_stream_leaves_out_the_lead(tokens, final, text):
     two = TextStream(tokenizer, lead=" \n")  # a longer lead, one character a token
     assert two.add(tokenizer(" ").input_ids) == "" and two.add(tokenizer("\nab").input_ids) == "ab"
     assert TextStream(tokenizer, lead=" \n").add(tokenizer("y").input_ids) == "y"  # not the lead's start: not held
+
+
+
+def test_text_held_back_as_the_lead_keeps_its_origin():
+    """Text held back while it may be the lead is sent with the origin of the piece it came with."""
+    tokenizer = char_tokenizer()
+    stream = TextStream(tokenizer, lead=" \n")
+    assert stream.add_piece(tokenizer(" ").input_ids, True) == []
+    assert stream.add_piece(tokenizer("x").input_ids, False) == [(" ", True), ("x", False)]
+    lead = TextStream(tokenizer, lead=" \n")
+    assert lead.add_piece(tokenizer(" ").input_ids, True) + lead.add_piece(tokenizer("\nx").input_ids, False) == [
+        ("x", False)]
 
 
 @pytest.mark.parametrize("messages", [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
@@ -580,6 +593,33 @@ def test_a_prompt_fits_with_one_token_to_spare():
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_stop_takes_up_to_64_strings(client):
+    """Stop strings are looked for after every step on the event loop, which every client shares: their
+    number is bounded (a harness's few pass)."""
+    stops = [f"stop{i}" for i in range(64)]
+    assert complete(client, {"prompt": "x", "max_tokens": 8, "stop": stops[1:] + ["d"]})[:2] == ("abc", "stop")
+    response = client.post("/v1/completions", json={"prompt": "x", "stop": stops + ["d"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized_whole(monkeypatch, chat):
+    """Tokenizing takes about 5 s and 0.5 GB per MB of text: a prompt far longer than the context (here 16
+    tokens) is refused from the tokens of its start, so that a huge body cannot run the server out of memory."""
+    runner = ChatRunner(ScriptedModel(), max_length=16)
+    tokenized = []  # the length of each text the tokenizer was given
+    tokenize = type(runner.tokenizer).__call__
+    monkeypatch.setattr(type(runner.tokenizer), "__call__",
+                        lambda self, text, **options: tokenized.append(len(text)) or tokenize(self, text, **options))
+    text = "x" * 100_000
+    path, body = ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}) if chat else \
+        ("/v1/completions", {"prompt": text})
+    with TestClient(create_app(runner, "scripted", CAP)) as client:
+        response = client.post(path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert max(tokenized) <= TOO_LONG_CHARS_PER_TOKEN * 16
+
+
 @pytest.mark.parametrize("speculative", [True, False])
 def test_updates_split_the_text_into_accepted_drafts_and_the_targets_own_tokens(speculative):
     """A step's first num_accepted tokens are drafts the target accepted, the rest (the bonus) its own."""
@@ -639,3 +679,15 @@ def test_stop_strings_send_what_brute_force_says_can_be_sent():
                 break
             may_start = [k for k in range(1, len(text) + 1) for s in stops if s.startswith(text[len(text) - k:])]
             assert not stopper.hit and sent == text[:len(text) - max(may_start, default=0)], (stops, text)
+
+
+def test_a_long_held_run_costs_time_linear_in_the_text():
+    """A stop string of 20,000 spaces, over an answer of spaces: all of it is held, and each step's text is
+    matched in time linear in the text (testing each possible start at its end took 15 s here, on the
+    event loop that every client shares)."""
+    from application.api_server import StopStrings
+
+    stopper, started = StopStrings([" " * 20_000 + "x"]), time.monotonic()
+    assert "".join(stopper.feed(" " * 10) for _ in range(2000)) == ""
+    assert stopper.feed("x") == "" and stopper.hit
+    assert time.monotonic() - started < 2

@@ -374,6 +374,20 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     assert "im_end" not in last[3] and not runner.busy  # the draft panel too
 
 
+def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
+    """Called directly (no browser): "<" may start Qwen's <|im_end|> written as text, so it is held back until
+    the next piece shows it does not; it then shows as the accepted draft token it was (4 tokens a step, the
+    first 3 accepted drafts), not as the target's own token "c" that let it go."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 100)
+    assert last[0][-1]["content"] == "ab<cdefgh"
+    drafts = last[3]
+    assert webui.by_origin("<", True) in drafts and webui.by_origin("c", False) + webui.by_origin("def", True) in drafts
+
+
 def test_a_chat_template_refusal_shows_its_message():
     """Called directly (no browser): the template's own message, the conversation and typed text as they were."""
     model = ScriptedModel()
