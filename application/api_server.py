@@ -219,6 +219,43 @@ class ModelStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+def http_api_error(err: HTTPException) -> APIError:
+    """Starlette's error (an unknown route, a wrong method, a body too large) in the API's words."""
+    return APIError(err.status_code, str(err.detail), code="request_too_large" if err.status_code == 413 else None)
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes (413) before it is read whole: FastAPI keeps all of it in
+    memory and parses it on the event loop that every client shares (about 1 s for 50 MB). A declared
+    Content-Length is refused at once; a chunked body when its bytes pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def too_large(self) -> HTTPException:
+        return HTTPException(413, f"the request body is larger than the server's limit of {self.limit} bytes "
+                                  "(--max-request-mb)")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            err = http_api_error(self.too_large())
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if received > self.limit:
+                raise self.too_large()  # inside the route, whose body reading passes it on to http_error
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 async def cancel_when_gone(connection: Request, scope: anyio.CancelScope) -> None:
     """Waits for the client to go away (the body is read already, so that is the next message), then cancels."""
     while (await connection.receive())["type"] != "http.disconnect":
@@ -245,8 +282,9 @@ def sse(data: dict | str) -> str:
 
 
 # --------------------------------------------------------------------- app
-def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
+def create_app(runner: ChatRunner, name: str, max_new_tokens: int, max_request_bytes: int = 32 * 2**20) -> FastAPI:
     app = FastAPI(title="eagle-gto API")
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     # Waiting requests queue here, in arrival order, without holding a thread;
     # the runner's own lock is the guarantee, this is the fair queue in front of it.
     model_lock = asyncio.Lock()
@@ -411,7 +449,7 @@ def create_app(runner: ChatRunner, name: str, max_new_tokens: int) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException):
-        return await api_error(_, APIError(err.status_code, str(err.detail)))
+        return await api_error(_, http_api_error(err))
 
     return app
 
@@ -421,11 +459,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = build_parser("python -m application.api_server",
                           "OpenAI-compatible HTTP API over an EAGLE speculative-decoding model.", port=8000)
+    parser.add_argument("--max-request-mb", type=float, default=32,
+                        help="largest request body in MiB; larger ones get 413 (default: 32)")
     args = parser.parse_args(argv)
+    if not args.max_request_mb > 0:
+        parser.error(f"--max-request-mb must be above 0, got {args.max_request_mb}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
-    app = create_app(runner, model_name(args), args.max_new_tokens)
+    app = create_app(runner, model_name(args), args.max_new_tokens, int(args.max_request_mb * 2**20))
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -707,3 +707,25 @@ def test_a_long_held_run_costs_work_linear_in_the_text():
         sys.settrace(None)
     assert sent == "" and last == "" and stopper.hit
     assert lines < 20 * (200 * len(text) + 1)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_request_limit_is_refused_before_it_is_read_whole(model, chunked):
+    """A body over --max-request-mb gets 413 in the API's error format, whether it declares its length or
+    comes in chunks (then once its bytes pass the limit); one within the limit is answered, and the server
+    goes on serving."""
+    body = json.dumps({"prompt": "x" * 5000, "max_tokens": 2}).encode()
+    small = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    headers = {"content-type": "application/json"}
+
+    def post(client, data):
+        content = (data[i:i + 1000] for i in range(0, len(data), 1000)) if chunked else data
+        return client.post("/v1/completions", content=content, headers=headers)
+
+    with TestClient(create_app(ChatRunner(model), "scripted", CAP, max_request_bytes=4096)) as client:
+        refused = post(client, body)
+        assert refused.status_code == 413
+        assert refused.json()["error"]["code"] == "request_too_large"
+        assert "4096 bytes" in refused.json()["error"]["message"]
+        answered = post(client, small)
+        assert answered.status_code == 200 and answered.json()["choices"][0]["text"]
