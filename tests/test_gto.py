@@ -5,8 +5,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,11 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
 from eagle_gto.demo import measure
 from eagle_gto.drafter import Drafter
+from eagle_gto.checkpoint import load_base
 from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
@@ -897,10 +901,11 @@ def test_cli_refuses_an_out_that_holds_an_earlier_run(tmp_path, monkeypatch):
         gto_cli.main(["--out", str(tmp_path / "file" / "run")])
 
 
-@pytest.mark.parametrize("command", [[], ["experiment"], ["sweep", "--grid", "omega=1,2"]])
-def test_several_processes_are_refused_once_before_anything_loads(tmp_path, monkeypatch, capsys, command):
-    """Under torchrun every process ran the whole job on the same windows (no
-    gradient averaging, no sharding) and wrote the same files at once."""
+@pytest.mark.parametrize("command", [["experiment"], ["sweep", "--grid", "omega=1,2"]])
+def test_experiment_and_sweep_refuse_several_processes_once_before_anything_loads(tmp_path, monkeypatch, capsys,
+                                                                                  command):
+    """Under torchrun every process ran every training and evaluation (fine-tuning alone is data-parallel)
+    and wrote the same files at once."""
     def load_models(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
@@ -908,14 +913,90 @@ def test_several_processes_are_refused_once_before_anything_loads(tmp_path, monk
     monkeypatch.setattr(experiment, "load_models", load_models)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit, match=r"python -m eagle_gto.gto.*: 2 processes \(WORLD_SIZE\): GTO fine-tuning "
-                                         r"runs in one process"):
+    with pytest.raises(SystemExit, match=rf"python -m eagle_gto.gto {command[0]}: 2 processes \(WORLD_SIZE\): "
+                                         rf"`{command[0]}` runs in one process"):
         gto_cli.main([*command, "--out", str(tmp_path / "run")])
     monkeypatch.setenv("RANK", "1")  # the other process leaves without repeating it (the launch fails by rank 0)
     with pytest.raises(SystemExit) as stopped:
         gto_cli.main([*command, "--out", str(tmp_path / "run")])
     assert stopped.value.code == 0 and not capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_under_several_processes_says_a_bad_option_once(tmp_path, monkeypatch, capsys):
+    """Every process meets the same bad --out: rank 0 says it, the others leave quietly with status 0."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        gto_cli.main(["--out", str(tmp_path / "file" / "run")])
+    monkeypatch.setenv("RANK", "1")
+    for argv in (["--out", str(tmp_path / "file" / "run")], ["--steps", "many"]):
+        with pytest.raises(SystemExit) as stopped:
+            gto_cli.main(argv)
+        assert stopped.value.code == 0
+    assert not capsys.readouterr().err
+
+
+def test_two_processes_train_as_one_on_their_global_batch_and_write_once(pair, tmp_path):
+    """torchrun, 2 processes at --windows 2 = 1 process at --windows 4: each process computes its share of the
+    same global batch (the same windows and groups), losses normalised over the global batch and gradients summed,
+    so the heads and the logged metrics are the same; rank 0 alone validates and writes. Half the windows have
+    no group (a process may have none): the GTO means are still the global batch's."""
+    seqs = greedy_windows(pair, 8, 48, seed=9)
+    mask = torch.ones_like(seqs)
+    mask[1::2, ::3] = 0  # every other sample: never 4 adjacent roots
+    stream = TokenStream(seqs.flatten(), mask.flatten(), torch.arange(8) * 48)  # windows start at samples
+    drawn = torch.Generator().manual_seed(0)  # (the windows of the 3 steps, as the runs draw them)
+    eligible = [root_eligible(stream.windows(4, 40, drawn)[1]) for _ in range(3)]
+    groups = [[len(group_roots(step[half], 4, 2)) for half in (slice(0, 2), slice(2, 4))] for step in eligible]
+    assert groups[1] == [0, 0] and groups[2][0] == 0 < groups[2][1]  # no group; groups in rank 1's windows only
+    pair.base_model.save_pretrained(tmp_path / "base")
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    torch.save((stream, stream), tmp_path / "streams.pt")
+    options = dict(base=str(tmp_path / "base"), head=str(tmp_path / "head"), steps=3, window_length=40,
+                   groups_per_window=2, lr=1e-3, eval_every=2, eval_windows=2, **TREE)
+    script = tmp_path / "run.py"  # train() on the saved pair, saying each file it writes
+    script.write_text("import pathlib, sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+                      "from eagle_gto.gto import trainer\n"
+                      "write, export = pathlib.Path.write_text, trainer.export_head\n"
+                      "def noted(path, *args):\n    print('wrote', path.name, flush=True)\n"
+                      "    return write(path, *args)\n"
+                      "def exported(*args):\n    print('exported', flush=True)\n    return export(*args)\n"
+                      "pathlib.Path.write_text, trainer.export_head = noted, exported\n"
+                      f"cfg = trainer.GTOConfig(out=sys.argv[1], windows=2, **{options!r})\n"
+                      "models = trainer.load_models(cfg, trainer.Models(load_base(cfg.base), None, None, None, None))\n"
+                      "streams = torch.load(sys.argv[2], weights_only=False)\n"
+                      "print('summary', trainer.train(cfg, models, streams, progress=False), flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(Path(__file__).parents[i]) for i in (1, 0)),
+               OMP_NUM_THREADS="1")
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "two"), str(tmp_path / "streams.pt")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    written = sorted(line for line in ran.stdout.splitlines() if line.startswith(("wrote", "exported")))
+    assert written == ["exported", "wrote config.json", "wrote config.json", "wrote summary.json"]  # (head/config)
+    assert ran.stdout.count("'steps_without_groups': 1}") == 2  # every process returns the summary
+    cfg = GTOConfig(out=str(tmp_path / "one"), windows=4, **options)
+    models = load_models(cfg, Models(load_base(cfg.base), None, None, None, None))
+    with pytest.warns(UserWarning, match="1 of 3 steps had no group"):
+        train(cfg, models, (stream, stream), progress=False)
+    records = {}
+    for run in ("one", "two"):
+        records[run] = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for record in records[run]:
+            record.pop("seconds", None)
+    assert len(records["two"]) == 4 and "l_gto" in records["two"][1] and "val_tau" in records["two"][2]
+    assert len(records["one"]) == 4
+    for two, one in zip(records["two"], records["one"]):
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-7)  # (l_gto ~ 0: a float32 sum of terms ~ 1 that cancel)
+    one, two = (load_file(str(tmp_path / run / "head" / "model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(one["fc.weight"], pair.ea_layer.state_dict()["fc.weight"])  # it trained
+    # (atol: Adam divides each gradient by its own size: one in 12288 weights, with a gradient of about float32's
+    # rounding, moves by about 1e-4 of a step (lr 1e-3) more in one run than in the other)
 
 
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):

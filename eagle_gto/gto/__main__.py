@@ -2,6 +2,7 @@
 
     python -m eagle_gto.gto --out runs/gto                      # the demo pair
     python -m eagle_gto.gto --base BASE --head HEAD --data train.jsonl --out runs/gto
+    torchrun --nproc_per_node 2 -m eagle_gto.gto --out runs/gto  # data-parallel: --windows per process
     python -m eagle_gto.gto experiment --out runs/gto-experiment  # GTO vs control and ablations
     python -m eagle_gto.gto sweep --grid lr=1e-4,3e-4 omega=1,4     # choose defaults on the validation slice
 
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
-import os
 import sys
+from contextlib import contextmanager, redirect_stderr
 
 import torch
 
 from ..train.trainer import check_new_out, one_line_errors
+from .parallel import launched_processes, main_process
 from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
 
 
@@ -83,25 +86,36 @@ def input_errors(command: str = ""):
     return one_line_errors(f"python -m eagle_gto.gto{command}")
 
 
-def check_one_process() -> None:
-    """GTO trains in one process (no data parallelism): under torchrun or
-    `accelerate launch` every process ran the whole job on the same windows
-    and wrote the same files. Refused before anything loads, said once, by
-    rank 0: the others leave with status 0 (a failed one would make the
-    launcher stop rank 0, perhaps before it says why; the launch still fails)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+@contextmanager
+def said_once():
+    """Under several processes each meets the same bad option or data and says the same warnings: rank 0 says
+    them; the others say nothing and leave with status 0 (a failed one would make the launcher stop rank 0,
+    perhaps before it says why; the launch still fails by rank 0)."""
+    if main_process():
+        yield
+        return
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    except SystemExit:
+        raise SystemExit(0) from None
+
+
+def check_one_process(command: str) -> None:
+    """`experiment` and `sweep` run in one process: under torchrun or `accelerate launch` every process ran
+    every training and evaluation and wrote the same files. Refused before anything loads (said once)."""
+    world = launched_processes()
     if world > 1:
-        if int(os.environ.get("RANK", "0")):
-            raise SystemExit(0)
-        raise ValueError(f"{world} processes (WORLD_SIZE): GTO fine-tuning runs in one process (each would run "
-                         "the whole job and write the same files); run it without torchrun / accelerate launch")
+        raise ValueError(f"{world} processes (WORLD_SIZE): `{command}` runs in one process (each would run the "
+                         "whole job and write the same files); run it without torchrun / accelerate launch (plain "
+                         "fine-tuning, `python -m eagle_gto.gto [options]`, runs in several)")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    with input_errors(f" {argv[0]}" if argv[:1] in (["experiment"], ["sweep"]) else ""):
-        check_one_process()
     if argv[:1] in (["experiment"], ["sweep"]):
+        with said_once(), input_errors(f" {argv[0]}"):
+            check_one_process(argv[0])
         from . import experiment
 
         return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
@@ -110,15 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.epilog = ("Two more commands, each with its own --help: `experiment` runs GTO against continued EAGLE-3 "
                      "training (and ablations) and compares their acceptance; `sweep` trains over a grid of settings "
                      "and ranks them on the validation slice.")
-    args = parser.parse_args(argv)
-    with input_errors():
-        cfg = config_from(args)
-        check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
-        check_data(cfg)  # before the models load
-        models = load_models(cfg)
-        streams = load_streams(cfg, models)
-        summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
-    print(json.dumps(summary, indent=2))
+    with said_once():
+        args = parser.parse_args(argv)
+        with input_errors():
+            cfg = config_from(args)
+            check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
+            check_data(cfg)  # before the models load
+            models = load_models(cfg)
+            streams = load_streams(cfg, models)
+            summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
+    if main_process():
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,7 @@ from ..heads import DraftHead
 from ..train.trainer import DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_not_negative
 from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
+from .parallel import Share, process_device
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
                      path_logprob, ratio, root_eligible)
 from .reward import AGGREGATIONS, tree_reward
@@ -71,7 +73,7 @@ class GTOConfig:
     step_weight: float = _opt(0.8, "L_token: weight decay per unroll step")
     lr: float = _opt(3e-5, "AdamW learning rate (constant)")
     steps: int = _opt(300, "optimizer steps")
-    windows: int = _opt(2, "windows per step")
+    windows: int = _opt(2, "windows per step per process (the global batch: windows x processes)")
     window_length: int = _opt(192, "tokens per window")
     groups_per_window: int = _opt(2, "groups drawn per window per step")
     grad_clip: float = _opt(1.0, "gradient norm clip")
@@ -143,8 +145,9 @@ def check_device(device: str | None) -> None:
 
 
 def resolve_device(cfg: GTOConfig) -> str:
-    """The device the base (and the heads) train on: --device, or cuda when available, else cpu."""
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device the base (and the heads) train on: --device, or this process's own (its GPU under several
+    processes), or cuda when available, else cpu."""
+    return cfg.device or str(process_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 EVAL_TREE = TreeParams()  # validation always uses the engine's decoding defaults
@@ -291,6 +294,8 @@ class GTOResult:
     lengths: torch.Tensor  # [B] greedy accepted length of M's trees
     ref_lengths: torch.Tensor  # [B] the same for M0's trees
 
+    STATS = ("reward", "reward_ref", "abs_advantage", "clip_frac", "tau", "tau_ref", "l_gto")  # stats(): row means
+
     def stats(self, eps: float) -> dict:
         return {
             "reward": self.rewards.mean().item(),
@@ -330,23 +335,35 @@ def gto_objective(cfg: GTOConfig, models: Models, target: TargetPass, roots: Roo
 
 
 def training_loss(cfg: GTOConfig, models: Models, tokens: torch.Tensor, loss_mask: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """L = L_token + omega * L_GTO on one batch of windows (L_token alone for the control)."""
+                  generator: torch.Generator, share: Share = Share()) -> tuple[torch.Tensor, dict]:
+    """L = L_token + omega * L_GTO on one batch of windows (L_token alone for the control). Under several
+    processes the windows are the global batch and this process computes its `share` of them, every mean
+    taken over the global batch: the processes' losses (and gradients) add up to those of the whole batch,
+    and the stats are the whole batch's."""
     from ..train.ttt import ttt_loss
 
+    mine = share.windows(len(tokens))
+    if cfg.objective == "gto":  # drawn over the global batch, as one process draws them
+        roots = group_roots(root_eligible(loss_mask), cfg.group_size, cfg.groups_per_window, generator)
+    tokens, loss_mask = tokens[mine], loss_mask[mine]
     target = target_pass(models.base, tokens, models.feature_layers)
     device = models.head.fc.weight.device
     token = ttt_loss(models.head, target.features.to(device, torch.float32), tokens.to(device),
                      target.logits.to(device), loss_mask.to(device), steps=cfg.ttt_steps, step_weight=cfg.step_weight)
-    stats = {"l_token": token.loss.item(), "acc0": token.step_accuracy[0]}
-    if cfg.objective == "token":
-        return token.loss, stats
-    roots = group_roots(root_eligible(loss_mask), cfg.group_size, cfg.groups_per_window, generator)
-    if not len(roots):  # no m adjacent trainable positions in these windows (e.g. short answers)
-        return token.loss, stats
+    # Step s's loss is a mean over its positions here: weighted by their share of those of the global batch.
+    shares = [n / max(total, 1) for n, total in zip(token.loss_counts, share.sum(token.loss_counts))]
+    loss = sum(cfg.step_weight**s * step * part for s, (step, part) in enumerate(zip(token.step_losses, shares)))
+    stats = {"l_token": share.sum([loss.item()])[0],
+             **share.mean({"acc0": token.step_accuracy[0]}, token.step_counts[0])}
+    if cfg.objective == "token" or not len(roots):  # no group: no m adjacent trainable positions (short answers?)
+        return loss, stats
+    roots, rows = share.roots(roots, mine), len(roots)
+    if not len(roots):  # the groups are in the other processes' windows
+        stats.update(share.mean(dict.fromkeys(GTOResult.STATS, 0.0), 0))
+        return loss, stats
     gto = gto_objective(cfg, models, target, roots)
-    stats.update(gto.stats(cfg.eps))
-    return token.loss + cfg.omega * gto.loss, stats
+    stats.update(share.mean(gto.stats(cfg.eps), len(roots)))
+    return loss + cfg.omega * gto.loss * (len(roots) / rows), stats
 
 
 def validation_roots(loss_mask: torch.Tensor) -> Roots:
@@ -428,6 +445,7 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     names. Returns a summary: validation tau at the start and the end."""
     from tqdm import tqdm
 
+    share = Share.launched()  # (several processes: each trains on its share of every step's windows)
     torch.manual_seed(cfg.seed)
     if streams is None:
         check_data(cfg)
@@ -436,51 +454,68 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
-    validator = Validator(models, val_tokens, cfg.tree_chunk, val_mask)
+    validator = Validator(models, val_tokens, cfg.tree_chunk, val_mask) if share.main else None
     out = Path(cfg.out)  # written only now: a run the checks above stop can be run again
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    share.wait()  # (and only once every process has checked that --out holds no earlier run)
+    if share.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    records = [{"step": 0, **validator(models.head)}]
+
+    def validate() -> dict:  # computed once, by rank 0, and logged alike by every process
+        return share.from_main(validator(models.head) if share.main else None)
+
+    records = [{"step": 0, **validate()}]
     without_groups = 0  # GTO steps that found no group of adjacent trainable roots
     started = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as log:
+    with open(out / "metrics.jsonl" if share.main else os.devnull, "w") as log:
         log.write(json.dumps(records[0]) + "\n")
-        bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.objective}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.objective}", disable=not (progress and share.main),
+                   dynamic_ncols=True)
         for step in bar:
-            tokens, loss_mask = train_stream.windows(cfg.windows, cfg.window_length, data_gen)
-            loss, stats = training_loss(cfg, models, tokens, loss_mask, group_gen)
+            tokens, loss_mask = train_stream.windows(cfg.windows * share.world, cfg.window_length, data_gen)
+            loss, stats = training_loss(cfg, models, tokens, loss_mask, group_gen, share)
             without_groups += cfg.objective == "gto" and "l_gto" not in stats
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            share.sum_gradients(params)
             try:
                 check_gradient_norm(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip), step)
             except TrainingDiverged as err:  # no head is exported; the summary says why (a sweep goes on)
                 summary = {"diverged": str(err), "val_tau_start": records[0]["val_tau"],
                            "val_reward_start": records[0]["val_reward"], "steps": step - 1}
-                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                if share.main:
+                    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
                 raise
             optimizer.step()
             record = {"step": step, **stats, "seconds": round(time.perf_counter() - started, 2)}
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                record.update(validator(models.head))
+                record.update(validate())
             records.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("l_token", "l_gto", "tau", "tau_ref")})
-    export_head(models.head, out / "head", cfg.export_dtype)
-    try:  # (matplotlib is an extra: without it the run still ends with its summary.json)
-        plot_metrics(records, out / "metrics.png")
-    except ImportError:
-        print("matplotlib is not installed (pip install eagle-gto[train]): no metrics.png")
     summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
                "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],
                "seconds": round(time.perf_counter() - started, 1), "steps": cfg.steps}
     if cfg.objective == "gto":
         summary["steps_without_groups"] = without_groups
-        if without_groups:
-            warnings.warn(f"{without_groups} of {cfg.steps} steps had no group of {cfg.group_size} adjacent "
-                          "trainable roots in their windows and trained L_token only")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if share.main:
+        write_outputs(cfg, models.head, records, summary, without_groups)
+    share.wait()  # every process returns once the files are there
     return summary
+
+
+def write_outputs(cfg: GTOConfig, head: DraftHead, records: list[dict], summary: dict, without_groups: int) -> None:
+    """The end of a run, written (and said) by one process: the head, metrics.png and summary.json."""
+    out = Path(cfg.out)
+    export_head(head, out / "head", cfg.export_dtype)
+    try:  # (matplotlib is an extra: without it the run still ends with its summary.json)
+        plot_metrics(records, out / "metrics.png")
+    except ImportError:
+        print("matplotlib is not installed (pip install eagle-gto[train]): no metrics.png")
+    if without_groups:
+        warnings.warn(f"{without_groups} of {cfg.steps} steps had no group of {cfg.group_size} adjacent "
+                      "trainable roots in their windows and trained L_token only")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

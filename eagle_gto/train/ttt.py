@@ -88,6 +88,7 @@ class TTTOutput:
     step_losses: list[torch.Tensor]  # per unroll step (differentiable)
     step_accuracy: list[float]  # per unroll step: head top-1 == target top-1 over loss positions
     step_counts: list[int]  # loss positions per step (weights for averaging accuracies)
+    loss_counts: list[float]  # positions each step's loss is the mean over (weights for averaging losses)
 
 
 def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, target_logits: torch.Tensor,
@@ -106,7 +107,7 @@ def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, 
     draftable = t2d[target_top]
     # The target id of each draft id, in draft-id order: a checkpoint's d2t need not list them ascending as t2d does.
     draft_targets = head.to_target_ids(torch.arange(int(t2d.sum()), device=device))
-    losses, accuracy, counts = [], [], []
+    losses, accuracy, counts, loss_counts = [], [], [], []
     total = features.new_zeros((), dtype=torch.float32)
     outputs = unroll(head, head.project_features(features), input_ids, steps)
     for s, out in enumerate(outputs):
@@ -117,6 +118,7 @@ def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, 
         with torch.no_grad():
             target_p = torch.softmax(shift(target_logits, 1 + s)[..., draft_targets].float(), dim=-1)
         per_position = -(target_p * logp).sum(-1)
+        loss_counts.append(float(weight.sum()))
         loss = (per_position * weight).sum() / weight.sum().clamp(min=1)
         with torch.no_grad():
             hit = head.to_target_ids(logp.argmax(-1)) == shift(target_top, 1 + s)
@@ -125,7 +127,7 @@ def ttt_loss(head: Eagle3Head, features: torch.Tensor, input_ids: torch.Tensor, 
         losses.append(loss)
         counts.append(count)
         total = total + step_weight**s * loss
-    return TTTOutput(total, losses, accuracy, counts)
+    return TTTOutput(total, losses, accuracy, counts, loss_counts)
 
 
 class TTTObjective(nn.Module):
