@@ -340,7 +340,8 @@ class EaModel(nn.Module):
         ids = token_ids("input_ids", input_ids)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
-                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of shape [1, n]")
+                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of "
+                                 "shape [1, n]")
             ids = ids[0]
         elif ids.dim() != 1:
             raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")

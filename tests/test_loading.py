@@ -98,7 +98,8 @@ def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bit
     with pytest.raises(CheckpointError, match="stop here"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{f"load_in_{bits}bit": True})
     config = seen["quantization_config"]
-    assert isinstance(config, BitsAndBytesConfig) and (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
+    assert isinstance(config, BitsAndBytesConfig)
+    assert (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
     assert "load_in_8bit" not in seen and "load_in_4bit" not in seen
 
 

@@ -399,7 +399,8 @@ def main(argv=None) -> dict:
         engine["iterations"] = {str(k): v for k, v in engine["iterations"].items()}
     result.update(
         shape=asdict(shape), device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"cpu, {torch.get_num_threads()} torch threads"),
         dtype=dtype, compiled=args.compile, fused=bool(args.compile) and not args.unfused,
         sdpa_backend=args.sdpa_backend,
         date=datetime.date.today().isoformat(),

@@ -115,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m eagle_gto.demo.build_base",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
