@@ -32,11 +32,11 @@ from torch import nn
 from . import attention
 from .acceptance import SamplingParams
 from .chat import eos_ids
-from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path,
-                         hub_options, load_base, load_checkpoint, read_base_config)
+from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path, hub_options,
+                         load_base, load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
-from .generation import (DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
+from .generation import (Decoder, DecodeState, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
                          warm_up_steps)
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead

@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from tiny_pairs import VOCAB
 from transformers import AutoModelForCausalLM
 
-from eagle_gto import CheckpointError, EaModel
+from eagle_gto import CheckpointError, EaModel, checkpoint, ea_model
 from eagle_gto.__main__ import main
-from eagle_gto import checkpoint, ea_model
 from eagle_gto.checkpoint import build_head, load_base, load_checkpoint, save_head
 from eagle_gto.tiny import ARCHITECTURES, base_config, head_config, random_head
 

@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
+from test_tree import random_candidates
 
 from eagle_gto.benchmarks import reference_parity as parity
 from eagle_gto.demo import demo_paths
 from eagle_gto.tree import select_tree
-from test_tree import random_candidates
 
 
 def paths_by_parents(tree) -> list[list[int]]:

@@ -96,6 +96,7 @@ def kernel_profile(model: EaModel, replays: int, trace_path: str | None) -> dict
     """Where the GPU time of the latest step graph goes: torch.profiler over
     `replays` back-to-back replays (`summarise_kernels`)."""
     import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     graph = model._graphs.latest()
