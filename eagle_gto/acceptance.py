@@ -76,7 +76,8 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The target's own next token at each of n positions: logits [n, V] -> [n].
     Greedy takes the argmax in the logits' own dtype: casting to float32 is
     exact and argmax keeps the first of equal values, so the token is the same."""

@@ -62,7 +62,8 @@ class Drafter:
         self.head = head
         self.caches = [KVBuffer(capacity) for _ in range(head.num_layers)]
         self.vocab_chunk = vocab_chunk(head.config.draft_vocab_size)  # for vocab_top_k
-        self.compiled: tuple | None = None  # (draft_tree, extend) compiled for decoding steps (graphs.compile_drafter_steps)
+        # (draft_tree, extend) compiled for decoding steps (graphs.compile_drafter_steps)
+        self.compiled: tuple | None = None
 
     @property
     def length(self) -> int:

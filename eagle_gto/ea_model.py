@@ -32,11 +32,11 @@ from torch import nn
 from . import attention
 from .acceptance import SamplingParams
 from .chat import eos_ids
-from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path,
-                         hub_options, load_base, load_checkpoint, read_base_config)
+from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path, hub_options,
+                         load_base, load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
-from .generation import (DecodeState, Decoder, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
+from .generation import (Decoder, DecodeState, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
                          warm_up_steps)
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
@@ -340,7 +340,8 @@ class EaModel(nn.Module):
         ids = token_ids("input_ids", input_ids)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
-                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of shape [1, n]")
+                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of "
+                                 "shape [1, n]")
             ids = ids[0]
         elif ids.dim() != 1:
             raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")

@@ -229,7 +229,8 @@ class Decoder:
         return torch.cat((result.num_accepted[None], branch, result.bonus[None]))
 
 
-def _truncate(tokens: list[int], produced: int, max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], str | None]:
+def _truncate(tokens: list[int], produced: int, max_new_tokens: int,
+              stop_ids: set[int]) -> tuple[list[int], str | None]:
     """Cut new tokens at the token budget, then after the first stop token
     within it (a stop token past the budget is never reached, as in plain
     decoding)."""

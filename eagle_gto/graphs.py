@@ -111,6 +111,16 @@ def eager_or_compiled(eager: Callable, compiled: Callable) -> Callable:
     return forward
 
 
+def _raise_recompile_limits() -> None:
+    """Let dynamo keep more compiled graphs per function than its default 8
+    (one per step shape). Process-wide, as dynamo's settings are."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, 64)
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 256)
+
+
 def compile_decoder_layers(base, mode: str = "default") -> None:
     """`torch.compile` every decoder layer of a base model, so that the many
     small kernels of its norms, rotary embeddings and activations are fused
@@ -128,8 +138,7 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
     # an 8B model (96 compilations) and recompiled every layer for each new
     # input shape. Process-wide, as dynamo's settings are.
     config.allow_unspec_int_on_nn_module = True
-    config.cache_size_limit = max(config.cache_size_limit, 64)
-    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 256)
+    _raise_recompile_limits()
     for layer in layers:
         # A model sharded over devices has accelerate's hooks around each forward: they move
         # tensors between devices and are not traceable, so compile the forward beneath them.
@@ -142,16 +151,12 @@ def compile_decoder_layers(base, mode: str = "default") -> None:
 
 def compile_drafter_steps(drafter, mode: str = "default") -> None:
     """`torch.compile` what a decoding step asks of the draft head, each as
-    one graph: the tree expansion (`draft_tree`: seven head forwards and the
+    one graph: the tree expansion (`draft_tree`: a head forward per level and the
     top-k bookkeeping between them) and the extension by the accepted branch
     (`extend`). The decoder calls them through `drafter.compiled`; the
     prefill and the trainers keep the eager functions."""
-    import torch._dynamo
-
     # One entry per tree size and drafter (a new one comes with a new max_length): more than the default 8.
-    config = torch._dynamo.config
-    config.cache_size_limit = max(config.cache_size_limit, 64)
-    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 256)
+    _raise_recompile_limits()
     mode = check_compile_mode(mode)
     drafter.compiled = (torch.compile(drafter.draft_tree, fullgraph=True, mode=mode),
                         torch.compile(drafter.extend, fullgraph=True, mode=mode))

@@ -7,8 +7,9 @@ the interface the engine and the trainers use:
 - `project_features(features)`: target features -> the head's hidden width
   (EAGLE-3: `fc` over the three concatenated layers; EAGLE-1: unchanged, its
   `fc` mixes embedding and feature inside `forward`).
-- `forward(hidden, input_ids, position_ids, attention_mask, cache, rope=None)`:
-  one layer over n entries; returns the output that deeper draft steps feed
+- `forward(hidden, input_ids, position_ids, attention_mask, caches=None, rope=None)`:
+  the head's layer(s) over n entries (`caches`: a `KVBuffer` per layer, or
+  none); returns the output that deeper draft steps feed
   back as `hidden` (pre-norm, or normed for `norm_output` heads). `rope`, the
   (cos, sin) of `rope(position_ids)`, may be passed instead of position ids
   when computed ahead.
@@ -31,7 +32,6 @@ from torch import nn
 from .attention import grouped_query_attention
 from .kv_cache import KVBuffer
 from .target import eagle3_feature_layers
-
 
 ACTIVATIONS = ("silu", "swish")
 ROPE_TYPES = ("default", "linear", "llama3")

@@ -125,7 +125,8 @@ def test_cli_warms_up_both_timed_paths_with_their_settings_and_passes_the_format
                       ("generate", True), ("generate", False)]
     out = capsys.readouterr().out
     speedup = float(re.search(r"speedup ([\d.]+)x", out).group(1))
-    cost, tau = map(float, re.search(r"an iteration cost ([\d.]+) plain steps and produced tau = ([\d.]+)", out).groups())
+    found = re.search(r"an iteration cost ([\d.]+) plain steps and produced tau = ([\d.]+)", out)
+    cost, tau = map(float, found.groups())
     assert speedup == pytest.approx(tau / cost, rel=0.1)  # rounded to two and one decimals
     without_budget = [{k: v for k, v in c.items() if k != "max_new_tokens"} for c in calls]
     assert [c["speculative"] for c in calls] == [True, False, True, False]  # warm-ups first, then the timed runs

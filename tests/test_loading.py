@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from tiny_pairs import VOCAB
 from transformers import AutoModelForCausalLM
 
-from eagle_gto import CheckpointError, EaModel
+from eagle_gto import CheckpointError, EaModel, checkpoint, ea_model
 from eagle_gto.__main__ import main
-from eagle_gto import checkpoint, ea_model
 from eagle_gto.checkpoint import build_head, load_base, load_checkpoint, save_head
 from eagle_gto.tiny import ARCHITECTURES, base_config, head_config, random_head
 
@@ -98,7 +97,8 @@ def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bit
     with pytest.raises(CheckpointError, match="stop here"):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{f"load_in_{bits}bit": True})
     config = seen["quantization_config"]
-    assert isinstance(config, BitsAndBytesConfig) and (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
+    assert isinstance(config, BitsAndBytesConfig)
+    assert (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
     assert "load_in_8bit" not in seen and "load_in_4bit" not in seen
 
 

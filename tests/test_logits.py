@@ -4,8 +4,7 @@ output get the same, and a model whose forward does something else is refused.""
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, LlamaForCausalLM
 
 from eagle_gto.target import TargetRunner
 

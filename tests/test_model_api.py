@@ -782,7 +782,8 @@ def test_wrong_tensor_shape_names_file_tensor_and_shapes(pair_dirs, tmp_path):
     state = load_file(str(head / "model.safetensors"))
     state["midlayer.mlp.up_proj.weight"] = torch.zeros(7, 64)
     save_file(state, str(head / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.safetensors.*midlayer.mlp.up_proj.weight: expected shape \[128, 64\], found \[7, 64\]"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*midlayer.mlp.up_proj.weight: "
+                                              r"expected shape \[128, 64\], found \[7, 64\]"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
 
 

@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
+from test_tree import random_candidates
 
 from eagle_gto.benchmarks import reference_parity as parity
 from eagle_gto.demo import demo_paths
 from eagle_gto.tree import select_tree
-from test_tree import random_candidates
 
 
 def paths_by_parents(tree) -> list[list[int]]:
@@ -122,7 +122,8 @@ def test_the_base_folder_gets_an_index_and_a_tokenizer_class_transformers_4_know
     (tmp_path / "scratch").mkdir()
     assert parity.reference_base_folder(str(bin_base), tmp_path / "scratch") == str(tmp_path / "scratch" / "base")
     index = json.loads((tmp_path / "scratch" / "base" / "pytorch_model.bin.index.json").read_text())
-    assert index["weight_map"] == {"model.embed_tokens.weight": "pytorch_model.bin", "lm_head.weight": "pytorch_model.bin"}
+    assert index["weight_map"] == {"model.embed_tokens.weight": "pytorch_model.bin",
+                                   "lm_head.weight": "pytorch_model.bin"}
     # What the reference can read passes as is, and so does what is not a folder.
     ready = tmp_path / "ready"
     ready.mkdir()

@@ -11,7 +11,7 @@ import torch
 
 from eagle_gto.drafter import Drafter, vocab_chunk, vocab_top_k
 from eagle_gto.kv_cache import KVBuffer
-from eagle_gto.tiny import head_config, random_head, base_config
+from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.tree import check_tree_params, select_tree
 
 

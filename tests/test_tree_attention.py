@@ -13,7 +13,6 @@ from eagle_gto.target import TargetRunner
 from eagle_gto.tiny import base_config
 from eagle_gto.tree import ancestor_mask
 
-
 attention.register()  # the engine's grouped-query attention, checked like transformers' own
 
 

@@ -49,7 +49,8 @@ def bandwidth_floors(base, bandwidth: float) -> dict:
     table = base.get_input_embeddings().weight
     output = base.get_output_embeddings()
     shared = output is not None and output.weight is table  # tied: the output layer reads the whole table
-    read = weights if shared else weights - table.numel() * table.element_size() + table[0].numel() * table.element_size()
+    table_bytes, row_bytes = table.numel() * table.element_size(), table[0].numel() * table.element_size()
+    read = weights if shared else weights - table_bytes + row_bytes
     return {"weight_bytes": weights, "read_bytes": read, "copy_bandwidth_gb_s": bandwidth / 1e9,
             "floor_ms": 1000 * weights / bandwidth, "read_floor_ms": 1000 * read / bandwidth}
 

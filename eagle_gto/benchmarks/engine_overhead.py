@@ -96,6 +96,7 @@ def kernel_profile(model: EaModel, replays: int, trace_path: str | None) -> dict
     """Where the GPU time of the latest step graph goes: torch.profiler over
     `replays` back-to-back replays (`summarise_kernels`)."""
     import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     graph = model._graphs.latest()
@@ -399,7 +400,8 @@ def main(argv=None) -> dict:
         engine["iterations"] = {str(k): v for k, v in engine["iterations"].items()}
     result.update(
         shape=asdict(shape), device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads",
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"cpu, {torch.get_num_threads()} torch threads"),
         dtype=dtype, compiled=args.compile, fused=bool(args.compile) and not args.unfused,
         sdpa_backend=args.sdpa_backend,
         date=datetime.date.today().isoformat(),

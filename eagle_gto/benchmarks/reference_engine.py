@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .shapes import DTYPES, SHAPES, llama_config
 from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
+from .shapes import DTYPES, SHAPES, llama_config
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections import Counter
 import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from .common import write_json

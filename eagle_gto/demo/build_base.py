@@ -111,11 +111,36 @@ def heldout_loss(model: LlamaForCausalLM, stream: torch.Tensor, device: torch.de
     return total / len(windows)
 
 
+def train(model: LlamaForCausalLM, train_ids: torch.Tensor, steps: int, seed: int, device: torch.device) -> float:
+    """`steps` AdamW steps on random SEQ_LEN windows of the token stream; returns
+    the mean loss of the last 20 steps (less noisy than one batch's)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    # Window starts come from their own generator so the data order depends only on the seed.
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(SEQ_LEN)
+    recent: list[float] = []
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="train", dynamic_ncols=True)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps)
+        starts = torch.randint(0, len(train_ids) - SEQ_LEN + 1, (BATCH_SIZE, 1), generator=gen)
+        batch = train_ids[starts + offsets].to(device)
+        loss = model(input_ids=batch, labels=batch).loss  # the model shifts labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent = (recent + [loss.item()])[-20:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr_at(step, steps):.1e}")
+    return sum(recent) / len(recent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m eagle_gto.demo.build_base",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -138,27 +163,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    # Window starts come from their own generator so the data order depends only on the seed.
-    gen = torch.Generator().manual_seed(args.seed)
-    offsets = torch.arange(SEQ_LEN)
-    recent: list[float] = []
     start = time.time()
-    model.train()
-    for step in (bar := tqdm(range(args.steps), desc="train", dynamic_ncols=True)):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps)
-        starts = torch.randint(0, len(train_ids) - SEQ_LEN + 1, (BATCH_SIZE, 1), generator=gen)
-        batch = train_ids[starts + offsets].to(device)
-        loss = model(input_ids=batch, labels=batch).loss  # the model shifts labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent = (recent + [loss.item()])[-20:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr_at(step, args.steps):.1e}")
+    train_loss = train(model, train_ids, args.steps, args.seed, device)
     seconds = time.time() - start
-    train_loss = sum(recent) / len(recent)  # mean of the last 20 steps: less noisy than one batch
 
     eval_loss = heldout_loss(model, heldout_ids, device)
     print(f"train loss {train_loss:.4f} | held-out loss {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")
