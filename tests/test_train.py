@@ -615,6 +615,19 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     assert [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()] == one_process
 
 
+def test_two_processes_say_a_bad_option_once_and_both_stop(tmp_path):
+    """Every process checks the options, paths and data alike: each said the same error, once per process.
+    Now rank 0 says it, the other says nothing, and the launch fails."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "eagle_gto.train", "--base-model-path", str(tmp_path / "base"), "--data",
+                          str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "head"), "--lr", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode != 0
+    assert ran.stderr.count("lr must be above 0") == 1, ran.stderr[-2000:]
+    assert not (tmp_path / "head").exists()
+
+
 def test_resume_continues_exactly(tmp_path, tokenizer):
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)

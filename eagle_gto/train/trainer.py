@@ -306,6 +306,26 @@ def one_line_errors(prog: str):
         raise SystemExit(f"{prog}: {err}") from None
 
 
+@contextmanager
+def checks_said_once(prog: str):
+    """`one_line_errors` for the checks every process makes alike before training (nothing inside may wait for
+    the other processes). Under several processes they then compare: rank 0 says the failure (that of the lowest
+    rank with one) and every process stops, none left waiting for one that stopped; the others say nothing and
+    leave with status 0 (a failed one would make the launcher stop rank 0 before it says why)."""
+    state = process_state()
+    failure = None
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        failure = f"{prog}: {err}"
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failure = next((f for f in gather_object([failure]) if f), None)
+    if failure:
+        raise SystemExit(failure if state.is_main_process else 0)
+
+
 # -------------------------------------------------------------------- checkpoints
 class CheckpointMismatch(ValueError):
     """--out holds training checkpoints that do not belong to this run."""
@@ -725,7 +745,7 @@ def samples_for(args, records: list[dict], names: list[str], tokenizer, stop_ids
 def main(argv=None) -> None:
     args = parse_args(argv)
     # Bad options, paths and data (a record the chat template refuses too) fail before the base model loads.
-    with one_line_errors(PROG):
+    with checks_said_once(PROG):
         cfg = check_options(args)
         base_config = load_base_config(args.base_model_path)
         check_head(args, base_config)
