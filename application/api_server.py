@@ -80,7 +80,8 @@ class Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # (a JSON integer is taken; "0.5" or true is not)
+    # (a JSON integer is taken; "0.5" or true is not)
+    temperature: StrictFloat = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, ge=0, le=1, allow_inf_nan=False)  # 0: the most probable token only
     n: StrictInt = Field(1, ge=1, le=1)
     stream: StrictBool = False

@@ -11,8 +11,7 @@ import torch
 
 from . import EaModel
 from .acceptance import SamplingParams
-from .chat import (MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
-                   stop_token_ids)
+from .chat import MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 

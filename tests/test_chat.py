@@ -11,7 +11,8 @@ TURNS = [{"role": "user", "content": "Q1 {braces}"}, {"role": "assistant", "cont
 @pytest.mark.parametrize("model_type,expected", [
     ("vicuna", "questions. USER: Q1 {braces} ASSISTANT: A1</s>USER: Q2 ASSISTANT:"),
     ("llama2-chat", "<</SYS>>\n\nQ1 {braces} [/INST] A1 </s><s>[INST] Q2 [/INST]"),
-    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("llama3",
+     "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
     ("qwen", "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"),
     ("mixtral", "<s>[INST] Q1 {braces} [/INST] A1</s>[INST] Q2 [/INST]"),
     ("plain", "Q1 {braces}A1\n\nQ2"),
@@ -23,7 +24,8 @@ def test_templates_end_with_the_assistant_prompt(model_type, expected):
 def test_system_prompt_and_auto_fallback():
     msgs = [{"role": "system", "content": "Be brief."}] + TURNS
     assert build_prompt(msgs, "qwen").startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    assert build_prompt(msgs, "llama3").startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.")
+    assert build_prompt(msgs, "llama3").startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.")
     assert build_prompt(TURNS, "auto", tokenizer=None) == build_prompt(TURNS, "plain")
     assert "auto" in MODEL_TYPES
     with pytest.raises(ValueError, match="unknown model type"):
@@ -90,7 +92,8 @@ def _parsers():
     from eagle_gto.train.trainer import parse_args as train
 
     return {"servers": build_parser("test", "", 0).parse_args, "demo": demo, "gen_answer": answers,
-            "train": lambda argv: train(["--data", "x.jsonl", "--base-model-path", "b", "--out", "o", *argv]), "gto": config_parser("").parse_args,
+            "train": lambda argv: train(["--data", "x.jsonl", "--base-model-path", "b", "--out", "o", *argv]),
+            "gto": config_parser("").parse_args,
             "parity": lambda argv: parity(["--reference-path", "x", *argv])}
 
 

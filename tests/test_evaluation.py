@@ -124,7 +124,8 @@ def test_mt_bench_both_modes_then_speed(tiny_pair, tmp_path, monkeypatch):
 def test_single_turn_benches(tiny_pair, tmp_path, bench):
     answers = read_jsonl(run_gen(tiny_pair, tmp_path / "a.jsonl", "--question-file",
                                  str(DATA / bench / "question.jsonl"), "--limit", "1", "--temperature", "0.8"))
-    assert len(answers) == 1 and answers[0]["question_id"] == read_jsonl(DATA / bench / "question.jsonl")[0]["question_id"]
+    first = read_jsonl(DATA / bench / "question.jsonl")[0]
+    assert len(answers) == 1 and answers[0]["question_id"] == first["question_id"]
     check_record(answers[0], 1)
 
 
@@ -232,7 +233,8 @@ def test_speed_cli_writes_report_and_plots(tmp_path):
     for name in ("speed.json", "speedup_tau.png", "accept_lengths.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(ValueError, match="no question id in common"):
-        speed.main(["--ea-file", ea, "--baseline-file", write(tmp_path / "other.jsonl", [answer(2, "c", [1], [1.0], [0])])])
+        other = write(tmp_path / "other.jsonl", [answer(2, "c", [1], [1.0], [0])])
+        speed.main(["--ea-file", ea, "--baseline-file", other])
 
 
 def test_speed_prints_the_acceptance_per_draft_position_when_answers_have_rounds(tmp_path, monkeypatch, capsys):
@@ -447,7 +449,8 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all', "
                                             "not 'all'"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
-    (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),  # one answer would replace the other
+    # one answer would replace the other
+    (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),
     (["--question-file", "{latin1}"], "latin1.jsonl is not UTF-8 text"),
     (["--question-file", "{good}", "--answer-file", "{folder}"], "Is a directory"),
     (["--question-file", "{good}", "--answer-file", "{not_answers}"], "every record needs a question_id"),

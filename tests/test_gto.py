@@ -20,24 +20,24 @@ from safetensors.torch import load_file
 from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
+from eagle_gto.checkpoint import load_base
 from eagle_gto.demo import measure
 from eagle_gto.drafter import Drafter
-from eagle_gto.checkpoint import load_base
 from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.data import TokenStream, from_samples
-from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob,
-                                  ratio, root_eligible)
+from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob, ratio,
+                                  root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
 from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective, load_models, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
 from eagle_gto.target import TargetRunner
-from eagle_gto.tree import ancestor_mask
 from eagle_gto.train.data import Sample
 from eagle_gto.train.features import target_outputs
+from eagle_gto.tree import ancestor_mask
 from eagle_gto.vocab import build_vocab_mapping
 
 TREE = dict(total_token=24, depth=5, top_k=4)  # the tiny pair's decoding tree

@@ -49,8 +49,7 @@ from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_fo
                     stop_token_ids)
 from ..ea_model import EaModel
 from ..tree import check_tree_params
-from .questions import (BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file,
-                        sort_answers)
+from .questions import BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file, sort_answers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

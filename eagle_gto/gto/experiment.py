@@ -51,8 +51,8 @@ import torch
 
 from ..train.trainer import TrainingDiverged, check_new_out
 from ..tree import check_tree_params
-from .trainer import (BASE_OPTIONS, GTO_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, VALIDATION_OPTIONS, GTOConfig,
-                      check_data, load_models, load_streams, resolve_device, train)
+from .trainer import (BASE_OPTIONS, GTO_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, VALIDATION_OPTIONS, GTOConfig, check_data,
+                      load_models, load_streams, resolve_device, train)
 
 # Every run names every option that makes it what its name says, so no command-line value can change what a run
 # labelled "gto" (and shipped as the GTO head) is: `experiment` refuses these options (RUN_OPTIONS).

@@ -17,8 +17,8 @@ import torch
 
 from ..acceptance import accept
 from ..heads import DraftHead
-from ..vocab import target_to_draft
 from ..train.ttt import StepKeys
+from ..vocab import target_to_draft
 from .trees import HeadPass, Roots, TreeBatch, visible_prefix
 
 

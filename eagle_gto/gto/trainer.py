@@ -32,8 +32,8 @@ from ..train.trainer import DTYPES, TrainingDiverged, check_choice, check_gradie
 from ..tree import check_tree_params
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .parallel import Share, process_device
-from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots,
-                     path_logprob, ratio, root_eligible)
+from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots, path_logprob,
+                     ratio, root_eligible)
 from .reward import AGGREGATIONS, tree_reward
 from .trees import Roots, TargetPass, TreeBatch, draft_trees, feature_layers_for, head_pass, target_pass, verify_trees
 
@@ -97,7 +97,8 @@ class GTOConfig:
             if f.metadata.get("choices"):
                 check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), got {self.group_size}")
+            raise ValueError(f"group_size must be >= 2 (advantages are standardised within a group), "
+                             f"got {self.group_size}")
         if self.group_size > self.window_length - 2:  # else no group ever fits: GTO would train L_token only
             raise ValueError(f"group_size ({self.group_size}) must be at most window_length - 2 "
                              f"({self.window_length - 2}): roots are positions 1 .. window_length - 2 (a root "
@@ -396,7 +397,8 @@ class Validator:
     @torch.no_grad()
     def __call__(self, head: DraftHead) -> dict:
         state = head_pass(head, self.target)
-        trees = draft_trees(head, state, self.target, self.roots, EVAL_TREE.total_token, EVAL_TREE.depth, EVAL_TREE.top_k)
+        trees = draft_trees(head, state, self.target, self.roots, EVAL_TREE.total_token, EVAL_TREE.depth,
+                            EVAL_TREE.top_k)
         verdict = verify_trees(self.models.base, self.target, self.roots, trees, self.chunk)
         _, lengths = accepted_paths(trees, verdict.choices)
         device = verdict.node_logp.device
