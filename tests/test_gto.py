@@ -962,6 +962,18 @@ def test_a_check_that_fails_in_another_process_alone_stops_this_one_which_says_i
         gto_cli.main(["--out", str(tmp_path / "run")])
 
 
+def test_each_process_trains_on_its_own_device_whatever_device_is_given(monkeypatch):
+    """--device cuda (or cuda:0) under several processes put every process on the first GPU."""
+    monkeypatch.setattr(gto_trainer, "process_device", lambda: torch.device("cuda", 1))
+    for given, device in ((None, "cuda:1"), ("cuda", "cuda:1"), ("cuda:1", "cuda:1"), ("cpu", "cpu")):
+        assert gto_trainer.resolve_device(SimpleNamespace(device=given)) == device
+    with pytest.raises(ValueError, match=r"--device cuda:0: under several processes each trains on its own device "
+                                         r"\(this one: cuda:1\); leave --device out"):
+        gto_trainer.resolve_device(SimpleNamespace(device="cuda:0"))
+    monkeypatch.setattr(gto_trainer, "process_device", lambda: None)  # one process: as given
+    assert gto_trainer.resolve_device(SimpleNamespace(device="cuda:0")) == "cuda:0"
+
+
 def test_two_processes_train_as_one_on_their_global_batch_and_write_once(pair, tmp_path):
     """torchrun, 2 processes at --windows 2 = 1 process at --windows 4: each process computes its share of the
     same global batch (the same windows and groups), losses normalised over the global batch and gradients summed,

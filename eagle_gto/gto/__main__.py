@@ -27,6 +27,7 @@ from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_strea
 
 PROG = "python -m eagle_gto.gto"
 
+
 def config_parser(description: str, command: str = "", fixed: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The CLI of every GTOConfig field; `fixed` ({option: why}) names options the command sets itself:
     giving one is an error (it would be silently overridden, or worse, change what a result is labelled)."""
