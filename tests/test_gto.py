@@ -923,19 +923,55 @@ def test_experiment_and_sweep_refuse_several_processes_once_before_anything_load
     assert not (tmp_path / "run").exists()
 
 
+def two_processes(monkeypatch, rank: int, others: str | None = None) -> None:
+    """This process as `rank` of 2, in-process: the other one's outcome of the checks before training is `others`
+    (a failure, or None)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr("eagle_gto.train.trainer.process_state",
+                        lambda: SimpleNamespace(num_processes=2, is_main_process=rank == 0))
+    monkeypatch.setattr("accelerate.utils.gather_object",
+                        lambda mine: [*mine, others] if rank == 0 else [others, *mine])
+
+
 def test_fine_tuning_under_several_processes_says_a_bad_option_once(tmp_path, monkeypatch, capsys):
     """Every process meets the same bad --out: rank 0 says it, the others leave quietly with status 0."""
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    two_processes(monkeypatch, 0, "the same failure")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         gto_cli.main(["--out", str(tmp_path / "file" / "run")])
-    monkeypatch.setenv("RANK", "1")
+    two_processes(monkeypatch, 1, "the same failure")
     for argv in (["--out", str(tmp_path / "file" / "run")], ["--steps", "many"]):
         with pytest.raises(SystemExit) as stopped:
             gto_cli.main(argv)
         assert stopped.value.code == 0
     assert not capsys.readouterr().err
+
+
+def test_a_check_that_fails_in_another_process_alone_stops_this_one_which_says_it(tmp_path, monkeypatch):
+    """A check failed in rank 1 alone (its node lacks --data): that process left quietly with status 0 and
+    rank 0 went on to train and waited for it there, forever."""
+    def train(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(gto_cli, "load_models", lambda cfg: None)
+    monkeypatch.setattr(gto_cli, "load_streams", lambda cfg, models: None)
+    monkeypatch.setattr(gto_cli, "train", train)
+    two_processes(monkeypatch, 0, "python -m eagle_gto.gto: data.jsonl: no such file")
+    with pytest.raises(SystemExit, match="^python -m eagle_gto.gto: data.jsonl: no such file$"):
+        gto_cli.main(["--out", str(tmp_path / "run")])
+
+
+def test_each_process_trains_on_its_own_device_whatever_device_is_given(monkeypatch):
+    """--device cuda (or cuda:0) under several processes put every process on the first GPU."""
+    monkeypatch.setattr(gto_trainer, "process_device", lambda: torch.device("cuda", 1))
+    for given, device in ((None, "cuda:1"), ("cuda", "cuda:1"), ("cuda:1", "cuda:1"), ("cpu", "cpu")):
+        assert gto_trainer.resolve_device(SimpleNamespace(device=given)) == device
+    with pytest.raises(ValueError, match=r"--device cuda:0: under several processes each trains on its own device "
+                                         r"\(this one: cuda:1\); leave --device out"):
+        gto_trainer.resolve_device(SimpleNamespace(device="cuda:0"))
+    monkeypatch.setattr(gto_trainer, "process_device", lambda: None)  # one process: as given
+    assert gto_trainer.resolve_device(SimpleNamespace(device="cuda:0")) == "cuda:0"
 
 
 def test_two_processes_train_as_one_on_their_global_batch_and_write_once(pair, tmp_path):

@@ -21,9 +21,11 @@ from contextlib import contextmanager, redirect_stderr
 
 import torch
 
-from ..train.trainer import check_new_out, one_line_errors
+from ..train.trainer import check_new_out, checks_said_once, one_line_errors
 from .parallel import launched_processes, main_process
 from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
+
+PROG = "python -m eagle_gto.gto"
 
 
 def config_parser(description: str, command: str = "", fixed: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -83,7 +85,7 @@ def config_from(args: argparse.Namespace) -> GTOConfig:
 
 def input_errors(command: str = ""):
     """Bad options, paths or data: a one-line message instead of a traceback."""
-    return one_line_errors(f"python -m eagle_gto.gto{command}")
+    return one_line_errors(f"{PROG}{command}")
 
 
 @contextmanager
@@ -125,13 +127,16 @@ def main(argv: list[str] | None = None) -> None:
                      "training (and ablations) and compares their acceptance; `sweep` trains over a grid of settings "
                      "and ranks them on the validation slice.")
     with said_once():
-        args = parser.parse_args(argv)
-        with input_errors():
+        args = parser.parse_args(argv)  # (the same arguments: the same error in every process)
+        # The processes compare the checks' outcomes: one that fails in one process alone (a file missing on one
+        # node) stops them all, instead of that one leaving quietly while the others wait for it.
+        with checks_said_once(PROG):
             cfg = config_from(args)
             check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
             check_data(cfg)  # before the models load
             models = load_models(cfg)
             streams = load_streams(cfg, models)
+        with input_errors():
             summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
     if main_process():
         print(json.dumps(summary, indent=2))

@@ -147,8 +147,15 @@ def check_device(device: str | None) -> None:
 
 def resolve_device(cfg: GTOConfig) -> str:
     """The device the base (and the heads) train on: --device, or this process's own (its GPU under several
-    processes), or cuda when available, else cpu."""
-    return cfg.device or str(process_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processes), or cuda when available, else cpu. Under several processes --device cuda is this process's GPU:
+    the device as given (cuda, cuda:0) put every process on the first GPU."""
+    own = process_device()
+    if cfg.device is None or own is None or torch.device(cfg.device).type == "cpu":
+        return cfg.device or str(own or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.device(cfg.device) not in (torch.device(own.type), own):
+        raise ValueError(f"--device {cfg.device}: under several processes each trains on its own device (this "
+                         f"one: {own}); leave --device out")
+    return str(own)
 
 
 EVAL_TREE = TreeParams()  # validation always uses the engine's decoding defaults
