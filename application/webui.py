@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import time
 from contextlib import closing
 
@@ -47,6 +48,40 @@ def code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
+# Markdown shows code verbatim, and HTML entities there as written: only the text outside code is escaped.
+FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|[&<]", re.DOTALL)  # a code span (kept), or & and <
+ENTITIES = {"&": "&amp;", "<": "&lt;"}  # (not ">", which starts a quote)
+
+
+def escape_markup(text: str) -> str:
+    """Markdown in which HTML written in `text` (a model's `<b>` or `<script>`, a user's `<div>`) shows as
+    written: the chat renders HTML in Markdown, and its sanitizer drops what it does not allow."""
+    out, prose, fence = [], [], None
+
+    def end_prose():
+        out.append(MARKUP.sub(lambda m: m.group(1) or ENTITIES[m.group(0)], "".join(prose)))
+        prose.clear()
+
+    for line in text.splitlines(keepends=True):
+        opener = FENCE.match(line)
+        if fence is None and opener:
+            end_prose()
+            fence = opener.group(1)
+        elif fence is not None:  # a code block, until a fence of its kind, at least as long, closes it
+            if opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) \
+                    and not line[opener.end():].strip():
+                fence = None
+        elif line.startswith(("    ", "\t")):  # an indented code block (or a list's continuation): left as is
+            end_prose()
+        else:
+            prose.append(line)
+            continue
+        out.append(line)
+    end_prose()
+    return "".join(out)
+
+
 def by_origin(text: str, drafted: bool) -> str:
     text = html.escape(text)
     return f'<span style="{DRAFT_STYLE}">{text}</span>' if drafted else text
@@ -74,7 +109,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     def show(history: list[dict]) -> list[dict]:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
         if not runner.plain_text:
-            return history
+            return [{"role": m["role"], "content": escape_markup(m["content"])} for m in history]
         return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
 
     def one_turn_at_a_time(state: str) -> None:
