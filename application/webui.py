@@ -143,7 +143,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return ANSWER_LIMIT.format(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
-                top_p: float, max_new: int):
+                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
         if pending is None:  # Clear came between Send and the start of its answer: nothing to answer
             return
         asked, typed = pending
@@ -177,9 +177,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             if title is None:
                 title = "Generation failed"
                 log.exception("generation failed")
-            # The last answer's stats and draft panel stay: they still describe the conversation shown.
+            # The last answer's stats and draft panel come back with its conversation (the failed answer's
+            # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
-            yield history, show(history), gr.skip(), gr.skip(), notice_line, gr.skip() if typed is None else typed
+            typed_back = gr.skip() if typed is None else typed
+            yield history, show(history), stats_before, drafts_before, notice_line, typed_back
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
     def stopped(state: str, history: list[dict], pending, message: str):
@@ -230,7 +232,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         nowhere = dict(show_progress="hidden", show_progress_on=gr.HTML(visible=False))
 
         shown = [chatbot, stats, drafts, notice]
-        generation = dict(fn=respond, inputs=[pending, history, speculative, temperature, top_p, max_new],
+        settings = [speculative, temperature, top_p, max_new]
+        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
                           outputs=[history, *shown, message],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users

@@ -464,3 +464,35 @@ def test_html_in_a_chat_shows_as_written():
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == runner.model.answer
     assert last[1][-1]["content"] == "Use &lt;b>x&lt;/b> &amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script>"
+
+
+class FailingModel(ScriptedModel):
+    """Fails at its third step once `fail` is set (a GPU running out of memory)."""
+
+    fail = False
+
+    def generate_steps(self, *args, **kwargs):
+        for n, step in enumerate(super().generate_steps(*args, **kwargs)):
+            if n == 2 and self.fail:
+                raise RuntimeError("CUDA out of memory")
+            yield step
+
+
+def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
+    """Called directly (no browser): the failed answer's first steps replaced the speed figures and the draft
+    panel; with its conversation back, the last answer's come back too, and the model is free again."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    model = FailingModel()
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, (history, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
+    model.fail = True
+    _, pending, _, _ = actions["add_message"]("again", history, DONE)
+    updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
+    *streamed, restored = [next(updates) for _ in range(3)]
+    assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
+    assert restored[:4] == (history, history, figures, drafts) and restored[-1] == "again"
+    with pytest.raises(gr.Error, match="CUDA out of memory"):
+        next(updates)
+    assert not runner.busy
