@@ -50,8 +50,10 @@ def code_block(text: str) -> str:
 
 # Markdown shows code verbatim, and HTML entities there as written: only the text outside code is escaped.
 FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
-MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|[&<]", re.DOTALL)  # a code span (kept), or & and <
-ENTITIES = {"&": "&amp;", "<": "&lt;"}  # (not ">", which starts a quote)
+# A code span (kept), or what would start HTML: a tag, comment or declaration, or an entity. Only these are
+# escaped: the chat's copy button copies the escaped text ("a < b" and "A & B" stay as they are).
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|<(?=[A-Za-z/!?])|&(?=#?\w+;)", re.DOTALL)
+ENTITIES = {"&": "&amp;", "<": "&lt;"}
 
 
 def escape_markup(text: str) -> str:

@@ -455,15 +455,16 @@ def test_the_speculative_switch_reaches_the_model(speculative):
 
 def test_html_in_a_chat_shows_as_written():
     """Called directly (no browser): the chat renders HTML within Markdown (its sanitizer drops <script> and
-    its text), so a chat model's turns are shown with HTML escaped outside code; the history keeps the text
-    as written, for the next prompt."""
-    runner = ChatRunner(ScriptedModel("Use <b>x</b> & `<i>`\n```\n<p>\n```\n> <script>y</script>"))
+    its text), so a chat model's turns are shown with HTML escaped outside code (and only HTML: the copy button
+    copies what is shown); the history keeps the text as written, for the next prompt."""
+    runner = ChatRunner(ScriptedModel("Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <script>y</script> a < b & c"))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
     assert shown[-1]["content"] == "a &lt;div>"
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == runner.model.answer
-    assert last[1][-1]["content"] == "Use &lt;b>x&lt;/b> &amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script>"
+    shown = "Use &lt;b>x&lt;/b> &amp;amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script> a < b & c"
+    assert last[1][-1]["content"] == shown
 
 
 class FailingModel(ScriptedModel):
