@@ -20,7 +20,7 @@ from contextlib import closing
 import gradio as gr
 
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, StopStrings, build_parser,
-                     check_address, load_runner, model_name)
+                     check_address, load_runner, model_name, until_stop)
 
 log = logging.getLogger("eagle_gto.webui")
 
@@ -155,10 +155,14 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         # The format's end of turn written as text ends the answer there, as in the API and gen_answer.
         stopper = StopStrings(runner.stop_strings)
         try:
-            with closing(runner.generate(runner.chat_prompt(asked), options, chat=True)) as updates:
+            prompt_ids = runner.chat_prompt(asked)
+            with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
+                    # Tokens a step brought past the stop string are not the answer's, as in the API's usage.
+                    figures = (until_stop(update.stats, runner.text_stream(prompt_ids, True), stopper.end)
+                               if stopper.hit else update.stats)
                     if update.step.finished and not stopper.hit:  # text held back as a stop string's possible start
                         shown += stopper.flush_pieces()
                     answer += "".join(text for text, _ in shown)
@@ -168,10 +172,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
-                    state = (DONE if stopper.hit else finished(update.stats, options.max_new_tokens) if done
+                    state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
+                    yield chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip()
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were

@@ -497,3 +497,16 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative):
+    """Called directly (no browser): the answer ends at Qwen's <|im_end|> written as text, the 14th token; a
+    speculative step brings tokens past it, which the figures leave out, as the API's usage does, so both modes
+    say 14 tokens."""
+    runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
+    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
