@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import replace
 from typing import Annotated, Any, AsyncIterator, Awaitable, Literal
 
 import anyio
@@ -29,8 +28,8 @@ from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import (ChatRunner, ContextLengthError, GenerationOptions, StopStrings, TextStream, build_parser,
-                     check_address, load_runner, model_name)
+from .common import (ChatRunner, ContextLengthError, GenerationOptions, StopStrings, build_parser, check_address,
+                     load_runner, model_name, until_stop)
 
 log = logging.getLogger("eagle_gto.api")
 
@@ -170,30 +169,6 @@ class Endpoint:
                     "finish_reason": finish_reason}
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
-
-
-def until_stop(stats: GenerationStats, text: TextStream, chars: int) -> GenerationStats:
-    """`stats` as if decoding had stopped at the token that completes the stop
-    string, which ends `chars` characters into the answer (as `text`, a new
-    stream, decodes it: the answer's own decoding, so character counts agree).
-    Counted token by token: a step may end inside a character, whose text
-    comes with the next step's first token. The tokens after it do not count,
-    so usage is the same in both modes: the tokens up to and including the
-    one completing the stop string."""
-    tokens = [t for step in stats.steps for t in step.tokens]
-    length = count = 0
-    while length < chars and count < len(tokens):
-        length += len(text.add([tokens[count]]))
-        count += 1
-    steps = []
-    for step in stats.steps:
-        keep = min(count, len(step.tokens))
-        steps.append(replace(step, tokens=step.tokens[:keep], num_accepted=min(step.num_accepted, keep)))
-        count -= keep
-        if count == 0:
-            break
-    steps[-1] = replace(steps[-1], finish_reason="stop")
-    return GenerationStats(stats.prompt_length, steps)
 
 
 def usage(prompt_tokens: int, stats) -> dict:

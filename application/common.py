@@ -9,7 +9,7 @@ import argparse
 import socket
 import threading
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -320,6 +320,30 @@ class StopStrings:
     def _send(self, end: int) -> str:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
+
+
+def until_stop(stats: GenerationStats, text: TextStream, chars: int) -> GenerationStats:
+    """`stats` as if decoding had stopped at the token that completes the stop
+    string, which ends `chars` characters into the answer (as `text`, a new
+    stream, decodes it: the answer's own decoding, so character counts agree).
+    Counted token by token: a step may end inside a character, whose text
+    comes with the next step's first token. The tokens after it do not count,
+    so usage is the same in both modes: the tokens up to and including the
+    one completing the stop string."""
+    tokens = [t for step in stats.steps for t in step.tokens]
+    length = count = 0
+    while length < chars and count < len(tokens):
+        length += len(text.add([tokens[count]]))
+        count += 1
+    steps = []
+    for step in stats.steps:
+        keep = min(count, len(step.tokens))
+        steps.append(replace(step, tokens=step.tokens[:keep], num_accepted=min(step.num_accepted, keep)))
+        count -= keep
+        if count == 0:
+            break
+    steps[-1] = replace(steps[-1], finish_reason="stop")
+    return GenerationStats(stats.prompt_length, steps)
 
 
 def check_text(text: str) -> None:

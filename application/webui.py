@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import time
 from contextlib import closing
 
 import gradio as gr
 
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, StopStrings, build_parser,
-                     check_address, load_runner, model_name)
+                     check_address, load_runner, model_name, until_stop)
 
 log = logging.getLogger("eagle_gto.webui")
 
@@ -45,6 +46,42 @@ def code_block(text: str) -> str:
     while fence in text:
         fence += "`"
     return f"{fence}\n{text}\n{fence}"
+
+
+# Markdown shows code verbatim, and HTML entities there as written: only the text outside code is escaped.
+FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
+# A code span (kept), or what would start HTML: a tag, comment or declaration, or an entity. Only these are
+# escaped: the chat's copy button copies the escaped text ("a < b" and "A & B" stay as they are).
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|<(?=[A-Za-z/!?])|&(?=#?\w+;)", re.DOTALL)
+ENTITIES = {"&": "&amp;", "<": "&lt;"}
+
+
+def escape_markup(text: str) -> str:
+    """Markdown in which HTML written in `text` (a model's `<b>` or `<script>`, a user's `<div>`) shows as
+    written: the chat renders HTML in Markdown, and its sanitizer drops what it does not allow."""
+    out, prose, fence = [], [], None
+
+    def end_prose():
+        out.append(MARKUP.sub(lambda m: m.group(1) or ENTITIES[m.group(0)], "".join(prose)))
+        prose.clear()
+
+    for line in text.splitlines(keepends=True):
+        opener = FENCE.match(line)
+        if fence is None and opener:
+            end_prose()
+            fence = opener.group(1)
+        elif fence is not None:  # a code block, until a fence of its kind, at least as long, closes it
+            if opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) \
+                    and not line[opener.end():].strip():
+                fence = None
+        elif line.startswith(("    ", "\t")):  # an indented code block (or a list's continuation): left as is
+            end_prose()
+        else:
+            prose.append(line)
+            continue
+        out.append(line)
+    end_prose()
+    return "".join(out)
 
 
 def by_origin(text: str, drafted: bool) -> str:
@@ -74,7 +111,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     def show(history: list[dict]) -> list[dict]:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
         if not runner.plain_text:
-            return history
+            return [{"role": m["role"], "content": escape_markup(m["content"])} for m in history]
         return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
 
     def one_turn_at_a_time(state: str) -> None:
@@ -108,7 +145,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return ANSWER_LIMIT.format(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
-                top_p: float, max_new: int):
+                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
         if pending is None:  # Clear came between Send and the start of its answer: nothing to answer
             return
         asked, typed = pending
@@ -118,10 +155,14 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         # The format's end of turn written as text ends the answer there, as in the API and gen_answer.
         stopper = StopStrings(runner.stop_strings)
         try:
-            with closing(runner.generate(runner.chat_prompt(asked), options, chat=True)) as updates:
+            prompt_ids = runner.chat_prompt(asked)
+            with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
+                    # Tokens a step brought past the stop string are not the answer's, as in the API's usage.
+                    figures = (until_stop(update.stats, runner.text_stream(prompt_ids, True), stopper.end)
+                               if stopper.hit else update.stats)
                     if update.step.finished and not stopper.hit:  # text held back as a stop string's possible start
                         shown += stopper.flush_pieces()
                     answer += "".join(text for text, _ in shown)
@@ -131,10 +172,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     chat = asked + [{"role": "assistant", "content": answer}]
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
-                    state = (DONE if stopper.hit else finished(update.stats, options.max_new_tokens) if done
+                    state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    yield chat, show(chat), stats_line(update.stats, speculative), origin_box(pieces), state, gr.skip()
+                    yield chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip()
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -142,9 +183,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             if title is None:
                 title = "Generation failed"
                 log.exception("generation failed")
-            # The last answer's stats and draft panel stay: they still describe the conversation shown.
+            # The last answer's stats and draft panel come back with its conversation (the failed answer's
+            # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
-            yield history, show(history), gr.skip(), gr.skip(), notice_line, gr.skip() if typed is None else typed
+            typed_back = gr.skip() if typed is None else typed
+            yield history, show(history), stats_before, drafts_before, notice_line, typed_back
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
     def stopped(state: str, history: list[dict], pending, message: str):
@@ -195,7 +238,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         nowhere = dict(show_progress="hidden", show_progress_on=gr.HTML(visible=False))
 
         shown = [chatbot, stats, drafts, notice]
-        generation = dict(fn=respond, inputs=[pending, history, speculative, temperature, top_p, max_new],
+        settings = [speculative, temperature, top_p, max_new]
+        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
                           outputs=[history, *shown, message],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users

@@ -451,3 +451,62 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
     assert ("plain decoding" in last[2]) is not speculative
+
+
+def test_html_in_a_chat_shows_as_written():
+    """Called directly (no browser): the chat renders HTML within Markdown (its sanitizer drops <script> and
+    its text), so a chat model's turns are shown with HTML escaped outside code (and only HTML: the copy button
+    copies what is shown); the history keeps the text as written, for the next prompt."""
+    runner = ChatRunner(ScriptedModel("Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <script>y</script> a < b & c"))
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
+    assert shown[-1]["content"] == "a &lt;div>"
+    *_, last = actions["respond"](pending, [], True, 0, 1, 100)
+    assert last[0][-1]["content"] == runner.model.answer
+    shown = "Use &lt;b>x&lt;/b> &amp;amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script> a < b & c"
+    assert last[1][-1]["content"] == shown
+
+
+class FailingModel(ScriptedModel):
+    """Fails at its third step once `fail` is set (a GPU running out of memory)."""
+
+    fail = False
+
+    def generate_steps(self, *args, **kwargs):
+        for n, step in enumerate(super().generate_steps(*args, **kwargs)):
+            if n == 2 and self.fail:
+                raise RuntimeError("CUDA out of memory")
+            yield step
+
+
+def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
+    """Called directly (no browser): the failed answer's first steps replaced the speed figures and the draft
+    panel; with its conversation back, the last answer's come back too, and the model is free again."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    model = FailingModel()
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, (history, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
+    model.fail = True
+    _, pending, _, _ = actions["add_message"]("again", history, DONE)
+    updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
+    *streamed, restored = [next(updates) for _ in range(3)]
+    assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
+    assert restored[:4] == (history, history, figures, drafts) and restored[-1] == "again"
+    with pytest.raises(gr.Error, match="CUDA out of memory"):
+        next(updates)
+    assert not runner.busy
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative):
+    """Called directly (no browser): the answer ends at Qwen's <|im_end|> written as text, the 14th token; a
+    speculative step brings tokens past it, which the figures leave out, as the API's usage does, so both modes
+    say 14 tokens."""
+    runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
+    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
