@@ -138,6 +138,10 @@ class ChatTemplateError(ValueError):
     """The model's chat template refuses the conversation (its own message)."""
 
 
+class InvalidTextError(ValueError):
+    """Text that is not Unicode (a lone surrogate): the user's to fix, not a failure of the model."""
+
+
 # OpenAI's top_p 0 keeps only the most probable token; the engine reads 0 as
 # "off", but any top_p below the top token's probability (>= 1/vocabulary) does that.
 TOP_TOKEN_ONLY = 1e-9
@@ -352,7 +356,7 @@ def check_text(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"the text holds a lone surrogate {text[err.start]!r} at character {err.start}, "
+        raise InvalidTextError(f"the text holds a lone surrogate {text[err.start]!r} at character {err.start}, "
                          "which is not valid Unicode") from None
 
 

@@ -19,8 +19,8 @@ from contextlib import closing
 
 import gradio as gr
 
-from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, StopStrings, build_parser,
-                     check_address, load_runner, model_name, until_stop)
+from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
+                     StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
 
 log = logging.getLogger("eagle_gto.webui")
 
@@ -37,7 +37,9 @@ CONTEXT_FULL = "Done: the context is full ({} tokens for prompt and answer; see 
 # The browser redraws the whole answer and draft panel on each update: more than about 20 a second only
 # loads the page (a fast model verifies 100 iterations a second) and delays clicks such as Stop.
 UPDATE_INTERVAL = 0.05  # seconds between two updates of a streaming answer
-ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error"}  # the user's to fix
+# the user's to fix: said without a traceback in the log
+ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error",
+                InvalidTextError: "Invalid text"}
 
 
 def code_block(text: str) -> str:

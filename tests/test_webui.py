@@ -404,6 +404,19 @@ def test_a_chat_template_refusal_shows_its_message():
     assert error.value.title == "Chat template error"
 
 
+def test_a_lone_surrogate_is_the_users_to_fix(caplog):
+    """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
+    back, and no traceback logged as if generation had failed."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done")
+    updates = actions["respond"](pending, [], True, 0, 1, 8)
+    assert next(updates)[-1] == "cut \ud83d"
+    with pytest.raises(gr.Error, match="lone surrogate") as error:
+        next(updates)
+    assert error.value.title == "Invalid text"
+    assert "generation failed" not in caplog.text
+
+
 @pytest.mark.parametrize("interval,shown", [(0, 7), (1e9, 2)], ids=["every-step", "first-and-last"])
 def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     """Called directly (no browser): an update within UPDATE_INTERVAL of the last waits for the next step,
