@@ -592,12 +592,13 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     data written is what one process regenerates."""
     base_dir, data = write_pair(tmp_path, tokenizer)
     script = tmp_path / "run.py"  # main(), saying each write of the regenerated data and each share regenerated
-    script.write_text("import pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
+    # (each line in one os.write: the two processes share the pipe, and print's pieces interleaved there)
+    script.write_text("import os, pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
                       "def noted(path, *args):\n"
                       "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
                       "    return write(path, *args)\n"
                       "pathlib.Path.write_text = noted\nregenerate = trainer.regenerate\n"
-                      "def counted(records, *args):\n    print('regenerated', len(records), flush=True)\n"
+                      "def counted(records, *args):\n    os.write(1, f'regenerated {len(records)}\\n'.encode())\n"
                       "    return regenerate(records, *args)\n"
                       "trainer.regenerate = counted\ntrainer.main(sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
