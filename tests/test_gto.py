@@ -1395,3 +1395,55 @@ def test_experiment_and_sweep_refuse_the_checkpoint_options(command, option, cap
     with pytest.raises(SystemExit):
         gto_cli.main([command, *option])
     assert f"error: {option[0]}: {command} keeps no checkpoints: it keeps each finished" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_processes(pair, tmp_path):
+    """torchrun, 2 processes at --windows 2, stopped in step 3 of 4: resumed by 2 processes, or by one at
+    --windows 4 (the same global batch), each ends with the head and the records of one uninterrupted process
+    at --windows 4 (to the tolerance two processes train it to, see the test above)."""
+    stream = half_without_groups(pair)
+    pair.base_model.save_pretrained(tmp_path / "base")
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    torch.save((stream, stream), tmp_path / "streams.pt")
+    options = dict(base=str(tmp_path / "base"), head=str(tmp_path / "head"), steps=4, window_length=40, lr=1e-3,
+                   eval_every=2, eval_windows=2, **TREE)
+    script = tmp_path / "run.py"  # train() on the saved pair; "stop": a KeyboardInterrupt in step 3
+    script.write_text("import sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+                      "from eagle_gto.gto import trainer\nfrom eagle_gto.gto.checkpoints import Checkpointing\n"
+                      "calls, loss = [], trainer.training_loss\n"
+                      "def stopping(*args):\n    calls.append(1)\n"
+                      "    if len(calls) == 3 and sys.argv[2] == 'stop':\n        raise KeyboardInterrupt\n"
+                      "    return loss(*args)\n"
+                      "trainer.training_loss = stopping\n"
+                      f"cfg = trainer.GTOConfig(out=sys.argv[1], windows=2, **{options!r})\n"
+                      "models = trainer.load_models(cfg, trainer.Models(load_base(cfg.base), None, None, None, None))\n"
+                      "streams = torch.load(sys.argv[3], weights_only=False)\n"
+                      "every_2 = Checkpointing(save_every=2, resume=sys.argv[2] == 'resume')\n"
+                      "trainer.train(cfg, models, streams, progress=False, checkpointing=every_2)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(Path(__file__).parents[i]) for i in (1, 0)),
+               OMP_NUM_THREADS="1")
+    for how in ("stop", "resume"):
+        ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script), str(tmp_path / "two"), how, str(tmp_path / "streams.pt")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert (ran.returncode == 0) == (how == "resume"), ran.stderr[-3000:]
+        if how == "stop":
+            assert [p.name for p in checkpoint_dirs(tmp_path / "two")] == ["step-00000002"]
+            shutil.copytree(tmp_path / "two", tmp_path / "one-after-two")
+    assert ran.stdout.count("resumed from") == 1  # (said by rank 0)
+    base = load_base(options["base"])
+    for run, resume in (("one", False), ("one-after-two", True)):
+        cfg = GTOConfig(out=str(tmp_path / run), windows=4, **options)
+        train(cfg, load_models(cfg, Models(base, None, None, None, None)), (stream, stream), progress=False,
+              checkpointing=Checkpointing(save_every=2, resume=resume))
+    assert len(logged(tmp_path / "one")) == 5
+    heads = {run: load_file(str(tmp_path / run / "head" / "model.safetensors"))
+             for run in ("one", "two", "one-after-two")}
+    assert not torch.equal(heads["one"]["fc.weight"], pair.ea_layer.state_dict()["fc.weight"])  # it trained
+    for run in ("two", "one-after-two"):
+        for mine, one in zip(logged(tmp_path / run), logged(tmp_path / "one"), strict=True):
+            assert mine == pytest.approx(one, rel=1e-5, abs=1e-7)
+        for name in heads["one"]:
+            torch.testing.assert_close(heads[run][name], heads["one"][name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{run} {name}: {m}")

@@ -10,7 +10,9 @@ One step on a batch of windows:
      (with gradients) and M0, the ratio s and the clipped surrogate L_GTO;
   6. backward and an AdamW step on M.
 `objective="token"` runs steps 1, 2 and 6 only: the control that continues
-token-level training on the same data.
+token-level training on the same data. With `checkpointing` (the CLI's
+--save-every, --keep-checkpoints, --resume) a run writes checkpoints and
+resumes from them (checkpoints.py).
 """
 
 from __future__ import annotations
