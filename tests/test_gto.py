@@ -28,6 +28,7 @@ from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
+from eagle_gto.gto.checkpoints import Checkpointing, load_checkpoint, run_options
 from eagle_gto.gto.data import TokenStream, from_samples
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob, ratio,
                                   root_eligible)
@@ -35,6 +36,7 @@ from eagle_gto.gto.reward import branch_values, tree_reward
 from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective, load_models, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
 from eagle_gto.target import TargetRunner
+from eagle_gto.train.checkpoints import CheckpointMismatch, checkpoint_dirs
 from eagle_gto.train.data import Sample
 from eagle_gto.train.features import target_outputs
 from eagle_gto.tree import ancestor_mask
@@ -1279,3 +1281,169 @@ def test_cli_refuses_a_thread_count_below_one(threads, tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):
         gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--threads", threads])
     assert "argument --threads: " in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ checkpoints
+def half_without_groups(pair) -> TokenStream:
+    """Windows at sample starts, every other sample without 4 adjacent trainable roots: some steps have no group."""
+    seqs = greedy_windows(pair, 8, 48, seed=9)
+    mask = torch.ones_like(seqs)
+    mask[1::2, ::3] = 0
+    return TokenStream(seqs.flatten(), mask.flatten(), torch.arange(8) * 48)
+
+
+def logged(run: Path) -> list[dict]:
+    """metrics.jsonl without the times (which no two runs share)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in records]
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_a_run_interrupted_and_resumed_trains_and_logs_what_an_uninterrupted_one_does(pair, tmp_path, monkeypatch):
+    """Checkpoints every 4 steps (the newest kept); the run stops in step 6 (step 5 already logged): resumed from
+    step 4 it ends with the head, the records and the summary of the run that never stopped (the windows and the
+    groups drawn on from the generators' saved states, AdamW's moments, the steps without groups counted before)."""
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "straight"), steps=6, windows=2, window_length=40, lr=1e-3, eval_every=2,
+                    eval_windows=1, **TREE)
+    every_4 = Checkpointing(save_every=4, keep=1)
+    straight = train(cfg, tiny_models(pair, perturb=0.05), (stream, stream), progress=False, checkpointing=every_4)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "straight")] == ["step-00000006"]
+
+    def stop_in_step_6(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    calls, real_loss = [], gto_trainer.training_loss
+    monkeypatch.setattr(gto_trainer, "training_loss", stop_in_step_6)
+    stopped = dataclasses.replace(cfg, out=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False, checkpointing=every_4)
+    monkeypatch.setattr(gto_trainer, "training_loss", real_loss)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "stopped")] == ["step-00000004"]
+    assert [r["step"] for r in logged(tmp_path / "stopped")] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(CheckpointMismatch, match="already holds checkpoints of an earlier run"):
+        train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False, checkpointing=every_4)
+    resume = dataclasses.replace(every_4, resume=True)
+    resumed = train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False, checkpointing=resume)
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in straight.items() if k != "seconds"}
+    # (steps 3, 4 and 5 had no group: the count of the first two came back from the checkpoint)
+    assert [r["step"] for r in logged(tmp_path / "straight") if "l_gto" in r] == [1, 2, 6]
+    assert straight["steps_without_groups"] == 3
+    one, two = (load_file(str(tmp_path / run / "head" / "model.safetensors")) for run in ("straight", "stopped"))
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "stopped")] == ["step-00000006"]
+    # A checkpoint of a head of another shape (another --head at the same path) is refused, naming the weights.
+    state_file = tmp_path / "stopped" / "checkpoints" / "step-00000006" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["head"]["fc.weight"] = state["head"]["fc.weight"][:, :8]
+    torch.save(state, state_file)
+    head = tiny_models(pair).head
+    with pytest.raises(CheckpointMismatch, match=r"holds a head of another shape than the one fine-tuned now "
+                                                 r"\(fc.weight \[\d+, 8\] then, \[\d+, \d+\] now\)"):
+        load_checkpoint(state_file.parent, head, torch.optim.AdamW(head.parameters()), {})
+
+
+def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path, monkeypatch):
+    """As `python -m eagle_gto.train`: an --out with checkpoints needs --resume; --resume refuses a checkpoint
+    past --steps or written with options that change the result (naming them), and accepts another number of
+    processes at the same global batch; a --resume that finds no checkpoint starts over a run stopped before
+    its first one, never over a finished run."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    out = tmp_path / "run"
+    started = GTOConfig(out=str(out), lr=1e-3, windows=4)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": run_options(started, 1)}))
+    with pytest.raises(SystemExit, match=r"python -m eagle_gto.gto: .*run already holds checkpoints of an earlier run "
+                                         r"\(up to step-00000002\): pass --resume to continue it"):
+        gto_cli.main(["--out", str(out), "--lr", "1e-3", "--windows", "4"])
+    with pytest.raises(SystemExit, match=r"step-00000002 was written by a run with other options \(--lr 0.001 then, "
+                                         r"3e-05 now; --windows x processes 4 then, 2 now\): resume with the options "
+                                         r"that started the run, or choose another --out$"):
+        gto_cli.main(["--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match=r"step-00000002 is at step 2, past this run's 1 steps"):
+        gto_cli.main(["--out", str(out), "--lr", "1e-3", "--windows", "4", "--steps", "1", "--resume"])
+    # Free to change: --steps (the rate is constant), --eval-every, --device, ...; --windows 2 under 2 processes.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("eagle_gto.train.trainer.process_state",
+                        lambda: SimpleNamespace(num_processes=1, is_main_process=True))
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        gto_cli.main(["--out", str(out), "--lr", "1e-3", "--steps", "500", "--eval-every", "5", "--resume"])
+    monkeypatch.delenv("WORLD_SIZE")
+    shutil.rmtree(out / "checkpoints")
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        gto_cli.main(["--out", str(out), "--resume"])
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"run already holds the output of an earlier run \(summary.json\)"):
+        gto_cli.main(["--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match="--save-every must be at least 1, got 0"):
+        gto_cli.main(["--out", str(tmp_path / "new"), "--save-every", "0"])
+
+
+@pytest.mark.parametrize("command", ["experiment", "sweep"])
+@pytest.mark.parametrize("option", [["--resume"], ["--save-every", "5"], ["--keep-checkpoints", "1"]])
+def test_experiment_and_sweep_refuse_the_checkpoint_options(command, option, capsys):
+    """They keep finished runs' results, not checkpoints: the options would be silently ignored."""
+    with pytest.raises(SystemExit):
+        gto_cli.main([command, *option])
+    assert f"error: {option[0]}: {command} keeps no checkpoints: it keeps each finished" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_processes(pair, tmp_path):
+    """torchrun, 2 processes at --windows 2, stopped in step 3 of 4: resumed by 2 processes, or by one at
+    --windows 4 (the same global batch), each ends with the head and the records of one uninterrupted process
+    at --windows 4 (to the tolerance two processes train it to, see the test above)."""
+    stream = half_without_groups(pair)
+    pair.base_model.save_pretrained(tmp_path / "base")
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    torch.save((stream, stream), tmp_path / "streams.pt")
+    options = dict(base=str(tmp_path / "base"), head=str(tmp_path / "head"), steps=4, window_length=40, lr=1e-3,
+                   eval_every=2, eval_windows=2, **TREE)
+    script = tmp_path / "run.py"  # train() on the saved pair; "stop": a KeyboardInterrupt in step 3
+    script.write_text("import sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+                      "from eagle_gto.gto import trainer\nfrom eagle_gto.gto.checkpoints import Checkpointing\n"
+                      "calls, loss = [], trainer.training_loss\n"
+                      "def stopping(*args):\n    calls.append(1)\n"
+                      "    if len(calls) == 3 and sys.argv[2] == 'stop':\n        raise KeyboardInterrupt\n"
+                      "    return loss(*args)\n"
+                      "trainer.training_loss = stopping\n"
+                      f"cfg = trainer.GTOConfig(out=sys.argv[1], windows=2, **{options!r})\n"
+                      "models = trainer.load_models(cfg, trainer.Models(load_base(cfg.base), None, None, None, None))\n"
+                      "streams = torch.load(sys.argv[3], weights_only=False)\n"
+                      "every_2 = Checkpointing(save_every=2, resume=sys.argv[2] == 'resume')\n"
+                      "trainer.train(cfg, models, streams, progress=False, checkpointing=every_2)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(Path(__file__).parents[i]) for i in (1, 0)),
+               OMP_NUM_THREADS="1")
+    for how in ("stop", "resume"):
+        ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script), str(tmp_path / "two"), how, str(tmp_path / "streams.pt")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert (ran.returncode == 0) == (how == "resume"), ran.stderr[-3000:]
+        if how == "stop":
+            assert [p.name for p in checkpoint_dirs(tmp_path / "two")] == ["step-00000002"]
+            shutil.copytree(tmp_path / "two", tmp_path / "one-after-two")
+    assert ran.stdout.count("resumed from") == 1  # (said by rank 0)
+    base = load_base(options["base"])
+    for run, resume in (("one", False), ("one-after-two", True)):
+        cfg = GTOConfig(out=str(tmp_path / run), windows=4, **options)
+        train(cfg, load_models(cfg, Models(base, None, None, None, None)), (stream, stream), progress=False,
+              checkpointing=Checkpointing(save_every=2, resume=resume))
+    assert len(logged(tmp_path / "one")) == 5
+    heads = {run: load_file(str(tmp_path / run / "head" / "model.safetensors"))
+             for run in ("one", "two", "one-after-two")}
+    assert not torch.equal(heads["one"]["fc.weight"], pair.ea_layer.state_dict()["fc.weight"])  # it trained
+    for run in ("two", "one-after-two"):
+        for mine, one in zip(logged(tmp_path / run), logged(tmp_path / "one"), strict=True):
+            assert mine == pytest.approx(one, rel=1e-5, abs=1e-7)
+        for name in heads["one"]:
+            torch.testing.assert_close(heads[run][name], heads["one"][name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{run} {name}: {m}")

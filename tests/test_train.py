@@ -25,9 +25,10 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import (Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, trainer,
                              ttt_loss)
+from eagle_gto.train.checkpoints import checkpoint_dirs
 from eagle_gto.train.data import encode_conversation, read_records, to_messages
 from eagle_gto.train.plot import plot_metrics
-from eagle_gto.train.trainer import checkpoint_dirs, main
+from eagle_gto.train.trainer import main
 from eagle_gto.train.ttt import unroll
 from eagle_gto.vocab import target_to_draft
 

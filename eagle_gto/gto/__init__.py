@@ -9,6 +9,8 @@
   the ratio and the clipped surrogate;
 - trainer.py: `GTOConfig` (every option and default), the training step
   L = L_token + omega * L_GTO, validation, logging and export;
+- checkpoints.py: what a checkpoint holds so that `--resume` continues a
+  run as if it had never stopped, and the options a resumed run must share;
 - experiment.py: GTO vs continued token-level training with ablations, and
   the option sweep;
 - __main__.py: `python -m eagle_gto.gto [experiment|sweep] ...`.

@@ -2,12 +2,16 @@
 
     python -m eagle_gto.gto --out runs/gto                      # the demo pair
     python -m eagle_gto.gto --base BASE --head HEAD --data train.jsonl --out runs/gto
+    python -m eagle_gto.gto --out runs/gto --resume               # continue from its newest checkpoint
     torchrun --nproc_per_node 2 -m eagle_gto.gto --out runs/gto  # data-parallel: --windows per process
     python -m eagle_gto.gto experiment --out runs/gto-experiment  # GTO vs control and ablations
     python -m eagle_gto.gto sweep --grid lr=1e-4,3e-4 omega=1,4     # choose defaults on the validation slice
 
 Every option and its default: `python -m eagle_gto.gto --help` (one source:
-`GTOConfig` in trainer.py).
+`GTOConfig` in trainer.py; the checkpoint options, which `experiment` and
+`sweep` refuse: `checkpoint_options`). Checkpoints go to OUT/checkpoints every
+--save-every steps and at the last: `--resume` continues from the newest, as
+`python -m eagle_gto.train` does (checkpoints.py says what they hold).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from contextlib import contextmanager, redirect_stderr
 
 import torch
 
-from ..train.trainer import check_new_out, checks_said_once, one_line_errors
+from ..train.trainer import checks_said_once, one_line_errors
+from .checkpoints import Checkpointing
 from .parallel import launched_processes, main_process
-from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
+from .trainer import GTOConfig, check_data, check_out, load_models, load_streams, train
 
 PROG = "python -m eagle_gto.gto"
 
@@ -52,6 +57,21 @@ def config_parser(description: str, command: str = "", fixed: dict[str, str] | N
     parser.add_argument("--threads", type=thread_count, help="torch CPU threads, at least 1 (1 is fastest on a busy "
                         "shared CPU); none: torch's default")
     return parser
+
+
+def checkpoint_options(parser: argparse.ArgumentParser, refused: str | None = None) -> None:
+    """--save-every, --keep-checkpoints and --resume (not GTOConfig fields: they do not change what a run trains);
+    `refused`: why a command that keeps no checkpoints refuses them."""
+    d = Checkpointing()
+    options = {"--save-every": dict(type=int, default=d.save_every, help="checkpoint every N steps (and at the last)"),
+               "--keep-checkpoints": dict(type=int, default=d.keep, help="how many of the newest checkpoints to keep"),
+               "--resume": dict(action="store_true", help="continue from the newest checkpoint in --out")}
+    for flag, settings in options.items():
+        if refused:
+            parser.add_argument(flag, action=Refused, reason=refused, nargs="?", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, **settings)
 
 
 class Refused(argparse.Action):
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
         return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
     parser = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).")
+    checkpoint_options(parser)
     parser.usage = "%(prog)s [experiment | sweep] [options]"
     parser.epilog = ("Two more commands, each with its own --help: `experiment` runs GTO against continued EAGLE-3 "
                      "training (and ablations) and compares their acceptance; `sweep` trains over a grid of settings "
@@ -132,12 +153,13 @@ def main(argv: list[str] | None = None) -> None:
         # node) stops them all, instead of that one leaving quietly while the others wait for it.
         with checks_said_once(PROG):
             cfg = config_from(args)
-            check_new_out(cfg.out, RUN_OUTPUTS)  # a second run would overwrite the first
+            checkpointing = Checkpointing(args.save_every, args.keep_checkpoints, args.resume)
+            check_out(cfg, checkpointing, launched_processes())  # a second run would overwrite the first
             check_data(cfg)  # before the models load
             models = load_models(cfg)
             streams = load_streams(cfg, models)
         with input_errors():
-            summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
+            summary = train(cfg, models, streams, checkpointing=checkpointing)  # (a diverged run: one line too)
     if main_process():
         print(json.dumps(summary, indent=2))
 

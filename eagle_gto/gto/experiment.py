@@ -184,10 +184,12 @@ the measurement settings and all results.
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .__main__ import config_from, config_parser, input_errors
+    from .__main__ import checkpoint_options, config_from, config_parser, input_errors
 
     parser = config_parser("GTO vs continued token-level training (and ablations) on one start head. Each run sets "
                            f"{', '.join(RUN_OPTIONS)} itself (see --runs).", " experiment", fixed=RUN_OPTIONS)
+    checkpoint_options(parser, refused="experiment keeps no checkpoints: it keeps each finished run's result, so "
+                       "rerunning the same command resumes after the last finished run")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per evaluation prompt")
@@ -423,9 +425,11 @@ SWEEP_OUTPUTS = ("sweep.json", "sweep.md")
 
 
 def sweep_main(argv: list[str] | None = None) -> None:
-    from .__main__ import config_from, config_parser, input_errors
+    from .__main__ import checkpoint_options, config_from, config_parser, input_errors
 
     parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep")
+    checkpoint_options(parser, refused="sweep keeps no checkpoints: it keeps each finished point's result, so "
+                       "rerunning the same command resumes after the last finished point")
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                         help="option values to combine, e.g. lr=1e-4,3e-4 omega=1,4")
     parser.add_argument("--control", action="store_true", help="also an L_token-only run per combination of the "

@@ -10,7 +10,9 @@ One step on a batch of windows:
      (with gradients) and M0, the ratio s and the clipped surrogate L_GTO;
   6. backward and an AdamW step on M.
 `objective="token"` runs steps 1, 2 and 6 only: the control that continues
-token-level training on the same data.
+token-level training on the same data. With `checkpointing` (the CLI's
+--save-every, --keep-checkpoints, --resume) a run writes checkpoints and
+resumes from them (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
-from ..train.trainer import DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_not_negative
+from ..train.checkpoints import checkpoints_to_resume, read_progress
+from ..train.trainer import (DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_new_out,
+                             check_not_negative)
 from ..tree import check_tree_params
+from .checkpoints import Checkpointing, check_same_options, load_checkpoint, run_options, save_checkpoint
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .parallel import Share, process_device
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots, path_logprob,
@@ -290,6 +295,22 @@ def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStr
 
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "head")  # what train() writes into cfg.out
+FINISHED_OUTPUTS = ("summary.json", "head")  # those of a run that ended (or diverged)
+
+
+def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path | None:
+    """The checkpoint the run continues from, None for a fresh run, after the checks of --out: without
+    --resume it must hold no earlier run (its output or its checkpoints); with --resume the newest checkpoint
+    must be of a run with the same options (see checkpoints.FREE_OPTIONS) and at most --steps in. A --resume
+    that finds no checkpoint starts afresh, over a run stopped before its first one (not over a finished run)."""
+    out = Path(cfg.out)
+    previous = checkpoints_to_resume(out, checkpointing.resume)
+    if not previous:
+        check_new_out(out, FINISHED_OUTPUTS if checkpointing.resume else RUN_OUTPUTS)
+        return None
+    progress = read_progress(previous[-1], cfg.steps)
+    check_same_options(previous[-1], progress["options"], run_options(cfg, world))
+    return previous[-1]
 
 
 @dataclass
@@ -448,13 +469,16 @@ def export_head(head: DraftHead, folder: Path, dtype: str) -> Path:
 
 
 def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStream, TokenStream] | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, checkpointing: Checkpointing | None = None) -> dict:
     """Run GTO (or the control) and export the head to `cfg.out`/head.
     `models` and (training, validation) `streams` default to what `cfg`
-    names. Returns a summary: validation tau at the start and the end."""
+    names. With `checkpointing` (the CLI's), checkpoints are written to
+    `cfg.out`/checkpoints and a run resumes from them (see check_out).
+    Returns a summary: validation tau at the start and the end."""
     from tqdm import tqdm
 
     share = Share.launched()  # (several processes: each trains on its share of every step's windows)
+    resumed = check_out(cfg, checkpointing, share.world) if checkpointing else None
     torch.manual_seed(cfg.seed)
     if streams is None:
         check_data(cfg)
@@ -471,17 +495,25 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    generators = {"data": data_gen, "groups": group_gen}
 
     def validate() -> dict:  # computed once, by rank 0, and logged alike by every process
         return share.from_main(validator(models.head) if share.main else None)
 
-    records = [{"step": 0, **validate()}]
-    without_groups = 0  # GTO steps that found no group of adjacent trainable roots
-    started = time.perf_counter()
+    if resumed:  # the records logged up to the checkpoint (those logged after it are logged again)
+        kept = load_checkpoint(resumed, models.head, optimizer, generators)
+        records, without_groups, seconds = kept["records"], kept["without_groups"], kept["seconds"]
+        if share.main:
+            print(f"resumed from {resumed} (step {records[-1]['step']})")
+    else:
+        records, without_groups, seconds = [{"step": 0, **validate()}], 0, 0.0
+    # without_groups: GTO steps that found no group of adjacent trainable roots; seconds: of training, resumes too
+    done = records[-1]["step"]
+    started = time.perf_counter() - seconds
     with open(out / "metrics.jsonl" if share.main else os.devnull, "w") as log:
-        log.write(json.dumps(records[0]) + "\n")
-        bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.objective}", disable=not (progress and share.main),
-                   dynamic_ncols=True)
+        log.write("".join(json.dumps(record) + "\n" for record in records))
+        bar = tqdm(range(done + 1, cfg.steps + 1), initial=done, total=cfg.steps, desc=f"{cfg.objective}",
+                   disable=not (progress and share.main), dynamic_ncols=True)
         for step in bar:
             tokens, loss_mask = train_stream.windows(cfg.windows * share.world, cfg.window_length, data_gen)
             loss, stats = training_loss(cfg, models, tokens, loss_mask, group_gen, share)
@@ -504,6 +536,10 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
             records.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if checkpointing and checkpointing.due(step, cfg.steps) and share.main:
+                save_checkpoint(out, step, checkpointing.keep, run_options(cfg, share.world), models.head, optimizer,
+                                generators, {"records": records, "without_groups": without_groups,
+                                             "seconds": time.perf_counter() - started})
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("l_token", "l_gto", "tau", "tau_ref")})
     summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
                "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],

@@ -6,6 +6,8 @@
 - ttt.py: the training-time-test unroll (`unroll`) and its token-level loss
   (`ttt_loss`), reusable by other objectives;
 - trainer.py: the training loop and the `python -m eagle_gto.train` CLI;
+- checkpoints.py: the checkpoint folders (completion, rotation, refusals)
+  EAGLE-3 training and GTO fine-tuning share;
 - plot.py: training curves.
 """
 

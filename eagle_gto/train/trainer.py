@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -35,6 +34,8 @@ from ..checkpoint import save_head
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
+from .checkpoints import (CheckpointMismatch, checkpoint_path, checkpoints_to_resume, complete_checkpoint,
+                          read_progress)
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
 from .features import target_outputs
 from .plot import plot_metrics
@@ -327,10 +328,6 @@ def checks_said_once(prog: str):
 
 
 # -------------------------------------------------------------------- checkpoints
-class CheckpointMismatch(ValueError):
-    """--out holds training checkpoints that do not belong to this run."""
-
-
 class TrainingDiverged(ValueError):
     """A step's gradients hold NaN or infinity."""
 
@@ -346,20 +343,12 @@ def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
                                "not a number); the head was not updated with it. Lower --lr and start again")
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
-
-
 def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None) -> list[Path]:
     """The checkpoints a run continues from. A fresh run refuses a folder
     that holds another run's checkpoints (it would rotate them away or,
     resumed later, continue from them) or exported head; a resumed one
     refuses checkpoints of a head of another `shape` (head_options for `base_config`)."""
-    previous = checkpoint_dirs(Path(out))
-    if previous and not resume:
-        raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
-                                 "pass --resume to continue it, or choose another --out (or clear this one)")
+    previous = checkpoints_to_resume(Path(out), resume)
     if not previous:
         check_new_out(out, HEAD_FILES)
     elif shape is not None:
@@ -396,15 +385,13 @@ def saved_window(checkpoint: Path, rank: int, world: int) -> list:
 def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: list) -> None:
     """Weights, optimizer and data position; and each process's micro-batch
     results since the last log, so that a resumed run logs the same averages."""
-    path = out / "checkpoints" / f"step-{progress['step']:08d}"
+    path = checkpoint_path(out, progress["step"])
     accelerator.save_state(str(path))
     path.mkdir(parents=True, exist_ok=True)
     window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
     accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
     if accelerator.is_main_process:
-        (path / "progress.json").write_text(json.dumps(progress) + "\n")
-        for old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old)
+        complete_checkpoint(out, path, progress, keep)
     accelerator.wait_for_everyone()
 
 
@@ -467,10 +454,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
     metrics_file = out / "metrics.jsonl"
     if previous:
-        progress = json.loads((previous[-1] / "progress.json").read_text())
-        if progress["step"] > total:  # another run's: it would be exported untrained
-            raise CheckpointMismatch(f"{previous[-1]} is at step {progress['step']}, past this run's {total} steps: "
-                                     "resume with the options of the run that wrote it, or choose another --out")
+        progress = read_progress(previous[-1], total)
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index

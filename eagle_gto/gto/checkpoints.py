@@ -1,0 +1,107 @@
+"""Checkpoints of GTO fine-tuning, in OUT/checkpoints/step-N as eagle_gto.train
+writes its own (the folders, their completion and rotation, the refusals:
+eagle_gto.train.checkpoints). Each holds what a resumed run needs to go on as
+the uninterrupted run would have:
+- state.pt: the trained head's weights (not the target's embedding, which it
+  holds by reference), AdamW's state, the states of the seeded generators
+  that draw the windows and the groups (and torch's global one), the records
+  logged so far (metrics.jsonl and summary.json are written from them), the
+  count of steps without groups and the training time so far;
+- progress.json, written last: the step, and the options the result depends
+  on, which a resumed run must share (`check_same_options`).
+Every process holds the same head, optimizer and generators (each draws the
+whole global batch): rank 0 writes them and every process reads them.
+(There is no learning-rate schedule to save: GTO's rate is constant.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint
+
+# The options a resumed run may change: where it writes and runs, how long, the memory bound of the
+# verification, how often it validates and the exported dtype. --windows is compared as the global batch
+# (--windows x processes): a run may resume with another number of processes.
+FREE_OPTIONS = ("out", "device", "steps", "tree_chunk", "eval_every", "export_dtype", "windows")
+GLOBAL_WINDOWS = "windows x processes"
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """--save-every, --keep-checkpoints and --resume of `python -m eagle_gto.gto`."""
+
+    save_every: int = 100
+    keep: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        for name, flag in (("save_every", "--save-every"), ("keep", "--keep-checkpoints")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}")
+
+    def due(self, step: int, steps: int) -> bool:
+        """A checkpoint every `save_every` steps and at the last one (a run stopped while it exported resumes)."""
+        return step % self.save_every == 0 or step == steps
+
+
+def run_options(cfg, world: int) -> dict:
+    """The options of `cfg` (a GTOConfig) that the run's result depends on, for `world` processes."""
+    options = {name: value for name, value in asdict(cfg).items() if name not in FREE_OPTIONS}
+    options[GLOBAL_WINDOWS] = cfg.windows * world
+    return options
+
+
+def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
+    """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
+    neither run's options describe."""
+    changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
+               for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
+    if changed:
+        raise CheckpointMismatch(f"{checkpoint} was written by a run with other options ({'; '.join(changed)}): "
+                                 "resume with the options that started the run, or choose another --out")
+
+
+def trained_weights(head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in head.state_dict().items() if not name.startswith("embed_tokens.")}
+
+
+def save_checkpoint(out: Path, step: int, keep: int, options: dict, head: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], log: dict) -> None:
+    """Write the checkpoint of `step` (rank 0 alone), then keep the newest `keep`."""
+    path = checkpoint_path(out, step)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"head": trained_weights(head), "optimizer": optimizer.state_dict(),
+                "generators": {name: g.get_state() for name, g in generators.items()}, "rng": rng, "log": log},
+               path / "state.pt")
+    complete_checkpoint(out, path, {"step": step, "options": options}, keep)
+
+
+def load_checkpoint(checkpoint: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    generators: dict[str, torch.Generator]) -> dict:
+    """Restore the head, the optimizer and the generators from `checkpoint`; return its log."""
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    own = trained_weights(head)
+    saved = state["head"]
+    changed = [f"{name} {list(saved[name].shape) if name in saved else 'absent'} then, "
+               f"{list(own[name].shape) if name in own else 'absent'} now"
+               for name in dict.fromkeys([*saved, *own])
+               if name not in saved or name not in own or saved[name].shape != own[name].shape]
+    if changed:
+        raise CheckpointMismatch(f"{checkpoint} holds a head of another shape than the one fine-tuned now "
+                                 f"({'; '.join(changed)}): resume with the --head that started the run, or choose "
+                                 "another --out")
+    head.load_state_dict(saved, strict=False)  # (all but the target's embedding, checked above)
+    optimizer.load_state_dict(state["optimizer"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["log"]

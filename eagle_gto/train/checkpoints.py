@@ -1,0 +1,54 @@
+"""Training checkpoints in OUT/checkpoints/step-N, shared by EAGLE-3 training
+(eagle_gto.train) and GTO fine-tuning (eagle_gto.gto), so that both resume alike.
+
+A checkpoint is complete once its progress.json is written (last, after every
+other file): a run killed while it saved leaves a folder without one, which
+is not resumed from. The newest `keep` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+class CheckpointMismatch(ValueError):
+    """--out holds training checkpoints that do not belong to this run."""
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The complete checkpoints in `out`, oldest first."""
+    root = Path(out) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:08d}"
+
+
+def checkpoints_to_resume(out: Path, resume: bool) -> list[Path]:
+    """The checkpoints in `out`, which only --resume continues from: a fresh run
+    would rotate them away or, resumed later, continue from another run's."""
+    previous = checkpoint_dirs(out)
+    if previous and not resume:
+        raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
+                                 "pass --resume to continue it, or choose another --out (or clear this one)")
+    return previous
+
+
+def read_progress(checkpoint: Path, steps: int) -> dict:
+    """The checkpoint's progress.json; refused when it is past this run's `steps` (another run's: its head
+    would be exported untrained)."""
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    if progress["step"] > steps:
+        raise CheckpointMismatch(f"{checkpoint} is at step {progress['step']}, past this run's {steps} steps: "
+                                 "resume with the options of the run that wrote it, or choose another --out")
+    return progress
+
+
+def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) -> None:
+    """Mark `checkpoint` complete (its other files are written) and remove all but the newest `keep`."""
+    (checkpoint / "progress.json").write_text(json.dumps(progress) + "\n")
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
