@@ -807,3 +807,15 @@ def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no line is skipped
         assert [q["question_id"] for q in load_questions(path)] == [1, 2]
+
+
+def test_speed_refuses_a_question_id_answered_twice_in_one_file(tmp_path, capsys):
+    """gen_answer writes one answer per question id; a file joined by hand may hold two, and the report
+    counted only the last."""
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "c", [12], [1.0], [3]), answer(2, "c", [12], [1.0], [3]),
+                                       answer(1, "c", [12], [9.0], [3])])
+    base = write(tmp_path / "base.jsonl", [answer(1, "c", [12], [4.0], [11]), answer(2, "c", [12], [4.0], [11])])
+    code, line = cli_error(speed.cli, ["--ea-file", ea, "--baseline-file", base, "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and line == (f"error: --ea-file {ea}: question id 1 is answered twice (records 1 and 3): "
+                                  f"keep one answer per question")
+    assert not (tmp_path / "speed.json").exists()

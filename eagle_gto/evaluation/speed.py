@@ -3,7 +3,8 @@
     python -m eagle_gto.evaluation.speed --ea-file EA.jsonl --baseline-file BASE.jsonl [--out-dir DIR]
 
 Questions are paired by question_id (ids present in only one file are left
-out and listed); a pair whose question set (the `question_file` gen_answer
+out and listed; a file answering an id twice, as one joined by hand may, is
+refused: gen_answer writes one answer per id); a pair whose question set (the `question_file` gen_answer
 records), category or number of turns differ is refused: the files answer
 different questions. So is a pair made with different settings where a fair
 speedup needs the same: base model, prompt format, system prompt,
@@ -190,6 +191,18 @@ def answer_problem(answer: dict) -> str | None:
     return None
 
 
+def check_one_answer_per_question(answers: list[dict], label: str) -> None:
+    """Refuse a question id answered twice (gen_answer writes one answer per id; a file joined by
+    hand may hold two): pairing by id would silently count only the last."""
+    first_record: dict = {}
+    for number, answer in enumerate(answers, 1):
+        qid = answer["question_id"]
+        if qid in first_record:
+            raise ValueError(f"{label}: question id {qid!r} is answered twice (records {first_record[qid]} and "
+                             f"{number}): keep one answer per question")
+        first_record[qid] = number
+
+
 def read_answers(path: str | Path, option: str) -> list[dict]:
     """The answers of one file, refused with the file named when it is missing,
     empty or holds records that are not answers."""
@@ -199,6 +212,7 @@ def read_answers(path: str | Path, option: str) -> list[dict]:
     if not answers:
         raise ValueError(f"{option} {path} holds no answers")
     check_answer_records(answers, f"{option} {path}")
+    check_one_answer_per_question(answers, f"{option} {path}")
     for answer in answers:
         problem = answer_problem(answer)
         if problem:
