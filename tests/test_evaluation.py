@@ -715,7 +715,7 @@ def test_a_format_stop_token_past_the_model_vocabulary_is_refused_before_any_que
     code, line = cli_error(gen_answer.cli, argv, capsys)
     assert (code, line) == (2, "error: the qwen format's stop token ids [256] lie outside the model's vocabulary "
                                "[0, 256): is the tokenizer this model's?")
-    assert model.calls == [] and read_jsonl(path) == []
+    assert model.calls == [] and not path.exists()
     assert gen_answer.cli(argv[:-1] + ["vicuna"]) == 0 and len(read_jsonl(path)) == 1  # no such stop: answered
 
 
@@ -819,3 +819,23 @@ def test_speed_refuses_a_question_id_answered_twice_in_one_file(tmp_path, capsys
     assert code == 2 and line == (f"error: --ea-file {ea}: question id 1 is answered twice (records 1 and 3): "
                                   f"keep one answer per question")
     assert not (tmp_path / "speed.json").exists()
+
+
+def test_a_model_that_fails_to_load_leaves_no_answer_file_behind(tmp_path, monkeypatch, capsys):
+    """The answer file was created (empty) before the model loaded: a failed start left it, and its folders."""
+    def fails(*args, **kwargs):
+        raise OSError("no such model: missing-base")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", fails)
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
+    path = tmp_path / "runs" / "eval" / "a.jsonl"
+    run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
+           "--base-model-path", "missing-base", "--model-type", "plain"]
+    assert cli_error(gen_answer.cli, run, capsys) == (2, "error: no such model: missing-base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
+    # an answer file of the same run, resumed: kept byte for byte
+    path.parent.mkdir(parents=True)
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(questions))
+    before = write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=settings)]) and path.read_text()
+    assert cli_error(gen_answer.cli, run, capsys)[0] == 2
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["a.jsonl"]
