@@ -461,6 +461,9 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty}"], "holds no questions"),
     (["--question-file", "{garbage}"], "holds no questions"),
     (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),
+    # the data directory was silently ignored beside a question file
+    (["--question-file", "{good}", "--data-dir", "{folder}"],
+     "--data-dir and --question-file both say where the questions are: pass one"),
     (["--total-token", "1"], "total_token must be >= 2"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),

@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "Without --bench-name its answers are filed under the file's folder "
                                            "(gsm8k for .../gsm8k/question.jsonl) or, for another file name, "
                                            "under that name (mine for mine.jsonl)")
-    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
+    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository "
+                                      "(not with --question-file)")
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
     p.add_argument("--model-type", type=model_type_arg, choices=MODEL_TYPES, default="auto", help="prompt format")
@@ -90,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     def refuse(message: str) -> None:  # one line, like a run's errors (argparse's own adds the usage)
         p.exit(2, f"error: {message}\n")
 
+    if args.data_dir and args.question_file:  # the file would be read and the folder silently ignored
+        refuse("--data-dir and --question-file both say where the questions are: pass one (--question-file FILE, "
+               "or --data-dir DIR with --bench-name for DIR/BENCH/question.jsonl)")
     if args.limit is not None and args.limit < 1:
         refuse("--limit must be >= 1")
     if args.max_new_tokens < 1:
