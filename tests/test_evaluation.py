@@ -842,3 +842,13 @@ def test_a_model_that_fails_to_load_leaves_no_answer_file_behind(tmp_path, monke
     before = write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=settings)]) and path.read_text()
     assert cli_error(gen_answer.cli, run, capsys)[0] == 2
     assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["a.jsonl"]
+
+
+def test_a_long_category_name_keeps_the_speed_table_aligned():
+    """The category column was 14 characters wide: a longer name pushed its row's numbers off their columns."""
+    ea = [answer(1, "a_very_long_category_name", [12], [1.0], [3]), answer(2, "math", [12], [1.0], [3])]
+    base = [answer(1, "a_very_long_category_name", [12], [4.0], [11]), answer(2, "math", [12], [4.0], [11])]
+    header, rule, *rows = speed.format_table(speed.summarize(ea, base)).splitlines()[:5]
+    assert rows[1].startswith("a_very_long_category_name ")
+    assert {len(line) for line in (header, rule, *rows)} == {len(header)}
+    assert {line.index("4.000") for line in rows} == {header.index("speedup") + len("speedup") - len("4.000")}

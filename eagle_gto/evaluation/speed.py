@@ -261,12 +261,13 @@ def acceptance_per_position(histogram: Counter) -> dict[str, float]:
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
+    width = max(14, 2 + max(len(name) for name in summary["groups"]))  # the longest category keeps its row aligned
+    header = (f"{'category':<{width}}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
               f"{'tau/round':>11}")
     lines = [header, "-" * len(header)]
     for name, g in summary["groups"].items():
         per_round = "-" if g["tau_per_round"] is None else f"{g['tau_per_round']:.2f}"
-        lines.append(f"{name:<14}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
+        lines.append(f"{name:<{width}}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
                      f"{g['baseline_mean_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
                      f"{g['tau']:>7.2f}{per_round:>11}")
     tau = "tokens per target forward, prefill counted" if summary["tau_counts_prefill"] else \
