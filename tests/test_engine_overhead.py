@@ -190,3 +190,30 @@ def test_op_count_refuses_a_base_an_eagle3_head_cannot_read(capsys):
     with pytest.raises(SystemExit):
         op_count.main(["--layers", "2"])
     assert "--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["engine_overhead", "op_count", "gpu_equality", "reference_engine",
+                                  "reference_parity"])
+@pytest.mark.parametrize("where,message", [("folder", "a folder, not a file"),
+                                           ("under_a_file", "is a file, not a folder")])
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tool, where, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    """--json was written only at the end: a folder given for it (or a path under a file) failed with a traceback
+    once the whole measurement (minutes on a GPU) was done, and its results were lost."""
+    import importlib
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("built a model")
+
+    module = importlib.import_module(f"eagle_gto.benchmarks.{tool}")
+    for name in ("build_model", "build_reference", "load_prompts"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (gpu_equality runs on a GPU only)
+    (tmp_path / "file").write_text("")
+    path = {"folder": tmp_path, "under_a_file": tmp_path / "file" / "out.json"}[where]
+    argv = ["--json", str(path)] + (["--reference-path", "x"] if tool == "reference_parity" else [])
+    with pytest.raises(SystemExit) as info:
+        getattr(module, "parse_args" if tool == "reference_parity" else "main")(argv)
+    expected = message if where == "folder" else f"{tmp_path / 'file'} {message}"
+    assert info.value.code == 2 and f"--json {path}: {expected}" in capsys.readouterr().err
