@@ -465,7 +465,11 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{good}", "--data-dir", "{folder}"],
      "--data-dir and --question-file both say where the questions are: pass one"),
     (["--total-token", "1"], "total_token must be >= 2"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    # refused by the engine only once the model had loaded
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["--seed", str(2**64)], f"--seed {2**64} is out of range: torch's seeds are integers from {-2**63} to "
+                             f"{2**64 - 1}"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
 ])
 def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeypatch, capsys, argv, message):

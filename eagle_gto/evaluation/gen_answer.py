@@ -36,6 +36,7 @@ resumes where it stopped. A file holding answers of another --mode,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import uuid
@@ -100,8 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         refuse("--max-new-tokens must be >= 1")
     if args.warmup < 0:
         refuse("--warmup must be >= 0")
-    if not args.temperature >= 0:
-        refuse("--temperature must be >= 0")
+    if not 0 <= args.temperature < math.inf:  # (nan fails too)
+        refuse(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range: past it, an overflow once the model has loaded
+        refuse(f"--seed {args.seed} is out of range: torch's seeds are integers from {-2**63} to {2**64 - 1}")
     if args.total_token != -1:  # (-1: picked once the model is loaded; Answerer checks the budget then)
         try:
             check_tree_params(args.total_token, args.depth, args.top_k)
