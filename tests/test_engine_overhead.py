@@ -143,6 +143,9 @@ def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
     (["--profile", "5", "--trace", "t.json"], "--profile profiles the graphs engine"),
     (["--trace", "t.json"], "--trace goes with --profile"),
     (["--profile", "-1"], "--profile must be >= 0"),
+    # tokens per iteration, the bonus token counted: below 1 the projected speedups and tokens/s meant nothing
+    (["--tau", "0"], "--tau must be at least 1 (tokens per iteration, the bonus token counted), got 0.0"),
+    (["--tau", "nan"], "--tau must be at least 1"),
     # shapes the model or its head cannot take: refused before a model is built
     (["--shape", "tiny", "--num-layers", "2"], "--num-layers must be at least 3 (an EAGLE-3 head reads three"),
     (["--shape", "tiny", "--hidden-size", "100"], "--hidden-size 100 / --num-heads 4 = head dim 25: it must be even"),

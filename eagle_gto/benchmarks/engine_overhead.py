@@ -351,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_output_file(p, "--trace", args.trace)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    if not 1 <= args.tau < float("inf"):  # (nan fails too)
+        p.error(f"--tau must be at least 1 (tokens per iteration, the bonus token counted), got {args.tau}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
     on_gpu = args.device.startswith("cuda")
