@@ -437,6 +437,9 @@ def cli_error(cli, argv, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--data-dir", "/nonexistent"], "question file not found: /nonexistent/mt_bench/question.jsonl"),
     (["--question-file", "/nonexistent.jsonl"], "question file not found: /nonexistent.jsonl"),
+    # a data directory passed as the question file was "not found"
+    (["--question-file", "{folder}"], "is a folder, not a question file: a folder of question sets goes to "
+                                      "--data-dir"),
     (["--question-file", "{no_turns}"], "q.jsonl: question 1 needs a non-empty turns list of strings"),
     # a string is not a list of turns: it would be answered one character per turn
     (["--question-file", "{string_turns}"], "strturns.jsonl: question 1 needs a non-empty turns list of strings"),

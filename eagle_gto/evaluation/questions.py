@@ -69,6 +69,9 @@ def check_question(question, path: Path) -> None:
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     """The questions of a file, all checked (also those past `limit`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a question file: a folder of question sets goes to --data-dir "
+                         f"(with --bench-name), a file such as {path / 'gsm8k' / 'question.jsonl'} to --question-file")
     if not path.is_file():
         raise ValueError(f"question file not found: {path}")
     questions = read_jsonl(path)
