@@ -220,3 +220,17 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tool, wh
         getattr(module, "parse_args" if tool == "reference_parity" else "main")(argv)
     expected = message if where == "folder" else f"{tmp_path / 'file'} {message}"
     assert info.value.code == 2 and f"--json {path}: {expected}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [(["--prompts", "0"], "--prompts must be >= 1, got 0"),
+                                          (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0")])
+def test_gpu_equality_refuses_a_run_that_would_compare_nothing(argv, message, monkeypatch, capsys):
+    """--prompts 0 left the random model unchecked (an empty table read as all paths equal); --new-tokens 0
+    failed in the engine after the demo pair had loaded."""
+    from eagle_gto.benchmarks import gpu_equality
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_equality.EaModel, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as info:
+        gpu_equality.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -93,6 +93,10 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
     check_output_file(p, "--json", args.json)
+    for option in ("--new-tokens", "--prompts"):  # (no prompt or no token: nothing compared, an empty table)
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value < 1:
+            p.error(f"{option} must be >= 1, got {value}")
     if not torch.cuda.is_available():
         p.error("this check compares decoding paths on a CUDA GPU, and CUDA is not available here "
                 "(the CPU test suite checks the same equalities in float32: python -m pytest)")
