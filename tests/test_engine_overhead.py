@@ -143,6 +143,9 @@ def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
     (["--profile", "5", "--trace", "t.json"], "--profile profiles the graphs engine"),
     (["--trace", "t.json"], "--trace goes with --profile"),
     (["--profile", "-1"], "--profile must be >= 0"),
+    # tokens per iteration, the bonus token counted: below 1 the projected speedups and tokens/s meant nothing
+    (["--tau", "0"], "--tau must be at least 1 (tokens per iteration, the bonus token counted), got 0.0"),
+    (["--tau", "nan"], "--tau must be at least 1"),
     # shapes the model or its head cannot take: refused before a model is built
     (["--shape", "tiny", "--num-layers", "2"], "--num-layers must be at least 3 (an EAGLE-3 head reads three"),
     (["--shape", "tiny", "--hidden-size", "100"], "--hidden-size 100 / --num-heads 4 = head dim 25: it must be even"),
@@ -190,3 +193,44 @@ def test_op_count_refuses_a_base_an_eagle3_head_cannot_read(capsys):
     with pytest.raises(SystemExit):
         op_count.main(["--layers", "2"])
     assert "--layers must be at least 3 (an EAGLE-3 head reads three decoder layers), got 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["engine_overhead", "op_count", "gpu_equality", "reference_engine",
+                                  "reference_parity"])
+@pytest.mark.parametrize("where,message", [("folder", "a folder, not a file"),
+                                           ("under_a_file", "is a file, not a folder")])
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tool, where, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    """--json was written only at the end: a folder given for it (or a path under a file) failed with a traceback
+    once the whole measurement (minutes on a GPU) was done, and its results were lost."""
+    import importlib
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("built a model")
+
+    module = importlib.import_module(f"eagle_gto.benchmarks.{tool}")
+    for name in ("build_model", "build_reference", "load_prompts"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (gpu_equality runs on a GPU only)
+    (tmp_path / "file").write_text("")
+    path = {"folder": tmp_path, "under_a_file": tmp_path / "file" / "out.json"}[where]
+    argv = ["--json", str(path)] + (["--reference-path", "x"] if tool == "reference_parity" else [])
+    with pytest.raises(SystemExit) as info:
+        getattr(module, "parse_args" if tool == "reference_parity" else "main")(argv)
+    expected = message if where == "folder" else f"{tmp_path / 'file'} {message}"
+    assert info.value.code == 2 and f"--json {path}: {expected}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [(["--prompts", "0"], "--prompts must be >= 1, got 0"),
+                                          (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0")])
+def test_gpu_equality_refuses_a_run_that_would_compare_nothing(argv, message, monkeypatch, capsys):
+    """--prompts 0 left the random model unchecked (an empty table read as all paths equal); --new-tokens 0
+    failed in the engine after the demo pair had loaded."""
+    from eagle_gto.benchmarks import gpu_equality
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_equality.EaModel, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as info:
+        gpu_equality.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

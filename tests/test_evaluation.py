@@ -437,6 +437,9 @@ def cli_error(cli, argv, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--data-dir", "/nonexistent"], "question file not found: /nonexistent/mt_bench/question.jsonl"),
     (["--question-file", "/nonexistent.jsonl"], "question file not found: /nonexistent.jsonl"),
+    # a data directory passed as the question file was "not found"
+    (["--question-file", "{folder}"], "is a folder, not a question file: a folder of question sets goes to "
+                                      "--data-dir"),
     (["--question-file", "{no_turns}"], "q.jsonl: question 1 needs a non-empty turns list of strings"),
     # a string is not a list of turns: it would be answered one character per turn
     (["--question-file", "{string_turns}"], "strturns.jsonl: question 1 needs a non-empty turns list of strings"),
@@ -461,8 +464,15 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty}"], "holds no questions"),
     (["--question-file", "{garbage}"], "holds no questions"),
     (["--max-length", "0"], "--max-length 0 leaves no room for a prompt"),
+    # the data directory was silently ignored beside a question file
+    (["--question-file", "{good}", "--data-dir", "{folder}"],
+     "--data-dir and --question-file both say where the questions are: pass one"),
     (["--total-token", "1"], "total_token must be >= 2"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    # refused by the engine only once the model had loaded
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["--seed", str(2**64)], f"--seed {2**64} is out of range: torch's seeds are integers from {-2**63} to "
+                             f"{2**64 - 1}"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
 ])
 def test_gen_answer_bad_input_is_one_error_line_before_loading(tmp_path, monkeypatch, capsys, argv, message):
@@ -715,7 +725,7 @@ def test_a_format_stop_token_past_the_model_vocabulary_is_refused_before_any_que
     code, line = cli_error(gen_answer.cli, argv, capsys)
     assert (code, line) == (2, "error: the qwen format's stop token ids [256] lie outside the model's vocabulary "
                                "[0, 256): is the tokenizer this model's?")
-    assert model.calls == [] and read_jsonl(path) == []
+    assert model.calls == [] and not path.exists()
     assert gen_answer.cli(argv[:-1] + ["vicuna"]) == 0 and len(read_jsonl(path)) == 1  # no such stop: answered
 
 
@@ -807,3 +817,45 @@ def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no line is skipped
         assert [q["question_id"] for q in load_questions(path)] == [1, 2]
+
+
+def test_speed_refuses_a_question_id_answered_twice_in_one_file(tmp_path, capsys):
+    """gen_answer writes one answer per question id; a file joined by hand may hold two, and the report
+    counted only the last."""
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "c", [12], [1.0], [3]), answer(2, "c", [12], [1.0], [3]),
+                                       answer(1, "c", [12], [9.0], [3])])
+    base = write(tmp_path / "base.jsonl", [answer(1, "c", [12], [4.0], [11]), answer(2, "c", [12], [4.0], [11])])
+    code, line = cli_error(speed.cli, ["--ea-file", ea, "--baseline-file", base, "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and line == (f"error: --ea-file {ea}: question id 1 is answered twice (records 1 and 3): "
+                                  f"keep one answer per question")
+    assert not (tmp_path / "speed.json").exists()
+
+
+def test_a_model_that_fails_to_load_leaves_no_answer_file_behind(tmp_path, monkeypatch, capsys):
+    """The answer file was created (empty) before the model loaded: a failed start left it, and its folders."""
+    def fails(*args, **kwargs):
+        raise OSError("no such model: missing-base")
+
+    monkeypatch.setattr(gen_answer.EaModel, "from_pretrained", fails)
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
+    path = tmp_path / "runs" / "eval" / "a.jsonl"
+    run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
+           "--base-model-path", "missing-base", "--model-type", "plain"]
+    assert cli_error(gen_answer.cli, run, capsys) == (2, "error: no such model: missing-base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
+    # an answer file of the same run, resumed: kept byte for byte
+    path.parent.mkdir(parents=True)
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(questions))
+    before = write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=settings)]) and path.read_text()
+    assert cli_error(gen_answer.cli, run, capsys)[0] == 2
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["a.jsonl"]
+
+
+def test_a_long_category_name_keeps_the_speed_table_aligned():
+    """The category column was 14 characters wide: a longer name pushed its row's numbers off their columns."""
+    ea = [answer(1, "a_very_long_category_name", [12], [1.0], [3]), answer(2, "math", [12], [1.0], [3])]
+    base = [answer(1, "a_very_long_category_name", [12], [4.0], [11]), answer(2, "math", [12], [4.0], [11])]
+    header, rule, *rows = speed.format_table(speed.summarize(ea, base)).splitlines()[:5]
+    assert rows[1].startswith("a_very_long_category_name ")
+    assert {len(line) for line in (header, rule, *rows)} == {len(header)}
+    assert {line.index("4.000") for line in rows} == {header.index("speedup") + len("speedup") - len("4.000")}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +55,22 @@ def bandwidth_floors(base, bandwidth: float) -> dict:
     read = weights if shared else weights - table_bytes + row_bytes
     return {"weight_bytes": weights, "read_bytes": read, "copy_bandwidth_gb_s": bandwidth / 1e9,
             "floor_ms": 1000 * weights / bandwidth, "read_floor_ms": 1000 * read / bandwidth}
+
+
+def check_output_file(p: argparse.ArgumentParser, option: str, path: str | None) -> None:
+    """Refuse (argparse's error), before anything is measured, a result file that could not be written at the
+    end of the run: a folder, a path under a file, no write permission. Nothing is created here (write_json
+    makes the missing folders)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        p.error(f"{option} {path}: a folder, not a file")
+    nearest = next(folder for folder in path.absolute().parents if folder.exists())
+    if not nearest.is_dir():
+        p.error(f"{option} {path}: {nearest} is a file, not a folder")
+    if not os.access(path if path.exists() else nearest, os.W_OK):
+        p.error(f"{option} {path}: not writable")
 
 
 def write_json(path: str | None, result: dict | list) -> None:

@@ -45,7 +45,7 @@ from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
 from ..tiny import head_config, random_head
 from ..tree import check_tree_params
-from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
+from .common import bandwidth_floors, check_output_file, copy_bandwidth, median_of, synchronize, write_json
 from .shapes import DTYPES, SHAPES, Shape, llama_config
 
 
@@ -347,8 +347,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
+    check_output_file(p, "--json", args.json)
+    check_output_file(p, "--trace", args.trace)
     if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    if not 1 <= args.tau < float("inf"):  # (nan fails too)
+        p.error(f"--tau must be at least 1 (tokens per iteration, the bonus token counted), got {args.tau}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
     on_gpu = args.device.startswith("cuda")

@@ -22,7 +22,7 @@ import torch
 
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
-from .common import write_json
+from .common import check_output_file, write_json
 from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
 from .shapes import SHAPES
 
@@ -92,6 +92,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json")
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
+    check_output_file(p, "--json", args.json)
+    for option in ("--new-tokens", "--prompts"):  # (no prompt or no token: nothing compared, an empty table)
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value < 1:
+            p.error(f"{option} must be >= 1, got {value}")
     if not torch.cuda.is_available():
         p.error("this check compares decoding paths on a CUDA GPU, and CUDA is not available here "
                 "(the CPU test suite checks the same equalities in float32: python -m pytest)")

@@ -31,7 +31,7 @@ from ..generation import TreeParams
 from ..kv_cache import TargetKVCache
 from ..target import TargetRunner
 from ..tree import check_tree_params
-from .common import write_json
+from .common import check_output_file, write_json
 from .engine_overhead import build_model, check_layers
 from .shapes import Shape
 
@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
     check_layers(p, "--layers", args.layers)
+    check_output_file(p, "--json", args.json)
     try:
         check_tree_params(args.total_token, args.depth, args.top_k)
     except ValueError as err:

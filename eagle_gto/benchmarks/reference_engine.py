@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .common import bandwidth_floors, copy_bandwidth, median_of, synchronize, write_json
+from .common import bandwidth_floors, check_output_file, copy_bandwidth, median_of, synchronize, write_json
 from .shapes import DTYPES, SHAPES, llama_config
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
@@ -103,6 +103,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_output_file(p, "--json", args.json)
     import transformers
 
     device = torch.device(args.device)

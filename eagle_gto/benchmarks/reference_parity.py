@@ -47,7 +47,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .common import write_json
+from .common import check_output_file, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Score gap at the cut (draft log-probability) within which the two
@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_side is None:
+        check_output_file(p, "--json", args.json)
         from ..chat import MODEL_TYPES, model_type_arg
         from ..evaluation.questions import BENCHES
 

@@ -36,6 +36,7 @@ resumes where it stopped. A file holding answers of another --mode,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import uuid
@@ -63,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "Without --bench-name its answers are filed under the file's folder "
                                            "(gsm8k for .../gsm8k/question.jsonl) or, for another file name, "
                                            "under that name (mine for mine.jsonl)")
-    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository")
+    p.add_argument("--data-dir", help="folder of the question sets; default shared/data beside the repository "
+                                      "(not with --question-file)")
     p.add_argument("--base-model-path", help="base model folder or hub id (default: the demo pair)")
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
     p.add_argument("--model-type", type=model_type_arg, choices=MODEL_TYPES, default="auto", help="prompt format")
@@ -90,14 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     def refuse(message: str) -> None:  # one line, like a run's errors (argparse's own adds the usage)
         p.exit(2, f"error: {message}\n")
 
+    if args.data_dir and args.question_file:  # the file would be read and the folder silently ignored
+        refuse("--data-dir and --question-file both say where the questions are: pass one (--question-file FILE, "
+               "or --data-dir DIR with --bench-name for DIR/BENCH/question.jsonl)")
     if args.limit is not None and args.limit < 1:
         refuse("--limit must be >= 1")
     if args.max_new_tokens < 1:
         refuse("--max-new-tokens must be >= 1")
     if args.warmup < 0:
         refuse("--warmup must be >= 0")
-    if not args.temperature >= 0:
-        refuse("--temperature must be >= 0")
+    if not 0 <= args.temperature < math.inf:  # (nan fails too)
+        refuse(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range: past it, an overflow once the model has loaded
+        refuse(f"--seed {args.seed} is out of range: torch's seeds are integers from {-2**63} to {2**64 - 1}")
     if args.total_token != -1:  # (-1: picked once the model is loaded; Answerer checks the budget then)
         try:
             check_tree_params(args.total_token, args.depth, args.top_k)

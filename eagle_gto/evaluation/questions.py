@@ -69,6 +69,9 @@ def check_question(question, path: Path) -> None:
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     """The questions of a file, all checked (also those past `limit`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a question file: a folder of question sets goes to --data-dir "
+                         f"(with --bench-name), a file such as {path / 'gsm8k' / 'question.jsonl'} to --question-file")
     if not path.is_file():
         raise ValueError(f"question file not found: {path}")
     questions = read_jsonl(path)
@@ -139,12 +142,25 @@ def sort_answers(path: str | Path) -> None:
 
 
 def check_writable(path: str | Path) -> None:
-    """Open the answer file for appending once (creating it and its folder):
-    a path that cannot be written fails (OSError) before any answer is generated."""
+    """Fail (OSError) before any answer is generated where the answer file
+    cannot be written, leaving nothing new behind: a missing file (and its
+    missing folders) is created and removed again, so that a start that fails
+    later (a model that does not load) leaves no empty answer file; an
+    existing one is opened for appending, never truncated."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8"):
-        pass
+    missing = [folder for folder in path.parents if not folder.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with path.open("a", encoding="utf-8"):
+                pass
+        else:
+            path.open("x", encoding="utf-8").close()
+            path.unlink()
+    finally:
+        for folder in missing:  # innermost first: each is empty once the one inside it is gone
+            if folder.exists():  # (mkdir may have failed part-way)
+                folder.rmdir()
 
 
 def append_answer(path: str | Path, record: dict) -> None:

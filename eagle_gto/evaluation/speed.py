@@ -3,7 +3,8 @@
     python -m eagle_gto.evaluation.speed --ea-file EA.jsonl --baseline-file BASE.jsonl [--out-dir DIR]
 
 Questions are paired by question_id (ids present in only one file are left
-out and listed); a pair whose question set (the `question_file` gen_answer
+out and listed; a file answering an id twice, as one joined by hand may, is
+refused: gen_answer writes one answer per id); a pair whose question set (the `question_file` gen_answer
 records), category or number of turns differ is refused: the files answer
 different questions. So is a pair made with different settings where a fair
 speedup needs the same: base model, prompt format, system prompt,
@@ -190,6 +191,18 @@ def answer_problem(answer: dict) -> str | None:
     return None
 
 
+def check_one_answer_per_question(answers: list[dict], label: str) -> None:
+    """Refuse a question id answered twice (gen_answer writes one answer per id; a file joined by
+    hand may hold two): pairing by id would silently count only the last."""
+    first_record: dict = {}
+    for number, answer in enumerate(answers, 1):
+        qid = answer["question_id"]
+        if qid in first_record:
+            raise ValueError(f"{label}: question id {qid!r} is answered twice (records {first_record[qid]} and "
+                             f"{number}): keep one answer per question")
+        first_record[qid] = number
+
+
 def read_answers(path: str | Path, option: str) -> list[dict]:
     """The answers of one file, refused with the file named when it is missing,
     empty or holds records that are not answers."""
@@ -199,6 +212,7 @@ def read_answers(path: str | Path, option: str) -> list[dict]:
     if not answers:
         raise ValueError(f"{option} {path} holds no answers")
     check_answer_records(answers, f"{option} {path}")
+    check_one_answer_per_question(answers, f"{option} {path}")
     for answer in answers:
         problem = answer_problem(answer)
         if problem:
@@ -247,12 +261,13 @@ def acceptance_per_position(histogram: Counter) -> dict[str, float]:
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'category':<14}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
+    width = max(14, 2 + max(len(name) for name in summary["groups"]))  # the longest category keeps its row aligned
+    header = (f"{'category':<{width}}{'n':>5}{'tok/s EA':>11}{'tok/s base':>12}{'speedup':>9}{'(total)':>9}{'tau':>7}"
               f"{'tau/round':>11}")
     lines = [header, "-" * len(header)]
     for name, g in summary["groups"].items():
         per_round = "-" if g["tau_per_round"] is None else f"{g['tau_per_round']:.2f}"
-        lines.append(f"{name:<14}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
+        lines.append(f"{name:<{width}}{g['questions']:>5}{g['ea_mean_tokens_per_second']:>11.2f}"
                      f"{g['baseline_mean_tokens_per_second']:>12.2f}{g['speedup']:>9.3f}{g['speedup_total']:>9.3f}"
                      f"{g['tau']:>7.2f}{per_round:>11}")
     tau = "tokens per target forward, prefill counted" if summary["tau_counts_prefill"] else \
