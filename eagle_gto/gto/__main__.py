@@ -21,6 +21,7 @@ from contextlib import contextmanager, redirect_stderr
 
 import torch
 
+from ..train.errors import errors_said_once
 from ..train.trainer import check_new_out, checks_said_once, one_line_errors
 from .parallel import launched_processes, main_process
 from .trainer import RUN_OUTPUTS, GTOConfig, check_data, load_models, load_streams, train
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
             check_data(cfg)  # before the models load
             models = load_models(cfg)
             streams = load_streams(cfg, models)
-        with input_errors():
-            summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
+    # Not said_once: an error of one process alone must reach the user, and the others must not wait for it.
+    with errors_said_once(PROG):
+        summary = train(cfg, models, streams)  # (a diverged run stops in one line too)
     if main_process():
         print(json.dumps(summary, indent=2))
 

@@ -36,6 +36,7 @@ from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
+from .errors import errors_said_once
 from .features import target_outputs
 from .plot import plot_metrics
 from .ttt import TTTObjective
@@ -330,9 +331,13 @@ def checks_said_once(prog: str):
 class CheckpointMismatch(ValueError):
     """--out holds training checkpoints that do not belong to this run."""
 
+    seen_by_all = True  # (every process reads the same checkpoints: rank 0 says it, errors_said_once)
+
 
 class TrainingDiverged(ValueError):
     """A step's gradients hold NaN or infinity."""
+
+    seen_by_all = True  # (the norm of the reduced gradients: every process stops at the same step)
 
 
 def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
@@ -760,7 +765,7 @@ def main(argv=None) -> None:
         eval_samples = samples_for(args, eval_records, eval_names, tokenizer, stop_ids, "evaluation") \
             if eval_records else None
         base = load_base(args.base_model_path)
-    with one_line_errors(PROG):
+    with errors_said_once(PROG):  # (said by one process, none left waiting for another)
         if args.regenerate:
             records = regenerate_shared(records, base, tokenizer, args)
             if args.save_data and is_main_process():  # (every process holds all of them)
