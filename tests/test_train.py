@@ -759,6 +759,19 @@ def test_a_diverged_run_stops_before_the_update_keeping_its_checkpoints(tmp_path
     assert not (tmp_path / "model.safetensors").exists()  # no export
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, tokenizer):
+    """A full disk while checkpointing was torch.save's traceback ("unexpected pos 64 vs 0"), naming no file."""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    checkpoint = tmp_path / "head" / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.bin").symlink_to("/dev/full")  # every write: "No space left on device"
+    with pytest.raises(SystemExit, match=rf"^python -m eagle_gto.train: {re.escape(str(checkpoint))}: the "
+                                         r"checkpoint could not be written \(is the disk full\?\): "):
+        main(["--base-model-path", str(base_dir), "--data", str(data), "--out", str(tmp_path / "head"),
+              "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "1", "--batch-size", "2",
+              "--ttt-steps", "1"])
+
+
 def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
     """A run interrupted while it wrote a log line leaves half of it: the
     resumed run drops it with a warning (and logs that step again). A line

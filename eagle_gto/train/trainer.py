@@ -402,7 +402,10 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
     """Weights, optimizer and data position; and each process's micro-batch
     results since the last log, so that a resumed run logs the same averages."""
     path = out / "checkpoints" / f"step-{progress['step']:08d}"
-    accelerator.save_state(str(path))
+    try:
+        accelerator.save_state(str(path))
+    except RuntimeError as err:  # torch.save's failed write names neither the file nor the cause
+        raise OSError(f"{path}: the checkpoint could not be written (is the disk full?): {err}") from None
     path.mkdir(parents=True, exist_ok=True)
     window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
     accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
