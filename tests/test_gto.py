@@ -1037,6 +1037,43 @@ def test_two_processes_train_as_one_on_their_global_batch_and_write_once(pair, t
     # rounding, moves by about 1e-4 of a step (lr 1e-3) more in one run than in the other)
 
 
+def test_an_error_of_one_process_alone_during_fine_tuning_is_said_once_and_stops_both(pair, tmp_path):
+    """An error rank 1 alone meets mid-run (a write failing on its node): its message went to a silenced stderr,
+    it left with status 0, and rank 0 printed the traceback of its lost connection (with NCCL it waited)."""
+    pair.base_model.save_pretrained(tmp_path / "base")
+    export_head(pair.ea_layer, tmp_path / "head", "float32")
+    seqs = greedy_windows(pair, 8, 48, seed=9)
+    stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
+    torch.save((stream, stream), tmp_path / "streams.pt")
+    script = tmp_path / "run.py"  # the CLI on the saved pair; rank 1's second step fails
+    script.write_text("import os, sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+                      "from eagle_gto.gto import __main__ as cli, trainer\n"
+                      "cli.load_models = lambda cfg: trainer.load_models(cfg, trainer.Models(load_base(cfg.base), "
+                      "None, None, None, None))\n"
+                      f"cli.load_streams = lambda cfg, models: torch.load({str(tmp_path / 'streams.pt')!r}, "
+                      "weights_only=False)\n"
+                      "loss, steps = trainer.training_loss, []\n"
+                      "def failing(*args):\n    steps.append(1)\n"
+                      "    if len(steps) == 2 and os.environ['RANK'] == '1':\n"
+                      "        raise OSError(28, 'No space left on device')\n"
+                      "    return loss(*args)\n"
+                      "trainer.training_loss = failing\ncli.main(sys.argv[1:])\n")
+    options = dict(base=tmp_path / "base", head=tmp_path / "head", out=tmp_path / "run", steps=3, windows=1,
+                   window_length=40, eval_every=0, eval_windows=1, **TREE)
+    arguments = [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(Path(__file__).parents[i]) for i in (1, 0)),
+               OMP_NUM_THREADS="1")
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--log-dir", str(tmp_path / "logs"), "--tee", "3", str(script), *arguments],
+                         capture_output=True, text=True, env=env, timeout=300)  # (a run left waiting fails)
+    output = ran.stdout + ran.stderr.replace("\r", "\n")
+    assert ran.returncode != 0
+    assert output.count("No space left on device") == 1, output[-3000:]
+    assert "[default1]:python -m eagle_gto.gto: [Errno 28] No space left on device" in output
+    assert not re.search(r"^\[default\d\]:.*Traceback", output, re.M), output[-3000:]
+    assert not (tmp_path / "run" / "head").exists()
+
+
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
     trained, loaded = [], []
     fake_experiment(monkeypatch, [], trained)

@@ -630,6 +630,57 @@ def test_two_processes_say_a_bad_option_once_and_both_stop(tmp_path):
     assert not (tmp_path / "head").exists()
 
 
+def launch_two(script, *args, log_dir):
+    """torchrun with 2 processes on the CPU, each output line marked with its process ([default0]: rank 0);
+    the timeout fails a run left waiting instead of blocking the suite."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--log-dir", str(log_dir), "--tee", "3", *script, *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_processes_say_a_diverged_run_once_by_rank_0(tmp_path, tokenizer):
+    """Both processes stop at the same step (the norm is that of the reduced gradients) and each said so; which
+    one the user saw depended on which the launcher stopped first. Rank 0 now says it, once. (Rank 0 waits here
+    until rank 1 has left: before, rank 1 said it and the launcher stopped rank 0.)"""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import atexit, math, os, pathlib, sys, time\nfrom eagle_gto.train import trainer\n"
+        f"gone = pathlib.Path({str(tmp_path / 'rank-1-gone')!r})\n"
+        "if os.environ['RANK'] == '1':\n    atexit.register(gone.touch)\n"
+        "check = trainer.check_gradient_norm\n"
+        "def after_rank_1(norm, step):\n"
+        "    while os.environ['RANK'] == '0' and not math.isfinite(float(norm)) and not gone.exists():\n"
+        "        time.sleep(0.05)\n"
+        "    check(norm, step)\n"
+        "trainer.check_gradient_norm = after_rank_1\ntrainer.main(sys.argv[1:])\n")
+    ran = launch_two([script], "--base-model-path", base_dir, "--data", data, "--out", tmp_path / "head",
+                     "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "4", "--batch-size", "2",
+                     "--ttt-steps", "1", "--lr", "1e30", log_dir=tmp_path / "logs")
+    output = ran.stdout + ran.stderr.replace("\r", "\n")
+    message = "python -m eagle_gto.train: step 2: the gradient norm is nan: training diverged"
+    assert ran.returncode != 0
+    assert output.count(message) == 1 and output.count(f"[default0]:{message}") == 1, output[-3000:]
+    assert not re.search(r"^\[default\d\]:.*Traceback", output, re.M)
+    assert not (tmp_path / "head" / "model.safetensors").exists()
+
+
+def test_an_error_of_rank_0_alone_is_said_once_and_the_other_process_stops_without_a_traceback(tmp_path, tokenizer):
+    """A file rank 0 alone writes, unwritable (found when the run ends): rank 0 said why and left, and rank 1,
+    waiting for it, printed the traceback of its lost connection."""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    (tmp_path / "head" / "training_curves.png").mkdir(parents=True)
+    ran = launch_two(["-m", "eagle_gto.train"], "--base-model-path", base_dir, "--data", data, "--out",
+                     tmp_path / "head", "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "2",
+                     "--batch-size", "2", "--ttt-steps", "1", log_dir=tmp_path / "logs")
+    output = ran.stdout + ran.stderr.replace("\r", "\n")
+    assert ran.returncode != 0
+    assert output.count("Is a directory") == 1 and "[default0]:python -m eagle_gto.train: [Errno 21] Is a " \
+        "directory" in output, output[-3000:]
+    assert not re.search(r"^\[default\d\]:.*Traceback", output, re.M), output[-3000:]
+
+
 def test_resume_continues_exactly(tmp_path, tokenizer):
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
@@ -707,6 +758,19 @@ def test_a_diverged_run_stops_before_the_update_keeping_its_checkpoints(tmp_path
         train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002"]
     assert not (tmp_path / "model.safetensors").exists()  # no export
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, tokenizer):
+    """A full disk while checkpointing was torch.save's traceback ("unexpected pos 64 vs 0"), naming no file."""
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    checkpoint = tmp_path / "head" / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.bin").symlink_to("/dev/full")  # every write: "No space left on device"
+    with pytest.raises(SystemExit, match=rf"^python -m eagle_gto.train: {re.escape(str(checkpoint))}: the "
+                                         r"checkpoint could not be written \(is the disk full\?\): "):
+        main(["--base-model-path", str(base_dir), "--data", str(data), "--out", str(tmp_path / "head"),
+              "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "1", "--batch-size", "2",
+              "--ttt-steps", "1"])
 
 
 def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):

@@ -25,6 +25,7 @@ from contextlib import contextmanager, redirect_stderr
 
 import torch
 
+from ..train.errors import errors_said_once
 from ..train.trainer import checks_said_once, one_line_errors
 from .checkpoints import Checkpointing
 from .parallel import launched_processes, main_process
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             check_data(cfg)  # before the models load
             models = load_models(cfg)
             streams = load_streams(cfg, models)
-        with input_errors():
-            summary = train(cfg, models, streams, checkpointing=checkpointing)  # (a diverged run: one line too)
+    # Not said_once: an error of one process alone must reach the user, and the others must not wait for it.
+    with errors_said_once(PROG):
+        summary = train(cfg, models, streams, checkpointing=checkpointing)  # (a diverged run: one line too)
     if main_process():
         print(json.dumps(summary, indent=2))
 

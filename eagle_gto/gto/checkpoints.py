@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint
+from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint, writing_checkpoint
 
 # The options a resumed run may change: where it writes and runs, how long, the memory bound of the
 # verification, how often it validates and the exported dtype. --windows is compared as the global batch
@@ -77,9 +77,10 @@ def save_checkpoint(out: Path, step: int, keep: int, options: dict, head: torch.
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"head": trained_weights(head), "optimizer": optimizer.state_dict(),
-                "generators": {name: g.get_state() for name, g in generators.items()}, "rng": rng, "log": log},
-               path / "state.pt")
+    with writing_checkpoint(path):
+        torch.save({"head": trained_weights(head), "optimizer": optimizer.state_dict(),
+                    "generators": {name: g.get_state() for name, g in generators.items()}, "rng": rng, "log": log},
+                   path / "state.pt")
     complete_checkpoint(out, path, {"step": step, "options": options}, keep)
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
 class CheckpointMismatch(ValueError):
     """--out holds training checkpoints that do not belong to this run."""
+
+    seen_by_all = True  # (every process reads the same checkpoints: rank 0 says it, errors_said_once)
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -35,6 +38,15 @@ def checkpoints_to_resume(out: Path, resume: bool) -> list[Path]:
         raise CheckpointMismatch(f"{out} already holds checkpoints of an earlier run (up to {previous[-1].name}): "
                                  "pass --resume to continue it, or choose another --out (or clear this one)")
     return previous
+
+
+@contextmanager
+def writing_checkpoint(path: Path):
+    """torch.save's failed write (a full disk) names neither the file nor the cause: say both."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise OSError(f"{path}: the checkpoint could not be written (is the disk full?): {err}") from None
 
 
 def read_progress(checkpoint: Path, steps: int) -> dict:

@@ -35,8 +35,9 @@ from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
 from .checkpoints import (CheckpointMismatch, checkpoint_path, checkpoints_to_resume, complete_checkpoint,
-                          read_progress)
+                          read_progress, writing_checkpoint)
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
+from .errors import errors_said_once
 from .features import target_outputs
 from .plot import plot_metrics
 from .ttt import TTTObjective
@@ -331,6 +332,8 @@ def checks_said_once(prog: str):
 class TrainingDiverged(ValueError):
     """A step's gradients hold NaN or infinity."""
 
+    seen_by_all = True  # (the norm of the reduced gradients: every process stops at the same step)
+
 
 def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
     """Stop before a step with NaN or infinite gradients updates the head: the
@@ -386,7 +389,8 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
     """Weights, optimizer and data position; and each process's micro-batch
     results since the last log, so that a resumed run logs the same averages."""
     path = checkpoint_path(out, progress["step"])
-    accelerator.save_state(str(path))
+    with writing_checkpoint(path):
+        accelerator.save_state(str(path))
     path.mkdir(parents=True, exist_ok=True)
     window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
     accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
@@ -744,7 +748,7 @@ def main(argv=None) -> None:
         eval_samples = samples_for(args, eval_records, eval_names, tokenizer, stop_ids, "evaluation") \
             if eval_records else None
         base = load_base(args.base_model_path)
-    with one_line_errors(PROG):
+    with errors_said_once(PROG):  # (said by one process, none left waiting for another)
         if args.regenerate:
             records = regenerate_shared(records, base, tokenizer, args)
             if args.save_data and is_main_process():  # (every process holds all of them)
