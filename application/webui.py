@@ -18,6 +18,7 @@ import time
 from contextlib import closing
 
 import gradio as gr
+from markdown_it import MarkdownIt
 
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
                      StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
@@ -50,39 +51,46 @@ def code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
-# Markdown shows code verbatim, and HTML entities there as written: only the text outside code is escaped.
-FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
-# A code span (kept), or what would start HTML: a tag, comment or declaration, or an entity. Only these are
-# escaped: the chat's copy button copies the escaped text ("a < b" and "A & B" stay as they are).
-MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|<(?=[A-Za-z/!?])|&(?=#?\w+;)", re.DOTALL)
+# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written, so a copied
+# message (the copy button copies the message's Markdown) keeps them as written; `tags_as_text` lists those the
+# conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks would show their
+# markup too): those, comments, declarations and entities are escaped in the Markdown instead, outside code,
+# where they show verbatim anyway.
+RENDERER_TAGS = frozenset("a blockquote br button code del div em h1 h2 h3 h4 h5 h6 hr img input li ol p path pre "
+                          "span strong svg table tbody td th thead tr ul".split())
+TAG = re.compile(r"</?([A-Za-z][^\s/<>]*)")  # a tag's start and its name, as allow_tags reads them
+# A code span (kept), a tag's start, the start of a comment, declaration or processing instruction, or an entity.
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|" + TAG.pattern + r"|<(?=[!?])|&(?=#?\w+;)", re.DOTALL)
 ENTITIES = {"&": "&amp;", "<": "&lt;"}
+CODE_BLOCKS = MarkdownIt("commonmark")  # CommonMark's blocks, as the chat's renderer (marked) finds them
+
+
+def tags_as_text(history: list[dict]) -> list[str]:
+    """The names of the tags written in the conversation that the chat can show as written."""
+    names = {name.lower() for m in history for name in TAG.findall(m["content"])}
+    return sorted(names - RENDERER_TAGS)
 
 
 def escape_markup(text: str) -> str:
-    """Markdown in which HTML written in `text` (a model's `<b>` or `<script>`, a user's `<div>`) shows as
-    written: the chat renders HTML in Markdown, and its sanitizer drops what it does not allow."""
-    out, prose, fence = [], [], None
+    """Markdown in which HTML written in `text` (a model's `<p>` or `<!-- -->`, a user's `&amp;`) shows as
+    written, with the chat's `allow_tags` from `tags_as_text`: the chat renders HTML in Markdown, and its
+    sanitizer drops what it does not allow."""
+    def escaped(match: re.Match) -> str:
+        if match.group(1) or (match.group(3) and match.group(3).lower() not in RENDERER_TAGS):
+            return match.group(0)
+        return ENTITIES[match.group(0)[0]] + match.group(0)[1:]
 
-    def end_prose():
-        out.append(MARKUP.sub(lambda m: m.group(1) or ENTITIES[m.group(0)], "".join(prose)))
-        prose.clear()
-
-    for line in text.splitlines(keepends=True):
-        opener = FENCE.match(line)
-        if fence is None and opener:
-            end_prose()
-            fence = opener.group(1)
-        elif fence is not None:  # a code block, until a fence of its kind, at least as long, closes it
-            if opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) \
-                    and not line[opener.end():].strip():
-                fence = None
-        elif line.startswith(("    ", "\t")):  # an indented code block (or a list's continuation): left as is
-            end_prose()
-        else:
-            prose.append(line)
-            continue
-        out.append(line)
-    end_prose()
+    lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # as the Markdown parser counts them (str.splitlines has more)
+    code = [False] * len(lines)
+    for token in CODE_BLOCKS.parse(text):
+        if token.type in ("fence", "code_block"):
+            code[token.map[0]:token.map[1]] = [True] * (token.map[1] - token.map[0])
+    out, start = [], 0
+    for end in range(1, len(lines) + 1):  # runs of prose lines escaped, runs of code lines as they are
+        if end == len(lines) or code[end] != code[start]:
+            run = "".join(lines[start:end])
+            out.append(run if code[start] else MARKUP.sub(escaped, run))
+            start = end
     return "".join(out)
 
 
@@ -110,11 +118,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
 
-    def show(history: list[dict]) -> list[dict]:
+    def show(history: list[dict]) -> dict:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
         if not runner.plain_text:
-            return [{"role": m["role"], "content": escape_markup(m["content"])} for m in history]
-        return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
+            return gr.update(value=[{"role": m["role"], "content": escape_markup(m["content"])} for m in history],
+                             allow_tags=tags_as_text(history))
+        return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
 
     def one_turn_at_a_time(state: str) -> None:
         """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer."""
@@ -210,7 +219,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
         pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate
-        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"])
+        # allow_tags: set by `show` with each conversation
+        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
         with gr.Row():

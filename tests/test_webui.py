@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 import pytest
 import torch
 from playwright import sync_api
-from test_api import TREE, running_server, save_tiny_pair
+from test_api import TREE, free_port, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application import webui
@@ -468,16 +469,77 @@ def test_the_speculative_switch_reaches_the_model(speculative):
 
 def test_html_in_a_chat_shows_as_written():
     """Called directly (no browser): the chat renders HTML within Markdown (its sanitizer drops <script> and
-    its text), so a chat model's turns are shown with HTML escaped outside code (and only HTML: the copy button
-    copies what is shown); the history keeps the text as written, for the next prompt."""
-    runner = ChatRunner(ScriptedModel("Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <script>y</script> a < b & c"))
+    its text). The tags a chat model's turns use are the chat's allow_tags, which it shows as written; those its
+    Markdown renderer writes itself, comments and entities are escaped outside code; the history keeps the text as
+    written, for the next prompt."""
+    answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
+    runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
-    assert shown[-1]["content"] == "a &lt;div>"
+    assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
-    assert last[0][-1]["content"] == runner.model.answer
-    shown = "Use &lt;b>x&lt;/b> &amp;amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script> a < b & c"
-    assert last[1][-1]["content"] == shown
+    assert last[0][-1]["content"] == answer
+    shown = "Use <b>x</b> &amp;amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> &lt;!-- c --> &lt;p>a < b & c&lt;/P>"
+    assert last[1]["value"][-1]["content"] == shown
+    assert last[1]["allow_tags"] == ["b", "i", "script"]
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("para\n    <p>lazy</p>", "para\n    &lt;p>lazy&lt;/p>"),  # a paragraph's continuation, not code
+    ("- item\n\n    <p>more</p>", "- item\n\n    &lt;p>more&lt;/p>"),  # the item's second paragraph
+    ("para\n\n    <p>code</p>\n<p>", "para\n\n    <p>code</p>\n&lt;p>"),
+    ("> ```\n> <p>\n> ```\n<p>", "> ```\n> <p>\n> ```\n&lt;p>"),  # a fence in a quote
+    ("```\n<p>", "```\n<p>"),  # a fence that is not closed runs to the end
+])
+def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
+    """Called directly: code is where the chat's Markdown renderer finds code (CommonMark's rules)."""
+    assert webui.escape_markup(text) == shown
+
+
+@contextmanager
+def scripted_chat(answer: str):
+    """The chat UI in this process over a scripted chat model that answers `answer`; yields its URL."""
+    demo = build_ui(ChatRunner(ScriptedModel(answer)), "scripted", 1000)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def copied(page, role: str) -> str:
+    """What the copy button of the last `role` message puts on the clipboard."""
+    page.evaluate("navigator.clipboard.writeText('')")
+    page.locator(f'#chatbot .{role}-row + .message-buttons button[title="Copy message"]').last.click()
+    page.wait_for_function("navigator.clipboard.readText().then(text => text !== '')")
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+# HTML the chat shows as written, copied as written: tags, in a paragraph's lazy continuation lines too.
+HTML_ANSWER = ("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in `<i>`:\n"
+               "    <u>lazy</u> <em>continuation</em>\n\n"
+               "```html\n<div>code</div>\n```")
+
+
+def test_html_shows_and_copies_as_written(browser):
+    """In the browser: a chat model's HTML, the user's too, shows as written, and the copy button copies the
+    message as written (tags the chat's Markdown renderer writes itself, here <em>, are escaped in the Markdown,
+    so they copy escaped)."""
+    with scripted_chat(HTML_ANSWER) as url:
+        page = browser.new_context(permissions=["clipboard-read", "clipboard-write"]).new_page()
+        page.goto(url)
+        send(page, "Is <b>this</b> bold?")
+        wait_for_state(page, "Done")
+        page.wait_for_function("document.querySelector('[data-testid=\"bot\"] pre')")
+        bot, user = page.locator('[data-testid="bot"]'), page.locator('[data-testid="user"]')
+        assert user.inner_text() == "Is <b>this</b> bold?" and user.locator("b").count() == 0
+        assert bot.inner_text().startswith("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in <i>:\n"
+                                           "<u>lazy</u> <em>continuation</em>\n")
+        assert bot.locator("pre code").inner_text() == "<div>code</div>\n"
+        assert bot.locator("b, u, em, script").count() == 0  # nothing rendered as HTML
+        assert copied(page, "user") == "Is <b>this</b> bold?"
+        assert copied(page, "bot") == HTML_ANSWER.replace("<em>", "&lt;em>").replace("</em>", "&lt;/em>")
 
 
 class FailingModel(ScriptedModel):
@@ -506,7 +568,8 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
-    assert restored[:4] == (history, history, figures, drafts) and restored[-1] == "again"
+    assert (restored[0], restored[1]["value"], *restored[2:4]) == (history, history, figures, drafts)
+    assert restored[-1] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
