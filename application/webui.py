@@ -186,7 +186,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    yield chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip()
+                    # The last update answers the question: see `stopped`.
+                    answered = (None, state) if done else (gr.skip(), gr.skip())
+                    yield (chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip(),
+                           *answered)
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -198,14 +201,16 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
-            yield history, show(history), stats_before, drafts_before, notice_line, typed_back
+            yield history, show(history), stats_before, drafts_before, notice_line, typed_back, None, notice_line
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict], pending, message: str):
+    def stopped(state: str, history: list[dict], pending, end_line: str, message: str):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
         if state not in (GENERATING, WAITING):  # nothing was running or queued
             return state, show(history), gr.skip()
+        if pending is None:  # the answer ended before Stop came (its last update may not have reached the page)
+            return end_line, show(history), gr.skip()
         asked, typed = pending
         answered = len(history) > len(asked) and history[:len(asked)] == asked
         return STOPPED, show(history), typed if typed and not answered and not message else gr.skip()
@@ -218,7 +223,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
-        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate
+        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate; None once answered
+        end_line = gr.State("")  # the notice line that ended the last answer
         # allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
@@ -252,7 +258,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
-                          outputs=[history, *shown, message],
+                          outputs=[history, *shown, message, pending, end_line],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
@@ -263,8 +269,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, message], [notice, chatbot, message],
-                                              **nowhere, concurrency_limit=None)
+        stop.click(None, cancels=events).then(stopped, [notice, history, pending, end_line, message],
+                                              [notice, chatbot, message], **nowhere, concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):

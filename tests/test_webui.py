@@ -291,6 +291,18 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     wait_for_error(first, "There is no message to answer again")
 
 
+def test_stop_after_the_answer_ended_keeps_its_end_line():
+    """Called directly (no browser): Stop pressed while the page still says Generating…, as the answer has ended
+    (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
+    not "Stopped.", and the whole answer."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8)
+    history, pending, end_line = last[0], last[6], last[7]  # the session's states, as the server keeps them
+    notice, chat, _ = actions["stopped"](GENERATING, history, pending, end_line, "")
+    assert (notice, chat["value"][-1]["content"]) == (ANSWER_LIMIT.format(8), "abcdefgh")
+
+
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
 def test_one_turn_at_a_time(browser, url, first, second):
     """Sending while the conversation's answer streams is refused, whichever way either message was sent
@@ -398,7 +410,7 @@ def test_a_chat_template_refusal_shows_its_message():
     _, pending, _, _ = actions["add_message"]("again", history, "Done")
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
-    assert (restored[0], restored[-1]) == (history, "again")
+    assert (restored[0], restored[5]) == (history, "again")
     assert "This model takes no chats" in restored[4]  # the notice line; the stats and drafts stay (skipped)
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
@@ -411,7 +423,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done")
     updates = actions["respond"](pending, [], True, 0, 1, 8)
-    assert next(updates)[-1] == "cut \ud83d"
+    assert next(updates)[5] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
         next(updates)
     assert error.value.title == "Invalid text"
@@ -569,7 +581,7 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
     assert (restored[0], restored[1]["value"], *restored[2:4]) == (history, history, figures, drafts)
-    assert restored[-1] == "again"
+    assert restored[5] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
