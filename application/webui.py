@@ -33,7 +33,7 @@ DRAFT_STYLE = "background:#bbf7d0;border-radius:3px"  # green: text from accepte
 WAITING = "Waiting for the model: another answer is being generated…"
 GENERATING, STOPPED = "Generating…", "Stopped."
 DONE = "Done: the model ended its answer."
-ANSWER_LIMIT = "Done: the answer reached its limit of {} new tokens (Max new tokens)."
+ANSWER_LIMIT = "Done: the answer reached its limit of {} (Max new tokens)."
 CONTEXT_FULL = "Done: the context is full ({} tokens for prompt and answer; see --max-length)."
 # The browser redraws the whole answer and draft panel on each update: more than about 20 a second only
 # loads the page (a fast model verifies 100 iterations a second) and delays clicks such as Stop.
@@ -41,6 +41,14 @@ UPDATE_INTERVAL = 0.05  # seconds between two updates of a streaming answer
 # the user's to fix: said without a traceback in the log
 ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error",
                 InvalidTextError: "Invalid text"}
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def answer_limit(max_new_tokens: int) -> str:
+    return ANSWER_LIMIT.format(counted(max_new_tokens, "new token"))
 
 
 def code_block(text: str) -> str:
@@ -110,8 +118,8 @@ def origin_box(spans: str) -> str:
 def stats_line(stats, speculative: bool) -> str:
     mode = "speculative decoding" if speculative else "plain decoding"
     return (f"**{stats.tokens_per_second:.1f} tokens/s** · mean accepted length "
-            f"**{stats.mean_accepted_length:.2f}** tokens/iteration · {stats.new_tokens} tokens in "
-            f"{stats.iterations} iterations · {mode}")
+            f"**{stats.mean_accepted_length:.2f}** tokens/iteration · {counted(stats.new_tokens, 'token')} in "
+            f"{counted(stats.iterations, 'iteration')} · {mode}")
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
@@ -153,7 +161,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
         if stats.finish_reason == "stop":
             return DONE
-        return ANSWER_LIMIT.format(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
+        return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):

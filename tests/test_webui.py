@@ -22,7 +22,7 @@ from test_api_scripted import ScriptedModel
 
 from application import webui
 from application.common import ChatRunner
-from application.webui import ANSWER_LIMIT, CONTEXT_FULL, DONE, GENERATING, WAITING, build_ui
+from application.webui import CONTEXT_FULL, DONE, GENERATING, WAITING, answer_limit, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,7 +33,7 @@ if not CHROMIUM.exists():
 MAX_LENGTH = 1024
 MAX_NEW = 24  # tokens per answer in these tests
 SPEED = re.compile(r"[\d.]+ tokens/s · mean accepted length [\d.]+ tokens/iteration · "
-                   r"(\d+) tokens in (\d+) iterations")
+                   r"(\d+) tokens? in (\d+) iterations?")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--no-first-run"]
 
@@ -189,7 +189,7 @@ def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     tokens, iterations = map(int, SPEED.search(stats(page)).groups())
     assert tokens == 64 and 1 <= iterations <= tokens and "speculative decoding" in stats(page)
     assert page.locator("#drafts pre").text_content() == final
-    assert state(page) == ANSWER_LIMIT.format(64)
+    assert state(page) == answer_limit(64)
     page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 
     page.locator('#chatbot button[aria-label="Clear"]').click()  # the chatbot's trash icon clears the history too
@@ -300,7 +300,7 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, end_line = last[0], last[6], last[7]  # the session's states, as the server keeps them
     notice, chat, _ = actions["stopped"](GENERATING, history, pending, end_line, "")
-    assert (notice, chat["value"][-1]["content"]) == (ANSWER_LIMIT.format(8), "abcdefgh")
+    assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
 
 
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
@@ -350,7 +350,7 @@ def test_clear_before_the_answer_starts():
 
 
 def test_max_new_tokens_1():
-    """--max-new-tokens 1: the slider still has a range, and answers keep to 1 token."""
+    """--max-new-tokens 1: the slider still has a range, and answers keep to 1 token (and say so in the singular)."""
     model = ScriptedModel()
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
@@ -359,6 +359,8 @@ def test_max_new_tokens_1():
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
+    assert "1 token in 1 iteration ·" in last[2]  # said in the singular
+    assert last[4] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
 
 
 def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
@@ -455,7 +457,7 @@ def test_max_new_tokens_stops_at_the_context():
     assert slider.maximum == 99 and "100 tokens" in slider.label  # a prompt holds at least one token
 
 
-@pytest.mark.parametrize("answer,max_new,line", [(ScriptedModel().answer, 8, ANSWER_LIMIT.format(8)),
+@pytest.mark.parametrize("answer,max_new,line", [(ScriptedModel().answer, 8, answer_limit(8)),
                                                  ("abc", 8, CONTEXT_FULL.format(100))])
 def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, line):
     """Called directly (no browser): an answer of exactly Max new tokens ended at its own limit; one that
