@@ -11,6 +11,7 @@ through Gradio's queue one request at a time, and waiting users see so.
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import re
@@ -67,10 +68,12 @@ def code_block(text: str) -> str:
 RENDERER_TAGS = frozenset("a blockquote br button code del div em h1 h2 h3 h4 h5 h6 hr img input li ol p path pre "
                           "span strong svg table tbody td th thead tr ul".split())
 TAG = re.compile(r"</?([A-Za-z][^\s/<>]*)")  # a tag's start and its name, as allow_tags reads them
-# A code span (kept), a tag's start, the start of a comment, declaration or processing instruction, or an entity.
-MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|" + TAG.pattern + r"|<(?=[!?])|&(?=#?\w+;)", re.DOTALL)
+# A tag's start, the start of a comment, declaration or processing instruction, or an entity
+HTML_START = re.compile(TAG.pattern + r"|<(?=[!?])|&(?=#?\w+;)")
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|" + HTML_START.pattern, re.DOTALL)  # or a code span (kept)
 ENTITIES = {"&": "&amp;", "<": "&lt;"}
-CODE_BLOCKS = MarkdownIt("commonmark")  # CommonMark's blocks, as the chat's renderer (marked) finds them
+# CommonMark's blocks, as the chat's renderer (marked) finds them; the text within them is not needed
+CODE_BLOCKS = MarkdownIt("commonmark").disable(["inline", "text_join"])
 
 
 def tags_as_text(history: list[dict]) -> list[str]:
@@ -79,6 +82,7 @@ def tags_as_text(history: list[dict]) -> list[str]:
     return sorted(names - RENDERER_TAGS)
 
 
+@functools.lru_cache(maxsize=256)  # each update shows the whole conversation: only its last answer is new
 def escape_markup(text: str) -> str:
     """Markdown in which HTML written in `text` (a model's `<p>` or `<!-- -->`, a user's `&amp;`) shows as
     written, with the chat's `allow_tags` from `tags_as_text`: the chat renders HTML in Markdown, and its
@@ -88,6 +92,8 @@ def escape_markup(text: str) -> str:
             return match.group(0)
         return ENTITIES[match.group(0)[0]] + match.group(0)[1:]
 
+    if all(m.group(1) and m.group(1).lower() not in RENDERER_TAGS for m in HTML_START.finditer(text)):
+        return text  # nothing to escape, in code or not: no need to parse the Markdown
     lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # as the Markdown parser counts them (str.splitlines has more)
     code = [False] * len(lines)
     for token in CODE_BLOCKS.parse(text):

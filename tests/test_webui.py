@@ -504,6 +504,7 @@ def test_html_in_a_chat_shows_as_written():
     ("para\n\n    <p>code</p>\n<p>", "para\n\n    <p>code</p>\n&lt;p>"),
     ("> ```\n> <p>\n> ```\n<p>", "> ```\n> <p>\n> ```\n&lt;p>"),  # a fence in a quote
     ("```\n<p>", "```\n<p>"),  # a fence that is not closed runs to the end
+    ("`a\n\n```\nx\n```\n<p> `", "`a\n\n```\nx\n```\n&lt;p> `"),  # no code span across blocks
 ])
 def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
     """Called directly: code is where the chat's Markdown renderer finds code (CommonMark's rules)."""
