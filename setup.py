@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     install_requires=core,
     extras_require={
-        "webui": ["gradio>=6,<7"],
+        "webui": ["gradio>=6,<7", "markdown-it-py>=3"],  # markdown-it: where the chat shows code
         "api": ["fastapi>=0.110", "uvicorn>=0.29"],
         "train": ["matplotlib>=3.7"],
         "eval": ["matplotlib>=3.7"],

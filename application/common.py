@@ -209,7 +209,7 @@ class HeldText:
 class TextStream:
     """Incremental detokenization. A token may end inside a character (byte
     level BPE), which decodes to U+FFFD until the rest arrives, so such text
-    is held back; and each new text is decoded after the tokens before it (at
+    is held back (the whole characters before it are not); and each new text is decoded after the tokens before it (at
     first, the prompt's last ones: `context`), as SentencePiece decoders drop
     the space before a text's first word. `lead`, where the text starts with
     it, is left out (see `ChatRunner.generate`)."""
@@ -219,6 +219,7 @@ class TextStream:
         self.ids: list[int] = decode_context(tokenizer, list(context))
         self.start = 0  # ids[start:read] were emitted last time: the context for the next text
         self.read = len(self.ids)
+        self.sent = 0  # characters of ids[read:]'s text sent already: those before a character not yet whole
         self.lead = lead
         self.held = HeldText()  # the first text, while it may still be (the start of) the lead
 
@@ -231,8 +232,11 @@ class TextStream:
             return []
         self.ids += ids
         text = decode_after(self.tokenizer, self.ids[self.start:self.read], self.ids[self.read:])
-        if text.endswith("\ufffd") and not final:
-            return []
+        if text.endswith("\ufffd") and not final:  # the text up to the last whole character goes now, by origin;
+            whole = text.rstrip("\ufffd")[self.sent:]  # the cut one with the piece that completes it
+            self.sent += len(whole)
+            return self._without_lead([(whole, drafted)] if whole else [], final)
+        text, self.sent = text[self.sent:], 0
         self.start, self.read = self.read, len(self.ids)
         return self._without_lead([(text, drafted)] if text else [], final)
 

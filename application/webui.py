@@ -11,6 +11,7 @@ through Gradio's queue one request at a time, and waiting users see so.
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import re
@@ -18,6 +19,7 @@ import time
 from contextlib import closing
 
 import gradio as gr
+from markdown_it import MarkdownIt
 
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
                      StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
@@ -32,7 +34,7 @@ DRAFT_STYLE = "background:#bbf7d0;border-radius:3px"  # green: text from accepte
 WAITING = "Waiting for the model: another answer is being generated…"
 GENERATING, STOPPED = "Generating…", "Stopped."
 DONE = "Done: the model ended its answer."
-ANSWER_LIMIT = "Done: the answer reached its limit of {} new tokens (Max new tokens)."
+ANSWER_LIMIT = "Done: the answer reached its limit of {} (Max new tokens)."
 CONTEXT_FULL = "Done: the context is full ({} tokens for prompt and answer; see --max-length)."
 # The browser redraws the whole answer and draft panel on each update: more than about 20 a second only
 # loads the page (a fast model verifies 100 iterations a second) and delays clicks such as Stop.
@@ -40,6 +42,14 @@ UPDATE_INTERVAL = 0.05  # seconds between two updates of a streaming answer
 # the user's to fix: said without a traceback in the log
 ERROR_TITLES = {ContextLengthError: "Prompt too long", ChatTemplateError: "Chat template error",
                 InvalidTextError: "Invalid text"}
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def answer_limit(max_new_tokens: int) -> str:
+    return ANSWER_LIMIT.format(counted(max_new_tokens, "new token"))
 
 
 def code_block(text: str) -> str:
@@ -50,39 +60,51 @@ def code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
-# Markdown shows code verbatim, and HTML entities there as written: only the text outside code is escaped.
-FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
-# A code span (kept), or what would start HTML: a tag, comment or declaration, or an entity. Only these are
-# escaped: the chat's copy button copies the escaped text ("a < b" and "A & B" stay as they are).
-MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|<(?=[A-Za-z/!?])|&(?=#?\w+;)", re.DOTALL)
+# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written, so a copied
+# message (the copy button copies the message's Markdown) keeps them as written; `tags_as_text` lists those the
+# conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks would show their
+# markup too): those, comments, declarations and entities are escaped in the Markdown instead, outside code,
+# where they show verbatim anyway.
+RENDERER_TAGS = frozenset("a blockquote br button code del div em h1 h2 h3 h4 h5 h6 hr img input li ol p path pre "
+                          "span strong svg table tbody td th thead tr ul".split())
+TAG = re.compile(r"</?([A-Za-z][^\s/<>]*)")  # a tag's start and its name, as allow_tags reads them
+# A tag's start, the start of a comment, declaration or processing instruction, or an entity
+HTML_START = re.compile(TAG.pattern + r"|<(?=[!?])|&(?=#?\w+;)")
+MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|" + HTML_START.pattern, re.DOTALL)  # or a code span (kept)
 ENTITIES = {"&": "&amp;", "<": "&lt;"}
+# CommonMark's blocks, as the chat's renderer (marked) finds them; the text within them is not needed
+CODE_BLOCKS = MarkdownIt("commonmark").disable(["inline", "text_join"])
 
 
+def tags_as_text(history: list[dict]) -> list[str]:
+    """The names of the tags written in the conversation that the chat can show as written."""
+    names = {name.lower() for m in history for name in TAG.findall(m["content"])}
+    return sorted(names - RENDERER_TAGS)
+
+
+@functools.lru_cache(maxsize=256)  # each update shows the whole conversation: only its last answer is new
 def escape_markup(text: str) -> str:
-    """Markdown in which HTML written in `text` (a model's `<b>` or `<script>`, a user's `<div>`) shows as
-    written: the chat renders HTML in Markdown, and its sanitizer drops what it does not allow."""
-    out, prose, fence = [], [], None
+    """Markdown in which HTML written in `text` (a model's `<p>` or `<!-- -->`, a user's `&amp;`) shows as
+    written, with the chat's `allow_tags` from `tags_as_text`: the chat renders HTML in Markdown, and its
+    sanitizer drops what it does not allow."""
+    def escaped(match: re.Match) -> str:
+        if match.group(1) or (match.group(3) and match.group(3).lower() not in RENDERER_TAGS):
+            return match.group(0)
+        return ENTITIES[match.group(0)[0]] + match.group(0)[1:]
 
-    def end_prose():
-        out.append(MARKUP.sub(lambda m: m.group(1) or ENTITIES[m.group(0)], "".join(prose)))
-        prose.clear()
-
-    for line in text.splitlines(keepends=True):
-        opener = FENCE.match(line)
-        if fence is None and opener:
-            end_prose()
-            fence = opener.group(1)
-        elif fence is not None:  # a code block, until a fence of its kind, at least as long, closes it
-            if opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) \
-                    and not line[opener.end():].strip():
-                fence = None
-        elif line.startswith(("    ", "\t")):  # an indented code block (or a list's continuation): left as is
-            end_prose()
-        else:
-            prose.append(line)
-            continue
-        out.append(line)
-    end_prose()
+    if all(m.group(1) and m.group(1).lower() not in RENDERER_TAGS for m in HTML_START.finditer(text)):
+        return text  # nothing to escape, in code or not: no need to parse the Markdown
+    lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # as the Markdown parser counts them (str.splitlines has more)
+    code = [False] * len(lines)
+    for token in CODE_BLOCKS.parse(text):
+        if token.type in ("fence", "code_block"):
+            code[token.map[0]:token.map[1]] = [True] * (token.map[1] - token.map[0])
+    out, start = [], 0
+    for end in range(1, len(lines) + 1):  # runs of prose lines escaped, runs of code lines as they are
+        if end == len(lines) or code[end] != code[start]:
+            run = "".join(lines[start:end])
+            out.append(run if code[start] else MARKUP.sub(escaped, run))
+            start = end
     return "".join(out)
 
 
@@ -102,19 +124,20 @@ def origin_box(spans: str) -> str:
 def stats_line(stats, speculative: bool) -> str:
     mode = "speculative decoding" if speculative else "plain decoding"
     return (f"**{stats.tokens_per_second:.1f} tokens/s** · mean accepted length "
-            f"**{stats.mean_accepted_length:.2f}** tokens/iteration · {stats.new_tokens} tokens in "
-            f"{stats.iterations} iterations · {mode}")
+            f"**{stats.mean_accepted_length:.2f}** tokens/iteration · {counted(stats.new_tokens, 'token')} in "
+            f"{counted(stats.iterations, 'iteration')} · {mode}")
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
 
-    def show(history: list[dict]) -> list[dict]:
+    def show(history: list[dict]) -> dict:
         """The chat as displayed: a plain code model's turns are code, shown verbatim."""
         if not runner.plain_text:
-            return [{"role": m["role"], "content": escape_markup(m["content"])} for m in history]
-        return [{"role": m["role"], "content": code_block(m["content"])} for m in history]
+            return gr.update(value=[{"role": m["role"], "content": escape_markup(m["content"])} for m in history],
+                             allow_tags=tags_as_text(history))
+        return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
 
     def one_turn_at_a_time(state: str) -> None:
         """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer."""
@@ -144,7 +167,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
         if stats.finish_reason == "stop":
             return DONE
-        return ANSWER_LIMIT.format(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
+        return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
@@ -177,7 +200,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    yield chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip()
+                    # The last update answers the question: see `stopped`.
+                    answered = (None, state) if done else (gr.skip(), gr.skip())
+                    yield (chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip(),
+                           *answered)
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -189,14 +215,16 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
-            yield history, show(history), stats_before, drafts_before, notice_line, typed_back
+            yield history, show(history), stats_before, drafts_before, notice_line, typed_back, None, notice_line
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict], pending, message: str):
+    def stopped(state: str, history: list[dict], pending, end_line: str, message: str):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
         if state not in (GENERATING, WAITING):  # nothing was running or queued
             return state, show(history), gr.skip()
+        if pending is None:  # the answer ended before Stop came (its last update may not have reached the page)
+            return end_line, show(history), gr.skip()
         asked, typed = pending
         answered = len(history) > len(asked) and history[:len(asked)] == asked
         return STOPPED, show(history), typed if typed and not answered and not message else gr.skip()
@@ -209,8 +237,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
-        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate
-        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"])
+        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate; None once answered
+        end_line = gr.State("")  # the notice line that ended the last answer
+        # allow_tags: set by `show` with each conversation
+        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
         with gr.Row():
@@ -242,7 +272,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
-                          outputs=[history, *shown, message],
+                          outputs=[history, *shown, message, pending, end_line],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
@@ -253,8 +283,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, message], [notice, chatbot, message],
-                                              **nowhere, concurrency_limit=None)
+        stop.click(None, cancels=events).then(stopped, [notice, history, pending, end_line, message],
+                                              [notice, chatbot, message], **nowhere, concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):

@@ -217,6 +217,22 @@ def test_text_held_back_as_the_lead_keeps_its_origin():
         ("x", False)]
 
 
+def test_a_draft_ending_inside_a_character_keeps_its_whole_characters_origin():
+    """One token per byte: a draft ends inside "é"; the text up to it is the draft's, and the character cut in two
+    comes with the target's token that completes it."""
+    from test_evaluation import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    stream = TextStream(tokenizer)
+    ids = tokenizer("abé").input_ids  # 4 bytes
+    assert stream.add_piece(ids[:3], True) == [("ab", True)]
+    assert stream.add_piece(ids[3:], False) + stream.add_piece(tokenizer("c").input_ids, True) == [
+        ("é", False), ("c", True)]
+    cut_twice = TextStream(tokenizer)
+    assert [cut_twice.add_piece([i], True) for i in tokenizer("a😀").input_ids] == [[("a", True)], [], [], [],
+                                                                                   [("😀", True)]]
+
+
 @pytest.mark.parametrize("messages", [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
                                       [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]])
 def test_a_chat_template_refusal_is_a_bad_request(client, messages):

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 import pytest
 import torch
 from playwright import sync_api
-from test_api import TREE, running_server, save_tiny_pair
+from test_api import TREE, free_port, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application import webui
 from application.common import ChatRunner
-from application.webui import ANSWER_LIMIT, CONTEXT_FULL, DONE, GENERATING, WAITING, build_ui
+from application.webui import CONTEXT_FULL, DONE, GENERATING, WAITING, answer_limit, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +33,7 @@ if not CHROMIUM.exists():
 MAX_LENGTH = 1024
 MAX_NEW = 24  # tokens per answer in these tests
 SPEED = re.compile(r"[\d.]+ tokens/s · mean accepted length [\d.]+ tokens/iteration · "
-                   r"(\d+) tokens in (\d+) iterations")
+                   r"(\d+) tokens? in (\d+) iterations?")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--no-first-run"]
 
@@ -188,7 +189,7 @@ def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     tokens, iterations = map(int, SPEED.search(stats(page)).groups())
     assert tokens == 64 and 1 <= iterations <= tokens and "speculative decoding" in stats(page)
     assert page.locator("#drafts pre").text_content() == final
-    assert state(page) == ANSWER_LIMIT.format(64)
+    assert state(page) == answer_limit(64)
     page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 
     page.locator('#chatbot button[aria-label="Clear"]').click()  # the chatbot's trash icon clears the history too
@@ -290,6 +291,18 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
     wait_for_error(first, "There is no message to answer again")
 
 
+def test_stop_after_the_answer_ended_keeps_its_end_line():
+    """Called directly (no browser): Stop pressed while the page still says Generating…, as the answer has ended
+    (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
+    not "Stopped.", and the whole answer."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8)
+    history, pending, end_line = last[0], last[6], last[7]  # the session's states, as the server keeps them
+    notice, chat, _ = actions["stopped"](GENERATING, history, pending, end_line, "")
+    assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
+
+
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
 def test_one_turn_at_a_time(browser, url, first, second):
     """Sending while the conversation's answer streams is refused, whichever way either message was sent
@@ -337,7 +350,7 @@ def test_clear_before_the_answer_starts():
 
 
 def test_max_new_tokens_1():
-    """--max-new-tokens 1: the slider still has a range, and answers keep to 1 token."""
+    """--max-new-tokens 1: the slider still has a range, and answers keep to 1 token (and say so in the singular)."""
     model = ScriptedModel()
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
@@ -346,6 +359,8 @@ def test_max_new_tokens_1():
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
+    assert "1 token in 1 iteration ·" in last[2]  # said in the singular
+    assert last[4] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
 
 
 def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
@@ -397,7 +412,7 @@ def test_a_chat_template_refusal_shows_its_message():
     _, pending, _, _ = actions["add_message"]("again", history, "Done")
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
-    assert (restored[0], restored[-1]) == (history, "again")
+    assert (restored[0], restored[5]) == (history, "again")
     assert "This model takes no chats" in restored[4]  # the notice line; the stats and drafts stay (skipped)
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
@@ -410,7 +425,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done")
     updates = actions["respond"](pending, [], True, 0, 1, 8)
-    assert next(updates)[-1] == "cut \ud83d"
+    assert next(updates)[5] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
         next(updates)
     assert error.value.title == "Invalid text"
@@ -442,7 +457,7 @@ def test_max_new_tokens_stops_at_the_context():
     assert slider.maximum == 99 and "100 tokens" in slider.label  # a prompt holds at least one token
 
 
-@pytest.mark.parametrize("answer,max_new,line", [(ScriptedModel().answer, 8, ANSWER_LIMIT.format(8)),
+@pytest.mark.parametrize("answer,max_new,line", [(ScriptedModel().answer, 8, answer_limit(8)),
                                                  ("abc", 8, CONTEXT_FULL.format(100))])
 def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, line):
     """Called directly (no browser): an answer of exactly Max new tokens ended at its own limit; one that
@@ -468,16 +483,78 @@ def test_the_speculative_switch_reaches_the_model(speculative):
 
 def test_html_in_a_chat_shows_as_written():
     """Called directly (no browser): the chat renders HTML within Markdown (its sanitizer drops <script> and
-    its text), so a chat model's turns are shown with HTML escaped outside code (and only HTML: the copy button
-    copies what is shown); the history keeps the text as written, for the next prompt."""
-    runner = ChatRunner(ScriptedModel("Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <script>y</script> a < b & c"))
+    its text). The tags a chat model's turns use are the chat's allow_tags, which it shows as written; those its
+    Markdown renderer writes itself, comments and entities are escaped outside code; the history keeps the text as
+    written, for the next prompt."""
+    answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
+    runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
-    assert shown[-1]["content"] == "a &lt;div>"
+    assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
-    assert last[0][-1]["content"] == runner.model.answer
-    shown = "Use &lt;b>x&lt;/b> &amp;amp; `<i>`\n```\n<p>\n```\n> &lt;script>y&lt;/script> a < b & c"
-    assert last[1][-1]["content"] == shown
+    assert last[0][-1]["content"] == answer
+    shown = "Use <b>x</b> &amp;amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> &lt;!-- c --> &lt;p>a < b & c&lt;/P>"
+    assert last[1]["value"][-1]["content"] == shown
+    assert last[1]["allow_tags"] == ["b", "i", "script"]
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("para\n    <p>lazy</p>", "para\n    &lt;p>lazy&lt;/p>"),  # a paragraph's continuation, not code
+    ("- item\n\n    <p>more</p>", "- item\n\n    &lt;p>more&lt;/p>"),  # the item's second paragraph
+    ("para\n\n    <p>code</p>\n<p>", "para\n\n    <p>code</p>\n&lt;p>"),
+    ("> ```\n> <p>\n> ```\n<p>", "> ```\n> <p>\n> ```\n&lt;p>"),  # a fence in a quote
+    ("```\n<p>", "```\n<p>"),  # a fence that is not closed runs to the end
+    ("`a\n\n```\nx\n```\n<p> `", "`a\n\n```\nx\n```\n&lt;p> `"),  # no code span across blocks
+])
+def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
+    """Called directly: code is where the chat's Markdown renderer finds code (CommonMark's rules)."""
+    assert webui.escape_markup(text) == shown
+
+
+@contextmanager
+def scripted_chat(answer: str):
+    """The chat UI in this process over a scripted chat model that answers `answer`; yields its URL."""
+    demo = build_ui(ChatRunner(ScriptedModel(answer)), "scripted", 1000)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def copied(page, role: str) -> str:
+    """What the copy button of the last `role` message puts on the clipboard."""
+    page.evaluate("navigator.clipboard.writeText('')")
+    page.locator(f'#chatbot .{role}-row + .message-buttons button[title="Copy message"]').last.click()
+    page.wait_for_function("navigator.clipboard.readText().then(text => text !== '')")
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+# HTML the chat shows as written, copied as written: tags, in a paragraph's lazy continuation lines too.
+HTML_ANSWER = ("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in `<i>`:\n"
+               "    <u>lazy</u> <em>continuation</em>\n\n"
+               "```html\n<div>code</div>\n```")
+
+
+def test_html_shows_and_copies_as_written(browser):
+    """In the browser: a chat model's HTML, the user's too, shows as written, and the copy button copies the
+    message as written (tags the chat's Markdown renderer writes itself, here <em>, are escaped in the Markdown,
+    so they copy escaped)."""
+    with scripted_chat(HTML_ANSWER) as url:
+        page = browser.new_context(permissions=["clipboard-read", "clipboard-write"]).new_page()
+        page.goto(url)
+        send(page, "Is <b>this</b> bold?")
+        wait_for_state(page, "Done")
+        page.wait_for_function("document.querySelector('[data-testid=\"bot\"] pre')")
+        bot, user = page.locator('[data-testid="bot"]'), page.locator('[data-testid="user"]')
+        assert user.inner_text() == "Is <b>this</b> bold?" and user.locator("b").count() == 0
+        assert bot.inner_text().startswith("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in <i>:\n"
+                                           "<u>lazy</u> <em>continuation</em>\n")
+        assert bot.locator("pre code").inner_text() == "<div>code</div>\n"
+        assert bot.locator("b, u, em, script").count() == 0  # nothing rendered as HTML
+        assert copied(page, "user") == "Is <b>this</b> bold?"
+        assert copied(page, "bot") == HTML_ANSWER.replace("<em>", "&lt;em>").replace("</em>", "&lt;/em>")
 
 
 class FailingModel(ScriptedModel):
@@ -506,7 +583,8 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
-    assert restored[:4] == (history, history, figures, drafts) and restored[-1] == "again"
+    assert (restored[0], restored[1]["value"], *restored[2:4]) == (history, history, figures, drafts)
+    assert restored[5] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
