@@ -1484,3 +1484,22 @@ def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_proces
         for name in heads["one"]:
             torch.testing.assert_close(heads[run][name], heads["one"][name], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"{run} {name}: {m}")
+
+
+def test_resume_refuses_other_data_at_the_same_path_before_writing(pair, tmp_path):
+    """--data is compared as a path: a jsonl file edited (or another at the same relative path) since the
+    checkpoint resumed a run on a mix of the two, and compared validation tau at the start and the end on
+    two validation sets. The checkpoint holds a fingerprint of the tokens: other tokens are refused (but for
+    --data generated, which may differ by a token on the --device a resume may change)."""
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "run"), data="train.jsonl", steps=1, windows=2, window_length=40,
+                    eval_windows=1, **TREE)  # (the streams given stand for the file's)
+    train(cfg, tiny_models(pair), (stream, stream), progress=False, checkpointing=Checkpointing(save_every=1))
+    edited = dataclasses.replace(stream, ids=stream.ids.clone())
+    edited.ids[100] = (edited.ids[100] + 1) % VOCAB
+    written = {name: (tmp_path / "run" / name).read_text() for name in ("config.json", "metrics.jsonl")}
+    with pytest.raises(CheckpointMismatch, match=r"step-00000001 was written by a run on other data: the tokens of "
+                                                 r"--data .* resume with the data that started the run"):
+        train(dataclasses.replace(cfg, steps=2), tiny_models(pair), (edited, stream), progress=False,
+              checkpointing=Checkpointing(save_every=1, resume=True))
+    assert {name: (tmp_path / "run" / name).read_text() for name in written} == written

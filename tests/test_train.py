@@ -25,7 +25,7 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import (Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, trainer,
                              ttt_loss)
-from eagle_gto.train.checkpoints import checkpoint_dirs
+from eagle_gto.train.checkpoints import checkpoint_dirs, checkpoint_path, complete_checkpoint, read_progress
 from eagle_gto.train.data import encode_conversation, read_records, to_messages
 from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train.trainer import main
@@ -1171,3 +1171,23 @@ def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tok
     with pytest.raises(ValueError, match=r"--intermediate-size 128 then, 96 now"):
         train(base, samples, tmp_path, cfg, draft_vocab_size=VOCAB, intermediate_size=96, resume=True,
               show_progress=False)
+
+
+def test_a_run_killed_while_it_marks_a_checkpoint_complete_leaves_it_incomplete(tmp_path, monkeypatch):
+    """progress.json was written in place: a run killed in the write left an empty file that marked the
+    checkpoint complete, and every --resume then stopped on it with a JSON error."""
+    older, newer = checkpoint_path(tmp_path, 2), checkpoint_path(tmp_path, 4)
+    older.mkdir(parents=True)
+    complete_checkpoint(tmp_path, older, {"step": 2}, keep=2)
+    newer.mkdir()
+
+    def killed_while_writing(path, text):
+        open(path, "w").close()  # (opened, nothing written yet)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        complete_checkpoint(tmp_path, newer, {"step": 4}, keep=2)
+    monkeypatch.undo()
+    assert checkpoint_dirs(tmp_path) == [older]
+    assert read_progress(older, 4) == {"step": 2}

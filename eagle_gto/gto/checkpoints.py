@@ -7,8 +7,9 @@ the uninterrupted run would have:
   that draw the windows and the groups (and torch's global one), the records
   logged so far (metrics.jsonl and summary.json are written from them), the
   count of steps without groups and the training time so far;
-- progress.json, written last: the step, and the options the result depends
-  on, which a resumed run must share (`check_same_options`).
+- progress.json, written last: the step, the options the result depends on,
+  which a resumed run must share (`check_same_options`), and a fingerprint of
+  the training and validation tokens, which it must share too (`check_same_data`).
 Every process holds the same head, optimizer and generators (each draws the
 whole global batch): rank 0 writes them and every process reads them.
 (There is no learning-rate schedule to save: GTO's rate is constant.)
@@ -16,12 +17,15 @@ whole global batch): rank 0 writes them and every process reads them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint, writing_checkpoint
+from .data import TokenStream
 
 # The options a resumed run may change: where it writes and runs, how long, the memory bound of the
 # verification, how often it validates and the exported dtype. --windows is compared as the global batch
@@ -65,13 +69,36 @@ def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
                                  "resume with the options that started the run, or choose another --out")
 
 
+def data_fingerprint(data: str, *streams: TokenStream) -> str | None:
+    """A digest of the tokens the run trains and validates on: the same --data may name other tokens on a resume
+    (a jsonl file edited, or another one at the same relative path; another tokenizer). None for --data
+    generated: the base's greedy continuations may differ by a token on another --device, which may change."""
+    if data == "generated":
+        return None
+    digest = hashlib.sha256()
+    for stream in streams:
+        for tensor in (stream.ids, stream.loss_mask, stream.starts):
+            digest.update(b"-" if tensor is None else tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(checkpoint: Path, fingerprint: str | None) -> None:
+    """Resumed on other tokens, a run would train on a mix and compare validation tau on two validation sets."""
+    then = json.loads((checkpoint / "progress.json").read_text()).get("data")
+    if then != fingerprint and None not in (then, fingerprint):  # (then None: written before they recorded it)
+        raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the tokens of --data (or of its "
+                                 "validation part) differ from the run's (the file changed, or its path names "
+                                 "another file here; or another tokenizer): resume with the data that started the "
+                                 "run, or choose another --out")
+
+
 def trained_weights(head: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in head.state_dict().items() if not name.startswith("embed_tokens.")}
 
 
-def save_checkpoint(out: Path, step: int, keep: int, options: dict, head: torch.nn.Module,
+def save_checkpoint(out: Path, step: int, keep: int, options: dict, data: str | None, head: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], log: dict) -> None:
-    """Write the checkpoint of `step` (rank 0 alone), then keep the newest `keep`."""
+    """Write the checkpoint of `step` (rank 0 alone), then keep the newest `keep`; `data`: data_fingerprint."""
     path = checkpoint_path(out, step)
     path.mkdir(parents=True, exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
@@ -81,7 +108,7 @@ def save_checkpoint(out: Path, step: int, keep: int, options: dict, head: torch.
         torch.save({"head": trained_weights(head), "optimizer": optimizer.state_dict(),
                     "generators": {name: g.get_state() for name, g in generators.items()}, "rng": rng, "log": log},
                    path / "state.pt")
-    complete_checkpoint(out, path, {"step": step, "options": options}, keep)
+    complete_checkpoint(out, path, {"step": step, "options": options, "data": data}, keep)
 
 
 def load_checkpoint(checkpoint: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -34,7 +34,8 @@ from ..train.checkpoints import checkpoints_to_resume, read_progress
 from ..train.trainer import (DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_new_out,
                              check_not_negative)
 from ..tree import check_tree_params
-from .checkpoints import Checkpointing, check_same_options, load_checkpoint, run_options, save_checkpoint
+from .checkpoints import (Checkpointing, check_same_data, check_same_options, data_fingerprint, load_checkpoint,
+                          run_options, save_checkpoint)
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .parallel import Share, process_device
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots, path_logprob,
@@ -484,6 +485,9 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         check_data(cfg)
     models = models or load_models(cfg)
     train_stream, val_stream = streams or load_streams(cfg, models)
+    data = data_fingerprint(cfg.data, train_stream, val_stream)
+    if resumed:
+        check_same_data(resumed, data)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
@@ -537,9 +541,9 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
             log.write(json.dumps(record) + "\n")
             log.flush()
             if checkpointing and checkpointing.due(step, cfg.steps) and share.main:
-                save_checkpoint(out, step, checkpointing.keep, run_options(cfg, share.world), models.head, optimizer,
-                                generators, {"records": records, "without_groups": without_groups,
-                                             "seconds": time.perf_counter() - started})
+                save_checkpoint(out, step, checkpointing.keep, run_options(cfg, share.world), data, models.head,
+                                optimizer, generators, {"records": records, "without_groups": without_groups,
+                                                        "seconds": time.perf_counter() - started})
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("l_token", "l_gto", "tau", "tau_ref")})
     summary = {"val_tau_start": records[0]["val_tau"], "val_tau_end": records[-1]["val_tau"],
                "val_reward_start": records[0]["val_reward"], "val_reward_end": records[-1]["val_reward"],

@@ -2,8 +2,9 @@
 (eagle_gto.train) and GTO fine-tuning (eagle_gto.gto), so that both resume alike.
 
 A checkpoint is complete once its progress.json is written (last, after every
-other file): a run killed while it saved leaves a folder without one, which
-is not resumed from. The newest `keep` complete checkpoints are kept.
+other file, and whole or not at all): a run killed while it saved leaves a
+folder without one, which is not resumed from. The newest `keep` complete
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def read_progress(checkpoint: Path, steps: int) -> dict:
 
 def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) -> None:
     """Mark `checkpoint` complete (its other files are written) and remove all but the newest `keep`."""
-    (checkpoint / "progress.json").write_text(json.dumps(progress) + "\n")
+    # Written aside and renamed: a run killed while it wrote progress.json left an empty or half file, which
+    # marked the checkpoint complete and stopped every --resume with a JSON error.
+    written = checkpoint / "progress.json.partial"
+    written.write_text(json.dumps(progress) + "\n")
+    written.replace(checkpoint / "progress.json")
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
