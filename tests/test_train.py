@@ -681,6 +681,22 @@ def test_an_error_of_rank_0_alone_is_said_once_and_the_other_process_stops_witho
     assert not re.search(r"^\[default\d\]:.*Traceback", output, re.M), output[-3000:]
 
 
+def test_an_error_met_after_rank_0_has_gone_is_still_said(monkeypatch):
+    """The shared store lives in rank 0's process: once it has gone, noting the failure there raised inside the
+    error handling, and the user saw that traceback instead of the error."""
+    from eagle_gto.train import errors
+
+    class GoneStore:
+        def add(self, key, amount):
+            raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(errors, "_store", lambda: GoneStore())
+    with pytest.raises(SystemExit) as stopped:
+        with errors.errors_said_once("prog"):
+            raise OSError("out/metrics.jsonl: No space left on device")
+    assert stopped.value.code == "prog: out/metrics.jsonl: No space left on device"
+
+
 def test_resume_continues_exactly(tmp_path, tokenizer):
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)

@@ -49,7 +49,10 @@ def _message_or_quiet(message: str, seen_by_all: bool) -> str | int:
     store = _store()
     if store is None:
         return message
-    first = store.add(FAILED, 1) == 1
+    try:
+        first = store.add(FAILED, 1) == 1
+    except RuntimeError:  # the store is gone with the process that held it (rank 0): say it here
+        return message
     speaks = torch.distributed.get_rank() == 0 if seen_by_all else first
     return message if speaks else 0
 
