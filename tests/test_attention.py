@@ -31,6 +31,19 @@ def test_grouped_rows_equal_repeated_keys_and_values(batch, heads, kv_heads, n, 
         torch.testing.assert_close(attention.grouped_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,S", [(4, 4), (3, 9)])
+def test_without_a_mask_the_new_tokens_attend_causally_after_the_cached_ones(n, S):
+    """transformers leaves the mask out where sdpa's is_causal would do; the grouped rows need it written out:
+    the n new tokens are the last n of the S keys (bottom-right causal), whatever the cache holds before them."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(1, 8, n, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, S, 16, generator=g)
+    module = torch.nn.Module()
+    out, _ = attention.transformers_attention(module, q, k, v, None, is_causal=True)
+    expected = repeated_kv_attention(q, k, v, torch.ones(n, S, dtype=torch.bool).tril(S - n))
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
 def test_engine_switches_sdpa_models_and_leaves_others_alone():
     torch.manual_seed(0)
     cfg = base_config("llama")

@@ -219,6 +219,66 @@ def test_bad_feature_layers_are_refused(tmp_path, ids, message):
         EaModel.from_pretrained(str(base), str(tmp_path))
 
 
+def test_eagle1_layer_math_matches_a_hand_written_forward():
+    """EAGLE-1's fc reads [embedding of the token, feature] in that order (the reference's), its first layer has
+    no input norm, and its logits come from the target's lm_head; one entry, so attention is its value."""
+    head = random_head(head_config(base_config("llama", vocab_size=VOCAB), "eagle1"), seed=3)
+    for param in head.parameters():
+        param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    embedding = torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3))
+    lm_head = torch.nn.Linear(64, VOCAB, bias=False)
+    head.attach_embedding(embedding)
+    head.attach_lm_head(lm_head)
+    feature, token = torch.randn(64, generator=torch.Generator().manual_seed(4)), 5
+    with torch.no_grad():
+        out = head(feature[None, None], torch.tensor([[token]]), torch.zeros(1, 1, dtype=torch.long),
+                   torch.ones(1, 1, 1, 1, dtype=torch.bool))[0, 0]
+        layer = head.layers[0]
+        x = head.fc(torch.cat((embedding[token], feature)))
+        value = layer.self_attn.v_proj(x).view(head.config.num_key_value_heads, 1, -1)
+        group = head.config.num_attention_heads // head.config.num_key_value_heads
+        hidden = x + layer.self_attn.o_proj(value.expand(-1, group, -1).reshape(-1))
+        expected = hidden + layer.mlp(rms(hidden, layer.post_attention_layernorm.weight))
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(head.draft_logits(out), lm_head(expected), rtol=1e-4, atol=1e-5)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "linear", "factor": 4.0}, LLAMA3_ROPE],
+                         ids=lambda rope: rope["rope_type"])
+def test_head_attention_with_rotary_positions_equals_transformers_llama_attention(rope):
+    """The layer math above sees one entry, where rotary embeddings cancel out; here several entries at spread
+    positions, under a causal mask, against transformers' own Llama attention with the same weights (the
+    official heads were trained with its rotation convention: a rotation the other way, or keys left unrotated,
+    would draft as well in tests with heads trained here, and badly with every published head)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    theta = 500000.0 if rope["rope_type"] == "llama3" else 10000.0
+    sizes = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    scaling = None if rope["rope_type"] == "default" else rope
+    head = random_head({**sizes, "architectures": ["LlamaForCausalLM"], "intermediate_size": 64, "vocab_size": VOCAB,
+                        "rope_theta": theta, "rope_scaling": scaling, "bias": False}, seed=2)
+    attention = head.layers[0].self_attn
+    config = LlamaConfig(**sizes, vocab_size=VOCAB, rope_parameters={**rope, "rope_theta": theta})
+    config._attn_implementation = "eager"
+    reference = LlamaAttention(config, layer_idx=0).eval()
+    reference.load_state_dict(attention.state_dict())
+    positions = torch.tensor([[0, 3, 17, 40, 200, 1500]])
+    x = 30 * torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))  # scores far from uniform
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        cos, sin = head.rope(positions, x.dtype)
+        out = attention(x, cos, sin, causal, None)
+        expected_rope = LlamaRotaryEmbedding(config)(x, positions)
+        expected, _ = reference(x, expected_rope, torch.zeros(causal.shape).masked_fill(~causal, float("-inf")))
+    torch.testing.assert_close((cos, sin), expected_rope, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_rotary_frequencies_stay_float32_in_a_half_precision_head():
     """Cast with the head (`.to(torch.bfloat16)`, as attaching it to a bf16
     base does), the frequencies were rounded to bf16: at position 1500 the

@@ -30,7 +30,7 @@ from eagle_gto.train.data import encode_conversation, read_records, to_messages
 from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train.trainer import main
 from eagle_gto.train.ttt import unroll
-from eagle_gto.vocab import target_to_draft
+from eagle_gto.vocab import build_vocab_mapping, target_to_draft
 
 VOCAB = 320
 TEXTS = ["def add(a, b):\n    return a + b\n", "USER: hello there ASSISTANT: x = 1</s>",
@@ -1207,3 +1207,20 @@ def test_a_run_killed_while_it_marks_a_checkpoint_complete_leaves_it_incomplete(
     monkeypatch.undo()
     assert checkpoint_dirs(tmp_path) == [older]
     assert read_progress(older, 4) == {"step": 2}
+
+
+def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():
+    """formats.md: the Vd most frequent target ids (ties to the lower id), sorted ascending, d2t[i] = used[i] - i;
+    t2d marks them; target_to_draft inverts d2t. A head trained on another order of the same ids would draft the
+    same tokens here but not in engines that read the format (SpecForge, vLLM)."""
+    counts = torch.tensor([5, 0, 9, 9, 1, 7, 9, 2])  # ids 2, 3, 6 tie at 9; then 5 (7), then 0 (5)
+    d2t, t2d = build_vocab_mapping(counts, 4)
+    used = [2, 3, 5, 6]
+    assert d2t.tolist() == [u - i for i, u in enumerate(used)] and d2t.dtype == torch.long
+    assert t2d.tolist() == [j in used for j in range(8)]
+    assert target_to_draft(d2t, 8).tolist() == [used.index(j) if j in used else -1 for j in range(8)]
+    d2t, t2d = build_vocab_mapping(counts, 3)  # the tie at the boundary keeps the lower ids
+    assert (d2t + torch.arange(3)).tolist() == [2, 3, 6] and int(t2d.sum()) == 3
+    identity, everything = build_vocab_mapping(counts, 8)
+    assert not identity.any() and everything.all()
+

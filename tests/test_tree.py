@@ -116,6 +116,10 @@ def test_draft_tree_matches_brute_force(kind, total_token, depth, top_k):
     assert tree.depths.tolist() == exp_depths.tolist()
     assert torch.equal(tree.retrieve_indices(), exp_retrieve)
     assert tree.size == total_token
+    # The scores too: a frontier entry attending to another branch's entries can leave the tokens' ranking
+    # (all the rest checks) as it was, and only its log-probs show it.
+    kept = sorted(sorted(range(len(cands)), key=lambda i: (-cands[i][1], i))[: total_token - 1])
+    torch.testing.assert_close(tree.scores, torch.tensor([0.0] + [cands[c][1] for c in kept]), atol=1e-4, rtol=1e-4)
 
 
 def random_candidates(depth, top_k, seed, quantize=False, nan_branch=False):
@@ -191,6 +195,10 @@ def test_tree_params_are_checked():
     with pytest.raises(ValueError, match=r"top_k=5 is larger than the draft head's vocabulary \(4 tokens\)"):
         check_tree_params(10, 2, 5, draft_vocab_size=4)
     check_tree_params(10, 2, 4, draft_vocab_size=4)
+    # At the boundary: 3 + 2 * 9 = 21 candidates fill a tree of 22 nodes exactly; one node more does not fit.
+    check_tree_params(22, 2, 3)
+    with pytest.raises(ValueError, match="needs 22 draft nodes"):
+        check_tree_params(23, 2, 3)
 
 
 @pytest.mark.parametrize("vocab", [32000, 128256, 1000, 97, 12])
