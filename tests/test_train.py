@@ -1223,4 +1223,3 @@ def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():
     assert (d2t + torch.arange(3)).tolist() == [2, 3, 6] and int(t2d.sum()) == 3
     identity, everything = build_vocab_mapping(counts, 8)
     assert not identity.any() and everything.all()
-
