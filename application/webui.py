@@ -195,15 +195,15 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
                     chat = asked + [{"role": "assistant", "content": answer}]
+                    figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    # The last update answers the question: see `stopped`.
-                    answered = (None, state) if done else (gr.skip(), gr.skip())
-                    yield (chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip(),
-                           *answered)
+                    # The last update answers the question and keeps how it ended: see `stopped`.
+                    answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
+                    yield chat, show(chat), figures_line, panel, state, gr.skip(), *answered
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -215,19 +215,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
-            yield history, show(history), stats_before, drafts_before, notice_line, typed_back, None, notice_line
+            yield (history, show(history), stats_before, drafts_before, notice_line, typed_back, None,
+                   (notice_line, stats_before, drafts_before))
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict], pending, end_line: str, message: str):
+    def stopped(state: str, history: list[dict], pending, ended: tuple[str, str, str], message: str):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
         if state not in (GENERATING, WAITING):  # nothing was running or queued
-            return state, show(history), gr.skip()
-        if pending is None:  # the answer ended before Stop came (its last update may not have reached the page)
-            return end_line, show(history), gr.skip()
+            return state, show(history), gr.skip(), gr.skip(), gr.skip()
+        if pending is None:  # the answer ended before Stop came: its last update may not have reached the page
+            end_line, figures_line, panel = ended
+            return end_line, show(history), gr.skip(), figures_line, panel
         asked, typed = pending
         answered = len(history) > len(asked) and history[:len(asked)] == asked
-        return STOPPED, show(history), typed if typed and not answered and not message else gr.skip()
+        typed_back = typed if typed and not answered and not message else gr.skip()
+        return STOPPED, show(history), typed_back, gr.skip(), gr.skip()
 
     def cleared():
         return [], None, [], "", "", ""
@@ -238,7 +241,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
         pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate; None once answered
-        end_line = gr.State("")  # the notice line that ended the last answer
+        ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
         # allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
@@ -272,7 +275,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
-                          outputs=[history, *shown, message, pending, end_line],
+                          outputs=[history, *shown, message, pending, ended],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
@@ -283,8 +286,9 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, end_line, message],
-                                              [notice, chatbot, message], **nowhere, concurrency_limit=None)
+        stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],
+                                              [notice, chatbot, message, stats, drafts], **nowhere,
+                                              concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):

@@ -294,13 +294,14 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
 def test_stop_after_the_answer_ended_keeps_its_end_line():
     """Called directly (no browser): Stop pressed while the page still says Generating…, as the answer has ended
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
-    not "Stopped.", and the whole answer."""
+    not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "")
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
-    history, pending, end_line = last[0], last[6], last[7]  # the session's states, as the server keeps them
-    notice, chat, _ = actions["stopped"](GENERATING, history, pending, end_line, "")
+    history, pending, ended = last[0], last[6], last[7]  # the session's states, as the server keeps them
+    notice, chat, _, figures, panel = actions["stopped"](GENERATING, history, pending, ended, "")
     assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
+    assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[2], last[3])
 
 
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
