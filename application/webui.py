@@ -139,24 +139,26 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                              allow_tags=tags_as_text(history))
         return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
 
-    def one_turn_at_a_time(state: str) -> None:
-        """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer."""
-        if state in (GENERATING, WAITING):
+    def one_turn_at_a_time(state: str, pending) -> None:
+        """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer.
+        The page may still say Generating… once the answer has ended (its last update on its way, or dropped
+        as Stop came): the session's `pending`, None once answered, says so first."""
+        if state in (GENERATING, WAITING) and pending is not None:
             raise gr.Error("An answer is still being generated: wait for it to end, or press Stop.",
                            title="Answer in progress", print_exception=False)
 
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict], state: str):
-        one_turn_at_a_time(state)  # the typed text stays in the box
+    def add_message(message: str, history: list[dict], state: str, pending):
+        one_turn_at_a_time(state, pending)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
         return "", (asked, message), show(asked), WAITING if runner.busy else GENERATING
 
-    def drop_answer(history: list[dict], state: str):
-        one_turn_at_a_time(state)
+    def drop_answer(history: list[dict], state: str, pending):
+        one_turn_at_a_time(state, pending)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
@@ -279,10 +281,10 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice], outputs=[message, pending, chatbot, notice],
+        turn = dict(fn=add_message, inputs=[message, history, notice, pending], outputs=[message, pending, chatbot, notice],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, [history, notice], [pending, chatbot, notice], **nowhere,
+        events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice], **nowhere,
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.

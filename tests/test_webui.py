@@ -296,7 +296,7 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
     not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, ended = last[0], last[6], last[7]  # the session's states, as the server keeps them
     notice, chat, _, figures, panel = actions["stopped"](GENERATING, history, pending, ended, "")
@@ -333,12 +333,32 @@ def test_one_turn_at_a_time(browser, url, first, second):
 
 @pytest.mark.parametrize("state", [GENERATING, WAITING], ids=["generating", "waiting"])
 def test_no_send_or_regenerate_during_an_answer(state):
-    """Called directly (no browser), as the notice line says the conversation's answer is on its way."""
+    """Called directly (no browser), as the notice line says the conversation's answer is on its way and the
+    session has its question pending."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
-    for action, args in (("add_message", ("again", history, state)), ("drop_answer", (history, state))):
+    pending = (history[:1], "hi")
+    for action, args in (("add_message", ("again", history, state, pending)),
+                         ("drop_answer", (history, state, pending))):
         with pytest.raises(gr.Error, match="An answer is still being generated"):
             actions[action](*args)
+
+
+@pytest.mark.parametrize("action", ["add_message", "drop_answer"])
+def test_send_or_regenerate_as_the_answer_ends(action):
+    """Called directly (no browser): the page still says Generating… (the answer's last update on its way, or
+    dropped as Stop came), but the session has the whole answer: Send and Regenerate start from it."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8)
+    history, pending = last[0], last[6]  # the session's states, as the server keeps them
+    if action == "add_message":
+        _, (asked, typed), _, notice = actions["add_message"]("again", history, GENERATING, pending)
+        assert (asked, typed) == (history + [{"role": "user", "content": "again"}], "again")
+    else:
+        (asked, typed), _, notice = actions["drop_answer"](history, GENERATING, pending)
+        assert (asked, typed) == (history[:1], None)
+    assert history[-1]["content"] == "abcdefgh" and notice == GENERATING
 
 
 def test_clear_before_the_answer_starts():
@@ -356,7 +376,7 @@ def test_max_new_tokens_1():
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
@@ -369,7 +389,7 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     with its space: the answer is kept without the format's, or the next prompt would hold two."""
     runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history = last[0]
     assert history[-1] == {"role": "assistant", "content": "yes"}
@@ -384,7 +404,7 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert (last[0][-1], last[4]) == ({"role": "assistant", "content": " yes"}, DONE)
     assert "im_end" not in last[3] and not runner.busy  # the draft panel too
@@ -397,7 +417,7 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
     drafts = last[3]
@@ -410,7 +430,7 @@ def test_a_chat_template_refusal_shows_its_message():
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, _, _ = actions["add_message"]("again", history, "Done")
+    _, pending, _, _ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[5]) == (history, "again")
@@ -424,7 +444,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
     back, and no traceback logged as if generation had failed."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done")
+    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
     assert next(updates)[5] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
@@ -441,7 +461,7 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
                if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
     states = [u[4] for u in updates]
@@ -465,7 +485,7 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     ended shorter, with the model's "length", at the context's."""
     ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
     assert last[4] == line
 
@@ -475,7 +495,7 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
     model = ScriptedModel()
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
     tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
@@ -490,7 +510,7 @@ def test_html_in_a_chat_shows_as_written():
     answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
     runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
+    _, pending, shown, _ = actions["add_message"]("a <div>", [], "", None)
     assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
@@ -577,10 +597,10 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     model = FailingModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, (history, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
-    _, pending, _, _ = actions["add_message"]("again", history, DONE)
+    _, pending, _, _ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
@@ -598,7 +618,7 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     say 14 tokens."""
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
     tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
