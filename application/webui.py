@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from contextlib import closing
+from dataclasses import dataclass
 
 import gradio as gr
 from markdown_it import MarkdownIt
@@ -128,6 +129,18 @@ def stats_line(stats, speculative: bool) -> str:
             f"{counted(stats.iterations, 'iteration')} · {mode}")
 
 
+@dataclass
+class Question:
+    """A conversation to answer, from Send (with the typed text) or Regenerate (`typed` None): the session's
+    `pending` until its answer ends or Stop or Clear comes. The session keeps the object itself, so the answer
+    sees `stopped` as it goes: the page cancels an answer only once it knows the answer's event, and a Stop
+    pressed just after Send or Regenerate missed it (the model went on, the page saying Stopped)."""
+
+    asked: list[dict]
+    typed: str | None
+    stopped: bool = False
+
+
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
@@ -139,31 +152,31 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                              allow_tags=tags_as_text(history))
         return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
 
-    def one_turn_at_a_time(state: str, pending) -> None:
+    def one_turn_at_a_time(state: str, pending: Question | None) -> None:
         """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer.
         The page may still say Generating… once the answer has ended (its last update on its way, or dropped
-        as Stop came): the session's `pending`, None once answered, says so first."""
+        as Stop came): the session's `pending`, None once answered or stopped, says so first."""
         if state in (GENERATING, WAITING) and pending is not None:
             raise gr.Error("An answer is still being generated: wait for it to end, or press Stop.",
                            title="Answer in progress", print_exception=False)
 
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict], state: str, pending):
+    def add_message(message: str, history: list[dict], state: str, pending: Question | None):
         one_turn_at_a_time(state, pending)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        return "", (asked, message), show(asked), WAITING if runner.busy else GENERATING
+        return "", Question(asked, message), show(asked), WAITING if runner.busy else GENERATING
 
-    def drop_answer(history: list[dict], state: str, pending):
+    def drop_answer(history: list[dict], state: str, pending: Question | None):
         one_turn_at_a_time(state, pending)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        return (asked, None), show(asked), WAITING if runner.busy else GENERATING
+        return Question(asked, None), show(asked), WAITING if runner.busy else GENERATING
 
     def finished(stats, max_new: int) -> str:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
@@ -171,11 +184,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             return DONE
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
-    def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
+    def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
-        if pending is None:  # Clear came between Send and the start of its answer: nothing to answer
+        if pending is None or pending.stopped:  # Stop or Clear came before the answer began: nothing to answer
             return
-        asked, typed = pending
+        asked, typed = pending.asked, pending.typed
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
@@ -185,6 +198,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             prompt_ids = runner.chat_prompt(asked)
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
+                    if pending.stopped:  # (closing the updates frees the model)
+                        return
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
                     # Tokens a step brought past the stop string are not the answer's, as in the API's usage.
@@ -221,20 +236,24 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                    (notice_line, stats_before, drafts_before))
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict], pending, ended: tuple[str, str, str], message: str):
+    def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
+                message: str):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
-        if state not in (GENERATING, WAITING):  # nothing was running or queued
-            return state, show(history), gr.skip(), gr.skip(), gr.skip()
-        if pending is None:  # the answer ended before Stop came: its last update may not have reached the page
+        if pending is None:
+            if state not in (GENERATING, WAITING):  # nothing was running or queued
+                return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            # the answer ended before Stop came: its last update may not have reached the page
             end_line, figures_line, panel = ended
-            return end_line, show(history), gr.skip(), figures_line, panel
-        asked, typed = pending
-        answered = len(history) > len(asked) and history[:len(asked)] == asked
-        typed_back = typed if typed and not answered and not message else gr.skip()
-        return STOPPED, show(history), typed_back, gr.skip(), gr.skip()
+            return end_line, show(history), gr.skip(), figures_line, panel, gr.skip()
+        pending.stopped = True
+        answered = len(history) > len(pending.asked) and history[:len(pending.asked)] == pending.asked
+        typed_back = pending.typed if pending.typed and not answered and not message else gr.skip()
+        return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None
 
-    def cleared():
+    def cleared(pending: Question | None):
+        if pending is not None:
+            pending.stopped = True
         return [], None, [], "", "", ""
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
@@ -242,7 +261,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
-        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate; None once answered
+        pending = gr.State()  # the Question from Send or Regenerate; None once answered or stopped
         ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
         # allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
@@ -281,7 +300,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice, pending], outputs=[message, pending, chatbot, notice],
+        turn = dict(fn=add_message, inputs=[message, history, notice, pending],
+                    outputs=[message, pending, chatbot, notice],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
         events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice], **nowhere,
@@ -289,12 +309,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
         stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],
-                                              [notice, chatbot, message, stats, drafts], **nowhere,
+                                              [notice, chatbot, message, stats, drafts, pending], **nowhere,
                                               concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):
-            clearing(None, cancels=events).then(cleared, outputs=[history, pending, chatbot, stats, drafts, notice],
+            clearing(None, cancels=events).then(cleared, pending, [history, pending, chatbot, stats, drafts, notice],
                                                 **nowhere, concurrency_limit=None)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
     return demo

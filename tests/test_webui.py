@@ -22,7 +22,7 @@ from test_api_scripted import ScriptedModel
 
 from application import webui
 from application.common import ChatRunner
-from application.webui import CONTEXT_FULL, DONE, GENERATING, WAITING, answer_limit, build_ui
+from application.webui import CONTEXT_FULL, DONE, GENERATING, STOPPED, WAITING, answer_limit, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -299,7 +299,7 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, ended = last[0], last[6], last[7]  # the session's states, as the server keeps them
-    notice, chat, _, figures, panel = actions["stopped"](GENERATING, history, pending, ended, "")
+    notice, chat, _, figures, panel, _ = actions["stopped"](GENERATING, history, pending, ended, "")
     assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
     assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[2], last[3])
 
@@ -337,7 +337,7 @@ def test_no_send_or_regenerate_during_an_answer(state):
     session has its question pending."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
-    pending = (history[:1], "hi")
+    pending = webui.Question(history[:1], "hi")
     for action, args in (("add_message", ("again", history, state, pending)),
                          ("drop_answer", (history, state, pending))):
         with pytest.raises(gr.Error, match="An answer is still being generated"):
@@ -353,12 +353,36 @@ def test_send_or_regenerate_as_the_answer_ends(action):
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending = last[0], last[6]  # the session's states, as the server keeps them
     if action == "add_message":
-        _, (asked, typed), _, notice = actions["add_message"]("again", history, GENERATING, pending)
-        assert (asked, typed) == (history + [{"role": "user", "content": "again"}], "again")
+        _, question, _, notice = actions["add_message"]("again", history, GENERATING, pending)
+        assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
     else:
-        (asked, typed), _, notice = actions["drop_answer"](history, GENERATING, pending)
-        assert (asked, typed) == (history[:1], None)
+        question, _, notice = actions["drop_answer"](history, GENERATING, pending)
+        assert (question.asked, question.typed) == (history[:1], None)
     assert history[-1]["content"] == "abcdefgh" and notice == GENERATING
+
+
+def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
+    """Called directly (no browser): the page cancels an answer only once it knows the answer's event, so a Stop
+    or Clear pressed just after Send or Regenerate misses it. The question they mark stopped is answered no
+    further: an answer on its way ends at its next step, freeing the model, and one not begun does not begin
+    (Stop puts the typed text back)."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    model = ScriptedModel()
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    updates = actions["respond"](pending, [], True, 0, 1, 100)
+    history = next(updates)[0]  # the answer is on its way
+    notice, chat, _, _, _, left = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
+    assert (notice, chat["value"], left) == (STOPPED, history, None)
+    assert list(updates) == [] and not runner.busy
+    _, pending, _, _ = actions["add_message"]("again", history, STOPPED, None)
+    assert actions["stopped"]("", history, pending, ("", "", ""), "")[2] == "again"  # the page not told of Send yet
+    assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
+    pending, _, _ = actions["drop_answer"](history, STOPPED, None)
+    actions["cleared"](pending)
+    assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
+    assert len(model.calls) == 1
 
 
 def test_clear_before_the_answer_starts():
