@@ -220,7 +220,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     last_shown = time.monotonic()
                     # The last update answers the question and keeps how it ended: see `stopped`.
                     answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
-                    yield chat, show(chat), figures_line, panel, state, gr.skip(), *answered
+                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip()
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -232,8 +232,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
-            yield (history, show(history), stats_before, drafts_before, notice_line, typed_back, None,
-                   (notice_line, stats_before, drafts_before))
+            yield (history, None, (notice_line, stats_before, drafts_before), show(history), stats_before,
+                   drafts_before, notice_line, typed_back)
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
     def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
@@ -296,7 +296,9 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
-                          outputs=[history, *shown, message, pending, ended],
+                          # the session's states first, together: Stop's cancel may come between two outputs
+                          # (each component's is made in a thread), and the states must agree (see `stopped`)
+                          outputs=[history, pending, ended, *shown, message],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]

@@ -298,10 +298,10 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
-    history, pending, ended = last[0], last[6], last[7]  # the session's states, as the server keeps them
+    history, pending, ended = last[0], last[1], last[2]  # the session's states, as the server keeps them
     notice, chat, _, figures, panel, _ = actions["stopped"](GENERATING, history, pending, ended, "")
     assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
-    assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[2], last[3])
+    assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[4], last[5])
 
 
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
@@ -351,7 +351,7 @@ def test_send_or_regenerate_as_the_answer_ends(action):
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
-    history, pending = last[0], last[6]  # the session's states, as the server keeps them
+    history, pending = last[0], last[1]  # the session's states, as the server keeps them
     if action == "add_message":
         _, question, _, notice = actions["add_message"]("again", history, GENERATING, pending)
         assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
@@ -385,6 +385,17 @@ def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
     assert len(model.calls) == 1
 
 
+def test_an_answers_session_states_change_together():
+    """Stop's cancel may come between two outputs of an answer's update (each component's is made in a thread):
+    the conversation, its pending question and how it ended are set one after the other with nothing between,
+    or Stop as the answer ended found the whole answer with its question still pending ("Stopped." over the
+    whole answer, with the figures and draft panel of the step before)."""
+    ui = build_ui(ChatRunner(ScriptedModel()), "scripted", 8)
+    for answer in (f for f in ui.fns.values() if f.fn and f.fn.__name__ == "respond"):
+        states = [n for n, block in enumerate(answer.outputs) if block.stateful]
+        assert states == list(range(states[0], states[0] + 3))
+
+
 def test_clear_before_the_answer_starts():
     """Called directly (no browser): Clear emptied the pending question before its answer began, so the
     answer does not start and bring the conversation back."""
@@ -404,8 +415,8 @@ def test_max_new_tokens_1():
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
-    assert "1 token in 1 iteration ·" in last[2]  # said in the singular
-    assert last[4] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
+    assert "1 token in 1 iteration ·" in last[4]  # said in the singular
+    assert last[6] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
 
 
 def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
@@ -430,8 +441,8 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
-    assert (last[0][-1], last[4]) == ({"role": "assistant", "content": " yes"}, DONE)
-    assert "im_end" not in last[3] and not runner.busy  # the draft panel too
+    assert (last[0][-1], last[6]) == ({"role": "assistant", "content": " yes"}, DONE)
+    assert "im_end" not in last[5] and not runner.busy  # the draft panel too
 
 
 def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
@@ -444,7 +455,7 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
-    drafts = last[3]
+    drafts = last[5]
     assert webui.by_origin("<", True) in drafts and webui.by_origin("c", False) + webui.by_origin("def", True) in drafts
 
 
@@ -457,8 +468,8 @@ def test_a_chat_template_refusal_shows_its_message():
     _, pending, _, _ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
-    assert (restored[0], restored[5]) == (history, "again")
-    assert "This model takes no chats" in restored[4]  # the notice line; the stats and drafts stay (skipped)
+    assert (restored[0], restored[7]) == (history, "again")
+    assert "This model takes no chats" in restored[6]  # the notice line; the stats and drafts stay (skipped)
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
     assert error.value.title == "Chat template error"
@@ -470,7 +481,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
-    assert next(updates)[5] == "cut \ud83d"
+    assert next(updates)[7] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
         next(updates)
     assert error.value.title == "Invalid text"
@@ -488,7 +499,7 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
-    states = [u[4] for u in updates]
+    states = [u[6] for u in updates]
     assert states[0] == GENERATING and states[1:-1] == [gr.skip()] * (shown - 2) and states[-1].startswith("Done")
     texts = [u[0][-1]["content"] for u in updates]
     assert texts[-1] == "abcdefghijklmnopqrstuvwxyz" and all(texts[-1].startswith(t) for t in texts)
@@ -511,7 +522,7 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
-    assert last[4] == line
+    assert last[6] == line
 
 
 @pytest.mark.parametrize("speculative", [True, False])
@@ -521,9 +532,9 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
-    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
-    assert ("plain decoding" in last[2]) is not speculative
+    assert ("plain decoding" in last[4]) is not speculative
 
 
 def test_html_in_a_chat_shows_as_written():
@@ -539,8 +550,8 @@ def test_html_in_a_chat_shows_as_written():
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
     shown = "Use <b>x</b> &amp;amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> &lt;!-- c --> &lt;p>a < b & c&lt;/P>"
-    assert last[1]["value"][-1]["content"] == shown
-    assert last[1]["allow_tags"] == ["b", "i", "script"]
+    assert last[3]["value"][-1]["content"] == shown
+    assert last[3]["allow_tags"] == ["b", "i", "script"]
 
 
 @pytest.mark.parametrize("text,shown", [
@@ -622,14 +633,14 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("hi", [], "", None)
-    *_, (history, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
+    *_, (history, _, _, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
     _, pending, _, _ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
-    assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
-    assert (restored[0], restored[1]["value"], *restored[2:4]) == (history, history, figures, drafts)
-    assert restored[5] == "again"
+    assert streamed[-1][4] != figures and streamed[-1][5] != drafts  # the failed answer's, as it streamed
+    assert (restored[0], restored[3]["value"], *restored[4:6]) == (history, history, figures, drafts)
+    assert restored[7] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
@@ -644,5 +655,5 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
-    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
