@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from contextlib import closing
+from dataclasses import dataclass
 
 import gradio as gr
 from markdown_it import MarkdownIt
@@ -128,6 +129,18 @@ def stats_line(stats, speculative: bool) -> str:
             f"{counted(stats.iterations, 'iteration')} · {mode}")
 
 
+@dataclass
+class Question:
+    """A conversation to answer, from Send (with the typed text) or Regenerate (`typed` None): the session's
+    `pending` until its answer ends or Stop or Clear comes. The session keeps the object itself, so the answer
+    sees `stopped` as it goes: the page cancels an answer only once it knows the answer's event, and a Stop
+    pressed just after Send or Regenerate missed it (the model went on, the page saying Stopped)."""
+
+    asked: list[dict]
+    typed: str | None
+    stopped: bool = False
+
+
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
@@ -139,29 +152,31 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                              allow_tags=tags_as_text(history))
         return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
 
-    def one_turn_at_a_time(state: str) -> None:
-        """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer."""
-        if state in (GENERATING, WAITING):
+    def one_turn_at_a_time(state: str, pending: Question | None) -> None:
+        """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer.
+        The page may still say Generating… once the answer has ended (its last update on its way, or dropped
+        as Stop came): the session's `pending`, None once answered or stopped, says so first."""
+        if state in (GENERATING, WAITING) and pending is not None:
             raise gr.Error("An answer is still being generated: wait for it to end, or press Stop.",
                            title="Answer in progress", print_exception=False)
 
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict], state: str):
-        one_turn_at_a_time(state)  # the typed text stays in the box
+    def add_message(message: str, history: list[dict], state: str, pending: Question | None):
+        one_turn_at_a_time(state, pending)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        return "", (asked, message), show(asked), WAITING if runner.busy else GENERATING
+        return "", Question(asked, message), show(asked), WAITING if runner.busy else GENERATING
 
-    def drop_answer(history: list[dict], state: str):
-        one_turn_at_a_time(state)
+    def drop_answer(history: list[dict], state: str, pending: Question | None):
+        one_turn_at_a_time(state, pending)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        return (asked, None), show(asked), WAITING if runner.busy else GENERATING
+        return Question(asked, None), show(asked), WAITING if runner.busy else GENERATING
 
     def finished(stats, max_new: int) -> str:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
@@ -169,11 +184,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             return DONE
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
-    def respond(pending: tuple[list[dict], str | None], history: list[dict], speculative: bool, temperature: float,
+    def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
-        if pending is None:  # Clear came between Send and the start of its answer: nothing to answer
+        if pending is None or pending.stopped:  # Stop or Clear came before the answer began: nothing to answer
             return
-        asked, typed = pending
+        asked, typed = pending.asked, pending.typed
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
@@ -183,6 +198,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             prompt_ids = runner.chat_prompt(asked)
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
+                    if pending.stopped:  # (closing the updates frees the model)
+                        return
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
                     # Tokens a step brought past the stop string are not the answer's, as in the API's usage.
@@ -195,15 +212,15 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
                     chat = asked + [{"role": "assistant", "content": answer}]
+                    figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
                     last_shown = time.monotonic()
-                    # The last update answers the question: see `stopped`.
-                    answered = (None, state) if done else (gr.skip(), gr.skip())
-                    yield (chat, show(chat), stats_line(figures, speculative), origin_box(pieces), state, gr.skip(),
-                           *answered)
+                    # The last update answers the question and keeps how it ended: see `stopped`.
+                    answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
+                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip()
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -215,21 +232,28 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
-            yield history, show(history), stats_before, drafts_before, notice_line, typed_back, None, notice_line
+            yield (history, None, (notice_line, stats_before, drafts_before), show(history), stats_before,
+                   drafts_before, notice_line, typed_back)
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
-    def stopped(state: str, history: list[dict], pending, end_line: str, message: str):
+    def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
+                message: str):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
-        if state not in (GENERATING, WAITING):  # nothing was running or queued
-            return state, show(history), gr.skip()
-        if pending is None:  # the answer ended before Stop came (its last update may not have reached the page)
-            return end_line, show(history), gr.skip()
-        asked, typed = pending
-        answered = len(history) > len(asked) and history[:len(asked)] == asked
-        return STOPPED, show(history), typed if typed and not answered and not message else gr.skip()
+        if pending is None:
+            if state not in (GENERATING, WAITING):  # nothing was running or queued
+                return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            # the answer ended before Stop came: its last update may not have reached the page
+            end_line, figures_line, panel = ended
+            return end_line, show(history), gr.skip(), figures_line, panel, gr.skip()
+        pending.stopped = True
+        answered = len(history) > len(pending.asked) and history[:len(pending.asked)] == pending.asked
+        typed_back = pending.typed if pending.typed and not answered and not message else gr.skip()
+        return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None
 
-    def cleared():
+    def cleared(pending: Question | None):
+        if pending is not None:
+            pending.stopped = True
         return [], None, [], "", "", ""
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
@@ -237,8 +261,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         gr.Markdown(f"## eagle-gto: speculative decoding chat\nModel `{name}` · draft tree of "
                     f"{tree.total_token} tokens, depth {tree.depth}, top-k {tree.top_k}")
         history = gr.State([])  # the conversation
-        pending = gr.State()  # (conversation to answer, typed text or None) from Send or Regenerate; None once answered
-        end_line = gr.State("")  # the notice line that ended the last answer
+        pending = gr.State()  # the Question from Send or Regenerate; None once answered or stopped
+        ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
         # allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
@@ -272,23 +296,27 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
-                          outputs=[history, *shown, message, pending, end_line],
+                          # the session's states first, together: Stop's cancel may come between two outputs
+                          # (each component's is made in a thread), and the states must agree (see `stopped`)
+                          outputs=[history, pending, ended, *shown, message],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice], outputs=[message, pending, chatbot, notice],
+        turn = dict(fn=add_message, inputs=[message, history, notice, pending],
+                    outputs=[message, pending, chatbot, notice],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, [history, notice], [pending, chatbot, notice], **nowhere,
+        events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice], **nowhere,
                                        concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, end_line, message],
-                                              [notice, chatbot, message], **nowhere, concurrency_limit=None)
+        stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],
+                                              [notice, chatbot, message, stats, drafts, pending], **nowhere,
+                                              concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):
-            clearing(None, cancels=events).then(cleared, outputs=[history, pending, chatbot, stats, drafts, notice],
+            clearing(None, cancels=events).then(cleared, pending, [history, pending, chatbot, stats, drafts, notice],
                                                 **nowhere, concurrency_limit=None)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
     return demo

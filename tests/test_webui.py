@@ -22,7 +22,7 @@ from test_api_scripted import ScriptedModel
 
 from application import webui
 from application.common import ChatRunner
-from application.webui import CONTEXT_FULL, DONE, GENERATING, WAITING, answer_limit, build_ui
+from application.webui import CONTEXT_FULL, DONE, GENERATING, STOPPED, WAITING, answer_limit, build_ui
 from eagle_gto import EaModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -294,13 +294,14 @@ def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
 def test_stop_after_the_answer_ended_keeps_its_end_line():
     """Called directly (no browser): Stop pressed while the page still says Generating…, as the answer has ended
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
-    not "Stopped.", and the whole answer."""
+    not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
-    history, pending, end_line = last[0], last[6], last[7]  # the session's states, as the server keeps them
-    notice, chat, _ = actions["stopped"](GENERATING, history, pending, end_line, "")
+    history, pending, ended = last[0], last[1], last[2]  # the session's states, as the server keeps them
+    notice, chat, _, figures, panel, _ = actions["stopped"](GENERATING, history, pending, ended, "")
     assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
+    assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[4], last[5])
 
 
 @pytest.mark.parametrize("first,second", [("click", "click"), ("Shift+Enter", "click"), ("click", "Shift+Enter")])
@@ -332,12 +333,67 @@ def test_one_turn_at_a_time(browser, url, first, second):
 
 @pytest.mark.parametrize("state", [GENERATING, WAITING], ids=["generating", "waiting"])
 def test_no_send_or_regenerate_during_an_answer(state):
-    """Called directly (no browser), as the notice line says the conversation's answer is on its way."""
+    """Called directly (no browser), as the notice line says the conversation's answer is on its way and the
+    session has its question pending."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
-    for action, args in (("add_message", ("again", history, state)), ("drop_answer", (history, state))):
+    pending = webui.Question(history[:1], "hi")
+    for action, args in (("add_message", ("again", history, state, pending)),
+                         ("drop_answer", (history, state, pending))):
         with pytest.raises(gr.Error, match="An answer is still being generated"):
             actions[action](*args)
+
+
+@pytest.mark.parametrize("action", ["add_message", "drop_answer"])
+def test_send_or_regenerate_as_the_answer_ends(action):
+    """Called directly (no browser): the page still says Generating… (the answer's last update on its way, or
+    dropped as Stop came), but the session has the whole answer: Send and Regenerate start from it."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8)
+    history, pending = last[0], last[1]  # the session's states, as the server keeps them
+    if action == "add_message":
+        _, question, _, notice = actions["add_message"]("again", history, GENERATING, pending)
+        assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
+    else:
+        question, _, notice = actions["drop_answer"](history, GENERATING, pending)
+        assert (question.asked, question.typed) == (history[:1], None)
+    assert history[-1]["content"] == "abcdefgh" and notice == GENERATING
+
+
+def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
+    """Called directly (no browser): the page cancels an answer only once it knows the answer's event, so a Stop
+    or Clear pressed just after Send or Regenerate misses it. The question they mark stopped is answered no
+    further: an answer on its way ends at its next step, freeing the model, and one not begun does not begin
+    (Stop puts the typed text back)."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    model = ScriptedModel()
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    updates = actions["respond"](pending, [], True, 0, 1, 100)
+    history = next(updates)[0]  # the answer is on its way
+    notice, chat, _, _, _, left = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
+    assert (notice, chat["value"], left) == (STOPPED, history, None)
+    assert list(updates) == [] and not runner.busy
+    _, pending, _, _ = actions["add_message"]("again", history, STOPPED, None)
+    assert actions["stopped"]("", history, pending, ("", "", ""), "")[2] == "again"  # the page not told of Send yet
+    assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
+    pending, _, _ = actions["drop_answer"](history, STOPPED, None)
+    actions["cleared"](pending)
+    assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
+    assert len(model.calls) == 1
+
+
+def test_an_answers_session_states_change_together():
+    """Stop's cancel may come between two outputs of an answer's update (each component's is made in a thread):
+    the conversation, its pending question and how it ended are set one after the other with nothing between,
+    or Stop as the answer ended found the whole answer with its question still pending ("Stopped." over the
+    whole answer, with the figures and draft panel of the step before)."""
+    ui = build_ui(ChatRunner(ScriptedModel()), "scripted", 8)
+    for answer in (f for f in ui.fns.values() if f.fn and f.fn.__name__ == "respond"):
+        states = [n for n, block in enumerate(answer.outputs) if block.stateful]
+        assert states == list(range(states[0], states[0] + 3))
 
 
 def test_clear_before_the_answer_starts():
@@ -355,12 +411,12 @@ def test_max_new_tokens_1():
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
-    assert "1 token in 1 iteration ·" in last[2]  # said in the singular
-    assert last[4] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
+    assert "1 token in 1 iteration ·" in last[4]  # said in the singular
+    assert last[6] == "Done: the answer reached its limit of 1 new token (Max new tokens)."
 
 
 def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
@@ -368,7 +424,7 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     with its space: the answer is kept without the format's, or the next prompt would hold two."""
     runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history = last[0]
     assert history[-1] == {"role": "assistant", "content": "yes"}
@@ -383,10 +439,10 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
-    assert (last[0][-1], last[4]) == ({"role": "assistant", "content": " yes"}, DONE)
-    assert "im_end" not in last[3] and not runner.busy  # the draft panel too
+    assert (last[0][-1], last[6]) == ({"role": "assistant", "content": " yes"}, DONE)
+    assert "im_end" not in last[5] and not runner.busy  # the draft panel too
 
 
 def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
@@ -396,10 +452,10 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
-    drafts = last[3]
+    drafts = last[5]
     assert webui.by_origin("<", True) in drafts and webui.by_origin("c", False) + webui.by_origin("def", True) in drafts
 
 
@@ -409,11 +465,11 @@ def test_a_chat_template_refusal_shows_its_message():
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, _, _ = actions["add_message"]("again", history, "Done")
+    _, pending, _, _ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
-    assert (restored[0], restored[5]) == (history, "again")
-    assert "This model takes no chats" in restored[4]  # the notice line; the stats and drafts stay (skipped)
+    assert (restored[0], restored[7]) == (history, "again")
+    assert "This model takes no chats" in restored[6]  # the notice line; the stats and drafts stay (skipped)
     with pytest.raises(gr.Error, match="This model takes no chats") as error:
         next(updates)
     assert error.value.title == "Chat template error"
@@ -423,9 +479,9 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
     back, and no traceback logged as if generation had failed."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done")
+    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
-    assert next(updates)[5] == "cut \ud83d"
+    assert next(updates)[7] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
         next(updates)
     assert error.value.title == "Invalid text"
@@ -440,10 +496,10 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
                if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
-    states = [u[4] for u in updates]
+    states = [u[6] for u in updates]
     assert states[0] == GENERATING and states[1:-1] == [gr.skip()] * (shown - 2) and states[-1].startswith("Done")
     texts = [u[0][-1]["content"] for u in updates]
     assert texts[-1] == "abcdefghijklmnopqrstuvwxyz" and all(texts[-1].startswith(t) for t in texts)
@@ -464,9 +520,9 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     ended shorter, with the model's "length", at the context's."""
     ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
-    assert last[4] == line
+    assert last[6] == line
 
 
 @pytest.mark.parametrize("speculative", [True, False])
@@ -474,11 +530,11 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
     model = ScriptedModel()
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
-    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
-    assert ("plain decoding" in last[2]) is not speculative
+    assert ("plain decoding" in last[4]) is not speculative
 
 
 def test_html_in_a_chat_shows_as_written():
@@ -489,13 +545,13 @@ def test_html_in_a_chat_shows_as_written():
     answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
     runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, shown, _ = actions["add_message"]("a <div>", [], "")
+    _, pending, shown, _ = actions["add_message"]("a <div>", [], "", None)
     assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
     shown = "Use <b>x</b> &amp;amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> &lt;!-- c --> &lt;p>a < b & c&lt;/P>"
-    assert last[1]["value"][-1]["content"] == shown
-    assert last[1]["allow_tags"] == ["b", "i", "script"]
+    assert last[3]["value"][-1]["content"] == shown
+    assert last[3]["allow_tags"] == ["b", "i", "script"]
 
 
 @pytest.mark.parametrize("text,shown", [
@@ -576,15 +632,15 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     model = FailingModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
-    *_, (history, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
+    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    *_, (history, _, _, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
-    _, pending, _, _ = actions["add_message"]("again", history, DONE)
+    _, pending, _, _ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
-    assert streamed[-1][2] != figures and streamed[-1][3] != drafts  # the failed answer's, as it streamed
-    assert (restored[0], restored[1]["value"], *restored[2:4]) == (history, history, figures, drafts)
-    assert restored[5] == "again"
+    assert streamed[-1][4] != figures and streamed[-1][5] != drafts  # the failed answer's, as it streamed
+    assert (restored[0], restored[3]["value"], *restored[4:6]) == (history, history, figures, drafts)
+    assert restored[7] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
     assert not runner.busy
@@ -597,7 +653,7 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     say 14 tokens."""
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "")
+    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
-    tokens, iterations = map(int, SPEED.search(last[2].replace("**", "")).groups())
+    tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
