@@ -118,6 +118,8 @@ def test_smooth_max_limits():
         assert abs(r - (mean + math.log(n) / eta)) <= eta * spread**2 + 1e-9
     r1 = tree_reward(node_logp, mask, leaves, "smoothmax", 1.0).item()
     assert top < r1  # eta = 1 is a soft maximum, above the hard one
+    with pytest.raises(ValueError, match="eta must be > 0, got 0.0"):  # (1/eta) log sum exp(eta L) has no eta = 0
+        tree_reward(node_logp, mask, leaves, "smoothmax", 0.0)
 
 
 # --------------------------------------------------- trees of the engine
@@ -296,6 +298,7 @@ def test_group_roots_are_adjacent_and_eligible():
     assert len(set(map(tuple, torch.stack((roots.seq, roots.pos), 1).tolist()))) == len(roots)  # no overlap
     assert eligible[roots.seq, roots.pos].all() and roots.pos.min() >= 1
     assert (roots.seq == 1).sum() == 16  # only 4 whole groups fit in window 1's 19 eligible roots
+    assert (roots.seq == 0).sum() == (roots.seq == 2).sum() == 20  # 5 of the 12 groups that fit, as asked
 
 
 def test_roots_draft_trained_tokens_and_windows_without_a_group_train_tokens_only(pair):
@@ -334,6 +337,9 @@ def test_clipping_for_positive_and_negative_advantages():
     loss.backward()
     live = torch.tensor([1.0, 1, 1, 0, 0, 1, 1, 1])  # clipped entries get no gradient
     assert torch.allclose(s.grad, -adv * live / len(s))
+    # A group whose trees all score the same (A = 0) still counts in the mean: L_GTO averages over every row.
+    tied = clipped_surrogate(torch.cat((s.detach(), torch.ones(8))), torch.cat((adv, torch.zeros(8))), eps)
+    assert tied.item() == pytest.approx(-kept.mean().item() / 2)
 
 
 def test_ratio_is_per_token():
