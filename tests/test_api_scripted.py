@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions, TextStream
+from application.common import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions, TextStream, until_stop
 from eagle_gto.acceptance import SamplingParams, target_probs
-from eagle_gto.generation import Step
+from eagle_gto.generation import GenerationStats, Step
 
 ANSWER = "abcdefghijklmnopqrstuvwxyz"
 STEP = 4  # tokens per speculative step
@@ -318,8 +318,9 @@ def test_asking_for_nothing_unsupported_is_fine(client, fields):
     assert complete(client, {"prompt": "x", "max_tokens": 3, **fields})[0] == "abc"
 
 
-def test_asking_chat_for_nothing_unsupported_is_fine(client):
-    fields = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "presence_penalty": 0}
+@pytest.mark.parametrize("tool_choice", ["none", "auto"])  # "auto" with no tools: no tool call either
+def test_asking_chat_for_nothing_unsupported_is_fine(client, tool_choice):
+    fields = {"response_format": {"type": "text"}, "tools": [], "tool_choice": tool_choice, "presence_penalty": 0}
     assert complete(client, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **fields},
                     chat=True)[0] == "abc"
 
@@ -745,3 +746,67 @@ def test_a_body_over_the_request_limit_is_refused_before_it_is_read_whole(model,
         assert "4096 bytes" in refused.json()["error"]["message"]
         answered = post(client, small)
         assert answered.status_code == 200 and answered.json()["choices"][0]["text"]
+
+
+def test_until_stop_keeps_the_tokens_up_to_the_one_completing_the_stop_string():
+    """"f", the stop string, ends 6 characters in: the 6th token ends the generation, as a stop would have."""
+    tokenizer = char_tokenizer()
+    ids = tokenizer("abcdefgh").input_ids
+    stats = GenerationStats(1, [Step(ids[:4], 3, 0.001), Step(ids[4:], 3, 0.001)])
+    # the second step's accepted drafts are cut to the 2 tokens kept
+    assert until_stop(stats, TextStream(tokenizer), 6).steps == [Step(ids[:4], 3, 0.001),
+                                                                 Step(ids[4:6], 2, 0.001, "stop")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_given_as_a_string_is_one_stop_string(client, stream):
+    """OpenAI's `stop` is a string or a list of them: a string is one stop string, not one per character."""
+    body = {"prompt": "x", "max_tokens": CAP, "stream": stream}
+    assert complete(client, {**body, "stop": "de"})[:2] == ("abc", "stop")
+    assert complete(client, {**body, "stop": "dx"})[:2] == (ANSWER[:CAP], "length")
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_limit_of_0_tokens_is_refused(client, field):
+    """An answer has at least one token."""
+    body = {"messages": [{"role": "user", "content": "x"}], field: 0}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_a_list_of_no_prompt_is_refused(client):
+    response = client.post("/v1/completions", json={"prompt": []})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "give one prompt per request, got 0"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_inside_a_character_ends_with_its_text(stream):
+    """One token per byte: an answer that max_tokens cuts inside "😀" ends with the text its tokens decode
+    to (U+FFFD for the cut character), not without it, as that text was held back for the rest to come."""
+    from test_evaluation import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    runner = ChatRunner(ScriptedModel("ab😀c", tokenizer), "plain")
+    with TestClient(create_app(runner, "scripted", CAP)) as client:
+        for speculative in (True, False):
+            body = {"prompt": "q", "max_tokens": 4, "speculative": speculative, "stream": stream}
+            text, reason, _ = complete(client, body)
+            assert (text, reason) == (tokenizer.decode(tokenizer("ab😀").input_ids[:4]), "length")
+            assert text.endswith("\ufffd")
+
+
+def test_a_chat_streams_last_chunk_without_text_has_an_empty_delta(client):
+    """As OpenAI's: the chunk that only ends the answer (here at the stop string, one token a step) has no content."""
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": CAP, "stop": ["d"], "speculative": False,
+            "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as events:
+        data = [line[6:] for line in events.iter_lines() if line.startswith("data: {")]
+    assert json.loads(data[-1])["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+
+
+def test_a_body_of_exactly_the_request_limit_is_read(model):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    with TestClient(create_app(ChatRunner(model), "scripted", CAP, max_request_bytes=len(body))) as client:
+        response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 200

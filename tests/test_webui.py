@@ -657,3 +657,58 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
+
+
+def test_regenerate_answers_a_question_left_without_its_answer():
+    """Called directly (no browser): after an answer that failed, the conversation ends with its question, which
+    Regenerate asks again; after an answer, Regenerate asks that answer's question."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    asked = [{"role": "user", "content": "hi"}]
+    assert actions["drop_answer"](asked, "Generation failed")[0] == (asked, None)
+    assert actions["drop_answer"](asked + [{"role": "assistant", "content": "abc"}], DONE)[0] == (asked, None)
+
+
+def test_a_message_of_only_spaces_is_not_sent():
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    with pytest.raises(gr.Error, match="The message is empty"):
+        actions["add_message"](" \n ", [], "")
+
+
+def test_stop_before_the_answer_began_gives_the_question_back_unless_a_new_one_is_typed():
+    """Called directly (no browser): the question goes back into the message box, but not over text typed since."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    pending = ([{"role": "user", "content": "hi"}], "hi")
+    assert actions["stopped"](GENERATING, [], pending, "", "")[2] == "hi"
+    assert actions["stopped"](GENERATING, [], pending, "", "next question")[2] == gr.skip()
+
+
+def test_text_held_back_at_the_end_of_the_answer_is_shown(monkeypatch):
+    """Called directly (no browser): "<" may start Qwen's <|im_end|> written as text; held back, it is shown once the
+    answer ends without it, in the chat and the draft panel."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    runner = ChatRunner(ScriptedModel("ab<"), "qwen")
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], False, 0, 1, 100)
+    assert last[0][-1]["content"] == "ab<" and "&lt;" in last[3]
+
+
+def test_the_draft_panel_shows_html_as_text():
+    """Called directly (no browser): the panel is HTML, so the answer's own is escaped there."""
+    runner = ChatRunner(ScriptedModel("a<b>c"))
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    *_, last = actions["respond"](pending, [], True, 0, 1, 100)
+    assert "a&lt;b" in last[3] and "&gt;c" in last[3] and "<b>" not in last[3]
+
+
+def test_a_code_block_fence_is_longer_than_every_run_of_backticks_in_the_code():
+    assert webui.code_block("a ``` b ```` c") == "`````\na ``` b ```` c\n`````"
+
+
+def test_a_model_without_a_chat_template_has_its_turns_shown_as_code():
+    """Called directly (no browser): `auto` with no template is plain text, a base/code model's."""
+    model = ScriptedModel()
+    model.tokenizer.chat_template = None
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    assert actions["add_message"]("def f():", [], "")[2]["value"] == [{"role": "user", "content": "```\ndef f():\n```"}]
