@@ -310,3 +310,21 @@ def test_rope_theta_is_read_where_each_writer_puts_it(written):
            "draft_vocab_size": 64, **written}
     head = HeadConfig.from_dict(cfg, "eagle3")
     assert (head.rope_theta, head.rope_scaling["rope_type"]) == (500000.0, "llama3")
+
+
+def test_config_fields_read_where_configs_put_them_and_defaulted_as_llama():
+    """transformers 5 writes rope_theta under rope_parameters; head_dim need not be hidden / heads (Gemma);
+    an absent rms_norm_eps is Llama's 1e-6; llama3 RoPE scaling without its optional numbers is Llama-3.1's."""
+    from eagle_gto.heads import Eagle3Head, HeadConfig, rope_inverse_frequencies
+
+    plain = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB)
+    cfg = HeadConfig.from_dict({**plain, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+                               "eagle3")
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.head_dim) == (500000.0, 1e-6, 16)
+    wide = HeadConfig.from_dict({**plain, "head_dim": 32}, "eagle3")
+    assert wide.head_dim == 32 and Eagle3Head(wide).midlayer.self_attn.q_proj.out_features == 4 * 32
+    short = rope_inverse_frequencies(16, 500000.0, {"rope_type": "llama3", "factor": 8.0})
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    spelled = rope_inverse_frequencies(16, 500000.0, llama31)
+    assert torch.equal(short, spelled)

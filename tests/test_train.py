@@ -26,7 +26,7 @@ from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import (Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, trainer,
                              ttt_loss)
 from eagle_gto.train.checkpoints import checkpoint_dirs, checkpoint_path, complete_checkpoint, read_progress
-from eagle_gto.train.data import encode_conversation, read_records, to_messages
+from eagle_gto.train.data import collate, encode_conversation, read_records, to_messages
 from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train.trainer import main
 from eagle_gto.train.ttt import unroll
@@ -126,6 +126,11 @@ def test_bad_records_name_their_line_and_truncation_is_reported(tmp_path, tokeni
         assert len(to_samples([long, good], tokenizer, "plain", max_length=30)) == 1
     with pytest.raises(ValueError, match="0 have no loss tokens .*, 1 have none within --max-length 30"):
         to_samples([long], tokenizer, "plain", max_length=30)
+    # A text of two tokens (<s> x) is all loss, but nothing predicts a token from two tokens before it.
+    with pytest.raises(ValueError, match="1 have no loss tokens .*, 0 have none within --max-length 2048"):
+        to_samples([{"text": "x"}], tokenizer)
+    cut = to_samples([{"text": TEXTS[0]}], tokenizer, max_length=5)[0]
+    assert len(cut.input_ids) == len(cut.loss_mask) == 5
     with pytest.raises(ValueError, match="log_every must be at least 1"):
         TrainConfig(log_every=0)
 
@@ -173,6 +178,42 @@ def test_assistant_turns_before_the_first_question_are_dropped(tokenizer, monkey
     question = build_prompt([{"role": "user", "content": "hi"}], model_type)
     assert prompts == [encode_prompt(question, tokenizer, model_type)]
     assert [m["role"] for m in regenerated[0]["messages"]] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("model_type", ["vicuna", "qwen", "llama3"])
+def test_a_system_turn_of_the_conversation_is_not_trained(tokenizer, model_type):
+    """Only the assistant's answers carry loss, not a system turn the record holds (nor one given with --system)."""
+    record = {"conversations": [{"from": "system", "value": "Answer in code"}, {"from": "human", "value": "hi"},
+                                {"from": "gpt", "value": "x = 1"}]}
+    assert [run.strip() for run in trained_runs(to_samples([record], tokenizer, model_type)[0], tokenizer)] \
+        == ["x = 1</s>" if model_type == "vicuna" else "x = 1"]
+
+
+def test_a_batch_is_right_padded_and_its_masks_mark_real_tokens():
+    batch = collate([Sample([5, 6, 7], [0, 1, 1]), Sample([8], [1])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_greedy_continuation_keeps_the_stop_token_it_ends_with():
+    """GTO's generated stream trains the prediction of </s>: the continuation is cut after it, not before."""
+    from eagle_gto.train.data import greedy_continue
+
+    class Scripted(nn.Module):  # writes 5, 2, 7, 7 after any prompt
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 2)
+            self.generation_config = None
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            return torch.cat((input_ids, torch.tensor([[5, 2, 7, 7]]).expand(len(input_ids), -1)), dim=1)
+
+    assert greedy_continue(Scripted(), [[1, 3], [4, 4]], 4, {2}) == [[5, 2], [5, 2]]
+    assert greedy_continue(Scripted(), [[1, 3]], 4, {9}) == [[5, 2, 7, 7]]
 
 
 def test_gto_jsonl_conversations_get_the_system_prompt_given(tokenizer, tmp_path):
@@ -374,7 +415,7 @@ def test_ttt_loss_is_the_weighted_cross_entropy_on_the_draft_vocabulary():
     loss_mask[0, :4] = 0
     out = ttt_loss(TableHead(table, t2d), torch.zeros(1, n, 10), ids, target, loss_mask, steps=steps,
                    step_weight=weight)
-    expected, skipped = [], 0
+    expected, skipped, averaged_over = [], 0, []
     for s in range(steps):
         terms = []
         for i in range(n - 2 - s):
@@ -388,9 +429,12 @@ def test_ttt_loss_is_the_weighted_cross_entropy_on_the_draft_vocabulary():
             logq = torch.log_softmax(table[ids[0, i + 1 + s]], dim=-1)  # step s reads token i+1+s
             terms.append(-(p * logq).sum())
         expected.append(torch.stack(terms).mean())
+        averaged_over.append(float(len(terms)))
     assert skipped > 0  # some targets' top-1 lie outside the draft vocabulary
     torch.testing.assert_close(torch.stack(out.step_losses), torch.stack(expected))
     torch.testing.assert_close(out.loss, sum(weight**s * loss for s, loss in enumerate(expected)))
+    # GTO weights each process's step losses by these counts: the positions averaged, not all trained ones.
+    assert out.loss_counts == averaged_over
 
 
 def permuted_vocab(head, seed: int = 0):
@@ -872,6 +916,8 @@ def test_evaluation_follows_eval_every_not_log_every(tmp_path, tokenizer):
     # The final evaluation shares the last step's record (it comes before the last checkpoint).
     assert [(m["step"], "loss" in m, "eval_loss" in m) for m in metrics] == \
         [(2, True, False), (3, False, True), (4, True, True)]
+    # A record's learning rate is the one its step was taken with (step N is the update at index N - 1).
+    assert [m["lr"] for m in metrics if "lr" in m] == [trainer.lr_at(1, 4, cfg), trainer.lr_at(3, 4, cfg)]
 
 
 def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
@@ -1077,6 +1123,18 @@ def test_the_head_keeps_the_rope_scalings_it_implements(tmp_path, scaling, kept)
     assert torch.equal(loaded.inv_freq, head.inv_freq) and loaded.config.rope_scaling == head.config.rope_scaling
 
 
+
+def test_the_head_config_copies_the_bases_settings():
+    """The head's norm eps is the base's (a 1e-5 base got a 1e-6 head); a config without num_key_value_heads
+    (an older one) has as many as attention heads; the draft vocabulary is capped at the base's."""
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, intermediate_size=96,
+                           rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=512)
+    cfg = trainer.head_config_for(text, draft_vocab_size=32000)
+    assert (cfg["rms_norm_eps"], cfg["num_key_value_heads"], cfg["rope_theta"]) == (1e-5, 4, 50000.0)
+    assert (cfg["draft_vocab_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (VOCAB, 96, VOCAB)
+
 def test_a_base_whose_head_dim_is_not_hidden_over_heads(tmp_path):
     """gpt-oss: hidden 2880, 64 heads of 64 (not 45); here 90 wide, 2 heads of 32."""
     base = llama_base(hidden_size=90, num_attention_heads=2, head_dim=32)
@@ -1120,13 +1178,34 @@ def test_learning_rate_and_clipping_options(tmp_path, tokenizer):
             TrainConfig(**bad)
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 2], tokenizer)
-    heads = {norm: train(base, samples, tmp_path / str(norm), TrainConfig(max_steps=1, batch_size=2, lr=1e-2,
+    heads = {norm: train(base, samples, tmp_path / str(norm), TrainConfig(max_steps=3, batch_size=2, lr=1e-2,
                                                                         ttt_steps=1, max_grad_norm=norm),
-                         draft_vocab_size=100, show_progress=False) for norm in (0.0, 1e9)}
+                         draft_vocab_size=100, show_progress=False) for norm in (0.0, 1e9, 1e-3)}
     start = new_head(base, token_counts(samples, VOCAB), 100)
     assert not torch.equal(heads[0.0].fc.weight, start.fc.weight)
     for (name, a), b in zip(heads[0.0].state_dict().items(), heads[1e9].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    # A bound below the gradients' norms clips them (AdamW's steps are scale-free: it shows from the second step on).
+    assert not torch.allclose(heads[1e-3].fc.weight, heads[1e9].fc.weight, atol=1e-6, rtol=1e-5)
+    decayed = train(base, samples, tmp_path / "decayed", TrainConfig(max_steps=3, batch_size=2, lr=1e-2, ttt_steps=1,
+                                                                     max_grad_norm=0.0, weight_decay=0.5),
+                    draft_vocab_size=100, show_progress=False)
+    assert decayed.fc.weight.norm() < heads[0.0].fc.weight.norm()  # --weight-decay reaches AdamW
+
+
+
+def test_a_step_of_accumulated_micro_batches_has_the_gradient_of_one_batch_of_them(tmp_path, tokenizer, monkeypatch):
+    """--grad-accum 2 at --batch-size 1 is --batch-size 2 in two halves: the
+    same gradient, not twice it (AdamW would hide a scale, clipping not)."""
+    base = make_base()
+    samples = to_samples([{"text": TEXTS[0]}] * 2, tokenizer)  # alike: every split has the same mean loss
+    norms = []
+    monkeypatch.setattr(trainer, "check_gradient_norm", lambda norm, step: norms.append(float(norm)))
+    for batch_size, grad_accum in [(2, 1), (1, 2)]:
+        train(base, samples, tmp_path / str(grad_accum), TrainConfig(max_steps=1, batch_size=batch_size,
+                                                                     grad_accum=grad_accum, ttt_steps=2),
+              draft_vocab_size=100, show_progress=False)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
 
 
 @pytest.mark.parametrize("options, message", [
