@@ -16,8 +16,9 @@ import html
 import logging
 import re
 import time
+import uuid
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 from markdown_it import MarkdownIt
@@ -139,6 +140,10 @@ class Question:
     asked: list[dict]
     typed: str | None
     stopped: bool = False
+    # Its answer's own key. gr.State is read when an event is processed, not when it is sent: an answer the page
+    # could not cancel (Stop before it knew the event) would, once the model was free, answer the question asked
+    # since, and mark it answered, so that question's own answer did nothing and the page showed none.
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
@@ -168,7 +173,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        return "", Question(asked, message), show(asked), WAITING if runner.busy else GENERATING
+        question = Question(asked, message)
+        return "", question, show(asked), WAITING if runner.busy else GENERATING, question.key
 
     def drop_answer(history: list[dict], state: str, pending: Question | None):
         one_turn_at_a_time(state, pending)
@@ -176,7 +182,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        return Question(asked, None), show(asked), WAITING if runner.busy else GENERATING
+        question = Question(asked, None)
+        return question, show(asked), WAITING if runner.busy else GENERATING, question.key
 
     def finished(stats, max_new: int) -> str:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
@@ -185,8 +192,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
-                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = ""):
+                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None):
+        """Answer `pending`, when it is the question this answer was sent for (`key`, sent with the event)."""
         if pending is None or pending.stopped:  # Stop or Clear came before the answer began: nothing to answer
+            return
+        if key is not None and key != pending.key:  # another question's answer, which the page no longer follows
             return
         asked, typed = pending.asked, pending.typed
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
@@ -263,6 +273,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         history = gr.State([])  # the conversation
         pending = gr.State()  # the Question from Send or Regenerate; None once answered or stopped
         ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
+        asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
         # allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
@@ -295,7 +306,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
 
         shown = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
-        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts],
+        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key],
                           # the session's states first, together: Stop's cancel may come between two outputs
                           # (each component's is made in a thread), and the states must agree (see `stopped`)
                           outputs=[history, pending, ended, *shown, message],
@@ -303,11 +314,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
         turn = dict(fn=add_message, inputs=[message, history, notice, pending],
-                    outputs=[message, pending, chatbot, notice],
+                    outputs=[message, pending, chatbot, notice, asked_key],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice], **nowhere,
-                                       concurrency_limit=None)
+        events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice, asked_key],
+                                       **nowhere, concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
         stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],

@@ -296,7 +296,7 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
     not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, ended = last[0], last[1], last[2]  # the session's states, as the server keeps them
     notice, chat, _, figures, panel, _ = actions["stopped"](GENERATING, history, pending, ended, "")
@@ -349,14 +349,14 @@ def test_send_or_regenerate_as_the_answer_ends(action):
     """Called directly (no browser): the page still says Generating… (the answer's last update on its way, or
     dropped as Stop came), but the session has the whole answer: Send and Regenerate start from it."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending = last[0], last[1]  # the session's states, as the server keeps them
     if action == "add_message":
-        _, question, _, notice = actions["add_message"]("again", history, GENERATING, pending)
+        _, question, _, notice, _ = actions["add_message"]("again", history, GENERATING, pending)
         assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
     else:
-        question, _, notice = actions["drop_answer"](history, GENERATING, pending)
+        question, _, notice, _ = actions["drop_answer"](history, GENERATING, pending)
         assert (question.asked, question.typed) == (history[:1], None)
     assert history[-1]["content"] == "abcdefgh" and notice == GENERATING
 
@@ -370,16 +370,16 @@ def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
     model = ScriptedModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     updates = actions["respond"](pending, [], True, 0, 1, 100)
     history = next(updates)[0]  # the answer is on its way
     notice, chat, _, _, _, left = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
     assert (notice, chat["value"], left) == (STOPPED, history, None)
     assert list(updates) == [] and not runner.busy
-    _, pending, _, _ = actions["add_message"]("again", history, STOPPED, None)
+    _, pending, _, _, _ = actions["add_message"]("again", history, STOPPED, None)
     assert actions["stopped"]("", history, pending, ("", "", ""), "")[2] == "again"  # the page not told of Send yet
     assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
-    pending, _, _ = actions["drop_answer"](history, STOPPED, None)
+    pending, _, _, _ = actions["drop_answer"](history, STOPPED, None)
     actions["cleared"](pending)
     assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
     assert len(model.calls) == 1
@@ -411,7 +411,7 @@ def test_max_new_tokens_1():
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
@@ -424,7 +424,7 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     with its space: the answer is kept without the format's, or the next prompt would hold two."""
     runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history = last[0]
     assert history[-1] == {"role": "assistant", "content": "yes"}
@@ -439,7 +439,7 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert (last[0][-1], last[6]) == ({"role": "assistant", "content": " yes"}, DONE)
     assert "im_end" not in last[5] and not runner.busy  # the draft panel too
@@ -452,7 +452,7 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
     drafts = last[5]
@@ -465,7 +465,7 @@ def test_a_chat_template_refusal_shows_its_message():
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, _, _ = actions["add_message"]("again", history, "Done", None)
+    _, pending, _, _, _ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[7]) == (history, "again")
@@ -479,7 +479,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
     back, and no traceback logged as if generation had failed."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
+    _, pending, _, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
     assert next(updates)[7] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
@@ -496,7 +496,7 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
                if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
     states = [u[6] for u in updates]
@@ -520,7 +520,7 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     ended shorter, with the model's "length", at the context's."""
     ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
     assert last[6] == line
 
@@ -530,7 +530,7 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
     model = ScriptedModel()
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
@@ -545,7 +545,7 @@ def test_html_in_a_chat_shows_as_written():
     answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
     runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, shown, _ = actions["add_message"]("a <div>", [], "", None)
+    _, pending, shown, _, _ = actions["add_message"]("a <div>", [], "", None)
     assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
@@ -632,10 +632,10 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     model = FailingModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, (history, _, _, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
-    _, pending, _, _ = actions["add_message"]("again", history, DONE, None)
+    _, pending, _, _, _ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][4] != figures and streamed[-1][5] != drafts  # the failed answer's, as it streamed
@@ -653,7 +653,7 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     say 14 tokens."""
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
@@ -664,22 +664,25 @@ def test_regenerate_answers_a_question_left_without_its_answer():
     Regenerate asks again; after an answer, Regenerate asks that answer's question."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     asked = [{"role": "user", "content": "hi"}]
-    assert actions["drop_answer"](asked, "Generation failed")[0] == (asked, None)
-    assert actions["drop_answer"](asked + [{"role": "assistant", "content": "abc"}], DONE)[0] == (asked, None)
+    for history, state in ((asked, "Generation failed"), (asked + [{"role": "assistant", "content": "abc"}], DONE)):
+        question = actions["drop_answer"](history, state, None)[0]
+        assert (question.asked, question.typed) == (asked, None)
 
 
 def test_a_message_of_only_spaces_is_not_sent():
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     with pytest.raises(gr.Error, match="The message is empty"):
-        actions["add_message"](" \n ", [], "")
+        actions["add_message"](" \n ", [], "", None)
 
 
 def test_stop_before_the_answer_began_gives_the_question_back_unless_a_new_one_is_typed():
     """Called directly (no browser): the question goes back into the message box, but not over text typed since."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    pending = ([{"role": "user", "content": "hi"}], "hi")
-    assert actions["stopped"](GENERATING, [], pending, "", "")[2] == "hi"
-    assert actions["stopped"](GENERATING, [], pending, "", "next question")[2] == gr.skip()
+    def pending():
+        return webui.Question([{"role": "user", "content": "hi"}], "hi")
+
+    assert actions["stopped"](GENERATING, [], pending(), ("", "", ""), "")[2] == "hi"
+    assert actions["stopped"](GENERATING, [], pending(), ("", "", ""), "next question")[2] == gr.skip()
 
 
 def test_text_held_back_at_the_end_of_the_answer_is_shown(monkeypatch):
@@ -688,18 +691,18 @@ def test_text_held_back_at_the_end_of_the_answer_is_shown(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], False, 0, 1, 100)
-    assert last[0][-1]["content"] == "ab<" and "&lt;" in last[3]
+    assert last[0][-1]["content"] == "ab<" and "&lt;" in last[5]
 
 
 def test_the_draft_panel_shows_html_as_text():
     """Called directly (no browser): the panel is HTML, so the answer's own is escaped there."""
     runner = ChatRunner(ScriptedModel("a<b>c"))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _ = actions["add_message"]("hi", [], "")
+    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
-    assert "a&lt;b" in last[3] and "&gt;c" in last[3] and "<b>" not in last[3]
+    assert "a&lt;b" in last[5] and "&gt;c" in last[5] and "<b>" not in last[5]
 
 
 def test_a_code_block_fence_is_longer_than_every_run_of_backticks_in_the_code():
@@ -711,4 +714,20 @@ def test_a_model_without_a_chat_template_has_its_turns_shown_as_code():
     model = ScriptedModel()
     model.tokenizer.chat_template = None
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    assert actions["add_message"]("def f():", [], "")[2]["value"] == [{"role": "user", "content": "```\ndef f():\n```"}]
+    shown = actions["add_message"]("def f():", [], "", None)[2]["value"]
+    assert shown == [{"role": "user", "content": "```\ndef f():\n```"}]
+
+
+def test_an_answer_sent_for_an_earlier_question_leaves_the_one_asked_since_to_its_own_answer():
+    """Called directly (no browser): an answer the page could not cancel (Stop before the page knew its event) ran
+    once the model was free and, reading the session's question when it ran, answered the one asked since and
+    marked it answered; that question's own answer then did nothing, and the page (which follows only the
+    latter) said Done with no answer shown (CI, test_queued_user_waits_and_stop_frees_the_model)."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    *_, first_key = actions["add_message"]("hi", [], "", None)
+    _, pending, _, _, key = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
+    assert key != first_key and key == pending.key
+    assert list(actions["respond"](pending, [], True, 0, 1, 8, "", "", first_key)) == []
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", key)
+    assert last[0][0] == {"role": "user", "content": "hi again"} and last[0][-1]["role"] == "assistant"
+    assert last[1] is None  # answered
