@@ -75,7 +75,9 @@ HTML_START = re.compile(TAG.pattern + r"|<(?=[!?])|&(?=#?\w+;)")
 MARKUP = re.compile(r"((?<!`)(`+)(?!`).+?(?<!`)\2(?!`))|" + HTML_START.pattern, re.DOTALL)  # or a code span (kept)
 ENTITIES = {"&": "&amp;", "<": "&lt;"}
 # CommonMark's blocks, as the chat's renderer (marked) finds them; the text within them is not needed
-CODE_BLOCKS = MarkdownIt("commonmark").disable(["inline", "text_join"])
+BLOCKS = MarkdownIt("commonmark").disable(["inline", "text_join"])
+LEAF_BLOCKS = ("paragraph_open", "heading_open", "fence", "code_block", "html_block")  # (a line is in one)
+LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitlines has more line breaks)
 
 
 def tags_as_text(history: list[dict]) -> list[str]:
@@ -84,28 +86,42 @@ def tags_as_text(history: list[dict]) -> list[str]:
     return sorted(names - RENDERER_TAGS)
 
 
+def escaped_start(start: str, tag: str | None) -> str:
+    """The start of HTML (`HTML_START`'s match; `tag`: its tag's name) as the chat must read it: escaped, but for
+    the tags `allow_tags` shows as written."""
+    return start if tag and tag.lower() not in RENDERER_TAGS else ENTITIES[start[0]] + start[1:]
+
+
 @functools.lru_cache(maxsize=256)  # each update shows the whole conversation: only its last answer is new
 def escape_markup(text: str) -> str:
     """Markdown in which HTML written in `text` (a model's `<p>` or `<!-- -->`, a user's `&amp;`) shows as
     written, with the chat's `allow_tags` from `tags_as_text`: the chat renders HTML in Markdown, and its
     sanitizer drops what it does not allow."""
-    def escaped(match: re.Match) -> str:
-        if match.group(1) or (match.group(3) and match.group(3).lower() not in RENDERER_TAGS):
-            return match.group(0)
-        return ENTITIES[match.group(0)[0]] + match.group(0)[1:]
+    def escaped(match: re.Match) -> str:  # MARKUP's match
+        return match.group(0) if match.group(1) else escaped_start(match.group(0), match.group(3))
 
-    if all(m.group(1) and m.group(1).lower() not in RENDERER_TAGS for m in HTML_START.finditer(text)):
+    starts = HTML_START.sub(lambda match: escaped_start(match.group(0), match.group(1)), text)
+    if starts == text:
         return text  # nothing to escape, in code or not: no need to parse the Markdown
-    lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # as the Markdown parser counts them (str.splitlines has more)
-    code = [False] * len(lines)
-    for token in CODE_BLOCKS.parse(text):
-        if token.type in ("fence", "code_block"):
-            code[token.map[0]:token.map[1]] = [True] * (token.map[1] - token.map[0])
+    lines, lines_escaped = LINE.findall(text), LINE.findall(starts)
+    block: list[int | None] = [None] * len(lines)  # the block each line belongs to (None: a blank line, ...)
+    kind = {None: "paragraph_open"}
+    # The blocks of the Markdown the chat reads: a `<p>` escaped outside code starts no HTML block there (an
+    # HTML block runs to a blank line, over what would have been a fenced code block).
+    # (A lone \r, a line break for markdown-it, is none for the chat: its lines would not be these.)
+    for number, token in enumerate(BLOCKS.parse(re.sub(r"\r(?!\n)", " ", starts))):
+        if token.type in LEAF_BLOCKS:
+            block[token.map[0]:token.map[1]] = [number] * (token.map[1] - token.map[0])
+            kind[number] = token.type
     out, start = [], 0
-    for end in range(1, len(lines) + 1):  # runs of prose lines escaped, runs of code lines as they are
-        if end == len(lines) or code[end] != code[start]:
-            run = "".join(lines[start:end])
-            out.append(run if code[start] else MARKUP.sub(escaped, run))
+    for end in range(1, len(lines) + 1):  # each block on its own: a code span ends with its block
+        if end == len(lines) or block[end] != block[start]:
+            if kind[block[start]] in ("fence", "code_block"):  # shown verbatim
+                out += lines[start:end]
+            elif kind[block[start]] == "html_block":  # raw HTML, without code spans
+                out += lines_escaped[start:end]
+            else:
+                out.append(MARKUP.sub(escaped, "".join(lines[start:end])))
             start = end
     return "".join(out)
 

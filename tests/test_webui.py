@@ -561,6 +561,15 @@ def test_html_in_a_chat_shows_as_written():
     ("> ```\n> <p>\n> ```\n<p>", "> ```\n> <p>\n> ```\n&lt;p>"),  # a fence in a quote
     ("```\n<p>", "```\n<p>"),  # a fence that is not closed runs to the end
     ("`a\n\n```\nx\n```\n<p> `", "`a\n\n```\nx\n```\n&lt;p> `"),  # no code span across blocks
+    ("`a\n\n<p> `", "`a\n\n&lt;p> `"), ("- `a\n- <p> `", "- `a\n- &lt;p> `"), ("# `a\n<p> `", "# `a\n&lt;p> `"),
+    ("`a\n<p> b`", "`a\n<p> b`"),  # a code span across a paragraph's lines
+    # The chat reads the escaped Markdown, where an escaped <p> starts no HTML block: the fence after it is code;
+    # a tag shown as written by allow_tags does start one, running over the fence to the blank line.
+    ("<p>Example:</p>\n~~~\n<p>a &amp; b</p>\n~~~", "&lt;p>Example:&lt;/p>\n~~~\n<p>a &amp; b</p>\n~~~"),
+    ("<details>\n~~~\n<p>\n~~~\n\n~~~\n<p>", "<details>\n~~~\n&lt;p>\n~~~\n\n~~~\n<p>"),
+    ("<details>\n`<p>`", "<details>\n`&lt;p>`"),  # HTML holds no code span
+    ("<div>\n    <p>x</p>", "&lt;div>\n    &lt;p>x&lt;/p>"),  # a paragraph's continuation, not code
+    ("a\r```\n<p>\n```\n\nb", "a\r```\n&lt;p>\n```\n\nb"),  # a lone \r is no line break (markdown-it's is)
 ])
 def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
     """Called directly: code is where the chat's Markdown renderer finds code (CommonMark's rules)."""
