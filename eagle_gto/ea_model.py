@@ -225,16 +225,23 @@ class EaModel(nn.Module):
         last = None
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
-            decoder = self._decoder(max_length, sampling, speculative, generator)
-            prompt = prompt.to(self._target.input_device)
-            for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
-                if step.finished:  # handed over below, with the model free: a reader may stop there
-                    last = step
-                    break
-                yield step
-                # A stream may be driven by another thread than the one that started it; only the
-                # thread driving it now would deadlock by waiting for the model (_exclusive).
-                self._lock_owner = threading.current_thread()
+            no_room = None
+            try:
+                decoder = self._decoder(max_length, sampling, speculative, generator)
+                prompt = prompt.to(self._target.input_device)
+                for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
+                    if step.finished:  # handed over below, with the model free: a reader may stop there
+                        last = step
+                        break
+                    yield step
+                    # A stream may be driven by another thread than the one that started it; only the
+                    # thread driving it now would deadlock by waiting for the model (_exclusive).
+                    self._lock_owner = threading.current_thread()
+            except torch.OutOfMemoryError as err:
+                no_room = str(err)
+            if no_room is not None:
+                decoder = None  # (this frame stays in the new error's traceback)
+                raise self._out_of_memory(max_length, no_room)
         if last is not None:
             yield last
 
@@ -254,10 +261,25 @@ class EaModel(nn.Module):
         max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
         with self._exclusive():
-            decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
-            if decoder.graphs is None and self.torch_compile is None:
-                return 0
-            return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
+            try:
+                decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
+                if decoder.graphs is None and self.torch_compile is None:
+                    return 0
+                return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
+            except torch.OutOfMemoryError as err:
+                no_room = str(err)
+            decoder = None  # (this frame stays in the new error's traceback)
+            raise self._out_of_memory(max_length, no_room)
+
+    def _out_of_memory(self, max_length: int, allocator_words: str) -> torch.OutOfMemoryError:
+        """The error for a generation at `max_length` that ran out of memory (the
+        allocator's words: "CUDA out of memory. Tried to allocate ..."), once its caches
+        and graphs are dropped, so that their memory is free for a smaller max_length.
+        Raised outside the `except` block: the allocator's error, as its context, would keep
+        the failed step's frames, and their tensors, alive."""
+        self._cache = self._graphs = self._drafter = self._state = None
+        return torch.OutOfMemoryError(no_room_message(max_length, self._target.cache_bytes(max_length),
+                                                      allocator_words))
 
     def _max_length(self, max_length: int | None, speculative: bool = True) -> int:
         max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
@@ -637,6 +659,29 @@ def device_memory(device: torch.device) -> int | None:
     except (AttributeError, OSError, ValueError):  # (no sysconf on Windows)
         pass
     return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor may still take on a CUDA device: what the driver has free and what torch's caching
+    allocator holds unused (mem_get_info counts that as used); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def no_room_message(max_length: int, cache_bytes: dict[torch.device, int], allocator_words: str) -> str:
+    """What to tell a user whose generation ran out of memory: what the caches of max_length need and what
+    is free, where known."""
+    needs = []
+    for device, needed in cache_bytes.items():
+        free = free_memory(device)
+        room = "" if free is None else f" ({free / 2**30:.2f} GiB free now)"
+        needs.append(f"{needed / 2**30:.2f} GiB on {device}{room}")
+    cache = f" (its key/value cache needs {', '.join(needs)})" if needs else ""
+    words = allocator_words.partition("\n")[0]  # (the allocator's advice on its settings follows)
+    return (f"out of memory generating with max_length={max_length}{cache}: lower max_length, or free memory "
+            f"(other processes, other tensors) and try again; the model is still usable. {words}")
 
 
 def check_generator_device(generator: torch.Generator, drawn_on: torch.device) -> None:
