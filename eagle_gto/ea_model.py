@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,7 +219,7 @@ class EaModel(nn.Module):
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
             raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
-                             f"max_length={max_length}")
+                             f"max_length={max_length}: pass a larger max_length, or a shorter prompt")
         stops = self._stop_ids(is_llama3, stop_token_ids)
         self._check_generator(generator)
         stats = GenerationStats(prompt_length=prompt.shape[0])
@@ -431,7 +432,9 @@ class EaModel(nn.Module):
         ids = eos_ids(getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer)
         if is_llama3:
             if self.tokenizer is None:
-                raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>")
+                raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>, and this "
+                                 "base has none: pass its id as stop_token_ids instead (128009 in Llama 3's "
+                                 "vocabulary), or give the model a tokenizer (EaModel(..., tokenizer=...))")
             eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
             if eot is not None and eot != self.tokenizer.unk_token_id:  # unk: not in this vocabulary
                 ids.add(eot)
@@ -562,6 +565,11 @@ def length_dependent_rope(model: nn.Module) -> str | None:
 
 def token_ids(name: str, value) -> torch.Tensor:
     """`value` (a list, array or tensor of ids, or one id) as a tensor of integer token ids."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be token ids, got a string: tokenize it first (model.tokenizer)")
+    if isinstance(value, Mapping):  # a tokenizer's whole output (BatchEncoding)
+        raise ValueError(f"{name} must be token ids, got a mapping with keys {list(value)}: pass its 'input_ids' "
+                         "(model.tokenizer(text, return_tensors='pt').input_ids)")
     try:
         ids = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):

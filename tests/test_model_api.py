@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BatchEncoding
 
 import eagle_gto.ea_model as ea_model
 from eagle_gto import CheckpointError, EaModel
@@ -390,7 +390,15 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(top_p=None), "top_p must be a number, got None"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=5.7), "max_new_tokens must be an integer"),
-    (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110), "does not fit"),
+    (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110),
+     "the prompt has 110 tokens; with the next token it does not fit in max_length=110: pass a larger max_length, "
+     "or a shorter prompt"),
+    (dict(input_ids="Hello"), "input_ids must be token ids, got a string: tokenize it first"),
+    (dict(input_ids=BatchEncoding({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]})),
+     r"input_ids must be token ids, got a mapping with keys \['input_ids', 'attention_mask'\]: pass its "
+     r"'input_ids'"),
+    (dict(is_llama3=True), r"is_llama3=True needs the base model's tokenizer to find <\|eot_id\|>, and this base "
+                           "has none: pass its id as stop_token_ids instead"),
     (dict(max_length=True), "max_length must be an integer"),
     (dict(max_length=0), "max_length must be >= 1"),
     (dict(stop_token_ids=[1.5]), "stop_token_ids must hold integer token ids"),
