@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,23 +219,30 @@ class EaModel(nn.Module):
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if prompt.shape[0] + 1 > max_length:  # (where a draft tree no longer fits, steps go one token at a time)
             raise ValueError(f"the prompt has {prompt.shape[0]} tokens; with the next token it does not fit in "
-                             f"max_length={max_length}")
+                             f"max_length={max_length}: pass a larger max_length, or a shorter prompt")
         stops = self._stop_ids(is_llama3, stop_token_ids)
         self._check_generator(generator)
         stats = GenerationStats(prompt_length=prompt.shape[0])
         last = None
         with self._exclusive():
             self.last_stats = stats  # set only once this generation owns the model
-            decoder = self._decoder(max_length, sampling, speculative, generator)
-            prompt = prompt.to(self._target.input_device)
-            for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
-                if step.finished:  # handed over below, with the model free: a reader may stop there
-                    last = step
-                    break
-                yield step
-                # A stream may be driven by another thread than the one that started it; only the
-                # thread driving it now would deadlock by waiting for the model (_exclusive).
-                self._lock_owner = threading.current_thread()
+            no_room = None
+            try:
+                decoder = self._decoder(max_length, sampling, speculative, generator)
+                prompt = prompt.to(self._target.input_device)
+                for step in generate_steps(decoder, prompt, max_new_tokens, stops, stats):
+                    if step.finished:  # handed over below, with the model free: a reader may stop there
+                        last = step
+                        break
+                    yield step
+                    # A stream may be driven by another thread than the one that started it; only the
+                    # thread driving it now would deadlock by waiting for the model (_exclusive).
+                    self._lock_owner = threading.current_thread()
+            except torch.OutOfMemoryError as err:
+                no_room = str(err)
+            if no_room is not None:
+                decoder = None  # (this frame stays in the new error's traceback)
+                raise self._out_of_memory(max_length, no_room)
         if last is not None:
             yield last
 
@@ -254,10 +262,25 @@ class EaModel(nn.Module):
         max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
         with self._exclusive():
-            decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
-            if decoder.graphs is None and self.torch_compile is None:
-                return 0
-            return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
+            try:
+                decoder = self._decoder(max_length, sampling, speculative, None)  # (graphs on or off after a move)
+                if decoder.graphs is None and self.torch_compile is None:
+                    return 0
+                return warm_up_steps(decoder, torch.zeros(1, dtype=torch.long, device=self._target.input_device))
+            except torch.OutOfMemoryError as err:
+                no_room = str(err)
+            decoder = None  # (this frame stays in the new error's traceback)
+            raise self._out_of_memory(max_length, no_room)
+
+    def _out_of_memory(self, max_length: int, allocator_words: str) -> torch.OutOfMemoryError:
+        """The error for a generation at `max_length` that ran out of memory (the
+        allocator's words: "CUDA out of memory. Tried to allocate ..."), once its caches
+        and graphs are dropped, so that their memory is free for a smaller max_length.
+        Raised outside the `except` block: the allocator's error, as its context, would keep
+        the failed step's frames, and their tensors, alive."""
+        self._cache = self._graphs = self._drafter = self._state = None
+        return torch.OutOfMemoryError(no_room_message(max_length, self._target.cache_bytes(max_length),
+                                                      allocator_words))
 
     def _max_length(self, max_length: int | None, speculative: bool = True) -> int:
         max_length = self.default_max_length() if max_length is None else positive_int("max_length", max_length)
@@ -409,7 +432,9 @@ class EaModel(nn.Module):
         ids = eos_ids(getattr(self.base_model, "generation_config", None), self.base_model.config, self.tokenizer)
         if is_llama3:
             if self.tokenizer is None:
-                raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>")
+                raise ValueError("is_llama3=True needs the base model's tokenizer to find <|eot_id|>, and this "
+                                 "base has none: pass its id as stop_token_ids instead (128009 in Llama 3's "
+                                 "vocabulary), or give the model a tokenizer (EaModel(..., tokenizer=...))")
             eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
             if eot is not None and eot != self.tokenizer.unk_token_id:  # unk: not in this vocabulary
                 ids.add(eot)
@@ -540,6 +565,11 @@ def length_dependent_rope(model: nn.Module) -> str | None:
 
 def token_ids(name: str, value) -> torch.Tensor:
     """`value` (a list, array or tensor of ids, or one id) as a tensor of integer token ids."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be token ids, got a string: tokenize it first (model.tokenizer)")
+    if isinstance(value, Mapping):  # a tokenizer's whole output (BatchEncoding)
+        raise ValueError(f"{name} must be token ids, got a mapping with keys {list(value)}: pass its 'input_ids' "
+                         "(model.tokenizer(text, return_tensors='pt').input_ids)")
     try:
         ids = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
@@ -637,6 +667,29 @@ def device_memory(device: torch.device) -> int | None:
     except (AttributeError, OSError, ValueError):  # (no sysconf on Windows)
         pass
     return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor may still take on a CUDA device: what the driver has free and what torch's caching
+    allocator holds unused (mem_get_info counts that as used); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def no_room_message(max_length: int, cache_bytes: dict[torch.device, int], allocator_words: str) -> str:
+    """What to tell a user whose generation ran out of memory: what the caches of max_length need and what
+    is free, where known."""
+    needs = []
+    for device, needed in cache_bytes.items():
+        free = free_memory(device)
+        room = "" if free is None else f" ({free / 2**30:.2f} GiB free now)"
+        needs.append(f"{needed / 2**30:.2f} GiB on {device}{room}")
+    cache = f" (its key/value cache needs {', '.join(needs)})" if needs else ""
+    words = allocator_words.partition("\n")[0]  # (the allocator's advice on its settings follows)
+    return (f"out of memory generating with max_length={max_length}{cache}: lower max_length, or free memory "
+            f"(other processes, other tensors) and try again; the model is still usable. {words}")
 
 
 def check_generator_device(generator: torch.Generator, drawn_on: torch.device) -> None:

@@ -2,9 +2,11 @@
 and a clear error for every kind of bad input."""
 
 import copy
+import gc
 import json
 import threading
 import warnings
+import weakref
 
 import huggingface_hub.constants
 import numpy as np
@@ -12,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BatchEncoding
 
 import eagle_gto.ea_model as ea_model
 from eagle_gto import CheckpointError, EaModel
 from eagle_gto.checkpoint import save_head
 from eagle_gto.generation import Decoder
+from eagle_gto.kv_cache import KVBuffer
 from eagle_gto.tiny import base_config, head_config, random_head
 
 
@@ -247,6 +250,86 @@ def test_a_max_length_whose_cache_cannot_fit_the_device_is_refused_before_anythi
     assert model._cache is cache and torch.equal(model.eagenerate(ids, max_new_tokens=4, max_length=64), kept)
 
 
+ALLOCATOR_WORDS = ("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79.19 GiB\n"
+                   "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+class EagerSteps:
+    """Step graphs that run each step eagerly (this machine has no GPU to record them)."""
+
+    def __init__(self, *args):
+        pass
+
+    def run(self, key, step):
+        return step()
+
+
+@pytest.mark.parametrize("mode", ["eagenerate", "naivegenerate", "ea_generate", "warm_up"])
+def test_a_cache_that_does_not_fit_free_memory_is_a_clear_error_and_the_model_goes_on(monkeypatch, mode):
+    """A cache that fits the device's total memory but not its free memory failed at the prefill in the
+    allocator's words; the model must still generate at a smaller max_length."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    expected = model.eagenerate(ids, max_new_tokens=8, max_length=64)
+    allocate = KVBuffer._allocate
+
+    def short_of_memory(buffer, key, value):
+        if buffer.capacity > 1000:
+            raise torch.OutOfMemoryError(ALLOCATOR_WORDS)
+        allocate(buffer, key, value)
+
+    monkeypatch.setattr(KVBuffer, "_allocate", short_of_memory)
+    monkeypatch.setattr(model, "cuda_graphs", True)  # warm_up runs steps only with graphs or compiled steps
+    monkeypatch.setattr(ea_model, "StepGraphs", EagerSteps)
+    run = {"eagenerate": lambda: model.eagenerate(ids, max_new_tokens=8, max_length=2000),
+           "naivegenerate": lambda: model.naivegenerate(ids, max_new_tokens=8, max_length=2000),
+           "ea_generate": lambda: list(model.ea_generate(ids, max_new_tokens=8, max_length=2000)),
+           "warm_up": lambda: model.warm_up(max_length=2000)}[mode]
+    needed = model._target.cache_bytes(2000)[torch.device("cpu")] / 2**30
+    with pytest.raises(torch.OutOfMemoryError) as failure:
+        run()
+    message = str(failure.value)
+    assert message == (f"out of memory generating with max_length=2000 (its key/value cache needs {needed:.2f} GiB "
+                       "on cpu): lower max_length, or free memory (other processes, other tensors) and try again; "
+                       "the model is still usable. CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total "
+                       "capacity of 79.19 GiB")
+    monkeypatch.undo()
+    assert torch.equal(model.eagenerate(ids, max_new_tokens=8, max_length=64), expected)
+
+
+def test_a_generation_out_of_memory_lets_go_of_its_caches_even_while_its_error_is_kept(monkeypatch):
+    """A REPL keeps the last error (sys.last_exc): the caches of the failed max_length, made before the
+    step that ran out of memory, must not stay alive through it, taking the memory a smaller one needs."""
+    model = trained_pair("llama", "eagle3")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    expected = model.eagenerate(ids, max_new_tokens=8, max_length=64)
+    extend = ea_model.Drafter.extend
+    caches = []
+
+    def short_of_memory(drafter, *args, **kwargs):
+        caches.append(weakref.ref(model._cache.stacks[0].storage))
+        raise torch.OutOfMemoryError(ALLOCATOR_WORDS)
+
+    monkeypatch.setattr(ea_model.Drafter, "extend", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="max_length=500 ") as failure:
+        model.eagenerate(ids, max_new_tokens=8, max_length=500)
+    kept = failure.value  # noqa: F841 (held, as a REPL holds it)
+    gc.collect()
+    assert len(caches) == 1 and caches[0]() is None
+    monkeypatch.undo()
+    assert torch.equal(model.eagenerate(ids, max_new_tokens=8, max_length=64), expected)
+
+
+def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_blocks(monkeypatch):
+    """mem_get_info counts the blocks torch's caching allocator holds unused as used; a new cache may take them."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4.5 * 2**30)
+    message = ea_model.no_room_message(4096, {torch.device("cuda", 0): 2 * 2**30}, ALLOCATOR_WORDS)
+    assert message.startswith("out of memory generating with max_length=4096 (its key/value cache needs 2.00 GiB "
+                              "on cuda:0 (1.50 GiB free now)): lower max_length")
+
+
 def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
     model = trained_pair("llama", "eagle3")
     monkeypatch.setattr(model.base_model.config, "max_position_embeddings", 40)
@@ -307,7 +390,15 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(top_p=None), "top_p must be a number, got None"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=5.7), "max_new_tokens must be an integer"),
-    (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110), "does not fit"),
+    (dict(input_ids=torch.zeros(1, 110, dtype=torch.long), max_length=110),
+     "the prompt has 110 tokens; with the next token it does not fit in max_length=110: pass a larger max_length, "
+     "or a shorter prompt"),
+    (dict(input_ids="Hello"), "input_ids must be token ids, got a string: tokenize it first"),
+    (dict(input_ids=BatchEncoding({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]})),
+     r"input_ids must be token ids, got a mapping with keys \['input_ids', 'attention_mask'\]: pass its "
+     r"'input_ids'"),
+    (dict(is_llama3=True), r"is_llama3=True needs the base model's tokenizer to find <\|eot_id\|>, and this base "
+                           "has none: pass its id as stop_token_ids instead"),
     (dict(max_length=True), "max_length must be an integer"),
     (dict(max_length=0), "max_length must be >= 1"),
     (dict(stop_token_ids=[1.5]), "stop_token_ids must hold integer token ids"),
