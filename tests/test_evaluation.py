@@ -775,20 +775,29 @@ def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
     assert [(a["question_id"], a["answer_id"]) for a in read_jsonl(path)] == [(1, "1"), (2, "new")]
 
 
-def test_an_interrupted_sort_keeps_every_answer(tmp_path, monkeypatch):
-    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers."""
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_an_interrupted_sort_keeps_every_answer_and_leaves_nothing_beside_them(tmp_path, monkeypatch, when):
+    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers; later it
+    kept them but left its half-written ANSWERS.sorting beside them."""
     path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
     before = Path(path).read_text()
 
-    def interrupted(self, text, **kwargs):
+    def interrupted_writing(self, text, **kwargs):
         with self.open("w", **kwargs) as f:
             f.write(text[:len(text) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", interrupted)
+    def interrupted_moving(self, target):
+        raise KeyboardInterrupt
+
+    if when == "writing":
+        monkeypatch.setattr(Path, "write_text", interrupted_writing)
+    else:
+        monkeypatch.setattr(Path, "replace", interrupted_moving)
     with pytest.raises(KeyboardInterrupt):
         sort_answers(path)
     assert Path(path).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():

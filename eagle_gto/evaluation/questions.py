@@ -137,8 +137,12 @@ def sort_answers(path: str | Path) -> None:
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
     # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
     temporary = Path(f"{path}.sorting")
-    temporary.write_text("".join(lines), encoding="utf-8")
-    temporary.replace(path)
+    try:
+        temporary.write_text("".join(lines), encoding="utf-8")
+        temporary.replace(path)
+    except BaseException:  # (Ctrl-C too) the answer file is still whole: leave no half-written copy beside it
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def check_writable(path: str | Path) -> None:
