@@ -447,10 +447,10 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
     (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
     # speed refuses it in the answers: refused before answering anything
-    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all', "
-                                                "not 5"),
-    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all', "
-                                            "not 'all'"),
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all' and "
+                                                "'(no category)', not 5"),
+    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all' and "
+                                            "'(no category)', not 'all'"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     # one answer would replace the other
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),
@@ -806,6 +806,28 @@ def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides
     summary = speed.summarize(ea, base)
     assert summary["unpaired"] == [2, 3]
     assert set(summary["groups"]) == {"all", "math"}  # question 1: the baseline's category
+
+
+def test_answers_without_a_category_are_kept_apart_from_a_category_of_any_name(tmp_path, capsys):
+    """They were grouped as "unknown": a real category of that name merged with them. Their row's name is one no
+    category may take, and the table says what it holds."""
+    ea = [answer(1, None, [12], [1.0], [3]), answer(2, "unknown", [12], [2.0], [3]), answer(3, "", [12], [1.0], [3])]
+    base = [answer(1, None, [12], [4.0], [11]), answer(2, "unknown", [12], [4.0], [11]),
+            answer(3, None, [12], [4.0], [11])]
+    summary = speed.summarize(ea, base)
+    groups = summary["groups"]
+    assert list(groups) == ["all", "(no category)", "unknown"]
+    assert (groups["(no category)"]["questions"], groups["unknown"]["questions"]) == (2, 1)
+    assert groups["unknown"]["speedup"] == pytest.approx(2.0)
+    table = speed.format_table(summary).splitlines()
+    assert table[-1] == "(no category): the 2 questions whose answers record no category (in neither file)"
+    assert not any(line.startswith("(no category)") for line in speed.format_table(speed.summarize(
+        ea[1:2], base[1:2])).splitlines())
+    # the name is taken: a question file or an answer that uses it is refused, as "all" is
+    path = write(tmp_path / "q.jsonl", [{"question_id": 1, "category": "(no category)", "turns": ["Q"]}])
+    with pytest.raises(ValueError, match="category must be a string other than 'all' and '\\(no category\\)'"):
+        gen_answer.load_questions(path)
+    assert speed.answer_problem(answer(1, "(no category)", [12], [1.0], [3])) == speed.CATEGORY_RULE
 
 
 def test_baseline_tau_counts_the_baselines_own_tokens():
