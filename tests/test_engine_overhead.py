@@ -186,10 +186,15 @@ def test_shapes_the_engine_takes_pass(monkeypatch):
     assert (shape.vocab_size, shape.draft_vocab_size) == (3000, None)  # the small preset's 4000 drafts over all
 
 
-def test_op_count_refuses_a_tree_that_cannot_be(capsys):
-    with pytest.raises(SystemExit):
-        op_count.main(["--total-token", "1"])
-    assert "total_token" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [(["--total-token", "1"], "total_token must be >= 2"),
+                                          # its head drafts over 512 tokens: a traceback once the model was built
+                                          (["--top-k", "513"], "top_k=513 is larger than the draft head's vocabulary "
+                                                               "(512 tokens)")])
+def test_op_count_refuses_a_tree_that_cannot_be(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(op_count, "build_model", lambda *args, **kwargs: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) as info:
+        op_count.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_op_count_refuses_a_base_an_eagle3_head_cannot_read(capsys):
