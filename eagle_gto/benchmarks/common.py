@@ -94,6 +94,16 @@ def add_timing_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """Refuse (argparse's error) a --device torch does not know, or a CUDA one where there is none."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        p.error(f"--device {device}: not a device torch knows (cuda, cuda:1 or cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: CUDA is not available here")
+
+
 def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, draft_vocab_size: int | None = None,
                            stop_margin: int = 0) -> None:
     """Refuse (argparse's error), before a model is built, the `add_timing_arguments` values that would fail part-way
@@ -103,12 +113,7 @@ def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
         p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
     if not -2**63 <= args.seed < 2**64:
         p.error(f"--seed {args.seed} is out of range: torch's seeds are integers from {-2**63} to {2**64 - 1}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device}: not a device torch knows (cuda, cuda:1 or cpu)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
+    check_device(p, args.device)
     try:
         args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
     except ValueError:
