@@ -283,6 +283,7 @@ def sdpa_backend(name: str):
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel([backends[name]])
 
 
+CUDA_ONLY_SDPA_BACKENDS = ("cudnn", "efficient")
 SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
 
 
@@ -353,6 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device and graphs in --engines")
     if args.trace and not args.profile:
         p.error("--trace goes with --profile (it keeps the profile's Chrome trace)")
+    if args.sdpa_backend in CUDA_ONLY_SDPA_BACKENDS and not on_gpu:  # (torch finds no kernel: a traceback part-way)
+        p.error(f"--sdpa-backend {args.sdpa_backend} runs on a CUDA --device only: on a CPU choose flash or math")
     args.model_shape = pick_shape(p, args)
     return args
 
