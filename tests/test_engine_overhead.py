@@ -149,6 +149,7 @@ def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
     # torch has no CPU kernel of these: a traceback once the model was built and transformers' generate timed
     (["--sdpa-backend", "cudnn"], "--sdpa-backend cudnn runs on a CUDA --device only: on a CPU choose flash or math"),
     (["--sdpa-backend", "efficient"], "--sdpa-backend efficient runs on a CUDA --device only"),
+    (["--engines", "eager,eager"], "--engines eager,eager: name each engine once"),
     # tokens per iteration, the bonus token counted: below 1 the projected speedups and tokens/s meant nothing
     (["--tau", "0"], "--tau must be at least 1 (tokens per iteration, the bonus token counted), got 0.0"),
     (["--tau", "nan"], "--tau must be at least 1"),

@@ -346,6 +346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     engines = (args.engines or ("eager,graphs" if on_gpu else "eager")).split(",")
     if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and not on_gpu):
         p.error(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    if len(set(engines)) < len(engines):  # it was timed twice, the table showing the second run only
+        p.error(f"--engines {args.engines}: name each engine once")
     args.engines = engines
     # The profile is of the graphs engine's replayed iterations: without it nothing would be profiled.
     if args.profile < 0:
