@@ -123,8 +123,8 @@ def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
             check_tree_params(size, args.depth, args.top_k, draft_vocab_size)
     except ValueError as err:
         p.error(f"--total-tokens {args.total_tokens}: {err}")
-    # Every timed step must be a full iteration: near the end of the context an engine goes on one
-    # token at a time (this one) or stops (the reference), which would be averaged in.
+    # Every timed step must be a full iteration: near the end of the context this project's engine goes on
+    # one token at a time and the reference stops, which would be averaged in.
     if args.prompt_length + args.new_tokens + max(args.total_tokens) + stop_margin > args.max_length:
         margin = f" + {stop_margin} (the engine stops that far short of it)" if stop_margin else ""
         p.error(f"--prompt-length {args.prompt_length} + --new-tokens {args.new_tokens} + the largest tree "
