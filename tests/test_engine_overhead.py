@@ -176,6 +176,10 @@ def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch
     args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
     assert args.engines == ["eager", "graphs"] and args.profile == 5
     assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
+    with pytest.raises(SystemExit) as info:  # the results were written over the trace at the end
+        engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "out.json", "--json",
+                                    "./out.json"])
+    assert info.value.code == 2 and "--trace and --json name the same file (./out.json)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
     assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err

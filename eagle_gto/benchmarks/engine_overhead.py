@@ -356,6 +356,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device and graphs in --engines")
     if args.trace and not args.profile:
         p.error("--trace goes with --profile (it keeps the profile's Chrome trace)")
+    if args.trace and args.json and Path(args.trace).resolve() == Path(args.json).resolve():
+        p.error(f"--trace and --json name the same file ({args.json}): the results would overwrite the trace")
     if args.sdpa_backend in CUDA_ONLY_SDPA_BACKENDS and not on_gpu:  # (torch finds no kernel: a traceback part-way)
         p.error(f"--sdpa-backend {args.sdpa_backend} runs on a CUDA --device only: on a CPU choose flash or math")
     args.model_shape = pick_shape(p, args)
