@@ -9,6 +9,8 @@ import torch
 
 from eagle_gto.benchmarks import engine_overhead, op_count
 
+PROG = "python -m eagle_gto.benchmarks."
+
 
 def test_tiny_shape_report(tmp_path, capsys):
     out = tmp_path / "overhead.json"
@@ -106,7 +108,8 @@ def test_reference_benchmarks_import_nothing_of_the_engine(module):
     the engine cannot be imported."""
     code = (f"import sys, eagle_gto.benchmarks.{module}; "
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
-            "assert not [m for m in loaded if not m.startswith('eagle_gto.benchmarks')], loaded")
+            # (tree.py's checks, shared with engine_overhead, need nothing but torch)
+            "assert not [m for m in loaded if not m.startswith(('eagle_gto.benchmarks', 'eagle_gto.tree'))], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -143,6 +146,10 @@ def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
     (["--profile", "5", "--trace", "t.json"], "--profile profiles the graphs engine"),
     (["--trace", "t.json"], "--trace goes with --profile"),
     (["--profile", "-1"], "--profile must be >= 0"),
+    # torch has no CPU kernel of these: a traceback once the model was built and transformers' generate timed
+    (["--sdpa-backend", "cudnn"], "--sdpa-backend cudnn runs on a CUDA --device only: on a CPU choose flash or math"),
+    (["--sdpa-backend", "efficient"], "--sdpa-backend efficient runs on a CUDA --device only"),
+    (["--engines", "eager,eager"], "--engines eager,eager: name each engine once"),
     # tokens per iteration, the bonus token counted: below 1 the projected speedups and tokens/s meant nothing
     (["--tau", "0"], "--tau must be at least 1 (tokens per iteration, the bonus token counted), got 0.0"),
     (["--tau", "nan"], "--tau must be at least 1"),
@@ -169,6 +176,10 @@ def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch
     args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
     assert args.engines == ["eager", "graphs"] and args.profile == 5
     assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
+    with pytest.raises(SystemExit) as info:  # the results were written over the trace at the end
+        engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "out.json", "--json",
+                                    "./out.json"])
+    assert info.value.code == 2 and "--trace and --json name the same file (./out.json)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
     assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err
@@ -183,10 +194,15 @@ def test_shapes_the_engine_takes_pass(monkeypatch):
     assert (shape.vocab_size, shape.draft_vocab_size) == (3000, None)  # the small preset's 4000 drafts over all
 
 
-def test_op_count_refuses_a_tree_that_cannot_be(capsys):
-    with pytest.raises(SystemExit):
-        op_count.main(["--total-token", "1"])
-    assert "total_token" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [(["--total-token", "1"], "total_token must be >= 2"),
+                                          # its head drafts over 512 tokens: a traceback once the model was built
+                                          (["--top-k", "513"], "top_k=513 is larger than the draft head's vocabulary "
+                                                               "(512 tokens)")])
+def test_op_count_refuses_a_tree_that_cannot_be(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(op_count, "build_model", lambda *args, **kwargs: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) as info:
+        op_count.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_op_count_refuses_a_base_an_eagle3_head_cannot_read(capsys):
@@ -234,3 +250,62 @@ def test_gpu_equality_refuses_a_run_that_would_compare_nothing(argv, message, mo
     with pytest.raises(SystemExit) as info:
         gpu_equality.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--total-tokens", "10,abc"], "--total-tokens 10,abc: give tree sizes as comma-separated integers, e.g. 10,30,60"),
+    (["--total-tokens", "1"], "--total-tokens [1]: total_token must be >= 2"),
+    (["--total-tokens", "200", "--depth", "1"], "--total-tokens [200]: total_token=200 needs 199 draft nodes"),
+    (["--top-k", "4001"], "top_k=4001 is larger than the draft head's vocabulary (4000 tokens)"),  # small's
+    (["--new-tokens", "1"], "need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1"),
+    (["--repeats", "0"], "need --new-tokens >= 2"),
+    (["--prompt-length", "0"], "need --new-tokens >= 2"),
+    (["--seed", str(2**64)], f"--seed {2**64} is out of range"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--device", "gpu"], "--device gpu: not a device torch knows (cuda, cuda:1 or cpu)"),
+    # the reference stops (max_length - its tree - 10): steps past that would not be timed
+    (["--prompt-length", "1880", "--new-tokens", "64", "--total-tokens", "100"],
+     "--prompt-length 1880 + --new-tokens 64 + the largest tree 100 + 10 (the engine stops that far short of it) "
+     "must fit in --max-length 2048"),
+    # its head reads layers 2, n/2 and n-3: tiny's 6 layers give it two
+    (["--shape", "tiny"], "--shape tiny: the reference's EAGLE-3 head reads base layers 2, n/2 and n-3, which 6 "
+                          "layers do not keep apart ([2, 3]): use --shape small or llama3-8b"),
+    (["--shape", "small"], "the EAGLE reference is not importable: put an EAGLE checkout (its eagle/ package) and "
+                           "transformers 4.53 first on PYTHONPATH"),
+])
+def test_reference_engine_refuses_bad_arguments_in_one_line_before_building(argv, message, monkeypatch, capsys):
+    """Bad arguments ended in a traceback: some when the reference was built, some after (a --total-tokens that
+    does not parse, a tree its depth cannot fill, --repeats 0 once the model was built and timed)."""
+    from eagle_gto.benchmarks import reference_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(reference_engine, "build_reference", lambda *args, **kwargs: pytest.fail("built"))
+    with pytest.raises(SystemExit) as info:
+        reference_engine.main(["--device", "cpu"] + argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after argparse's usage)
+    assert info.value.code == 2 and last.startswith(f"{PROG}reference_engine: error: ") and message in last
+
+
+def test_reference_engine_needs_transformers_4_first_on_the_path(monkeypatch, capsys):
+    """Under this project's transformers 5 the reference's modeling files fail to import: said in one line."""
+    import importlib.util
+
+    import transformers
+
+    from eagle_gto.benchmarks import reference_engine
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # an EAGLE checkout on the path
+    with pytest.raises(SystemExit) as info:
+        reference_engine.parse_args(["--device", "cpu"])
+    assert info.value.code == 2
+    assert (f"error: transformers {transformers.__version__} comes first on PYTHONPATH: the reference needs 4.53"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(transformers, "__version__", "4.53.3")
+    args = reference_engine.parse_args(["--device", "cpu", "--total-tokens", "10,60"])
+    assert (args.shape, args.total_tokens) == ("small", [10, 60])
+
+
+def test_engine_overhead_refuses_a_device_torch_does_not_know(capsys):
+    with pytest.raises(SystemExit) as info:
+        engine_overhead.parse_args(["--device", "gpu"])
+    assert info.value.code == 2 and "--device gpu: not a device torch knows" in capsys.readouterr().err

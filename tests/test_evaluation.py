@@ -447,10 +447,10 @@ def cli_error(cli, argv, capsys):
     (["--question-file", "{empty_turn}"], "blank.jsonl: question 2: turn 2 is empty (or only whitespace)"),
     (["--question-file", "{blank_turn}"], "blank2.jsonl: question 'x': turn 1 is empty (or only whitespace)"),
     # speed refuses it in the answers: refused before answering anything
-    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all', "
-                                                "not 5"),
-    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all', "
-                                            "not 'all'"),
+    (["--question-file", "{number_category}"], "cat.jsonl: question 1: category must be a string other than 'all' and "
+                                                "'(no category)', not 5"),
+    (["--question-file", "{all_category}"], "all.jsonl: question 1: category must be a string other than 'all' and "
+                                            "'(no category)', not 'all'"),
     (["--question-file", "{no_id}"], "noid.jsonl: every question needs a question_id (an integer or a string)"),
     # one answer would replace the other
     (["--question-file", "{duplicate}"], "dup.jsonl: question id 1 appears twice"),
@@ -775,20 +775,29 @@ def test_sorting_an_answer_file_keeps_the_latest_answer_of_a_question(tmp_path):
     assert [(a["question_id"], a["answer_id"]) for a in read_jsonl(path)] == [(1, "1"), (2, "new")]
 
 
-def test_an_interrupted_sort_keeps_every_answer(tmp_path, monkeypatch):
-    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers."""
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_an_interrupted_sort_keeps_every_answer_and_leaves_nothing_beside_them(tmp_path, monkeypatch, when):
+    """Sorting rewrites the whole answer file at the end of a run: cut short (Ctrl-C), it lost answers; later it
+    kept them but left its half-written ANSWERS.sorting beside them."""
     path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
     before = Path(path).read_text()
 
-    def interrupted(self, text, **kwargs):
+    def interrupted_writing(self, text, **kwargs):
         with self.open("w", **kwargs) as f:
             f.write(text[:len(text) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", interrupted)
+    def interrupted_moving(self, target):
+        raise KeyboardInterrupt
+
+    if when == "writing":
+        monkeypatch.setattr(Path, "write_text", interrupted_writing)
+    else:
+        monkeypatch.setattr(Path, "replace", interrupted_moving)
     with pytest.raises(KeyboardInterrupt):
         sort_answers(path)
     assert Path(path).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():
@@ -797,6 +806,28 @@ def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides
     summary = speed.summarize(ea, base)
     assert summary["unpaired"] == [2, 3]
     assert set(summary["groups"]) == {"all", "math"}  # question 1: the baseline's category
+
+
+def test_answers_without_a_category_are_kept_apart_from_a_category_of_any_name(tmp_path, capsys):
+    """They were grouped as "unknown": a real category of that name merged with them. Their row's name is one no
+    category may take, and the table says what it holds."""
+    ea = [answer(1, None, [12], [1.0], [3]), answer(2, "unknown", [12], [2.0], [3]), answer(3, "", [12], [1.0], [3])]
+    base = [answer(1, None, [12], [4.0], [11]), answer(2, "unknown", [12], [4.0], [11]),
+            answer(3, None, [12], [4.0], [11])]
+    summary = speed.summarize(ea, base)
+    groups = summary["groups"]
+    assert list(groups) == ["all", "(no category)", "unknown"]
+    assert (groups["(no category)"]["questions"], groups["unknown"]["questions"]) == (2, 1)
+    assert groups["unknown"]["speedup"] == pytest.approx(2.0)
+    table = speed.format_table(summary).splitlines()
+    assert table[-1] == "(no category): the 2 questions whose answers record no category (in neither file)"
+    assert not any(line.startswith("(no category)") for line in speed.format_table(speed.summarize(
+        ea[1:2], base[1:2])).splitlines())
+    # the name is taken: a question file or an answer that uses it is refused, as "all" is
+    path = write(tmp_path / "q.jsonl", [{"question_id": 1, "category": "(no category)", "turns": ["Q"]}])
+    with pytest.raises(ValueError, match="category must be a string other than 'all' and '\\(no category\\)'"):
+        gen_answer.load_questions(path)
+    assert speed.answer_problem(answer(1, "(no category)", [12], [1.0], [3])) == speed.CATEGORY_RULE
 
 
 def test_baseline_tau_counts_the_baselines_own_tokens():

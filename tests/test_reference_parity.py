@@ -231,11 +231,29 @@ def test_a_reference_path_without_the_reference_is_refused_before_this_engine_ru
     (["--limit", "0"], "--limit must be at least 1"),
     (["--base-model-path", "b"], "give both"),
     (["--demo-head", "gto", "--base-model-path", "b", "--ea-model-path", "h"], "does not go with model paths"),
+    # tracebacks once the reference had been probed and the questions read, as this engine loaded the pair
+    (["--total-token", "1"], "--total-token 1, --depth 7, --top-k 10: total_token must be >= 2"),
+    (["--depth", "0"], "--depth 0, --top-k 10: depth and top_k must be >= 1"),
+    (["--total-token", "200", "--depth", "1"], "total_token=200 needs 199 draft nodes"),
+    (["--device", "gpu"], "--device gpu: not a device torch knows (cuda, cuda:1 or cpu)"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
 ])
-def test_bad_arguments_are_refused_before_any_model_loads(argv, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_refused_before_any_model_loads(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
         parity.parse_args(["--reference-path", "x"] + argv)
-    assert message in capsys.readouterr().err
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_top_k_past_the_heads_vocabulary_is_one_line(tmp_path):
+    """Known once the head loads: a traceback from the engine's own check."""
+    data = tmp_path / "data" / "mt_bench"
+    data.mkdir(parents=True)
+    (data / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n")
+    args = parity.parse_args(["--reference-path", "x", "--benches", "mt_bench", "--data-dir", str(tmp_path / "data"),
+                              "--top-k", "5000", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^top_k=5000 is larger than the draft head's vocabulary \(\d+ tokens\)$"):
+        parity.run_ours(args)
 
 
 @pytest.mark.parametrize("setup,extra,message", [
@@ -243,7 +261,6 @@ def test_bad_arguments_are_refused_before_any_model_loads(argv, message, capsys)
     ("missing", [], "--data-dir names the folder"),
     ("long", ["--max-length", "40"], "that does not fit in --max-length 40"),
     ("answer", ["--max-length", "150"], "with --max-new-tokens 128 and a tree of 60 that does not fit"),
-    ("one", ["--device", "cuda"], "no CUDA device"),
 ])
 def test_bad_selections_give_clear_errors(tmp_path, setup, extra, message, monkeypatch):
     data = tmp_path / "data" / "mt_bench"

@@ -1,4 +1,6 @@
-"""What the benchmarks share: timing and result files (no engine imports, see shapes.py)."""
+"""What the benchmarks share: timing, their timing options and checks, and result files. Of the engine it
+imports only tree.py's check, which needs nothing but torch (see shapes.py: the reference-engine benchmark
+runs under an older transformers)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..tree import check_tree_params
+from .shapes import DTYPES
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,6 +76,59 @@ def check_output_file(p: argparse.ArgumentParser, option: str, path: str | None)
         p.error(f"{option} {path}: {nearest} is a file, not a folder")
     if not os.access(path if path.exists() else nearest, os.W_OK):
         p.error(f"{option} {path}: not writable")
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that times generation on a random model (engine_overhead, reference_engine)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--prompt-length", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--total-tokens", default="10,30,60,100", help="comma-separated tree sizes")
+    p.add_argument("--depth", type=int, default=7)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--max-length", type=int, default=2048, help="KV cache capacity, as in eagenerate")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """Refuse (argparse's error) a --device torch does not know, or a CUDA one where there is none."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        p.error(f"--device {device}: not a device torch knows (cuda, cuda:1 or cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: CUDA is not available here")
+
+
+def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, draft_vocab_size: int | None = None,
+                           stop_margin: int = 0) -> None:
+    """Refuse (argparse's error), before a model is built, the `add_timing_arguments` values that would fail part-way
+    or time the wrong thing; --total-tokens becomes a list of ints. `stop_margin`: positions short of --max-length
+    at which the engine stops (beyond the tree's)."""
+    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
+        p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    if not -2**63 <= args.seed < 2**64:
+        p.error(f"--seed {args.seed} is out of range: torch's seeds are integers from {-2**63} to {2**64 - 1}")
+    check_device(p, args.device)
+    try:
+        args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
+    except ValueError:
+        p.error(f"--total-tokens {args.total_tokens}: give tree sizes as comma-separated integers, e.g. 10,30,60")
+    try:
+        for size in args.total_tokens:
+            check_tree_params(size, args.depth, args.top_k, draft_vocab_size)
+    except ValueError as err:
+        p.error(f"--total-tokens {args.total_tokens}: {err}")
+    # Every timed step must be a full iteration: near the end of the context this project's engine goes on
+    # one token at a time and the reference stops, which would be averaged in.
+    if args.prompt_length + args.new_tokens + max(args.total_tokens) + stop_margin > args.max_length:
+        margin = f" + {stop_margin} (the engine stops that far short of it)" if stop_margin else ""
+        p.error(f"--prompt-length {args.prompt_length} + --new-tokens {args.new_tokens} + the largest tree "
+                f"{max(args.total_tokens)}{margin} must fit in --max-length {args.max_length}")
 
 
 def write_json(path: str | None, result: dict | list) -> None:

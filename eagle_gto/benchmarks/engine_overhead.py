@@ -44,8 +44,8 @@ from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
 from ..tiny import head_config, random_head
-from ..tree import check_tree_params
-from .common import bandwidth_floors, check_output_file, copy_bandwidth, median_of, synchronize, write_json
+from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments,
+                     copy_bandwidth, median_of, synchronize, write_json)
 from .shapes import DTYPES, SHAPES, Shape, llama_config
 
 
@@ -283,6 +283,7 @@ def sdpa_backend(name: str):
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel([backends[name]])
 
 
+CUDA_ONLY_SDPA_BACKENDS = ("cudnn", "efficient")
 SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
 
 
@@ -321,17 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", choices=SHAPES, help="preset (default: llama3-8b on GPU, small on CPU)")
     for name in SIZES:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset's value")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--prompt-length", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--total-tokens", default="10,30,60,100", help="comma-separated tree sizes")
-    p.add_argument("--depth", type=int, default=7)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--max-length", type=int, default=2048, help="KV cache capacity, as in eagenerate")
+    add_timing_arguments(p)
     p.add_argument("--tau", type=float, default=6.52,
                    help="acceptance length for the predicted speedup (default: GTO's Llama-3.1-8B average)")
     p.add_argument("--engines", default=None,
@@ -343,22 +334,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace", help="with --profile: also keep the Chrome trace here")
     p.add_argument("--sdpa-backend", choices=("auto", "cudnn", "efficient", "flash", "math"), default="auto",
                    help="restrict torch's fused attention to this kernel family (default: torch chooses)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
     check_output_file(p, "--json", args.json)
     check_output_file(p, "--trace", args.trace)
-    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_length < 1:
-        p.error("need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1")
+    check_timing_arguments(p, args)  # (before building a large model)
     if not 1 <= args.tau < float("inf"):  # (nan fails too)
         p.error(f"--tau must be at least 1 (tokens per iteration, the bonus token counted), got {args.tau}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
     on_gpu = args.device.startswith("cuda")
     engines = (args.engines or ("eager,graphs" if on_gpu else "eager")).split(",")
     if any(e not in ("eager", "graphs") for e in engines) or ("graphs" in engines and not on_gpu):
         p.error(f"--engines: choose from eager, graphs (graphs needs a CUDA device), got {args.engines}")
+    if len(set(engines)) < len(engines):  # it was timed twice, the table showing the second run only
+        p.error(f"--engines {args.engines}: name each engine once")
     args.engines = engines
     # The profile is of the graphs engine's replayed iterations: without it nothing would be profiled.
     if args.profile < 0:
@@ -367,17 +356,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile profiles the graphs engine (CUDA graphs): it needs a CUDA --device and graphs in --engines")
     if args.trace and not args.profile:
         p.error("--trace goes with --profile (it keeps the profile's Chrome trace)")
-    try:  # before building a large model
-        args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
-        for size in args.total_tokens:
-            check_tree_params(size, args.depth, args.top_k)
-    except ValueError as err:
-        p.error(f"--total-tokens {args.total_tokens}: {err}")
-    # Every timed step must be a full iteration: near the end of the context the
-    # engine goes on one token at a time, which would be averaged in.
-    if args.prompt_length + args.new_tokens + max(args.total_tokens) > args.max_length:
-        p.error(f"--prompt-length {args.prompt_length} + --new-tokens {args.new_tokens} + the largest tree "
-                f"{max(args.total_tokens)} must fit in --max-length {args.max_length}")
+    if args.trace and args.json and Path(args.trace).resolve() == Path(args.json).resolve():
+        p.error(f"--trace and --json name the same file ({args.json}): the results would overwrite the trace")
+    if args.sdpa_backend in CUDA_ONLY_SDPA_BACKENDS and not on_gpu:  # (torch finds no kernel: a traceback part-way)
+        p.error(f"--sdpa-backend {args.sdpa_backend} runs on a CUDA --device only: on a CPU choose flash or math")
     args.model_shape = pick_shape(p, args)
     return args
 

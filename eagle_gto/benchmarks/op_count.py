@@ -100,12 +100,12 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     check_layers(p, "--layers", args.layers)
     check_output_file(p, "--json", args.json)
-    try:
-        check_tree_params(args.total_token, args.depth, args.top_k)
+    shape = Shape(64, args.layers, 8, 2, 128, 2048, draft_vocab_size=512, llama3_rope=True)
+    try:  # (the head's vocabulary too: a larger --top-k failed once the model was built)
+        check_tree_params(args.total_token, args.depth, args.top_k, shape.draft_vocab_size)
     except ValueError as err:
         p.error(str(err))
     torch.manual_seed(0)
-    shape = Shape(64, args.layers, 8, 2, 128, 2048, draft_vocab_size=512, llama3_rope=True)
     tree = TreeParams(args.total_token, args.depth, args.top_k)
     model = build_model(shape, torch.device("cpu"), torch.float32, tree)
     model.cuda_graphs = False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import tempfile
 import time
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .common import bandwidth_floors, check_output_file, copy_bandwidth, median_of, synchronize, write_json
+from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments,
+                     copy_bandwidth, median_of, synchronize, write_json)
 from .shapes import DTYPES, SHAPES, llama_config
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
@@ -87,29 +89,52 @@ def ms_per_step(run, new_tokens: int, repeats: int, device: torch.device) -> flo
     return median_of(once, repeats)
 
 
-def main(argv=None) -> dict:
+# The reference's eagenerate stops once the sequence passes max_length - (its tree) - 10.
+REFERENCE_STOP_MARGIN = 10
+
+
+def reference_layers(num_layers: int) -> set[int]:
+    """The base layers whose outputs the reference's EAGLE-3 head reads (its modeling_llama_kv)."""
+    return {2, num_layers // 2, num_layers - 3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, refused (argparse's error, one line) before anything is built: engine_overhead's checks, the
+    shape the reference can read, and an EAGLE checkout and transformers 4 first on the path."""
     p = argparse.ArgumentParser(prog="python -m eagle_gto.benchmarks.reference_engine",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, help="default: llama3-8b on a GPU, small on a CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto")
-    p.add_argument("--prompt-length", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--total-tokens", default="10,30,60,100")
-    p.add_argument("--depth", type=int, default=7)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
+    p.add_argument("--shape", choices=SHAPES, help="default: llama3-8b on a GPU, small on a CPU (tiny is too shallow "
+                                                   "for the reference's EAGLE-3 head)")
+    add_timing_arguments(p)
+    p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     check_output_file(p, "--json", args.json)
+    args.shape = args.shape or ("llama3-8b" if args.device.startswith("cuda") else "small")
+    shape = SHAPES[args.shape]
+    layers = reference_layers(shape.num_layers)
+    if len(layers) < 3:  # fewer hidden states than its head's input takes
+        p.error(f"--shape {args.shape}: the reference's EAGLE-3 head reads base layers 2, n/2 and n-3, which "
+                f"{shape.num_layers} layers do not keep apart ({sorted(layers)}): use --shape small or llama3-8b")
+    check_timing_arguments(p, args, shape.draft_vocab_size or shape.vocab_size, REFERENCE_STOP_MARGIN)
+    if importlib.util.find_spec("eagle") is None:
+        p.error("the EAGLE reference is not importable: put an EAGLE checkout (its eagle/ package) and "
+                "transformers 4.53 first on PYTHONPATH (README: Benchmarks)")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        p.error(f"transformers {transformers.__version__} comes first on PYTHONPATH: the reference needs 4.53 "
+                "(pip install --target a folder and put it first, README: Benchmarks)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import transformers
 
     device = torch.device(args.device)
-    shape = SHAPES[args.shape or ("llama3-8b" if device.type == "cuda" else "small")]
+    shape = SHAPES[args.shape]
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
-    sizes = [int(t) for t in args.total_tokens.split(",")]
+    sizes = args.total_tokens
     torch.manual_seed(args.seed)
     model = build_reference(shape, device, DTYPES[dtype], sizes[0], args.depth, args.top_k)
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_length), device=device)

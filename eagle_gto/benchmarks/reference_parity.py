@@ -47,7 +47,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .common import check_output_file, write_json
+from ..tree import check_tree_params
+from .common import check_device, check_output_file, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Score gap at the cut (draft log-probability) within which the two
@@ -100,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
         if args.demo_head and args.base_model_path:
             p.error("--demo-head picks a demo head; it does not go with model paths")
+        if args.device != "auto":
+            check_device(p, args.device)
+        try:  # (the head's vocabulary is checked once it loads)
+            check_tree_params(args.total_token, args.depth, args.top_k)
+        except ValueError as err:
+            p.error(f"--total-token {args.total_token}, --depth {args.depth}, --top-k {args.top_k}: {err}")
     return args
 
 
@@ -135,13 +142,14 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     base_path, head_path = ((args.base_model_path, args.ea_model_path) if args.base_model_path
                             else demo_paths(args.demo_head))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: there is no CUDA device here")
     options = dict(dtype=getattr(torch, args.dtype)) | ({} if device == "cpu" else dict(device_map=device))
     # Eager steps: the trees are read on the host every iteration (a replayed
     # CUDA graph would skip the recording; its tokens are the eager ones).
-    model = EaModel.from_pretrained(base_path, head_path, total_token=args.total_token, depth=args.depth,
-                                    top_k=args.top_k, cuda_graphs=False, **options)
+    try:
+        model = EaModel.from_pretrained(base_path, head_path, total_token=args.total_token, depth=args.depth,
+                                        top_k=args.top_k, cuda_graphs=False, **options)
+    except ValueError as err:  # (CheckpointError too) a pair that does not load, a --top-k past its head's vocabulary
+        raise SystemExit(str(err)) from None
     if model.tokenizer is None:
         raise SystemExit("the base model has no tokenizer: prompts are built from the question text")
     is_llama3 = chat_format(args.model_type).is_llama3

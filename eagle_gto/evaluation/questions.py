@@ -9,7 +9,8 @@ from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
 ALL = "all"  # the speed report's group of every question: no category may take its name
-CATEGORY_RULE = f"category must be a string other than {ALL!r}"
+NO_CATEGORY = "(no category)"  # its group of the questions without one: nor this (it would merge with them)
+CATEGORY_RULE = f"category must be a string other than {ALL!r} and {NO_CATEGORY!r}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,8 +39,9 @@ def is_question_id(value) -> bool:
 
 def is_category(value) -> bool:
     """A question's category is a string, or none (null or absent): speed groups answers by it
-    (a category named ALL would be counted into that group a second time)."""
-    return isinstance(value, (str, type(None))) and value != ALL
+    (a category named ALL would be counted into that group a second time, one named NO_CATEGORY
+    merged with the questions that have none)."""
+    return isinstance(value, (str, type(None))) and value not in (ALL, NO_CATEGORY)
 
 
 def id_order(question_id: int | str) -> tuple:
@@ -137,8 +139,12 @@ def sort_answers(path: str | Path) -> None:
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
     # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
     temporary = Path(f"{path}.sorting")
-    temporary.write_text("".join(lines), encoding="utf-8")
-    temporary.replace(path)
+    try:
+        temporary.write_text("".join(lines), encoding="utf-8")
+        temporary.replace(path)
+    except BaseException:  # (Ctrl-C too) the answer file is still whole: leave no half-written copy beside it
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def check_writable(path: str | Path) -> None:

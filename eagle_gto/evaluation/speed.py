@@ -14,7 +14,8 @@ one side records (the reference's answers record none) passes. For question q an
 over its turns, S_q the sum of wall_time and I_q the sum of (idxs + 1), the
 number of iterations (target forwards, prefill included). Both sides come
 from the same loop and are counted the same way. For a group of questions
-(all of them, or one category):
+(all of them, one category, or those whose answers record none: "(no category)",
+a name no category may take):
 
 - mean tokens/s of a side = mean over q of T_q / S_q;
 - speedup = mean tokens/s with speculation / mean tokens/s plain, the ratio
@@ -59,7 +60,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from .questions import ALL, CATEGORY_RULE, check_answer_records, id_order, is_category, recorded_settings
+from .questions import (ALL, CATEGORY_RULE, NO_CATEGORY, check_answer_records, id_order, is_category,
+                        recorded_settings)
 
 # What a fair speedup holds fixed between the two runs (gen_answer's settings names).
 SHARED_SETTINGS = ("base_model_path", "model_type", "system", "temperature", "max_new_tokens", "max_length",
@@ -234,7 +236,8 @@ def summarize(ea_answers: list[dict], baseline_answers: list[dict]) -> dict:
     histogram: Counter = Counter()
     for qid in paired:
         pair = (question_totals(ea[qid]), question_totals(base[qid]))
-        category = ea[qid].get("category") or base[qid].get("category") or "unknown"
+        # (an empty category would print as a nameless row: it counts as none)
+        category = ea[qid].get("category") or base[qid].get("category") or NO_CATEGORY
         by_group[ALL].append(pair)
         by_group.setdefault(category, []).append(pair)
         for lengths in ea[qid]["choices"][0].get("accept_lengths", []):
@@ -275,6 +278,9 @@ def format_table(summary: dict) -> str:
     lines.append("tok/s: mean over questions; speedup: their ratio (as the reference); "
                  "(total): total tokens / total time, EA over plain;\n"
                  f"tau: {tau}; tau/round: tokens per draft round (the reference's)")
+    if NO_CATEGORY in summary["groups"]:
+        lines.append(f"{NO_CATEGORY}: the {summary['groups'][NO_CATEGORY]['questions']} questions whose answers "
+                     "record no category (in neither file)")
     return "\n".join(lines)
 
 
