@@ -63,11 +63,11 @@ def code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
-# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written, so a copied
-# message (the copy button copies the message's Markdown) keeps them as written; `tags_as_text` lists those the
-# conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks would show their
-# markup too): those, comments, declarations and entities are escaped in the Markdown instead, outside code,
-# where they show verbatim anyway.
+# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written; `tags_as_text`
+# lists those the conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks
+# would show their markup too): those, comments, declarations and entities are escaped in the Markdown instead,
+# outside code, where they show verbatim anyway (the copy button still copies the text as written:
+# COPY_AS_WRITTEN).
 RENDERER_TAGS = frozenset("a blockquote br button code del div em h1 h2 h3 h4 h5 h6 hr img input li ol p path pre "
                           "span strong svg table tbody td th thead tr ul".split())
 TAG = re.compile(r"</?([A-Za-z][^\s/<>]*)")  # a tag's start and its name, as allow_tags reads them
@@ -103,6 +103,14 @@ COPY_AS_WRITTEN = """() => {
         }
     });
 }"""
+
+
+# A Send or Regenerate that a server under load processes after a Stop or Clear pressed after it would be answered:
+# the page cancels only the events it knows of, and the Stop found no question to stop. So the page counts Stop
+# and Clear presses at once (this script, run in the page), a question keeps the count the page had when it was
+# asked, and the session the count its Stops and Clears have brought (`StopPresses`): a question asked with fewer
+# was asked before one of them, and is not answered.
+COUNT_PRESS = "(presses) => presses + 1"
 
 
 def tags_as_text(history: list[dict]) -> list[str]:
@@ -172,6 +180,14 @@ def stats_line(stats, speculative: bool) -> str:
 
 
 @dataclass
+class StopPresses:
+    """The Stop and Clear presses the session has taken (see COUNT_PRESS); the session keeps the object itself,
+    so an answer sees a Stop taken while it runs."""
+
+    seen: int = 0
+
+
+@dataclass
 class Question:
     """A conversation to answer, from Send (with the typed text) or Regenerate (`typed` None): the session's
     `pending` until its answer ends or Stop or Clear comes. The session keeps the object itself, so the answer
@@ -185,6 +201,11 @@ class Question:
     # could not cancel (Stop before it knew the event) would, once the model was free, answer the question asked
     # since, and mark it answered, so that question's own answer did nothing and the page showed none.
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    presses: int = 0  # the Stop and Clear presses the page had counted when it was asked (see COUNT_PRESS)
+
+    def asked_before_a_stop(self, presses: StopPresses | None) -> bool:
+        """Asked before a Stop or Clear the session has taken since, which found no question to stop."""
+        return presses is not None and self.presses < presses.seen
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
@@ -216,22 +237,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
 
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict], state: str, pending: Question | None):
+    def add_message(message: str, history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        question = Question(asked, message)
+        question = Question(asked, message, presses=int(presses))
         return "", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
 
-    def drop_answer(history: list[dict], state: str, pending: Question | None):
+    def drop_answer(history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        question = Question(asked, None)
+        question = Question(asked, None, presses=int(presses))
         return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
 
     def finished(stats, max_new: int) -> str:
@@ -241,13 +262,20 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
-                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None):
+                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None,
+                presses: StopPresses | None = None):
         """Answer `pending`, when it is the question this answer was sent for (`key`, sent with the event)."""
         if pending is None or pending.stopped:  # Stop or Clear came before the answer began: nothing to answer
             return
         if key is not None and key != pending.key:  # another question's answer, which the page no longer follows
             return
         asked, typed = pending.asked, pending.typed
+        # What Stop does to a question it found before its answer began: the question taken back, its text too
+        taken_back = (history, None, gr.skip(), show(history), gr.skip(), gr.skip(), STOPPED,
+                      gr.skip() if typed is None else typed, copy_texts(history))
+        if pending.asked_before_a_stop(presses):
+            yield taken_back
+            return
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
@@ -258,6 +286,9 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     if pending.stopped:  # (closing the updates frees the model)
+                        return
+                    if pending.asked_before_a_stop(presses):  # (a Stop taken as the answer began)
+                        yield taken_back
                         return
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
@@ -296,9 +327,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
     def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
-                message: str):
+                message: str, presses: float = 0, seen: StopPresses | None = None):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
+        if seen is not None:
+            seen.seen = max(seen.seen, int(presses))
         if pending is None:
             if state not in (GENERATING, WAITING):  # nothing was running or queued
                 return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip(), copy_texts(history)
@@ -310,7 +343,9 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         typed_back = pending.typed if pending.typed and not answered and not message else gr.skip()
         return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None, copy_texts(history)
 
-    def cleared(pending: Question | None):
+    def cleared(pending: Question | None, presses: float = 0, seen: StopPresses | None = None):
+        if seen is not None:
+            seen.seen = max(seen.seen, int(presses))
         if pending is not None:
             pending.stopped = True
         return [], None, [], "", "", "", "[]"
@@ -322,6 +357,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         history = gr.State([])  # the conversation
         pending = gr.State()  # the Question from Send or Regenerate; None once answered or stopped
         ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
+        # Stop and Clear presses: counted in the page as they come, and as the session has taken them (COUNT_PRESS)
+        presses, presses_seen = gr.Number(0, visible=False), gr.State(StopPresses())
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
         # allow_tags: set by `show` with each conversation
         copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
@@ -356,30 +393,30 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
 
         on_page = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
-        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key],
+        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key, presses_seen],
                           # the session's states first, together: Stop's cancel may come between two outputs
                           # (each component's is made in a thread), and the states must agree (see `stopped`)
                           outputs=[history, pending, ended, *on_page, message, copies],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice, pending],
+        turn = dict(fn=add_message, inputs=[message, history, notice, pending, presses],
                     outputs=[message, pending, chatbot, notice, asked_key, copies],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, [history, notice, pending],
+        events.append(regenerate.click(drop_answer, [history, notice, pending, presses],
                                        [pending, chatbot, notice, asked_key, copies], **nowhere, concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],
-                                              [notice, chatbot, message, stats, drafts, pending, copies], **nowhere,
-                                              concurrency_limit=None)
+        stop.click(None, presses, presses, js=COUNT_PRESS, cancels=events).then(
+            stopped, [notice, history, pending, ended, message, presses, presses_seen],
+            [notice, chatbot, message, stats, drafts, pending, copies], **nowhere, concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):
-            clearing(None, cancels=events).then(cleared, pending,
-                                                [history, pending, chatbot, stats, drafts, notice, copies],
-                                                **nowhere, concurrency_limit=None)
+            clearing(None, presses, presses, js=COUNT_PRESS, cancels=events).then(
+                cleared, [pending, presses, presses_seen], [history, pending, chatbot, stats, drafts, notice, copies],
+                **nowhere, concurrency_limit=None)
         demo.load(None, js=COPY_AS_WRITTEN)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
     return demo

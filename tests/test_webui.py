@@ -8,7 +8,9 @@ figures, for one user or for two users sharing the model."""
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -378,7 +380,7 @@ def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
     _, pending, *_ = actions["add_message"]("hi", [], "", None)
     updates = actions["respond"](pending, [], True, 0, 1, 100)
     history = next(updates)[0]  # the answer is on its way
-    notice, chat, _, _, _, left, _ = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
+    notice, chat, _, _, _, left, *_ = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
     assert (notice, on_chat(chat), left) == (STOPPED, history, None)
     assert list(updates) == [] and not runner.busy
     _, pending, *_ = actions["add_message"]("again", history, STOPPED, None)
@@ -582,13 +584,14 @@ def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
 
 
 @contextmanager
-def scripted_chat(answer: str, model_type: str = "auto"):
-    """The chat UI in this process over a scripted chat model that answers `answer`; yields its URL."""
-    demo = build_ui(ChatRunner(ScriptedModel(answer), model_type), "scripted", 1000)
+def scripted_chat(answer: str, model_type: str = "auto", model: ScriptedModel | None = None):
+    """The chat UI in this process over a scripted chat model (`model`, or one that answers `answer`); yields its
+    URL and the UI."""
+    demo = build_ui(ChatRunner(model or ScriptedModel(answer), model_type), "scripted", 1000)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", demo
     finally:
         demo.close()
 
@@ -623,7 +626,7 @@ def test_html_shows_and_copies_as_written(browser):
     """In the browser: a chat model's HTML, the user's too, shows as written, and the copy button copies the
     message as written, though the Markdown shown escapes the tags the chat's renderer writes itself (here <em>
     and <p>), the comment and the entity."""
-    with scripted_chat(HTML_ANSWER) as url:
+    with scripted_chat(HTML_ANSWER) as (url, _):
         page = chat_page(browser, url, "Is <b>this</b> <p>bold</p>?")
         bot, user = page.locator('[data-testid="bot"]'), page.locator('[data-testid="user"]')
         assert user.inner_text() == "Is <b>this</b> <p>bold</p>?" and user.locator("b").count() == 0
@@ -640,7 +643,7 @@ def test_a_code_models_messages_copy_without_their_fences(browser):
     """In the browser: a plain code model's turns show as code blocks, and copy as the text written, as the
     chats of other tools copy a message, not as the Markdown shown with its fences."""
     answer = "    return n\n\n```x```"
-    with scripted_chat(answer, "plain") as url:
+    with scripted_chat(answer, "plain") as (url, _):
         page = chat_page(browser, url, "def f(n):")
         assert [code.text_content() for code in page.locator('[data-testid="bot"] pre code').all()] == [answer + "\n"]
         assert copied(page, "user") == "def f(n):"
@@ -776,3 +779,76 @@ def test_an_answer_sent_for_an_earlier_question_leaves_the_one_asked_since_to_it
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", key)
     assert last[0][0] == {"role": "user", "content": "hi again"} and last[0][-1]["role"] == "assistant"
     assert last[1] is None  # answered
+
+
+def test_a_question_asked_before_a_stop_the_server_took_first_is_not_answered():
+    """Called directly (no browser): on a server under load, a Send (or Regenerate) processed after a Stop (or Clear)
+    pressed after it was answered, the Stop having found no question to stop. The page counts the presses as they
+    come and a question keeps the count it was asked with: one asked before a press the session has taken is taken
+    back, as Stop takes back a question whose answer has not begun (its text back in the box); one asked after is
+    answered."""
+    model = ScriptedModel()
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc"}]
+    seen = webui.StopPresses()
+    actions["stopped"](DONE, history, None, ("", "", ""), "again", 1, seen)  # the page's first press, taken first
+    pending = actions["add_message"]("again", history, DONE, None, 0)[1]  # asked before it
+    (back,) = actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)
+    assert (back[0], back[1], on_chat(back[3]), back[6], back[7]) == (history, None, history, STOPPED, "again")
+    pending = actions["drop_answer"](history, DONE, None, 0)[0]
+    assert [u[6] for u in actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)] == [STOPPED]
+    actions["cleared"](None, 2, seen)
+    pending = actions["add_message"]("again", [], "", None, 1)[1]
+    assert [u[1] for u in actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)] == [None]
+    assert model.calls == []
+    pending = actions["add_message"]("again", [], "", None, 2)[1]  # asked after both presses
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
+    assert last[0][-1] == {"role": "assistant", "content": "abcdefgh"} and len(model.calls) == 1
+
+
+def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
+    """Called directly (no browser): the Stop pressed after Send is taken as the answer begins (the Stop found no
+    question): the answer ends at its next step, taken back, and the model is free."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    runner = ChatRunner(ScriptedModel())
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    seen = webui.StopPresses()
+    pending = actions["add_message"]("hi", [], "", None, 0)[1]
+    updates = actions["respond"](pending, [], True, 0, 1, 100, "", "", pending.key, seen)
+    assert next(updates)[6] == GENERATING
+    actions["stopped"](DONE, [], None, ("", "", ""), "", 1, seen)
+    (back,) = list(updates)
+    assert (back[0], back[1], back[6], back[7]) == ([], None, STOPPED, "hi") and not runner.busy
+
+
+def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(browser):
+    """In the browser: a server under load takes the Stop pressed just after Send before the Send (here the Send
+    waits for it): the Stop finds no question, and the question is taken back once its answer would begin, its
+    text back in the box, not answered."""
+    model = ScriptedModel()
+    with scripted_chat("", model=model) as (url, demo):
+        actions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
+        stop_taken = threading.Event()
+        ask, take_stop = actions["add_message"].fn, actions["stopped"].fn
+
+        @functools.wraps(ask)
+        def ask_after_the_stop(*args):
+            assert stop_taken.wait(60), "the Stop was not taken"
+            return ask(*args)
+
+        @functools.wraps(take_stop)
+        def take_the_stop(*args):
+            try:
+                return take_stop(*args)
+            finally:
+                stop_taken.set()
+
+        actions["add_message"].fn, actions["stopped"].fn = ask_after_the_stop, take_the_stop
+        page = browser.new_page()
+        page.goto(url)
+        send(page, "hello")
+        press(page, "#stop")
+        wait_for_state(page, "Stopped", timeout=60)  # (the Stop, finding no question, left the line as it was)
+        page.wait_for_function("document.querySelector('#message textarea').value === 'hello' && "
+                               "document.querySelectorAll('[data-testid=\"user\"]').length === 0")
+        assert model.calls == []
