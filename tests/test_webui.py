@@ -852,3 +852,21 @@ def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(bro
         page.wait_for_function("document.querySelector('#message textarea').value === 'hello' && "
                                "document.querySelectorAll('[data-testid=\"user\"]').length === 0")
         assert model.calls == []
+
+
+def test_without_the_clipboard_api_a_message_copies_as_written(browser):
+    """In the browser, as a page served over http from another host sees it (no clipboard API): the chat copies a
+    textarea holding the Markdown shown, and the copy takes the text as written."""
+    with scripted_chat(HTML_ANSWER) as (url, _):
+        context = browser.new_context()
+        context.add_init_script("delete Navigator.prototype.clipboard")
+        page = context.new_page()
+        page.goto(url)
+        send(page, "hi")
+        wait_for_state(page, "Done")
+        page.evaluate("""() => document.addEventListener('copy', (event) => {
+            window.copied = event.clipboardData.getData('text/plain');  // as the page's copy left it
+        })""")
+        page.locator('#chatbot .bot-row + .message-buttons button[title="Copy message"]').last.click()
+        page.wait_for_function("window.copied !== undefined")
+        assert page.evaluate("window.copied") == HTML_ANSWER
