@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import logging
 import re
 import time
@@ -62,11 +63,11 @@ def code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
-# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written, so a copied
-# message (the copy button copies the message's Markdown) keeps them as written; `tags_as_text` lists those the
-# conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks would show their
-# markup too): those, comments, declarations and entities are escaped in the Markdown instead, outside code,
-# where they show verbatim anyway.
+# The chat renders Markdown with HTML in it. Its `allow_tags` shows the tags it lists as written; `tags_as_text`
+# lists those the conversation uses. It cannot list the tags its own Markdown renderer writes (its code blocks
+# would show their markup too): those, comments, declarations and entities are escaped in the Markdown instead,
+# outside code, where they show verbatim anyway (the copy button still copies the text as written:
+# COPY_AS_WRITTEN).
 RENDERER_TAGS = frozenset("a blockquote br button code del div em h1 h2 h3 h4 h5 h6 hr img input li ol p path pre "
                           "span strong svg table tbody td th thead tr ul".split())
 TAG = re.compile(r"</?([A-Za-z][^\s/<>]*)")  # a tag's start and its name, as allow_tags reads them
@@ -78,6 +79,38 @@ ENTITIES = {"&": "&amp;", "<": "&lt;"}
 BLOCKS = MarkdownIt("commonmark").disable(["inline", "text_join"])
 LEAF_BLOCKS = ("paragraph_open", "heading_open", "fence", "code_block", "html_block")  # (a line is in one)
 LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitlines has more line breaks)
+
+
+# The chat's copy button copies a message's Markdown as shown (HTML escaped, a code model's fences): this script,
+# run in the page, gives the clipboard the text as written instead, looked up by the Markdown shown in the
+# hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over http but from localhost)
+# the chat copies a textarea holding the Markdown shown: its copy event gets the text as written.
+COPY_AS_WRITTEN = """() => {
+    const written = (shown) => {
+        const pairs = JSON.parse(document.querySelector('#copy-texts textarea')?.value || '[]');
+        const pair = pairs.find((pair) => pair[0] === shown);
+        return pair ? pair[1] : shown;
+    };
+    if (navigator.clipboard) {
+        const write = navigator.clipboard.writeText.bind(navigator.clipboard);
+        navigator.clipboard.writeText = (text) => write(written(text));
+    }
+    document.addEventListener('copy', (event) => {
+        const box = event.target;  // the chat's, put first in the page's body for the copy
+        if (box instanceof HTMLTextAreaElement && box.parentElement === document.body) {
+            event.clipboardData.setData('text/plain', written(box.value));
+            event.preventDefault();
+        }
+    });
+}"""
+
+
+# A Send or Regenerate that a server under load processes after a Stop or Clear pressed after it would be answered:
+# the page cancels only the events it knows of, and the Stop found no question to stop. So the page counts Stop
+# and Clear presses at once (this script, run in the page), a question keeps the count the page had when it was
+# asked, and the session the count its Stops and Clears have brought (`StopPresses`): a question asked with fewer
+# was asked before one of them, and is not answered.
+COUNT_PRESS = "(presses) => presses + 1"
 
 
 def tags_as_text(history: list[dict]) -> list[str]:
@@ -147,6 +180,14 @@ def stats_line(stats, speculative: bool) -> str:
 
 
 @dataclass
+class StopPresses:
+    """The Stop and Clear presses the session has taken (see COUNT_PRESS); the session keeps the object itself,
+    so an answer sees a Stop taken while it runs."""
+
+    seen: int = 0
+
+
+@dataclass
 class Question:
     """A conversation to answer, from Send (with the typed text) or Regenerate (`typed` None): the session's
     `pending` until its answer ends or Stop or Clear comes. The session keeps the object itself, so the answer
@@ -160,18 +201,31 @@ class Question:
     # could not cancel (Stop before it knew the event) would, once the model was free, answer the question asked
     # since, and mark it answered, so that question's own answer did nothing and the page showed none.
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    presses: int = 0  # the Stop and Clear presses the page had counted when it was asked (see COUNT_PRESS)
+
+    def asked_before_a_stop(self, presses: StopPresses | None) -> bool:
+        """Asked before a Stop or Clear the session has taken since, which found no question to stop."""
+        return presses is not None and self.presses < presses.seen
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
 
+    def as_shown(content: str) -> str:
+        """A message as the chat shows it: a plain code model's turns are code, shown verbatim."""
+        return code_block(content) if runner.plain_text else escape_markup(content)
+
     def show(history: list[dict]) -> dict:
-        """The chat as displayed: a plain code model's turns are code, shown verbatim."""
-        if not runner.plain_text:
-            return gr.update(value=[{"role": m["role"], "content": escape_markup(m["content"])} for m in history],
-                             allow_tags=tags_as_text(history))
-        return gr.update(value=[{"role": m["role"], "content": code_block(m["content"])} for m in history])
+        # A text part, not a string: the chat would strip a string's indentation (inspect.cleandoc), and with
+        # it an indented code block.
+        value = [{"role": m["role"], "content": {"type": "text", "text": as_shown(m["content"])}} for m in history]
+        return gr.update(value=value, allow_tags=False if runner.plain_text else tags_as_text(history))
+
+    def copy_texts(history: list[dict]) -> str:
+        """For `COPY_AS_WRITTEN`: each message shown other than as written, as [shown, written]."""
+        pairs = [[as_shown(m["content"]), m["content"]] for m in history]
+        return json.dumps([pair for pair in pairs if pair[0] != pair[1]])
 
     def one_turn_at_a_time(state: str, pending: Question | None) -> None:
         """Send and Regenerate wait for this conversation's answer: the next turn starts from the whole answer.
@@ -183,23 +237,23 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
 
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
-    def add_message(message: str, history: list[dict], state: str, pending: Question | None):
+    def add_message(message: str, history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)  # the typed text stays in the box
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
-        question = Question(asked, message)
-        return "", question, show(asked), WAITING if runner.busy else GENERATING, question.key
+        question = Question(asked, message, presses=int(presses))
+        return "", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
 
-    def drop_answer(history: list[dict], state: str, pending: Question | None):
+    def drop_answer(history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)
         asked = history[:-1] if history and history[-1]["role"] == "assistant" else history
         if not asked:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
-        question = Question(asked, None)
-        return question, show(asked), WAITING if runner.busy else GENERATING, question.key
+        question = Question(asked, None, presses=int(presses))
+        return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
 
     def finished(stats, max_new: int) -> str:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
@@ -208,13 +262,20 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
-                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None):
+                top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None,
+                presses: StopPresses | None = None):
         """Answer `pending`, when it is the question this answer was sent for (`key`, sent with the event)."""
         if pending is None or pending.stopped:  # Stop or Clear came before the answer began: nothing to answer
             return
         if key is not None and key != pending.key:  # another question's answer, which the page no longer follows
             return
         asked, typed = pending.asked, pending.typed
+        # What Stop does to a question it found before its answer began: the question taken back, its text too
+        taken_back = (history, None, gr.skip(), show(history), gr.skip(), gr.skip(), STOPPED,
+                      gr.skip() if typed is None else typed, copy_texts(history))
+        if pending.asked_before_a_stop(presses):
+            yield taken_back
+            return
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
@@ -225,6 +286,9 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     if pending.stopped:  # (closing the updates frees the model)
+                        return
+                    if pending.asked_before_a_stop(presses):  # (a Stop taken as the answer began)
+                        yield taken_back
                         return
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
@@ -246,7 +310,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     last_shown = time.monotonic()
                     # The last update answers the question and keeps how it ended: see `stopped`.
                     answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
-                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip()
+                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip(), copy_texts(chat)
                     if stopper.hit:  # (closing the updates frees the model)
                         break
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
@@ -259,28 +323,32 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
             typed_back = gr.skip() if typed is None else typed
             yield (history, None, (notice_line, stats_before, drafts_before), show(history), stats_before,
-                   drafts_before, notice_line, typed_back)
+                   drafts_before, notice_line, typed_back, copy_texts(history))
             raise gr.Error(str(err), title=title, print_exception=False) from err
 
     def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
-                message: str):
+                message: str, presses: float = 0, seen: StopPresses | None = None):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
+        if seen is not None:
+            seen.seen = max(seen.seen, int(presses))
         if pending is None:
             if state not in (GENERATING, WAITING):  # nothing was running or queued
-                return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip(), copy_texts(history)
             # the answer ended before Stop came: its last update may not have reached the page
             end_line, figures_line, panel = ended
-            return end_line, show(history), gr.skip(), figures_line, panel, gr.skip()
+            return end_line, show(history), gr.skip(), figures_line, panel, gr.skip(), copy_texts(history)
         pending.stopped = True
         answered = len(history) > len(pending.asked) and history[:len(pending.asked)] == pending.asked
         typed_back = pending.typed if pending.typed and not answered and not message else gr.skip()
-        return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None
+        return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None, copy_texts(history)
 
-    def cleared(pending: Question | None):
+    def cleared(pending: Question | None, presses: float = 0, seen: StopPresses | None = None):
+        if seen is not None:
+            seen.seen = max(seen.seen, int(presses))
         if pending is not None:
             pending.stopped = True
-        return [], None, [], "", "", ""
+        return [], None, [], "", "", "", "[]"
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
         tree = runner.model.tree
@@ -289,8 +357,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         history = gr.State([])  # the conversation
         pending = gr.State()  # the Question from Send or Regenerate; None once answered or stopped
         ended = gr.State(("", "", ""))  # how the last answer ended: its notice line, speed figures and draft panel
+        # Stop and Clear presses: counted in the page as they come, and as the session has taken them (COUNT_PRESS)
+        presses, presses_seen = gr.Number(0, visible=False), gr.State(StopPresses())
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
         # allow_tags: set by `show` with each conversation
+        copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
@@ -320,31 +391,33 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         # dismissed. The notice line and the error toast tell the user instead.
         nowhere = dict(show_progress="hidden", show_progress_on=gr.HTML(visible=False))
 
-        shown = [chatbot, stats, drafts, notice]
+        on_page = [chatbot, stats, drafts, notice]
         settings = [speculative, temperature, top_p, max_new]
-        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key],
+        generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key, presses_seen],
                           # the session's states first, together: Stop's cancel may come between two outputs
                           # (each component's is made in a thread), and the states must agree (see `stopped`)
-                          outputs=[history, pending, ended, *shown, message],
+                          outputs=[history, pending, ended, *on_page, message, copies],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice, pending],
-                    outputs=[message, pending, chatbot, notice, asked_key],
+        turn = dict(fn=add_message, inputs=[message, history, notice, pending, presses],
+                    outputs=[message, pending, chatbot, notice, asked_key, copies],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
-        events.append(regenerate.click(drop_answer, [history, notice, pending], [pending, chatbot, notice, asked_key],
-                                       **nowhere, concurrency_limit=None)
+        events.append(regenerate.click(drop_answer, [history, notice, pending, presses],
+                                       [pending, chatbot, notice, asked_key, copies], **nowhere, concurrency_limit=None)
                       .success(**generation))
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
-        stop.click(None, cancels=events).then(stopped, [notice, history, pending, ended, message],
-                                              [notice, chatbot, message, stats, drafts, pending], **nowhere,
-                                              concurrency_limit=None)
+        stop.click(None, presses, presses, js=COUNT_PRESS, cancels=events).then(
+            stopped, [notice, history, pending, ended, message, presses, presses_seen],
+            [notice, chatbot, message, stats, drafts, pending, copies], **nowhere, concurrency_limit=None)
         # Clear likewise, or a cancelled answer's last step would bring the conversation back; the chatbot's
         # own trash icon does the same, so that the history is not kept behind an empty chat.
         for clearing in (clear.click, chatbot.clear):
-            clearing(None, cancels=events).then(cleared, pending, [history, pending, chatbot, stats, drafts, notice],
-                                                **nowhere, concurrency_limit=None)
+            clearing(None, presses, presses, js=COUNT_PRESS, cancels=events).then(
+                cleared, [pending, presses, presses_seen], [history, pending, chatbot, stats, drafts, notice, copies],
+                **nowhere, concurrency_limit=None)
+        demo.load(None, js=COPY_AS_WRITTEN)
         show_drafts.change(lambda on: gr.update(visible=on), show_drafts, drafts, queue=False)
     return demo
 

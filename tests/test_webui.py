@@ -8,7 +8,9 @@ figures, for one user or for two users sharing the model."""
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +173,11 @@ def wait_for_error(page, text: str) -> None:
     assert cover is None, f"the message box is covered by {cover}"
 
 
+def on_chat(update: dict) -> list[dict]:
+    """The messages of a chatbot update from the UI's actions, each with the Markdown the chat shows."""
+    return [{"role": m["role"], "content": m["content"]["text"]} for m in update["value"]]
+
+
 def test_answer_streams_with_speed_figures(browser, url, expected, tmp_path):
     """The answer grows step by step while the speed figures update, and
     ends as exactly the greedy answer; plain decoding gives the same text at
@@ -296,11 +303,11 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
     not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, ended = last[0], last[1], last[2]  # the session's states, as the server keeps them
-    notice, chat, _, figures, panel, _ = actions["stopped"](GENERATING, history, pending, ended, "")
-    assert (notice, chat["value"][-1]["content"]) == (answer_limit(8), "abcdefgh")
+    notice, chat, _, figures, panel, *_ = actions["stopped"](GENERATING, history, pending, ended, "")
+    assert (notice, on_chat(chat)[-1]["content"]) == (answer_limit(8), "abcdefgh")
     assert "8 tokens in 2 iterations" in figures.replace("**", "") and (figures, panel) == (last[4], last[5])
 
 
@@ -349,14 +356,14 @@ def test_send_or_regenerate_as_the_answer_ends(action):
     """Called directly (no browser): the page still says Generating… (the answer's last update on its way, or
     dropped as Stop came), but the session has the whole answer: Send and Regenerate start from it."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending = last[0], last[1]  # the session's states, as the server keeps them
     if action == "add_message":
-        _, question, _, notice, _ = actions["add_message"]("again", history, GENERATING, pending)
+        _, question, _, notice, *_ = actions["add_message"]("again", history, GENERATING, pending)
         assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
     else:
-        question, _, notice, _ = actions["drop_answer"](history, GENERATING, pending)
+        question, _, notice, *_ = actions["drop_answer"](history, GENERATING, pending)
         assert (question.asked, question.typed) == (history[:1], None)
     assert history[-1]["content"] == "abcdefgh" and notice == GENERATING
 
@@ -370,16 +377,16 @@ def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
     model = ScriptedModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     updates = actions["respond"](pending, [], True, 0, 1, 100)
     history = next(updates)[0]  # the answer is on its way
-    notice, chat, _, _, _, left = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
-    assert (notice, chat["value"], left) == (STOPPED, history, None)
+    notice, chat, _, _, _, left, *_ = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
+    assert (notice, on_chat(chat), left) == (STOPPED, history, None)
     assert list(updates) == [] and not runner.busy
-    _, pending, _, _, _ = actions["add_message"]("again", history, STOPPED, None)
+    _, pending, *_ = actions["add_message"]("again", history, STOPPED, None)
     assert actions["stopped"]("", history, pending, ("", "", ""), "")[2] == "again"  # the page not told of Send yet
     assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
-    pending, _, _, _ = actions["drop_answer"](history, STOPPED, None)
+    pending, *_ = actions["drop_answer"](history, STOPPED, None)
     actions["cleared"](pending)
     assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
     assert len(model.calls) == 1
@@ -411,7 +418,7 @@ def test_max_new_tokens_1():
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
@@ -424,7 +431,7 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     with its space: the answer is kept without the format's, or the next prompt would hold two."""
     runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history = last[0]
     assert history[-1] == {"role": "assistant", "content": "yes"}
@@ -439,7 +446,7 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert (last[0][-1], last[6]) == ({"role": "assistant", "content": " yes"}, DONE)
     assert "im_end" not in last[5] and not runner.busy  # the draft panel too
@@ -452,7 +459,7 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
     drafts = last[5]
@@ -465,7 +472,7 @@ def test_a_chat_template_refusal_shows_its_message():
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, _, _, _ = actions["add_message"]("again", history, "Done", None)
+    _, pending, *_ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[7]) == (history, "again")
@@ -479,7 +486,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
     back, and no traceback logged as if generation had failed."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("cut \ud83d", [], "Done", None)
+    _, pending, *_ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
     assert next(updates)[7] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
@@ -496,7 +503,7 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
                if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
     states = [u[6] for u in updates]
@@ -520,7 +527,7 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     ended shorter, with the model's "length", at the context's."""
     ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
     assert last[6] == line
 
@@ -530,7 +537,7 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
     model = ScriptedModel()
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
@@ -545,12 +552,12 @@ def test_html_in_a_chat_shows_as_written():
     answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
     runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, shown, _, _ = actions["add_message"]("a <div>", [], "", None)
-    assert shown["value"][-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
+    _, pending, shown, *_ = actions["add_message"]("a <div>", [], "", None)
+    assert on_chat(shown)[-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
     shown = "Use <b>x</b> &amp;amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> &lt;!-- c --> &lt;p>a < b & c&lt;/P>"
-    assert last[3]["value"][-1]["content"] == shown
+    assert on_chat(last[3])[-1]["content"] == shown
     assert last[3]["allow_tags"] == ["b", "i", "script"]
 
 
@@ -577,13 +584,14 @@ def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
 
 
 @contextmanager
-def scripted_chat(answer: str):
-    """The chat UI in this process over a scripted chat model that answers `answer`; yields its URL."""
-    demo = build_ui(ChatRunner(ScriptedModel(answer)), "scripted", 1000)
+def scripted_chat(answer: str, model_type: str = "auto", model: ScriptedModel | None = None):
+    """The chat UI in this process over a scripted chat model (`model`, or one that answers `answer`); yields its
+    URL and the UI."""
+    demo = build_ui(ChatRunner(model or ScriptedModel(answer), model_type), "scripted", 1000)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", demo
     finally:
         demo.close()
 
@@ -596,30 +604,61 @@ def copied(page, role: str) -> str:
     return page.evaluate("navigator.clipboard.readText()")
 
 
-# HTML the chat shows as written, copied as written: tags, in a paragraph's lazy continuation lines too.
+def chat_page(browser, url: str, message: str):
+    """A page of the chat at `url` that may use the clipboard, with `message` sent and answered."""
+    page = browser.new_context(permissions=["clipboard-read", "clipboard-write"]).new_page()
+    page.goto(url)
+    send(page, message)
+    wait_for_state(page, "Done")
+    page.wait_for_function("document.querySelector('[data-testid=\"bot\"] pre')")
+    return page
+
+
+# HTML the chat shows as written, copied as written: tags, in a paragraph's lazy continuation lines too, tags the
+# chat's Markdown renderer writes itself, a comment and an entity.
 HTML_ANSWER = ("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in `<i>`:\n"
                "    <u>lazy</u> <em>continuation</em>\n\n"
-               "```html\n<div>code</div>\n```")
+               "```html\n<div>code</div>\n```\n\n"
+               "<p>a &amp; b</p> <!-- c -->")
 
 
 def test_html_shows_and_copies_as_written(browser):
     """In the browser: a chat model's HTML, the user's too, shows as written, and the copy button copies the
-    message as written (tags the chat's Markdown renderer writes itself, here <em>, are escaped in the Markdown,
-    so they copy escaped)."""
-    with scripted_chat(HTML_ANSWER) as url:
-        page = browser.new_context(permissions=["clipboard-read", "clipboard-write"]).new_page()
-        page.goto(url)
-        send(page, "Is <b>this</b> bold?")
-        wait_for_state(page, "Done")
-        page.wait_for_function("document.querySelector('[data-testid=\"bot\"] pre')")
+    message as written, though the Markdown shown escapes the tags the chat's renderer writes itself (here <em>
+    and <p>), the comment and the entity."""
+    with scripted_chat(HTML_ANSWER) as (url, _):
+        page = chat_page(browser, url, "Is <b>this</b> <p>bold</p>?")
         bot, user = page.locator('[data-testid="bot"]'), page.locator('[data-testid="user"]')
-        assert user.inner_text() == "Is <b>this</b> bold?" and user.locator("b").count() == 0
+        assert user.inner_text() == "Is <b>this</b> <p>bold</p>?" and user.locator("b").count() == 0
         assert bot.inner_text().startswith("Use <b>bold</b>, <script>alert(1)</script> and Vec<String> in <i>:\n"
                                            "<u>lazy</u> <em>continuation</em>\n")
+        assert bot.inner_text().endswith("<p>a &amp; b</p> <!-- c -->")
         assert bot.locator("pre code").inner_text() == "<div>code</div>\n"
         assert bot.locator("b, u, em, script").count() == 0  # nothing rendered as HTML
-        assert copied(page, "user") == "Is <b>this</b> bold?"
-        assert copied(page, "bot") == HTML_ANSWER.replace("<em>", "&lt;em>").replace("</em>", "&lt;/em>")
+        assert copied(page, "user") == "Is <b>this</b> <p>bold</p>?"
+        assert copied(page, "bot") == HTML_ANSWER
+
+
+def test_a_code_models_messages_copy_without_their_fences(browser):
+    """In the browser: a plain code model's turns show as code blocks, and copy as the text written, as the
+    chats of other tools copy a message, not as the Markdown shown with its fences."""
+    answer = "    return n\n\n```x```"
+    with scripted_chat(answer, "plain") as (url, _):
+        page = chat_page(browser, url, "def f(n):")
+        assert [code.text_content() for code in page.locator('[data-testid="bot"] pre code').all()] == [answer + "\n"]
+        assert copied(page, "user") == "def f(n):"
+        assert copied(page, "bot") == answer
+
+
+def test_the_chat_keeps_a_messages_indentation():
+    """Called directly (no browser): the chat strips the indentation of a message given as a string (an indented
+    code block would show as a paragraph, with the HTML in it rendered); given as a text part, it keeps it."""
+    ui = build_ui(ChatRunner(ScriptedModel()), "scripted", 8)
+    actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
+    chatbot = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "chatbot")
+    text = "    x = '<b>'\n    y = 2"
+    shown = chatbot.postprocess(actions["add_message"](text, [], "", None)[2]["value"]).model_dump()
+    assert shown[0]["content"] == [{"type": "text", "text": text}]
 
 
 class FailingModel(ScriptedModel):
@@ -641,14 +680,14 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     model = FailingModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, (history, _, _, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
-    _, pending, _, _, _ = actions["add_message"]("again", history, DONE, None)
+    _, pending, *_ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][4] != figures and streamed[-1][5] != drafts  # the failed answer's, as it streamed
-    assert (restored[0], restored[3]["value"], *restored[4:6]) == (history, history, figures, drafts)
+    assert (restored[0], on_chat(restored[3]), *restored[4:6]) == (history, history, figures, drafts)
     assert restored[7] == "again"
     with pytest.raises(gr.Error, match="CUDA out of memory"):
         next(updates)
@@ -662,7 +701,7 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     say 14 tokens."""
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("can you?", [], "", None)
+    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
@@ -700,7 +739,7 @@ def test_text_held_back_at_the_end_of_the_answer_is_shown(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], False, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<" and "&lt;" in last[5]
 
@@ -709,7 +748,7 @@ def test_the_draft_panel_shows_html_as_text():
     """Called directly (no browser): the panel is HTML, so the answer's own is escaped there."""
     runner = ChatRunner(ScriptedModel("a<b>c"))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, _, _, _ = actions["add_message"]("hi", [], "", None)
+    _, pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert "a&lt;b" in last[5] and "&gt;c" in last[5] and "<b>" not in last[5]
 
@@ -723,7 +762,7 @@ def test_a_model_without_a_chat_template_has_its_turns_shown_as_code():
     model = ScriptedModel()
     model.tokenizer.chat_template = None
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    shown = actions["add_message"]("def f():", [], "", None)[2]["value"]
+    shown = on_chat(actions["add_message"]("def f():", [], "", None)[2])
     assert shown == [{"role": "user", "content": "```\ndef f():\n```"}]
 
 
@@ -733,10 +772,101 @@ def test_an_answer_sent_for_an_earlier_question_leaves_the_one_asked_since_to_it
     marked it answered; that question's own answer then did nothing, and the page (which follows only the
     latter) said Done with no answer shown (CI, test_queued_user_waits_and_stop_frees_the_model)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    *_, first_key = actions["add_message"]("hi", [], "", None)
-    _, pending, _, _, key = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
+    first_key = actions["add_message"]("hi", [], "", None)[4]
+    _, pending, _, _, key, _ = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
     assert key != first_key and key == pending.key
     assert list(actions["respond"](pending, [], True, 0, 1, 8, "", "", first_key)) == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", key)
     assert last[0][0] == {"role": "user", "content": "hi again"} and last[0][-1]["role"] == "assistant"
     assert last[1] is None  # answered
+
+
+def test_a_question_asked_before_a_stop_the_server_took_first_is_not_answered():
+    """Called directly (no browser): on a server under load, a Send (or Regenerate) processed after a Stop (or Clear)
+    pressed after it was answered, the Stop having found no question to stop. The page counts the presses as they
+    come and a question keeps the count it was asked with: one asked before a press the session has taken is taken
+    back, as Stop takes back a question whose answer has not begun (its text back in the box); one asked after is
+    answered."""
+    model = ScriptedModel()
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc"}]
+    seen = webui.StopPresses()
+    actions["stopped"](DONE, history, None, ("", "", ""), "again", 1, seen)  # the page's first press, taken first
+    pending = actions["add_message"]("again", history, DONE, None, 0)[1]  # asked before it
+    (back,) = actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)
+    assert (back[0], back[1], on_chat(back[3]), back[6], back[7]) == (history, None, history, STOPPED, "again")
+    pending = actions["drop_answer"](history, DONE, None, 0)[0]
+    assert [u[6] for u in actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)] == [STOPPED]
+    actions["cleared"](None, 2, seen)
+    pending = actions["add_message"]("again", [], "", None, 1)[1]
+    assert [u[1] for u in actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)] == [None]
+    assert model.calls == []
+    pending = actions["add_message"]("again", [], "", None, 2)[1]  # asked after both presses
+    *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
+    assert last[0][-1] == {"role": "assistant", "content": "abcdefgh"} and len(model.calls) == 1
+
+
+def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
+    """Called directly (no browser): the Stop pressed after Send is taken as the answer begins (the Stop found no
+    question): the answer ends at its next step, taken back, and the model is free."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    runner = ChatRunner(ScriptedModel())
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    seen = webui.StopPresses()
+    pending = actions["add_message"]("hi", [], "", None, 0)[1]
+    updates = actions["respond"](pending, [], True, 0, 1, 100, "", "", pending.key, seen)
+    assert next(updates)[6] == GENERATING
+    actions["stopped"](DONE, [], None, ("", "", ""), "", 1, seen)
+    (back,) = list(updates)
+    assert (back[0], back[1], back[6], back[7]) == ([], None, STOPPED, "hi") and not runner.busy
+
+
+def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(browser):
+    """In the browser: a server under load takes the Stop pressed just after Send before the Send (here the Send
+    waits for it): the Stop finds no question, and the question is taken back once its answer would begin, its
+    text back in the box, not answered."""
+    model = ScriptedModel()
+    with scripted_chat("", model=model) as (url, demo):
+        actions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
+        stop_taken = threading.Event()
+        ask, take_stop = actions["add_message"].fn, actions["stopped"].fn
+
+        @functools.wraps(ask)
+        def ask_after_the_stop(*args):
+            assert stop_taken.wait(60), "the Stop was not taken"
+            return ask(*args)
+
+        @functools.wraps(take_stop)
+        def take_the_stop(*args):
+            try:
+                return take_stop(*args)
+            finally:
+                stop_taken.set()
+
+        actions["add_message"].fn, actions["stopped"].fn = ask_after_the_stop, take_the_stop
+        page = browser.new_page()
+        page.goto(url)
+        send(page, "hello")
+        press(page, "#stop")
+        wait_for_state(page, "Stopped", timeout=60)  # (the Stop, finding no question, left the line as it was)
+        page.wait_for_function("document.querySelector('#message textarea').value === 'hello' && "
+                               "document.querySelectorAll('[data-testid=\"user\"]').length === 0")
+        assert model.calls == []
+
+
+def test_without_the_clipboard_api_a_message_copies_as_written(browser):
+    """In the browser, as a page served over http from another host sees it (no clipboard API): the chat copies a
+    textarea holding the Markdown shown, and the copy takes the text as written."""
+    with scripted_chat(HTML_ANSWER) as (url, _):
+        context = browser.new_context()
+        context.add_init_script("delete Navigator.prototype.clipboard")
+        page = context.new_page()
+        page.goto(url)
+        send(page, "hi")
+        wait_for_state(page, "Done")
+        page.evaluate("""() => document.addEventListener('copy', (event) => {
+            window.copied = event.clipboardData.getData('text/plain');  // as the page's copy left it
+        })""")
+        page.locator('#chatbot .bot-row + .message-buttons button[title="Copy message"]').last.click()
+        page.wait_for_function("window.copied !== undefined")
+        assert page.evaluate("window.copied") == HTML_ANSWER
