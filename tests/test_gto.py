@@ -1431,6 +1431,35 @@ def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path
         gto_cli.main(["--out", str(tmp_path / "new"), "--save-every", "0"])
 
 
+def test_resume_compares_local_paths_as_the_folders_they_name(tmp_path, monkeypatch):
+    """--base and --head as typed (./head, head, its absolute path, or relative to another working folder) name
+    the same folders: the resume goes on (here: to loading the models); another folder is refused, naming both;
+    a hub id is compared as given. A checkpoint written before paths were resolved is read from here."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("base", "head", "other", "work"):
+        (tmp_path / folder).mkdir()
+    started = GTOConfig(out="run", base="base", head="head", data="stdlib")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    resumes = [("run", "./base", str(tmp_path / "head")), ("../run", "../base", "../head/")]  # (the second: in work/)
+    typed = {**run_options(started, 1), "base": "base", "head": "head"}  # (as before: read from the same folder)
+    for options, ways in ((run_options(started, 1), resumes), (typed, resumes[:1])):
+        (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+        for out, base, head in ways:
+            monkeypatch.chdir(tmp_path / ("work" if out.startswith("..") else ""))
+            with pytest.raises(AssertionError, match="a model was loaded"):
+                gto_cli.main(["--out", out, "--base", base, "--head", head, "--data", "stdlib", "--resume"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"other options \\(--head {re.escape(str(tmp_path / 'head'))} then, "
+                                         f"{re.escape(str(tmp_path / 'other'))} now\\)"):
+        gto_cli.main(["--out", "run", "--base", "base", "--head", "other", "--data", "stdlib", "--resume"])
+    assert run_options(dataclasses.replace(started, base="org/model"), 1)["base"] == "org/model"
+
+
 @pytest.mark.parametrize("command", ["experiment", "sweep"])
 @pytest.mark.parametrize("option", [["--resume"], ["--save-every", "5"], ["--keep-checkpoints", "1"]])
 def test_experiment_and_sweep_refuse_the_checkpoint_options(command, option, capsys):

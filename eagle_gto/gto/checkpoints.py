@@ -32,6 +32,8 @@ from .data import TokenStream
 # (--windows x processes): a run may resume with another number of processes.
 FREE_OPTIONS = ("out", "device", "steps", "tree_chunk", "eval_every", "export_dtype", "windows")
 GLOBAL_WINDOWS = "windows x processes"
+PATH_OPTIONS = ("base", "head", "reference", "data")  # a local folder or file, or a hub id (base, heads)
+DATA_KINDS = ("generated", "stdlib")  # --data that names no file
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,25 @@ def run_options(cfg, world: int) -> dict:
     """The options of `cfg` (a GTOConfig) that the run's result depends on, for `world` processes."""
     options = {name: value for name, value in asdict(cfg).items() if name not in FREE_OPTIONS}
     options[GLOBAL_WINDOWS] = cfg.windows * world
-    return options
+    return same_places(options)
+
+
+def same_places(options: dict) -> dict:
+    """`options` with each local path resolved (hub ids and --data kinds as given): ./head, head and its absolute
+    path name one folder, and a run resumed from another working folder names it alike."""
+    def place(value):
+        if value is None or value in DATA_KINDS or not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+
+    return {name: place(value) if name in PATH_OPTIONS else value for name, value in options.items()}
 
 
 def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
     """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
-    neither run's options describe."""
+    neither run's options describe. Paths are compared as the folders they name (`same_places`: the paths of
+    a checkpoint written before they were resolved are resolved from here)."""
+    then, now = same_places(then), same_places(now)
     changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
                for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
     if changed:
