@@ -1460,6 +1460,28 @@ def test_resume_compares_local_paths_as_the_folders_they_name(tmp_path, monkeypa
     assert run_options(dataclasses.replace(started, base="org/model"), 1)["base"] == "org/model"
 
 
+def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass_resume(tmp_path, monkeypatch):
+    """A run killed while it wrote its first checkpoint left config.json, metrics.jsonl and a checkpoint without
+    progress.json: nothing to continue from, so --resume starts it again; a fresh run is refused, saying so."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000002" / "state.pt").write_bytes(b"cut short")
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    for held in ("config.json, metrics.jsonl, checkpoints", "checkpoints"):
+        with pytest.raises(SystemExit, match=f"run holds a run stopped before its first complete checkpoint \\({held}"
+                                             r"\): pass --resume to start it again there from step 0, or choose"):
+            gto_cli.main(["--out", str(out), "--data", "stdlib"])
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            gto_cli.main(["--out", str(out), "--data", "stdlib", "--resume"])
+        for name in ("config.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("command", ["experiment", "sweep"])
 @pytest.mark.parametrize("option", [["--resume"], ["--save-every", "5"], ["--keep-checkpoints", "1"]])
 def test_experiment_and_sweep_refuse_the_checkpoint_options(command, option, capsys):

@@ -307,7 +307,12 @@ def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path 
     out = Path(cfg.out)
     previous = checkpoints_to_resume(out, checkpointing.resume)
     if not previous:
-        check_new_out(out, FINISHED_OUTPUTS if checkpointing.resume else RUN_OUTPUTS)
+        check_new_out(out, FINISHED_OUTPUTS)
+        started = [name for name in (*RUN_OUTPUTS, "checkpoints") if (out / name).exists()]
+        if started and not checkpointing.resume:  # (killed before its first checkpoint, or while it wrote it)
+            raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(started)}): "
+                             "pass --resume to start it again there from step 0, or choose another --out (or clear "
+                             "this one)")
         return None
     progress = read_progress(previous[-1], cfg.steps)
     check_same_options(previous[-1], progress["options"], run_options(cfg, world))
