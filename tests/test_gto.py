@@ -29,7 +29,7 @@ from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.checkpoints import Checkpointing, load_checkpoint, run_options
-from eagle_gto.gto.data import TokenStream, from_samples
+from eagle_gto.gto.data import TokenStream, from_samples, generated_stream
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob, ratio,
                                   root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
@@ -1546,8 +1546,8 @@ def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_proces
 def test_resume_refuses_other_data_at_the_same_path_before_writing(pair, tmp_path):
     """--data is compared as a path: a jsonl file edited (or another at the same relative path) since the
     checkpoint resumed a run on a mix of the two, and compared validation tau at the start and the end on
-    two validation sets. The checkpoint holds a fingerprint of the tokens: other tokens are refused (but for
-    --data generated, which may differ by a token on the --device a resume may change)."""
+    two validation sets. The checkpoint holds a fingerprint of the tokens: other tokens are refused (--data
+    generated: the test below)."""
     stream = half_without_groups(pair)
     cfg = GTOConfig(out=str(tmp_path / "run"), data="train.jsonl", steps=1, windows=2, window_length=40,
                     eval_windows=1, **TREE)  # (the streams given stand for the file's)
@@ -1560,3 +1560,55 @@ def test_resume_refuses_other_data_at_the_same_path_before_writing(pair, tmp_pat
         train(dataclasses.replace(cfg, steps=2), tiny_models(pair), (edited, stream), progress=False,
               checkpointing=Checkpointing(save_every=1, resume=True))
     assert {name: (tmp_path / "run" / name).read_text() for name in written} == written
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_resume_on_generated_data_refuses_other_prompts_and_warns_of_other_continuations(pair, tmp_path):
+    """--data generated was not compared at all: a resume with another corpus (another Python's standard library)
+    or tokenizer trained on a mix unnoticed. Its prompts are compared (refused when they differ); the base's
+    continuations of the same prompts may differ by a token on another --device, so those only warn."""
+    stream = dataclasses.replace(half_without_groups(pair), prompts="prompts")
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=1, windows=2, window_length=40, eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair), (stream, stream), progress=False, checkpointing=Checkpointing(save_every=1))
+    continued = dataclasses.replace(stream, ids=stream.ids.clone())
+    continued.ids[100] = (continued.ids[100] + 1) % VOCAB
+    resume = Checkpointing(save_every=1, resume=True)
+    with pytest.warns(UserWarning, match=r"the base's continuations \(--data generated\) differ from those of the run "
+                                         r"that wrote .*step-00000001 \(another --device or GPU may change a token"):
+        train(dataclasses.replace(cfg, steps=2), tiny_models(pair), (continued, stream), progress=False,
+              checkpointing=resume)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "the base's continuations")  # step 2's checkpoint holds the new ones
+        train(dataclasses.replace(cfg, steps=3), tiny_models(pair), (continued, stream), progress=False,
+              checkpointing=resume)
+    other = dataclasses.replace(continued, prompts="other prompts")
+    with pytest.raises(CheckpointMismatch, match=r"step-00000003 was written by a run on other data: the prompts of "
+                                                 r"--data generated differ from the run's \(the demo corpus"):
+        train(dataclasses.replace(cfg, steps=4), tiny_models(pair), (other, stream), progress=False,
+              checkpointing=resume)
+
+
+def test_a_generated_stream_carries_a_digest_of_its_prompts_not_of_the_continuations(tmp_path, monkeypatch):
+    class Characters:
+        eos_token_id = 0
+
+        def __call__(self, texts, verbose=True):
+            return {"input_ids": [[1 + ord(c) % (VOCAB - 1) for c in text] for text in texts]}
+
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    for i, file in enumerate(files):
+        file.write_text(f"def f{i}(x):\n    return x + {i}\n" * 4)
+    shift = [1]
+    monkeypatch.setattr("eagle_gto.train.data.greedy_continue",
+                        lambda base, prompts, new, stops, batch_size: [[shift[0]] * new for _ in prompts])
+
+    def generated(seed=0):
+        return generated_stream(None, Characters(), files, 4, 8, 5, seed)
+
+    first = generated()
+    shift[0] = 2
+    continued = generated()
+    assert first.prompts == continued.prompts and not torch.equal(first.ids, continued.ids)
+    assert generated(seed=1).prompts != first.prompts
+    files[1].write_text("class Other:\n    pass\n" * 6)
+    assert generated().prompts != first.prompts

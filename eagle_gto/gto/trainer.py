@@ -490,9 +490,10 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         check_data(cfg)
     models = models or load_models(cfg)
     train_stream, val_stream = streams or load_streams(cfg, models)
-    data = data_fingerprint(cfg.data, train_stream, val_stream)
-    if resumed:
-        check_same_data(resumed, data)
+    data = data_fingerprint(train_stream, val_stream)
+    differs = check_same_data(resumed, data, cfg.data == "generated") if resumed else None
+    if differs and share.main:
+        warnings.warn(differs)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
