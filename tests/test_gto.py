@@ -1390,6 +1390,38 @@ def test_a_run_interrupted_and_resumed_trains_and_logs_what_an_uninterrupted_one
         load_checkpoint(state_file.parent, head, torch.optim.AdamW(head.parameters()), {})
 
 
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_a_run_killed_while_it_writes_a_checkpoint_resumes_from_the_one_before(pair, tmp_path, monkeypatch):
+    """Killed while torch.save wrote step 4's state.pt: resumed (with another --save-every, which is free) from
+    step 2 it trains what an uninterrupted run does, and the half-written step-4, which it never writes again,
+    is removed with the next complete checkpoint (it stayed, as large as a complete one)."""
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "straight"), steps=5, windows=2, window_length=40, lr=1e-3, eval_every=0,
+                    eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+          checkpointing=Checkpointing(save_every=3))
+    real_save = torch.save
+
+    def killed_in_step_4(state, path):
+        if "step-00000004" in str(path):
+            Path(path).write_bytes(b"cut short")
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(torch, "save", killed_in_step_4)
+    stopped = dataclasses.replace(cfg, out=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+              checkpointing=Checkpointing(save_every=2, keep=1))
+    monkeypatch.undo()
+    folders = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000002", "step-00000004"]
+    train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+          checkpointing=Checkpointing(save_every=3, keep=1, resume=True))
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000005"]
+
+
 def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path, monkeypatch):
     """As `python -m eagle_gto.train`: an --out with checkpoints needs --resume; --resume refuses a checkpoint
     past --steps or written with options that change the result (naming them), and accepts another number of
