@@ -1514,6 +1514,43 @@ def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass
             (out / name).unlink(missing_ok=True)
 
 
+def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt (Ctrl-C, a scheduler's SIGINT) ended the run with a traceback: now one line naming the
+    checkpoint --resume continues from (or that it starts over), and exit status 130."""
+    monkeypatch.setattr(gto_cli, "load_models", lambda cfg: None)
+    monkeypatch.setattr(gto_cli, "load_streams", lambda cfg, models: None)
+
+    def train(cfg, models, streams, checkpointing):
+        Path(cfg.out, "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gto_cli, "train", train)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would stop pytest)
+        gto_cli.main(["--out", str(out), "--data", "stdlib"])
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert capsys.readouterr().err == (f"python -m eagle_gto.gto: interrupted; {out} holds no complete checkpoint "
+                                       "yet: run the same command with --resume to start again there from step 0\n")
+    checkpoint = out / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": run_options(
+        GTOConfig(out=str(out), data="stdlib"), 1)}))
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+        gto_cli.main(["--out", str(out), "--data", "stdlib", "--resume"])
+    assert stopped.type is SystemExit
+    assert capsys.readouterr().err == ("python -m eagle_gto.gto: interrupted; run the same command with --resume to "
+                                       f"continue from {checkpoint}\n")
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_a_resume_that_finds_no_checkpoint_says_it_starts_from_step_0(pair, tmp_path, capsys):
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=1, windows=2, window_length=40, eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair), (stream, stream), progress=False, checkpointing=Checkpointing(resume=True))
+    assert f"{tmp_path / 'run'} holds no complete checkpoint: starting from step 0\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["experiment", "sweep"])
 @pytest.mark.parametrize("option", [["--resume"], ["--save-every", "5"], ["--keep-checkpoints", "1"]])
 def test_experiment_and_sweep_refuse_the_checkpoint_options(command, option, capsys):

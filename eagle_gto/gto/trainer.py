@@ -516,6 +516,8 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         if share.main:
             print(f"resumed from {resumed} (step {records[-1]['step']})")
     else:
+        if checkpointing and checkpointing.resume and share.main:  # (a --resume that starts over says so)
+            print(f"{out} holds no complete checkpoint: starting from step 0")
         records, without_groups, seconds = [{"step": 0, **validate()}], 0, 0.0
     # without_groups: GTO steps that found no group of adjacent trainable roots; seconds: of training, resumes too
     done = records[-1]["step"]
