@@ -46,9 +46,12 @@ class Checkpointing:
     resume: bool = False
 
     def __post_init__(self):
-        for name, flag in (("save_every", "--save-every"), ("keep", "--keep-checkpoints")):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        # 0 may be meant as "none": say what a run does instead
+        why = {"--save-every": "a --save-every past --steps checkpoints only the last step",
+               "--keep-checkpoints": "the newest is the one --resume continues from"}
+        for flag, value in (("--save-every", self.save_every), ("--keep-checkpoints", self.keep)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
 
     def due(self, step: int, steps: int) -> bool:
         """A checkpoint every `save_every` steps and at the last one (a run stopped while it exported resumes)."""
