@@ -29,7 +29,7 @@ from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.checkpoints import Checkpointing, load_checkpoint, run_options
-from eagle_gto.gto.data import TokenStream, from_samples
+from eagle_gto.gto.data import TokenStream, from_samples, generated_stream
 from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advantages, group_roots, path_logprob, ratio,
                                   root_eligible)
 from eagle_gto.gto.reward import branch_values, tree_reward
@@ -1390,6 +1390,38 @@ def test_a_run_interrupted_and_resumed_trains_and_logs_what_an_uninterrupted_one
         load_checkpoint(state_file.parent, head, torch.optim.AdamW(head.parameters()), {})
 
 
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_a_run_killed_while_it_writes_a_checkpoint_resumes_from_the_one_before(pair, tmp_path, monkeypatch):
+    """Killed while torch.save wrote step 4's state.pt: resumed (with another --save-every, which is free) from
+    step 2 it trains what an uninterrupted run does, and the half-written step-4, which it never writes again,
+    is removed with the next complete checkpoint (it stayed, as large as a complete one)."""
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "straight"), steps=5, windows=2, window_length=40, lr=1e-3, eval_every=0,
+                    eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+          checkpointing=Checkpointing(save_every=3))
+    real_save = torch.save
+
+    def killed_in_step_4(state, path):
+        if "step-00000004" in str(path):
+            Path(path).write_bytes(b"cut short")
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(torch, "save", killed_in_step_4)
+    stopped = dataclasses.replace(cfg, out=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+              checkpointing=Checkpointing(save_every=2, keep=1))
+    monkeypatch.undo()
+    folders = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000002", "step-00000004"]
+    train(stopped, tiny_models(pair, perturb=0.05), (stream, stream), progress=False,
+          checkpointing=Checkpointing(save_every=3, keep=1, resume=True))
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000005"]
+
+
 def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path, monkeypatch):
     """As `python -m eagle_gto.train`: an --out with checkpoints needs --resume; --resume refuses a checkpoint
     past --steps or written with options that change the result (naming them), and accepts another number of
@@ -1427,8 +1459,100 @@ def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path
     (out / "summary.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"run already holds the output of an earlier run \(summary.json\)"):
         gto_cli.main(["--out", str(out), "--resume"])
-    with pytest.raises(SystemExit, match="--save-every must be at least 1, got 0"):
+    with pytest.raises(SystemExit, match=r"--save-every must be at least 1, got 0 \(a --save-every past --steps "
+                                         r"checkpoints only the last step\)$"):
         gto_cli.main(["--out", str(tmp_path / "new"), "--save-every", "0"])
+    with pytest.raises(SystemExit, match=r"--keep-checkpoints must be at least 1, got 0 \(the newest is the one "
+                                         r"--resume continues from\)$"):
+        gto_cli.main(["--out", str(tmp_path / "new"), "--keep-checkpoints", "0"])
+
+
+def test_resume_compares_local_paths_as_the_folders_they_name(tmp_path, monkeypatch):
+    """--base and --head as typed (./head, head, its absolute path, or relative to another working folder) name
+    the same folders: the resume goes on (here: to loading the models); another folder is refused, naming both;
+    a hub id is compared as given. A checkpoint written before paths were resolved is read from here."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("base", "head", "other", "work"):
+        (tmp_path / folder).mkdir()
+    started = GTOConfig(out="run", base="base", head="head", data="stdlib")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    resumes = [("run", "./base", str(tmp_path / "head")), ("../run", "../base", "../head/")]  # (the second: in work/)
+    typed = {**run_options(started, 1), "base": "base", "head": "head"}  # (as before: read from the same folder)
+    for options, ways in ((run_options(started, 1), resumes), (typed, resumes[:1])):
+        (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+        for out, base, head in ways:
+            monkeypatch.chdir(tmp_path / ("work" if out.startswith("..") else ""))
+            with pytest.raises(AssertionError, match="a model was loaded"):
+                gto_cli.main(["--out", out, "--base", base, "--head", head, "--data", "stdlib", "--resume"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"other options \\(--head {re.escape(str(tmp_path / 'head'))} then, "
+                                         f"{re.escape(str(tmp_path / 'other'))} now\\)"):
+        gto_cli.main(["--out", "run", "--base", "base", "--head", "other", "--data", "stdlib", "--resume"])
+    assert run_options(dataclasses.replace(started, base="org/model"), 1)["base"] == "org/model"
+
+
+def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass_resume(tmp_path, monkeypatch):
+    """A run killed while it wrote its first checkpoint left config.json, metrics.jsonl and a checkpoint without
+    progress.json: nothing to continue from, so --resume starts it again; a fresh run is refused, saying so."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000002" / "state.pt").write_bytes(b"cut short")
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    for held in ("config.json, metrics.jsonl, checkpoints", "checkpoints"):
+        with pytest.raises(SystemExit, match=f"run holds a run stopped before its first complete checkpoint \\({held}"
+                                             r"\): pass --resume to start it again there from step 0, or choose"):
+            gto_cli.main(["--out", str(out), "--data", "stdlib"])
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            gto_cli.main(["--out", str(out), "--data", "stdlib", "--resume"])
+        for name in ("config.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
+def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt (Ctrl-C, a scheduler's SIGINT) ended the run with a traceback: now one line naming the
+    checkpoint --resume continues from (or that it starts over), and exit status 130."""
+    monkeypatch.setattr(gto_cli, "load_models", lambda cfg: None)
+    monkeypatch.setattr(gto_cli, "load_streams", lambda cfg, models: None)
+
+    def train(cfg, models, streams, checkpointing):
+        Path(cfg.out, "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gto_cli, "train", train)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would stop pytest)
+        gto_cli.main(["--out", str(out), "--data", "stdlib"])
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert capsys.readouterr().err == (f"python -m eagle_gto.gto: interrupted; {out} holds no complete checkpoint "
+                                       "yet: run the same command with --resume to start again there from step 0\n")
+    checkpoint = out / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": run_options(
+        GTOConfig(out=str(out), data="stdlib"), 1)}))
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+        gto_cli.main(["--out", str(out), "--data", "stdlib", "--resume"])
+    assert stopped.type is SystemExit
+    assert capsys.readouterr().err == ("python -m eagle_gto.gto: interrupted; run the same command with --resume to "
+                                       f"continue from {checkpoint}\n")
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_a_resume_that_finds_no_checkpoint_says_it_starts_from_step_0(pair, tmp_path, capsys):
+    stream = half_without_groups(pair)
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=1, windows=2, window_length=40, eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair), (stream, stream), progress=False, checkpointing=Checkpointing(resume=True))
+    assert f"{tmp_path / 'run'} holds no complete checkpoint: starting from step 0\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["experiment", "sweep"])
@@ -1495,8 +1619,8 @@ def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_proces
 def test_resume_refuses_other_data_at_the_same_path_before_writing(pair, tmp_path):
     """--data is compared as a path: a jsonl file edited (or another at the same relative path) since the
     checkpoint resumed a run on a mix of the two, and compared validation tau at the start and the end on
-    two validation sets. The checkpoint holds a fingerprint of the tokens: other tokens are refused (but for
-    --data generated, which may differ by a token on the --device a resume may change)."""
+    two validation sets. The checkpoint holds a fingerprint of the tokens: other tokens are refused (--data
+    generated: the test below)."""
     stream = half_without_groups(pair)
     cfg = GTOConfig(out=str(tmp_path / "run"), data="train.jsonl", steps=1, windows=2, window_length=40,
                     eval_windows=1, **TREE)  # (the streams given stand for the file's)
@@ -1509,3 +1633,55 @@ def test_resume_refuses_other_data_at_the_same_path_before_writing(pair, tmp_pat
         train(dataclasses.replace(cfg, steps=2), tiny_models(pair), (edited, stream), progress=False,
               checkpointing=Checkpointing(save_every=1, resume=True))
     assert {name: (tmp_path / "run" / name).read_text() for name in written} == written
+
+
+@pytest.mark.filterwarnings("ignore:.* steps had no group")
+def test_resume_on_generated_data_refuses_other_prompts_and_warns_of_other_continuations(pair, tmp_path):
+    """--data generated was not compared at all: a resume with another corpus (another Python's standard library)
+    or tokenizer trained on a mix unnoticed. Its prompts are compared (refused when they differ); the base's
+    continuations of the same prompts may differ by a token on another --device, so those only warn."""
+    stream = dataclasses.replace(half_without_groups(pair), prompts="prompts")
+    cfg = GTOConfig(out=str(tmp_path / "run"), steps=1, windows=2, window_length=40, eval_windows=1, **TREE)
+    train(cfg, tiny_models(pair), (stream, stream), progress=False, checkpointing=Checkpointing(save_every=1))
+    continued = dataclasses.replace(stream, ids=stream.ids.clone())
+    continued.ids[100] = (continued.ids[100] + 1) % VOCAB
+    resume = Checkpointing(save_every=1, resume=True)
+    with pytest.warns(UserWarning, match=r"the base's continuations \(--data generated\) differ from those of the run "
+                                         r"that wrote .*step-00000001 \(another --device or GPU may change a token"):
+        train(dataclasses.replace(cfg, steps=2), tiny_models(pair), (continued, stream), progress=False,
+              checkpointing=resume)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "the base's continuations")  # step 2's checkpoint holds the new ones
+        train(dataclasses.replace(cfg, steps=3), tiny_models(pair), (continued, stream), progress=False,
+              checkpointing=resume)
+    other = dataclasses.replace(continued, prompts="other prompts")
+    with pytest.raises(CheckpointMismatch, match=r"step-00000003 was written by a run on other data: the prompts of "
+                                                 r"--data generated differ from the run's \(the demo corpus"):
+        train(dataclasses.replace(cfg, steps=4), tiny_models(pair), (other, stream), progress=False,
+              checkpointing=resume)
+
+
+def test_a_generated_stream_carries_a_digest_of_its_prompts_not_of_the_continuations(tmp_path, monkeypatch):
+    class Characters:
+        eos_token_id = 0
+
+        def __call__(self, texts, verbose=True):
+            return {"input_ids": [[1 + ord(c) % (VOCAB - 1) for c in text] for text in texts]}
+
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    for i, file in enumerate(files):
+        file.write_text(f"def f{i}(x):\n    return x + {i}\n" * 4)
+    shift = [1]
+    monkeypatch.setattr("eagle_gto.train.data.greedy_continue",
+                        lambda base, prompts, new, stops, batch_size: [[shift[0]] * new for _ in prompts])
+
+    def generated(seed=0):
+        return generated_stream(None, Characters(), files, 4, 8, 5, seed)
+
+    first = generated()
+    shift[0] = 2
+    continued = generated()
+    assert first.prompts == continued.prompts and not torch.equal(first.ids, continued.ids)
+    assert generated(seed=1).prompts != first.prompts
+    files[1].write_text("class Other:\n    pass\n" * 6)
+    assert generated().prompts != first.prompts

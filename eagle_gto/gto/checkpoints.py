@@ -9,7 +9,8 @@ the uninterrupted run would have:
   count of steps without groups and the training time so far;
 - progress.json, written last: the step, the options the result depends on,
   which a resumed run must share (`check_same_options`), and a fingerprint of
-  the training and validation tokens, which it must share too (`check_same_data`).
+  the training and validation tokens (and of the prompts of generated ones),
+  which it must share too (`check_same_data`).
 Every process holds the same head, optimizer and generators (each draws the
 whole global batch): rank 0 writes them and every process reads them.
 (There is no learning-rate schedule to save: GTO's rate is constant.)
@@ -32,6 +33,8 @@ from .data import TokenStream
 # (--windows x processes): a run may resume with another number of processes.
 FREE_OPTIONS = ("out", "device", "steps", "tree_chunk", "eval_every", "export_dtype", "windows")
 GLOBAL_WINDOWS = "windows x processes"
+PATH_OPTIONS = ("base", "head", "reference", "data")  # a local folder or file, or a hub id (base, heads)
+DATA_KINDS = ("generated", "stdlib")  # --data that names no file
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,12 @@ class Checkpointing:
     resume: bool = False
 
     def __post_init__(self):
-        for name, flag in (("save_every", "--save-every"), ("keep", "--keep-checkpoints")):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        # 0 may be meant as "none": say what a run does instead
+        why = {"--save-every": "a --save-every past --steps checkpoints only the last step",
+               "--keep-checkpoints": "the newest is the one --resume continues from"}
+        for flag, value in (("--save-every", self.save_every), ("--keep-checkpoints", self.keep)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
 
     def due(self, step: int, steps: int) -> bool:
         """A checkpoint every `save_every` steps and at the last one (a run stopped while it exported resumes)."""
@@ -56,12 +62,25 @@ def run_options(cfg, world: int) -> dict:
     """The options of `cfg` (a GTOConfig) that the run's result depends on, for `world` processes."""
     options = {name: value for name, value in asdict(cfg).items() if name not in FREE_OPTIONS}
     options[GLOBAL_WINDOWS] = cfg.windows * world
-    return options
+    return same_places(options)
+
+
+def same_places(options: dict) -> dict:
+    """`options` with each local path resolved (hub ids and --data kinds as given): ./head, head and its absolute
+    path name one folder, and a run resumed from another working folder names it alike."""
+    def place(value):
+        if value is None or value in DATA_KINDS or not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+
+    return {name: place(value) if name in PATH_OPTIONS else value for name, value in options.items()}
 
 
 def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
     """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
-    neither run's options describe."""
+    neither run's options describe. Paths are compared as the folders they name (`same_places`: the paths of
+    a checkpoint written before they were resolved are resolved from here)."""
+    then, now = same_places(then), same_places(now)
     changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
                for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
     if changed:
@@ -69,36 +88,54 @@ def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
                                  "resume with the options that started the run, or choose another --out")
 
 
-def data_fingerprint(data: str, *streams: TokenStream) -> str | None:
-    """A digest of the tokens the run trains and validates on: the same --data may name other tokens on a resume
-    (a jsonl file edited, or another one at the same relative path; another tokenizer). None for --data
-    generated: the base's greedy continuations may differ by a token on another --device, which may change."""
-    if data == "generated":
-        return None
+@dataclass(frozen=True)
+class DataFingerprint:
+    """Digests of the tokens a run trains and validates on (`tokens`) and, for --data generated, of the prompts
+    the base continued (`prompts`)."""
+
+    tokens: str
+    prompts: str | None = None
+
+
+def data_fingerprint(*streams: TokenStream) -> DataFingerprint:
+    """The same --data may name other tokens on a resume (a jsonl file edited, or another one at the same
+    relative path; another tokenizer; for --data generated, another corpus or base)."""
     digest = hashlib.sha256()
     for stream in streams:
         for tensor in (stream.ids, stream.loss_mask, stream.starts):
             digest.update(b"-" if tensor is None else tensor.cpu().numpy().tobytes())
-    return digest.hexdigest()
+    prompts = [stream.prompts for stream in streams]
+    return DataFingerprint(digest.hexdigest(), None if None in prompts else "-".join(prompts))
 
 
-def check_same_data(checkpoint: Path, fingerprint: str | None) -> None:
-    """Resumed on other tokens, a run would train on a mix and compare validation tau on two validation sets."""
-    then = json.loads((checkpoint / "progress.json").read_text()).get("data")
-    if then != fingerprint and None not in (then, fingerprint):  # (then None: written before they recorded it)
-        raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the tokens of --data (or of its "
-                                 "validation part) differ from the run's (the file changed, or its path names "
-                                 "another file here; or another tokenizer): resume with the data that started the "
-                                 "run, or choose another --out")
+def check_same_data(checkpoint: Path, now: DataFingerprint, generated: bool) -> str | None:
+    """Resumed on other tokens, a run would train on a mix and compare validation tau on two validation sets:
+    refused. But the base's greedy continuations (--data generated) of the same prompts may differ by a token
+    on another --device or GPU, which a resume may change: then a warning to say (which also tells of another
+    base at the same path) is returned."""
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    then = DataFingerprint(progress.get("data"), progress.get("prompts"))
+    if then.tokens is None or then == now:  # (None: written before checkpoints recorded it)
+        return None
+    if generated and then.prompts == now.prompts:
+        return (f"the base's continuations (--data generated) differ from those of the run that wrote {checkpoint} "
+                "(another --device or GPU may change a token; or the base at --base changed): the resumed run "
+                "trains and validates on the new ones")
+    what = ("the prompts of --data generated differ from the run's (the demo corpus, from Python's standard "
+            "library, changed with another Python; or another tokenizer)" if generated else
+            "the tokens of --data (or of its validation part) differ from the run's (the file changed, or its "
+            "path names another file here; or another tokenizer)")
+    raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: {what}: resume with the data that "
+                             "started the run, or choose another --out")
 
 
 def trained_weights(head: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in head.state_dict().items() if not name.startswith("embed_tokens.")}
 
 
-def save_checkpoint(out: Path, step: int, keep: int, options: dict, data: str | None, head: torch.nn.Module,
+def save_checkpoint(out: Path, step: int, keep: int, options: dict, data: DataFingerprint, head: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], log: dict) -> None:
-    """Write the checkpoint of `step` (rank 0 alone), then keep the newest `keep`; `data`: data_fingerprint."""
+    """Write the checkpoint of `step` (rank 0 alone), then keep the newest `keep`."""
     path = checkpoint_path(out, step)
     path.mkdir(parents=True, exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
@@ -108,7 +145,8 @@ def save_checkpoint(out: Path, step: int, keep: int, options: dict, data: str | 
         torch.save({"head": trained_weights(head), "optimizer": optimizer.state_dict(),
                     "generators": {name: g.get_state() for name, g in generators.items()}, "rng": rng, "log": log},
                    path / "state.pt")
-    complete_checkpoint(out, path, {"step": step, "options": options, "data": data}, keep)
+    progress = {"step": step, "options": options, "data": data.tokens, "prompts": data.prompts}
+    complete_checkpoint(out, path, progress, keep)
 
 
 def load_checkpoint(checkpoint: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -17,6 +17,8 @@ The demo corpus is the training split of the stdlib files, with every
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ class TokenStream:
     ids: torch.Tensor  # [N] long
     loss_mask: torch.Tensor  # [N] long, 1 where a prediction is trained
     starts: torch.Tensor | None = None  # [K] sample starts where windows begin; None: anywhere
+    prompts: str | None = None  # generated: a digest of the prompts continued (see prompts_digest)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -93,7 +96,15 @@ def generated_stream(base, tokenizer, files, count: int, prompt_tokens: int, new
     prompts = prompts.tolist()
     continued = greedy_continue(base, prompts, new_tokens, {tokenizer.eos_token_id}, batch_size=64)
     samples = [Sample(p + c, [1] * (len(p) + len(c))) for p, c in zip(prompts, continued)]
-    return from_samples(samples, aligned=True)
+    stream = from_samples(samples, aligned=True)
+    stream.prompts = prompts_digest(prompts)
+    return stream
+
+
+def prompts_digest(prompts: list[list[int]]) -> str:
+    """What generated continuations are made from, as a digest (the corpus's files, cut by --seed, and the
+    tokenizer): a resume compares it, as the continuations themselves may differ by a token on another device."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
 def jsonl_stream(path: str, tokenizer, model_type: str = "auto", max_length: int = 2048,

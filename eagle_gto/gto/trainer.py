@@ -307,7 +307,12 @@ def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path 
     out = Path(cfg.out)
     previous = checkpoints_to_resume(out, checkpointing.resume)
     if not previous:
-        check_new_out(out, FINISHED_OUTPUTS if checkpointing.resume else RUN_OUTPUTS)
+        check_new_out(out, FINISHED_OUTPUTS)
+        started = [name for name in (*RUN_OUTPUTS, "checkpoints") if (out / name).exists()]
+        if started and not checkpointing.resume:  # (killed before its first checkpoint, or while it wrote it)
+            raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(started)}): "
+                             "pass --resume to start it again there from step 0, or choose another --out (or clear "
+                             "this one)")
         return None
     progress = read_progress(previous[-1], cfg.steps)
     check_same_options(previous[-1], progress["options"], run_options(cfg, world))
@@ -485,9 +490,10 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         check_data(cfg)
     models = models or load_models(cfg)
     train_stream, val_stream = streams or load_streams(cfg, models)
-    data = data_fingerprint(cfg.data, train_stream, val_stream)
-    if resumed:
-        check_same_data(resumed, data)
+    data = data_fingerprint(train_stream, val_stream)
+    differs = check_same_data(resumed, data, cfg.data == "generated") if resumed else None
+    if differs and share.main:
+        warnings.warn(differs)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # windows: the same for GTO and the control
     group_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_tokens, val_mask = val_stream.spread(cfg.eval_windows, cfg.window_length)
@@ -510,6 +516,8 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
         if share.main:
             print(f"resumed from {resumed} (step {records[-1]['step']})")
     else:
+        if checkpointing and checkpointing.resume and share.main:  # (a --resume that starts over says so)
+            print(f"{out} holds no complete checkpoint: starting from step 0")
         records, without_groups, seconds = [{"step": 0, **validate()}], 0, 0.0
     # without_groups: GTO steps that found no group of adjacent trainable roots; seconds: of training, resumes too
     done = records[-1]["step"]

@@ -3,8 +3,8 @@
 
 A checkpoint is complete once its progress.json is written (last, after every
 other file, and whole or not at all): a run killed while it saved leaves a
-folder without one, which is not resumed from. The newest `keep` complete
-checkpoints are kept.
+folder without one, which is not resumed from (and is removed once another
+checkpoint is complete). The newest `keep` complete checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def read_progress(checkpoint: Path, steps: int) -> dict:
 
 
 def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) -> None:
-    """Mark `checkpoint` complete (its other files are written) and remove all but the newest `keep`."""
+    """Mark `checkpoint` complete (its other files are written) and remove all but the newest `keep`, and every
+    incomplete one (a write a kill cut short, which a resumed run may never write again: its --save-every may
+    differ; it may be as large as a complete one)."""
     # Written aside and renamed: a run killed while it wrote progress.json left an empty or half file, which
     # marked the checkpoint complete and stopped every --resume with a JSON error.
     written = checkpoint / "progress.json.partial"
@@ -69,3 +71,6 @@ def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) 
     written.replace(checkpoint / "progress.json")
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
+    for cut_short in checkpoint.parent.glob("step-*"):  # (one process writes checkpoints, one at a time)
+        if not (cut_short / "progress.json").is_file():
+            shutil.rmtree(cut_short)
