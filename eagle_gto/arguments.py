@@ -26,6 +26,23 @@ def token_ids(name: str, value) -> torch.Tensor:
     return ids  # an empty one has a float dtype: callers report it as empty
 
 
+def prompt_ids(input_ids, vocab_size: int) -> torch.Tensor:
+    """One prompt, `input_ids` of shape [1, n] or [n], as a 1-D tensor of ids in [0, vocab_size)."""
+    ids = token_ids("input_ids", input_ids)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of "
+                             "shape [1, n]")
+        ids = ids[0]
+    elif ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab_size})")
+    return ids.to(torch.long)
+
+
 def positive_int(name: str, value) -> int:
     """An int >= 1; integer types (numpy, 0-d tensors) pass, floats and bools do not."""
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterator
@@ -25,9 +24,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, context_length
 from .acceptance import SamplingParams
-from .arguments import check_generator_device, positive_int, real_number, token_ids, whole_number
+from .arguments import check_generator_device, positive_int, prompt_ids, real_number, token_ids, whole_number
 from .chat import eos_ids
 from .checkpoint import (build_head, check_against_base, check_not_offloaded, expand_path, hub_options, load_base,
                          load_checkpoint, read_base_config)
@@ -38,14 +37,13 @@ from .generation import (Decoder, DecodeState, GenerationStats, Step, TreeParams
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
 from .loading import check_device_map, check_dtype, load_tokenizer, quantization_options, trusted
-from .memory import device_memory, no_room_message
+from .memory import no_room_message
 from .placement import attach_head, head_device, share_base_weights
 from .target import TargetRunner, decoder_layers, length_dependent_rope
 from .tree import check_tree_params, num_candidates
 
 AUTO_TREE_CANDIDATES = (32, 40, 48, 56, 60)
 CPU_AUTO_TOTAL_TOKEN = 30
-MAX_LENGTH = 2048  # default total sequence budget (prompt + new tokens)
 
 
 class EaModel(nn.Module):
@@ -211,7 +209,7 @@ class EaModel(nn.Module):
         `generator` (sampling; on the device of the base's lm_head, where
         tokens are drawn) runs the steps eagerly, outside CUDA graphs.
         max_length=None: 2048, or the base's max_position_embeddings or sliding window if smaller."""
-        prompt = self._check_prompt(input_ids)
+        prompt = prompt_ids(input_ids, self.base_model.config.vocab_size)
         # Checked before anything is cached: the caches are kept per max_length.
         max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
@@ -358,66 +356,16 @@ class EaModel(nn.Module):
                                   stop_token_ids=stop_token_ids)
 
     # ------------------------------------------------------------------ helpers
-    def _check_prompt(self, input_ids) -> torch.Tensor:
-        ids = token_ids("input_ids", input_ids)
-        if ids.dim() == 2:
-            if ids.shape[0] != 1:
-                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of "
-                                 "shape [1, n]")
-            ids = ids[0]
-        elif ids.dim() != 1:
-            raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")
-        if ids.numel() == 0:
-            raise ValueError("input_ids is empty: give at least one prompt token")
-        vocab = self.base_model.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-        return ids.to(torch.long)
-
-    def _sliding_window(self) -> int | None:
-        config = self.base_model.config
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None) or []
-        sliding = "sliding_attention" in layer_types if layer_types else bool(window)
-        return window if sliding and window else None
-
     def default_max_length(self) -> int:
         """max_length when none is given: 2048, or the base's context
         (max_position_embeddings) or sliding window where smaller."""
-        trained = getattr(self.base_model.config, "max_position_embeddings", None)
-        return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH, trained or MAX_LENGTH)
+        return context_length.default_max_length(self.base_model.config)
 
     def check_max_length(self, max_length: int, speculative: bool = True) -> None:
         """A ValueError when this model cannot decode with this context
         (`speculative`: with draft trees), a warning when it was not trained
         for it (servers check their --max-length once, at startup)."""
-        window = self._sliding_window()
-        if window and max_length > window:
-            raise ValueError(
-                f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
-                f"full attention, so max_length must be <= {window}, got {max_length}"
-            )
-        config = self.base_model.config
-        trained = getattr(config, "max_position_embeddings", None)
-        kind = length_dependent_rope(self.base_model)
-        # Past `limit`, such a rope rotates all tokens of a forward by the frequencies of its longest position: a draft
-        # tree's forward would rotate the tokens it verifies otherwise than plain decoding's one-token forwards do.
-        limit = trained
-        if kind == "longrope":  # (it switches at the original context)
-            limit = (getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings") or trained
-        if speculative and kind and limit and max_length > limit:
-            raise ValueError(f"this base model's {kind!r} rope scaling picks its rotary frequencies from the longest "
-                             f"position of each forward, so past {limit} positions speculative output would not equal "
-                             f"plain decoding's; max_length must be <= {limit}, got {max_length} (plain decoding, "
-                             "naivegenerate, has no such limit)")
-        for device, needed in self._target.cache_bytes(max_length).items():
-            memory = device_memory(device)
-            if memory is not None and needed > memory:  # it fails at the prefill, in the allocator's words
-                raise ValueError(f"max_length={max_length} needs {needed / 2**30:.1f} GiB of key/value cache on "
-                                 f"{device}, which has {memory / 2**30:.1f} GiB in all: lower max_length")
-        if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
-            warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
-                          "positions past it were not trained for", stacklevel=3)
+        context_length.check_max_length(self._target, max_length, speculative)
 
     def _check_generator(self, generator) -> None:
         """A generator torch cannot draw with failed only at the first draw, mid-generation, in torch's words."""

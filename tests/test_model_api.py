@@ -17,7 +17,7 @@ from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
 from transformers import AutoModelForCausalLM, BatchEncoding
 
 import eagle_gto.ea_model as ea_model
-from eagle_gto import CheckpointError, EaModel, arguments, memory, placement
+from eagle_gto import CheckpointError, EaModel, arguments, context_length, memory, placement
 from eagle_gto.checkpoint import save_head
 from eagle_gto.generation import Decoder
 from eagle_gto.kv_cache import KVBuffer
@@ -243,7 +243,7 @@ def test_a_max_length_whose_cache_cannot_fit_the_device_is_refused_before_anythi
     with pytest.raises(ValueError, match=r"max_length=1000000000000 needs 1430511.5 GiB of key/value cache on cpu, "
                                          r"which has [0-9.]+ GiB in all: lower max_length"):
         model.eagenerate(ids, max_new_tokens=4, max_length=10**12)
-    monkeypatch.setattr(ea_model, "device_memory", lambda device: 2 * allocated)
+    monkeypatch.setattr(context_length, "device_memory", lambda device: 2 * allocated)
     model.check_max_length(128)  # exactly all of it
     with pytest.raises(ValueError, match="max_length=129 needs"):
         model.naivegenerate(ids, max_new_tokens=4, max_length=129)
