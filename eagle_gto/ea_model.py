@@ -15,38 +15,35 @@ quantized); `cuda_graphs=False` runs the same steps eagerly.
 from __future__ import annotations
 
 import dataclasses
-import math
-import operator
-import os
 import threading
 import time
-import warnings
-from collections.abc import Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, context_length
 from .acceptance import SamplingParams
+from .arguments import check_generator_device, positive_int, prompt_ids, real_number, token_ids, whole_number
 from .chat import eos_ids
-from .checkpoint import (CheckpointError, build_head, check_against_base, check_not_offloaded, expand_path, hub_options,
-                         load_base, load_checkpoint, read_base_config)
+from .checkpoint import (build_head, check_against_base, check_not_offloaded, expand_path, hub_options, load_base,
+                         load_checkpoint, read_base_config)
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
 from .generation import (Decoder, DecodeState, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
                          warm_up_steps)
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
-from .target import TargetRunner, decoder_layers
+from .loading import check_device_map, check_dtype, load_tokenizer, quantization_options, trusted
+from .memory import no_room_message
+from .placement import attach_head, head_device, share_base_weights
+from .target import TargetRunner, decoder_layers, length_dependent_rope
 from .tree import check_tree_params, num_candidates
 
 AUTO_TREE_CANDIDATES = (32, 40, 48, 56, 60)
 CPU_AUTO_TOTAL_TOKEN = 30
-MAX_LENGTH = 2048  # default total sequence budget (prompt + new tokens)
 
 
 class EaModel(nn.Module):
@@ -212,7 +209,7 @@ class EaModel(nn.Module):
         `generator` (sampling; on the device of the base's lm_head, where
         tokens are drawn) runs the steps eagerly, outside CUDA graphs.
         max_length=None: 2048, or the base's max_position_embeddings or sliding window if smaller."""
-        prompt = self._check_prompt(input_ids)
+        prompt = prompt_ids(input_ids, self.base_model.config.vocab_size)
         # Checked before anything is cached: the caches are kept per max_length.
         max_length = self._max_length(max_length, speculative)
         sampling = self._sampling(temperature, top_p, top_k)
@@ -359,66 +356,16 @@ class EaModel(nn.Module):
                                   stop_token_ids=stop_token_ids)
 
     # ------------------------------------------------------------------ helpers
-    def _check_prompt(self, input_ids) -> torch.Tensor:
-        ids = token_ids("input_ids", input_ids)
-        if ids.dim() == 2:
-            if ids.shape[0] != 1:
-                raise ValueError(f"batch size {ids.shape[0]} is not supported: pass one sequence, input_ids of "
-                                 "shape [1, n]")
-            ids = ids[0]
-        elif ids.dim() != 1:
-            raise ValueError(f"input_ids must have shape [1, n], got {list(ids.shape)}")
-        if ids.numel() == 0:
-            raise ValueError("input_ids is empty: give at least one prompt token")
-        vocab = self.base_model.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-        return ids.to(torch.long)
-
-    def _sliding_window(self) -> int | None:
-        config = self.base_model.config
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None) or []
-        sliding = "sliding_attention" in layer_types if layer_types else bool(window)
-        return window if sliding and window else None
-
     def default_max_length(self) -> int:
         """max_length when none is given: 2048, or the base's context
         (max_position_embeddings) or sliding window where smaller."""
-        trained = getattr(self.base_model.config, "max_position_embeddings", None)
-        return min(MAX_LENGTH, self._sliding_window() or MAX_LENGTH, trained or MAX_LENGTH)
+        return context_length.default_max_length(self.base_model.config)
 
     def check_max_length(self, max_length: int, speculative: bool = True) -> None:
         """A ValueError when this model cannot decode with this context
         (`speculative`: with draft trees), a warning when it was not trained
         for it (servers check their --max-length once, at startup)."""
-        window = self._sliding_window()
-        if window and max_length > window:
-            raise ValueError(
-                f"this base model uses sliding-window attention (window {window}); the engine's tree mask is "
-                f"full attention, so max_length must be <= {window}, got {max_length}"
-            )
-        config = self.base_model.config
-        trained = getattr(config, "max_position_embeddings", None)
-        kind = length_dependent_rope(self.base_model)
-        # Past `limit`, such a rope rotates all tokens of a forward by the frequencies of its longest position: a draft
-        # tree's forward would rotate the tokens it verifies otherwise than plain decoding's one-token forwards do.
-        limit = trained
-        if kind == "longrope":  # (it switches at the original context)
-            limit = (getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings") or trained
-        if speculative and kind and limit and max_length > limit:
-            raise ValueError(f"this base model's {kind!r} rope scaling picks its rotary frequencies from the longest "
-                             f"position of each forward, so past {limit} positions speculative output would not equal "
-                             f"plain decoding's; max_length must be <= {limit}, got {max_length} (plain decoding, "
-                             "naivegenerate, has no such limit)")
-        for device, needed in self._target.cache_bytes(max_length).items():
-            memory = device_memory(device)
-            if memory is not None and needed > memory:  # it fails at the prefill, in the allocator's words
-                raise ValueError(f"max_length={max_length} needs {needed / 2**30:.1f} GiB of key/value cache on "
-                                 f"{device}, which has {memory / 2**30:.1f} GiB in all: lower max_length")
-        if trained and max_length > trained:  # rotary positions go on, but quality is not known past them
-            warnings.warn(f"max_length={max_length} is beyond the base model's max_position_embeddings ({trained}): "
-                          "positions past it were not trained for", stacklevel=3)
+        context_length.check_max_length(self._target, max_length, speculative)
 
     def _check_generator(self, generator) -> None:
         """A generator torch cannot draw with failed only at the first draw, mid-generation, in torch's words."""
@@ -551,218 +498,7 @@ class EaModel(nn.Module):
         return best
 
 
-def length_dependent_rope(model: nn.Module) -> str | None:
-    """The rope scaling of a base whose rotary frequencies depend on the longest position of each forward
-    (dynamic NTK, LongRoPE), else None."""
-    for module in model.modules():
-        rope_type = getattr(module, "rope_type", None)
-        # (a dict per layer type in models that mix attention kinds, e.g. Gemma-3)
-        for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
-            if isinstance(kind, str) and ("dynamic" in kind or "longrope" in kind):
-                return kind
-    return None
-
-
-def token_ids(name: str, value) -> torch.Tensor:
-    """`value` (a list, array or tensor of ids, or one id) as a tensor of integer token ids."""
-    if isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be token ids, got a string: tokenize it first (model.tokenizer)")
-    if isinstance(value, Mapping):  # a tokenizer's whole output (BatchEncoding)
-        raise ValueError(f"{name} must be token ids, got a mapping with keys {list(value)}: pass its 'input_ids' "
-                         "(model.tokenizer(text, return_tensors='pt').input_ids)")
-    try:
-        ids = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must hold integer token ids, got {value!r}") from None
-    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    return ids  # an empty one has a float dtype: callers report it as empty
-
-
-def positive_int(name: str, value) -> int:
-    """An int >= 1; integer types (numpy, 0-d tensors) pass, floats and bools do not."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
-    return number
-
-
-def real_number(name: str, value) -> float:
-    """A finite float; ints and floats (numpy's, 0-d tensors) pass, strings, None and bools do not."""
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return number
-
-
-def whole_number(name: str, value) -> int:
-    """An int >= 0 given as an integer or an integral float (the reference's
-    sampling top_k defaults to 0.0); 2.7, -1 and None are refused."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a whole number >= 0 (0 turns it off), got {value!r}") from None
-    if number < 0 or isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number >= 0 (0 turns it off), got {value!r}")
-    return number
-
-
-def check_device_map(device_map) -> None:
-    """A device map that names CUDA where there is none would fail deep in torch (an AssertionError); one that
-    offloads by name ("disk", "meta") was refused only once the rest of the base had loaded (minutes for a
-    large one)."""
-    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
-    offloaded = sorted({str(t) for t in targets if str(t) in ("disk", "meta")})
-    if offloaded:
-        raise ValueError(f"device_map places weights on {' and '.join(map(repr, offloaded))}: the engine needs every "
-                         "weight in the memory of the device that runs it; map those modules to a device")
-    on_cuda = [t for t in targets if str(t).startswith("cuda") or (isinstance(t, int) and not isinstance(t, bool))]
-    if on_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} places the model on CUDA, but CUDA is not available "
-                         f"(torch {torch.__version__}); leave device_map out, or use 'cpu' or 'auto'")
-
-
-def quantization_options(kwargs: dict) -> None:
-    """The reference's `load_in_8bit`/`load_in_4bit` arguments (its web UI passes them, False by
-    default), which transformers 5 no longer takes: True becomes a bitsandbytes `quantization_config`."""
-    eight, four = bool(kwargs.pop("load_in_8bit", False)), bool(kwargs.pop("load_in_4bit", False))
-    if not (eight or four):
-        return
-    if eight and four:
-        raise ValueError("give load_in_8bit or load_in_4bit, not both")
-    if kwargs.get("quantization_config") is not None:
-        raise ValueError("give load_in_8bit/load_in_4bit or quantization_config, not both")
-    from transformers import BitsAndBytesConfig
-
-    kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=eight, load_in_4bit=four)
-
-
-def check_dtype(dtype) -> None:
-    """A dtype as transformers takes it: a torch.dtype, its name, or "auto"."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return
-    if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
-        raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (e.g. torch.bfloat16, 'float16', 'auto')")
-
-
-def device_memory(device: torch.device) -> int | None:
-    """All the memory of a CPU or CUDA device in bytes; None where it is not known."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):  # (no sysconf on Windows)
-        pass
-    return None
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes a new tensor may still take on a CUDA device: what the driver has free and what torch's caching
-    allocator holds unused (mem_get_info counts that as used); None elsewhere."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def no_room_message(max_length: int, cache_bytes: dict[torch.device, int], allocator_words: str) -> str:
-    """What to tell a user whose generation ran out of memory: what the caches of max_length need and what
-    is free, where known."""
-    needs = []
-    for device, needed in cache_bytes.items():
-        free = free_memory(device)
-        room = "" if free is None else f" ({free / 2**30:.2f} GiB free now)"
-        needs.append(f"{needed / 2**30:.2f} GiB on {device}{room}")
-    cache = f" (its key/value cache needs {', '.join(needs)})" if needs else ""
-    words = allocator_words.partition("\n")[0]  # (the allocator's advice on its settings follows)
-    return (f"out of memory generating with max_length={max_length}{cache}: lower max_length, or free memory "
-            f"(other processes, other tensors) and try again; the model is still usable. {words}")
-
-
-def check_generator_device(generator: torch.Generator, drawn_on: torch.device) -> None:
-    """Tokens are drawn on the lm_head's device; a generator elsewhere fails at the first draw, in torch's words.
-    (meta: weights not in memory, which the next generation refuses by name: `check_not_offloaded`.)"""
-    if drawn_on.type != "meta" and generator.device != drawn_on:
-        raise ValueError(f"the generator is on {generator.device}, but tokens are drawn on {drawn_on} (the "
-                         f"base's lm_head): make it with torch.Generator(device={str(drawn_on)!r})")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
-
-
-def trusted(kwargs: dict) -> dict:
-    return {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
-
-
-def load_tokenizer(base_model_path, hub: dict):
-    """The base model's tokenizer, or None for a base saved without one (it
-    still generates from token ids). Tokenizer files that do not load are an error."""
-    from transformers import AutoTokenizer
-
-    folder = Path(base_model_path) / hub.get("subfolder", "")
-    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    if folder.is_dir() and not present:
-        # Not even tried: for some architectures (Qwen2/3) transformers builds an
-        # empty tokenizer from nothing, whose EOS id 0 would then stop generation.
-        return None
-    options = {k: v for k, v in hub.items() if k != "subfolder"}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model_path, subfolder=hub.get("subfolder", ""), **options)
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        if present:
-            raise CheckpointError(f"{folder}: the tokenizer ({', '.join(present)}) does not load: "
-                                  f"{type(err).__name__}: {err}") from None
-        return None
-    if len(tokenizer) <= 1:  # the same empty tokenizer, for a hub repository without tokenizer files
-        return None
-    return tokenizer
-
-
 def _growing_ids(tokens: list[int], steps: Iterator[Step], device) -> Iterator[torch.Tensor]:
     for step in steps:
         tokens = tokens + step.tokens
         yield torch.tensor([tokens], device=device)
-
-
-def head_device(base: nn.Module) -> torch.device:
-    """The device of the base model's last decoder layer (where its final
-    features are produced)."""
-    return next(decoder_layers(base)[-1].parameters()).device
-
-
-def attach_head(base: nn.Module, head: DraftHead, dtype: torch.dtype | None = None) -> None:
-    """Place the head beside the base's last layer, in the base's dtype (or
-    `dtype`: trainers keep float32), and give it the base's embedding (and
-    lm_head for EAGLE-1) when it has none (a head may come attached to
-    another copy of the base)."""
-    weights = next(head.parameters())
-    place = (head_device(base), dtype or next(base.parameters()).dtype)
-    if (weights.device, weights.dtype) != place:
-        head.to(*place)
-    share_base_weights(base, head)
-
-
-def share_base_weights(base: nn.Module, head: DraftHead) -> None:
-    """Give the head the base's embedding (unless it has its own) and, for
-    EAGLE-1, its lm_head; again after `model.to(...)`, which gives the base
-    new tensors."""
-    if head.embed_tokens is None:
-        weight = base.get_input_embeddings().weight.detach()
-        device = next(head.parameters()).device
-        head.attach_embedding(weight if weight.device == device else weight.to(device))
-    if head.kind == "eagle1":
-        head.attach_lm_head(base.get_output_embeddings())

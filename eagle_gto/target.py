@@ -58,6 +58,18 @@ def cache_keyword(decoder: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+def length_dependent_rope(model: nn.Module) -> str | None:
+    """The rope scaling of a base whose rotary frequencies depend on the longest position of each forward
+    (dynamic NTK, LongRoPE), else None."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        # (a dict per layer type in models that mix attention kinds, e.g. Gemma-3)
+        for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
+            if isinstance(kind, str) and ("dynamic" in kind or "longrope" in kind):
+                return kind
+    return None
+
+
 class LayerInputTap:
     """Keeps the hidden states entering chosen decoder layers, from forward
     pre-hooks. One tap per model (`layer_input_tap`), shared by all that read

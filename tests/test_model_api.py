@@ -17,7 +17,7 @@ from tiny_pairs import DRAFT_VOCAB, VOCAB, trained_pair
 from transformers import AutoModelForCausalLM, BatchEncoding
 
 import eagle_gto.ea_model as ea_model
-from eagle_gto import CheckpointError, EaModel
+from eagle_gto import CheckpointError, EaModel, arguments, context_length, memory, placement
 from eagle_gto.checkpoint import save_head
 from eagle_gto.generation import Decoder
 from eagle_gto.kv_cache import KVBuffer
@@ -243,7 +243,7 @@ def test_a_max_length_whose_cache_cannot_fit_the_device_is_refused_before_anythi
     with pytest.raises(ValueError, match=r"max_length=1000000000000 needs 1430511.5 GiB of key/value cache on cpu, "
                                          r"which has [0-9.]+ GiB in all: lower max_length"):
         model.eagenerate(ids, max_new_tokens=4, max_length=10**12)
-    monkeypatch.setattr(ea_model, "device_memory", lambda device: 2 * allocated)
+    monkeypatch.setattr(context_length, "device_memory", lambda device: 2 * allocated)
     model.check_max_length(128)  # exactly all of it
     with pytest.raises(ValueError, match="max_length=129 needs"):
         model.naivegenerate(ids, max_new_tokens=4, max_length=129)
@@ -325,7 +325,7 @@ def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_b
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4.5 * 2**30)
-    message = ea_model.no_room_message(4096, {torch.device("cuda", 0): 2 * 2**30}, ALLOCATOR_WORDS)
+    message = memory.no_room_message(4096, {torch.device("cuda", 0): 2 * 2**30}, ALLOCATOR_WORDS)
     assert message.startswith("out of memory generating with max_length=4096 (its key/value cache needs 2.00 GiB "
                               "on cuda:0 (1.50 GiB free now)): lower max_length")
 
@@ -442,9 +442,9 @@ def test_a_generator_on_another_gpu_than_the_lm_head_is_refused():
     """Same device type, other index: torch refuses that only at the first draw."""
     with pytest.raises(ValueError, match=r"the generator is on cuda:1, but tokens are drawn on cuda:0 .*"
                                          r"torch.Generator\(device='cuda:0'\)"):
-        ea_model.check_generator_device(SecondCudaGenerator(), torch.device("cuda", 0))
-    ea_model.check_generator_device(CudaGenerator(), torch.device("cuda", 0))
-    ea_model.check_generator_device(SecondCudaGenerator(), torch.device("meta"))  # refused by name later
+        arguments.check_generator_device(SecondCudaGenerator(), torch.device("cuda", 0))
+    arguments.check_generator_device(CudaGenerator(), torch.device("cuda", 0))
+    arguments.check_generator_device(SecondCudaGenerator(), torch.device("meta"))  # refused by name later
 
 
 def test_concurrent_generations_do_not_interleave():
@@ -738,7 +738,7 @@ def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(mo
     cfg = base_config("llama", vocab_size=VOCAB)
     base = AutoModelForCausalLM.from_config(cfg)
     head = random_head(head_config(cfg, "eagle3", draft_vocab_size=DRAFT_VOCAB))
-    monkeypatch.setattr(ea_model, "head_device", lambda model: torch.device("meta"))
+    monkeypatch.setattr(placement, "head_device", lambda model: torch.device("meta"))
     EaModel(base, head, None, 12, 3, 3)
     assert head.fc.weight.device == torch.device("meta")
 

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-from ..ea_model import EaModel, attach_head
+from ..ea_model import EaModel
 from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
+from ..placement import attach_head
 from ..tiny import head_config, random_head
 from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments,
                      copy_bandwidth, median_of, synchronize, write_json)

@@ -20,8 +20,9 @@ import math
 
 import torch
 
-from ..ea_model import EaModel, attach_head
+from ..ea_model import EaModel
 from ..generation import TreeParams
+from ..placement import attach_head
 from .common import check_output_file, write_json
 from .engine_overhead import add_compile_arguments, build_model, check_compile_arguments, compile_engine
 from .shapes import SHAPES

@@ -190,7 +190,7 @@ def _read_head(path, cfg: GTOConfig) -> DraftHead:
 
 def _attach_head(head: DraftHead, path, base) -> None:
     from ..checkpoint import check_against_base
-    from ..ea_model import attach_head
+    from ..placement import attach_head
 
     check_against_base(head, base.config, str(path))
     attach_head(base, head, torch.float32)  # M trains, and M0 scores, in float32 from the exact weights
