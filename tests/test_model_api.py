@@ -598,7 +598,10 @@ def test_a_model_cast_after_generating_gets_new_caches():
     model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
     ids = torch.tensor([[5, 17, 33, 2]])
     before = model.eagenerate(ids, max_new_tokens=20).tolist()
+    float32_bytes = model._target.cache_bytes(64)
     model.to(torch.float64)
+    # what the next generation checks max_length against, before it makes new caches: float64's size
+    assert model._target.cache_bytes(64) == {device: 2 * size for device, size in float32_bytes.items()}
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == model.naivegenerate(ids, max_new_tokens=20).tolist()
     assert model._cache.stacks[0].storage.dtype == torch.float64
     model.to(torch.float32)
