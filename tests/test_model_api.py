@@ -820,11 +820,12 @@ class NotATensor:
     pass
 
 
-def test_bin_with_more_than_tensors_is_refused(pair_dirs, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_bin_with_more_than_tensors_is_refused(pair_dirs, tmp_path, legacy):
     head = copy_head(pair_dirs / "eagle1", tmp_path / "h")
     state = torch.load(head / "pytorch_model.bin", weights_only=True)
     state["payload"] = NotATensor()
-    torch.save(state, head / "pytorch_model.bin")
+    torch.save(state, head / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)  # (old torch's format)
     with pytest.raises(CheckpointError, match="more than tensors"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
 
