@@ -282,6 +282,7 @@ def test_a_base_offloaded_after_loading_is_refused_at_the_next_generation(saved,
     (b"", "an empty file"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
     (b"<!DOCTYPE html><html><body>Not found</body></html>", "a web page"),
+    (b"\r\n  <html><body>Not found</body></html>", "a web page"),  # (servers may send blank lines first)
 ])
 def test_weight_files_that_are_not_weights_are_named(saved, tmp_path, content, message):
     base = copy(saved / "llama", tmp_path / "base")
