@@ -302,3 +302,9 @@ def test_llama3_prompts_are_the_tokenizers_chat_template_as_the_references():
     assert "\n\nQ1<|eot_id|>" in reference and "Today Date" in reference
     assert build_prompt(asked, "llama3", system="S").startswith(
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>")
+
+
+def test_a_llama3_system_prompt_with_braces_is_written_as_it_is():
+    """Without a tokenizer template llama3's format is written out: braces in the system prompt are text."""
+    messages = [{"role": "system", "content": "answer in {json}"}, {"role": "user", "content": "hi"}]
+    assert "system<|end_header_id|>\n\nanswer in {json}<|eot_id|>" in build_prompt(messages, "llama3")

@@ -226,7 +226,7 @@ def test_eagle1_layer_math_matches_a_hand_written_forward():
     for param in head.parameters():
         param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
     embedding = torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3))
-    lm_head = torch.nn.Linear(64, VOCAB, bias=False)
+    lm_head = torch.nn.Linear(64, VOCAB, bias=True)  # (with a bias, as some bases' lm_head has)
     head.attach_embedding(embedding)
     head.attach_lm_head(lm_head)
     feature, token = torch.randn(64, generator=torch.Generator().manual_seed(4)), 5
@@ -241,6 +241,14 @@ def test_eagle1_layer_math_matches_a_hand_written_forward():
         expected = hidden + layer.mlp(rms(hidden, layer.post_attention_layernorm.weight))
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(head.draft_logits(out), lm_head(expected), rtol=1e-4, atol=1e-5)
+
+
+
+def test_stacked_eagle1_layers_have_an_input_norm_after_the_first():
+    """EAGLE-1 heads of several layers (num_hidden_layers > 1): only the first layer reads fc's output unnormed."""
+    cfg = {**head_config(base_config("llama", vocab_size=VOCAB), "eagle1"), "num_hidden_layers": 3}
+    keys = set(random_head(cfg).state_dict())
+    assert [f"layers.{i}.input_layernorm.weight" in keys for i in range(3)] == [False, True, True]
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

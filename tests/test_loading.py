@@ -282,6 +282,7 @@ def test_a_base_offloaded_after_loading_is_refused_at_the_next_generation(saved,
     (b"", "an empty file"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n", "a Git LFS pointer"),
     (b"<!DOCTYPE html><html><body>Not found</body></html>", "a web page"),
+    (b"\r\n  <html><body>Not found</body></html>", "a web page"),  # (servers may send blank lines first)
 ])
 def test_weight_files_that_are_not_weights_are_named(saved, tmp_path, content, message):
     base = copy(saved / "llama", tmp_path / "base")
@@ -601,6 +602,15 @@ def test_save_head_leaves_no_stale_pytorch_bin(saved, tmp_path):
     assert not (tmp_path / "pytorch_model.bin").exists()
     loaded = checkpoint.load_checkpoint(str(tmp_path)).state
     assert torch.equal(loaded["fc.weight"], new.fc.weight)
+
+
+
+def test_an_eagle3_head_config_is_told_by_its_draft_vocab_size_alone(saved, tmp_path):
+    """Not every export names Eagle in `architectures`: draft_vocab_size says EAGLE-3 (formats.md)."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_config(head, architectures=["LlamaForCausalLM"])
+    with pytest.raises(CheckpointError, match="config.json describes an EAGLE draft head"):
+        load_base(str(head))
 
 
 def test_a_base_model_given_as_the_head_is_named(saved):

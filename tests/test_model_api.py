@@ -689,7 +689,10 @@ def test_a_model_cast_after_generating_gets_new_caches():
     model = EaModel(copy.deepcopy(shared.base_model), copy.deepcopy(shared.ea_layer), None, 24, 5, 4)
     ids = torch.tensor([[5, 17, 33, 2]])
     before = model.eagenerate(ids, max_new_tokens=20).tolist()
+    float32_bytes = model._target.cache_bytes(64)
     model.to(torch.float64)
+    # what the next generation checks max_length against, before it makes new caches: float64's size
+    assert model._target.cache_bytes(64) == {device: 2 * size for device, size in float32_bytes.items()}
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == model.naivegenerate(ids, max_new_tokens=20).tolist()
     assert model._cache.stacks[0].storage.dtype == torch.float64
     model.to(torch.float32)
@@ -908,11 +911,12 @@ class NotATensor:
     pass
 
 
-def test_bin_with_more_than_tensors_is_refused(pair_dirs, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_bin_with_more_than_tensors_is_refused(pair_dirs, tmp_path, legacy):
     head = copy_head(pair_dirs / "eagle1", tmp_path / "h")
     state = torch.load(head / "pytorch_model.bin", weights_only=True)
     state["payload"] = NotATensor()
-    torch.save(state, head / "pytorch_model.bin")
+    torch.save(state, head / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)  # (old torch's format)
     with pytest.raises(CheckpointError, match="more than tensors"):
         EaModel.from_pretrained(str(pair_dirs / "base"), str(head))
 

@@ -104,3 +104,15 @@ def test_a_layer_that_does_not_fit_its_stack_keeps_its_own_buffers():
         torch.testing.assert_close(layer.buffer.keys[:, :, :4], kv[:, :, rows], rtol=0, atol=0)
         torch.testing.assert_close(layer.buffer.values[:, :, :4], -kv[:, :, rows], rtol=0, atol=0)
         assert layer.buffer.length == 4
+
+
+def test_cache_bytes_are_what_the_cache_allocates_when_head_dim_is_given_apart():
+    """Qwen3-style configs give head_dim apart from hidden_size / num_attention_heads (here 32, not 16):
+    the max_length check must count the cache the forward really allocates."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(base_config("llama", head_dim=32)).float().eval()
+    runner = TargetRunner(model, None)
+    cache = runner.new_cache(16)
+    runner.forward(torch.arange(5), torch.arange(5), torch.ones(5, 5, dtype=torch.bool).tril(), cache)
+    allocated = sum(stack.storage.numel() * stack.storage.element_size() for stack in cache.stacks)
+    assert runner.cache_bytes(16) == {torch.device("cpu"): allocated}
