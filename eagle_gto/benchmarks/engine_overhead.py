@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_help import show_defaults
 from ..ea_model import EaModel, attach_head
 from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
@@ -345,6 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict torch's fused attention to this kernel family (default: torch chooses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
     check_output_file(p, "--json", args.json)

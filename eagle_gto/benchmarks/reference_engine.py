@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_help import show_defaults
 from .common import bandwidth_floors, check_output_file, copy_bandwidth, median_of, synchronize, write_json
 from .shapes import DTYPES, SHAPES, llama_config
 
@@ -102,6 +103,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_output_file(p, "--json", args.json)
     import transformers
