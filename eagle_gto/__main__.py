@@ -12,6 +12,7 @@ import torch
 from . import EaModel
 from .acceptance import SamplingParams
 from .chat import MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
+from .cli_help import show_defaults
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -23,7 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--ea-model-path", help="draft head folder or hub id (default: the demo pair)")
     p.add_argument("--model-type", type=model_type_arg, default="auto", choices=MODEL_TYPES,
                    help="chat template; 'plain' sends the prompt as is (default: auto)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (a user message for chat models)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="the prompt (a user message for chat models; default: a Python function header)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.0)
@@ -36,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--device-map", default=None,
                    help='e.g. "auto" to shard over GPUs, "none" for no device map (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
+    show_defaults(p)
     return p.parse_args(argv)
 
 

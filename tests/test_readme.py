@@ -42,7 +42,7 @@ class Parsing(Exception):
         self.parser = parser
 
 
-def options_of(command: str, monkeypatch) -> list[str]:
+def parser_of(command: str, monkeypatch) -> argparse.ArgumentParser:
     module, function, argv = COMMANDS[command]
 
     def stop(parser, *args, **kwargs):
@@ -55,6 +55,11 @@ def options_of(command: str, monkeypatch) -> list[str]:
         call() if argv is None else call(argv)
     parser = parsing.value.parser
     assert parser.prog == command  # the README's name for it is the one its --help shows
+    return parser
+
+
+def options_of(command: str, monkeypatch) -> list[str]:
+    parser = parser_of(command, monkeypatch)
     return [name for action in parser._actions if action.help != argparse.SUPPRESS  # (internal: not in --help)
             for name in action.option_strings if name.startswith("--") and name != "--help"]
 
@@ -66,3 +71,19 @@ def test_the_readme_names_every_option_of_each_command(command, monkeypatch):
     assert options
     missing = [name for name in options if not re.search(re.escape(name) + r"(?![\w-])", README)]
     assert not missing, f"{command}: options the README does not name: {missing}"
+
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_help_of_each_command_says_every_default(command, monkeypatch):
+    """--help is the other place to read the options: one with a default says it there, as the README does."""
+    parser = parser_of(command, monkeypatch)
+    unstated = []
+    for action in parser._actions:
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and action.help != argparse.SUPPRESS and not unset:
+            formatter = parser._get_formatter()
+            formatter.add_argument(action)
+            if "default" not in formatter.format_help():
+                unstated.append(action.option_strings[0])
+    assert not unstated, f"{command}: options whose --help does not say their default: {unstated}"

@@ -40,13 +40,14 @@ from pathlib import Path
 
 import torch
 
+from ..cli_help import show_defaults
 from ..ea_model import EaModel
 from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
 from ..placement import attach_head
 from ..tiny import head_config, random_head
-from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments,
-                     copy_bandwidth, median_of, synchronize, write_json)
+from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments, copy_bandwidth,
+                     median_of, synchronize, write_json)
 from .shapes import DTYPES, SHAPES, Shape, llama_config
 
 
@@ -336,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sdpa-backend", choices=("auto", "cudnn", "efficient", "flash", "math"), default="auto",
                    help="restrict torch's fused attention to this kernel family (default: torch chooses)")
     p.add_argument("--json", help="write the results here")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
     check_output_file(p, "--json", args.json)

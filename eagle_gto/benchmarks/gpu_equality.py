@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..cli_help import show_defaults
 from ..ea_model import EaModel
 from ..generation import TreeParams
 from ..placement import attach_head
@@ -91,6 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--float32-only", action="store_true", help="skip the bfloat16 pass of the random model")
     add_compile_arguments(p)
     p.add_argument("--json")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_compile_arguments(p, args)
     check_output_file(p, "--json", args.json)

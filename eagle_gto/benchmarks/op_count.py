@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import generation
+from ..cli_help import show_defaults
 from ..drafter import Drafter
 from ..generation import TreeParams
 from ..kv_cache import TargetKVCache
@@ -97,6 +98,7 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--json", help="write the counts here")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_layers(p, "--layers", args.layers)
     check_output_file(p, "--json", args.json)

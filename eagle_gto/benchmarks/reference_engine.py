@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments,
-                     copy_bandwidth, median_of, synchronize, write_json)
+from ..cli_help import show_defaults
+from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments, copy_bandwidth,
+                     median_of, synchronize, write_json)
 from .shapes import DTYPES, SHAPES, llama_config
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"
@@ -107,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "for the reference's EAGLE-3 head)")
     add_timing_arguments(p)
     p.add_argument("--json", help="write the results here")
+    show_defaults(p)
     args = p.parse_args(argv)
     check_output_file(p, "--json", args.json)
     args.shape = args.shape or ("llama3-8b" if args.device.startswith("cuda") else "small")

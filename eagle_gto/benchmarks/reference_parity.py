@@ -47,6 +47,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from ..cli_help import show_defaults
 from ..tree import check_tree_params
 from .common import check_device, check_output_file, write_json
 
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-label", help="what the reference is (e.g. 'SafeAILab/EAGLE cb7e084'), for the record")
     p.add_argument("--json", help="write the settings, every question's record and the summary here")
     p.add_argument("--reference-side", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
+    show_defaults(p)
     args = p.parse_args(argv)
     if args.reference_side is None:
         check_output_file(p, "--json", args.json)

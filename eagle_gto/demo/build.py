@@ -13,6 +13,7 @@ import argparse
 import subprocess
 import sys
 
+from ..cli_help import show_defaults
 from . import ASSETS, build_head
 
 
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-steps", type=int, help="optimizer steps of the base model (default: build_base's)")
     p.add_argument("--head-steps", type=int, help="optimizer steps of the head (default: build_head's)")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     for name in ("base_steps", "head_steps"):  # 0 would train nothing: refused, not read as "not given"
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

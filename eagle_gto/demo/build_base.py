@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from eagle_gto.cli_help import show_defaults
 from eagle_gto.demo.corpus import read_texts, stdlib_files
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]  # ids 0..3, in this order
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600,
                         help="optimizer steps (600: about 13 min on 2 idle CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = show_defaults(parser).parse_args()
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..cli_help import show_defaults
 from ..train import Sample, TrainConfig, train
 from ..train.data import greedy_continue
 from . import ASSETS
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ttt-steps", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    show_defaults(p)
     return p.parse_args(argv)
 
 

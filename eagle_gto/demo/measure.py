@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_help import show_defaults
 from ..evaluation.questions import load_questions
 from ..evaluation.speed import mean, reference_speedup
 from . import demo_paths
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    show_defaults(p)
     args = p.parse_args(argv)
     for name in ("limit", "prompt_tokens", "max_new_tokens", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

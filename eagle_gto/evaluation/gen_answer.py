@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
                     stop_token_ids)
+from ..cli_help import show_defaults
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file, sort_answers
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs)")
     p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
+    show_defaults(p)
     args = p.parse_args(argv)
 
     def refuse(message: str) -> None:  # one line, like a run's errors (argparse's own adds the usage)

@@ -60,8 +60,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from .questions import (ALL, CATEGORY_RULE, NO_CATEGORY, check_answer_records, id_order, is_category,
-                        recorded_settings)
+from .questions import ALL, CATEGORY_RULE, NO_CATEGORY, check_answer_records, id_order, is_category, recorded_settings
 
 # What a fair speedup holds fixed between the two runs (gen_answer's settings names).
 SHARED_SETTINGS = ("base_model_path", "model_type", "system", "temperature", "max_new_tokens", "max_length",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..chat import MODEL_TYPES, eos_ids, model_type_arg
 from ..checkpoint import save_head
+from ..cli_help import show_defaults
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
@@ -608,6 +609,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--export-dtype", default=d.export_dtype, choices=sorted(DTYPES))
     p.add_argument("--pytorch-bin", action="store_true", help="also write pytorch_model.bin")
+    show_defaults(p)
     return p.parse_args(argv)
 
 
