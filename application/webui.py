@@ -83,8 +83,9 @@ LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitline
 
 # The chat's copy button copies a message's Markdown as shown (HTML escaped, a code model's fences): this script,
 # run in the page, gives the clipboard the text as written instead, looked up by the Markdown shown in the
-# hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over http but from localhost)
-# the chat copies a textarea holding the Markdown shown: its copy event gets the text as written.
+# hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over plain http from another host
+# than localhost: not a secure context) the chat copies a textarea holding the Markdown shown: its copy event gets
+# the text as written.
 COPY_AS_WRITTEN = """() => {
     const written = (shown) => {
         const pairs = JSON.parse(document.querySelector('#copy-texts textarea')?.value || '[]');
