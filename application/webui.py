@@ -83,8 +83,9 @@ LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitline
 
 # The chat's copy button copies a message's Markdown as shown (HTML escaped, a code model's fences): this script,
 # run in the page, gives the clipboard the text as written instead, looked up by the Markdown shown in the
-# hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over http but from localhost)
-# the chat copies a textarea holding the Markdown shown: its copy event gets the text as written.
+# hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over plain http from another host
+# than localhost: not a secure context) the chat copies a textarea holding the Markdown shown: its copy event gets
+# the text as written.
 COPY_AS_WRITTEN = """() => {
     const written = (shown) => {
         const pairs = JSON.parse(document.querySelector('#copy-texts textarea')?.value || '[]');
@@ -204,8 +205,19 @@ class Question:
     presses: int = 0  # the Stop and Clear presses the page had counted when it was asked (see COUNT_PRESS)
 
     def asked_before_a_stop(self, presses: StopPresses | None) -> bool:
-        """Asked before a Stop or Clear the session has taken since, which found no question to stop."""
-        return presses is not None and self.presses < presses.seen
+        """Asked before a Stop or Clear the session has taken since, which found no question to stop. One that
+        found this question marked it `stopped` before counting its press (`take_press`), so `stopped` is read
+        after the count: a Stop taken in between is not mistaken for one that found nothing."""
+        return presses is not None and self.presses < presses.seen and not self.stopped
+
+
+def take_press(pending: Question | None, presses: float, seen: StopPresses | None) -> None:
+    """A Stop or Clear the session takes: the question it found stopped first, then its press counted (the order
+    `Question.asked_before_a_stop` relies on, read by an answer running in another thread)."""
+    if pending is not None:
+        pending.stopped = True
+    if seen is not None:
+        seen.seen = max(seen.seen, int(presses))
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
@@ -330,24 +342,19 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                 message: str, presses: float = 0, seen: StopPresses | None = None):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
-        if seen is not None:
-            seen.seen = max(seen.seen, int(presses))
+        take_press(pending, presses, seen)
         if pending is None:
             if state not in (GENERATING, WAITING):  # nothing was running or queued
                 return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip(), copy_texts(history)
             # the answer ended before Stop came: its last update may not have reached the page
             end_line, figures_line, panel = ended
             return end_line, show(history), gr.skip(), figures_line, panel, gr.skip(), copy_texts(history)
-        pending.stopped = True
         answered = len(history) > len(pending.asked) and history[:len(pending.asked)] == pending.asked
         typed_back = pending.typed if pending.typed and not answered and not message else gr.skip()
         return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None, copy_texts(history)
 
     def cleared(pending: Question | None, presses: float = 0, seen: StopPresses | None = None):
-        if seen is not None:
-            seen.seen = max(seen.seen, int(presses))
-        if pending is not None:
-            pending.stopped = True
+        take_press(pending, presses, seen)
         return [], None, [], "", "", "", "[]"
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:

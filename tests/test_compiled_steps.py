@@ -68,7 +68,7 @@ def test_compiled_layers_beneath_accelerate_device_hooks():
 
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from eagle_gto.ea_model import attach_head
+    from eagle_gto.placement import attach_head
     from eagle_gto.target import decoder_layers
 
     pair = trained_pair("llama", "eagle3")
@@ -96,7 +96,7 @@ def test_a_compiled_eagle1_head_drafts_through_a_hooked_lm_head():
 
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from eagle_gto.ea_model import attach_head
+    from eagle_gto.placement import attach_head
 
     pair = trained_pair("llama", "eagle1")
     base, head = copy.deepcopy(pair.base_model), copy.deepcopy(pair.ea_layer)  # the shared pair stays as it is
@@ -117,7 +117,7 @@ def test_one_set_of_compiled_graphs_serves_every_layer():
     runs eagerly)."""
     from transformers import AutoModelForCausalLM
 
-    from eagle_gto.ea_model import attach_head
+    from eagle_gto.placement import attach_head
     from eagle_gto.tiny import base_config, head_config, random_head
 
     def graphs_compiled(num_layers: int) -> list[int]:  # graphs after each of two generations

@@ -137,7 +137,9 @@ def test_gpu_equality_writes_its_json_into_a_new_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--total-tokens", "10,abc"], "--total-tokens 10,abc"),
-    (["--total-tokens", "1"], "--total-tokens [1]: total_token"),
+    (["--total-tokens", "1"], "--total-tokens 1, --depth 7, --top-k 10: total_token"),
+    # it named --total-tokens alone, as a list
+    (["--depth", "0"], "--total-tokens 10,30,60,100, --depth 0, --top-k 10: depth and top_k must be >= 1"),
     (["--prompt-length", "1990", "--new-tokens", "40", "--total-tokens", "60"],
      "--prompt-length 1990 + --new-tokens 40 + the largest tree 60 must fit in --max-length 2048"),
     (["--device", "cuda"], "--device cuda: CUDA is not available here"),
@@ -255,9 +257,11 @@ def test_gpu_equality_refuses_a_run_that_would_compare_nothing(argv, message, mo
 
 @pytest.mark.parametrize("argv,message", [
     (["--total-tokens", "10,abc"], "--total-tokens 10,abc: give tree sizes as comma-separated integers, e.g. 10,30,60"),
-    (["--total-tokens", "1"], "--total-tokens [1]: total_token must be >= 2"),
-    (["--total-tokens", "200", "--depth", "1"], "--total-tokens [200]: total_token=200 needs 199 draft nodes"),
-    (["--top-k", "4001"], "top_k=4001 is larger than the draft head's vocabulary (4000 tokens)"),  # small's
+    (["--total-tokens", "1"], "--total-tokens 1, --depth 7, --top-k 10: total_token must be >= 2"),
+    (["--total-tokens", "200", "--depth", "1"], "--total-tokens 200, --depth 1, --top-k 10: total_token=200 needs 199 "
+                                                "draft nodes"),
+    # small's head drafts over 4000 tokens
+    (["--top-k", "4001"], "--top-k 4001: top_k=4001 is larger than the draft head's vocabulary (4000 tokens)"),
     (["--new-tokens", "1"], "need --new-tokens >= 2, --repeats >= 1 and --prompt-length >= 1"),
     (["--repeats", "0"], "need --new-tokens >= 2"),
     (["--prompt-length", "0"], "need --new-tokens >= 2"),

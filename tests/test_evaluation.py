@@ -821,6 +821,8 @@ def test_answers_without_a_category_are_kept_apart_from_a_category_of_any_name(t
     assert groups["unknown"]["speedup"] == pytest.approx(2.0)
     table = speed.format_table(summary).splitlines()
     assert table[-1] == "(no category): the 2 questions whose answers record no category (in neither file)"
+    one = speed.format_table(speed.summarize(ea[:1], base[:1])).splitlines()[-1]  # (it said "the 1 questions")
+    assert one == "(no category): the question whose answers record no category (in neither file)"
     assert not any(line.startswith("(no category)") for line in speed.format_table(speed.summarize(
         ea[1:2], base[1:2])).splitlines())
     # the name is taken: a question file or an answer that uses it is refused, as "all" is

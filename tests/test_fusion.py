@@ -222,7 +222,7 @@ def test_a_fused_pair_decodes_as_plain_greedy_decoding(kind):
     pair = trained_pair("llama", kind)
     base, head = copy.deepcopy(pair.base_model), copy.deepcopy(pair.ea_layer)
     assert fuse_sibling_linears(base) > 0 and fuse_sibling_linears(head) > 0
-    from eagle_gto.ea_model import attach_head
+    from eagle_gto.placement import attach_head
 
     attach_head(base, head)
     fused = EaModel(base, head, None, **vars(pair.tree))

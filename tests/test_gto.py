@@ -23,7 +23,6 @@ from eagle_gto import EaModel
 from eagle_gto.checkpoint import load_base
 from eagle_gto.demo import measure
 from eagle_gto.drafter import Drafter
-from eagle_gto.ea_model import attach_head
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
@@ -35,6 +34,7 @@ from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advan
 from eagle_gto.gto.reward import branch_values, tree_reward
 from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective, load_models, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
+from eagle_gto.placement import attach_head
 from eagle_gto.target import TargetRunner
 from eagle_gto.train.checkpoints import CheckpointMismatch, checkpoint_dirs
 from eagle_gto.train.data import Sample

@@ -243,7 +243,6 @@ def test_eagle1_layer_math_matches_a_hand_written_forward():
         torch.testing.assert_close(head.draft_logits(out), lm_head(expected), rtol=1e-4, atol=1e-5)
 
 
-
 def test_stacked_eagle1_layers_have_an_input_norm_after_the_first():
     """EAGLE-1 heads of several layers (num_hidden_layers > 1): only the first layer reads fc's output unnormed."""
     cfg = {**head_config(base_config("llama", vocab_size=VOCAB), "eagle1"), "num_hidden_layers": 3}

@@ -604,7 +604,6 @@ def test_save_head_leaves_no_stale_pytorch_bin(saved, tmp_path):
     assert torch.equal(loaded["fc.weight"], new.fc.weight)
 
 
-
 def test_an_eagle3_head_config_is_told_by_its_draft_vocab_size_alone(saved, tmp_path):
     """Not every export names Eagle in `architectures`: draft_vocab_size says EAGLE-3 (formats.md)."""
     head = copy(saved / "eagle3", tmp_path / "head")

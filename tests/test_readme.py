@@ -73,7 +73,6 @@ def test_the_readme_names_every_option_of_each_command(command, monkeypatch):
     assert not missing, f"{command}: options the README does not name: {missing}"
 
 
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_the_help_of_each_command_says_every_default(command, monkeypatch):
     """--help is the other place to read the options: one with a default says it there, as the README does."""

@@ -821,6 +821,46 @@ def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
     assert (back[0], back[1], back[6], back[7]) == ([], None, STOPPED, "hi") and not runner.busy
 
 
+class StopBetweenTheChecks:
+    """The session's Stop presses (as `webui.StopPresses`), where the server takes a Stop (`stop`) while the answer
+    checks its question: after it read `stopped`, before it reads the count of presses. `stopped_when_counted`:
+    whether `question` was already stopped as each press was counted (an answer in another thread reads the
+    count first, then `stopped`)."""
+
+    def __init__(self, question):
+        self.count, self.stop, self.question, self.stopped_when_counted = 0, None, question, []
+
+    @property
+    def seen(self) -> int:
+        stop, self.stop = self.stop, None
+        if stop is not None:
+            stop()
+        return self.count
+
+    @seen.setter
+    def seen(self, count: int) -> None:
+        self.stopped_when_counted.append(self.question.stopped)
+        self.count = count
+
+
+def test_a_stop_that_found_the_answer_keeps_it_even_taken_between_the_answers_checks(monkeypatch):
+    """Called directly (no browser): a Stop that finds the question mid-answer counts its press too. Taken just
+    after the answer saw its question not stopped, the count alone made it look like a Stop that found no question:
+    the question and its answer so far were taken back (the conversation without them, the text in the box)."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    runner = ChatRunner(ScriptedModel())
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    pending = actions["add_message"]("hi", [], "", None, 0)[1]
+    presses = StopBetweenTheChecks(pending)
+    updates = actions["respond"](pending, [], True, 0, 1, 100, "", "", pending.key, presses)
+    so_far = next(updates)[0]
+    presses.stop = lambda: actions["stopped"](GENERATING, so_far, pending, ("", "", ""), "", 1, presses)
+    rest = list(updates)
+    assert presses.stop is None and presses.stopped_when_counted == [True] and not runner.busy
+    assert [update[0][:1] for update in rest] == [[{"role": "user", "content": "hi"}]] * len(rest)
+    assert STOPPED not in [update[6] for update in rest]
+
+
 def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(browser):
     """In the browser: a server under load takes the Stop pressed just after Send before the Send (here the Send
     waits for it): the Stop finds no question, and the question is taken back once its answer would begin, its

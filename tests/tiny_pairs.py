@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle_gto import EaModel
-from eagle_gto.ea_model import attach_head
+from eagle_gto.placement import attach_head
 from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.vocab import target_to_draft

@@ -114,15 +114,16 @@ def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
     if not -2**63 <= args.seed < 2**64:
         p.error(f"--seed {args.seed} is out of range: torch's seeds are integers from {-2**63} to {2**64 - 1}")
     check_device(p, args.device)
+    typed = args.total_tokens
     try:
-        args.total_tokens = [int(t) for t in args.total_tokens.split(",")]
+        args.total_tokens = [int(t) for t in typed.split(",")]
     except ValueError:
-        p.error(f"--total-tokens {args.total_tokens}: give tree sizes as comma-separated integers, e.g. 10,30,60")
+        p.error(f"--total-tokens {typed}: give tree sizes as comma-separated integers, e.g. 10,30,60")
     try:
         for size in args.total_tokens:
             check_tree_params(size, args.depth, args.top_k, draft_vocab_size)
-    except ValueError as err:
-        p.error(f"--total-tokens {args.total_tokens}: {err}")
+    except ValueError as err:  # (all three named: the fault may be --depth's or --top-k's)
+        p.error(f"--total-tokens {typed}, --depth {args.depth}, --top-k {args.top_k}: {err}")
     # Every timed step must be a full iteration: near the end of the context this project's engine goes on
     # one token at a time and the reference stops, which would be averaged in.
     if args.prompt_length + args.new_tokens + max(args.total_tokens) + stop_margin > args.max_length:

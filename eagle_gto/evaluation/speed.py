@@ -278,8 +278,9 @@ def format_table(summary: dict) -> str:
                  "(total): total tokens / total time, EA over plain;\n"
                  f"tau: {tau}; tau/round: tokens per draft round (the reference's)")
     if NO_CATEGORY in summary["groups"]:
-        lines.append(f"{NO_CATEGORY}: the {summary['groups'][NO_CATEGORY]['questions']} questions whose answers "
-                     "record no category (in neither file)")
+        count = summary["groups"][NO_CATEGORY]["questions"]
+        which = "the question" if count == 1 else f"the {count} questions"
+        lines.append(f"{NO_CATEGORY}: {which} whose answers record no category (in neither file)")
     return "\n".join(lines)
 
 
