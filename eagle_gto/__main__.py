@@ -13,6 +13,7 @@ from . import EaModel
 from .acceptance import SamplingParams
 from .chat import MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from .cli_help import show_defaults
+from .dtype_option import add_dtype_option, pick_dtype
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -33,8 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: auto)")
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--tree-top-k", type=int, default=10)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: float16 on CUDA, float32 on CPU")
+    add_dtype_option(p)
     p.add_argument("--device-map", default=None,
                    help='e.g. "auto" to shard over GPUs, "none" for no device map (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
@@ -55,10 +55,8 @@ def check_text(prompt: str) -> None:
 def load_model(args) -> EaModel:
     # "none": no device map, the model stays on the CPU (as the web UI and API servers read it)
     device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "none")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float16" if torch.cuda.is_available() and device_map not in ("none", "cpu") else "float32"
-    kwargs = dict(dtype=getattr(torch, dtype))
+    on_gpu = torch.cuda.is_available() and device_map not in ("none", "cpu")
+    kwargs = dict(dtype=pick_dtype(args.dtype, on_gpu, args.base_model_path))
     if device_map != "none":
         kwargs["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
