@@ -42,8 +42,9 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
     model.add_argument("--depth", type=int, default=7, help="draft tree depth (default: 7)")
     model.add_argument("--top-k", type=int, default=10, help="draft tree branching per level (default: 10)")
     add_dtype_option(model)
-    model.add_argument("--device-map", help='accelerate device map, e.g. "auto", "cuda:0" or "none" '
-                                            '(default: "auto" on CUDA, none on CPU)')
+    model.add_argument("--device-map", "--device", help='accelerate device map, e.g. "auto", "cuda:0", "cpu" or '
+                                                      '"none"; --device is the same option, as gen_answer names it '
+                                                      '(default: "auto" on CUDA, none on CPU)')
     model.add_argument("--max-new-tokens", type=int, default=512,
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int,

@@ -35,8 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--tree-top-k", type=int, default=10)
     add_dtype_option(p)
-    p.add_argument("--device-map", default=None,
-                   help='e.g. "auto" to shard over GPUs, "none" for no device map (default: "cuda" on CUDA, else none)')
+    p.add_argument("--device-map", "--device", default=None,
+                   help='e.g. "cpu", "cuda:1", "auto" to shard over GPUs, "none" for no device map; --device is the '
+                        'same option, as gen_answer names it (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
     show_defaults(p)
     return p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""`--dtype auto` means one thing in every command that loads a model (eagle_gto.dtype_option)."""
+"""Options every command that loads a model shares, with one meaning: `--dtype auto` (eagle_gto.dtype_option), and
+the base's device map as `--device` or `--device-map`."""
 
 from __future__ import annotations
 
@@ -68,3 +69,13 @@ def test_every_command_loads_the_same_dtype_for_auto(command, tmp_path, monkeypa
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
     assert dtype_loaded_by(command, str(tmp_path), monkeypatch) == torch.bfloat16
     assert dtype_loaded_by(command, str(tmp_path), monkeypatch, gpu=False) == torch.float32
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_device_and_device_map_name_the_same_option_in_every_command(command):
+    """gen_answer named the base's device map --device, the others --device-map: both names work in each."""
+    parse = {"python -m eagle_gto": cli.parse_args, "gen_answer": gen_answer.parse_args,
+             "servers": servers.build_parser("server", "", 0).parse_args}[command]
+    options = {name: vars(parse([name, "cpu"])) for name in ("--device", "--device-map")}
+    assert options["--device"] == options["--device-map"]
+    assert "cpu" in options["--device"].values()

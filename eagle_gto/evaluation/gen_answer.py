@@ -82,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="answer only the first N questions of the file")
     p.add_argument("--warmup", type=int, default=3, help="unrecorded generations before timing")
     p.add_argument("--seed", type=int, default=0, help="reset before each question (sampling)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs)")
+    p.add_argument("--device", "--device-map", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs); --device-map is the "
+                        "same option, as python -m eagle_gto and the servers name it")
     add_dtype_option(p)
     show_defaults(p)
     args = p.parse_args(argv)
