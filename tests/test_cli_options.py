@@ -79,3 +79,32 @@ def test_device_and_device_map_name_the_same_option_in_every_command(command):
     options = {name: vars(parse([name, "cpu"])) for name in ("--device", "--device-map")}
     assert options["--device"] == options["--device-map"]
     assert "cpu" in options["--device"].values()
+
+
+def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
+    """eagle_gto.train has no --dtype: its base loaded in bfloat16 on a GPU whatever the checkpoint, so a head for a
+    float16 base learned other features than the engine's --dtype auto then gave it."""
+    import accelerate
+
+    from eagle_gto import checkpoint
+    from eagle_gto.train import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerate, "PartialState", lambda: SimpleNamespace(device="cuda"))
+    loaded = []
+
+    class Base:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(checkpoint, "load_base", lambda path, dtype: loaded.append(dtype) or Base())
+    for saved in ("float16", "bfloat16"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": saved}))
+        trainer.load_base(str(tmp_path))
+        assert loaded.pop() == getattr(torch, saved)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer.load_base(str(tmp_path))
+    assert loaded.pop() == torch.float32
