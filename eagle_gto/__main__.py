@@ -95,6 +95,10 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
         check_text(args.prompt)
+        if args.top_k and args.temperature == 0:
+            # The other commands' --top-k is the tree's: copied here, it would silently do nothing.
+            print(f"warning: --top-k {args.top_k} is the sampling top-k here, and greedy decoding (--temperature 0) "
+                  "does not sample; the draft tree's is --tree-top-k", file=sys.stderr)
         model = load_model(args)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)

@@ -389,3 +389,13 @@ def test_cli_greedy_rows_are_each_run_whole(model, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "sampling" not in out
     assert re.search(r"^speculative +12 ", out, re.M) and re.search(r"^plain +12 +12 +1.00 ", out, re.M)
+
+
+def test_cli_says_a_greedy_top_k_is_not_the_trees(model, monkeypatch, capsys):
+    """The servers' and gen_answer's --top-k is the draft tree's; here it samples, and greedy does not."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "plain", "--top-k", "5", "--max-new-tokens", "4", "--no-compare"]) == 0
+    assert "the draft tree's is --tree-top-k" in capsys.readouterr().err
+    assert cli.main(["--model-type", "plain", "--top-k", "5", "--temperature", "0.7", "--max-new-tokens", "4",
+                     "--no-compare"]) == 0
+    assert "--tree-top-k" not in capsys.readouterr().err
