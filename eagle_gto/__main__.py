@@ -81,9 +81,9 @@ def same_length_rows(spec: GenerationStats, plain: GenerationStats) -> list[tupl
     mostly its prefill, and its tokens/s says little against a 24-token one. Both are timed over their first
     tokens, as many as the shorter answer has."""
     common = min(spec.new_tokens, plain.new_tokens)
-    print(f"(sampling: the two runs sampled different answers, of {spec.new_tokens} and {plain.new_tokens} tokens; "
-          f"both are timed over their first {common}, prefill included. The speedup varies from sample to sample: "
-          "--temperature 0, or gen_answer over a question set, gives a steady one)")
+    print(f"(sampling: each run drew its own answer, of {spec.new_tokens} and {plain.new_tokens} tokens; both are "
+          f"timed over the iterations that made their first {common}, prefill included. The speedup varies from "
+          "sample to sample: --temperature 0, or gen_answer over a question set, gives a steady one)")
     return [("speculative", first_tokens(spec, common)), ("plain", first_tokens(plain, common))]
 
 

@@ -374,7 +374,7 @@ def test_cli_times_sampled_answers_over_the_same_number_of_tokens(model, monkeyp
     out = capsys.readouterr().out
     spec = records["speculative"]
     assert spec.new_tokens > 2
-    assert f"of {spec.new_tokens} and 2 tokens; both are timed over their first 2" in out
+    assert f"of {spec.new_tokens} and 2 tokens; both are timed over the iterations that made their first 2" in out
     first = cli.first_tokens(spec, 2)  # the prefill and the first iteration
     assert first.steps == spec.steps[:2]
     row = re.search(r"^speculative +(\d+) +(\d+) +[\d.]+ +([\d.]+)$", out, re.M)
