@@ -22,6 +22,7 @@ except ImportError:  # no jinja2, no chat templates (transformers renders them w
 from eagle_gto import EaModel, GenerationStats, Step
 from eagle_gto.chat import (MODEL_TYPES, answer_lead, build_prompt, chat_format, decode_after, decode_context,
                             encode_prompt, model_type_arg, stop_token_ids)
+from eagle_gto.dtype_option import add_dtype_option, pick_dtype
 
 DEMO_MODEL_NAME = "eagle-gto-demo"
 
@@ -40,10 +41,10 @@ def build_parser(prog: str, description: str, port: int) -> argparse.ArgumentPar
                        help="draft tree size: nodes verified per step, -1 picks one (default: 60)")
     model.add_argument("--depth", type=int, default=7, help="draft tree depth (default: 7)")
     model.add_argument("--top-k", type=int, default=10, help="draft tree branching per level (default: 10)")
-    model.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                       help="weights dtype; auto: float16 on CUDA, float32 on CPU (default: auto)")
-    model.add_argument("--device-map", help='accelerate device map, e.g. "auto", "cuda:0" or "none" '
-                                            '(default: "auto" on CUDA, none on CPU)')
+    add_dtype_option(model)
+    model.add_argument("--device-map", "--device", help='accelerate device map, e.g. "auto", "cuda:0", "cpu" or '
+                                                      '"none"; --device is the same option, as gen_answer names it '
+                                                      '(default: "auto" on CUDA, none on CPU)')
     model.add_argument("--max-new-tokens", type=int, default=512,
                        help="most tokens one answer may have (default: 512)")
     model.add_argument("--max-length", type=int,
@@ -92,8 +93,8 @@ def load_model(args: argparse.Namespace) -> EaModel:
     cuda = torch.cuda.is_available()
     device_map = args.device_map or ("auto" if cuda else "none")
     on_cuda = cuda and device_map not in ("none", "cpu")  # where the weights go: half precision is slow on a CPU
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if on_cuda else "float32")
-    options = {"dtype": getattr(torch, dtype), "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit}
+    options = {"dtype": pick_dtype(args.dtype, on_cuda, args.base_model_path), "load_in_8bit": args.load_in_8bit,
+               "load_in_4bit": args.load_in_4bit}
     if device_map != "none":
         options["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,

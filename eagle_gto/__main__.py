@@ -9,10 +9,11 @@ import sys
 
 import torch
 
-from . import EaModel
+from . import EaModel, GenerationStats
 from .acceptance import SamplingParams
 from .chat import MODEL_TYPES, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg, stop_token_ids
 from .cli_help import show_defaults
+from .dtype_option import add_dtype_option, pick_dtype
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -33,10 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: auto)")
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--tree-top-k", type=int, default=10)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: float16 on CUDA, float32 on CPU")
-    p.add_argument("--device-map", default=None,
-                   help='e.g. "auto" to shard over GPUs, "none" for no device map (default: "cuda" on CUDA, else none)')
+    add_dtype_option(p)
+    p.add_argument("--device-map", "--device", default=None,
+                   help='e.g. "cpu", "cuda:1", "auto" to shard over GPUs, "none" for no device map; --device is the '
+                        'same option, as gen_answer names it (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
     show_defaults(p)
     return p.parse_args(argv)
@@ -55,14 +56,35 @@ def check_text(prompt: str) -> None:
 def load_model(args) -> EaModel:
     # "none": no device map, the model stays on the CPU (as the web UI and API servers read it)
     device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "none")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float16" if torch.cuda.is_available() and device_map not in ("none", "cpu") else "float32"
-    kwargs = dict(dtype=getattr(torch, dtype))
+    on_gpu = torch.cuda.is_available() and device_map not in ("none", "cpu")
+    kwargs = dict(dtype=pick_dtype(args.dtype, on_gpu, args.base_model_path))
     if device_map != "none":
         kwargs["device_map"] = device_map
     return EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
                                    depth=args.depth, top_k=args.tree_top_k, **kwargs)
+
+
+def first_tokens(stats: GenerationStats, count: int) -> GenerationStats:
+    """The record of the iterations that made a generation's first `count` tokens (a speculative one's last
+    iteration may make a few more)."""
+    steps, made = [], 0
+    for step in stats.steps:
+        if made >= count:
+            break
+        steps.append(step)
+        made += len(step.tokens)
+    return GenerationStats(stats.prompt_length, steps)
+
+
+def same_length_rows(spec: GenerationStats, plain: GenerationStats) -> list[tuple[str, GenerationStats]]:
+    """Sampled, the two runs write different answers, of different lengths: one that stops after 2 tokens is
+    mostly its prefill, and its tokens/s says little against a 24-token one. Both are timed over their first
+    tokens, as many as the shorter answer has."""
+    common = min(spec.new_tokens, plain.new_tokens)
+    print(f"(sampling: each run drew its own answer, of {spec.new_tokens} and {plain.new_tokens} tokens; both are "
+          f"timed over the iterations that made their first {common}, prefill included. The speedup varies from "
+          "sample to sample: --temperature 0, or gen_answer over a question set, gives a steady one)")
+    return [("speculative", first_tokens(spec, common)), ("plain", first_tokens(plain, common))]
 
 
 def main(argv=None) -> int:
@@ -73,6 +95,10 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
         check_text(args.prompt)
+        if args.top_k and args.temperature == 0:
+            # The other commands' --top-k is the tree's: copied here, it would silently do nothing.
+            print(f"warning: --top-k {args.top_k} is the sampling top-k here, and greedy decoding (--temperature 0) "
+                  "does not sample; the draft tree's is --tree-top-k", file=sys.stderr)
         model = load_model(args)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)
@@ -116,22 +142,24 @@ def main(argv=None) -> int:
     rows = [("speculative", spec)]
     if not args.no_compare:
         plain = model.naivegenerate(ids, **options)
-        rows.append(("plain", model.last_stats))
-        if args.temperature == 0:
+        if args.temperature == 0:  # the same answer: each run is timed whole
             print(f"greedy outputs identical: {'yes' if plain.tolist() == out.tolist() else 'NO'}")
+            rows.append(("plain", model.last_stats))
+        else:
+            rows = same_length_rows(spec, model.last_stats)
     print(f"{'decoding':<12} {'tokens':>6} {'iterations':>10} {'tau':>6} {'tokens/s':>9}")
     for name, st in rows:
         print(f"{name:<12} {st.new_tokens:>6} {st.iterations:>10} {st.mean_accepted_length:>6.2f} "
               f"{st.tokens_per_second:>9.1f}")
     if len(rows) == 2:
-        plain_stats = rows[1][1]
+        (_, timed), (_, plain_stats) = rows
         device = next(model.base_model.parameters()).device.type
-        print(f"speedup {spec.tokens_per_second / plain_stats.tokens_per_second:.2f}x "
+        print(f"speedup {timed.tokens_per_second / plain_stats.tokens_per_second:.2f}x "
               f"({device.upper()}, tree {model.tree.total_token}/{model.tree.depth}/{model.tree.top_k})")
         # speedup = tau / (what an iteration costs in plain steps)
-        iteration_cost = (spec.seconds / spec.iterations) / (plain_stats.seconds / plain_stats.iterations)
+        iteration_cost = (timed.seconds / timed.iterations) / (plain_stats.seconds / plain_stats.iterations)
         print(f"an iteration cost {iteration_cost:.1f} plain steps and produced tau = "
-              f"{spec.mean_accepted_length:.2f} tokens")
+              f"{timed.mean_accepted_length:.2f} tokens")
         if device == "cpu":
             print("(a CPU computes a forward over the tree's tokens at several times a step's cost; on a GPU,\n"
                   " where a step is bound by reading the weights, an iteration costs about two: README, Benchmarks)")

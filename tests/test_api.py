@@ -349,7 +349,8 @@ def test_the_reference_web_uis_command_line(monkeypatch):
 @pytest.mark.parametrize("device_map,dtype", [(None, torch.float16), ("cuda:0", torch.float16),
                                               ("none", torch.float32), ("cpu", torch.float32)])
 def test_auto_dtype_follows_the_device_map(monkeypatch, device_map, dtype):
-    """float16 where the device map puts the model on CUDA, float32 where it stays on the CPU, GPU or not."""
+    """The demo base's float16 where the device map puts the model on CUDA, float32 where it stays on the CPU,
+    GPU or not."""
     from application import common
 
     seen = []

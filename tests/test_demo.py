@@ -346,3 +346,56 @@ def test_cli_keeps_the_space_before_a_sentencepiece_answers_first_word(monkeypat
     answer = tiny.eagenerate(torch.tensor([tokenizer("def").input_ids]), max_new_tokens=6)[0, 1:]
     written = "".join(tokenizer.convert_ids_to_tokens(answer.tolist())).replace("▁", " ")  # every word's space
     assert capsys.readouterr().out.split("-" * 60)[0] == "def" + written + "\n"
+
+
+def test_cli_times_sampled_answers_over_the_same_number_of_tokens(model, monkeypatch, capsys):
+    """Sampled, the plain run writes another answer than the speculative one: here one of 2 tokens, mostly its
+    prefill (1 s). Its tokens/s against a longer answer's would say little, so both are timed over their first 2
+    tokens, and the output says so."""
+    from eagle_gto import GenerationStats, Step
+
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    eagenerate, naivegenerate, records = model.eagenerate, model.naivegenerate, {}
+
+    def speculative(*args, **kwargs):
+        out = eagenerate(*args, **kwargs)
+        records["speculative"] = model.last_stats
+        return out
+
+    def plain_of_two_tokens(*args, **kwargs):
+        out = naivegenerate(*args, **kwargs)
+        model.last_stats = GenerationStats(3, [Step([1], 0, 1.0), Step([2], 0, 0.01, "stop")])
+        return out
+
+    monkeypatch.setattr(model, "eagenerate", speculative)
+    monkeypatch.setattr(model, "naivegenerate", plain_of_two_tokens)
+    torch.manual_seed(0)
+    assert cli.main(["--model-type", "plain", "--temperature", "0.8", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    spec = records["speculative"]
+    assert spec.new_tokens > 2
+    assert f"of {spec.new_tokens} and 2 tokens; both are timed over the iterations that made their first 2" in out
+    first = cli.first_tokens(spec, 2)  # the prefill and the first iteration
+    assert first.steps == spec.steps[:2]
+    row = re.search(r"^speculative +(\d+) +(\d+) +[\d.]+ +([\d.]+)$", out, re.M)
+    assert (int(row.group(1)), int(row.group(2))) == (first.new_tokens, 2)
+    assert float(row.group(3)) == pytest.approx(first.tokens_per_second, abs=0.06)
+    assert re.search(r"^plain +2 +2 +1.00 +2.0$", out, re.M)  # 2 tokens in 1.01 s
+
+
+def test_cli_greedy_rows_are_each_run_whole(model, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "plain", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling" not in out
+    assert re.search(r"^speculative +12 ", out, re.M) and re.search(r"^plain +12 +12 +1.00 ", out, re.M)
+
+
+def test_cli_says_a_greedy_top_k_is_not_the_trees(model, monkeypatch, capsys):
+    """The servers' and gen_answer's --top-k is the draft tree's; here it samples, and greedy does not."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "plain", "--top-k", "5", "--max-new-tokens", "4", "--no-compare"]) == 0
+    assert "the draft tree's is --tree-top-k" in capsys.readouterr().err
+    assert cli.main(["--model-type", "plain", "--top-k", "5", "--temperature", "0.7", "--max-new-tokens", "4",
+                     "--no-compare"]) == 0
+    assert "--tree-top-k" not in capsys.readouterr().err

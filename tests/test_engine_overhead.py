@@ -108,9 +108,10 @@ def test_reference_benchmarks_import_nothing_of_the_engine(module):
     the engine cannot be imported (eagle_gto.cli_help, their --help's defaults, imports only argparse)."""
     code = (f"import sys, eagle_gto.benchmarks.{module}; "
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
-            # (tree.py's checks, shared with engine_overhead, need nothing but torch; cli_help only argparse)
+            # (tree.py's checks and dtype_option's --dtype, shared with engine_overhead, need nothing but torch;
+            # cli_help only argparse)
             "assert not [m for m in loaded if not m.startswith(('eagle_gto.benchmarks', 'eagle_gto.tree', "
-            "'eagle_gto.cli_help'))], loaded")
+            "'eagle_gto.cli_help', 'eagle_gto.dtype_option'))], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -331,8 +331,9 @@ def test_answerer_feeds_back_the_raw_answer_and_records_accepted_lengths(model_t
     assert first_settings["temperature"] == 0.5 and first_settings["speculative"] is True
 
 
-@pytest.mark.parametrize("cuda,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("cuda,dtype", [(False, torch.float32), (True, torch.float16)])
 def test_auto_device_dtype_follows_where_the_model_goes(monkeypatch, cuda, dtype):
+    """On a GPU the checkpoint's own half type (the demo base is saved in float16), as in every command."""
     loaded = {}
 
     def from_pretrained(*paths, **kwargs):

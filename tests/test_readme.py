@@ -86,3 +86,14 @@ def test_the_help_of_each_command_says_every_default(command, monkeypatch):
             if "default" not in formatter.format_help():
                 unstated.append(action.option_strings[0])
     assert not unstated, f"{command}: options whose --help does not say their default: {unstated}"
+
+
+def test_the_readme_names_checkpoint_folders_as_training_writes_them(tmp_path):
+    """The README said `step-N`; the folders are zero-padded (step-00000002), which a user typing a path meets."""
+    from eagle_gto.train.checkpoints import checkpoint_path
+
+    named = set(re.findall(r"checkpoints/(step-[\w]+)", README))
+    assert named == {"step-NNNNNNNN"}
+    assert checkpoint_path(tmp_path, 2).name == "step-00000002"
+    examples = re.findall(r"`(step-\d+)`", README)
+    assert examples and all(checkpoint_path(tmp_path, int(name[5:])).name == name for name in examples)

@@ -1,6 +1,6 @@
 """What the benchmarks share: timing, their timing options and checks, and result files. Of the engine it
-imports only tree.py's check, which needs nothing but torch (see shapes.py: the reference-engine benchmark
-runs under an older transformers)."""
+imports only tree.py's check and dtype_option's --dtype, which need nothing but torch (see shapes.py: the
+reference-engine benchmark runs under an older transformers)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..dtype_option import add_dtype_option
 from ..tree import check_tree_params
-from .shapes import DTYPES
 
 
 def synchronize(device: torch.device) -> None:
@@ -82,8 +82,7 @@ def add_timing_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a benchmark that times generation on a random model (engine_overhead, reference_engine)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    add_dtype_option(p)
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..cli_help import show_defaults
+from ..dtype_option import auto_dtype
 from ..ea_model import EaModel
 from ..generation import TreeParams
 from ..graphs import COMPILE_MODES
@@ -372,7 +373,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     shape = args.model_shape
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(on_gpu=device.type != "cpu")  # a random model
     total_tokens, engines = args.total_tokens, args.engines
 
     torch.manual_seed(args.seed)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..cli_help import show_defaults
+from ..dtype_option import auto_dtype
 from .common import (add_timing_arguments, bandwidth_floors, check_output_file, check_timing_arguments, copy_bandwidth,
                      median_of, synchronize, write_json)
 from .shapes import DTYPES, SHAPES, llama_config
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
 
     device = torch.device(args.device)
     shape = SHAPES[args.shape]
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(on_gpu=device.type != "cpu")  # a random model
     sizes = args.total_tokens
     torch.manual_seed(args.seed)
     model = build_reference(shape, device, DTYPES[dtype], sizes[0], args.depth, args.top_k)

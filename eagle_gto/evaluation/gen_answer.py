@@ -49,12 +49,10 @@ from tqdm import tqdm
 from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
                     stop_token_ids)
 from ..cli_help import show_defaults
+from ..dtype_option import add_dtype_option, pick_dtype
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file, sort_answers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eagle_gto.evaluation.gen_answer", description=__doc__.split("\n\n")[0])
@@ -84,10 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="answer only the first N questions of the file")
     p.add_argument("--warmup", type=int, default=3, help="unrecorded generations before timing")
     p.add_argument("--seed", type=int, default=0, help="reset before each question (sampling)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs)")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", "--device-map", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device_map of the base model: cpu, cuda, cuda:1, auto (several GPUs); --device-map is the "
+                        "same option, as python -m eagle_gto and the servers name it")
+    add_dtype_option(p)
     show_defaults(p)
     args = p.parse_args(argv)
 
@@ -126,9 +124,9 @@ def on_gpu(device: str) -> bool:
 
 
 def load_model(args: argparse.Namespace):
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu(args.device) else "float32")
+    dtype = pick_dtype(args.dtype, on_gpu(args.device), args.base_model_path)
     model = EaModel.from_pretrained(args.base_model_path, args.ea_model_path, total_token=args.total_token,
-                                    depth=args.depth, top_k=args.top_k, dtype=DTYPES[dtype], device_map=args.device)
+                                    depth=args.depth, top_k=args.top_k, dtype=dtype, device_map=args.device)
     if model.tokenizer is None:
         raise ValueError("the base model has no tokenizer: gen_answer needs one to build and decode prompts")
     return model

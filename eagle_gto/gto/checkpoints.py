@@ -1,4 +1,4 @@
-"""Checkpoints of GTO fine-tuning, in OUT/checkpoints/step-N as eagle_gto.train
+"""Checkpoints of GTO fine-tuning, in OUT/checkpoints/step-NNNNNNNN as eagle_gto.train
 writes its own (the folders, their completion and rotation, the refusals:
 eagle_gto.train.checkpoints). Each holds what a resumed run needs to go on as
 the uninterrupted run would have:

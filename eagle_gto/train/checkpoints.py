@@ -1,4 +1,4 @@
-"""Training checkpoints in OUT/checkpoints/step-N, shared by EAGLE-3 training
+"""Training checkpoints in OUT/checkpoints/step-NNNNNNNN (the step, zero-padded), shared by EAGLE-3 training
 (eagle_gto.train) and GTO fine-tuning (eagle_gto.gto), so that both resume alike.
 
 A checkpoint is complete once its progress.json is written (last, after every

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..chat import MODEL_TYPES, eos_ids, model_type_arg
 from ..checkpoint import save_head
 from ..cli_help import show_defaults
+from ..dtype_option import pick_dtype
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
@@ -652,8 +653,8 @@ def load_base(path: str):
     path or a draft head given as the base."""
     from ..checkpoint import load_base as load_checked_base
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    base = load_checked_base(path, dtype=dtype)
+    # As every command's --dtype auto loads it, so that the head learns the features the engine will give it.
+    base = load_checked_base(path, dtype=pick_dtype("auto", torch.cuda.is_available(), path))
     if torch.cuda.is_available():
         from accelerate import PartialState
 

@@ -1,0 +1,110 @@
+"""Options every command that loads a model shares, with one meaning: `--dtype auto` (eagle_gto.dtype_option), and
+the base's device map as `--device` or `--device-map`."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import eagle_gto.__main__ as cli
+from application import common as servers
+from eagle_gto import EaModel
+from eagle_gto.dtype_option import auto_dtype, pick_dtype, saved_dtype
+from eagle_gto.evaluation import gen_answer
+
+
+@pytest.mark.parametrize("on_gpu,saved,bf16,expected", [
+    (False, "bfloat16", True, "float32"),  # a CPU: half precision is slow there
+    (True, "bfloat16", True, "bfloat16"),  # a GPU: the checkpoint's own half type (Llama-3, Qwen)
+    (True, "float16", True, "float16"),  # (Vicuna, the demo)
+    (True, "float32", True, "bfloat16"),  # a float32 checkpoint, or none said: half precision still
+    (True, None, True, "bfloat16"),
+    (True, None, False, "float16"),  # a GPU without bfloat16
+])
+def test_auto_is_float32_on_a_cpu_and_the_checkpoints_half_type_on_a_gpu(monkeypatch, on_gpu, saved, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert auto_dtype(on_gpu, saved) == expected
+
+
+def test_the_saved_dtype_is_read_as_transformers_4_and_5_write_it(tmp_path):
+    assert saved_dtype(None) == "float16"  # the demo base
+    for config, expected in (({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "float16"}, "float16"),
+                             ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"), ({}, None)):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert saved_dtype(str(tmp_path)) == expected
+    assert pick_dtype("float16", True, str(tmp_path)) == torch.float16  # a name given is kept
+
+
+def dtype_loaded_by(command: str, base: str | None, monkeypatch, gpu: bool = True) -> torch.dtype:
+    """The dtype `command` passes to EaModel.from_pretrained for --dtype auto, on a (pretended) GPU or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    loaded = {}
+
+    def fake_from_pretrained(base_model_path, ea_model_path, **kwargs):
+        loaded.update(kwargs)
+        return SimpleNamespace(tokenizer=object())
+
+    monkeypatch.setattr(EaModel, "from_pretrained", fake_from_pretrained)
+    paths = [] if base is None else ["--base-model-path", base, "--ea-model-path", "head"]
+    if command == "python -m eagle_gto":
+        cli.load_model(cli.parse_args(paths))
+    elif command == "gen_answer":
+        gen_answer.load_model(gen_answer.parse_args(paths))
+    else:
+        servers.load_model(servers.build_parser("server", "", 0).parse_args(paths))
+    return loaded["dtype"]
+
+
+COMMANDS = ["python -m eagle_gto", "gen_answer", "servers"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_loads_the_same_dtype_for_auto(command, tmp_path, monkeypatch):
+    """Before, gen_answer loaded bfloat16 on a GPU and the others float16, whatever the checkpoint."""
+    assert dtype_loaded_by(command, None, monkeypatch) == torch.float16  # the demo base is saved in float16
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    assert dtype_loaded_by(command, str(tmp_path), monkeypatch) == torch.bfloat16
+    assert dtype_loaded_by(command, str(tmp_path), monkeypatch, gpu=False) == torch.float32
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_device_and_device_map_name_the_same_option_in_every_command(command):
+    """gen_answer named the base's device map --device, the others --device-map: both names work in each."""
+    parse = {"python -m eagle_gto": cli.parse_args, "gen_answer": gen_answer.parse_args,
+             "servers": servers.build_parser("server", "", 0).parse_args}[command]
+    options = {name: vars(parse([name, "cpu"])) for name in ("--device", "--device-map")}
+    assert options["--device"] == options["--device-map"]
+    assert "cpu" in options["--device"].values()
+
+
+def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
+    """eagle_gto.train has no --dtype: its base loaded in bfloat16 on a GPU whatever the checkpoint, so a head for a
+    float16 base learned other features than the engine's --dtype auto then gave it."""
+    import accelerate
+
+    from eagle_gto import checkpoint
+    from eagle_gto.train import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerate, "PartialState", lambda: SimpleNamespace(device="cuda"))
+    loaded = []
+
+    class Base:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(checkpoint, "load_base", lambda path, dtype: loaded.append(dtype) or Base())
+    for saved in ("float16", "bfloat16"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": saved}))
+        trainer.load_base(str(tmp_path))
+        assert loaded.pop() == getattr(torch, saved)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer.load_base(str(tmp_path))
+    assert loaded.pop() == torch.float32
