@@ -54,6 +54,7 @@ from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file, sort_answers
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eagle_gto.evaluation.gen_answer", description=__doc__.split("\n\n")[0])
     p.add_argument("--bench-name", choices=BENCHES,
