@@ -830,7 +830,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
                                          r"checkpoint could not be written \(is the disk full\?\): "):
         main(["--base-model-path", str(base_dir), "--data", str(data), "--out", str(tmp_path / "head"),
               "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "1", "--batch-size", "2",
-              "--ttt-steps", "1"])
+              "--ttt-steps", "1", "--resume"])  # (the folder holds a checkpoints folder: a fresh run is refused)
 
 
 def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
@@ -1222,6 +1222,11 @@ def test_a_step_of_accumulated_micro_batches_has_the_gradient_of_one_batch_of_th
     (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
     # (it failed as a KeyError after training, before the export)
     (dict(export_dtype="fp16"), "export_dtype must be one of float32, float16, bfloat16, got 'fp16'"),
+    # 0 may be meant as "none": what a run does instead (as GTO says it)
+    (dict(save_every=0), "--save-every must be at least 1, got 0 (a --save-every past the run's steps checkpoints "
+                         "only the last step)"),
+    (dict(keep_checkpoints=0), "--keep-checkpoints must be at least 1, got 0 (the newest is the one --resume "
+                               "continues from)"),
 ])
 def test_config_refuses_values_that_would_misdirect_training(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -1302,3 +1307,64 @@ def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():
     assert (d2t + torch.arange(3)).tolist() == [2, 3, 6] and int(t2d.sum()) == 3
     identity, everything = build_vocab_mapping(counts, 8)
     assert not identity.any() and everything.all()
+
+
+def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on_and_it_resumes(tmp_path, tokenizer, monkeypatch,
+                                                                                 capsys):
+    """A KeyboardInterrupt (Ctrl-C, a scheduler's SIGINT) ended the run with a traceback: now one line naming the
+    checkpoint --resume continues from (or that it starts again from step 0), and exit status 130, as GTO says
+    it. Here it comes while a checkpoint is written, the oddest moment: the resumed runs end with the head of a
+    run never stopped, and without the half-written checkpoints."""
+    from accelerate import Accelerator
+
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    options = ["--base-model-path", str(base_dir), "--data", str(data), "--model-type", "plain", "--draft-vocab-size",
+               "100", "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--ttt-steps", "1",
+               "--export-dtype", "float32"]
+    main([*options, "--out", str(tmp_path / "straight")])
+    real_save_state = Accelerator.save_state
+
+    def killed_while_saving(step):
+        def save_state(self, output_dir, **kwargs):
+            real_save_state(self, output_dir, **kwargs)
+            if output_dir.endswith(f"step-{step:08d}"):
+                raise KeyboardInterrupt
+
+        return save_state
+
+    out = tmp_path / "run"
+    prog = "python -m eagle_gto.train: "
+    for step, resume, how in [
+            (2, [], f"{out} holds no complete checkpoint yet: run the same command with --resume to start again there "
+                    "from step 0"),
+            (4, ["--resume"], f"run the same command with --resume to continue from {checkpoint_path(out, 2)}")]:
+        monkeypatch.setattr(Accelerator, "save_state", killed_while_saving(step))
+        capsys.readouterr()
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would stop pytest)
+            main([*options, "--out", str(out), *resume])
+        assert stopped.type is SystemExit and stopped.value.code == 130
+        err = capsys.readouterr().err
+        assert err.endswith(f"\n{prog}interrupted; {how}\n")  # (a line of its own, not after the progress bar)
+        assert not (checkpoint_path(out, step) / "progress.json").exists()
+        if step == 2:  # a fresh run would write over it: it names --resume
+            with pytest.raises(SystemExit, match=f"^{prog}{re.escape(str(out))} holds a run stopped before its first "
+                                                 r"complete checkpoint \(metrics.jsonl, checkpoints\): pass --resume "
+                                                 "to start it again there from step 0"):
+                main([*options, "--out", str(out)])
+    monkeypatch.undo()
+    main([*options, "--out", str(out), "--resume"])
+    assert f"resumed from {checkpoint_path(out, 2)} (step 2)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    for name in ("model.safetensors", "metrics.jsonl"):
+        straight, resumed = (tmp_path / "straight" / name).read_bytes(), (out / name).read_bytes()
+        assert resumed == straight if name.endswith(".safetensors") else \
+            [json.loads(line)["loss"] for line in resumed.splitlines()] == \
+            pytest.approx([json.loads(line)["loss"] for line in straight.splitlines()], abs=1e-6)
+
+
+def test_a_resume_that_finds_no_checkpoint_says_it_starts_from_step_0(tmp_path, tokenizer, capsys):
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=1, batch_size=2, ttt_steps=1)
+    train(make_base(), samples, tmp_path / "run", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert f"{tmp_path / 'run'} holds no complete checkpoint: starting from step 0\n" in capsys.readouterr().out
+

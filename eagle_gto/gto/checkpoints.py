@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint, writing_checkpoint
+from ..train.checkpoints import (CheckpointMismatch, check_checkpointing, checkpoint_path, complete_checkpoint,
+                                 writing_checkpoint)
 from .data import TokenStream
 
 # The options a resumed run may change: where it writes and runs, how long, the memory bound of the
@@ -46,12 +47,7 @@ class Checkpointing:
     resume: bool = False
 
     def __post_init__(self):
-        # 0 may be meant as "none": say what a run does instead
-        why = {"--save-every": "a --save-every past --steps checkpoints only the last step",
-               "--keep-checkpoints": "the newest is the one --resume continues from"}
-        for flag, value in (("--save-every", self.save_every), ("--keep-checkpoints", self.keep)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
+        check_checkpointing(self.save_every, self.keep)
 
     def due(self, step: int, steps: int) -> bool:
         """A checkpoint every `save_every` steps and at the last one (a run stopped while it exported resumes)."""

@@ -34,8 +34,8 @@ from ..checkpoint import save_head
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
-from .checkpoints import (CheckpointMismatch, checkpoint_path, checkpoints_to_resume, complete_checkpoint,
-                          read_progress, writing_checkpoint)
+from .checkpoints import (CheckpointMismatch, check_checkpointing, checkpoint_path, checkpoints_to_resume,
+                          complete_checkpoint, interrupted, read_progress, writing_checkpoint)
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
 from .errors import errors_said_once
 from .features import target_outputs
@@ -83,9 +83,10 @@ class TrainConfig:
     pytorch_bin: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("ttt_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+        for name in ("ttt_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_checkpointing(self.save_every, self.keep_checkpoints)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.eval_every < 0:
@@ -271,6 +272,7 @@ def resumed_index(progress: dict, micro_batch: int) -> int:
 
 # ------------------------------------------------------------------ output folder
 HEAD_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_head writes
+STARTED_OUTPUTS = ("metrics.jsonl", "checkpoints")  # what a run writes before its first complete checkpoint
 
 
 def check_new_out(out: str | Path, outputs: tuple[str, ...] = ()) -> None:
@@ -351,9 +353,15 @@ def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict 
     that holds another run's checkpoints (it would rotate them away or,
     resumed later, continue from them) or exported head; a resumed one
     refuses checkpoints of a head of another `shape` (head_options for `base_config`)."""
-    previous = checkpoints_to_resume(Path(out), resume)
+    out = Path(out)
+    previous = checkpoints_to_resume(out, resume)
     if not previous:
         check_new_out(out, HEAD_FILES)
+        started = [name for name in STARTED_OUTPUTS if (out / name).exists()]
+        if started and not resume:  # (killed before its first checkpoint, or while it wrote it)
+            raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(started)}): "
+                             "pass --resume to start it again there from step 0, or choose another --out (or clear "
+                             "this one)")
     elif shape is not None:
         check_same_shape(previous[-1], base_config, shape)
     return previous
@@ -464,6 +472,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
         window = saved_window(previous[-1], accelerator.process_index, world)
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
+    elif resume:  # (a --resume that starts over says so)
+        accelerator.print(f"{out} holds no complete checkpoint: starting from step 0")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         # Metrics logged after the checkpoint are logged again by the resumed run.
@@ -472,46 +482,46 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         metrics_file.write_text("".join(line + "\n" for line in kept))
 
     started, tokens = time.time(), 0
-    bar = tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
-               disable=not (show_progress and accelerator.is_main_process))
     objective.train()
-    while step < total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        for micro in range(cfg.grad_accum):
-            chunk = [samples[i] for i in batches.next()]
-            tokens += sum(len(s.input_ids) for s in chunk)
-            sync = accelerator.no_sync(objective) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                result = run_batch(objective, base, chunk, device)
-                accelerator.backward(result.loss / cfg.grad_accum)
-            window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
-                           [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
-        # (an infinite bound clips nothing: max_grad_norm 0 turns clipping off, not the check)
-        norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm or math.inf)
-        check_gradient_norm(norm, step + 1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        record = {}
-        if step % cfg.log_every == 0 or step == total:
-            record = _summarise(window, accelerator)
-            record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
-                          lr=lr_at(step - 1, total, cfg),
-                          tokens_per_s=round(tokens * world / (time.time() - started), 1))
-            window = []
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
-        # The final evaluation comes before the last checkpoint: a resumed finished run does not log it again.
-        if eval_samples and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-            record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
-        if record:
-            _append(accelerator, metrics_file, record)
-        if step % cfg.save_every == 0 or step == total:
-            progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
-                        "micro_batch": cfg.batch_size * world, "head_options": shape}
-            save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
-    bar.close()
+    # (closed on the way out too: a Ctrl-C's line then starts on a line of its own)
+    with tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
+              disable=not (show_progress and accelerator.is_main_process)) as bar:
+        while step < total:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            for micro in range(cfg.grad_accum):
+                chunk = [samples[i] for i in batches.next()]
+                tokens += sum(len(s.input_ids) for s in chunk)
+                sync = accelerator.no_sync(objective) if micro < cfg.grad_accum - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    result = run_batch(objective, base, chunk, device)
+                    accelerator.backward(result.loss / cfg.grad_accum)
+                window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
+                               [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
+            # (an infinite bound clips nothing: max_grad_norm 0 turns clipping off, not the check)
+            norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm or math.inf)
+            check_gradient_norm(norm, step + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            record = {}
+            if step % cfg.log_every == 0 or step == total:
+                record = _summarise(window, accelerator)
+                record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
+                              lr=lr_at(step - 1, total, cfg),
+                              tokens_per_s=round(tokens * world / (time.time() - started), 1))
+                window = []
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
+            # The final evaluation comes before the last checkpoint: a resumed finished run does not log it again.
+            if eval_samples and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
+            if record:
+                _append(accelerator, metrics_file, record)
+            if step % cfg.save_every == 0 or step == total:
+                progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
+                            "micro_batch": cfg.batch_size * world, "head_options": shape}
+                save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
     if accelerator.is_main_process:
@@ -732,6 +742,14 @@ def samples_for(args, records: list[dict], names: list[str], tokenizer, stop_ids
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS, is_main_process):
+        run(args)
+    if is_main_process():
+        print(f"head written to {args.out}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """The checks, the data, the base model and the training of `main`."""
     # Bad options, paths and data (a record the chat template refuses too) fail before the base model loads.
     with checks_said_once(PROG):
         cfg = check_options(args)
@@ -756,5 +774,3 @@ def main(argv=None) -> None:
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
-    if is_main_process():
-        print(f"head written to {args.out}")
