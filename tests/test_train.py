@@ -1368,3 +1368,18 @@ def test_a_resume_that_finds_no_checkpoint_says_it_starts_from_step_0(tmp_path, 
     train(make_base(), samples, tmp_path / "run", cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert f"{tmp_path / 'run'} holds no complete checkpoint: starting from step 0\n" in capsys.readouterr().out
 
+
+def test_a_checkpoint_written_over_one_a_kill_cut_short_keeps_no_window_of_its_processes(tmp_path, tokenizer):
+    """A run of two processes killed while it wrote step 2 left rank 1's window there; resumed by one process,
+    the run wrote step 2 over it, and a run resumed from that checkpoint logged rank 1's window again."""
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, ttt_steps=2, log_every=3)
+    train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    cut_short = checkpoint_path(tmp_path / "b", 2)
+    cut_short.mkdir(parents=True)
+    trainer.window_file(cut_short, 1).write_text(json.dumps([[100.0, [100.0, 100.0], [0.0, 0.0], [5, 5]]]))
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    shutil.rmtree(checkpoint_path(tmp_path / "b", 4))  # stopped after step 2's checkpoint, then resumed
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])

@@ -384,12 +384,16 @@ def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
 
+def window_rank(file: Path) -> int:
+    return int(file.stem.rsplit("_", 1)[1])
+
+
 def saved_window(checkpoint: Path, rank: int, world: int) -> list:
     """This process's share of the micro-batch results the checkpoint's
     processes saved: all of them shared out when the resumed run has another
     number of processes (the log sums them over processes, whichever holds them)."""
-    saved = sorted(checkpoint.glob("log_window_*.json"), key=lambda file: int(file.stem.rsplit("_", 1)[1]))
-    return [entry for file in saved if int(file.stem.rsplit("_", 1)[1]) % world == rank
+    saved = sorted(checkpoint.glob("log_window_*.json"), key=window_rank)
+    return [entry for file in saved if window_rank(file) % world == rank
             for entry in json.loads(file.read_text())]
 
 
@@ -403,6 +407,11 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
     window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
     accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
     if accelerator.is_main_process:
+        # A write a kill cut short, of a run with more processes, left their windows here: from this checkpoint
+        # a resumed run would log them again
+        for stale in path.glob("log_window_*.json"):
+            if window_rank(stale) >= accelerator.num_processes:
+                stale.unlink()
         complete_checkpoint(out, path, progress, keep)
     accelerator.wait_for_everyone()
 
