@@ -1262,8 +1262,9 @@ def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tok
     monkeypatch.setattr(trainer, "load_tokenizer", load_tokenizer)
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
-    with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default)
-        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume"])
+    with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default; the other options the run's)
+        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
+              "--batch-size", "2", "--ttt-steps", "1"])
     # Checkpoints that recorded the options as typed resume too.
     record = json.loads(progress.read_text())
     progress.write_text(json.dumps({**record, "head_options": {"draft_vocab_size": 32000, "intermediate_size": None}}))
@@ -1383,3 +1384,37 @@ def test_a_checkpoint_written_over_one_a_kill_cut_short_keeps_no_window_of_its_p
     shutil.rmtree(checkpoint_path(tmp_path / "b", 4))  # stopped after step 2's checkpoint, then resumed
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, tokenizer, monkeypatch):
+    """A resume with another --ttt-steps, --lr (any option the result depends on) or global batch went on
+    silently, training a head that neither run's options describe (GTO refuses them). Its length, the split of
+    its global batch, and how often it checkpoints, logs and evaluates may change."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=2, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    checkpoint = re.escape(str(checkpoint_path(tmp_path, 2)))
+    for changed, message in [
+            (dict(ttt_steps=2, lr=2e-4), r"\(--ttt-steps 1 then, 2 now; --lr 0.0001 then, 0.0002 now\)"),
+            (dict(batch_size=4), r"\(--batch-size x grad-accum x processes 2 then, 4 now\)")]:
+        with pytest.raises(trainer.CheckpointMismatch, match=f"^{checkpoint} was written by a run with other options "
+                                                             f"{message}: resume with the options that started"):
+            train(base, samples, tmp_path, dataclasses.replace(cfg, **changed), draft_vocab_size=100, resume=True,
+                  show_progress=False)
+    free = dict(max_steps=3, batch_size=1, grad_accum=2, save_every=1, keep_checkpoints=1, log_every=2, eval_every=1)
+    train(base, samples, tmp_path, dataclasses.replace(cfg, **free), draft_vocab_size=100, resume=True,
+          show_progress=False)
+    assert checkpoint_dirs(tmp_path) == [checkpoint_path(tmp_path, 3)]
+    # The CLI says it before the base loads.
+    base_config(vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+
+    def load_base(path):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(trainer, "load_base", load_base)
+    with pytest.raises(SystemExit, match=r"other options \(--lr 0.0001 then, 0.0003 now\)"):
+        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
+              "--draft-vocab-size", "100", "--batch-size", "2", "--ttt-steps", "1", "--lr", "3e-4"])

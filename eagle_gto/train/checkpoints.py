@@ -40,6 +40,26 @@ def check_checkpointing(save_every: int, keep: int) -> None:
             raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
 
 
+def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
+    """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
+    neither run's options describe."""
+    changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
+               for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
+    if changed:
+        raise CheckpointMismatch(f"{checkpoint} was written by a run with other options ({'; '.join(changed)}): "
+                                 "resume with the options that started the run, or choose another --out")
+
+
+def check_not_stopped(out: Path, started: tuple[str, ...], resume: bool) -> None:
+    """An `out` without complete checkpoints that holds what a run writes before its first (`started`): a run
+    killed before it, or while it wrote it. A fresh run would write over it: refused, naming --resume."""
+    found = [name for name in started if (Path(out) / name).exists()]
+    if found and not resume:
+        raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(found)}): "
+                         "pass --resume to start it again there from step 0, or choose another --out (or clear "
+                         "this one)")
+
+
 def checkpoint_path(out: Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step-{step:08d}"
 

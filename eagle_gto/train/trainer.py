@@ -34,8 +34,9 @@ from ..checkpoint import save_head
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
-from .checkpoints import (CheckpointMismatch, check_checkpointing, checkpoint_path, checkpoints_to_resume,
-                          complete_checkpoint, interrupted, read_progress, writing_checkpoint)
+from .checkpoints import (CheckpointMismatch, check_checkpointing, check_not_stopped, check_same_options,
+                          checkpoint_path, checkpoints_to_resume, complete_checkpoint, interrupted, read_progress,
+                          writing_checkpoint)
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
 from .errors import errors_said_once
 from .features import target_outputs
@@ -348,22 +349,38 @@ def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
                                "not a number); the head was not updated with it. Lower --lr and start again")
 
 
-def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None) -> list[Path]:
+# The options a resumed run may change: its length, the split of its global batch (which is compared), how often
+# it checkpoints, logs and evaluates, and its export.
+RESULT_OPTIONS = ("ttt_steps", "step_weight", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
+                  "seed")
+GLOBAL_BATCH = "batch-size x grad-accum x processes"
+
+
+def run_options(cfg: TrainConfig, world: int) -> dict:
+    """The options of `cfg` the run's result depends on, for `world` processes."""
+    options = {name: getattr(cfg, name) for name in RESULT_OPTIONS}
+    options[GLOBAL_BATCH] = cfg.batch_size * cfg.grad_accum * world
+    return options
+
+
+def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None,
+                         options: dict | None = None) -> list[Path]:
     """The checkpoints a run continues from. A fresh run refuses a folder
     that holds another run's checkpoints (it would rotate them away or,
     resumed later, continue from them) or exported head; a resumed one
-    refuses checkpoints of a head of another `shape` (head_options for `base_config`)."""
+    refuses checkpoints of a head of another `shape` (head_options for `base_config`)
+    or of a run with other `options` (run_options)."""
     out = Path(out)
     previous = checkpoints_to_resume(out, resume)
     if not previous:
         check_new_out(out, HEAD_FILES)
-        started = [name for name in STARTED_OUTPUTS if (out / name).exists()]
-        if started and not resume:  # (killed before its first checkpoint, or while it wrote it)
-            raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(started)}): "
-                             "pass --resume to start it again there from step 0, or choose another --out (or clear "
-                             "this one)")
+        check_not_stopped(out, STARTED_OUTPUTS, resume)
     elif shape is not None:
         check_same_shape(previous[-1], base_config, shape)
+    if previous and options is not None:
+        then = json.loads((previous[-1] / "progress.json").read_text()).get("options")
+        if then is not None:  # (None: written before checkpoints recorded them)
+            check_same_options(previous[-1], then, options)
     return previous
 
 
@@ -454,7 +471,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
     shape = head_options(base.config, draft_vocab_size, intermediate_size)
-    previous = previous_checkpoints(out, resume, base.config, shape)
+    options = run_options(cfg, process_state().num_processes)
+    previous = previous_checkpoints(out, resume, base.config, shape, options)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
@@ -529,7 +547,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                 _append(accelerator, metrics_file, record)
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
-                            "micro_batch": cfg.batch_size * world, "head_options": shape}
+                            "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
@@ -721,7 +739,7 @@ def check_options(args: argparse.Namespace) -> TrainConfig:
     for name, default in REGEN_DEFAULTS.items():  # (None: not given)
         if getattr(args, name) is None:
             setattr(args, name, default)
-    previous_checkpoints(Path(args.out), args.resume)
+    previous_checkpoints(Path(args.out), args.resume, options=run_options(cfg, process_state().num_processes))
     if args.regenerate and args.save_data:
         check_writable(args.save_data, "--save-data")
     return cfg
