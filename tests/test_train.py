@@ -1418,3 +1418,19 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, token
     with pytest.raises(SystemExit, match=r"other options \(--lr 0.0001 then, 0.0003 now\)"):
         main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
               "--draft-vocab-size", "100", "--batch-size", "2", "--ttt-steps", "1", "--lr", "3e-4"])
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_on_other_data(tmp_path, tokenizer):
+    """A resume on other tokens (a --data file edited, another --max-length) went on silently: the run trained on
+    a mix, its position in the data counted in another data set."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
+    for other in (samples[1:], to_samples([{"text": t} for t in TEXTS], tokenizer, max_length=8)):
+        with pytest.raises(trainer.CheckpointMismatch, match=f"^{re.escape(str(checkpoint_path(tmp_path, 2)))} was "
+                                                             "written by a run on other data: the training tokens"):
+            train(base, other, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)

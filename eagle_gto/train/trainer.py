@@ -17,6 +17,7 @@ checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -397,6 +398,24 @@ def check_same_shape(checkpoint: Path, base_config, shape: dict) -> None:
                                  "the options that started the run, or choose another --out")
 
 
+def data_fingerprint(samples: list[Sample]) -> str:
+    """A digest of the training tokens and their loss masks, in order."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.input_ids, sample.loss_mask]).encode())
+    return digest.hexdigest()
+
+
+def check_same_data(checkpoint: Path, progress: dict, data: str) -> None:
+    """Resumed on other tokens, a run would train on a mix, its data position counted in another data set."""
+    if progress.get("data", data) != data:  # (none: written before checkpoints recorded it)
+        raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the training tokens differ from "
+                                 "the run's (a --data file changed, or another --max-length, --model-type, --system or "
+                                 "tokenizer; with --regenerate, the base's answers changed: resume with --data of the "
+                                 "answers --save-data wrote): resume with the data that started the run, or choose "
+                                 "another --out")
+
+
 def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
@@ -471,7 +490,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
     shape = head_options(base.config, draft_vocab_size, intermediate_size)
-    options = run_options(cfg, process_state().num_processes)
+    options, data = run_options(cfg, process_state().num_processes), data_fingerprint(samples)
     previous = previous_checkpoints(out, resume, base.config, shape, options)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
@@ -494,6 +513,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     metrics_file = out / "metrics.jsonl"
     if previous:
         progress = read_progress(previous[-1], total)
+        check_same_data(previous[-1], progress, data)
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
@@ -547,7 +567,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                 _append(accelerator, metrics_file, record)
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
-                            "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options}
+                            "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
+                            "data": data}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
