@@ -297,6 +297,7 @@ def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStr
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "head")  # what train() writes into cfg.out
 FINISHED_OUTPUTS = ("summary.json", "head")  # those of a run that ended (or diverged)
+STARTED_OUTPUTS = (*RUN_OUTPUTS, "checkpoints")  # what a run stopped before its first complete checkpoint left
 
 
 def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path | None:
@@ -308,7 +309,7 @@ def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path 
     previous = checkpoints_to_resume(out, checkpointing.resume)
     if not previous:
         check_new_out(out, FINISHED_OUTPUTS)
-        check_not_stopped(out, (*RUN_OUTPUTS, "checkpoints"), checkpointing.resume)
+        check_not_stopped(out, STARTED_OUTPUTS, checkpointing.resume)
         return None
     progress = read_progress(previous[-1], cfg.steps)
     check_same_run_options(previous[-1], progress["options"], run_options(cfg, world))
