@@ -1434,3 +1434,22 @@ def test_resume_refuses_a_checkpoint_of_a_run_on_other_data(tmp_path, tokenizer)
             train(base, other, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
+
+
+def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C early in a run cut accelerate's first import short: deciding which process speaks imported it
+    again, and the run ended with an ImportError's traceback ("partially initialized module")."""
+    calls = []
+
+    def process_state():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # (in the import)
+        raise ImportError("cannot import name 'dispatch_model' from partially initialized module")
+
+    monkeypatch.setattr(trainer, "process_state", process_state)
+    out = tmp_path / "run"
+    with pytest.raises((SystemExit, KeyboardInterrupt, ImportError)) as stopped:
+        main(["--base-model-path", "base", "--data", "data.jsonl", "--out", str(out)])
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert capsys.readouterr().err == f"python -m eagle_gto.train: interrupted; nothing was written to {out}\n"

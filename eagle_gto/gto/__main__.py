@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from ..train.checkpoints import interrupted
-from ..train.errors import errors_said_once
+from ..train.errors import errors_said_once, main_process
 from ..train.trainer import checks_said_once, one_line_errors
 from .checkpoints import Checkpointing
-from .parallel import launched_processes, main_process
+from .parallel import launched_processes
 from .trainer import STARTED_OUTPUTS, GTOConfig, check_data, check_out, load_models, load_streams, train
 
 PROG = "python -m eagle_gto.gto"
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                      "and ranks them on the validation slice.")
     with said_once():
         args = parser.parse_args(argv)  # (the same arguments: the same error in every process)
-    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS, main_process):
+    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS):
         # The processes compare the checks' outcomes: one that fails in one process alone (a file missing on one
         # node) stops them all, instead of that one leaving quietly while the others wait for it.
         with said_once(), checks_said_once(PROG):

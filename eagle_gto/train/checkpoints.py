@@ -15,7 +15,8 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+
+from .errors import main_process
 
 
 class CheckpointMismatch(ValueError):
@@ -110,14 +111,14 @@ def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) 
 
 
 @contextmanager
-def interrupted(prog: str, out: Path, started: tuple[str, ...], speaks: Callable[[], bool]):
-    """Ctrl-C (a scheduler's SIGINT) stops a run as the user meant: one line saying how to go on (said where
-    `speaks()`, once under several processes), instead of a traceback, and exit status 130. `started`: the
-    files in `out` a run writes before its first checkpoint."""
+def interrupted(prog: str, out: Path, started: tuple[str, ...]):
+    """Ctrl-C (a scheduler's SIGINT) stops a run as the user meant: one line saying how to go on (said by rank
+    0 under several processes), instead of a traceback, and exit status 130. `started`: the files in `out` a
+    run writes before its first checkpoint."""
     try:
         yield
     except KeyboardInterrupt:
-        if speaks():
+        if main_process():
             print(f"{prog}: interrupted; {how_to_go_on(Path(out), started)}", file=sys.stderr)
         raise SystemExit(130) from None
 

@@ -790,7 +790,7 @@ def samples_for(args, records: list[dict], names: list[str], tokenizer, stop_ids
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS, is_main_process):
+    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS):
         run(args)
     if is_main_process():
         print(f"head written to {args.out}")
