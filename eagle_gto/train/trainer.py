@@ -8,8 +8,9 @@ distribution (ttt.py), AdamW updates it with gradient clipping under a
 warm-up + cosine learning rate. accelerate places everything (multi-GPU with
 `accelerate launch`), bf16 autocast on GPU, fp32 on CPU. Checkpoints in
 DIR/checkpoints/ resume with `--resume` (without it, a DIR that holds
-checkpoints or an exported head is refused; with it, checkpoints of a head
-of another shape are); metrics go to DIR/metrics.jsonl and
+checkpoints, a run stopped before its first or an exported head is refused;
+with it, checkpoints of a head of another shape, of other options or of
+other data are; Ctrl-C says how to go on); metrics go to DIR/metrics.jsonl and
 DIR/training_curves.png; the head is exported to DIR as an EAGLE-3
 checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 """
