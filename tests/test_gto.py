@@ -1459,8 +1459,8 @@ def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path
     (out / "summary.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"run already holds the output of an earlier run \(summary.json\)"):
         gto_cli.main(["--out", str(out), "--resume"])
-    with pytest.raises(SystemExit, match=r"--save-every must be at least 1, got 0 \(a --save-every past --steps "
-                                         r"checkpoints only the last step\)$"):
+    with pytest.raises(SystemExit, match=r"--save-every must be at least 1, got 0 \(a --save-every past the run's "
+                                         r"steps checkpoints only the last step\)$"):
         gto_cli.main(["--out", str(tmp_path / "new"), "--save-every", "0"])
     with pytest.raises(SystemExit, match=r"--keep-checkpoints must be at least 1, got 0 \(the newest is the one "
                                          r"--resume continues from\)$"):

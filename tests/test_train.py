@@ -830,7 +830,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
                                          r"checkpoint could not be written \(is the disk full\?\): "):
         main(["--base-model-path", str(base_dir), "--data", str(data), "--out", str(tmp_path / "head"),
               "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "1", "--batch-size", "2",
-              "--ttt-steps", "1"])
+              "--ttt-steps", "1", "--resume"])  # (the folder holds a checkpoints folder: a fresh run is refused)
 
 
 def test_a_resume_drops_a_half_written_last_log_line(tmp_path, tokenizer):
@@ -1222,6 +1222,11 @@ def test_a_step_of_accumulated_micro_batches_has_the_gradient_of_one_batch_of_th
     (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
     # (it failed as a KeyError after training, before the export)
     (dict(export_dtype="fp16"), "export_dtype must be one of float32, float16, bfloat16, got 'fp16'"),
+    # 0 may be meant as "none": what a run does instead (as GTO says it)
+    (dict(save_every=0), "--save-every must be at least 1, got 0 (a --save-every past the run's steps checkpoints "
+                         "only the last step)"),
+    (dict(keep_checkpoints=0), "--keep-checkpoints must be at least 1, got 0 (the newest is the one --resume "
+                               "continues from)"),
 ])
 def test_config_refuses_values_that_would_misdirect_training(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -1257,8 +1262,9 @@ def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tok
     monkeypatch.setattr(trainer, "load_tokenizer", load_tokenizer)
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
-    with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default)
-        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume"])
+    with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default; the other options the run's)
+        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
+              "--batch-size", "2", "--ttt-steps", "1"])
     # Checkpoints that recorded the options as typed resume too.
     record = json.loads(progress.read_text())
     progress.write_text(json.dumps({**record, "head_options": {"draft_vocab_size": 32000, "intermediate_size": None}}))
@@ -1302,3 +1308,148 @@ def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():
     assert (d2t + torch.arange(3)).tolist() == [2, 3, 6] and int(t2d.sum()) == 3
     identity, everything = build_vocab_mapping(counts, 8)
     assert not identity.any() and everything.all()
+
+
+def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on_and_it_resumes(tmp_path, tokenizer, monkeypatch,
+                                                                                 capsys):
+    """A KeyboardInterrupt (Ctrl-C, a scheduler's SIGINT) ended the run with a traceback: now one line naming the
+    checkpoint --resume continues from (or that it starts again from step 0), and exit status 130, as GTO says
+    it. Here it comes while a checkpoint is written, the oddest moment: the resumed runs end with the head of a
+    run never stopped, and without the half-written checkpoints."""
+    from accelerate import Accelerator
+
+    base_dir, data = write_pair(tmp_path, tokenizer)
+    options = ["--base-model-path", str(base_dir), "--data", str(data), "--model-type", "plain", "--draft-vocab-size",
+               "100", "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--ttt-steps", "1",
+               "--export-dtype", "float32"]
+    main([*options, "--out", str(tmp_path / "straight")])
+    real_save_state = Accelerator.save_state
+
+    def killed_while_saving(step):
+        def save_state(self, output_dir, **kwargs):
+            real_save_state(self, output_dir, **kwargs)
+            if output_dir.endswith(f"step-{step:08d}"):
+                raise KeyboardInterrupt
+
+        return save_state
+
+    out = tmp_path / "run"
+    prog = "python -m eagle_gto.train: "
+    for step, resume, how in [
+            (2, [], f"{out} holds no complete checkpoint yet: run the same command with --resume to start again there "
+                    "from step 0"),
+            (4, ["--resume"], f"run the same command with --resume to continue from {checkpoint_path(out, 2)}")]:
+        monkeypatch.setattr(Accelerator, "save_state", killed_while_saving(step))
+        capsys.readouterr()
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would stop pytest)
+            main([*options, "--out", str(out), *resume])
+        assert stopped.type is SystemExit and stopped.value.code == 130
+        err = capsys.readouterr().err
+        assert err.endswith(f"\n{prog}interrupted; {how}\n")  # (a line of its own, not after the progress bar)
+        assert not (checkpoint_path(out, step) / "progress.json").exists()
+        if step == 2:  # a fresh run would write over it: it names --resume
+            with pytest.raises(SystemExit, match=f"^{prog}{re.escape(str(out))} holds a run stopped before its first "
+                                                 r"complete checkpoint \(metrics.jsonl, checkpoints\): pass --resume "
+                                                 "to start it again there from step 0"):
+                main([*options, "--out", str(out)])
+    monkeypatch.undo()
+    main([*options, "--out", str(out), "--resume"])
+    assert f"resumed from {checkpoint_path(out, 2)} (step 2)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    for name in ("model.safetensors", "metrics.jsonl"):
+        straight, resumed = (tmp_path / "straight" / name).read_bytes(), (out / name).read_bytes()
+        assert resumed == straight if name.endswith(".safetensors") else \
+            [json.loads(line)["loss"] for line in resumed.splitlines()] == \
+            pytest.approx([json.loads(line)["loss"] for line in straight.splitlines()], abs=1e-6)
+
+
+def test_a_resume_that_finds_no_checkpoint_says_it_starts_from_step_0(tmp_path, tokenizer, capsys):
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=1, batch_size=2, ttt_steps=1)
+    train(make_base(), samples, tmp_path / "run", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert f"{tmp_path / 'run'} holds no complete checkpoint: starting from step 0\n" in capsys.readouterr().out
+
+
+def test_a_checkpoint_written_over_one_a_kill_cut_short_keeps_no_window_of_its_processes(tmp_path, tokenizer):
+    """A run of two processes killed while it wrote step 2 left rank 1's window there; resumed by one process,
+    the run wrote step 2 over it, and a run resumed from that checkpoint logged rank 1's window again."""
+    base = make_base()
+    samples = to_samples([{"text": t * 2} for t in TEXTS * 3], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, ttt_steps=2, log_every=3)
+    train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
+    cut_short = checkpoint_path(tmp_path / "b", 2)
+    cut_short.mkdir(parents=True)
+    trainer.window_file(cut_short, 1).write_text(json.dumps([[100.0, [100.0, 100.0], [0.0, 0.0], [5, 5]]]))
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    shutil.rmtree(checkpoint_path(tmp_path / "b", 4))  # stopped after step 2's checkpoint, then resumed
+    train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, tokenizer, monkeypatch):
+    """A resume with another --ttt-steps, --lr (any option the result depends on) or global batch went on
+    silently, training a head that neither run's options describe (GTO refuses them). Its length, the split of
+    its global batch, and how often it checkpoints, logs and evaluates may change."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=2, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    checkpoint = re.escape(str(checkpoint_path(tmp_path, 2)))
+    for changed, message in [
+            (dict(ttt_steps=2, lr=2e-4), r"\(--ttt-steps 1 then, 2 now; --lr 0.0001 then, 0.0002 now\)"),
+            (dict(batch_size=4), r"\(--batch-size x grad-accum x processes 2 then, 4 now\)")]:
+        with pytest.raises(trainer.CheckpointMismatch, match=f"^{checkpoint} was written by a run with other options "
+                                                             f"{message}: resume with the options that started"):
+            train(base, samples, tmp_path, dataclasses.replace(cfg, **changed), draft_vocab_size=100, resume=True,
+                  show_progress=False)
+    free = dict(max_steps=3, batch_size=1, grad_accum=2, save_every=1, keep_checkpoints=1, log_every=2, eval_every=1)
+    train(base, samples, tmp_path, dataclasses.replace(cfg, **free), draft_vocab_size=100, resume=True,
+          show_progress=False)
+    assert checkpoint_dirs(tmp_path) == [checkpoint_path(tmp_path, 3)]
+    # The CLI says it before the base loads.
+    base_config(vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+
+    def load_base(path):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(trainer, "load_base", load_base)
+    with pytest.raises(SystemExit, match=r"other options \(--lr 0.0001 then, 0.0003 now\)"):
+        main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
+              "--draft-vocab-size", "100", "--batch-size", "2", "--ttt-steps", "1", "--lr", "3e-4"])
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_on_other_data(tmp_path, tokenizer):
+    """A resume on other tokens (a --data file edited, another --max-length) went on silently: the run trained on
+    a mix, its position in the data counted in another data set."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
+    for other in (samples[1:], to_samples([{"text": t} for t in TEXTS], tokenizer, max_length=8)):
+        with pytest.raises(trainer.CheckpointMismatch, match=f"^{re.escape(str(checkpoint_path(tmp_path, 2)))} was "
+                                                             "written by a run on other data: the training tokens"):
+            train(base, other, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
+
+
+def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C early in a run cut accelerate's first import short: deciding which process speaks imported it
+    again, and the run ended with an ImportError's traceback ("partially initialized module")."""
+    calls = []
+
+    def process_state():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # (in the import)
+        raise ImportError("cannot import name 'dispatch_model' from partially initialized module")
+
+    monkeypatch.setattr(trainer, "process_state", process_state)
+    out = tmp_path / "run"
+    with pytest.raises((SystemExit, KeyboardInterrupt, ImportError)) as stopped:
+        main(["--base-model-path", "base", "--data", "data.jsonl", "--out", str(out)])
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert capsys.readouterr().err == f"python -m eagle_gto.train: interrupted; nothing was written to {out}\n"

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoints import checkpoint_dirs
-from ..train.errors import errors_said_once
+from ..train.checkpoints import interrupted
+from ..train.errors import errors_said_once, main_process
 from ..train.trainer import checks_said_once, one_line_errors
 from .checkpoints import Checkpointing
-from .parallel import launched_processes, main_process
-from .trainer import GTOConfig, check_data, check_out, load_models, load_streams, train
+from .parallel import launched_processes
+from .trainer import STARTED_OUTPUTS, GTOConfig, check_data, check_out, load_models, load_streams, train
 
 PROG = "python -m eagle_gto.gto"
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                      "and ranks them on the validation slice.")
     with said_once():
         args = parser.parse_args(argv)  # (the same arguments: the same error in every process)
-    with interrupted(Path(args.out)):
+    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS):
         # The processes compare the checks' outcomes: one that fails in one process alone (a file missing on one
         # node) stops them all, instead of that one leaving quietly while the others wait for it.
         with said_once(), checks_said_once(PROG):
@@ -167,28 +167,6 @@ def main(argv: list[str] | None = None) -> None:
             summary = train(cfg, models, streams, checkpointing=checkpointing)  # (a diverged run: one line too)
     if main_process():
         print(json.dumps(summary, indent=2))
-
-
-@contextmanager
-def interrupted(out: Path):
-    """Ctrl-C (a scheduler's SIGINT) stops a run as the user meant: one line saying how to go on, instead of a
-    traceback, and exit status 130."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        if main_process():
-            print(f"{PROG}: interrupted; {how_to_go_on(out)}", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def how_to_go_on(out: Path) -> str:
-    saved = checkpoint_dirs(out)
-    if saved:
-        return f"run the same command with --resume to continue from {saved[-1]}"
-    if (out / "config.json").exists():
-        return (f"{out} holds no complete checkpoint yet: run the same command with --resume to start again there "
-                "from step 0")
-    return f"nothing was written to {out}"
 
 
 if __name__ == "__main__":

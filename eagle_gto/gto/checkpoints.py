@@ -8,7 +8,7 @@ the uninterrupted run would have:
   logged so far (metrics.jsonl and summary.json are written from them), the
   count of steps without groups and the training time so far;
 - progress.json, written last: the step, the options the result depends on,
-  which a resumed run must share (`check_same_options`), and a fingerprint of
+  which a resumed run must share (`check_same_run_options`), and a fingerprint of
   the training and validation tokens (and of the prompts of generated ones),
   which it must share too (`check_same_data`).
 Every process holds the same head, optimizer and generators (each draws the
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoints import CheckpointMismatch, checkpoint_path, complete_checkpoint, writing_checkpoint
+from ..train.checkpoints import (CheckpointMismatch, check_checkpointing, check_same_options, checkpoint_path,
+                                 complete_checkpoint, writing_checkpoint)
 from .data import TokenStream
 
 # The options a resumed run may change: where it writes and runs, how long, the memory bound of the
@@ -46,12 +47,7 @@ class Checkpointing:
     resume: bool = False
 
     def __post_init__(self):
-        # 0 may be meant as "none": say what a run does instead
-        why = {"--save-every": "a --save-every past --steps checkpoints only the last step",
-               "--keep-checkpoints": "the newest is the one --resume continues from"}
-        for flag, value in (("--save-every", self.save_every), ("--keep-checkpoints", self.keep)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
+        check_checkpointing(self.save_every, self.keep)
 
     def due(self, step: int, steps: int) -> bool:
         """A checkpoint every `save_every` steps and at the last one (a run stopped while it exported resumes)."""
@@ -76,16 +72,10 @@ def same_places(options: dict) -> dict:
     return {name: place(value) if name in PATH_OPTIONS else value for name, value in options.items()}
 
 
-def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
-    """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
-    neither run's options describe. Paths are compared as the folders they name (`same_places`: the paths of
-    a checkpoint written before they were resolved are resolved from here)."""
-    then, now = same_places(then), same_places(now)
-    changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
-               for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
-    if changed:
-        raise CheckpointMismatch(f"{checkpoint} was written by a run with other options ({'; '.join(changed)}): "
-                                 "resume with the options that started the run, or choose another --out")
+def check_same_run_options(checkpoint: Path, then: dict, now: dict) -> None:
+    """`check_same_options` with paths compared as the folders they name (`same_places`: the paths of a
+    checkpoint written before they were resolved are resolved from here)."""
+    check_same_options(checkpoint, same_places(then), same_places(now))
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,6 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def main_process() -> bool:
-    """Rank 0 (or no launcher): what is said or written once, it does."""
-    return not int(os.environ.get("RANK", "0"))
-
-
 def process_device() -> torch.device | None:
     """Under several processes: this process's own device (the GPU LOCAL_RANK, or the CPU); None in one process."""
     if launched_processes() == 1:

@@ -30,12 +30,12 @@ import torch
 from ..chat import MODEL_TYPES, model_type_arg
 from ..generation import TreeParams
 from ..heads import DraftHead
-from ..train.checkpoints import checkpoints_to_resume, read_progress
+from ..train.checkpoints import check_not_stopped, checkpoints_to_resume, read_progress
 from ..train.trainer import (DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_new_out,
                              check_not_negative)
 from ..tree import check_tree_params
-from .checkpoints import (Checkpointing, check_same_data, check_same_options, data_fingerprint, load_checkpoint,
-                          run_options, save_checkpoint)
+from .checkpoints import (Checkpointing, check_same_data, check_same_run_options, data_fingerprint,
+                          load_checkpoint, run_options, save_checkpoint)
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .parallel import Share, process_device
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots, path_logprob,
@@ -297,6 +297,7 @@ def _make_streams(cfg: GTOConfig, models: Models) -> tuple[TokenStream, TokenStr
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "head")  # what train() writes into cfg.out
 FINISHED_OUTPUTS = ("summary.json", "head")  # those of a run that ended (or diverged)
+STARTED_OUTPUTS = (*RUN_OUTPUTS, "checkpoints")  # what a run stopped before its first complete checkpoint left
 
 
 def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path | None:
@@ -308,14 +309,10 @@ def check_out(cfg: GTOConfig, checkpointing: Checkpointing, world: int) -> Path 
     previous = checkpoints_to_resume(out, checkpointing.resume)
     if not previous:
         check_new_out(out, FINISHED_OUTPUTS)
-        started = [name for name in (*RUN_OUTPUTS, "checkpoints") if (out / name).exists()]
-        if started and not checkpointing.resume:  # (killed before its first checkpoint, or while it wrote it)
-            raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(started)}): "
-                             "pass --resume to start it again there from step 0, or choose another --out (or clear "
-                             "this one)")
+        check_not_stopped(out, STARTED_OUTPUTS, checkpointing.resume)
         return None
     progress = read_progress(previous[-1], cfg.steps)
-    check_same_options(previous[-1], progress["options"], run_options(cfg, world))
+    check_same_run_options(previous[-1], progress["options"], run_options(cfg, world))
     return previous[-1]
 
 

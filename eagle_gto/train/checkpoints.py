@@ -5,14 +5,18 @@ A checkpoint is complete once its progress.json is written (last, after every
 other file, and whole or not at all): a run killed while it saved leaves a
 folder without one, which is not resumed from (and is removed once another
 checkpoint is complete). The newest `keep` complete checkpoints are kept.
+Ctrl-C stops either trainer with one line saying how to go on (`interrupted`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import main_process
 
 
 class CheckpointMismatch(ValueError):
@@ -25,6 +29,36 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     """The complete checkpoints in `out`, oldest first."""
     root = Path(out) / "checkpoints"
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
+
+
+def check_checkpointing(save_every: int, keep: int) -> None:
+    """--save-every and --keep-checkpoints must be at least 1 (0 may be meant as "none": say what a run does
+    instead)."""
+    why = {"--save-every": "a --save-every past the run's steps checkpoints only the last step",
+           "--keep-checkpoints": "the newest is the one --resume continues from"}
+    for flag, value in (("--save-every", save_every), ("--keep-checkpoints", keep)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value} ({why[flag]})")
+
+
+def check_same_options(checkpoint: Path, then: dict, now: dict) -> None:
+    """A checkpoint continues only the run that wrote it: resumed with other options it would train a head that
+    neither run's options describe."""
+    changed = [f"--{name.replace('_', '-')} {then.get(name)} then, {now.get(name)} now"
+               for name in dict.fromkeys([*then, *now]) if then.get(name) != now.get(name)]
+    if changed:
+        raise CheckpointMismatch(f"{checkpoint} was written by a run with other options ({'; '.join(changed)}): "
+                                 "resume with the options that started the run, or choose another --out")
+
+
+def check_not_stopped(out: Path, started: tuple[str, ...], resume: bool) -> None:
+    """An `out` without complete checkpoints that holds what a run writes before its first (`started`): a run
+    killed before it, or while it wrote it. A fresh run would write over it: refused, naming --resume."""
+    found = [name for name in started if (Path(out) / name).exists()]
+    if found and not resume:
+        raise ValueError(f"{out} holds a run stopped before its first complete checkpoint ({', '.join(found)}): "
+                         "pass --resume to start it again there from step 0, or choose another --out (or clear "
+                         "this one)")
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -74,3 +108,26 @@ def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) 
     for cut_short in checkpoint.parent.glob("step-*"):  # (one process writes checkpoints, one at a time)
         if not (cut_short / "progress.json").is_file():
             shutil.rmtree(cut_short)
+
+
+@contextmanager
+def interrupted(prog: str, out: Path, started: tuple[str, ...]):
+    """Ctrl-C (a scheduler's SIGINT) stops a run as the user meant: one line saying how to go on (said by rank
+    0 under several processes), instead of a traceback, and exit status 130. `started`: the files in `out` a
+    run writes before its first checkpoint."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if main_process():
+            print(f"{prog}: interrupted; {how_to_go_on(Path(out), started)}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def how_to_go_on(out: Path, started: tuple[str, ...]) -> str:
+    saved = checkpoint_dirs(out)
+    if saved:
+        return f"run the same command with --resume to continue from {saved[-1]}"
+    if any((out / name).exists() for name in started):
+        return (f"{out} holds no complete checkpoint yet: run the same command with --resume to start again there "
+                "from step 0")
+    return f"nothing was written to {out}"

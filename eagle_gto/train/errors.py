@@ -14,11 +14,18 @@ training cannot be compared so: the other processes may be waiting for this one 
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
 
 FAILED = "eagle_gto/failed"  # the store's count of processes that stopped on an error they say (or left to another)
+
+
+def main_process() -> bool:
+    """Rank 0 (or no launcher): what is said or written once, it does. Read from RANK, which torchrun and
+    `accelerate launch` set: nothing is imported (a Ctrl-C may have cut accelerate's import short)."""
+    return not int(os.environ.get("RANK", "0"))
 
 
 @contextmanager

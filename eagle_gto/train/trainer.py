@@ -8,8 +8,9 @@ distribution (ttt.py), AdamW updates it with gradient clipping under a
 warm-up + cosine learning rate. accelerate places everything (multi-GPU with
 `accelerate launch`), bf16 autocast on GPU, fp32 on CPU. Checkpoints in
 DIR/checkpoints/ resume with `--resume` (without it, a DIR that holds
-checkpoints or an exported head is refused; with it, checkpoints of a head
-of another shape are); metrics go to DIR/metrics.jsonl and
+checkpoints, a run stopped before its first or an exported head is refused;
+with it, checkpoints of a head of another shape, of other options or of
+other data are; Ctrl-C says how to go on); metrics go to DIR/metrics.jsonl and
 DIR/training_curves.png; the head is exported to DIR as an EAGLE-3
 checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 """
@@ -17,6 +18,7 @@ checkpoint (`EaModel.from_pretrained(BASE, DIR)` loads it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -36,8 +38,9 @@ from ..dtype_option import pick_dtype
 from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
 from ..jsonl import read_log
 from ..vocab import build_vocab_mapping
-from .checkpoints import (CheckpointMismatch, checkpoint_path, checkpoints_to_resume, complete_checkpoint,
-                          read_progress, writing_checkpoint)
+from .checkpoints import (CheckpointMismatch, check_checkpointing, check_not_stopped, check_same_options,
+                          checkpoint_path, checkpoints_to_resume, complete_checkpoint, interrupted, read_progress,
+                          writing_checkpoint)
 from .data import Sample, check_prompts, collate, read_numbered_records, regenerate, to_samples, token_counts
 from .errors import errors_said_once
 from .features import target_outputs
@@ -85,9 +88,10 @@ class TrainConfig:
     pytorch_bin: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("ttt_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+        for name in ("ttt_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_checkpointing(self.save_every, self.keep_checkpoints)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.eval_every < 0:
@@ -273,6 +277,7 @@ def resumed_index(progress: dict, micro_batch: int) -> int:
 
 # ------------------------------------------------------------------ output folder
 HEAD_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_head writes
+STARTED_OUTPUTS = ("metrics.jsonl", "checkpoints")  # what a run writes before its first complete checkpoint
 
 
 def check_new_out(out: str | Path, outputs: tuple[str, ...] = ()) -> None:
@@ -348,16 +353,38 @@ def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
                                "not a number); the head was not updated with it. Lower --lr and start again")
 
 
-def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None) -> list[Path]:
+# The options a resumed run may change: its length, the split of its global batch (which is compared), how often
+# it checkpoints, logs and evaluates, and its export.
+RESULT_OPTIONS = ("ttt_steps", "step_weight", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
+                  "seed")
+GLOBAL_BATCH = "batch-size x grad-accum x processes"
+
+
+def run_options(cfg: TrainConfig, world: int) -> dict:
+    """The options of `cfg` the run's result depends on, for `world` processes."""
+    options = {name: getattr(cfg, name) for name in RESULT_OPTIONS}
+    options[GLOBAL_BATCH] = cfg.batch_size * cfg.grad_accum * world
+    return options
+
+
+def previous_checkpoints(out: Path, resume: bool, base_config=None, shape: dict | None = None,
+                         options: dict | None = None) -> list[Path]:
     """The checkpoints a run continues from. A fresh run refuses a folder
     that holds another run's checkpoints (it would rotate them away or,
     resumed later, continue from them) or exported head; a resumed one
-    refuses checkpoints of a head of another `shape` (head_options for `base_config`)."""
-    previous = checkpoints_to_resume(Path(out), resume)
+    refuses checkpoints of a head of another `shape` (head_options for `base_config`)
+    or of a run with other `options` (run_options)."""
+    out = Path(out)
+    previous = checkpoints_to_resume(out, resume)
     if not previous:
         check_new_out(out, HEAD_FILES)
+        check_not_stopped(out, STARTED_OUTPUTS, resume)
     elif shape is not None:
         check_same_shape(previous[-1], base_config, shape)
+    if previous and options is not None:
+        then = json.loads((previous[-1] / "progress.json").read_text()).get("options")
+        if then is not None:  # (None: written before checkpoints recorded them)
+            check_same_options(previous[-1], then, options)
     return previous
 
 
@@ -374,16 +401,38 @@ def check_same_shape(checkpoint: Path, base_config, shape: dict) -> None:
                                  "the options that started the run, or choose another --out")
 
 
+def data_fingerprint(samples: list[Sample]) -> str:
+    """A digest of the training tokens and their loss masks, in order."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.input_ids, sample.loss_mask]).encode())
+    return digest.hexdigest()
+
+
+def check_same_data(checkpoint: Path, progress: dict, data: str) -> None:
+    """Resumed on other tokens, a run would train on a mix, its data position counted in another data set."""
+    if progress.get("data", data) != data:  # (none: written before checkpoints recorded it)
+        raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the training tokens differ from "
+                                 "the run's (a --data file changed, or another --max-length, --model-type, --system or "
+                                 "tokenizer; with --regenerate, the base's answers changed: resume with --data of the "
+                                 "answers --save-data wrote): resume with the data that started the run, or choose "
+                                 "another --out")
+
+
 def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
+
+
+def window_rank(file: Path) -> int:
+    return int(file.stem.rsplit("_", 1)[1])
 
 
 def saved_window(checkpoint: Path, rank: int, world: int) -> list:
     """This process's share of the micro-batch results the checkpoint's
     processes saved: all of them shared out when the resumed run has another
     number of processes (the log sums them over processes, whichever holds them)."""
-    saved = sorted(checkpoint.glob("log_window_*.json"), key=lambda file: int(file.stem.rsplit("_", 1)[1]))
-    return [entry for file in saved if int(file.stem.rsplit("_", 1)[1]) % world == rank
+    saved = sorted(checkpoint.glob("log_window_*.json"), key=window_rank)
+    return [entry for file in saved if window_rank(file) % world == rank
             for entry in json.loads(file.read_text())]
 
 
@@ -397,6 +446,11 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
     window_file(path, accelerator.process_index).write_text(json.dumps(window) + "\n")
     accelerator.wait_for_everyone()  # progress.json marks a complete checkpoint
     if accelerator.is_main_process:
+        # A write a kill cut short, of a run with more processes, left their windows here: from this checkpoint
+        # a resumed run would log them again
+        for stale in path.glob("log_window_*.json"):
+            if window_rank(stale) >= accelerator.num_processes:
+                stale.unlink()
         complete_checkpoint(out, path, progress, keep)
     accelerator.wait_for_everyone()
 
@@ -439,7 +493,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     if not samples:
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
     shape = head_options(base.config, draft_vocab_size, intermediate_size)
-    previous = previous_checkpoints(out, resume, base.config, shape)
+    options, data = run_options(cfg, process_state().num_processes), data_fingerprint(samples)
+    previous = previous_checkpoints(out, resume, base.config, shape, options)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     device = accelerator.device
@@ -461,11 +516,14 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     metrics_file = out / "metrics.jsonl"
     if previous:
         progress = read_progress(previous[-1], total)
+        check_same_data(previous[-1], progress, data)
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
         window = saved_window(previous[-1], accelerator.process_index, world)
         accelerator.print(f"resumed from {previous[-1]} (step {step})")
+    elif resume:  # (a --resume that starts over says so)
+        accelerator.print(f"{out} holds no complete checkpoint: starting from step 0")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         # Metrics logged after the checkpoint are logged again by the resumed run.
@@ -474,46 +532,47 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         metrics_file.write_text("".join(line + "\n" for line in kept))
 
     started, tokens = time.time(), 0
-    bar = tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
-               disable=not (show_progress and accelerator.is_main_process))
     objective.train()
-    while step < total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        for micro in range(cfg.grad_accum):
-            chunk = [samples[i] for i in batches.next()]
-            tokens += sum(len(s.input_ids) for s in chunk)
-            sync = accelerator.no_sync(objective) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                result = run_batch(objective, base, chunk, device)
-                accelerator.backward(result.loss / cfg.grad_accum)
-            window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
-                           [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
-        # (an infinite bound clips nothing: max_grad_norm 0 turns clipping off, not the check)
-        norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm or math.inf)
-        check_gradient_norm(norm, step + 1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        record = {}
-        if step % cfg.log_every == 0 or step == total:
-            record = _summarise(window, accelerator)
-            record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
-                          lr=lr_at(step - 1, total, cfg),
-                          tokens_per_s=round(tokens * world / (time.time() - started), 1))
-            window = []
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
-        # The final evaluation comes before the last checkpoint: a resumed finished run does not log it again.
-        if eval_samples and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-            record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
-        if record:
-            _append(accelerator, metrics_file, record)
-        if step % cfg.save_every == 0 or step == total:
-            progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
-                        "micro_batch": cfg.batch_size * world, "head_options": shape}
-            save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
-    bar.close()
+    # (closed on the way out too: a Ctrl-C's line then starts on a line of its own)
+    with tqdm(total=total, initial=step, desc="train head", dynamic_ncols=True,
+              disable=not (show_progress and accelerator.is_main_process)) as bar:
+        while step < total:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            for micro in range(cfg.grad_accum):
+                chunk = [samples[i] for i in batches.next()]
+                tokens += sum(len(s.input_ids) for s in chunk)
+                sync = accelerator.no_sync(objective) if micro < cfg.grad_accum - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    result = run_batch(objective, base, chunk, device)
+                    accelerator.backward(result.loss / cfg.grad_accum)
+                window.append((float(result.loss.detach()), [float(x.detach()) for x in result.step_losses],
+                               [a * c for a, c in zip(result.step_accuracy, result.step_counts)], result.step_counts))
+            # (an infinite bound clips nothing: max_grad_norm 0 turns clipping off, not the check)
+            norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm or math.inf)
+            check_gradient_norm(norm, step + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            record = {}
+            if step % cfg.log_every == 0 or step == total:
+                record = _summarise(window, accelerator)
+                record.update(step=step, epoch=round(batches.epoch + batches.index / batches.per_epoch, 3),
+                              lr=lr_at(step - 1, total, cfg),
+                              tokens_per_s=round(tokens * world / (time.time() - started), 1))
+                window = []
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.2f}")
+            # The final evaluation comes before the last checkpoint: a resumed finished run does not log it again.
+            if eval_samples and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record.update(step=step, **_evaluate_main(accelerator, objective, base, eval_samples, cfg, device))
+            if record:
+                _append(accelerator, metrics_file, record)
+            if step % cfg.save_every == 0 or step == total:
+                progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
+                            "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
+                            "data": data}
+                save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
     if accelerator.is_main_process:
@@ -705,7 +764,7 @@ def check_options(args: argparse.Namespace) -> TrainConfig:
     for name, default in REGEN_DEFAULTS.items():  # (None: not given)
         if getattr(args, name) is None:
             setattr(args, name, default)
-    previous_checkpoints(Path(args.out), args.resume)
+    previous_checkpoints(Path(args.out), args.resume, options=run_options(cfg, process_state().num_processes))
     if args.regenerate and args.save_data:
         check_writable(args.save_data, "--save-data")
     return cfg
@@ -735,6 +794,14 @@ def samples_for(args, records: list[dict], names: list[str], tokenizer, stop_ids
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with interrupted(PROG, Path(args.out), STARTED_OUTPUTS):
+        run(args)
+    if is_main_process():
+        print(f"head written to {args.out}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """The checks, the data, the base model and the training of `main`."""
     # Bad options, paths and data (a record the chat template refuses too) fail before the base model loads.
     with checks_said_once(PROG):
         cfg = check_options(args)
@@ -759,5 +826,3 @@ def main(argv=None) -> None:
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
         train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
-    if is_main_process():
-        print(f"head written to {args.out}")
