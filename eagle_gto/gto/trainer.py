@@ -34,8 +34,8 @@ from ..train.checkpoints import check_not_stopped, checkpoints_to_resume, read_p
 from ..train.trainer import (DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_new_out,
                              check_not_negative)
 from ..tree import check_tree_params
-from .checkpoints import (Checkpointing, check_same_data, check_same_run_options, data_fingerprint,
-                          load_checkpoint, run_options, save_checkpoint)
+from .checkpoints import (Checkpointing, check_same_data, check_same_run_options, data_fingerprint, load_checkpoint,
+                          run_options, save_checkpoint)
 from .data import TokenStream, generated_stream, jsonl_stream, stdlib_split, text_stream
 from .parallel import Share, process_device
 from .policy import (accepted_paths, clipped_surrogate, debiased_rewards, group_advantages, group_roots, path_logprob,
