@@ -360,9 +360,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         # Stop and Clear presses: counted in the page as they come, and as the session has taken them (COUNT_PRESS)
         presses, presses_seen = gr.Number(0, visible=False), gr.State(StopPresses())
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
-        # allow_tags: set by `show` with each conversation
         copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
-        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
+        # Each message in its own bubble: two messages of one role in a row would share one, whose copy button
+        # copies them joined, a text COPY_AS_WRITTEN does not find. allow_tags: set by `show` with each conversation
+        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False,
+                             group_consecutive_messages=False)
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
         with gr.Row():

@@ -806,6 +806,15 @@ def test_a_question_asked_before_a_stop_the_server_took_first_is_not_answered():
     assert last[0][-1] == {"role": "assistant", "content": "abcdefgh"} and len(model.calls) == 1
 
 
+def test_each_message_has_its_own_copy_button():
+    """Called directly (no browser): the chat would show two messages of one role in a row in one bubble, whose copy
+    button copies them joined with a newline, a text the page's #copy-texts does not hold (the copy then gave the
+    Markdown shown, escaped); each message in its own bubble copies as written."""
+    ui = build_ui(ChatRunner(ScriptedModel()), "scripted", 8)
+    chatbot = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "chatbot")
+    assert chatbot.get_config()["group_consecutive_messages"] is False
+
+
 def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
     """Called directly (no browser): the Stop pressed after Send is taken as the answer begins (the Stop found no
     question): the answer ends at its next step, taken back, and the model is free."""
