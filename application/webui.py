@@ -455,7 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
     demo = build_ui(runner, model_name(args), args.max_new_tokens)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # Quiet: Gradio's own lines tell a Python caller to set `share=True` in `launch()`; this command's user has
+    # --share. (A share link, or why there is none, Gradio still prints.)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, quiet=True,
+                        prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url.rstrip('/')}", flush=True)  # as Gradio writes it
+    if not args.share:
+        print("* To create a public link, start with --share.", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

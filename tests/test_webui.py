@@ -831,6 +831,18 @@ def test_each_message_has_its_own_copy_button():
     assert chatbot.get_config()["group_consecutive_messages"] is False
 
 
+def test_the_start_lines_name_the_commands_share_option(monkeypatch, capsys):
+    """Called directly (no browser): Gradio's start lines tell a Python caller to set `share=True` in `launch()`; this
+    command's user reads the URL and --share instead."""
+    monkeypatch.setattr(webui, "load_runner", lambda parser, args: ChatRunner(ScriptedModel()))
+    monkeypatch.setattr(gr.Blocks, "block_thread", gr.Blocks.close)  # the server closed where it would wait
+    port = free_port()
+    webui.main(["--host", "127.0.0.1", "--port", str(port)])
+    out = capsys.readouterr().out
+    assert f"Running on local URL:  http://127.0.0.1:{port}\n" in out
+    assert "start with --share" in out and "share=True" not in out
+
+
 def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
     """Called directly (no browser): the Stop pressed after Send is taken as the answer begins (the Stop found no
     question): the answer ends at its next step, taken back, and the model is free."""
