@@ -113,6 +113,12 @@ COPY_AS_WRITTEN = """() => {
 # was asked before one of them, and is not answered.
 COUNT_PRESS = "(presses) => presses + 1"
 
+# The text of a question an answer gives back (Stop took it back, or the answer failed) goes back into the message
+# box only if the box is still empty: the answer may come long after Send on a loaded server, and the user may have
+# typed the next question since. The answer leaves the text in the hidden #given-back; this script, run in the page
+# once the answer has ended, reads the box as it is then (a Python function would see it as it was at Send).
+GIVE_BACK = "(given, typed) => [typed || given, '']"
+
 
 def tags_as_text(history: list[dict]) -> list[str]:
     """The names of the tags written in the conversation that the chat can show as written."""
@@ -186,6 +192,13 @@ class StopPresses:
     so an answer sees a Stop taken while it runs."""
 
     seen: int = 0
+    cleared: bool = False  # the last press was Clear's: a question it takes back leaves the page as Clear left it
+
+    def take(self, presses: float, cleared: bool) -> None:
+        """A press of Stop (or, `cleared`, Clear) that was the page's `presses`th."""
+        if int(presses) >= self.seen:  # the latest press says how the page is left
+            self.cleared = cleared  # (set before the count an answer in another thread reads first)
+            self.seen = int(presses)
 
 
 @dataclass
@@ -211,13 +224,13 @@ class Question:
         return presses is not None and self.presses < presses.seen and not self.stopped
 
 
-def take_press(pending: Question | None, presses: float, seen: StopPresses | None) -> None:
-    """A Stop or Clear the session takes: the question it found stopped first, then its press counted (the order
-    `Question.asked_before_a_stop` relies on, read by an answer running in another thread)."""
+def take_press(pending: Question | None, presses: float, seen: StopPresses | None, cleared: bool) -> None:
+    """A Stop (or, `cleared`, a Clear) the session takes: the question it found stopped first, then its press
+    counted (the order `Question.asked_before_a_stop` relies on, read by an answer running in another thread)."""
     if pending is not None:
         pending.stopped = True
     if seen is not None:
-        seen.seen = max(seen.seen, int(presses))
+        seen.take(presses, cleared)
 
 
 def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
@@ -256,7 +269,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
         question = Question(asked, message, presses=int(presses))
-        return "", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
+        return ("", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked),
+                "")
 
     def drop_answer(history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)
@@ -265,7 +279,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             raise gr.Error("There is no message to answer again.", title="Nothing to regenerate",
                            print_exception=False)
         question = Question(asked, None, presses=int(presses))
-        return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked)
+        return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked), ""
 
     def finished(stats, max_new: int) -> str:
         """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
@@ -282,11 +296,8 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         if key is not None and key != pending.key:  # another question's answer, which the page no longer follows
             return
         asked, typed = pending.asked, pending.typed
-        # What Stop does to a question it found before its answer began: the question taken back, its text too
-        taken_back = (history, None, gr.skip(), show(history), gr.skip(), gr.skip(), STOPPED,
-                      gr.skip() if typed is None else typed, copy_texts(history))
         if pending.asked_before_a_stop(presses):
-            yield taken_back
+            yield taken_back(history, typed, presses.cleared)
             return
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
@@ -300,7 +311,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     if pending.stopped:  # (closing the updates frees the model)
                         return
                     if pending.asked_before_a_stop(presses):  # (a Stop taken as the answer began)
-                        yield taken_back
+                        yield taken_back(history, typed, presses.cleared)
                         return
                     shown = stopper.feed_pieces(update.pieces)
                     done = update.step.finished or stopper.hit
@@ -333,16 +344,23 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
             # The last answer's stats and draft panel come back with its conversation (the failed answer's
             # first steps may have replaced them).
             notice_line = f'<span style="color:#b91c1c">{html.escape(f"{title}: {err}")}</span>'
-            typed_back = gr.skip() if typed is None else typed
             yield (history, None, (notice_line, stats_before, drafts_before), show(history), stats_before,
-                   drafts_before, notice_line, typed_back, copy_texts(history))
+                   drafts_before, notice_line, typed or "", copy_texts(history))
             raise gr.Error(str(err), title=title, print_exception=False) from err
+
+    def taken_back(history: list[dict], typed: str | None, cleared: bool) -> tuple:
+        """`respond`'s update for a question asked before a Stop (or, `cleared`, a Clear) the session took first:
+        what that Stop or Clear does to a question it finds before its answer began."""
+        if cleared:  # the page as Clear leaves it: the question dropped, its text too
+            return history, None, gr.skip(), show(history), gr.skip(), gr.skip(), "", "", copy_texts(history)
+        return (history, None, gr.skip(), show(history), gr.skip(), gr.skip(), STOPPED, typed or "",
+                copy_texts(history))
 
     def stopped(state: str, history: list[dict], pending: Question | None, ended: tuple[str, str, str],
                 message: str, presses: float = 0, seen: StopPresses | None = None):
         """After Stop: the conversation as it stands; a question stopped before its answer began is not in
         it, so its text goes back into the (empty) message box to send again."""
-        take_press(pending, presses, seen)
+        take_press(pending, presses, seen, cleared=False)
         if pending is None:
             if state not in (GENERATING, WAITING):  # nothing was running or queued
                 return state, show(history), gr.skip(), gr.skip(), gr.skip(), gr.skip(), copy_texts(history)
@@ -354,7 +372,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return STOPPED, show(history), typed_back, gr.skip(), gr.skip(), None, copy_texts(history)
 
     def cleared(pending: Question | None, presses: float = 0, seen: StopPresses | None = None):
-        take_press(pending, presses, seen)
+        take_press(pending, presses, seen, cleared=True)
         return [], None, [], "", "", "", "[]"
 
     with gr.Blocks(title="eagle-gto chat", analytics_enabled=False) as demo:
@@ -367,9 +385,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         # Stop and Clear presses: counted in the page as they come, and as the session has taken them (COUNT_PRESS)
         presses, presses_seen = gr.Number(0, visible=False), gr.State(StopPresses())
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
-        # allow_tags: set by `show` with each conversation
         copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
-        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False)
+        given_back = gr.Textbox(visible="hidden", elem_id="given-back")  # see GIVE_BACK
+        # Each message in its own bubble: two messages of one role in a row would share one, whose copy button
+        # copies them joined, a text COPY_AS_WRITTEN does not find. allow_tags: set by `show` with each conversation
+        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False,
+                             group_consecutive_messages=False)
         notice = gr.Markdown(elem_id="notice")
         stats = gr.Markdown(elem_id="stats")
         with gr.Row():
@@ -403,17 +424,21 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         generation = dict(fn=respond, inputs=[pending, history, *settings, stats, drafts, asked_key, presses_seen],
                           # the session's states first, together: Stop's cancel may come between two outputs
                           # (each component's is made in a thread), and the states must agree (see `stopped`)
-                          outputs=[history, pending, ended, *on_page, message, copies],
+                          outputs=[history, pending, ended, *on_page, given_back, copies],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
         asked = [message.submit, send.click]
         turn = dict(fn=add_message, inputs=[message, history, notice, pending, presses],
-                    outputs=[message, pending, chatbot, notice, asked_key, copies],
+                    outputs=[message, pending, chatbot, notice, asked_key, copies, given_back],
                     **nowhere, concurrency_limit=None)
         events = [ask(**turn).success(**generation) for ask in asked]
         events.append(regenerate.click(drop_answer, [history, notice, pending, presses],
-                                       [pending, chatbot, notice, asked_key, copies], **nowhere, concurrency_limit=None)
+                                       [pending, chatbot, notice, asked_key, copies, given_back], **nowhere,
+                                       concurrency_limit=None)
                       .success(**generation))
+        for answered in events:  # (the page runs no `then` after an error: `failure` there)
+            for after in (answered.success, answered.failure):
+                after(None, [given_back, message], [message, given_back], js=GIVE_BACK)
         # Queued after the cancellation, so it reaches the browser after the stopped answer's last step.
         stop.click(None, presses, presses, js=COUNT_PRESS, cancels=events).then(
             stopped, [notice, history, pending, ended, message, presses, presses_seen],
@@ -438,7 +463,14 @@ def main(argv: list[str] | None = None) -> None:
     check_address(parser, args.host, args.port)
     runner = load_runner(parser, args)
     demo = build_ui(runner, model_name(args), args.max_new_tokens)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # Quiet: Gradio's own lines tell a Python caller to set `share=True` in `launch()`; this command's user has
+    # --share. (A share link, or why there is none, Gradio still prints.)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, quiet=True,
+                        prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url.rstrip('/')}", flush=True)  # as Gradio writes it
+    if not args.share:
+        print("* To create a public link, start with --share.", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -258,7 +258,8 @@ def test_a_failed_action_leaves_the_conversation_as_it_was(browser, url):
     wait_for_error(page, "(one more is needed for the answer)")
     now = answers(page), stats(page), page.locator("#drafts").inner_text()
     assert (page.locator('[data-testid="user"]').count(), now) == (1, before)
-    assert page.locator("#message textarea").input_value() == "y" * 20
+    # the typed text back in the box, by the page's step once the answer has ended (see webui.GIVE_BACK)
+    page.wait_for_function(f"document.querySelector('#message textarea').value === {'y' * 20!r}")
 
 
 def test_queued_user_waits_and_stop_frees_the_model(browser, url, expected):
@@ -773,7 +774,7 @@ def test_an_answer_sent_for_an_earlier_question_leaves_the_one_asked_since_to_it
     latter) said Done with no answer shown (CI, test_queued_user_waits_and_stop_frees_the_model)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     first_key = actions["add_message"]("hi", [], "", None)[4]
-    _, pending, _, _, key, _ = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
+    _, pending, _, _, key, *_ = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
     assert key != first_key and key == pending.key
     assert list(actions["respond"](pending, [], True, 0, 1, 8, "", "", first_key)) == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", key)
@@ -804,6 +805,42 @@ def test_a_question_asked_before_a_stop_the_server_took_first_is_not_answered():
     pending = actions["add_message"]("again", [], "", None, 2)[1]  # asked after both presses
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
     assert last[0][-1] == {"role": "assistant", "content": "abcdefgh"} and len(model.calls) == 1
+
+
+def test_a_question_asked_before_a_clear_the_server_took_first_leaves_the_page_as_clear_left_it():
+    """Called directly (no browser): taken back after a Clear (not a Stop), the question leaves the chat empty, the
+    notice line empty as Clear's, not "Stopped.", and its text not given back (Clear drops a question's text)."""
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
+    seen = webui.StopPresses()
+    actions["cleared"](None, 1, seen)  # the page's first press, taken first
+    pending = actions["add_message"]("again", [], DONE, None, 0)[1]  # asked before it
+    (back,) = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
+    assert (back[0], back[1], on_chat(back[3]), back[6], back[7]) == ([], None, [], "", "")
+    actions["stopped"]("", [], None, ("", "", ""), "", 2, seen)  # a Stop after the Clear: the Stop's way
+    pending = actions["add_message"]("again", [], DONE, None, 0)[1]
+    (back,) = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
+    assert (back[6], back[7]) == (STOPPED, "again")
+
+
+def test_each_message_has_its_own_copy_button():
+    """Called directly (no browser): the chat would show two messages of one role in a row in one bubble, whose copy
+    button copies them joined with a newline, a text the page's #copy-texts does not hold (the copy then gave the
+    Markdown shown, escaped); each message in its own bubble copies as written."""
+    ui = build_ui(ChatRunner(ScriptedModel()), "scripted", 8)
+    chatbot = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "chatbot")
+    assert chatbot.get_config()["group_consecutive_messages"] is False
+
+
+def test_the_start_lines_name_the_commands_share_option(monkeypatch, capsys):
+    """Called directly (no browser): Gradio's start lines tell a Python caller to set `share=True` in `launch()`; this
+    command's user reads the URL and --share instead."""
+    monkeypatch.setattr(webui, "load_runner", lambda parser, args: ChatRunner(ScriptedModel()))
+    monkeypatch.setattr(gr.Blocks, "block_thread", gr.Blocks.close)  # the server closed where it would wait
+    port = free_port()
+    webui.main(["--host", "127.0.0.1", "--port", str(port)])
+    out = capsys.readouterr().out
+    assert f"Running on local URL:  http://127.0.0.1:{port}\n" in out
+    assert "start with --share" in out and "share=True" not in out
 
 
 def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
@@ -892,6 +929,54 @@ def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(bro
         page.wait_for_function("document.querySelector('#message textarea').value === 'hello' && "
                                "document.querySelectorAll('[data-testid=\"user\"]').length === 0")
         assert model.calls == []
+
+
+def test_a_question_taken_back_leaves_text_typed_since_in_the_box(browser):
+    """In the browser: the Stop pressed just after Send is taken first; the Send is then taken (the box emptied) but
+    its answer waits for the model (another user's answer), and the user types the next question meanwhile. The
+    question taken back as its answer would begin leaves the box as typed, as Stop's own path does, instead of
+    putting its own text over it."""
+    model = ScriptedModel()
+    with scripted_chat("", model=model) as (url, demo):
+        stop_taken, typed = threading.Event(), threading.Event()
+        functions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
+        ask, take_stop = functions["add_message"].fn, functions["stopped"].fn
+
+        @functools.wraps(ask)
+        def ask_after_the_stop(*args):
+            assert stop_taken.wait(60), "the Stop was not taken"
+            return ask(*args)
+
+        @functools.wraps(take_stop)
+        def take_the_stop(*args):
+            try:
+                return take_stop(*args)
+            finally:
+                stop_taken.set()
+
+        functions["add_message"].fn, functions["stopped"].fn = ask_after_the_stop, take_the_stop
+        for answer in (f for f in demo.fns.values() if f.fn and f.fn.__name__ == "respond"):
+            respond = answer.fn
+
+            @functools.wraps(respond)
+            def respond_once_typed(*args, respond=respond):
+                assert typed.wait(60), "the next question was not typed"
+                yield from respond(*args)
+
+            answer.fn = respond_once_typed
+        page = browser.new_page()
+        page.goto(url)
+        send(page, "hello")
+        press(page, "#stop")
+        wait_for_state(page, "Generating", timeout=60)  # the Send taken after the Stop
+        page.wait_for_function("document.querySelector('#message textarea').value === ''")
+        page.locator("#message textarea").fill("next question")
+        typed.set()
+        wait_for_state(page, "Stopped", timeout=60)  # the question taken back
+        # and the page's own step once the answer is done (it empties the hidden text given back)
+        page.wait_for_function("(document.querySelector('#given-back textarea') || {value: ''}).value === ''")
+        assert page.locator("#message textarea").input_value() == "next question"
+        assert page.locator('[data-testid="user"]').count() == 0 and model.calls == []
 
 
 def test_without_the_clipboard_api_a_message_copies_as_written(browser):
