@@ -866,6 +866,11 @@ class StopBetweenTheChecks:
 
     def __init__(self, question):
         self.count, self.stop, self.question, self.stopped_when_counted = 0, None, question, []
+        self.cleared = False
+
+    def take(self, presses: float, cleared: bool) -> None:
+        self.cleared = cleared
+        self.seen = int(presses)
 
     @property
     def seen(self) -> int:
@@ -898,29 +903,34 @@ def test_a_stop_that_found_the_answer_keeps_it_even_taken_between_the_answers_ch
     assert STOPPED not in [update[6] for update in rest]
 
 
+def send_taken_after_the_stop(demo) -> None:
+    """Make the server take a Send only once it has taken the Stop pressed after it, as one under load may."""
+    actions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
+    stop_taken = threading.Event()
+    ask, take_stop = actions["add_message"].fn, actions["stopped"].fn
+
+    @functools.wraps(ask)
+    def ask_after_the_stop(*args):
+        assert stop_taken.wait(60), "the Stop was not taken"
+        return ask(*args)
+
+    @functools.wraps(take_stop)
+    def take_the_stop(*args):
+        try:
+            return take_stop(*args)
+        finally:
+            stop_taken.set()
+
+    actions["add_message"].fn, actions["stopped"].fn = ask_after_the_stop, take_the_stop
+
+
 def test_a_send_the_server_takes_after_a_stop_pressed_after_it_is_taken_back(browser):
     """In the browser: a server under load takes the Stop pressed just after Send before the Send (here the Send
     waits for it): the Stop finds no question, and the question is taken back once its answer would begin, its
     text back in the box, not answered."""
     model = ScriptedModel()
     with scripted_chat("", model=model) as (url, demo):
-        actions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
-        stop_taken = threading.Event()
-        ask, take_stop = actions["add_message"].fn, actions["stopped"].fn
-
-        @functools.wraps(ask)
-        def ask_after_the_stop(*args):
-            assert stop_taken.wait(60), "the Stop was not taken"
-            return ask(*args)
-
-        @functools.wraps(take_stop)
-        def take_the_stop(*args):
-            try:
-                return take_stop(*args)
-            finally:
-                stop_taken.set()
-
-        actions["add_message"].fn, actions["stopped"].fn = ask_after_the_stop, take_the_stop
+        send_taken_after_the_stop(demo)
         page = browser.new_page()
         page.goto(url)
         send(page, "hello")
@@ -938,23 +948,8 @@ def test_a_question_taken_back_leaves_text_typed_since_in_the_box(browser):
     putting its own text over it."""
     model = ScriptedModel()
     with scripted_chat("", model=model) as (url, demo):
-        stop_taken, typed = threading.Event(), threading.Event()
-        functions = {f.fn.__name__: f for f in demo.fns.values() if f.fn}
-        ask, take_stop = functions["add_message"].fn, functions["stopped"].fn
-
-        @functools.wraps(ask)
-        def ask_after_the_stop(*args):
-            assert stop_taken.wait(60), "the Stop was not taken"
-            return ask(*args)
-
-        @functools.wraps(take_stop)
-        def take_the_stop(*args):
-            try:
-                return take_stop(*args)
-            finally:
-                stop_taken.set()
-
-        functions["add_message"].fn, functions["stopped"].fn = ask_after_the_stop, take_the_stop
+        typed = threading.Event()
+        send_taken_after_the_stop(demo)
         for answer in (f for f in demo.fns.values() if f.fn and f.fn.__name__ == "respond"):
             respond = answer.fn
 
