@@ -114,10 +114,12 @@ def test_the_bonus_after_a_rejected_draft_leaves_the_draft_out(model):
     assert chi_square_pvalue(counts, exact(SamplingParams(params.temperature * 1.25))) < 1e-3
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.0, 0), (0.5, 0.9, 0), (2.0, 0.0, 5), (0.8, 0.6, 3)])
+@pytest.mark.parametrize("temperature,top_p,top_k",
+                         [(1.0, 0.0, 0), (0.5, 0.9, 0), (2.0, 0.0, 5), (0.8, 0.6, 3), (1.0, 0.0, 1000)])
 def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
     """The processing order and semantics of the EAGLE reference (which uses
-    these transformers warpers): temperature, then top-p, then top-k."""
+    these transformers warpers): temperature, then top-p, then top-k (a top_k
+    past the vocabulary keeps every token)."""
     logits = torch.randn(4, 50) * 3
     expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if 0 < top_p < 1:
