@@ -130,6 +130,18 @@ def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
     torch.testing.assert_close(got, expected.softmax(-1))
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(top_p=-0.1), "top_p must be >= 0 .*got -0.1"),
+    (dict(top_k=-1), "top_k must be >= 0 .*got -1"),
+])
+def test_sampling_settings_below_their_range_are_refused(settings, message):
+    """0 is each one's lowest value (greedy; top-p and top-k off): below it the settings are refused."""
+    SamplingParams(**{name: 0 for name in settings}).validate()
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**settings).validate()
+
+
 @pytest.mark.parametrize("top_p", [1e-300, 1e-46])
 def test_a_tiny_top_p_keeps_the_most_probable_token(top_p):
     """Below float32's smallest number top_p compares as 0: the top token must still stay."""
