@@ -383,6 +383,7 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(input_ids=torch.zeros(1, 5)), "integer"),
     (dict(input_ids=torch.ones(1, 5, dtype=torch.bool)), "input_ids must hold integer token ids, got dtype torch.bool"),
     (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
+    (dict(input_ids=[[3, -1]]), rf"input_ids holds ids outside the vocabulary \[0, {VOCAB}\)"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=None), "temperature must be a number, got None"),
     (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),
