@@ -329,6 +329,17 @@ def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_b
                               "on cuda:0 (1.50 GiB free now)): lower max_length")
 
 
+@pytest.mark.parametrize("layer_types,window", [(None, 64), (["full_attention", "sliding_attention"], 64),
+                                                (["full_attention", "full_attention"], None)])
+def test_a_sliding_window_counts_where_a_layer_slides(layer_types, window):
+    """Configs may keep a sliding_window that no layer uses (their layer_types say so): it limits nothing."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(sliding_window=64, layer_types=layer_types, max_position_embeddings=4096)
+    assert context_length.sliding_window(config) == window
+    assert context_length.default_max_length(config) == (window or 2048)
+
+
 def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
     model = trained_pair("llama", "eagle3")
     monkeypatch.setattr(model.base_model.config, "max_position_embeddings", 40)
