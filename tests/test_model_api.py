@@ -340,6 +340,25 @@ def test_a_sliding_window_counts_where_a_layer_slides(layer_types, window):
     assert context_length.default_max_length(config) == (window or 2048)
 
 
+def test_a_longrope_base_decodes_speculatively_only_within_its_original_context():
+    """LongRoPE turns to its long factors past original_max_position_embeddings, not max_position_embeddings:
+    from there a draft tree's forward would rotate the tokens it verifies otherwise than plain decoding."""
+    from transformers import Phi3Config
+
+    from eagle_gto.target import TargetRunner
+
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, pad_token_id=None, bos_token_id=None,
+                        eos_token_id=None, max_position_embeddings=64, original_max_position_embeddings=16,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 100.0, "short_factor": [1.0] * 8,
+                                         "long_factor": [2.0] * 8, "original_max_position_embeddings": 16})
+    target = TargetRunner(AutoModelForCausalLM.from_config(config).eval(), None)
+    context_length.check_max_length(target, 16)
+    with pytest.raises(ValueError, match=r"'longrope' rope scaling .* max_length must be <= 16, got 17 \(plain"):
+        context_length.check_max_length(target, 17)
+    context_length.check_max_length(target, 64, speculative=False)
+
+
 def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
     model = trained_pair("llama", "eagle3")
     monkeypatch.setattr(model.base_model.config, "max_position_embeddings", 40)
