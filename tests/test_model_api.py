@@ -319,6 +319,18 @@ def test_a_generation_out_of_memory_lets_go_of_its_caches_even_while_its_error_i
     assert torch.equal(model.eagenerate(ids, max_new_tokens=8, max_length=64), expected)
 
 
+def test_a_cpus_memory_is_counted_in_bytes():
+    """The cache check compares bytes with it: the machine's memory, at least what /proc/meminfo counts (in KiB;
+    a container's may show its limit, less than the machine's)."""
+    from pathlib import Path
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo to compare with")
+    total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+    assert memory.device_memory(torch.device("cpu")) >= total_kib * 1024
+
+
 def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_blocks(monkeypatch):
     """mem_get_info counts the blocks torch's caching allocator holds unused as used; a new cache may take them."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * 2**30, 80 * 2**30))
