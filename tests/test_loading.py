@@ -199,10 +199,13 @@ def test_an_eagle1_heads_bias_must_be_true_or_false(saved, tmp_path):
         load_checkpoint(str(head))
 
 
-def test_device_map_cuda_without_cuda(saved, monkeypatch):
+@pytest.mark.parametrize("device_map", ["cuda", 0, {"": 1}])
+def test_device_map_cuda_without_cuda(saved, monkeypatch, device_map):
+    """A CUDA device given by name or by index (as transformers takes one)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="device_map='cuda' places the model on CUDA, but CUDA is not available"):
-        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map="cuda")
+    with pytest.raises(ValueError, match=f"device_map={device_map!r} places the model on CUDA, but CUDA is not "
+                                         "available"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
 
 
 def test_cli_device_map_none_means_no_device_map(capsys):
