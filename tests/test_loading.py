@@ -208,6 +208,16 @@ def test_device_map_cuda_without_cuda(saved, monkeypatch, device_map):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
 
 
+def test_quantization_given_twice_is_refused_before_anything_loads():
+    """The reference's load_in_8bit/load_in_4bit become a quantization_config: one of them, and not beside one."""
+    from eagle_gto.loading import quantization_options
+
+    for options, message in (({"load_in_8bit": True, "load_in_4bit": True}, "load_in_8bit or load_in_4bit, not both"),
+                             ({"load_in_4bit": True, "quantization_config": {}}, "or quantization_config, not both")):
+        with pytest.raises(ValueError, match=message):
+            quantization_options(options)
+
+
 def test_cli_device_map_none_means_no_device_map(capsys):
     assert main(["--device-map", "none", "--max-new-tokens", "4", "--no-compare", "--total-token", "8",
                  "--depth", "3", "--tree-top-k", "3"]) == 0
