@@ -142,8 +142,9 @@ def build_prompt(messages: list[dict], model_type: str = "auto", tokenizer=None,
 def answer_lead(model_type: str = "auto", tokenizer=None, system: str | None = None) -> str:
     """What the format writes between the prompt and an assistant answer's
     text (" " after vicuna's `ASSISTANT:` and mixtral's and llama2-chat's
-    `[/INST]`, "" for llama3 and qwen). A model's own answer begins with it, so
-    text decoded from the answer's tokens may carry it already."""
+    `[/INST]`, "" for llama3 and qwen, and for a chat template whose written
+    answer turn does not begin with the prompt that asks for it). A model's own
+    answer begins with it, so text decoded from the answer's tokens may carry it already."""
     marker = "\ue000"  # (a private-use character: in no template)
     user = [{"role": "user", "content": "?"}]
     prompt = build_prompt(user, model_type, tokenizer, system)

@@ -308,3 +308,40 @@ def test_a_llama3_system_prompt_with_braces_is_written_as_it_is():
     """Without a tokenizer template llama3's format is written out: braces in the system prompt are text."""
     messages = [{"role": "system", "content": "answer in {json}"}, {"role": "user", "content": "hi"}]
     assert "system<|end_header_id|>\n\nanswer in {json}<|eot_id|>" in build_prompt(messages, "llama3")
+
+
+@pytest.mark.parametrize("model_type", ["llama2-chat", "mixtral"])
+def test_a_prompt_not_opening_with_the_tokenizers_bos_is_tokenized_whole(model_type):
+    """A written <s> is given as the tokenizer's BOS id; with a tokenizer whose BOS is another text (Gemma's
+    <bos>), the format's <s> is text like the rest: nothing is cut from the prompt's start."""
+    from types import SimpleNamespace
+
+    from eagle_gto.chat import encode_prompt
+
+    class RecordingTokenizer:
+        bos_token, bos_token_id = "<bos>", 2
+        seen = []
+
+        def __call__(self, text, add_special_tokens=True):
+            self.seen.append((text, add_special_tokens))
+            return SimpleNamespace(input_ids=[7])
+
+    tokenizer = RecordingTokenizer()
+    text = build_prompt(TURNS, model_type)
+    assert encode_prompt(text, tokenizer, model_type) == [7]
+    assert tokenizer.seen == [(text, False)]
+
+
+def test_a_template_writing_answers_otherwise_than_it_asks_for_them_has_no_lead():
+    """The lead is what the format writes between a prompt and its answer; a chat template whose written answer
+    turn does not begin with the prompt that asks for it has none: no piece of its text is taken for one."""
+    from eagle_gto.chat import answer_lead
+
+    class Tokenizer:
+        chat_template = "(asks with <bot>, writes answers after <assistant>)"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            turns = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+            return turns + "<bot>" if add_generation_prompt else turns
+
+    assert answer_lead("auto", Tokenizer()) == ""

@@ -335,3 +335,16 @@ def test_config_fields_read_where_configs_put_them_and_defaulted_as_llama():
                "original_max_position_embeddings": 8192}
     spelled = rope_inverse_frequencies(16, 500000.0, llama31)
     assert torch.equal(short, spelled)
+
+
+def test_a_heads_own_embedding_wins_over_an_attached_one():
+    """A checkpoint's own embed_tokens is the head's; the trainer attaches the target's whatever the head carries
+    (`attach_target_embedding`), and that must not replace it. Without one, the attached embedding is used."""
+    head = random_head(head_config(base_config("llama", vocab_size=VOCAB), "eagle3", draft_vocab_size=40))
+    own = torch.randn(VOCAB, head.config.hidden_size)
+    attached = torch.randn(VOCAB, head.config.hidden_size)
+    head.attach_embedding(attached)
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.equal(head.embed(ids), attached[ids])
+    head.embed_tokens = torch.nn.Embedding.from_pretrained(own, freeze=True)
+    assert torch.equal(head.embed(ids), own[ids])

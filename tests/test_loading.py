@@ -199,10 +199,23 @@ def test_an_eagle1_heads_bias_must_be_true_or_false(saved, tmp_path):
         load_checkpoint(str(head))
 
 
-def test_device_map_cuda_without_cuda(saved, monkeypatch):
+@pytest.mark.parametrize("device_map", ["cuda", 0, {"": 1}])
+def test_device_map_cuda_without_cuda(saved, monkeypatch, device_map):
+    """A CUDA device given by name or by index (as transformers takes one)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="device_map='cuda' places the model on CUDA, but CUDA is not available"):
-        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map="cuda")
+    with pytest.raises(ValueError, match=f"device_map={device_map!r} places the model on CUDA, but CUDA is not "
+                                         "available"):
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
+
+
+def test_quantization_given_twice_is_refused_before_anything_loads():
+    """The reference's load_in_8bit/load_in_4bit become a quantization_config: one of them, and not beside one."""
+    from eagle_gto.loading import quantization_options
+
+    for options, message in (({"load_in_8bit": True, "load_in_4bit": True}, "load_in_8bit or load_in_4bit, not both"),
+                             ({"load_in_4bit": True, "quantization_config": {}}, "or quantization_config, not both")):
+        with pytest.raises(ValueError, match=message):
+            quantization_options(options)
 
 
 def test_cli_device_map_none_means_no_device_map(capsys):
@@ -525,6 +538,18 @@ def test_a_vocabulary_mapping_that_is_no_mapping_is_refused(saved, tmp_path, edi
         build_head(load_checkpoint(str(head)))
 
 
+def test_tensors_a_head_has_no_place_for_are_refused_by_name_but_an_old_exports_rotary_buffer_is_dropped(
+        saved, tmp_path):
+    """Old exports saved the rotary frequencies, which are recomputed from the config; any other tensor the head
+    has no place for (another model's, a newer variant's) would be ignored silently."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({"midlayer.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    build_head(load_checkpoint(str(head)))
+    edit_weights(head, lambda state: state.update({"extra.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=rf"{head / 'model.safetensors'}: .*unexpected tensors extra\.weight"):
+        build_head(load_checkpoint(str(head)))
+
+
 @pytest.mark.parametrize("key,shape", [("fc.weight", [64, 192]), ("embed_tokens.weight", [VOCAB, 64])])
 def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
     """The shape, not only the number of elements: a transposed weight (or a
@@ -586,6 +611,9 @@ def test_an_eagle3_head_narrower_than_its_target_loads(saved, tmp_path):
     then carries its own embedding."""
     cfg = base_config("llama", vocab_size=VOCAB)
     save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=40, hidden_size=32)), tmp_path / "head")
+    with pytest.raises(CheckpointError, match="head hidden_size 32 != base hidden_size 64 and the head carries no "
+                                              "embed_tokens.weight of its own"):  # (the target's is 64 wide)
+        EaModel.from_pretrained(str(saved / "llama"), str(tmp_path / "head"), **TREE)
     embedding = torch.randn(VOCAB, 32) * 0.02
     edit_weights(tmp_path / "head", lambda state: state.update({"embed_tokens.weight": embedding}))
     model = EaModel.from_pretrained(str(saved / "llama"), str(tmp_path / "head"), **TREE)

@@ -319,6 +319,18 @@ def test_a_generation_out_of_memory_lets_go_of_its_caches_even_while_its_error_i
     assert torch.equal(model.eagenerate(ids, max_new_tokens=8, max_length=64), expected)
 
 
+def test_a_cpus_memory_is_counted_in_bytes():
+    """The cache check compares bytes with it: the machine's memory, at least what /proc/meminfo counts (in KiB;
+    a container's may show its limit, less than the machine's)."""
+    from pathlib import Path
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo to compare with")
+    total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+    assert memory.device_memory(torch.device("cpu")) >= total_kib * 1024
+
+
 def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_blocks(monkeypatch):
     """mem_get_info counts the blocks torch's caching allocator holds unused as used; a new cache may take them."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * 2**30, 80 * 2**30))
@@ -327,6 +339,36 @@ def test_what_an_out_of_memory_error_says_is_free_counts_the_allocators_unused_b
     message = memory.no_room_message(4096, {torch.device("cuda", 0): 2 * 2**30}, ALLOCATOR_WORDS)
     assert message.startswith("out of memory generating with max_length=4096 (its key/value cache needs 2.00 GiB "
                               "on cuda:0 (1.50 GiB free now)): lower max_length")
+
+
+@pytest.mark.parametrize("layer_types,window", [(None, 64), (["full_attention", "sliding_attention"], 64),
+                                                (["full_attention", "full_attention"], None)])
+def test_a_sliding_window_counts_where_a_layer_slides(layer_types, window):
+    """Configs may keep a sliding_window that no layer uses (their layer_types say so): it limits nothing."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(sliding_window=64, layer_types=layer_types, max_position_embeddings=4096)
+    assert context_length.sliding_window(config) == window
+    assert context_length.default_max_length(config) == (window or 2048)
+
+
+def test_a_longrope_base_decodes_speculatively_only_within_its_original_context():
+    """LongRoPE turns to its long factors past original_max_position_embeddings, not max_position_embeddings:
+    from there a draft tree's forward would rotate the tokens it verifies otherwise than plain decoding."""
+    from transformers import Phi3Config
+
+    from eagle_gto.target import TargetRunner
+
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, pad_token_id=None, bos_token_id=None,
+                        eos_token_id=None, max_position_embeddings=64, original_max_position_embeddings=16,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 100.0, "short_factor": [1.0] * 8,
+                                         "long_factor": [2.0] * 8, "original_max_position_embeddings": 16})
+    target = TargetRunner(AutoModelForCausalLM.from_config(config).eval(), None)
+    context_length.check_max_length(target, 16)
+    with pytest.raises(ValueError, match=r"'longrope' rope scaling .* max_length must be <= 16, got 17 \(plain"):
+        context_length.check_max_length(target, 17)
+    context_length.check_max_length(target, 64, speculative=False)
 
 
 def test_max_length_past_the_trained_context_warns_and_is_not_the_default(monkeypatch):
@@ -381,7 +423,9 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(input_ids=[["a"]]), "input_ids must hold integer token ids"),
     (dict(input_ids=torch.zeros(2, 5, dtype=torch.long)), "batch size 2"),
     (dict(input_ids=torch.zeros(1, 5)), "integer"),
+    (dict(input_ids=torch.ones(1, 5, dtype=torch.bool)), "input_ids must hold integer token ids, got dtype torch.bool"),
     (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
+    (dict(input_ids=[[3, -1]]), rf"input_ids holds ids outside the vocabulary \[0, {VOCAB}\)"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=None), "temperature must be a number, got None"),
     (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),

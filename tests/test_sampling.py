@@ -114,10 +114,12 @@ def test_the_bonus_after_a_rejected_draft_leaves_the_draft_out(model):
     assert chi_square_pvalue(counts, exact(SamplingParams(params.temperature * 1.25))) < 1e-3
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.0, 0), (0.5, 0.9, 0), (2.0, 0.0, 5), (0.8, 0.6, 3)])
+@pytest.mark.parametrize("temperature,top_p,top_k",
+                         [(1.0, 0.0, 0), (0.5, 0.9, 0), (2.0, 0.0, 5), (0.8, 0.6, 3), (1.0, 0.0, 1000)])
 def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
     """The processing order and semantics of the EAGLE reference (which uses
-    these transformers warpers): temperature, then top-p, then top-k."""
+    these transformers warpers): temperature, then top-p, then top-k (a top_k
+    past the vocabulary keeps every token)."""
     logits = torch.randn(4, 50) * 3
     expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if 0 < top_p < 1:
@@ -126,6 +128,18 @@ def test_target_probs_match_transformers_warpers(temperature, top_p, top_k):
         expected = TopKLogitsWarper(top_k)(None, expected)
     got = target_probs(logits, SamplingParams(temperature, top_p, top_k))
     torch.testing.assert_close(got, expected.softmax(-1))
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(top_p=-0.1), "top_p must be >= 0 .*got -0.1"),
+    (dict(top_k=-1), "top_k must be >= 0 .*got -1"),
+])
+def test_sampling_settings_below_their_range_are_refused(settings, message):
+    """0 is each one's lowest value (greedy; top-p and top-k off): below it the settings are refused."""
+    SamplingParams(**{name: 0 for name in settings}).validate()
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**settings).validate()
 
 
 @pytest.mark.parametrize("top_p", [1e-300, 1e-46])
