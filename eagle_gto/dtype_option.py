@@ -53,8 +53,13 @@ def saved_dtype(base_model_path: str | None) -> str | None:
     return None
 
 
+def resolve_dtype(name: str, on_gpu: bool, base_model_path: str | None) -> str:
+    """The name of the dtype a command's --dtype NAME loads the base model in (auto resolved)."""
+    if name == "auto":
+        return auto_dtype(on_gpu, saved_dtype(base_model_path) if on_gpu else None)
+    return name
+
+
 def pick_dtype(name: str, on_gpu: bool, base_model_path: str | None) -> torch.dtype:
     """The torch dtype a command's --dtype NAME loads the base model in."""
-    if name == "auto":
-        name = auto_dtype(on_gpu, saved_dtype(base_model_path) if on_gpu else None)
-    return DTYPES[name]
+    return DTYPES[resolve_dtype(name, on_gpu, base_model_path)]

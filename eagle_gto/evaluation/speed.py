@@ -144,7 +144,10 @@ def question_facts(answer: dict) -> dict:
 def shared_settings(answer: dict) -> dict:
     """The settings of an answer that a fair speedup holds fixed, where recorded."""
     settings = answer.get("settings", {})
-    return {key: settings[key] for key in SHARED_SETTINGS if key in settings}
+    shared = {key: settings[key] for key in SHARED_SETTINGS if key in settings}
+    if "dtype_used" in settings:  # the dtype loaded: --dtype auto and the name it resolved to compare alike
+        shared["dtype"] = settings["dtype_used"]
+    return shared
 
 
 def differences(ea_facts: dict, base_facts: dict) -> list[str]:
