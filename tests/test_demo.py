@@ -399,3 +399,13 @@ def test_cli_says_a_greedy_top_k_is_not_the_trees(model, monkeypatch, capsys):
     assert cli.main(["--model-type", "plain", "--top-k", "5", "--temperature", "0.7", "--max-new-tokens", "4",
                      "--no-compare"]) == 0
     assert "--tree-top-k" not in capsys.readouterr().err
+
+
+def test_cli_reads_a_temperature_up_to_1e_5_as_greedy(model, monkeypatch, capsys):
+    """The engine decodes greedily up to 1e-5 (as the reference): the CLI compares and warns as for 0, not as
+    for two sampled answers."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "plain", "--temperature", "1e-6", "--top-k", "5", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "greedy outputs identical: yes" in captured.out and "sampling" not in captured.out
+    assert "greedy decoding (--temperature 1e-06) does not sample" in captured.err
