@@ -152,7 +152,10 @@ def main(argv=None) -> int:
     for name, st in rows:
         print(f"{name:<12} {st.new_tokens:>6} {st.iterations:>10} {st.mean_accepted_length:>6.2f} "
               f"{st.tokens_per_second:>9.1f}")
-    if len(rows) == 2:
+    if len(rows) == 2 and rows[0][1].iterations == 1:  # the prefill alone: no draft was verified
+        print("no speedup to show: the runs compare over one token, which each makes with its prefill alone (an "
+              "answer of one token; sampled, run again)")
+    elif len(rows) == 2:
         (_, timed), (_, plain_stats) = rows
         device = next(model.base_model.parameters()).device.type
         print(f"speedup {timed.tokens_per_second / plain_stats.tokens_per_second:.2f}x "
