@@ -46,7 +46,8 @@ def saved_dtype(base_model_path: str | None) -> str | None:
 
         base_model_path = demo_paths()[0]
     config = read_config(base_model_path)
-    for section in (config, config.get("text_config") or {}):
+    text_config = config.get("text_config")
+    for section in (config, text_config if isinstance(text_config, dict) else {}):  # (else transformers says why)
         for key in ("dtype", "torch_dtype"):
             if isinstance(section.get(key), str):
                 return section[key]
