@@ -1482,3 +1482,20 @@ def test_a_resume_on_regenerated_answers_that_differ_by_a_token_is_a_warning(tmp
     # (the key order of a record is no other record)
     assert trainer.records_fingerprint([{"a": 1, "b": 2}], "plain", None, 512) == \
         trainer.records_fingerprint([{"b": 2, "a": 1}], "plain", None, 512)
+
+
+def test_the_base_runs_in_its_own_dtype_under_the_heads_autocast(tokenizer):
+    """On a GPU the step runs under bf16 autocast, which ran the base's matmuls in bfloat16 too: a float16 base
+    (Vicuna's) gave the head other features than the engine, which runs it in float16, gives it. Here a float32
+    base under the CPU's bf16 autocast."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+
+    def objective(features, input_ids, logits, loss_mask, attention_mask):  # what the head is given
+        return features, logits
+
+    plain = trainer.run_batch(objective, base, samples, torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = trainer.run_batch(objective, base, samples, torch.device("cpu"))
+    assert autocast[1].dtype == torch.float32
+    assert torch.equal(autocast[0], plain[0]) and torch.equal(autocast[1], plain[1])

@@ -472,7 +472,10 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
 # --------------------------------------------------------------------------- train
 def run_batch(objective, base, samples: list[Sample], device):
     batch = {k: v.to(device) for k, v in collate(samples).items()}
-    target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
+    # The base runs as the engine runs it, in its own dtype: under the head's bf16 autocast a float16 base's
+    # features would be bfloat16 ones, not those the head is given
+    with torch.autocast(torch.device(device).type, enabled=False):
+        target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
     # The head trains in float32: a half-precision base's features are cast, as GTO casts them (on GPUs autocast
     # would reconcile the two; on the CPU nothing does)
     features = target.features.float()
