@@ -91,14 +91,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # The generation settings are checked before the model loads (the engine would refuse them later).
-        SamplingParams(args.temperature, args.top_p, args.top_k).validate()
+        sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+        sampling.validate()
         if args.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
         check_text(args.prompt)
-        if args.top_k and args.temperature == 0:
+        if args.top_k and sampling.greedy:
             # The other commands' --top-k is the tree's: copied here, it would silently do nothing.
-            print(f"warning: --top-k {args.top_k} is the sampling top-k here, and greedy decoding (--temperature 0) "
-                  "does not sample; the draft tree's is --tree-top-k", file=sys.stderr)
+            print(f"warning: --top-k {args.top_k} is the sampling top-k here, and greedy decoding (--temperature "
+                  f"{args.temperature:g}) does not sample; the draft tree's is --tree-top-k", file=sys.stderr)
         model = load_model(args)
     except ValueError as err:  # CheckpointError included: the message names the file and the problem
         print(f"error: {err}", file=sys.stderr)
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     rows = [("speculative", spec)]
     if not args.no_compare:
         plain = model.naivegenerate(ids, **options)
-        if args.temperature == 0:  # the same answer: each run is timed whole
+        if sampling.greedy:  # the same answer (a temperature up to 1e-5 is greedy): each run is timed whole
             print(f"greedy outputs identical: {'yes' if plain.tolist() == out.tolist() else 'NO'}")
             rows.append(("plain", model.last_stats))
         else:
@@ -151,7 +152,10 @@ def main(argv=None) -> int:
     for name, st in rows:
         print(f"{name:<12} {st.new_tokens:>6} {st.iterations:>10} {st.mean_accepted_length:>6.2f} "
               f"{st.tokens_per_second:>9.1f}")
-    if len(rows) == 2:
+    if len(rows) == 2 and rows[0][1].iterations == 1:  # the prefill alone: no draft was verified
+        print("no speedup to show: the runs compare over one token, which each makes with its prefill alone (an "
+              "answer of one token; sampled, run again)")
+    elif len(rows) == 2:
         (_, timed), (_, plain_stats) = rows
         device = next(model.base_model.parameters()).device.type
         print(f"speedup {timed.tokens_per_second / plain_stats.tokens_per_second:.2f}x "

@@ -46,15 +46,21 @@ def saved_dtype(base_model_path: str | None) -> str | None:
 
         base_model_path = demo_paths()[0]
     config = read_config(base_model_path)
-    for section in (config, config.get("text_config") or {}):
+    text_config = config.get("text_config")
+    for section in (config, text_config if isinstance(text_config, dict) else {}):  # (else transformers says why)
         for key in ("dtype", "torch_dtype"):
             if isinstance(section.get(key), str):
                 return section[key]
     return None
 
 
+def resolve_dtype(name: str, on_gpu: bool, base_model_path: str | None) -> str:
+    """The name of the dtype a command's --dtype NAME loads the base model in (auto resolved)."""
+    if name == "auto":
+        return auto_dtype(on_gpu, saved_dtype(base_model_path) if on_gpu else None)
+    return name
+
+
 def pick_dtype(name: str, on_gpu: bool, base_model_path: str | None) -> torch.dtype:
     """The torch dtype a command's --dtype NAME loads the base model in."""
-    if name == "auto":
-        name = auto_dtype(on_gpu, saved_dtype(base_model_path) if on_gpu else None)
-    return DTYPES[name]
+    return DTYPES[resolve_dtype(name, on_gpu, base_model_path)]

@@ -32,7 +32,8 @@ def test_auto_is_float32_on_a_cpu_and_the_checkpoints_half_type_on_a_gpu(monkeyp
 def test_the_saved_dtype_is_read_as_transformers_4_and_5_write_it(tmp_path):
     assert saved_dtype(None) == "float16"  # the demo base
     for config, expected in (({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "float16"}, "float16"),
-                             ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"), ({}, None)):
+                             ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"), ({}, None),
+                             ({"text_config": None}, None), ({"text_config": "llama"}, None)):  # (not ours to refuse)
         (tmp_path / "config.json").write_text(json.dumps(config))
         assert saved_dtype(str(tmp_path)) == expected
     assert pick_dtype("float16", True, str(tmp_path)) == torch.float16  # a name given is kept

@@ -399,3 +399,35 @@ def test_cli_says_a_greedy_top_k_is_not_the_trees(model, monkeypatch, capsys):
     assert cli.main(["--model-type", "plain", "--top-k", "5", "--temperature", "0.7", "--max-new-tokens", "4",
                      "--no-compare"]) == 0
     assert "--tree-top-k" not in capsys.readouterr().err
+
+
+def test_cli_reads_a_temperature_up_to_1e_5_as_greedy(model, monkeypatch, capsys):
+    """The engine decodes greedily up to 1e-5 (as the reference): the CLI compares and warns as for 0, not as
+    for two sampled answers."""
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["--model-type", "plain", "--temperature", "1e-6", "--top-k", "5", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "greedy outputs identical: yes" in captured.out and "sampling" not in captured.out
+    assert "greedy decoding (--temperature 1e-06) does not sample" in captured.err
+
+
+def test_cli_shows_no_speedup_when_an_answer_ends_at_its_first_token(model, monkeypatch, capsys):
+    """A sampled plain answer that stops at its first token leaves only the two prefills to compare: their ratio
+    says nothing of speculative decoding, so no speedup (nor iteration cost) is printed."""
+    from eagle_gto import GenerationStats, Step
+
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    naivegenerate = model.naivegenerate
+
+    def plain_of_one_token(*args, **kwargs):
+        out = naivegenerate(*args, **kwargs)
+        model.last_stats = GenerationStats(3, [Step([1], 0, 1.0, "stop")])
+        return out
+
+    monkeypatch.setattr(model, "naivegenerate", plain_of_one_token)
+    torch.manual_seed(0)
+    assert cli.main(["--model-type", "plain", "--temperature", "0.8", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "no speedup to show: the runs compare over one token" in out
+    assert not re.search(r"^speedup ", out, re.M) and "an iteration cost" not in out
+    assert re.search(r"^speculative +1 +1 +1.00 ", out, re.M) and re.search(r"^plain +1 +1 +1.00 ", out, re.M)

@@ -893,3 +893,35 @@ def test_a_long_category_name_keeps_the_speed_table_aligned():
     assert rows[1].startswith("a_very_long_category_name ")
     assert {len(line) for line in (header, rule, *rows)} == {len(header)}
     assert {line.index("4.000") for line in rows} == {header.index("speedup") + len("speedup") - len("4.000")}
+
+
+def test_the_dtype_auto_loaded_is_recorded_and_refuses_a_resume_that_loads_another(tmp_path, monkeypatch):
+    """--dtype auto on a GPU is the checkpoint's half type: the same options load float16 for one base and
+    bfloat16 for another (or, before, bfloat16 for both). The answers record the dtype loaded; a file whose
+    answers record none (written before) resumes with the same options as it did."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float16"}))
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
+    path = tmp_path / "a.jsonl"
+    run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cuda",
+           "--base-model-path", str(base), "--ea-model-path", "head", "--model-type", "plain"]
+    settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(questions))
+    assert (settings["dtype"], settings["dtype_used"]) == ("auto", "float16")
+    write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings={**settings, "dtype_used": "bfloat16"})])
+    with pytest.raises(ValueError, match="dtype_used 'bfloat16' .*not this run's 'float16'"):
+        gen_answer.main(run)
+    old = {key: value for key, value in settings.items() if key != "dtype_used"}
+    write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=old)])
+    assert gen_answer.main(run + ["--limit", "1"]) == path  # the same options: nothing left to answer
+
+
+def test_speed_compares_the_dtype_loaded_where_recorded():
+    """--dtype auto that loaded bfloat16 and --dtype bfloat16 ran alike; auto that loaded float16 did not."""
+    base = [timed(81, "baseline", "plain", settings(dtype="auto", dtype_used="bfloat16"), 4.0)]
+    summary = speed.summarize([timed(81, "ea", "m", settings(dtype="bfloat16", dtype_used="bfloat16"))], base)
+    assert summary["groups"]["all"]["speedup"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="dtype 'float16' in --ea-file but 'bfloat16' in --baseline-file"):
+        speed.summarize([timed(81, "ea", "m", settings(dtype="auto", dtype_used="float16"))], base)

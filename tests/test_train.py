@@ -609,6 +609,10 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
           "--log-every", "1", "--ttt-steps", "3", "--export-dtype", "float32", "--eval-data", str(data)])
     regen = [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()]
     assert all(r["messages"][1]["content"] != "x" for r in regen[:12])  # answers are the base model's own
+    # (a resume on answers that differ by a token is then a warning, not a refusal)
+    answered = [json.loads(line) for line in data.read_text().splitlines()]
+    progress = json.loads((checkpoint_dirs(out)[-1] / "progress.json").read_text())
+    assert progress["regenerated_from"] == trainer.records_fingerprint(answered, "plain", None, 24)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_logs = [m for m in metrics if "loss" in m]
     assert len(train_logs) == 40
@@ -1049,7 +1053,7 @@ def test_errors_in_training_are_one_line(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setattr(trainer, "load_base", lambda path: None)
     argv = ["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out")]
     for error, caught in [(ValueError("a problem with the base"), SystemExit), (RuntimeError("a bug"), RuntimeError)]:
-        def failing_train(*args, error=error):
+        def failing_train(*args, error=error, **kwargs):
             raise error
 
         monkeypatch.setattr(trainer, "train", failing_train)
@@ -1453,3 +1457,45 @@ def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, mon
         main(["--base-model-path", "base", "--data", "data.jsonl", "--out", str(out)])
     assert stopped.type is SystemExit and stopped.value.code == 130
     assert capsys.readouterr().err == f"python -m eagle_gto.train: interrupted; nothing was written to {out}\n"
+
+
+def test_a_resume_on_regenerated_answers_that_differ_by_a_token_is_a_warning(tmp_path, tokenizer):
+    """--regenerate's answers to the same records may differ by a token on another GPU or number of processes
+    (each batches other prompts together): the resume was refused, and without --save-data the run could not go
+    on at all (GTO warns for its generated data). Other records are still refused."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    regenerated = trainer.records_fingerprint([{"text": t} for t in TEXTS], "plain", None, 512)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False, regenerated_from=regenerated)
+    shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
+    other_answers = samples[:-1] + [to_samples([{"text": TEXTS[-1] + " x"}], tokenizer)[0]]
+    other_records = trainer.records_fingerprint([{"text": t} for t in TEXTS[1:]], "plain", None, 512)
+    with pytest.raises(trainer.CheckpointMismatch, match="was written by a run on other data"):
+        train(base, other_answers, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False,
+              regenerated_from=other_records)
+    with pytest.warns(UserWarning, match="the base's regenerated answers differ from those of the run that wrote "
+                                         f"{re.escape(str(checkpoint_path(tmp_path, 2)))}"):
+        train(base, other_answers, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False,
+              regenerated_from=regenerated)
+    assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
+    # (the key order of a record is no other record)
+    assert trainer.records_fingerprint([{"a": 1, "b": 2}], "plain", None, 512) == \
+        trainer.records_fingerprint([{"b": 2, "a": 1}], "plain", None, 512)
+
+
+def test_the_base_runs_in_its_own_dtype_under_the_heads_autocast(tokenizer):
+    """On a GPU the step runs under bf16 autocast, which ran the base's matmuls in bfloat16 too: a float16 base
+    (Vicuna's) gave the head other features than the engine, which runs it in float16, gives it. Here a float32
+    base under the CPU's bf16 autocast."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+
+    def objective(features, input_ids, logits, loss_mask, attention_mask):  # what the head is given
+        return features, logits
+
+    plain = trainer.run_batch(objective, base, samples, torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = trainer.run_batch(objective, base, samples, torch.device("cpu"))
+    assert autocast[1].dtype == torch.float32
+    assert torch.equal(autocast[0], plain[0]) and torch.equal(autocast[1], plain[1])

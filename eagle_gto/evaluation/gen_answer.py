@@ -27,7 +27,8 @@ are timed and counted the same way:
 
 Answers are appended one line per question in the EAGLE reference's format
 (plus `category`, `mode`, per-turn `accept_lengths` and the run's `settings`:
-question file, model paths, prompt format, tree, budgets, sampling, device);
+question file, model paths, prompt format, tree, budgets, sampling, device,
+--dtype and `dtype_used`, the dtype it loaded);
 question ids already in the answer file are skipped, so an interrupted run
 resumes where it stopped. A file holding answers of another --mode,
 --model-id or settings is refused, naming what differs.
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
                     stop_token_ids)
 from ..cli_help import show_defaults
-from ..dtype_option import add_dtype_option, pick_dtype
+from ..dtype_option import add_dtype_option, pick_dtype, resolve_dtype
 from ..ea_model import EaModel
 from ..tree import check_tree_params
 from .questions import BENCHES, answered_ids, append_answer, check_writable, load_questions, question_file, sort_answers
@@ -239,7 +240,10 @@ def run_settings(args: argparse.Namespace, questions_path: Path) -> dict:
             "model_type": args.model_type, "system": args.system, "temperature": args.temperature,
             "seed": args.seed, "total_token": args.total_token, "depth": args.depth, "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
-            "device": args.device, "dtype": args.dtype}
+            "device": args.device, "dtype": args.dtype,
+            # what --dtype loaded: auto's dtype depends on the machine and the checkpoint (and was bfloat16 on
+            # every GPU in answer files that record no dtype_used, which resume and pair as before)
+            "dtype_used": resolve_dtype(args.dtype, on_gpu(args.device), args.base_model_path)}
 
 
 def bench_label(args: argparse.Namespace) -> str:

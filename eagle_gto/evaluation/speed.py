@@ -8,7 +8,8 @@ refused: gen_answer writes one answer per id); a pair whose question set (the `q
 records), category or number of turns differ is refused: the files answer
 different questions. So is a pair made with different settings where a fair
 speedup needs the same: base model, prompt format, system prompt,
-temperature, --max-new-tokens, --max-length, dtype, device (the draft head,
+temperature, --max-new-tokens, --max-length, dtype (the one loaded, `dtype_used`,
+where recorded), device (the draft head,
 the tree, the seed, the mode and the model id may differ). A setting only
 one side records (the reference's answers record none) passes. For question q and one side, T_q is the sum of new_tokens
 over its turns, S_q the sum of wall_time and I_q the sum of (idxs + 1), the
@@ -144,7 +145,10 @@ def question_facts(answer: dict) -> dict:
 def shared_settings(answer: dict) -> dict:
     """The settings of an answer that a fair speedup holds fixed, where recorded."""
     settings = answer.get("settings", {})
-    return {key: settings[key] for key in SHARED_SETTINGS if key in settings}
+    shared = {key: settings[key] for key in SHARED_SETTINGS if key in settings}
+    if "dtype_used" in settings:  # the dtype loaded: --dtype auto and the name it resolved to compare alike
+        shared["dtype"] = settings["dtype_used"]
+    return shared
 
 
 def differences(ea_facts: dict, base_facts: dict) -> list[str]:

@@ -409,14 +409,28 @@ def data_fingerprint(samples: list[Sample]) -> str:
     return digest.hexdigest()
 
 
-def check_same_data(checkpoint: Path, progress: dict, data: str) -> None:
-    """Resumed on other tokens, a run would train on a mix, its data position counted in another data set."""
-    if progress.get("data", data) != data:  # (none: written before checkpoints recorded it)
-        raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the training tokens differ from "
-                                 "the run's (a --data file changed, or another --max-length, --model-type, --system or "
-                                 "tokenizer; with --regenerate, the base's answers changed: resume with --data of the "
-                                 "answers --save-data wrote): resume with the data that started the run, or choose "
-                                 "another --out")
+def records_fingerprint(records: list[dict], model_type: str, system: str | None, max_new_tokens: int) -> str:
+    """A digest of the records --regenerate answers anew, of how their prompts are written and of the answers'
+    length bound (key order aside)."""
+    described = json.dumps([records, model_type, system, max_new_tokens], sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def check_same_data(checkpoint: Path, progress: dict, data: str, regenerated_from: str | None = None) -> str | None:
+    """Resumed on other tokens, a run would train on a mix, its data position counted in another data set:
+    refused. But the base's greedy answers (--regenerate) to the same records may differ by a token on another GPU
+    or number of processes (which batch other prompts together), which a resume may change: then a warning to
+    say so is returned."""
+    if progress.get("data", data) == data:  # (none: written before checkpoints recorded it)
+        return None
+    if regenerated_from is not None and progress.get("regenerated_from") == regenerated_from:
+        return (f"the base's regenerated answers differ from those of the run that wrote {checkpoint} (another GPU "
+                "or number of processes may change a token; or the base at --base-model-path changed): the resumed "
+                "run trains on the new ones")
+    raise CheckpointMismatch(f"{checkpoint} was written by a run on other data: the training tokens differ from "
+                             "the run's (a --data file changed, or another --max-length, --model-type, --system or "
+                             "tokenizer, or --regenerate given or left out): resume with the data that started the "
+                             "run, or choose another --out")
 
 
 def window_file(checkpoint: Path, rank: int) -> Path:
@@ -458,7 +472,10 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int, window: l
 # --------------------------------------------------------------------------- train
 def run_batch(objective, base, samples: list[Sample], device):
     batch = {k: v.to(device) for k, v in collate(samples).items()}
-    target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
+    # The base runs as the engine runs it, in its own dtype: under the head's bf16 autocast a float16 base's
+    # features would be bfloat16 ones, not those the head is given
+    with torch.autocast(torch.device(device).type, enabled=False):
+        target = target_outputs(base, batch["input_ids"], batch["attention_mask"])
     # The head trains in float32: a half-precision base's features are cast, as GTO casts them (on GPUs autocast
     # would reconcile the two; on the CPU nothing does)
     features = target.features.float()
@@ -483,10 +500,12 @@ def evaluate(objective, base, samples: list[Sample], batch_size: int, device) ->
 
 def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_vocab_size: int = 32000,
           intermediate_size: int | None = None, eval_samples: list[Sample] | None = None,
-          resume: bool = False, show_progress: bool = True) -> Eagle3Head:
+          resume: bool = False, show_progress: bool = True, regenerated_from: str | None = None) -> Eagle3Head:
     """Train a head for `base` (a transformers causal LM, already placed) on
     token samples; write checkpoints, metrics, the plot and the exported head
-    into `out`; return the trained head (float32)."""
+    into `out`; return the trained head (float32). `regenerated_from`: for
+    samples of the base's own answers, the records_fingerprint of the records
+    it answered."""
     from accelerate import Accelerator
 
     out = Path(out)
@@ -516,7 +535,9 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     metrics_file = out / "metrics.jsonl"
     if previous:
         progress = read_progress(previous[-1], total)
-        check_same_data(previous[-1], progress, data)
+        changed = check_same_data(previous[-1], progress, data, regenerated_from)
+        if changed and accelerator.is_main_process:
+            warnings.warn(changed)
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
@@ -571,7 +592,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
                             "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
-                            "data": data}
+                            "data": data, "regenerated_from": regenerated_from}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
@@ -819,10 +840,13 @@ def run(args: argparse.Namespace) -> None:
             if eval_records else None
         base = load_base(args.base_model_path)
     with errors_said_once(PROG):  # (said by one process, none left waiting for another)
+        regenerated_from = None
         if args.regenerate:
+            regenerated_from = records_fingerprint(records, args.model_type, args.system, args.regen_max_new_tokens)
             records = regenerate_shared(records, base, tokenizer, args)
             if args.save_data and is_main_process():  # (every process holds all of them)
                 Path(args.save_data).write_text("".join(json.dumps(r) + "\n" for r in records))
             samples = samples_for(args, records, names, tokenizer, stop_ids)
         # (a resumed checkpoint past this run's steps is found once the step count is known)
-        train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume)
+        train(base, samples, args.out, cfg, args.draft_vocab_size, args.intermediate_size, eval_samples, args.resume,
+              regenerated_from=regenerated_from)
