@@ -166,6 +166,14 @@ def test_swapped_paths_are_named(saved, head):
         EaModel.from_pretrained(str(saved / head), str(saved / "llama"))
 
 
+def test_an_eagle1_head_given_as_the_base_is_named_by_its_weights(saved):
+    """EaModel loads the head first, so the test above stops at the base given as the head; load_base on its own
+    (an EAGLE-1 head's config.json reads as a Llama's) tells the head by its fc.weight."""
+    with pytest.raises(CheckpointError, match=r"they look like an EAGLE draft head's: are base_model_path and "
+                                              r"ea_model_path swapped\?"):
+        load_base(str(saved / "eagle1"))
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(hidden_size="64"), "hidden_size must be a positive integer, found '64'"),
     (dict(hidden_size=None), "hidden_size must be a positive integer, found None"),
@@ -550,6 +558,18 @@ def test_tensors_a_head_has_no_place_for_are_refused_by_name_but_an_old_exports_
         build_head(load_checkpoint(str(head)))
 
 
+@pytest.mark.parametrize("switch,tensors", [("fc_norm", {f"fc_norm.{i}.weight": [64] for i in range(3)}),
+                                             ("norm_before_fc", {"input_norm.weight": [192]})])
+def test_norm_tensors_a_config_turns_off_are_refused_by_name(saved, tmp_path, switch, tensors):
+    """The tensors turn a norm on only where config.json is silent (SpecForge and gpt-oss exports): one that says
+    false there keeps the head without the norm, so the tensors are refused, not used against the config."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({key: torch.ones(shape) for key, shape in tensors.items()}))
+    edit_config(head, **{switch: False})
+    with pytest.raises(CheckpointError, match=rf"unexpected tensors {', '.join(tensors)}$"):
+        build_head(load_checkpoint(str(head)))
+
+
 @pytest.mark.parametrize("key,shape", [("fc.weight", [64, 192]), ("embed_tokens.weight", [VOCAB, 64])])
 def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
     """The shape, not only the number of elements: a transposed weight (or a
@@ -558,6 +578,15 @@ def test_a_transposed_tensor_is_refused_by_name(saved, tmp_path, key, shape):
     edit_weights(head, lambda state: state.update({key: torch.zeros(shape[::-1])}))
     with pytest.raises(CheckpointError, match=rf"tensor {key}: expected shape \[{shape[0]}, {shape[1]}\], "
                                               rf"found \[{shape[1]}, {shape[0]}\]"):
+        build_head(load_checkpoint(str(head)))
+
+
+def test_a_head_embedding_of_another_width_is_refused_by_name(saved, tmp_path):
+    """The width as well as the vocabulary: a 32-wide embedding on a 64-wide head is as wrong as a short one."""
+    head = copy(saved / "eagle3", tmp_path / "head")
+    edit_weights(head, lambda state: state.update({"embed_tokens.weight": torch.zeros(VOCAB, 32)}))
+    with pytest.raises(CheckpointError, match=rf"tensor embed_tokens.weight: expected shape \[{VOCAB}, 64\], "
+                                              rf"found \[{VOCAB}, 32\]"):
         build_head(load_checkpoint(str(head)))
 
 
