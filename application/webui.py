@@ -237,6 +237,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # The answer shares the context with the prompt.
     most = min(max_new_tokens, runner.longest_answer)
 
+    @functools.lru_cache(maxsize=1024)  # each streamed update shows, and lists for copying, every message again
     def as_shown(content: str) -> str:
         """A message as the chat shows it: a plain code model's turns are code, shown verbatim."""
         return code_block(content) if runner.plain_text else escape_markup(content)
