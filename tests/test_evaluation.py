@@ -2,6 +2,7 @@
 speed report on its output and on a hand-made answer file, resuming."""
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -783,22 +784,25 @@ def test_an_interrupted_sort_keeps_every_answer_and_leaves_nothing_beside_them(t
     path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
     before = Path(path).read_text()
 
-    def interrupted_writing(self, text, **kwargs):
-        with self.open("w", **kwargs) as f:
-            f.write(text[:len(text) // 2])
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    def interrupted_moving(self, target):
-        raise KeyboardInterrupt
-
-    if when == "writing":
-        monkeypatch.setattr(Path, "write_text", interrupted_writing)
-    else:
-        monkeypatch.setattr(Path, "replace", interrupted_moving)
+    # (written, not yet on the disk; or on the disk, not yet renamed)
+    monkeypatch.setattr(os, "fsync" if when == "writing" else "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sort_answers(path)
     assert Path(path).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_the_sorted_answer_file_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, disk_writes):
+    """A crash of the machine (not a Ctrl-C) soon after the rename could leave the answer file empty: the sorted
+    copy is synced before it is renamed over the answers, and the rename (the folder) after."""
+    path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
+    size = Path(path).stat().st_size
+    sort_answers(path)
+    assert disk_writes == [("sync file", size), ("rename", "a.jsonl"), ("sync folder", tmp_path.stat().st_ino)]
+    assert [a["question_id"] for a in read_jsonl(path)] == [1, 2]
 
 
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import write_atomically
 from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
@@ -137,14 +138,7 @@ def sort_answers(path: str | Path) -> None:
     latest wins), as the reference does after a run."""
     latest = {a["question_id"]: a for a in read_jsonl(path)}
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
-    # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
-    temporary = Path(f"{path}.sorting")
-    try:
-        temporary.write_text("".join(lines), encoding="utf-8")
-        temporary.replace(path)
-    except BaseException:  # (Ctrl-C too) the answer file is still whole: leave no half-written copy beside it
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, "".join(lines), ".sorting")  # an interrupted rewrite must not cut the answers short
 
 
 def check_writable(path: str | Path) -> None:
