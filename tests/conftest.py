@@ -34,3 +34,12 @@ def disk_writes(monkeypatch):
     monkeypatch.setattr(os, "fsync", spied_fsync)
     monkeypatch.setattr(os, "replace", spied_replace)
     return events
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two GPUs, as torch.cuda tells of them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"Stand-in GPU {index}")
+    return "there are 2: cuda:0 (Stand-in GPU 0), cuda:1 (Stand-in GPU 1)"

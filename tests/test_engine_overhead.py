@@ -108,10 +108,10 @@ def test_reference_benchmarks_import_nothing_of_the_engine(module):
     the engine cannot be imported (eagle_gto.cli_help, their --help's defaults, imports only argparse)."""
     code = (f"import sys, eagle_gto.benchmarks.{module}; "
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
-            # (tree.py's checks and dtype_option's --dtype, shared with engine_overhead, need nothing but torch;
-            # cli_help only argparse)
+            # (the checks of tree.py and devices.py and dtype_option's --dtype, shared with engine_overhead, need
+            # nothing but torch; cli_help only argparse)
             "assert not [m for m in loaded if not m.startswith(('eagle_gto.benchmarks', 'eagle_gto.tree', "
-            "'eagle_gto.cli_help', 'eagle_gto.dtype_option'))], loaded")
+            "'eagle_gto.cli_help', 'eagle_gto.devices', 'eagle_gto.dtype_option'))], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -175,8 +175,7 @@ def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, mon
     assert message in capsys.readouterr().err
 
 
-def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(two_gpus, capsys):
     args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
     assert args.engines == ["eager", "graphs"] and args.profile == 5
     assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
@@ -187,6 +186,13 @@ def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch
     with pytest.raises(SystemExit) as info:
         engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
     assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err
+
+
+def test_a_gpu_the_machine_lacks_is_refused(two_gpus, capsys):
+    """It passed the checks and failed in torch's words once the model was being built."""
+    with pytest.raises(SystemExit) as info:
+        engine_overhead.parse_args(["--device", "cuda:2"])
+    assert info.value.code == 2 and f"--device cuda:2: there is no GPU 2 here; {two_gpus}" in capsys.readouterr().err
 
 
 def test_shapes_the_engine_takes_pass(monkeypatch):
