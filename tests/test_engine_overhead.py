@@ -48,6 +48,24 @@ def test_tiny_shape_report(tmp_path, capsys):
     assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
 
 
+def test_the_table_gives_every_engines_measured_tau():
+    """The "measured tau" line showed the first engine's only, unnamed."""
+    def engine(tau):
+        return {"plain_ms": 1.0, "iterations": {"10": {"ms": 2.0, "tau": tau, "x_plain": 2.0, "predicted_speedup": 1.0,
+                                                       "projected_tokens_per_s": 500.0}}}
+
+    result = {"shape": {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                        "intermediate_size": 128, "vocab_size": 256}, "tree": {"depth": 3, "top_k": 3},
+              "floor_ms": 0.5, "read_floor_ms": 0.4, "weight_bytes": 10**6, "read_bytes": 9 * 10**5,
+              "copy_bandwidth_gb_s": 2.0, "hf_generate_ms": 1.5, "device_name": "stand-in", "dtype": "float32",
+              "date": "2026-01-01", "prompt_length": 8, "new_tokens": 6, "repeats": 1, "tau_assumed": 4.0,
+              "engines": {"eager": engine(1.25), "graphs": engine(1.5)}}
+    table = engine_overhead.format_table(result).splitlines()
+    assert [line for line in table if "measured tau" in line] == [
+        "eager: measured tau with these random weights: total_token 10: 1.25",
+        "graphs: measured tau with these random weights: total_token 10: 1.50"]
+
+
 def test_graphs_need_a_gpu(capsys):
     with pytest.raises(SystemExit) as info:
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
