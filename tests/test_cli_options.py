@@ -82,6 +82,21 @@ def test_device_and_device_map_name_the_same_option_in_every_command(command):
     assert "cpu" in options["--device"].values()
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, two_gpus, monkeypatch, capsys):
+    """--device cuda:2 on a machine with two GPUs passed every check and failed part-way through loading, in
+    torch's words."""
+    argv = ["--base-model-path", "base", "--ea-model-path", "head", "--device", "cuda:2", "--dtype", "float16"]
+    parser = servers.build_parser("server", "", 0)
+    run = {"python -m eagle_gto": lambda: cli.main(argv), "gen_answer": lambda: gen_answer.cli(argv),
+           "servers": lambda: servers.load_runner(parser, parser.parse_args(argv))}[command]
+    try:
+        status = run()
+    except SystemExit as exit:
+        status = exit.code
+    assert status == 2 and f"there is no GPU 2 here; {two_gpus}" in capsys.readouterr().err
+
+
 def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     """eagle_gto.train has no --dtype: its base loaded in bfloat16 on a GPU whatever the checkpoint, so a head for a
     float16 base learned other features than the engine's --dtype auto then gave it."""

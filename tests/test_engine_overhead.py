@@ -48,6 +48,24 @@ def test_tiny_shape_report(tmp_path, capsys):
     assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
 
 
+def test_the_table_gives_every_engines_measured_tau():
+    """The "measured tau" line showed the first engine's only, unnamed."""
+    def engine(tau):
+        return {"plain_ms": 1.0, "iterations": {"10": {"ms": 2.0, "tau": tau, "x_plain": 2.0, "predicted_speedup": 1.0,
+                                                       "projected_tokens_per_s": 500.0}}}
+
+    result = {"shape": {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                        "intermediate_size": 128, "vocab_size": 256}, "tree": {"depth": 3, "top_k": 3},
+              "floor_ms": 0.5, "read_floor_ms": 0.4, "weight_bytes": 10**6, "read_bytes": 9 * 10**5,
+              "copy_bandwidth_gb_s": 2.0, "hf_generate_ms": 1.5, "device_name": "stand-in", "dtype": "float32",
+              "date": "2026-01-01", "prompt_length": 8, "new_tokens": 6, "repeats": 1, "tau_assumed": 4.0,
+              "engines": {"eager": engine(1.25), "graphs": engine(1.5)}}
+    table = engine_overhead.format_table(result).splitlines()
+    assert [line for line in table if "measured tau" in line] == [
+        "eager: measured tau with these random weights: total_token 10: 1.25",
+        "graphs: measured tau with these random weights: total_token 10: 1.50"]
+
+
 def test_graphs_need_a_gpu(capsys):
     with pytest.raises(SystemExit) as info:
         engine_overhead.main(["--shape", "tiny", "--device", "cpu", "--engines", "eager,graphs"])
@@ -108,10 +126,10 @@ def test_reference_benchmarks_import_nothing_of_the_engine(module):
     the engine cannot be imported (eagle_gto.cli_help, their --help's defaults, imports only argparse)."""
     code = (f"import sys, eagle_gto.benchmarks.{module}; "
             "loaded = [m for m in sys.modules if m.startswith(('eagle_gto.', 'transformers'))]; print(loaded); "
-            # (tree.py's checks and dtype_option's --dtype, shared with engine_overhead, need nothing but torch;
-            # cli_help only argparse)
+            # (the checks of tree.py and devices.py and dtype_option's --dtype, shared with engine_overhead, need
+            # nothing but torch; cli_help only argparse)
             "assert not [m for m in loaded if not m.startswith(('eagle_gto.benchmarks', 'eagle_gto.tree', "
-            "'eagle_gto.cli_help', 'eagle_gto.dtype_option'))], loaded")
+            "'eagle_gto.cli_help', 'eagle_gto.devices', 'eagle_gto.dtype_option'))], loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -175,8 +193,7 @@ def test_settings_that_would_time_the_wrong_thing_are_refused(argv, message, mon
     assert message in capsys.readouterr().err
 
 
-def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(two_gpus, capsys):
     args = engine_overhead.parse_args(["--device", "cuda", "--profile", "5", "--trace", "t.json"])
     assert args.engines == ["eager", "graphs"] and args.profile == 5
     assert engine_overhead.parse_args(["--device", "cuda:1", "--engines", "graphs", "--profile", "1"]).profile == 1
@@ -187,6 +204,13 @@ def test_profile_needs_the_graphs_engine_which_a_gpu_runs_by_default(monkeypatch
     with pytest.raises(SystemExit) as info:
         engine_overhead.parse_args(["--device", "cuda", "--engines", "eager", "--profile", "5"])
     assert info.value.code == 2 and "--profile profiles the graphs engine" in capsys.readouterr().err
+
+
+def test_a_gpu_the_machine_lacks_is_refused(two_gpus, capsys):
+    """It passed the checks and failed in torch's words once the model was being built."""
+    with pytest.raises(SystemExit) as info:
+        engine_overhead.parse_args(["--device", "cuda:2"])
+    assert info.value.code == 2 and f"--device cuda:2: there is no GPU 2 here; {two_gpus}" in capsys.readouterr().err
 
 
 def test_shapes_the_engine_takes_pass(monkeypatch):

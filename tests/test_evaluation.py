@@ -2,6 +2,7 @@
 speed report on its output and on a hand-made answer file, resuming."""
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -37,14 +38,25 @@ def byte_tokenizer():
 def tiny_pair(tmp_path_factory):
     """A random Llama base with a byte-level tokenizer (256 ids = its vocab)
     and a random EAGLE-3 head."""
+    return save_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def short_context_pair(tmp_path_factory):
+    """tiny_pair's, with a base trained for a context of 512 tokens."""
+    return save_pair(tmp_path_factory.mktemp("short"), max_position_embeddings=512)
+
+
+def save_pair(root, **config):
     from transformers import AutoModelForCausalLM
 
     from eagle_gto.checkpoint import save_head
     from eagle_gto.tiny import base_config, head_config, random_head
 
-    root = tmp_path_factory.mktemp("pair")
     torch.manual_seed(0)
     cfg = base_config()
+    for key, value in config.items():
+        setattr(cfg, key, value)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
     byte_tokenizer().save_pretrained(root / "base")
     save_head(random_head(head_config(cfg, "eagle3", draft_vocab_size=128)), root / "head")
@@ -288,6 +300,9 @@ class ScriptedModel:
         self.tokenizer, self.steps, self.calls, self.warm_ups = tokenizer, steps, [], []
         self.vocab_size = vocab_size or len(tokenizer)
 
+    def default_max_length(self):
+        return 2048
+
     def warm_up(self, **settings):
         self.warm_ups.append(settings)
         return 0
@@ -392,6 +407,34 @@ def test_resume_refuses_answers_made_with_other_settings(tiny_pair, tmp_path):
         with pytest.raises(ValueError, match=message):  # refused before a model loads
             run_gen(pair, path, *extra, "--limit", "2", "--model-id", "m")
     assert len(read_jsonl(path)) == 1
+
+
+def test_the_context_is_the_base_models_unless_given(short_context_pair, tmp_path):
+    """It was 2048 whatever the base (the servers' is the base's context): past a context of 512 the answers were
+    made at positions the base was not trained for, with a warning."""
+    gsm8k, _ = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "beyond the base model's max_position_embeddings")
+        run_gen(short_context_pair, path, "--question-file", gsm8k, "--limit", "1")
+    assert read_jsonl(path)[0]["settings"]["max_length"] == 512
+    with pytest.warns(UserWarning, match="max_length=1024 is beyond the base model's max_position_embeddings"):
+        run_gen(short_context_pair, tmp_path / "b.jsonl", "--question-file", gsm8k, "--limit", "1",
+                "--max-length", "1024")
+    # a file made with 1024 (as the former default, 2048): resumed only with it given
+    with pytest.raises(ValueError, match=r"max_length 1024 .*not this run's 512 \(--max-length left out: the base "
+                                         r"model's context; give the file's to resume it\)"):
+        run_gen(short_context_pair, tmp_path / "b.jsonl", "--question-file", gsm8k, "--limit", "2")
+    assert len(read_jsonl(tmp_path / "b.jsonl")) == 1
+
+
+def test_a_file_made_with_the_former_default_resumes_where_it_is_the_bases_context(tiny_pair, tmp_path):
+    """The former default, 2048, is the context of a base trained for more: such answer files resume as they did."""
+    gsm8k, _ = two_benches(tmp_path)
+    path = tmp_path / "a.jsonl"
+    run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "1", "--max-length", "2048")
+    run_gen(tiny_pair, path, "--question-file", gsm8k, "--limit", "2")
+    assert [a["settings"]["max_length"] for a in read_jsonl(path)] == [2048, 2048]
 
 
 def test_default_model_id_names_the_head_and_the_tree():
@@ -745,6 +788,7 @@ def test_resume_refuses_a_run_with_any_other_setting(tmp_path, monkeypatch, opti
     run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
            "--base-model-path", "base", "--ea-model-path", "head", "--model-type", "plain"]
     settings = gen_answer.run_settings(gen_answer.parse_args(run), Path(questions))
+    settings["max_length"] = 2048  # (the base's context, recorded once the model has loaded)
     write(path, [dict(answer(1, "c", [1], [1.0], [0]), mode="ea", settings=settings)])
     assert gen_answer.main(run + ["--limit", "1"]) == path  # the same run: nothing left to answer
     with pytest.raises(ValueError, match=f"{option[2:].replace('-', '_')} .*not this run's"):
@@ -783,22 +827,25 @@ def test_an_interrupted_sort_keeps_every_answer_and_leaves_nothing_beside_them(t
     path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
     before = Path(path).read_text()
 
-    def interrupted_writing(self, text, **kwargs):
-        with self.open("w", **kwargs) as f:
-            f.write(text[:len(text) // 2])
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    def interrupted_moving(self, target):
-        raise KeyboardInterrupt
-
-    if when == "writing":
-        monkeypatch.setattr(Path, "write_text", interrupted_writing)
-    else:
-        monkeypatch.setattr(Path, "replace", interrupted_moving)
+    # (written, not yet on the disk; or on the disk, not yet renamed)
+    monkeypatch.setattr(os, "fsync" if when == "writing" else "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sort_answers(path)
     assert Path(path).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_the_sorted_answer_file_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, disk_writes):
+    """A crash of the machine (not a Ctrl-C) soon after the rename could leave the answer file empty: the sorted
+    copy is synced before it is renamed over the answers, and the rename (the folder) after."""
+    path = write(tmp_path / "a.jsonl", [answer(2, "c", [4], [1.0], [1]), answer(1, "c", [4], [1.0], [1])])
+    size = Path(path).stat().st_size
+    sort_answers(path)
+    assert disk_writes == [("sync file", size), ("rename", "a.jsonl"), ("sync folder", tmp_path.stat().st_ino)]
+    assert [a["question_id"] for a in read_jsonl(path)] == [1, 2]
 
 
 def test_speed_lists_the_ids_of_either_file_left_unpaired_and_takes_either_sides_category():

@@ -216,6 +216,23 @@ def test_device_map_cuda_without_cuda(saved, monkeypatch, device_map):
         EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), device_map=device_map)
 
 
+@pytest.mark.parametrize("device_map", ["cuda:2", 2, {"": 2}, {"model": 0, "lm_head": "cuda:2"},
+                                        torch.device("cuda", 2)])
+def test_device_map_naming_a_gpu_the_machine_lacks(device_map, two_gpus):
+    """By name or by index: refused before anything loads, naming the GPUs there are."""
+    with pytest.raises(ValueError) as info:
+        EaModel.from_pretrained("no-base", "no-head", device_map=device_map)
+    assert str(info.value) == (f"device_map={device_map!r} places the model on CUDA, but there is no GPU 2 here; "
+                               f"{two_gpus}")
+
+
+def test_device_map_naming_gpus_the_machine_has(two_gpus):
+    from eagle_gto.loading import check_device_map
+
+    for device_map in ("cuda", "cuda:1", 0, {"model": 0, "lm_head": "cuda:1"}, "auto", "cpu", {"": "cpu"}):
+        check_device_map(device_map)
+
+
 def test_quantization_given_twice_is_refused_before_anything_loads():
     """The reference's load_in_8bit/load_in_4bit become a quantization_config: one of them, and not beside one."""
     from eagle_gto.loading import quantization_options

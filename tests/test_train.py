@@ -1286,16 +1286,27 @@ def test_a_run_killed_while_it_marks_a_checkpoint_complete_leaves_it_incomplete(
     complete_checkpoint(tmp_path, older, {"step": 2}, keep=2)
     newer.mkdir()
 
-    def killed_while_writing(path, text):
-        open(path, "w").close()  # (opened, nothing written yet)
+    def killed_while_writing(descriptor):  # (written, not yet on the disk)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    monkeypatch.setattr(os, "fsync", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         complete_checkpoint(tmp_path, newer, {"step": 4}, keep=2)
     monkeypatch.undo()
     assert checkpoint_dirs(tmp_path) == [older]
     assert read_progress(older, 4) == {"step": 2}
+    assert list(newer.iterdir()) == []  # (its half-written progress.json removed)
+
+
+def test_a_checkpoint_is_marked_complete_on_the_disk(tmp_path, disk_writes):
+    """A crash of the machine soon after progress.json was renamed into place could leave it empty, which marked
+    the checkpoint complete: it is synced before the rename, and the rename (the folder) after."""
+    checkpoint = checkpoint_path(tmp_path, 2)
+    checkpoint.mkdir(parents=True)
+    complete_checkpoint(tmp_path, checkpoint, {"step": 2}, keep=2)
+    written = len(json.dumps({"step": 2}) + "\n")
+    assert disk_writes == [("sync file", written), ("rename", "progress.json"),
+                           ("sync folder", checkpoint.stat().st_ino)]
 
 
 def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():

@@ -1,6 +1,6 @@
 """What the benchmarks share: timing, their timing options and checks, and result files. Of the engine it
-imports only tree.py's check and dtype_option's --dtype, which need nothing but torch (see shapes.py: the
-reference-engine benchmark runs under an older transformers)."""
+imports only the checks of tree.py and devices.py and dtype_option's --dtype, which need nothing but torch (see
+shapes.py: the reference-engine benchmark runs under an older transformers)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import cuda_device_problem
 from ..dtype_option import add_dtype_option
 from ..tree import check_tree_params
 
@@ -94,13 +95,15 @@ def add_timing_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_device(p: argparse.ArgumentParser, device: str) -> None:
-    """Refuse (argparse's error) a --device torch does not know, or a CUDA one where there is none."""
+    """Refuse (argparse's error) a --device torch does not know, a CUDA one where there is none, or a GPU this
+    machine lacks."""
     try:
         torch.device(device)
     except RuntimeError:
         p.error(f"--device {device}: not a device torch knows (cuda, cuda:1 or cpu)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {device}: CUDA is not available here")
+    problem = cuda_device_problem(device)
+    if problem:
+        p.error(f"--device {device}: {problem}")
 
 
 def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, draft_vocab_size: int | None = None,

@@ -249,9 +249,9 @@ def format_table(r: dict) -> str:
         lines.append(f"{name}: predicted speedup at tau {r['tau_assumed']} (tau x plain / iteration): "
                      + ", ".join(f"total_token {size}: {it['predicted_speedup']:.2f}x"
                                  for size, it in engine["iterations"].items()))
-    first = next(iter(r["engines"].values()))
-    lines.append("measured tau with these random weights: "
-                 + ", ".join(f"{it['tau']:.2f}" for it in first["iterations"].values()))
+    for name, engine in r["engines"].items():  # (each engine's own: a sampled or cut-short run may differ)
+        lines.append(f"{name}: measured tau with these random weights: "
+                     + ", ".join(f"total_token {size}: {it['tau']:.2f}" for size, it in engine["iterations"].items()))
     return "\n".join(lines)
 
 

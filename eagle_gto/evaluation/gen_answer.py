@@ -27,7 +27,8 @@ are timed and counted the same way:
 
 Answers are appended one line per question in the EAGLE reference's format
 (plus `category`, `mode`, per-turn `accept_lengths` and the run's `settings`:
-question file, model paths, prompt format, tree, budgets, sampling, device,
+question file, model paths, prompt format, tree, budgets (the context:
+--max-length, or the base model's where none is given), sampling, device,
 --dtype and `dtype_used`, the dtype it loaded);
 question ids already in the answer file are skipped, so an interrupted run
 resumes where it stopped. A file holding answers of another --mode,
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
                     stop_token_ids)
 from ..cli_help import show_defaults
+from ..devices import cuda_device_problem
 from ..dtype_option import add_dtype_option, pick_dtype, resolve_dtype
 from ..ea_model import EaModel
 from ..tree import check_tree_params
@@ -80,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn")
-    p.add_argument("--max-length", type=int, default=2048, help="context budget: prompt + answer + tree")
+    p.add_argument("--max-length", type=int,
+                   help="context budget: prompt + answer + tree (default: the base model's context, as the servers' "
+                        "is: 2048, or its max_position_embeddings or sliding window where smaller)")
     p.add_argument("--limit", type=int, help="answer only the first N questions of the file")
     p.add_argument("--warmup", type=int, default=3, help="unrecorded generations before timing")
     p.add_argument("--seed", type=int, default=0, help="reset before each question (sampling)")
@@ -112,11 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_tree_params(args.total_token, args.depth, args.top_k)
         except ValueError as err:
             refuse(str(err))
-        if args.max_length - args.max_new_tokens - args.total_token < 1:
+        if args.max_length is not None and args.max_length - args.max_new_tokens - args.total_token < 1:
             refuse(f"--max-length {args.max_length} leaves no room for a prompt with --max-new-tokens "
                    f"{args.max_new_tokens} and a tree of {args.total_token}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        refuse(f"--device {args.device}: CUDA is not available (use cpu)")
+    problem = cuda_device_problem(args.device)
+    if problem:
+        refuse(f"--device {args.device}: {problem}")
     return args
 
 
@@ -141,6 +146,8 @@ class Answerer:
         self.model = model
         self.args = args
         self.speculative = args.mode == "ea"
+        # the servers' context when none is given; a given one is checked by the engine (its first step)
+        self.max_length = model.default_max_length() if args.max_length is None else args.max_length
         # checked against the model's rows before any question (the engine would refuse each one)
         self.stops = stop_token_ids(model.tokenizer, args.model_type, model.vocab_size)
         self.is_llama3 = chat_format(args.model_type).is_llama3
@@ -148,9 +155,10 @@ class Answerer:
         # Same prompt budget in both modes, with a tree's width to spare: the two sides see
         # identical prompts, and answers end before a draft tree no longer fits (every
         # speculative iteration drafts, as in the reference's runs).
-        self.prompt_budget = args.max_length - args.max_new_tokens - model.tree.total_token
+        self.prompt_budget = self.max_length - args.max_new_tokens - model.tree.total_token
         if self.prompt_budget < 1:
-            raise ValueError(f"--max-length {args.max_length} leaves no room for a prompt with "
+            context = " (the base model's context)" if args.max_length is None else ""
+            raise ValueError(f"--max-length {self.max_length}{context} leaves no room for a prompt with "
                              f"--max-new-tokens {args.max_new_tokens} and a tree of {model.tree.total_token}")
 
     def _sync(self) -> None:
@@ -174,7 +182,7 @@ class Answerer:
         start = time.perf_counter()
         tokens: list[int] = []
         for step in self.model.generate_steps(torch.tensor([ids]), temperature=a.temperature,
-                                              max_new_tokens=a.max_new_tokens, max_length=a.max_length,
+                                              max_new_tokens=a.max_new_tokens, max_length=self.max_length,
                                               is_llama3=self.is_llama3, stop_token_ids=self.stops,
                                               speculative=self.speculative):
             tokens += step.tokens
@@ -213,7 +221,7 @@ class Answerer:
         a = self.args
         if a.warmup == 0:
             return
-        self.model.warm_up(max_length=a.max_length, temperature=a.temperature, speculative=self.speculative)
+        self.model.warm_up(max_length=self.max_length, temperature=a.temperature, speculative=self.speculative)
         ids = self.prompt_ids([{"role": "user", "content": question["turns"][0]}])
         for _ in tqdm(range(a.warmup), desc="warm-up", leave=False):
             self.generate(ids)
@@ -235,15 +243,18 @@ def run_settings(args: argparse.Namespace, questions_path: Path) -> dict:
     resumes from another data directory (resolved first: a relative
     question.jsonl has no folder of its own)."""
     questions_path = questions_path.resolve()
-    return {"question_file": f"{questions_path.parent.name}/{questions_path.name}",
-            "base_model_path": args.base_model_path, "ea_model_path": args.ea_model_path,
-            "model_type": args.model_type, "system": args.system, "temperature": args.temperature,
-            "seed": args.seed, "total_token": args.total_token, "depth": args.depth, "top_k": args.top_k,
-            "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
-            "device": args.device, "dtype": args.dtype,
-            # what --dtype loaded: auto's dtype depends on the machine and the checkpoint (and was bfloat16 on
-            # every GPU in answer files that record no dtype_used, which resume and pair as before)
-            "dtype_used": resolve_dtype(args.dtype, on_gpu(args.device), args.base_model_path)}
+    settings = {"question_file": f"{questions_path.parent.name}/{questions_path.name}",
+                "base_model_path": args.base_model_path, "ea_model_path": args.ea_model_path,
+                "model_type": args.model_type, "system": args.system, "temperature": args.temperature,
+                "seed": args.seed, "total_token": args.total_token, "depth": args.depth, "top_k": args.top_k,
+                "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
+                "device": args.device, "dtype": args.dtype,
+                # what --dtype loaded: auto's dtype depends on the machine and the checkpoint (and was bfloat16 on
+                # every GPU in answer files that record no dtype_used, which resume and pair as before)
+                "dtype_used": resolve_dtype(args.dtype, on_gpu(args.device), args.base_model_path)}
+    if args.max_length is None:  # the base's context: known once the model is loaded
+        del settings["max_length"]
+    return settings
 
 
 def bench_label(args: argparse.Namespace) -> str:
@@ -276,10 +287,14 @@ def main(argv=None) -> Path:
 
     check_writable(answer_file)
     model = load_model(args)
-    if args.total_token == -1:  # picked by timing, so it may differ between runs: one tree per file
-        settings["total_token_used"] = model.tree.total_token
-        answered_ids(answer_file, settings)
     answerer = Answerer(model, args)
+    # Known now, one of each per file: the base's context (without --max-length; answer files made before it
+    # was the default recorded 2048) and a tree picked by timing (it may differ between runs)
+    settings["max_length"] = answerer.max_length
+    if args.total_token == -1:
+        settings["total_token_used"] = model.tree.total_token
+    notes = {"max_length": "--max-length left out: the base model's context; give the file's to resume it"}
+    answered_ids(answer_file, settings, notes if args.max_length is None else None)
     with torch.no_grad():
         answerer.warm_up(todo[0])
         for question in tqdm(todo, desc=f"{bench} {args.mode}"):

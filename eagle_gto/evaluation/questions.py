@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import write_atomically
 from ..jsonl import read_jsonl
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k")
@@ -111,11 +112,12 @@ def recorded_settings(answer: dict) -> dict:
     return {**recorded, **answer.get("settings", {})}
 
 
-def answered_ids(path: str | Path, settings: dict) -> set:
+def answered_ids(path: str | Path, settings: dict, notes: dict | None = None) -> set:
     """Question ids already in an answer file (empty when it does not exist).
     Its answers must have been made with the given `settings` (e.g.
     mode="ea", max_new_tokens=1024), or resuming would mix two runs in one
-    file; a setting an answer does not record (the reference's) passes."""
+    file; a setting an answer does not record (the reference's) passes.
+    `notes`: said beside a setting that differs (how this run came to it)."""
     path = Path(path)
     answers = read_jsonl(path) if path.exists() else []
     check_answer_records(answers, str(path))
@@ -124,8 +126,9 @@ def answered_ids(path: str | Path, settings: dict) -> set:
         recorded = recorded_settings(answer)
         for key, value in settings.items():
             if key in recorded and recorded[key] != value:
+                note = f" ({notes[key]})" if key in (notes or {}) else ""
                 differences.setdefault(key, f"{key} {recorded[key]!r} (question {answer['question_id']}), "
-                                            f"not this run's {value!r}")
+                                            f"not this run's {value!r}{note}")
     if differences:
         raise ValueError(f"{path} holds answers made with other settings: {'; '.join(differences.values())}: "
                          f"use another answer file")
@@ -137,14 +140,7 @@ def sort_answers(path: str | Path) -> None:
     latest wins), as the reference does after a run."""
     latest = {a["question_id"]: a for a in read_jsonl(path)}
     lines = [json.dumps(latest[k], ensure_ascii=False) + "\n" for k in sorted(latest, key=id_order)]
-    # Written beside it, then moved over it: an interrupted rewrite must not cut the run's answers short
-    temporary = Path(f"{path}.sorting")
-    try:
-        temporary.write_text("".join(lines), encoding="utf-8")
-        temporary.replace(path)
-    except BaseException:  # (Ctrl-C too) the answer file is still whole: leave no half-written copy beside it
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, "".join(lines), ".sorting")  # an interrupted rewrite must not cut the answers short
 
 
 def check_writable(path: str | Path) -> None:

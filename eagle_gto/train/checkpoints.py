@@ -16,6 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..files import write_atomically
 from .errors import main_process
 
 
@@ -98,11 +99,9 @@ def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) 
     """Mark `checkpoint` complete (its other files are written) and remove all but the newest `keep`, and every
     incomplete one (a write a kill cut short, which a resumed run may never write again: its --save-every may
     differ; it may be as large as a complete one)."""
-    # Written aside and renamed: a run killed while it wrote progress.json left an empty or half file, which
-    # marked the checkpoint complete and stopped every --resume with a JSON error.
-    written = checkpoint / "progress.json.partial"
-    written.write_text(json.dumps(progress) + "\n")
-    written.replace(checkpoint / "progress.json")
+    # Whole or not at all: a run killed while it wrote progress.json left an empty or half file, which marked
+    # the checkpoint complete and stopped every --resume with a JSON error.
+    write_atomically(checkpoint / "progress.json", json.dumps(progress) + "\n")
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
     for cut_short in checkpoint.parent.glob("step-*"):  # (one process writes checkpoints, one at a time)

@@ -1,0 +1,34 @@
+"""Files rewritten whole or not at all: an answer file's final sort, a checkpoint's progress.json."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, text: str, temporary_suffix: str = ".partial") -> None:
+    """Replace `path` by `text` (UTF-8): written beside it, synced to the disk, then renamed over it, so that an
+    interruption (Ctrl-C, a kill, a crash of the machine) leaves the old file or the new one, never a part.
+    A failed write removes its half-written copy."""
+    path = Path(path)
+    temporary = path.with_name(path.name + temporary_suffix)
+    try:
+        with temporary.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # else a crash after the rename may leave the new name on data never written
+        os.replace(temporary, path)
+    except BaseException:  # (Ctrl-C too)
+        temporary.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)  # the rename itself is on the disk once its folder is
+
+
+def sync_folder(folder: Path) -> None:
+    if os.name != "posix":  # (Windows cannot open a folder; its renames need no such sync)
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
