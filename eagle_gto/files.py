@@ -1,4 +1,5 @@
-"""Files rewritten whole or not at all: an answer file's final sort, a checkpoint's progress.json."""
+"""Files on the disk for good: rewritten whole or not at all (an answer file's final sort, a checkpoint's
+progress.json), and a folder's files synced before something marks them complete."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def write_atomically(path: str | Path, text: str, temporary_suffix: str = ".part
         temporary.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)  # the rename itself is on the disk once its folder is
+
+
+def sync_files(folder: Path) -> None:
+    """Sync every file in `folder` (and its folders) to the disk, then the folder: what a crash of the machine
+    must not lose once something (progress.json) says they are written."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            sync_folder(path)
+    sync_folder(folder)
 
 
 def sync_folder(folder: Path) -> None:

@@ -1299,14 +1299,18 @@ def test_a_run_killed_while_it_marks_a_checkpoint_complete_leaves_it_incomplete(
 
 
 def test_a_checkpoint_is_marked_complete_on_the_disk(tmp_path, disk_writes):
-    """A crash of the machine soon after progress.json was renamed into place could leave it empty, which marked
-    the checkpoint complete: it is synced before the rename, and the rename (the folder) after."""
+    """A crash of the machine soon after progress.json was renamed into place could leave it empty, or the weights
+    it marks complete unwritten: the checkpoint's files (in its folders too) are synced first, then progress.json
+    before its rename, and the rename (the folder) after."""
     checkpoint = checkpoint_path(tmp_path, 2)
-    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer").mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"w" * 7)
+    (checkpoint / "optimizer" / "state.pt").write_bytes(b"s" * 5)
     complete_checkpoint(tmp_path, checkpoint, {"step": 2}, keep=2)
     written = len(json.dumps({"step": 2}) + "\n")
-    assert disk_writes == [("sync file", written), ("rename", "progress.json"),
-                           ("sync folder", checkpoint.stat().st_ino)]
+    folder = ("sync folder", checkpoint.stat().st_ino)
+    assert disk_writes[:2] == [("sync file", 7), ("sync folder", (checkpoint / "optimizer").stat().st_ino)]
+    assert disk_writes[2:] == [("sync file", 5), folder, ("sync file", written), ("rename", "progress.json"), folder]
 
 
 def test_the_draft_vocabulary_is_the_most_frequent_ids_in_ascending_order():

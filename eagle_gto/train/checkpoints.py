@@ -16,7 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..files import write_atomically
+from ..files import sync_files, write_atomically
 from .errors import main_process
 
 
@@ -100,7 +100,9 @@ def complete_checkpoint(out: Path, checkpoint: Path, progress: dict, keep: int) 
     incomplete one (a write a kill cut short, which a resumed run may never write again: its --save-every may
     differ; it may be as large as a complete one)."""
     # Whole or not at all: a run killed while it wrote progress.json left an empty or half file, which marked
-    # the checkpoint complete and stopped every --resume with a JSON error.
+    # the checkpoint complete and stopped every --resume with a JSON error. The weights go to the disk first: a
+    # crash of the machine could otherwise leave a checkpoint marked complete whose weights were never written.
+    sync_files(checkpoint)
     write_atomically(checkpoint / "progress.json", json.dumps(progress) + "\n")
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
