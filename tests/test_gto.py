@@ -21,7 +21,7 @@ from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
 from eagle_gto.checkpoint import load_base
-from eagle_gto.demo import measure
+from eagle_gto.demo import demo_paths, measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import checkpoints as gto_checkpoints
@@ -1495,6 +1495,30 @@ def test_resume_compares_local_paths_as_the_folders_they_name(tmp_path, monkeypa
                                          f"{re.escape(str(tmp_path / 'other'))} now\\)"):
         gto_cli.main(["--out", "run", "--base", "base", "--head", "other", "--data", "stdlib", "--resume"])
     assert run_options(dataclasses.replace(started, base="org/model"), 1)["base"] == "org/model"
+
+
+def test_resume_compares_a_default_base_head_or_reference_as_the_folder_it_stands_for(tmp_path, monkeypatch):
+    """A run started with the default --base and --head (the demo pair) and resumed with those folders given, or
+    the reverse, is the same run; so is a --reference left out (the head) and one given as the head. A hub id is
+    still compared as typed."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    base, head = demo_paths(head="eagle3")
+    given = ["--base", base, "--head", head, "--reference", head]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    for started, resumed in (({}, given), (dict(base=base, head=head, reference=head), [])):
+        options = run_options(GTOConfig(out=str(tmp_path / "run"), data="stdlib", **started), 1)
+        (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume", *resumed])
+    options = run_options(GTOConfig(out=str(tmp_path / "run"), data="stdlib", base="org/model"), 1)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+    demo_base = re.escape(str(Path(base).resolve()))
+    with pytest.raises(SystemExit, match=f"other options \\(--base org/model then, {demo_base} now\\)"):
+        gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume"])
 
 
 def test_dtype_auto_is_the_default_and_a_resume_compares_the_dtype_it_loads(tmp_path, monkeypatch):
