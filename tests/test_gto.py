@@ -21,9 +21,10 @@ from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
 from eagle_gto.checkpoint import load_base
-from eagle_gto.demo import measure
+from eagle_gto.demo import demo_paths, measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.gto import __main__ as gto_cli
+from eagle_gto.gto import checkpoints as gto_checkpoints
 from eagle_gto.gto import experiment
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
@@ -833,7 +834,7 @@ def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, mo
     (dict(device="tpu:x"), "device 'tpu:x'"),
     (dict(device="meta"), "device 'meta': not a device GTO can train on"),  # tensors without data
     (dict(export_dtype="float8"), "export_dtype must be one of float32, float16, bfloat16, got 'float8'"),
-    (dict(dtype="int8"), "dtype must be one of float32, float16, bfloat16, got 'int8'"),
+    (dict(dtype="int8"), "dtype must be one of auto, float32, float16, bfloat16, got 'int8'"),
     (dict(system="Be brief."), "system: only with a jsonl --data (conversations), not with data 'generated'"),
 ])
 def test_config_refuses_values_that_would_fail_after_the_models_load(options, message):
@@ -1494,6 +1495,54 @@ def test_resume_compares_local_paths_as_the_folders_they_name(tmp_path, monkeypa
                                          f"{re.escape(str(tmp_path / 'other'))} now\\)"):
         gto_cli.main(["--out", "run", "--base", "base", "--head", "other", "--data", "stdlib", "--resume"])
     assert run_options(dataclasses.replace(started, base="org/model"), 1)["base"] == "org/model"
+
+
+def test_resume_compares_a_default_base_head_or_reference_as_the_folder_it_stands_for(tmp_path, monkeypatch):
+    """A run started with the default --base and --head (the demo pair) and resumed with those folders given, or
+    the reverse, is the same run; so is a --reference left out (the head) and one given as the head. A hub id is
+    still compared as typed."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    base, head = demo_paths(head="eagle3")
+    given = ["--base", base, "--head", head, "--reference", head]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    for started, resumed in (({}, given), (dict(base=base, head=head, reference=head), [])):
+        options = run_options(GTOConfig(out=str(tmp_path / "run"), data="stdlib", **started), 1)
+        (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume", *resumed])
+    options = run_options(GTOConfig(out=str(tmp_path / "run"), data="stdlib", base="org/model"), 1)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": options}))
+    demo_base = re.escape(str(Path(base).resolve()))
+    with pytest.raises(SystemExit, match=f"other options \\(--base org/model then, {demo_base} now\\)"):
+        gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume"])
+
+
+def test_dtype_auto_is_the_default_and_a_resume_compares_the_dtype_it_loads(tmp_path, monkeypatch):
+    """--dtype auto, the default as in every command, is resolved as the config is made: float32 on a CPU, so a
+    run started with --dtype float32 (the default before auto) resumes with auto; on a GPU the demo base's own
+    float16, which a run started in float32 is not."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gto_cli, "load_models", load_models)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = GTOConfig(out=str(tmp_path / "run"), dtype="float32", data="stdlib")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": run_options(started, 1)}))
+    for dtype in ([], ["--dtype", "auto"]):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume", *dtype])
+    assert config_from(config_parser("").parse_args([])).dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = GTOConfig(out=str(tmp_path / "run"), data="stdlib")
+    assert on_gpu.dtype == "float16" and GTOConfig(device="cpu").dtype == "float32"
+    with pytest.raises(CheckpointMismatch, match=r"other options \(--dtype float32 then, float16 now\)"):
+        gto_checkpoints.check_same_run_options(checkpoint, run_options(started, 1), run_options(on_gpu, 1))
 
 
 def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass_resume(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1453,6 +1454,36 @@ def test_resume_refuses_a_checkpoint_of_a_run_on_other_data(tmp_path, tokenizer)
             train(base, other, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
+
+
+def test_a_resume_with_other_eval_data_trains_on_with_a_warning(tmp_path, tokenizer):
+    """--eval-data was not compared: a resume with another evaluation set went on silently, and metrics.jsonl's
+    evaluations before and after it were of two sets. It changes what is logged, not the head trained: a warning
+    (also for --eval-data added or left out); the same set, or a checkpoint that did not record it, says nothing."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    checkpoint = checkpoint_path(tmp_path, 2)
+
+    def resume(eval_samples):
+        shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            train(base, samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=eval_samples, resume=True,
+                  show_progress=False)
+        return [str(w.message) for w in said if "--eval-data" in str(w.message)]
+
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, eval_samples=samples, show_progress=False)
+    assert resume(samples) == []
+    warning = (f"--eval-data differs from that of the run that wrote {checkpoint} (other files or contents, or given "
+               "or left out): the head trains as it would have; metrics.jsonl's evaluations up to step 2 are of the "
+               "other set")
+    assert resume(samples[1:]) == [warning]
+    assert resume(None) == [warning]  # (the step-2 checkpoint is still the first run's)
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    del progress["eval_data"]  # written before checkpoints recorded it
+    (checkpoint / "progress.json").write_text(json.dumps(progress))
+    assert resume(samples[1:]) == []
 
 
 def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, monkeypatch, capsys):

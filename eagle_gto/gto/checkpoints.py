@@ -72,10 +72,28 @@ def same_places(options: dict) -> dict:
     return {name: place(value) if name in PATH_OPTIONS else value for name, value in options.items()}
 
 
+def defaults_named(options: dict) -> dict:
+    """`options` with a --base or --head left out as the folder load_models reads (the demo base, its EAGLE-3
+    head), and a --reference given as the head as one left out (a copy of the head): a run started with a
+    default and resumed with that folder given, or the reverse, is the same run. Only compared, not recorded: a
+    checkpoint names a default as None, so that it still resumes once the demo's folder has moved (a reinstall)."""
+    named = dict(options)
+    if any(name in named and named[name] is None for name in ("base", "head")):
+        from ..demo import demo_paths
+
+        base, head = demo_paths(head="eagle3")
+        demo = same_places({"base": base, "head": head})
+        named.update({name: demo[name] for name in demo if name in named and named[name] is None})
+    if "reference" in named and named["reference"] == named.get("head"):  # (as None: another head is said once)
+        named["reference"] = None
+    return named
+
+
 def check_same_run_options(checkpoint: Path, then: dict, now: dict) -> None:
     """`check_same_options` with paths compared as the folders they name (`same_places`: the paths of a
-    checkpoint written before they were resolved are resolved from here)."""
-    check_same_options(checkpoint, same_places(then), same_places(now))
+    checkpoint written before they were resolved are resolved from here) and defaults as the folders they stand
+    for (`defaults_named`)."""
+    check_same_options(checkpoint, defaults_named(same_places(then)), defaults_named(same_places(now)))
 
 
 @dataclass(frozen=True)

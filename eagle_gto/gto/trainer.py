@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..chat import MODEL_TYPES, model_type_arg
+from ..dtype_option import DTYPE_HELP, resolve_dtype
 from ..generation import TreeParams
 from ..heads import DraftHead
 from ..train.checkpoints import check_not_stopped, checkpoints_to_resume, read_progress
@@ -91,7 +92,7 @@ class GTOConfig:
     eval_windows: int = _opt(16, "validation windows (trees every 8th position, 60/7/10)")
     export_dtype: str = _opt("float32", "dtype of the exported head", choices=tuple(DTYPES))
     device: str | None = _opt(None, "torch device; none: cuda if available, else cpu")
-    dtype: str = _opt("float32", "base model dtype (the head trains in float32)", choices=tuple(DTYPES))
+    dtype: str = _opt("auto", f"base model {DTYPE_HELP}; the head trains in float32", choices=("auto", *DTYPES))
     seed: int = _opt(0, "seed of the data order and the group draws")
 
     def __post_init__(self):
@@ -128,6 +129,15 @@ class GTOConfig:
                              f"{EVAL_STRIDE}th position), got {self.window_length}")
         check_tree_params(self.total_token, self.depth, self.top_k)  # top_k against the head's vocabulary: load_models
         check_device(self.device)
+        # auto is resolved here, once: config.json, a checkpoint's options and an experiment's kept results record
+        # the dtype the base loads in, and a resume compares that, not the spelling. A run started with --dtype
+        # float32 (the default before auto) resumes with auto wherever auto loads float32 (on a CPU).
+        self.dtype = resolve_dtype(self.dtype, base_on_gpu(self.device), self.base)
+
+
+def base_on_gpu(device: str | None) -> bool:
+    """Whether the base goes to a CUDA GPU (--device, or left out where there is one): what --dtype auto reads."""
+    return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
 
 
 def check_device(device: str | None) -> None:

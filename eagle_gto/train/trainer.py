@@ -433,6 +433,17 @@ def check_same_data(checkpoint: Path, progress: dict, data: str, regenerated_fro
                              "run, or choose another --out")
 
 
+def eval_data_changed(checkpoint: Path, progress: dict, eval_data: str | None) -> str | None:
+    """A warning when the evaluation samples (`eval_data`: their data_fingerprint, None without --eval-data)
+    differ from those of the run that wrote the checkpoint. Not refused as other --data is: they change what the
+    run logs, not the head it trains (the same on either), and a run may add --eval-data it was started without."""
+    if "eval_data" not in progress or progress["eval_data"] == eval_data:  # (absent: written before it was recorded)
+        return None
+    return (f"--eval-data differs from that of the run that wrote {checkpoint} (other files or contents, or given "
+            f"or left out): the head trains as it would have; metrics.jsonl's evaluations up to step "
+            f"{progress['step']} are of the other set")
+
+
 def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
@@ -513,6 +524,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         raise ValueError("no training samples (every record was empty or had no loss tokens)")
     shape = head_options(base.config, draft_vocab_size, intermediate_size)
     options, data = run_options(cfg, process_state().num_processes), data_fingerprint(samples)
+    eval_data = data_fingerprint(eval_samples) if eval_samples else None
     previous = previous_checkpoints(out, resume, base.config, shape, options)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
@@ -535,9 +547,10 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     metrics_file = out / "metrics.jsonl"
     if previous:
         progress = read_progress(previous[-1], total)
-        changed = check_same_data(previous[-1], progress, data, regenerated_from)
-        if changed and accelerator.is_main_process:
-            warnings.warn(changed)
+        changed = [check_same_data(previous[-1], progress, data, regenerated_from),
+                   eval_data_changed(previous[-1], progress, eval_data)]
+        for warning in filter(None, changed if accelerator.is_main_process else ()):
+            warnings.warn(warning)
         index = resumed_index(progress, cfg.batch_size * world)
         accelerator.load_state(str(previous[-1]))
         step, batches.epoch, batches.index = progress["step"], progress["epoch"], index
@@ -592,7 +605,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
                             "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
-                            "data": data, "regenerated_from": regenerated_from}
+                            "data": data, "eval_data": eval_data, "regenerated_from": regenerated_from}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
