@@ -1486,6 +1486,39 @@ def test_a_resume_with_other_eval_data_trains_on_with_a_warning(tmp_path, tokeni
     assert resume(samples[1:]) == []
 
 
+def test_a_resume_on_another_base_of_the_same_shape_warns(tmp_path, tokenizer, monkeypatch):
+    """--base-model-path was not compared: a resume on another model of the same shape went on silently, teaching
+    the head from two bases. A warning (the same model may have moved); the same folder given by another path, or a
+    checkpoint that did not record its base, says nothing."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    checkpoint = checkpoint_path(tmp_path / "out", 2)
+    (tmp_path / "base-a").mkdir()
+    (tmp_path / "base-b").mkdir()
+
+    def resume(name):
+        shutil.rmtree(checkpoint_path(tmp_path / "out", 4))  # stopped after step 2
+        base.config._name_or_path = name
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            train(base, samples, tmp_path / "out", cfg, draft_vocab_size=100, resume=True, show_progress=False)
+        return [str(w.message) for w in said if "base model" in str(w.message)]
+
+    base.config._name_or_path = str(tmp_path / "base-a")
+    train(base, samples, tmp_path / "out", cfg, draft_vocab_size=100, show_progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert resume("base-a") == []  # (the same folder, relative)
+    assert resume("base-b") == [f"the base model {str(tmp_path / 'base-b')!r} is not the one of the run that wrote "
+                                f"{checkpoint} ({str(tmp_path / 'base-a')!r}): the head goes on learning from this "
+                                "base's hidden states; if it is another model (not the same one moved), start a new "
+                                "run with another --out"]
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    del progress["base"]  # written before checkpoints recorded it
+    (checkpoint / "progress.json").write_text(json.dumps(progress))
+    assert resume("org/other-model") == []
+
+
 def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, monkeypatch, capsys):
     """A Ctrl-C early in a run cut accelerate's first import short: deciding which process speaks imported it
     again, and the run ended with an ImportError's traceback ("partially initialized module")."""

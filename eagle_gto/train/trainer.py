@@ -444,6 +444,24 @@ def eval_data_changed(checkpoint: Path, progress: dict, eval_data: str | None) -
             f"{progress['step']} are of the other set")
 
 
+def base_name(base) -> str:
+    """The base model as it was loaded: a local folder resolved (given from another working folder, it is the same
+    base), a hub id as written ("" for one built in memory)."""
+    name = str(getattr(base.config, "_name_or_path", "") or "")
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def base_changed(checkpoint: Path, progress: dict, base: str) -> str | None:
+    """A warning when the base differs from the one of the run that wrote the checkpoint (its shape is compared
+    by check_same_shape). Not refused: the same model may have moved to another folder; but another model of the
+    same shape would silently teach the head a mix of two bases' hidden states."""
+    if "base" not in progress or progress["base"] == base:  # (absent: written before it was recorded)
+        return None
+    return (f"the base model {base!r} is not the one of the run that wrote {checkpoint} ({progress['base']!r}): "
+            "the head goes on learning from this base's hidden states; if it is another model (not the same one "
+            "moved), start a new run with another --out")
+
+
 def window_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"log_window_{rank}.json"
 
@@ -548,7 +566,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     if previous:
         progress = read_progress(previous[-1], total)
         changed = [check_same_data(previous[-1], progress, data, regenerated_from),
-                   eval_data_changed(previous[-1], progress, eval_data)]
+                   eval_data_changed(previous[-1], progress, eval_data),
+                   base_changed(previous[-1], progress, base_name(base))]
         for warning in filter(None, changed if accelerator.is_main_process else ()):
             warnings.warn(warning)
         index = resumed_index(progress, cfg.batch_size * world)
@@ -605,7 +624,8 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
                             "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
-                            "data": data, "eval_data": eval_data, "regenerated_from": regenerated_from}
+                            "data": data, "eval_data": eval_data, "regenerated_from": regenerated_from,
+                            "base": base_name(base)}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
