@@ -119,6 +119,11 @@ COUNT_PRESS = "(presses) => presses + 1"
 # once the answer has ended, reads the box as it is then (a Python function would see it as it was at Send).
 GIVE_BACK = "(given, typed) => [typed || given, '']"
 
+# Send takes the typed text out of the message box in the page, as it is pressed, into the hidden box Send's
+# question is read from: emptied by the server once it took the Send, the box lost what the user had typed since
+# on a loaded server. A Send refused gives its text back as an answer does (GIVE_BACK).
+TAKE_TYPED = "(typed) => ['', typed]"
+
 
 def tags_as_text(history: list[dict]) -> list[str]:
     """The names of the tags written in the conversation that the chat can show as written."""
@@ -264,14 +269,13 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
     def add_message(message: str, history: list[dict], state: str, pending: Question | None, presses: float = 0):
-        one_turn_at_a_time(state, pending)  # the typed text stays in the box
+        one_turn_at_a_time(state, pending)  # the typed text goes back to the box (TAKE_TYPED)
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
         question = Question(asked, message, presses=int(presses))
-        return ("", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked),
-                "")
+        return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked), ""
 
     def drop_answer(history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)
@@ -388,6 +392,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
         copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
         given_back = gr.Textbox(visible="hidden", elem_id="given-back")  # see GIVE_BACK
+        sent = gr.Textbox(visible=False)  # the text Send took from the message box (see TAKE_TYPED)
         # Each message in its own bubble: two messages of one role in a row would share one, whose copy button
         # copies them joined, a text COPY_AS_WRITTEN does not find. allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False,
@@ -428,11 +433,14 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           outputs=[history, pending, ended, *on_page, given_back, copies],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
-        asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice, pending, presses],
-                    outputs=[message, pending, chatbot, notice, asked_key, copies, given_back],
-                    **nowhere, concurrency_limit=None)
-        events = [ask(**turn).success(**generation) for ask in asked]
+        turn = dict(fn=add_message, inputs=[sent, history, notice, pending, presses],
+                    outputs=[pending, chatbot, notice, asked_key, copies, given_back], **nowhere,
+                    concurrency_limit=None)
+        events = []
+        for ask in (message.submit, send.click):
+            asked = ask(None, message, [message, sent], js=TAKE_TYPED).then(**turn)
+            asked.failure(None, [sent, message], [message, sent], js=GIVE_BACK)  # refused: the text back
+            events.append(asked.success(**generation))
         events.append(regenerate.click(drop_answer, [history, notice, pending, presses],
                                        [pending, chatbot, notice, asked_key, copies, given_back], **nowhere,
                                        concurrency_limit=None)
