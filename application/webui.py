@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import gradio as gr
 from markdown_it import MarkdownIt
 
+from eagle_gto import GenerationStats
+
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
                      StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
 
@@ -287,10 +289,20 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked), ""
 
     def finished(stats, max_new: int) -> str:
-        """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
-        if stats.finish_reason == "stop":
+        """Which limit ended it: the answer's own budget, or the context (the prompt counts there too); none
+        (the model's end of answer, or steps that ended without saying why): the model ended it."""
+        if stats.finish_reason != "length":
             return DONE
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
+
+    def answer_update(asked: list[dict], answer: str, pieces: str, figures, speculative: bool, state,
+                      done: bool) -> tuple:
+        """`respond`'s update showing `answer` so far, with its draft `pieces` and `figures`. The last one
+        (`done`) answers the question and keeps how it ended: see `stopped`."""
+        chat = asked + [{"role": "assistant", "content": answer}]
+        figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
+        answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
+        return chat, *answered, show(chat), figures_line, panel, state, gr.skip(), copy_texts(chat)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None,
@@ -307,10 +319,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
+        ended = False  # whether the last update shown was the answer's last
         # The format's end of turn written as text ends the answer there, as in the API and gen_answer.
         stopper = StopStrings(runner.stop_strings)
         try:
             prompt_ids = runner.chat_prompt(asked)
+            figures = GenerationStats(len(prompt_ids))  # (no step yet)
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     if pending.stopped:  # (closing the updates frees the model)
@@ -329,18 +343,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     pieces += "".join(by_origin(text, drafted) for text, drafted in shown)
                     if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
-                    chat = asked + [{"role": "assistant", "content": answer}]
-                    figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
-                    last_shown = time.monotonic()
-                    # The last update answers the question and keeps how it ended: see `stopped`.
-                    answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
-                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip(), copy_texts(chat)
+                    last_shown, ended = time.monotonic(), done
+                    yield answer_update(asked, answer, pieces, figures, speculative, state, done)
                     if stopper.hit:  # (closing the updates frees the model)
                         break
+            # No step at all, or none finished: the answer ends as it stands (the page would say Generating…
+            # for good, its question pending).
+            if not ended:
+                shown = stopper.flush_pieces()
+                answer += "".join(text for text, _ in shown)
+                pieces += "".join(by_origin(text, drafted) for text, drafted in shown)
+                state = finished(figures, options.max_new_tokens)
+                yield answer_update(asked, answer, pieces, figures, speculative, state, True)
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
             title = ERROR_TITLES.get(type(err))
             if title is None:

@@ -708,6 +708,33 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
 
 
+class UnfinishedModel(ScriptedModel):
+    """Its steps end without a finished one: the step that would say why is left out."""
+
+    def generate_steps(self, *args, **kwargs):
+        for step in super().generate_steps(*args, **kwargs):
+            if not step.finished:
+                yield step
+
+
+@pytest.mark.parametrize("model", [ScriptedModel(""), UnfinishedModel("abcdefgh")], ids=["no-step", "unfinished"])
+@pytest.mark.parametrize("interval", [0, 1e9], ids=["every-step", "first-and-last"])
+def test_an_answer_whose_steps_end_unfinished_still_ends(monkeypatch, model, interval):
+    """Called directly (no browser): updates that end with no step at all, or none finished, still end the answer:
+    the page said Generating… for good, and with the question still pending the next Send was refused."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    pending, *_ = actions["add_message"]("hi", [], "", None)
+    *_, last = [None, *actions["respond"](pending, [], True, 0, 1, 100)]
+    assert last is not None, "the answer yielded no update"
+    written = model.answer[:4]  # the unfinished model's first step
+    assert (last[0][-1], last[1], on_chat(last[3])[-1]["content"], last[6]) == (
+        {"role": "assistant", "content": written}, None, written, DONE)
+    assert last[2] == (DONE, last[4], last[5]) and not runner.busy
+    assert actions["add_message"]("next", last[0], last[6], last[1])[0].typed == "next"  # not refused
+
+
 def test_regenerate_answers_a_question_left_without_its_answer():
     """Called directly (no browser): after an answer that failed, the conversation ends with its question, which
     Regenerate asks again; after an answer, Regenerate asks that answer's question."""
