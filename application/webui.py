@@ -83,6 +83,19 @@ LEAF_BLOCKS = ("paragraph_open", "heading_open", "fence", "code_block", "html_bl
 LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitlines has more line breaks)
 
 
+# The start of a code fence, after the line's block quote and list item markers. The chat's renderer (marked)
+# reads a fence that follows a paragraph line only once the fence's line has ended; the escaper (CommonMark) at
+# once, so a streaming answer's unfinished last line that starts a fence waits for its line break
+# (`while_streaming`).
+FENCE_START = re.compile(r"(?:[ \t>]|[-+*][ \t]|\d{1,9}[.)][ \t])*(?:```|~~~)")
+
+
+def while_streaming(answer: str) -> str:
+    """A streaming answer as the chat shows it: without an unfinished last line that starts a code fence."""
+    before, newline, last = answer.rpartition("\n")
+    return before + newline if FENCE_START.match(last) else answer
+
+
 # The chat's copy button copies a message's Markdown as shown (HTML escaped, a code model's fences): this script,
 # run in the page, gives the clipboard the text as written instead, looked up by the Markdown shown in the
 # hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over plain http from another host
@@ -300,9 +313,11 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         """`respond`'s update showing `answer` so far, with its draft `pieces` and `figures`. The last one
         (`done`) answers the question and keeps how it ended: see `stopped`."""
         chat = asked + [{"role": "assistant", "content": answer}]
+        streaming = not done and not runner.plain_text  # (a code model's answer is all code)
+        shown = asked + [{"role": "assistant", "content": while_streaming(answer)}] if streaming else chat
         figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
         answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
-        return chat, *answered, show(chat), figures_line, panel, state, gr.skip(), copy_texts(chat)
+        return chat, *answered, show(shown), figures_line, panel, state, gr.skip(), copy_texts(shown)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None,

@@ -584,6 +584,27 @@ def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
     assert webui.escape_markup(text) == shown
 
 
+def test_a_fence_shows_once_its_line_has_ended(monkeypatch):
+    """Called directly (no browser): the chat's renderer (marked) reads a fence after a paragraph's line only once
+    the fence's line has ended, the escaper (CommonMark) at once; while the answer streams, its unfinished last line
+    that starts a fence is held back, in a list item or block quote too. The conversation kept has the whole
+    answer, and the last update shows it all."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    answer = "Use:\n```html\n<p>a</p>\n```\nok\n> - ~~~\nend"
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel(answer)), "scripted", 100).fns.values()
+               if f.fn}
+    pending, *_ = actions["add_message"]("hi", [], "", None)
+    updates = list(actions["respond"](pending, [], False, 0, 1, 100))  # plain decoding: a character a step
+    assert [u[0][-1]["content"] for u in updates] == [answer[:n] for n in range(1, len(answer) + 1)]
+    shown = [on_chat(u[3])[-1]["content"] for u in updates]
+    assert "Use:\n``" in shown and not {"Use:\n```", "Use:\n```htm"} & set(shown)
+    assert shown[shown.index("Use:\n``") + 1:][:6] == ["Use:\n"] * 5 + ["Use:\n```html\n"]  # ```, ```h, ...,
+    assert "Use:\n```html\n<p>a</p>\n```" not in shown and "Use:\n```html\n<p>a</p>\n```\n" in shown
+    quoted = "Use:\n```html\n<p>a</p>\n```\nok\n"
+    assert quoted + "> - ~~" in shown and quoted + "> - ~~~" not in shown and quoted + "> - ~~~\n" in shown
+    assert shown[-1] == webui.escape_markup(answer)
+
+
 @contextmanager
 def scripted_chat(answer: str, model_type: str = "auto", model: ScriptedModel | None = None):
     """The chat UI in this process over a scripted chat model (`model`, or one that answers `answer`); yields its
