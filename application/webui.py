@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import gradio as gr
 from markdown_it import MarkdownIt
 
+from eagle_gto import GenerationStats
+
 from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
                      StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
 
@@ -81,6 +83,19 @@ LEAF_BLOCKS = ("paragraph_open", "heading_open", "fence", "code_block", "html_bl
 LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitlines has more line breaks)
 
 
+# The start of a code fence, after the line's block quote and list item markers. The chat's renderer (marked)
+# reads a fence that follows a paragraph line only once the fence's line has ended; the escaper (CommonMark) at
+# once, so a streaming answer's unfinished last line that starts a fence waits for its line break
+# (`while_streaming`).
+FENCE_START = re.compile(r"(?:[ \t>]|[-+*][ \t]|\d{1,9}[.)][ \t])*(?:```|~~~)")
+
+
+def while_streaming(answer: str) -> str:
+    """A streaming answer as the chat shows it: without an unfinished last line that starts a code fence."""
+    before, newline, last = answer.rpartition("\n")
+    return before + newline if FENCE_START.match(last) else answer
+
+
 # The chat's copy button copies a message's Markdown as shown (HTML escaped, a code model's fences): this script,
 # run in the page, gives the clipboard the text as written instead, looked up by the Markdown shown in the
 # hidden #copy-texts (`copy_texts`). Without the clipboard API (a page served over plain http from another host
@@ -118,6 +133,11 @@ COUNT_PRESS = "(presses) => presses + 1"
 # typed the next question since. The answer leaves the text in the hidden #given-back; this script, run in the page
 # once the answer has ended, reads the box as it is then (a Python function would see it as it was at Send).
 GIVE_BACK = "(given, typed) => [typed || given, '']"
+
+# Send takes the typed text out of the message box in the page, as it is pressed, into the hidden box Send's
+# question is read from: emptied by the server once it took the Send, the box lost what the user had typed since
+# on a loaded server. A Send refused gives its text back as an answer does (GIVE_BACK).
+TAKE_TYPED = "(typed) => ['', typed]"
 
 
 def tags_as_text(history: list[dict]) -> list[str]:
@@ -264,14 +284,13 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
     # Send and Regenerate only show the conversation to answer (`asked`) and hand it to `respond`
     # with the typed text (None for Regenerate); the history changes once the answer comes.
     def add_message(message: str, history: list[dict], state: str, pending: Question | None, presses: float = 0):
-        one_turn_at_a_time(state, pending)  # the typed text stays in the box
+        one_turn_at_a_time(state, pending)  # the typed text goes back to the box (TAKE_TYPED)
         if not message.strip():
             raise gr.Error("The message is empty: type something first.", title="Empty message",
                            print_exception=False)
         asked = history + [{"role": "user", "content": message}]
         question = Question(asked, message, presses=int(presses))
-        return ("", question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked),
-                "")
+        return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked), ""
 
     def drop_answer(history: list[dict], state: str, pending: Question | None, presses: float = 0):
         one_turn_at_a_time(state, pending)
@@ -283,10 +302,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         return question, show(asked), WAITING if runner.busy else GENERATING, question.key, copy_texts(asked), ""
 
     def finished(stats, max_new: int) -> str:
-        """Which limit ended it: the answer's own budget, or the context (the prompt counts there too)."""
-        if stats.finish_reason == "stop":
+        """Which limit ended it: the answer's own budget, or the context (the prompt counts there too); none
+        (the model's end of answer, or steps that ended without saying why): the model ended it."""
+        if stats.finish_reason != "length":
             return DONE
         return answer_limit(max_new) if stats.new_tokens >= max_new else CONTEXT_FULL.format(runner.max_length)
+
+    def answer_update(asked: list[dict], answer: str, pieces: str, figures, speculative: bool, state,
+                      done: bool) -> tuple:
+        """`respond`'s update showing `answer` so far, with its draft `pieces` and `figures`. The last one
+        (`done`) answers the question and keeps how it ended: see `stopped`."""
+        chat = asked + [{"role": "assistant", "content": answer}]
+        streaming = not done and not runner.plain_text  # (a code model's answer is all code)
+        shown = asked + [{"role": "assistant", "content": while_streaming(answer)}] if streaming else chat
+        figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
+        answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
+        return chat, *answered, show(shown), figures_line, panel, state, gr.skip(), copy_texts(shown)
 
     def respond(pending: Question | None, history: list[dict], speculative: bool, temperature: float,
                 top_p: float, max_new: int, stats_before: str = "", drafts_before: str = "", key: str | None = None,
@@ -303,10 +334,12 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         options = GenerationOptions(min(int(max_new), most), float(temperature), float(top_p), bool(speculative))
         answer, pieces = "", ""
         last_shown = None  # when the browser was last updated; steps in between are shown together
+        ended = False  # whether the last update shown was the answer's last
         # The format's end of turn written as text ends the answer there, as in the API and gen_answer.
         stopper = StopStrings(runner.stop_strings)
         try:
             prompt_ids = runner.chat_prompt(asked)
+            figures = GenerationStats(len(prompt_ids))  # (no step yet)
             with closing(runner.generate(prompt_ids, options, chat=True)) as updates:
                 for update in updates:
                     if pending.stopped:  # (closing the updates frees the model)
@@ -325,18 +358,22 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                     pieces += "".join(by_origin(text, drafted) for text, drafted in shown)
                     if last_shown is not None and not done and time.monotonic() - last_shown < UPDATE_INTERVAL:
                         continue
-                    chat = asked + [{"role": "assistant", "content": answer}]
-                    figures_line, panel = stats_line(figures, speculative), origin_box(pieces)
                     # The state line changes at the start and at the end only, so that a step still on
                     # its way to the browser when Stop is pressed cannot overwrite "Stopped".
                     state = (DONE if stopper.hit else finished(figures, options.max_new_tokens) if done
                              else GENERATING if last_shown is None else gr.skip())
-                    last_shown = time.monotonic()
-                    # The last update answers the question and keeps how it ended: see `stopped`.
-                    answered = (None, (state, figures_line, panel)) if done else (gr.skip(), gr.skip())
-                    yield chat, *answered, show(chat), figures_line, panel, state, gr.skip(), copy_texts(chat)
+                    last_shown, ended = time.monotonic(), done
+                    yield answer_update(asked, answer, pieces, figures, speculative, state, done)
                     if stopper.hit:  # (closing the updates frees the model)
                         break
+            # No step at all, or none finished: the answer ends as it stands (the page would say Generating…
+            # for good, its question pending).
+            if not ended:
+                shown = stopper.flush_pieces()
+                answer += "".join(text for text, _ in shown)
+                pieces += "".join(by_origin(text, drafted) for text, drafted in shown)
+                state = finished(figures, options.max_new_tokens)
+                yield answer_update(asked, answer, pieces, figures, speculative, state, True)
         except Exception as err:  # shown to the user, with the conversation and the typed text as they were
             title = ERROR_TITLES.get(type(err))
             if title is None:
@@ -388,6 +425,7 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
         asked_key = gr.Textbox(visible=False)  # the key of the Question an answer is sent for (see Question.key)
         copies = gr.Textbox(visible="hidden", elem_id="copy-texts")  # see COPY_AS_WRITTEN
         given_back = gr.Textbox(visible="hidden", elem_id="given-back")  # see GIVE_BACK
+        sent = gr.Textbox(visible=False)  # the text Send took from the message box (see TAKE_TYPED)
         # Each message in its own bubble: two messages of one role in a row would share one, whose copy button
         # copies them joined, a text COPY_AS_WRITTEN does not find. allow_tags: set by `show` with each conversation
         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot", buttons=["copy"], allow_tags=False,
@@ -428,11 +466,14 @@ def build_ui(runner: ChatRunner, name: str, max_new_tokens: int) -> gr.Blocks:
                           outputs=[history, pending, ended, *on_page, given_back, copies],
                           **nowhere,  # the notice says "Waiting…"/"Generating…", not Gradio's queue timers
                           concurrency_limit=1, concurrency_id="model")  # one generation at a time, all users
-        asked = [message.submit, send.click]
-        turn = dict(fn=add_message, inputs=[message, history, notice, pending, presses],
-                    outputs=[message, pending, chatbot, notice, asked_key, copies, given_back],
-                    **nowhere, concurrency_limit=None)
-        events = [ask(**turn).success(**generation) for ask in asked]
+        turn = dict(fn=add_message, inputs=[sent, history, notice, pending, presses],
+                    outputs=[pending, chatbot, notice, asked_key, copies, given_back], **nowhere,
+                    concurrency_limit=None)
+        events = []
+        for ask in (message.submit, send.click):
+            asked = ask(None, message, [message, sent], js=TAKE_TYPED).then(**turn)
+            asked.failure(None, [sent, message], [message, sent], js=GIVE_BACK)  # refused: the text back
+            events.append(asked.success(**generation))
         events.append(regenerate.click(drop_answer, [history, notice, pending, presses],
                                        [pending, chatbot, notice, asked_key, copies, given_back], **nowhere,
                                        concurrency_limit=None)

@@ -304,7 +304,7 @@ def test_stop_after_the_answer_ended_keeps_its_end_line():
     (its last update on its way, or dropped by the page as Stop cancels its event): the page gets the end line,
     not "Stopped.", the whole answer, and its speed figures and draft panel (the page may show an earlier step's)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending, ended = last[0], last[1], last[2]  # the session's states, as the server keeps them
     notice, chat, _, figures, panel, *_ = actions["stopped"](GENERATING, history, pending, ended, "")
@@ -357,11 +357,11 @@ def test_send_or_regenerate_as_the_answer_ends(action):
     """Called directly (no browser): the page still says Generating… (the answer's last update on its way, or
     dropped as Stop came), but the session has the whole answer: Send and Regenerate start from it."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history, pending = last[0], last[1]  # the session's states, as the server keeps them
     if action == "add_message":
-        _, question, _, notice, *_ = actions["add_message"]("again", history, GENERATING, pending)
+        question, _, notice, *_ = actions["add_message"]("again", history, GENERATING, pending)
         assert (question.asked, question.typed) == (history + [{"role": "user", "content": "again"}], "again")
     else:
         question, _, notice, *_ = actions["drop_answer"](history, GENERATING, pending)
@@ -378,13 +378,13 @@ def test_an_answer_that_stop_or_clear_missed_ends(monkeypatch):
     model = ScriptedModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     updates = actions["respond"](pending, [], True, 0, 1, 100)
     history = next(updates)[0]  # the answer is on its way
     notice, chat, _, _, _, left, *_ = actions["stopped"](GENERATING, history, pending, ("", "", ""), "")
     assert (notice, on_chat(chat), left) == (STOPPED, history, None)
     assert list(updates) == [] and not runner.busy
-    _, pending, *_ = actions["add_message"]("again", history, STOPPED, None)
+    pending, *_ = actions["add_message"]("again", history, STOPPED, None)
     assert actions["stopped"]("", history, pending, ("", "", ""), "")[2] == "again"  # the page not told of Send yet
     assert list(actions["respond"](pending, history, True, 0, 1, 100)) == []
     pending, *_ = actions["drop_answer"](history, STOPPED, None)
@@ -419,7 +419,7 @@ def test_max_new_tokens_1():
     ui = build_ui(ChatRunner(model), "scripted", 1)
     slider = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "max-new-tokens")
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, slider.maximum)
     assert last[0][-1] == {"role": "assistant", "content": "a"}
     assert model.calls[-1]["max_new_tokens"] == 1
@@ -432,7 +432,7 @@ def test_the_next_turn_holds_the_answer_as_the_model_wrote_it():
     with its space: the answer is kept without the format's, or the next prompt would hold two."""
     runner = ChatRunner(ScriptedModel(" yes"), "vicuna")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 8).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
+    pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 8)
     history = last[0]
     assert history[-1] == {"role": "assistant", "content": "yes"}
@@ -447,7 +447,7 @@ def test_an_answer_ends_before_the_formats_end_of_turn_written_as_text(monkeypat
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
+    pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert (last[0][-1], last[6]) == ({"role": "assistant", "content": " yes"}, DONE)
     assert "im_end" not in last[5] and not runner.busy  # the draft panel too
@@ -460,7 +460,7 @@ def test_text_held_back_is_shown_with_the_origin_of_its_own_piece(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<cdefgh"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<cdefgh"
     drafts = last[5]
@@ -473,7 +473,7 @@ def test_a_chat_template_refusal_shows_its_message():
     model.tokenizer.chat_template = "{{ raise_exception('This model takes no chats.') }}"
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    _, pending, *_ = actions["add_message"]("again", history, "Done", None)
+    pending, *_ = actions["add_message"]("again", history, "Done", None)
     updates = actions["respond"](pending, history, True, 0, 1, 8)
     restored = next(updates)
     assert (restored[0], restored[7]) == (history, "again")
@@ -487,7 +487,7 @@ def test_a_lone_surrogate_is_the_users_to_fix(caplog):
     """Text that is not Unicode (a browser may send a lone surrogate): said as invalid text, with the typed text
     back, and no traceback logged as if generation had failed."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("cut \ud83d", [], "Done", None)
+    pending, *_ = actions["add_message"]("cut \ud83d", [], "Done", None)
     updates = actions["respond"](pending, [], True, 0, 1, 8)
     assert next(updates)[7] == "cut \ud83d"
     with pytest.raises(gr.Error, match="lone surrogate") as error:
@@ -504,7 +504,7 @@ def test_steps_between_updates_are_shown_together(monkeypatch, interval, shown):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 100).fns.values()
                if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     updates = list(actions["respond"](pending, [], True, 0, 1, 100))  # 26 letters, 4 a step: 7 steps
     assert len(updates) == shown
     states = [u[6] for u in updates]
@@ -528,7 +528,7 @@ def test_the_end_line_names_the_limit_that_ended_the_answer(answer, max_new, lin
     ended shorter, with the model's "length", at the context's."""
     ui = build_ui(ChatRunner(ScriptedModel(answer), max_length=100), "scripted", 1000)
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, max_new)
     assert last[6] == line
 
@@ -538,7 +538,7 @@ def test_the_speculative_switch_reaches_the_model(speculative):
     """Called directly (no browser): plain decoding is one token an iteration, and the figures say which."""
     model = ScriptedModel()
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 8)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert tokens == 8 and (iterations < tokens) is speculative
@@ -553,7 +553,7 @@ def test_html_in_a_chat_shows_as_written():
     answer = "Use <b>x</b> &amp; `<i>`\n```\n<p>\n```\n> <Script>y</script> <!-- c --> <p>a < b & c</P>"
     runner = ChatRunner(ScriptedModel(answer))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, shown, *_ = actions["add_message"]("a <div>", [], "", None)
+    pending, shown, *_ = actions["add_message"]("a <div>", [], "", None)
     assert on_chat(shown)[-1]["content"] == "a &lt;div>" and shown["allow_tags"] == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert last[0][-1]["content"] == answer
@@ -582,6 +582,27 @@ def test_html_in_a_chat_shows_as_written():
 def test_html_is_escaped_where_markdown_reads_it_as_html(text, shown):
     """Called directly: code is where the chat's Markdown renderer finds code (CommonMark's rules)."""
     assert webui.escape_markup(text) == shown
+
+
+def test_a_fence_shows_once_its_line_has_ended(monkeypatch):
+    """Called directly (no browser): the chat's renderer (marked) reads a fence after a paragraph's line only once
+    the fence's line has ended, the escaper (CommonMark) at once; while the answer streams, its unfinished last line
+    that starts a fence is held back, in a list item or block quote too. The conversation kept has the whole
+    answer, and the last update shows it all."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
+    answer = "Use:\n```html\n<p>a</p>\n```\nok\n> - ~~~\nend"
+    actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel(answer)), "scripted", 100).fns.values()
+               if f.fn}
+    pending, *_ = actions["add_message"]("hi", [], "", None)
+    updates = list(actions["respond"](pending, [], False, 0, 1, 100))  # plain decoding: a character a step
+    assert [u[0][-1]["content"] for u in updates] == [answer[:n] for n in range(1, len(answer) + 1)]
+    shown = [on_chat(u[3])[-1]["content"] for u in updates]
+    assert "Use:\n``" in shown and not {"Use:\n```", "Use:\n```htm"} & set(shown)
+    assert shown[shown.index("Use:\n``") + 1:][:6] == ["Use:\n"] * 5 + ["Use:\n```html\n"]  # ```, ```h, ...,
+    assert "Use:\n```html\n<p>a</p>\n```" not in shown and "Use:\n```html\n<p>a</p>\n```\n" in shown
+    quoted = "Use:\n```html\n<p>a</p>\n```\nok\n"
+    assert quoted + "> - ~~" in shown and quoted + "> - ~~~" not in shown and quoted + "> - ~~~\n" in shown
+    assert shown[-1] == webui.escape_markup(answer)
 
 
 @contextmanager
@@ -658,7 +679,7 @@ def test_the_chat_keeps_a_messages_indentation():
     actions = {f.fn.__name__: f.fn for f in ui.fns.values() if f.fn}
     chatbot = next(b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "chatbot")
     text = "    x = '<b>'\n    y = 2"
-    shown = chatbot.postprocess(actions["add_message"](text, [], "", None)[2]["value"]).model_dump()
+    shown = chatbot.postprocess(actions["add_message"](text, [], "", None)[1]["value"]).model_dump()
     assert shown[0]["content"] == [{"type": "text", "text": text}]
 
 
@@ -681,10 +702,10 @@ def test_an_error_mid_answer_brings_back_the_last_answers_figures(monkeypatch):
     model = FailingModel()
     runner = ChatRunner(model)
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, (history, _, _, _, figures, drafts, *_) = actions["respond"](pending, [], True, 0, 1, 100)
     model.fail = True
-    _, pending, *_ = actions["add_message"]("again", history, DONE, None)
+    pending, *_ = actions["add_message"]("again", history, DONE, None)
     updates = actions["respond"](pending, history, True, 0, 1, 100, figures, drafts)
     *streamed, restored = [next(updates) for _ in range(3)]
     assert streamed[-1][4] != figures and streamed[-1][5] != drafts  # the failed answer's, as it streamed
@@ -702,10 +723,37 @@ def test_the_figures_count_the_tokens_up_to_the_formats_end_of_turn(speculative)
     say 14 tokens."""
     runner = ChatRunner(ScriptedModel(" yes<|im_end|>\n<|im_start|>user\nmore"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("can you?", [], "", None)
+    pending, *_ = actions["add_message"]("can you?", [], "", None)
     *_, last = actions["respond"](pending, [], speculative, 0, 1, 100)
     tokens, iterations = map(int, SPEED.search(last[4].replace("**", "")).groups())
     assert (tokens, iterations) == (len(" yes<|im_end|>"), 4 if speculative else 14)
+
+
+class UnfinishedModel(ScriptedModel):
+    """Its steps end without a finished one: the step that would say why is left out."""
+
+    def generate_steps(self, *args, **kwargs):
+        for step in super().generate_steps(*args, **kwargs):
+            if not step.finished:
+                yield step
+
+
+@pytest.mark.parametrize("model", [ScriptedModel(""), UnfinishedModel("abcdefgh")], ids=["no-step", "unfinished"])
+@pytest.mark.parametrize("interval", [0, 1e9], ids=["every-step", "first-and-last"])
+def test_an_answer_whose_steps_end_unfinished_still_ends(monkeypatch, model, interval):
+    """Called directly (no browser): updates that end with no step at all, or none finished, still end the answer:
+    the page said Generating… for good, and with the question still pending the next Send was refused."""
+    monkeypatch.setattr(webui, "UPDATE_INTERVAL", interval)
+    runner = ChatRunner(model)
+    actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
+    pending, *_ = actions["add_message"]("hi", [], "", None)
+    *_, last = [None, *actions["respond"](pending, [], True, 0, 1, 100)]
+    assert last is not None, "the answer yielded no update"
+    written = model.answer[:4]  # the unfinished model's first step
+    assert (last[0][-1], last[1], on_chat(last[3])[-1]["content"], last[6]) == (
+        {"role": "assistant", "content": written}, None, written, DONE)
+    assert last[2] == (DONE, last[4], last[5]) and not runner.busy
+    assert actions["add_message"]("next", last[0], last[6], last[1])[0].typed == "next"  # not refused
 
 
 def test_regenerate_answers_a_question_left_without_its_answer():
@@ -740,7 +788,7 @@ def test_text_held_back_at_the_end_of_the_answer_is_shown(monkeypatch):
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel("ab<"), "qwen")
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], False, 0, 1, 100)
     assert last[0][-1]["content"] == "ab<" and "&lt;" in last[5]
 
@@ -749,7 +797,7 @@ def test_the_draft_panel_shows_html_as_text():
     """Called directly (no browser): the panel is HTML, so the answer's own is escaped there."""
     runner = ChatRunner(ScriptedModel("a<b>c"))
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    _, pending, *_ = actions["add_message"]("hi", [], "", None)
+    pending, *_ = actions["add_message"]("hi", [], "", None)
     *_, last = actions["respond"](pending, [], True, 0, 1, 100)
     assert "a&lt;b" in last[5] and "&gt;c" in last[5] and "<b>" not in last[5]
 
@@ -763,7 +811,7 @@ def test_a_model_without_a_chat_template_has_its_turns_shown_as_code():
     model = ScriptedModel()
     model.tokenizer.chat_template = None
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(model), "scripted", 8).fns.values() if f.fn}
-    shown = on_chat(actions["add_message"]("def f():", [], "", None)[2])
+    shown = on_chat(actions["add_message"]("def f():", [], "", None)[1])
     assert shown == [{"role": "user", "content": "```\ndef f():\n```"}]
 
 
@@ -773,8 +821,8 @@ def test_an_answer_sent_for_an_earlier_question_leaves_the_one_asked_since_to_it
     marked it answered; that question's own answer then did nothing, and the page (which follows only the
     latter) said Done with no answer shown (CI, test_queued_user_waits_and_stop_frees_the_model)."""
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
-    first_key = actions["add_message"]("hi", [], "", None)[4]
-    _, pending, _, _, key, *_ = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
+    first_key = actions["add_message"]("hi", [], "", None)[3]
+    pending, _, _, key, *_ = actions["add_message"]("hi again", [], STOPPED, None)  # after Stop
     assert key != first_key and key == pending.key
     assert list(actions["respond"](pending, [], True, 0, 1, 8, "", "", first_key)) == []
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", key)
@@ -793,16 +841,16 @@ def test_a_question_asked_before_a_stop_the_server_took_first_is_not_answered():
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc"}]
     seen = webui.StopPresses()
     actions["stopped"](DONE, history, None, ("", "", ""), "again", 1, seen)  # the page's first press, taken first
-    pending = actions["add_message"]("again", history, DONE, None, 0)[1]  # asked before it
+    pending = actions["add_message"]("again", history, DONE, None, 0)[0]  # asked before it
     (back,) = actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)
     assert (back[0], back[1], on_chat(back[3]), back[6], back[7]) == (history, None, history, STOPPED, "again")
     pending = actions["drop_answer"](history, DONE, None, 0)[0]
     assert [u[6] for u in actions["respond"](pending, history, True, 0, 1, 8, "", "", pending.key, seen)] == [STOPPED]
     actions["cleared"](None, 2, seen)
-    pending = actions["add_message"]("again", [], "", None, 1)[1]
+    pending = actions["add_message"]("again", [], "", None, 1)[0]
     assert [u[1] for u in actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)] == [None]
     assert model.calls == []
-    pending = actions["add_message"]("again", [], "", None, 2)[1]  # asked after both presses
+    pending = actions["add_message"]("again", [], "", None, 2)[0]  # asked after both presses
     *_, last = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
     assert last[0][-1] == {"role": "assistant", "content": "abcdefgh"} and len(model.calls) == 1
 
@@ -813,11 +861,11 @@ def test_a_question_asked_before_a_clear_the_server_took_first_leaves_the_page_a
     actions = {f.fn.__name__: f.fn for f in build_ui(ChatRunner(ScriptedModel()), "scripted", 8).fns.values() if f.fn}
     seen = webui.StopPresses()
     actions["cleared"](None, 1, seen)  # the page's first press, taken first
-    pending = actions["add_message"]("again", [], DONE, None, 0)[1]  # asked before it
+    pending = actions["add_message"]("again", [], DONE, None, 0)[0]  # asked before it
     (back,) = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
     assert (back[0], back[1], on_chat(back[3]), back[6], back[7]) == ([], None, [], "", "")
     actions["stopped"]("", [], None, ("", "", ""), "", 2, seen)  # a Stop after the Clear: the Stop's way
-    pending = actions["add_message"]("again", [], DONE, None, 0)[1]
+    pending = actions["add_message"]("again", [], DONE, None, 0)[0]
     (back,) = actions["respond"](pending, [], True, 0, 1, 8, "", "", pending.key, seen)
     assert (back[6], back[7]) == (STOPPED, "again")
 
@@ -850,7 +898,7 @@ def test_a_stop_taken_as_the_answer_begins_ends_it(monkeypatch):
     runner = ChatRunner(ScriptedModel())
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
     seen = webui.StopPresses()
-    pending = actions["add_message"]("hi", [], "", None, 0)[1]
+    pending = actions["add_message"]("hi", [], "", None, 0)[0]
     updates = actions["respond"](pending, [], True, 0, 1, 100, "", "", pending.key, seen)
     assert next(updates)[6] == GENERATING
     actions["stopped"](DONE, [], None, ("", "", ""), "", 1, seen)
@@ -892,7 +940,7 @@ def test_a_stop_that_found_the_answer_keeps_it_even_taken_between_the_answers_ch
     monkeypatch.setattr(webui, "UPDATE_INTERVAL", 0)
     runner = ChatRunner(ScriptedModel())
     actions = {f.fn.__name__: f.fn for f in build_ui(runner, "scripted", 100).fns.values() if f.fn}
-    pending = actions["add_message"]("hi", [], "", None, 0)[1]
+    pending = actions["add_message"]("hi", [], "", None, 0)[0]
     presses = StopBetweenTheChecks(pending)
     updates = actions["respond"](pending, [], True, 0, 1, 100, "", "", pending.key, presses)
     so_far = next(updates)[0]
@@ -990,3 +1038,29 @@ def test_without_the_clipboard_api_a_message_copies_as_written(browser):
         page.locator('#chatbot .bot-row + .message-buttons button[title="Copy message"]').last.click()
         page.wait_for_function("window.copied !== undefined")
         assert page.evaluate("window.copied") == HTML_ANSWER
+
+
+def test_text_typed_while_the_server_takes_the_send_stays_in_the_box(browser):
+    """In the browser: a server under load takes a Send a while after it was pressed (here the Send waits until the
+    next question is typed). The box empties as Send is pressed, and text typed before the server takes the Send
+    stays in it; the question sent is answered."""
+    with scripted_chat("abc") as (url, demo):
+        typed = threading.Event()
+        asks = [f for f in demo.fns.values() if f.fn and f.fn.__name__ == "add_message"]
+        for ask in asks:
+            @functools.wraps(ask.fn)
+            def ask_once_typed(*args, ask=ask.fn):
+                assert typed.wait(60), "the next question was not typed"
+                return ask(*args)
+
+            ask.fn = ask_once_typed
+        page = browser.new_page()
+        page.goto(url)
+        send(page, "hello")
+        page.wait_for_function("document.querySelector('#message textarea').value === ''")
+        page.locator("#message textarea").fill("next question")
+        typed.set()
+        wait_for_state(page, "Done", timeout=60)
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"user\"]').length === 1")
+        assert page.locator('[data-testid="user"]').inner_text() == "hello"
+        assert page.locator("#message textarea").input_value() == "next question"
