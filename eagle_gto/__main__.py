@@ -40,7 +40,10 @@ def parse_args(argv=None):
                         'same option, as gen_answer names it (default: "cuda" on CUDA, else none)')
     p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run")
     show_defaults(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.base_model_path is None) != (args.ea_model_path is None):  # (as the servers say it, by option)
+        p.error("give both --base-model-path and --ea-model-path, or neither for the demo pair")
+    return args
 
 
 def check_text(prompt: str) -> None:

@@ -97,6 +97,18 @@ def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, two_
     assert status == 2 and f"there is no GPU 2 here; {two_gpus}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["python -m eagle_gto", "gen_answer"])
+@pytest.mark.parametrize("given", ["--base-model-path", "--ea-model-path"])
+def test_one_model_path_alone_is_refused_by_its_option_name_before_anything_loads(command, given, capsys):
+    """These two said it once the model loaded (gen_answer after reading the questions), naming from_pretrained's
+    arguments (base_model_path) where the servers and the other commands name the options."""
+    parse = {"python -m eagle_gto": cli.parse_args, "gen_answer": gen_answer.parse_args}[command]
+    with pytest.raises(SystemExit) as stop:
+        parse([given, "folder"])
+    assert stop.value.code == 2
+    assert "give both --base-model-path and --ea-model-path, or neither for the demo pair" in capsys.readouterr().err
+
+
 def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     """eagle_gto.train has no --dtype: its base loaded in bfloat16 on a GPU whatever the checkpoint, so a head for a
     float16 base learned other features than the engine's --dtype auto then gave it."""

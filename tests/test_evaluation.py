@@ -921,7 +921,7 @@ def test_a_model_that_fails_to_load_leaves_no_answer_file_behind(tmp_path, monke
     questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
     path = tmp_path / "runs" / "eval" / "a.jsonl"
     run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
-           "--base-model-path", "missing-base", "--model-type", "plain"]
+           "--base-model-path", "missing-base", "--ea-model-path", "head", "--model-type", "plain"]
     assert cli_error(gen_answer.cli, run, capsys) == (2, "error: no such model: missing-base")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
     # an answer file of the same run, resumed: kept byte for byte

@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir and args.question_file:  # the file would be read and the folder silently ignored
         refuse("--data-dir and --question-file both say where the questions are: pass one (--question-file FILE, "
                "or --data-dir DIR with --bench-name for DIR/BENCH/question.jsonl)")
+    if (args.base_model_path is None) != (args.ea_model_path is None):  # before the questions are read
+        refuse("give both --base-model-path and --ea-model-path, or neither for the demo pair")
     if args.limit is not None and args.limit < 1:
         refuse("--limit must be >= 1")
     if args.max_new_tokens < 1:
