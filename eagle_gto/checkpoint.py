@@ -110,7 +110,7 @@ def read_config(path_or_id: str, hub: dict | None = None) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
-    # vLLM "speculators" configs nest the layer's settings.
+    # vLLM "speculators" configs nest the layer's settings; the speculator's own (top level) win, as in vLLM.
     nested = cfg.get("transformer_layer_config")
     if isinstance(nested, dict):
         cfg = {**nested, **{k: v for k, v in cfg.items() if k != "transformer_layer_config"}}

@@ -3,6 +3,7 @@ the base's device map as `--device` or `--device-map`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import torch
 import eagle_gto.__main__ as cli
 from application import common as servers
 from eagle_gto import EaModel
+from eagle_gto.cli_help import show_defaults
 from eagle_gto.dtype_option import auto_dtype, pick_dtype, saved_dtype
 from eagle_gto.evaluation import gen_answer
 
@@ -23,6 +25,7 @@ from eagle_gto.evaluation import gen_answer
     (True, "float32", True, "bfloat16"),  # a float32 checkpoint, or none said: half precision still
     (True, None, True, "bfloat16"),
     (True, None, False, "float16"),  # a GPU without bfloat16
+    (True, "bfloat16", False, "bfloat16"),  # (the checkpoint's own still: its weights may not fit float16)
 ])
 def test_auto_is_float32_on_a_cpu_and_the_checkpoints_half_type_on_a_gpu(monkeypatch, on_gpu, saved, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
@@ -136,3 +139,20 @@ def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer.load_base(str(tmp_path))
     assert loaded.pop() == torch.float32
+
+
+def test_help_says_each_default_once_and_only_where_there_is_one():
+    """show_defaults: a default of 0 is said; a flag's False, a None and a suppressed default are not (they say
+    nothing a user could pass); a help that states its default is left as it is."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=0, help="steps to run")
+    parser.add_argument("--plain", default="x")
+    parser.add_argument("--resume", action="store_true", help="go on")
+    parser.add_argument("--path", help="a file")
+    parser.add_argument("--quiet", default=argparse.SUPPRESS, help="say less")
+    parser.add_argument("--dtype", default="auto", help="weights dtype (default: auto)")
+    show_defaults(parser)
+    helps = {action.dest: parser._get_formatter()._expand_help(action) for action in parser._actions if action.help}
+    assert helps == {"help": "show this help message and exit", "steps": "steps to run (default: 0)",
+                     "plain": "default: x", "resume": "go on", "path": "a file", "quiet": "say less",
+                     "dtype": "weights dtype (default: auto)"}

@@ -101,3 +101,32 @@ def test_dynamic_rope_bases_decode_speculatively_only_within_their_context():
     with pytest.warns(UserWarning, match="beyond the base model's max_position_embeddings"):
         assert model.naivegenerate(ids, max_new_tokens=30, max_length=100).shape == (1, 34)
     assert model.eagenerate(ids, max_new_tokens=20).tolist() == model.naivegenerate(ids, max_new_tokens=20).tolist()
+
+
+def test_the_base_sees_every_token_at_its_place_in_the_sequence():
+    """A rotary base attends by distances only, so positions all one off decoded alike on the bases above (a
+    mutant adding 1 to every position the base is given survived); a base whose rope depends on the longest
+    position (dynamic NTK) or that adds absolute position embeddings would not. The prefill is fed from position
+    0, and every later forward's first token (a tree's root, or plain decoding's one token) at its index in the
+    output, the tree's other tokens after it, each at most the tree's depth further."""
+    model = trained_pair("llama", "eagle3")
+    fed = []  # (token ids, position ids) of every forward the engine runs on the base's decoder
+
+    def record(_module, _args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            fed.append((kwargs["input_ids"][0].tolist(), kwargs["position_ids"][0].tolist()))
+
+    ids = torch.tensor([[5, 17, 3, 60, 9, 41, 2]])
+    hook = model.base_model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for generate in (model.eagenerate, model.naivegenerate):
+            fed.clear()
+            out = generate(ids, max_new_tokens=20)[0].tolist()
+            assert fed[0] == (ids[0].tolist(), list(range(ids.shape[1])))
+            for tokens, positions in fed[1:]:
+                root = positions[0]
+                assert out[root] == tokens[0], f"token {tokens[0]} fed at {root}, where the output has {out[root]}"
+                assert all(root < position <= root + model.tree.depth + 1 for position in positions[1:])
+        assert len(fed) == 20  # (plain decoding: a prefill and 19 one-token forwards)
+    finally:
+        hook.remove()

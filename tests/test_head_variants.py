@@ -132,11 +132,16 @@ def test_norm_before_fc_under_eagle_config(tmp_path, top, nested, expected):
             build_head(load_checkpoint(str(tmp_path)))
 
 
-@pytest.mark.parametrize("written,expected", [(None, True), (False, False), (True, True)])
-def test_speculators_configs_default_to_norm_before_residual(tmp_path, written, expected):
-    """vLLM reads a speculators config without the key as norm_before_residual=True."""
+@pytest.mark.parametrize("written,in_layer,expected", [(None, None, True), (False, None, False), (True, None, True),
+                                                       (True, False, True)])
+def test_speculators_configs_default_to_norm_before_residual(tmp_path, written, in_layer, expected):
+    """vLLM reads a speculators config without the key as norm_before_residual=True. The speculator's own
+    settings (top level) win over its transformer_layer_config's, as vLLM takes them from the top (speculators
+    writes each key on one side only; a mutant letting the layer config win survived)."""
     save_head(variant_head(), tmp_path / "flat")
     cfg = json.loads((tmp_path / "flat" / "config.json").read_text())
+    if in_layer is not None:
+        cfg["norm_before_residual"] = in_layer
     nested = {"speculators_model_type": "eagle3", "draft_vocab_size": cfg.pop("draft_vocab_size"),
               "transformer_layer_config": cfg}
     if written is not None:

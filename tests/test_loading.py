@@ -68,7 +68,7 @@ def test_good_bases_load(saved, base):
 
 
 @pytest.mark.parametrize("options", [dict(dtype=torch.float16), dict(device_map="cpu"),
-                                     dict(device_map="auto", dtype=torch.float32)])
+                                     dict(device_map="auto", dtype=torch.float32), dict(torch_dtype="auto")])
 def test_dtype_and_device_map_variants_load(saved, options):
     model = EaModel.from_pretrained(str(saved / "tied"), str(saved / "eagle3"), **TREE, **options)
     assert model.eagenerate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4).shape[1] == 7
@@ -83,8 +83,9 @@ def test_the_reference_web_uis_loading_arguments(saved):
     assert model.eagenerate(ids, max_new_tokens=6).tolist() == model.naivegenerate(ids, max_new_tokens=6).tolist()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bits):
+@pytest.mark.parametrize("bits,given", [(8, {}), (4, {}), (8, dict(quantization_config=None))])
+def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bits, given):
+    """quantization_config=None beside load_in_8bit is none given (a caller passing its own default)."""
     from transformers import BitsAndBytesConfig
 
     seen = {}
@@ -95,7 +96,7 @@ def test_load_in_bits_asks_transformers_for_bitsandbytes(saved, monkeypatch, bit
 
     monkeypatch.setattr(ea_model, "load_base", load_base)
     with pytest.raises(CheckpointError, match="stop here"):
-        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{f"load_in_{bits}bit": True})
+        EaModel.from_pretrained(str(saved / "llama"), str(saved / "eagle3"), **{f"load_in_{bits}bit": True}, **given)
     config = seen["quantization_config"]
     assert isinstance(config, BitsAndBytesConfig)
     assert (config.load_in_8bit, config.load_in_4bit) == (bits == 8, bits == 4)
@@ -207,7 +208,7 @@ def test_an_eagle1_heads_bias_must_be_true_or_false(saved, tmp_path):
         load_checkpoint(str(head))
 
 
-@pytest.mark.parametrize("device_map", ["cuda", 0, {"": 1}])
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0", 0, {"": 1}, {"": "cuda:1"}])
 def test_device_map_cuda_without_cuda(saved, monkeypatch, device_map):
     """A CUDA device given by name or by index (as transformers takes one)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -428,6 +428,7 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(input_ids=[[3, -1]]), rf"input_ids holds ids outside the vocabulary \[0, {VOCAB}\)"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=None), "temperature must be a number, got None"),
+    (dict(temperature=True), "temperature must be a number, got True"),  # (not 1.0)
     (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),
     (dict(temperature=float("inf")), "temperature must be finite"),
     (dict(top_p=None), "top_p must be a number, got None"),

@@ -26,7 +26,8 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import (Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, trainer,
                              ttt_loss)
-from eagle_gto.train.checkpoints import checkpoint_dirs, checkpoint_path, complete_checkpoint, read_progress
+from eagle_gto.train.checkpoints import (CheckpointMismatch, check_same_options, checkpoint_dirs, checkpoint_path,
+                                         complete_checkpoint, read_progress)
 from eagle_gto.train.data import collate, encode_conversation, read_records, to_messages
 from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train.trainer import main
@@ -938,6 +939,14 @@ def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
         train(base, samples, tmp_path, dataclasses.replace(cfg, max_steps=2), draft_vocab_size=100, resume=True,
               show_progress=False)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004"]
+
+
+def test_an_option_the_checkpoint_did_not_record_is_another_option():
+    """An option the checkpoint's run did not record (an older version's, or one set only now) is compared too
+    (a mutant comparing only the recorded ones survived)."""
+    check_same_options(Path("step-00000002"), {"lr": 0.001}, {"lr": 0.001})
+    with pytest.raises(CheckpointMismatch, match=r"--ttt-steps None then, 2 now\): resume with the options"):
+        check_same_options(Path("step-00000002"), {"lr": 0.001}, {"lr": 0.001, "ttt_steps": 2})
 
 
 def checkpoint_of(out, step: int, draft_vocab_size: int | None = None):
