@@ -28,9 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="the prompt (a user message for chat models; default: a Python function header)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (not the tree's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="up to 1e-5: greedy")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; 0 (or 1 and above): off")
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k, 0: off (not the tree's: --tree-top-k)")
     p.add_argument("--total-token", type=int, default=60, help="draft tree size incl. the root (-1: auto)")
     p.add_argument("--depth", type=int, default=7)
     p.add_argument("--tree-top-k", type=int, default=10)

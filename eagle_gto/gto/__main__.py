@@ -36,15 +36,17 @@ from .trainer import STARTED_OUTPUTS, GTOConfig, check_data, check_out, load_mod
 PROG = "python -m eagle_gto.gto"
 
 
-def config_parser(description: str, command: str = "", fixed: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def config_parser(description: str, command: str = "", fixed: dict[str, str] | None = None,
+                  out_help: str | None = None) -> argparse.ArgumentParser:
     """The CLI of every GTOConfig field; `fixed` ({option: why}) names options the command sets itself:
-    giving one is an error (it would be silently overridden, or worse, change what a result is labelled)."""
+    giving one is an error (it would be silently overridden, or worse, change what a result is labelled).
+    `out_help`: what the command writes in --out, where that is not one run's files."""
     parser = argparse.ArgumentParser(prog=f"python -m eagle_gto.gto{command}", description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fixed = fixed or {}
     for f in dataclasses.fields(GTOConfig):
         flag = "--" + f.name.replace("_", "-")
-        help = f.metadata["help"]
+        help = out_help if f.name == "out" and out_help else f.metadata["help"]
         boolean = f.type in (bool, "bool")
         if f.name in fixed:
             flags = (flag, "--no-" + flag[2:]) if boolean else (flag,)

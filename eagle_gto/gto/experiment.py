@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     from .__main__ import checkpoint_options, config_from, config_parser, input_errors
 
     parser = config_parser("GTO vs continued token-level training (and ablations) on one start head. Each run sets "
-                           f"{', '.join(RUN_OPTIONS)} itself (see --runs).", " experiment", fixed=RUN_OPTIONS)
+                           f"{', '.join(RUN_OPTIONS)} itself (see --runs).", " experiment", fixed=RUN_OPTIONS,
+                           out_help="output folder: start.json, a folder per run (its head/, metrics, result.json), "
+                                    "results.json, results.md")
     checkpoint_options(parser, refused="experiment keeps no checkpoints: it keeps each finished run's result, so "
                        "rerunning the same command resumes after the last finished run")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
@@ -427,7 +429,9 @@ SWEEP_OUTPUTS = ("sweep.json", "sweep.md")
 def sweep_main(argv: list[str] | None = None) -> None:
     from .__main__ import checkpoint_options, config_from, config_parser, input_errors
 
-    parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep")
+    parser = config_parser("Small grid over GTO options, scored on the validation slice.", " sweep",
+                           out_help="output folder: a folder per grid point (its head/, metrics, summary.json), "
+                                    "sweep.json, sweep.md")
     checkpoint_options(parser, refused="sweep keeps no checkpoints: it keeps each finished point's result, so "
                        "rerunning the same command resumes after the last finished point")
     parser.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",

@@ -77,7 +77,7 @@ class GTOConfig:
     omega: float = _opt(2.0, "weight of L_GTO")
     delta: float = _opt(1e-2, "added to the group std when standardising advantages")
     ttt_steps: int = _opt(7, "L_token: training-time-test unroll steps")
-    step_weight: float = _opt(0.8, "L_token: weight decay per unroll step")
+    step_weight: float = _opt(0.8, "L_token: the loss weight of unroll step s is step_weight**s")
     lr: float = _opt(3e-5, "AdamW learning rate (constant)")
     steps: int = _opt(300, "optimizer steps")
     windows: int = _opt(2, "windows per step per process (the global batch: windows x processes)")
