@@ -1528,6 +1528,26 @@ def test_a_resume_on_another_base_of_the_same_shape_warns(tmp_path, tokenizer, m
     assert resume("org/other-model") == []
 
 
+def test_a_resume_in_another_precision_warns(tmp_path, tokenizer):
+    """A run moved from a GPU (a bfloat16 base, bf16 autocast) to a CPU (float32, none) went on silently: there is
+    no option to match the old run with, so not refused, but said."""
+    base = make_base()
+    samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
+    cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
+    checkpoint = checkpoint_path(tmp_path, 2)
+    train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    assert progress["precision"] == "base float32, head autocast no"
+    (checkpoint / "progress.json").write_text(json.dumps({**progress, "precision": "base bfloat16, head autocast bf16"}))
+    shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
+    assert [str(w.message) for w in said if "precision" in str(w.message)] == [
+        f"this run's precision (base float32, head autocast no) is not that of the run that wrote {checkpoint} "
+        "(base bfloat16, head autocast bf16): training goes on, from hidden states computed in the new precision"]
+
+
 def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, monkeypatch, capsys):
     """A Ctrl-C early in a run cut accelerate's first import short: deciding which process speaks imported it
     again, and the run ended with an ImportError's traceback ("partially initialized module")."""

@@ -433,17 +433,6 @@ def check_same_data(checkpoint: Path, progress: dict, data: str, regenerated_fro
                              "run, or choose another --out")
 
 
-def eval_data_changed(checkpoint: Path, progress: dict, eval_data: str | None) -> str | None:
-    """A warning when the evaluation samples (`eval_data`: their data_fingerprint, None without --eval-data)
-    differ from those of the run that wrote the checkpoint. Not refused as other --data is: they change what the
-    run logs, not the head it trains (the same on either), and a run may add --eval-data it was started without."""
-    if "eval_data" not in progress or progress["eval_data"] == eval_data:  # (absent: written before it was recorded)
-        return None
-    return (f"--eval-data differs from that of the run that wrote {checkpoint} (other files or contents, or given "
-            f"or left out): the head trains as it would have; metrics.jsonl's evaluations up to step "
-            f"{progress['step']} are of the other set")
-
-
 def base_name(base) -> str:
     """The base model as it was loaded: a local folder resolved (given from another working folder, it is the same
     base), a hub id as written ("" for one built in memory)."""
@@ -451,15 +440,34 @@ def base_name(base) -> str:
     return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
-def base_changed(checkpoint: Path, progress: dict, base: str) -> str | None:
-    """A warning when the base differs from the one of the run that wrote the checkpoint (its shape is compared
-    by check_same_shape). Not refused: the same model may have moved to another folder; but another model of the
-    same shape would silently teach the head a mix of two bases' hidden states."""
-    if "base" not in progress or progress["base"] == base:  # (absent: written before it was recorded)
-        return None
-    return (f"the base model {base!r} is not the one of the run that wrote {checkpoint} ({progress['base']!r}): "
-            "the head goes on learning from this base's hidden states; if it is another model (not the same one "
-            "moved), start a new run with another --out")
+def precision(base, accelerator) -> str:
+    """How the base runs and the head trains: the base's dtype and the head's autocast (bf16 on a GPU)."""
+    return f"base {str(base.dtype).removeprefix('torch.')}, head autocast {accelerator.mixed_precision}"
+
+
+def resume_warnings(checkpoint: Path, progress: dict, now: dict) -> list[str]:
+    """What a resume may change without a refusal, said (`now`: this run's eval_data, base and precision, as
+    checkpoints record them; a checkpoint written before one was recorded says nothing of it):
+    - other --eval-data (their data_fingerprint, None without): it changes what the run logs, not the head it
+      trains, and a run may add --eval-data it was started without;
+    - another base (its shape is compared by check_same_shape): the same model may have moved to another folder,
+      but another model of the same shape would teach the head a mix of two bases' hidden states;
+    - another precision (a run moved from a GPU to a CPU, or to a base saved in another dtype): there is no option
+      to match the old one with, but the hidden states the head learns from change slightly."""
+    then = {key: progress.get(key, value) for key, value in now.items()}
+    said = []
+    if then["eval_data"] != now["eval_data"]:
+        said.append(f"--eval-data differs from that of the run that wrote {checkpoint} (other files or contents, or "
+                    f"given or left out): the head trains as it would have; metrics.jsonl's evaluations up to step "
+                    f"{progress['step']} are of the other set")
+    if then["base"] != now["base"]:
+        said.append(f"the base model {now['base']!r} is not the one of the run that wrote {checkpoint} "
+                    f"({then['base']!r}): the head goes on learning from this base's hidden states; if it is another "
+                    "model (not the same one moved), start a new run with another --out")
+    if then["precision"] != now["precision"]:
+        said.append(f"this run's precision ({now['precision']}) is not that of the run that wrote {checkpoint} "
+                    f"({then['precision']}): training goes on, from hidden states computed in the new precision")
+    return said
 
 
 def window_file(checkpoint: Path, rank: int) -> Path:
@@ -563,11 +571,11 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     step = 0
     window: list[tuple[float, list[float], list[float], list[int]]] = []  # loss, step losses, hits, counts
     metrics_file = out / "metrics.jsonl"
+    recorded = {"eval_data": eval_data, "base": base_name(base), "precision": precision(base, accelerator)}
     if previous:
         progress = read_progress(previous[-1], total)
         changed = [check_same_data(previous[-1], progress, data, regenerated_from),
-                   eval_data_changed(previous[-1], progress, eval_data),
-                   base_changed(previous[-1], progress, base_name(base))]
+                   *resume_warnings(previous[-1], progress, recorded)]
         for warning in filter(None, changed if accelerator.is_main_process else ()):
             warnings.warn(warning)
         index = resumed_index(progress, cfg.batch_size * world)
@@ -624,8 +632,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
             if step % cfg.save_every == 0 or step == total:
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
                             "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
-                            "data": data, "eval_data": eval_data, "regenerated_from": regenerated_from,
-                            "base": base_name(base)}
+                            "data": data, "regenerated_from": regenerated_from, **recorded}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
