@@ -1538,7 +1538,8 @@ def test_a_resume_in_another_precision_warns(tmp_path, tokenizer):
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
     progress = json.loads((checkpoint / "progress.json").read_text())
     assert progress["precision"] == "base float32, head autocast no"
-    (checkpoint / "progress.json").write_text(json.dumps({**progress, "precision": "base bfloat16, head autocast bf16"}))
+    on_a_gpu = {**progress, "precision": "base bfloat16, head autocast bf16"}
+    (checkpoint / "progress.json").write_text(json.dumps(on_a_gpu))
     shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
