@@ -848,6 +848,12 @@ def test_config_refuses_cuda_without_cuda():
         GTOConfig(device="cuda")
 
 
+def test_config_refuses_a_gpu_the_machine_lacks_naming_those_there_are(two_gpus):
+    """As every command refuses it (it said "there are 2 cuda devices", not which)."""
+    with pytest.raises(ValueError, match=re.escape(f"device 'cuda:2': there is no GPU 2 here; {two_gpus}")):
+        GTOConfig(device="cuda:2")
+
+
 def test_top_k_beyond_the_heads_vocabulary_and_a_head_as_the_base_are_refused(pair, tmp_path):
     export_head(pair.ea_layer, tmp_path / "head", "float32")
     draft_vocab = pair.ea_layer.config.draft_vocab_size
