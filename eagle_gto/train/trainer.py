@@ -543,6 +543,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
     shape = head_options(base.config, draft_vocab_size, intermediate_size)
     options, data = run_options(cfg, process_state().num_processes), data_fingerprint(samples)
     eval_data = data_fingerprint(eval_samples) if eval_samples else None
+    base_source = base_name(base)
     previous = previous_checkpoints(out, resume, base.config, shape, options)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
@@ -567,7 +568,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
         progress = read_progress(previous[-1], total)
         changed = [check_same_data(previous[-1], progress, data, regenerated_from),
                    eval_data_changed(previous[-1], progress, eval_data),
-                   base_changed(previous[-1], progress, base_name(base))]
+                   base_changed(previous[-1], progress, base_source)]
         for warning in filter(None, changed if accelerator.is_main_process else ()):
             warnings.warn(warning)
         index = resumed_index(progress, cfg.batch_size * world)
@@ -625,7 +626,7 @@ def train(base, samples: list[Sample], out: str | Path, cfg: TrainConfig, draft_
                 progress = {"step": step, "epoch": batches.epoch, "index": batches.index,
                             "micro_batch": cfg.batch_size * world, "head_options": shape, "options": options,
                             "data": data, "eval_data": eval_data, "regenerated_from": regenerated_from,
-                            "base": base_name(base)}
+                            "base": base_source}
                 save_checkpoint(accelerator, out, progress, cfg.keep_checkpoints, window)
 
     head = accelerator.unwrap_model(objective).head
