@@ -3,8 +3,14 @@ progress.json), and a folder's files synced before something marks them complete
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+POSIX = os.name == "posix"  # (else Windows: a folder cannot be opened, and a file is synced open for writing)
+# What fsync of a folder answers on a filesystem that has no such sync (SMB/CIFS shares, WSL's drvfs, some network
+# and FUSE ones): nothing more can be waited for there, and a checkpoint must not fail over it
+NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def write_atomically(path: str | Path, text: str, temporary_suffix: str = ".partial") -> None:
@@ -30,7 +36,7 @@ def sync_files(folder: Path) -> None:
     must not lose once something (progress.json) says they are written."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            with path.open("rb") as f:
+            with path.open("rb" if POSIX else "r+b") as f:  # (Windows' fsync refuses a file open for reading only)
                 os.fsync(f.fileno())
         elif path.is_dir():
             sync_folder(path)
@@ -38,10 +44,14 @@ def sync_files(folder: Path) -> None:
 
 
 def sync_folder(folder: Path) -> None:
-    if os.name != "posix":  # (Windows cannot open a folder; its renames need no such sync)
+    """Sync `folder`'s entries (a rename, a new file) to the disk, where the system and the filesystem can."""
+    if not POSIX:  # (Windows cannot open a folder; its renames need no such sync)
         return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as err:
+        if err.errno not in NO_FOLDER_SYNC:  # (an I/O error is still raised)
+            raise
     finally:
         os.close(descriptor)

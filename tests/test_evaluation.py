@@ -428,6 +428,16 @@ def test_the_context_is_the_base_models_unless_given(short_context_pair, tmp_pat
     assert len(read_jsonl(tmp_path / "b.jsonl")) == 1
 
 
+def test_a_context_too_short_for_the_new_tokens_says_what_to_lower(short_context_pair, tmp_path):
+    """The default --max-new-tokens 1024 leaves no room in the context of a base trained for 1024 tokens: the
+    refusal named a --max-length the command was not given, and not what to change."""
+    gsm8k, _ = two_benches(tmp_path)
+    with pytest.raises(ValueError, match=r"^the base model's context, 512 tokens \(--max-length left out\), leaves "
+                                         r"no room for a prompt with --max-new-tokens 512 and a tree of \d+: lower "
+                                         r"--max-new-tokens$"):
+        run_gen(short_context_pair, tmp_path / "a.jsonl", "--question-file", gsm8k, "--max-new-tokens", "512")
+
+
 def test_a_file_made_with_the_former_default_resumes_where_it_is_the_bases_context(tiny_pair, tmp_path):
     """The former default, 2048, is the context of a base trained for more: such answer files resume as they did."""
     gsm8k, _ = two_benches(tmp_path)

@@ -848,6 +848,12 @@ def test_config_refuses_cuda_without_cuda():
         GTOConfig(device="cuda")
 
 
+def test_config_refuses_a_gpu_the_machine_lacks_naming_those_there_are(two_gpus):
+    """As every command refuses it (it said "there are 2 cuda devices", not which)."""
+    with pytest.raises(ValueError, match=re.escape(f"device 'cuda:2': there is no GPU 2 here; {two_gpus}")):
+        GTOConfig(device="cuda:2")
+
+
 def test_top_k_beyond_the_heads_vocabulary_and_a_head_as_the_base_are_refused(pair, tmp_path):
     export_head(pair.ea_layer, tmp_path / "head", "float32")
     draft_vocab = pair.ea_layer.config.draft_vocab_size
@@ -1264,13 +1270,31 @@ def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, mo
     command = ["--out", str(tmp_path / "s"), "--grid", "omega=1,4", "--steps", "3"]
     with pytest.raises(RuntimeError):
         experiment.sweep_main(command)
-    with pytest.raises(SystemExit, match=r"omega1.0 already holds the output of an earlier run \(config.json"):
-        experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, not overwritten
+    with pytest.raises(SystemExit, match=r"omega1.0 holds a run with other options \(steps \(3 then, 5 now\)\): rerun "
+                                         "the sweep with them, or choose another --out"):
+        experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, naming them, not overwritten
     made = tmp_path / "s" / "omega1.0" / "config.json"  # as a run made before the option --system existed
     made.write_text(json.dumps({k: v for k, v in json.loads(made.read_text()).items() if k != "system"}))
     experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
     assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2
+
+
+def test_a_sweep_made_before_dtype_auto_names_the_dtype_it_needs_on_a_gpu(tmp_path, monkeypatch):
+    """A sweep made with float32 (the default before auto) and rerun on a GPU, where auto loads half precision, was
+    refused as holding "the output of an earlier run", not saying that --dtype float32 resumes it."""
+    trained = []
+    fake_experiment(monkeypatch, [], trained)
+    command = ["--out", str(tmp_path / "s"), "--grid", "omega=1", "--steps", "3"]
+    experiment.sweep_main([*command, "--dtype", "float32"])
+    (tmp_path / "s" / "sweep.json").unlink()  # (as if stopped before its table)
+    (tmp_path / "s" / "sweep.md").unlink()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match=r"omega1.0 holds a run with other options \(dtype \('float32' then, "
+                                         r"'float16' now\)\)"):
+        experiment.sweep_main(command)
+    experiment.sweep_main([*command, "--dtype", "float32"])
+    assert len(trained) == 1
 
 
 def test_a_sweep_point_that_diverges_is_a_row_of_its_own_and_the_others_train(tmp_path, monkeypatch):

@@ -159,9 +159,11 @@ class Answerer:
         # speculative iteration drafts, as in the reference's runs).
         self.prompt_budget = self.max_length - args.max_new_tokens - model.tree.total_token
         if self.prompt_budget < 1:
-            context = " (the base model's context)" if args.max_length is None else ""
-            raise ValueError(f"--max-length {self.max_length}{context} leaves no room for a prompt with "
-                             f"--max-new-tokens {args.max_new_tokens} and a tree of {model.tree.total_token}")
+            budget = f"--max-length {self.max_length}"
+            if args.max_length is None:  # (a base trained for 1024 tokens, at the default 1024 new ones)
+                budget = f"the base model's context, {self.max_length} tokens (--max-length left out),"
+            raise ValueError(f"{budget} leaves no room for a prompt with --max-new-tokens {args.max_new_tokens} "
+                             f"and a tree of {model.tree.total_token}: lower --max-new-tokens")
 
     def _sync(self) -> None:
         # Kernels run asynchronously on a GPU: wait for them so wall time is the turn's own.

@@ -415,8 +415,12 @@ def finished(cfg: GTOConfig) -> dict | None:
     out = Path(cfg.out)
     config = out / "config.json"
     options = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    # (_differences: an option added since, absent from the file, matches its default None)
-    if config.is_file() and not _differences(json.loads(config.read_text()), options):
+    if config.is_file():
+        # (_differences: an option added since, absent from the file, matches its default None)
+        changed = _differences(json.loads(config.read_text()), options)
+        if changed:  # named: a default that changed since (--dtype auto on a GPU) is not the user's doing
+            raise ValueError(f"{out} holds a run with other options ({'; '.join(changed)}): rerun the sweep with "
+                             "them, or choose another --out")
         summary = out / "summary.json"
         return json.loads(summary.read_text()) if summary.is_file() else None
     check_new_out(cfg.out, RUN_OUTPUTS)
