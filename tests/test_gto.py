@@ -1609,10 +1609,11 @@ def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on(tmp_path, monkeyp
     assert stopped.type is SystemExit and stopped.value.code == 130
     assert capsys.readouterr().err == (f"python -m eagle_gto.gto: interrupted; {out} holds no complete checkpoint "
                                        "yet: run the same command with --resume to start again there from step 0\n")
-    checkpoint = out / "checkpoints" / "step-00000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "progress.json").write_text(json.dumps({"step": 2, "options": run_options(
-        GTOConfig(out=str(out), data="stdlib"), 1)}))
+    for step in (1, 2):  # it names the newest (--keep-checkpoints 2 keeps an older one)
+        checkpoint = out / "checkpoints" / f"step-{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "progress.json").write_text(json.dumps({"step": step, "options": run_options(
+            GTOConfig(out=str(out), data="stdlib"), 1)}))
     with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
         gto_cli.main(["--out", str(out), "--data", "stdlib", "--resume"])
     assert stopped.type is SystemExit

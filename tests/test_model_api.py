@@ -21,6 +21,7 @@ from eagle_gto import CheckpointError, EaModel, arguments, context_length, memor
 from eagle_gto.checkpoint import save_head
 from eagle_gto.generation import Decoder
 from eagle_gto.kv_cache import KVBuffer
+from eagle_gto.target import decoder_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 
 
@@ -422,6 +423,8 @@ def test_max_length_is_used_to_the_end_in_both_modes(prompt_length):
     (dict(input_ids=[[]]), "input_ids is empty"),
     (dict(input_ids=[["a"]]), "input_ids must hold integer token ids"),
     (dict(input_ids=torch.zeros(2, 5, dtype=torch.long)), "batch size 2"),
+    (dict(input_ids=5), r"input_ids must have shape \[1, n\], got \[\]"),  # (one id, not a prompt of one)
+    (dict(input_ids=torch.zeros(1, 1, 5, dtype=torch.long)), r"input_ids must have shape \[1, n\], got \[1, 1, 5\]"),
     (dict(input_ids=torch.zeros(1, 5)), "integer"),
     (dict(input_ids=torch.ones(1, 5, dtype=torch.bool)), "input_ids must hold integer token ids, got dtype torch.bool"),
     (dict(input_ids=torch.full((1, 5), VOCAB)), "outside the vocabulary"),
@@ -788,6 +791,14 @@ def test_a_head_given_to_the_constructor_is_moved_beside_the_bases_last_layer(mo
     monkeypatch.setattr(placement, "head_device", lambda model: torch.device("meta"))
     EaModel(base, head, None, 12, 3, 3)
     assert head.fc.weight.device == torch.device("meta")
+
+
+def test_the_head_goes_to_the_device_of_the_bases_last_layer():
+    """Where the base's final features are made (a base split over devices has its first layer elsewhere).
+    The CPU has no second device: the last layer is put on "meta"."""
+    base = AutoModelForCausalLM.from_config(base_config("llama", vocab_size=VOCAB))
+    decoder_layers(base)[-1].to("meta")
+    assert placement.head_device(base) == torch.device("meta")
 
 
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
