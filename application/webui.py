@@ -86,8 +86,8 @@ LINE = re.compile(r"[^\n]*\n|[^\n]+")  # as the chat counts lines (str.splitline
 # The start of a code fence, after the line's block quote and list item markers. The chat's renderer (marked)
 # reads a fence that follows a paragraph line only once the fence's line has ended; the escaper (CommonMark) at
 # once, so a streaming answer's unfinished last line that starts a fence waits for its line break
-# (`while_streaming`).
-FENCE_START = re.compile(r"(?:[ \t>]|[-+*][ \t]|\d{1,9}[.)][ \t])*(?:```|~~~)")
+# (`while_streaming`). A backtick fence's info string has no backtick (in both): "```x``` is code" is a paragraph.
+FENCE_START = re.compile(r"(?:[ \t>]|[-+*][ \t]|\d{1,9}[.)][ \t])*(?:`{3,}[^`]*$|~~~)")
 
 
 def while_streaming(answer: str) -> str:

@@ -4,15 +4,24 @@ older transformers use it too."""
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+NEGATIVE_GPU = re.compile(r"cuda:(-\d+)")  # a GPU index torch.device refuses, in words that name no GPU
 
 
 def cuda_device_problem(device) -> str | None:
     """What keeps `device` (a name torch takes, such as "cuda:1", a torch.device, or a GPU index as a device map
     gives one) from being used here: no CUDA, or no GPU of that index. None where it can be used, and for
-    anything not a CUDA device (cpu; "auto" and the other names accelerate takes)."""
+    anything not a CUDA device (cpu; "auto" and the other names accelerate takes; a plain index on a machine
+    whose accelerator is another, an XPU or MPS, which the index names there)."""
     if isinstance(device, int) and not isinstance(device, bool):
+        if not torch.cuda.is_available() and torch.accelerator.is_available():  # (torch.device(0) is its device)
+            return None
         index = device
+    elif isinstance(device, str) and (negative := NEGATIVE_GPU.fullmatch(device)):
+        index = int(negative[1])
     else:
         try:
             place = torch.device(device)

@@ -86,10 +86,11 @@ def test_device_and_device_map_name_the_same_option_in_every_command(command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, two_gpus, monkeypatch, capsys):
+@pytest.mark.parametrize("gpu", [2, -1])
+def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, gpu, two_gpus, monkeypatch, capsys):
     """--device cuda:2 on a machine with two GPUs passed every check and failed part-way through loading, in
-    torch's words."""
-    argv = ["--base-model-path", "base", "--ea-model-path", "head", "--device", "cuda:2", "--dtype", "float16"]
+    torch's words; cuda:-1, which torch.device refuses, passed the check too."""
+    argv = ["--base-model-path", "base", "--ea-model-path", "head", "--device", f"cuda:{gpu}", "--dtype", "float16"]
     parser = servers.build_parser("server", "", 0)
     run = {"python -m eagle_gto": lambda: cli.main(argv), "gen_answer": lambda: gen_answer.cli(argv),
            "servers": lambda: servers.load_runner(parser, parser.parse_args(argv))}[command]
@@ -97,7 +98,7 @@ def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, two_
         status = run()
     except SystemExit as exit:
         status = exit.code
-    assert status == 2 and f"there is no GPU 2 here; {two_gpus}" in capsys.readouterr().err
+    assert status == 2 and f"there is no GPU {gpu} here; {two_gpus}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["python -m eagle_gto", "gen_answer"])

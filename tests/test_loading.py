@@ -227,6 +227,26 @@ def test_device_map_naming_a_gpu_the_machine_lacks(device_map, two_gpus):
                                f"{two_gpus}")
 
 
+@pytest.mark.parametrize("device_map", ["cuda:-1", -1, {"lm_head": "cuda:-1"}])
+def test_device_map_naming_a_negative_gpu(device_map, two_gpus):
+    """"cuda:-1", which torch.device refuses, was not checked: it failed later, in words that named no GPU."""
+    with pytest.raises(ValueError) as info:
+        EaModel.from_pretrained("no-base", "no-head", device_map=device_map)
+    assert str(info.value) == (f"device_map={device_map!r} places the model on CUDA, but there is no GPU -1 here; "
+                               f"{two_gpus}")
+
+
+@pytest.mark.parametrize("device_map", [0, {"": 1}, {"model": 0, "lm_head": "xpu:0"}])
+def test_a_plain_gpu_index_on_another_accelerator_is_not_refused_as_cuda(device_map, monkeypatch):
+    """A device map's plain index names the machine's accelerator (torch.device(0)): an XPU or MPS one was
+    refused as "CUDA is not available"."""
+    from eagle_gto.loading import check_device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    check_device_map(device_map)
+
+
 def test_device_map_naming_gpus_the_machine_has(two_gpus):
     from eagle_gto.loading import check_device_map
 

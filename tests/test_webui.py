@@ -605,6 +605,16 @@ def test_a_fence_shows_once_its_line_has_ended(monkeypatch):
     assert shown[-1] == webui.escape_markup(answer)
 
 
+@pytest.mark.parametrize("answer, shown", [
+    ("Use:\n```py", "Use:\n"), ("Use:\n````", "Use:\n"), ("Use:\n> 1. ~~~ `x`", "Use:\n"),
+    ("Use:\n```x``` is inline code", "Use:\n```x``` is inline code"), ("Use:\n``` `", "Use:\n``` `"),
+])
+def test_only_a_line_that_starts_a_fence_is_held_back(answer, shown):
+    """A backtick fence's info string has no backtick (CommonMark and the chat's renderer): a line that starts with
+    a code span of three backticks is a paragraph, shown as it streams, not held back to its end."""
+    assert webui.while_streaming(answer) == shown
+
+
 @contextmanager
 def scripted_chat(answer: str, model_type: str = "auto", model: ScriptedModel | None = None):
     """The chat UI in this process over a scripted chat model (`model`, or one that answers `answer`); yields its
