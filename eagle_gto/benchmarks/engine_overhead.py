@@ -327,7 +327,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset's value")
     add_timing_arguments(p)
     p.add_argument("--tau", type=float, default=6.52,
-                   help="acceptance length for the predicted speedup (default: %(default)s, GTO's Llama-3.1-8B average)")
+                   help="acceptance length for the predicted speedup (default: %(default)s, GTO's Llama-3.1-8B "
+                        "average)")
     p.add_argument("--engines", default=None,
                    help="comma-separated: eager, graphs (default: eager,graphs on a GPU, eager on a CPU)")
     add_compile_arguments(p)
