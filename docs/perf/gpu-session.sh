@@ -11,6 +11,8 @@
 # A new checkout has none of the carried folders: make them first with
 #   bash docs/perf/prepare-carry.sh EAGLE_GIT_DIR
 # (about 10 s here; the header there says what each folder holds).
+# A dry run of stage 11 on a CPU (no graphs there; it finds a broken argument or API):
+#   python3 docs/perf/check_warm_up.py --device cpu --shape small --prompt-length 200 --max-length 300
 set -u
 stage=${1:?stage: 1 to 11}
 out=${OUT:-/tmp/out}
