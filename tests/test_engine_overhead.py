@@ -48,7 +48,7 @@ def test_tiny_shape_report(tmp_path, capsys):
     assert "| eager: `naivegenerate`, per token |" in table and "total_token 8" in table
 
 
-def test_the_table_gives_every_engines_measured_tau():
+def test_the_table_gives_every_engines_measured_tau_and_a_chosen_attention_kernel():
     """The "measured tau" line showed the first engine's only, unnamed."""
     def engine(tau):
         return {"plain_ms": 1.0, "iterations": {"10": {"ms": 2.0, "tau": tau, "x_plain": 2.0, "predicted_speedup": 1.0,
@@ -64,6 +64,10 @@ def test_the_table_gives_every_engines_measured_tau():
     assert [line for line in table if "measured tau" in line] == [
         "eager: measured tau with these random weights: total_token 10: 1.25",
         "graphs: measured tau with these random weights: total_token 10: 1.50"]
+    assert "attention" not in table[0]  # (torch's choice: auto)
+    # A run of another attention kernel (stage 10's math) read like a default one: only its JSON named it
+    other = engine_overhead.format_table({**result, "sdpa_backend": "math"}).splitlines()
+    assert other[0].startswith("engine overhead, stand-in, float32, attention math, 2026-01-01:")
 
 
 def test_graphs_need_a_gpu(capsys):

@@ -225,6 +225,8 @@ def format_table(r: dict) -> str:
     compiled = ""
     if r.get("compiled"):
         compiled = f", compiled ({r['compiled']}, projections {'fused' if r.get('fused') else 'unfused'})"
+    if r.get("sdpa_backend", "auto") != "auto":  # (a run of another attention kernel reads like a default one)
+        compiled += f", attention {r['sdpa_backend']}"
     lines = [
         f"engine overhead, {r['device_name']}, {r['dtype']}{compiled}, {r['date']}: hidden {s['hidden_size']}, "
         f"{s['num_layers']} layers, heads {s['num_heads']}/{s['num_kv_heads']}, intermediate "
