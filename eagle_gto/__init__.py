@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # Imported on first use, so that a tool needing none of the engine (the
 # reference-engine benchmark runs under an older transformers) can import
 # modules of this package.
-_HOMES = {"EaModel": ".ea_model", "CheckpointError": ".checkpoint", "GenerationStats": ".generation",
+_HOMES = {"EaModel": ".ea_model", "CheckpointError": ".model_files", "GenerationStats": ".generation",
           "Step": ".generation"}
 
 

@@ -7,10 +7,6 @@ vLLM's `speculators_model_type`) and the weight keys (`midlayer.`), never from
 `architectures`. Every tensor is checked against the shape the config implies
 and the head is checked against the base model; each error names the file,
 the tensor, the expected and the found shape.
-
-The base model is loaded by transformers (`load_base`), but refused here when
-its weights do not all load (transformers would leave missing tensors random
-with only a logged report), with the folder or file named.
 """
 
 from __future__ import annotations
@@ -24,97 +20,9 @@ from pathlib import Path
 import torch
 
 from .heads import EAGLE3_SWITCHES, HEAD_CLASSES, DraftHead, HeadConfig, config_section
+from .model_files import CheckpointError, expand_path, not_weights, read_config, resolve_file, short_list
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A draft head or base model that cannot be used, with the reason."""
-
-
-HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-
-
-def hub_options(kwargs: dict) -> dict:
-    """The `from_pretrained` arguments that say where a file comes from (also read here)."""
-    return {k: kwargs[k] for k in HUB_OPTIONS if kwargs.get(k) is not None}
-
-
-def expand_path(path_or_id):
-    """`~/model` as the folder it names (transformers would take it for a hub id)."""
-    text = str(path_or_id)
-    return os.path.expanduser(text) if text.startswith("~") else path_or_id
-
-
-def resolve_file(path_or_id: str, filename: str, required: bool = True, hub: dict | None = None) -> Path | None:
-    """A local file of a folder, or a file downloaded from (or cached from) a
-    hub repository. `hub`: `cache_dir`, `revision`, `token`,
-    `local_files_only`, `subfolder`, as transformers takes them. Not
-    required: None when the folder or repository has no such file."""
-    hub = dict(hub or {})
-    local = Path(expand_path(path_or_id))
-    if hub.get("subfolder") and local.is_dir():
-        local = local / hub["subfolder"]
-    if local.is_dir():
-        candidate = local / filename
-        if candidate.is_file():
-            return candidate
-        if required:
-            raise CheckpointError(f"{local}: no {filename} in this folder")
-        return None
-    if local.is_file():
-        raise CheckpointError(f"{local}: a file, not a folder (give the model's folder, which holds {filename})")
-    if local.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
-        raise CheckpointError(f"{path_or_id}: no such folder")
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(str(path_or_id), filename, **hub))
-    except LocalEntryNotFoundError as err:  # before EntryNotFoundError, its base class
-        if not required:  # maybe cached under another name (model.safetensors for pytorch_model.bin)
-            return None
-        tried_network = not (constants.HF_HUB_OFFLINE or hub.get("local_files_only"))
-        hint = ", HF_HUB_OFFLINE=1 fails at once, without the retries" if tried_network else ""
-        raise CheckpointError(
-            f"{path_or_id}: not a local folder, and the hub could not be reached to download "
-            f"{filename} (offline?{hint}): {err}"
-        ) from None
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"{path_or_id}: the hub repository has no {filename}") from None
-        return None
-    except Exception as err:  # repository missing, auth, network: report and stop
-        raise CheckpointError(f"{path_or_id}: not a local folder and not downloadable from the hub: {err}") from None
-
-
-def not_weights(file: Path) -> str | None:
-    """What a weights file holds instead of weights, when it is something
-    recognisable: empty, a Git LFS pointer, a web page."""
-    with open(file, "rb") as handle:
-        start = handle.read(64)
-    if not start:
-        return "an empty file"
-    if start.startswith(b"version https://git-lfs"):
-        return "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
-    if start.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        return "a web page, not weights (a failed download?)"
-    return None
-
-
-def read_config(path_or_id: str, hub: dict | None = None) -> dict:
-    file = resolve_file(path_or_id, "config.json", hub=hub)
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    # vLLM "speculators" configs nest the layer's settings; the speculator's own (top level) win, as in vLLM.
-    nested = cfg.get("transformer_layer_config")
-    if isinstance(nested, dict):
-        cfg = {**nested, **{k: v for k, v in cfg.items() if k != "transformer_layer_config"}}
-    return cfg
 
 
 def read_weights(path_or_id: str, hub: dict | None = None) -> tuple[dict[str, torch.Tensor], Path]:
@@ -148,7 +56,7 @@ def _load_shards(path_or_id: str, index: Path, hub: dict | None) -> dict[str, to
         state.update(_load_tensors(resolve_file(path_or_id, shard, hub=hub)))
     missing = sorted(set(weight_map) - set(state))
     if missing:
-        raise CheckpointError(f"{index}: the shards lack tensors the index names: {_some(missing)}")
+        raise CheckpointError(f"{index}: the shards lack tensors the index names: {short_list(missing)}")
     return state
 
 
@@ -377,124 +285,6 @@ def looks_like_head(cfg: dict, keys=()) -> bool:
     """An EAGLE draft head's config.json or weight names (to catch swapped paths)."""
     architectures = str(cfg.get("architectures", "")).lower()
     return "eagle" in architectures or detect_kind(cfg, keys) == "eagle3" or "fc.weight" in keys
-
-
-def read_base_config(path_or_id: str, hub: dict | None = None) -> dict:
-    cfg = read_config(path_or_id, hub)
-    if looks_like_head(cfg):
-        raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
-                              "(are base_model_path and ea_model_path swapped?)")
-    _check_generation_config(path_or_id, hub)
-    return cfg
-
-
-def _check_generation_config(path_or_id: str, hub: dict | None) -> None:
-    """A local base's generation_config.json must read: transformers takes one that does not for a missing
-    one (with an info log line), and the eos ids it lists would then not stop generation."""
-    file = Path(expand_path(path_or_id)) / (hub or {}).get("subfolder", "") / "generation_config.json"
-    if file.is_dir():  # (transformers passes over it as over a missing one)
-        raise CheckpointError(f"{file}: a folder, not a generation config")
-    if not file.is_file():
-        return
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err}); transformers would ignore it, and the stop "
-                              "token ids it lists with it") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-
-
-def load_base(path_or_id: str, **kwargs):
-    """The base model by transformers' `AutoModelForCausalLM.from_pretrained`
-    (kwargs go there). transformers only logs the tensors a checkpoint lacks
-    (they stay random), drops tensors config.json has no place for, and raises
-    bare errors for a corrupt file or shapes that contradict config.json; here
-    each is a CheckpointError naming the folder or file."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    path_or_id = expand_path(path_or_id)
-    read_base_config(path_or_id, hub_options(kwargs))  # a clear error for a wrong path or a head
-    _check_local_weight_files(path_or_id, kwargs.get("subfolder"))
-    keep_mismatched = kwargs.pop("ignore_mismatched_sizes", False)  # the caller's explicit choice to reinitialise
-    try:
-        base, info = AutoModelForCausalLM.from_pretrained(path_or_id, output_loading_info=True,
-                                                          ignore_mismatched_sizes=True, **kwargs)
-    except SafetensorError as err:
-        file = _unreadable_safetensors(path_or_id, hub_options(kwargs))
-        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
-    except (torch.OutOfMemoryError, KeyboardInterrupt):
-        raise
-    except Exception as err:  # corrupt pickles, bad index files, config values transformers refuses, ...
-        raise CheckpointError(f"{path_or_id}: cannot load the base model: {type(err).__name__}: {err}") from None
-    problems = []
-    if info["missing_keys"]:
-        problems.append(f"missing tensors, which would stay random: {_some(info['missing_keys'])}")
-    if info["mismatched_keys"] and not keep_mismatched:
-        shapes = [f"{key} {list(found)} where config.json implies {list(expected)}"
-                  for key, found, expected in info["mismatched_keys"]]
-        problems.append(f"tensors of the wrong shape: {_some(shapes)}")
-    unexpected = info["unexpected_keys"]
-    dropped = [k for k in unexpected if ".layers." in f".{k}" and not k.endswith("inv_freq")]
-    if dropped:  # e.g. more decoder layers, or q/k norms, than config.json describes: they would be ignored
-        problems.append(f"decoder-layer tensors config.json has no place for (ignored by transformers): "
-                        f"{_some(dropped)}")
-    if problems:
-        if unexpected and not dropped:  # often the reason: the weights of another model
-            problems.append(f"unexpected tensors: {_some(unexpected)}")
-        hint = " (they look like an EAGLE draft head's: are base_model_path and ea_model_path swapped?)"
-        raise CheckpointError(f"{path_or_id}: the weights do not fit config.json: " + "; ".join(problems)
-                              + (hint if looks_like_head({}, unexpected) else ""))
-    check_not_offloaded(base, path_or_id)
-    return base
-
-
-def check_not_offloaded(base, name: str) -> None:
-    """Weights accelerate offloaded (to disk, or to the CPU beside GPUs) sit on the meta device between forwards;
-    the engine reads weights and their devices directly (the head's place and embedding, the caches, EAGLE-1's
-    lm_head), which fails mid-generation on them, or moves a head to meta, losing its weights."""
-    offloaded = sorted({key for key, p in list(base.named_parameters()) + list(base.named_buffers())
-                        if p.device.type == "meta"})
-    if offloaded:
-        raise CheckpointError(f"{name}: device_map left weights offloaded, on disk or unloaded "
-                              f"({_some(offloaded)}); accelerate offloads a 'cpu' entry beside GPUs too. The engine "
-                              "needs every weight in the memory of the device that runs it (give max_memory more "
-                              "room, or another device_map)")
-
-
-def _check_local_weight_files(path_or_id, subfolder=None) -> None:
-    """A local folder's weight files that are LFS pointers or empty, named
-    before transformers fails on them with an unpickling error."""
-    folder = Path(path_or_id) / (subfolder or "")
-    if not folder.is_dir():
-        return
-    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        if file.is_dir():
-            raise CheckpointError(f"{file}: a folder, not a weights file")
-        instead = not_weights(file)
-        if instead:
-            raise CheckpointError(f"{file}: {instead}")
-
-
-def _some(names, shown: int = 5) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _unreadable_safetensors(path_or_id: str, hub: dict) -> str:
-    """The first .safetensors file of the model's folder whose header does not read (else the folder)."""
-    from safetensors import safe_open
-
-    folder = resolve_file(path_or_id, "config.json", hub=hub).parent  # (read before: it exists)
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except Exception:  # SafetensorError, OSError: this is the file
-            return str(file)
-    return str(folder)
 
 
 def save_head(head: DraftHead, folder: str | os.PathLike, pytorch_bin: bool = False) -> Path:

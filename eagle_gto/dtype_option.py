@@ -39,7 +39,7 @@ def auto_dtype(on_gpu: bool, saved: str | None = None) -> str:
 def saved_dtype(base_model_path: str | None) -> str | None:
     """The dtype a base model's config.json names (transformers 5 writes `dtype`, 4 `torch_dtype`; a multimodal
     model's may be in its `text_config`). None: the demo base."""
-    from .checkpoint import read_config
+    from .model_files import read_config
 
     if base_model_path is None:
         from .demo import demo_paths

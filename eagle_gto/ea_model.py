@@ -28,16 +28,17 @@ from . import attention, context_length
 from .acceptance import SamplingParams
 from .arguments import check_generator_device, positive_int, prompt_ids, real_number, token_ids, whole_number
 from .chat import eos_ids
-from .checkpoint import (build_head, check_against_base, check_not_offloaded, expand_path, hub_options, load_base,
-                         load_checkpoint, read_base_config)
+from .checkpoint import build_head, check_against_base, load_checkpoint
 from .drafter import Drafter
 from .fusion import fuse_sibling_linears
 from .generation import (Decoder, DecodeState, GenerationStats, Step, TreeParams, generate_steps, views_per_setting,
                          warm_up_steps)
 from .graphs import StepGraphs, check_compile_mode, compile_decoder_layers, compile_drafter_steps
 from .heads import DraftHead
-from .loading import check_device_map, check_dtype, load_tokenizer, quantization_options, trusted
+from .loading import (check_device_map, check_dtype, check_not_offloaded, load_base, load_tokenizer,
+                      quantization_options, read_base_config, trusted)
 from .memory import no_room_message
+from .model_files import expand_path, hub_options
 from .placement import attach_head, head_device, share_base_weights
 from .target import TargetRunner, decoder_layers, length_dependent_rope
 from .tree import check_tree_params, num_candidates

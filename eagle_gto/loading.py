@@ -1,14 +1,20 @@
 """Loading the base model: its `from_pretrained` options checked (or translated
-from the reference's) before anything loads, and its tokenizer."""
+from the reference's) before anything loads, the model, and its tokenizer.
+
+The base model is loaded by transformers (`load_base`), but refused here when
+its weights do not all load (transformers would leave missing tensors random
+with only a logged report), with the folder or file named."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import looks_like_head
 from .devices import cuda_device_problem
+from .model_files import CheckpointError, expand_path, hub_options, not_weights, read_config, resolve_file, short_list
 
 
 def check_device_map(device_map) -> None:
@@ -47,6 +53,118 @@ def check_dtype(dtype) -> None:
         return
     if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
         raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (e.g. torch.bfloat16, 'float16', 'auto')")
+
+
+def read_base_config(path_or_id: str, hub: dict | None = None) -> dict:
+    cfg = read_config(path_or_id, hub)
+    if looks_like_head(cfg):
+        raise CheckpointError(f"{path_or_id}: config.json describes an EAGLE draft head, not a base model "
+                              "(are base_model_path and ea_model_path swapped?)")
+    _check_generation_config(path_or_id, hub)
+    return cfg
+
+
+def _check_generation_config(path_or_id: str, hub: dict | None) -> None:
+    """A local base's generation_config.json must read: transformers takes one that does not for a missing
+    one (with an info log line), and the eos ids it lists would then not stop generation."""
+    file = Path(expand_path(path_or_id)) / (hub or {}).get("subfolder", "") / "generation_config.json"
+    if file.is_dir():  # (transformers passes over it as over a missing one)
+        raise CheckpointError(f"{file}: a folder, not a generation config")
+    if not file.is_file():
+        return
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); transformers would ignore it, and the stop "
+                              "token ids it lists with it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+
+
+def load_base(path_or_id: str, **kwargs):
+    """The base model by transformers' `AutoModelForCausalLM.from_pretrained`
+    (kwargs go there). transformers only logs the tensors a checkpoint lacks
+    (they stay random), drops tensors config.json has no place for, and raises
+    bare errors for a corrupt file or shapes that contradict config.json; here
+    each is a CheckpointError naming the folder or file."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    path_or_id = expand_path(path_or_id)
+    read_base_config(path_or_id, hub_options(kwargs))  # a clear error for a wrong path or a head
+    _check_local_weight_files(path_or_id, kwargs.get("subfolder"))
+    keep_mismatched = kwargs.pop("ignore_mismatched_sizes", False)  # the caller's explicit choice to reinitialise
+    try:
+        base, info = AutoModelForCausalLM.from_pretrained(path_or_id, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True, **kwargs)
+    except SafetensorError as err:
+        file = _unreadable_safetensors(path_or_id, hub_options(kwargs))
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+    except (torch.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # corrupt pickles, bad index files, config values transformers refuses, ...
+        raise CheckpointError(f"{path_or_id}: cannot load the base model: {type(err).__name__}: {err}") from None
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing tensors, which would stay random: {short_list(info['missing_keys'])}")
+    if info["mismatched_keys"] and not keep_mismatched:
+        shapes = [f"{key} {list(found)} where config.json implies {list(expected)}"
+                  for key, found, expected in info["mismatched_keys"]]
+        problems.append(f"tensors of the wrong shape: {short_list(shapes)}")
+    unexpected = info["unexpected_keys"]
+    dropped = [k for k in unexpected if ".layers." in f".{k}" and not k.endswith("inv_freq")]
+    if dropped:  # e.g. more decoder layers, or q/k norms, than config.json describes: they would be ignored
+        problems.append(f"decoder-layer tensors config.json has no place for (ignored by transformers): "
+                        f"{short_list(dropped)}")
+    if problems:
+        if unexpected and not dropped:  # often the reason: the weights of another model
+            problems.append(f"unexpected tensors: {short_list(unexpected)}")
+        hint = " (they look like an EAGLE draft head's: are base_model_path and ea_model_path swapped?)"
+        raise CheckpointError(f"{path_or_id}: the weights do not fit config.json: " + "; ".join(problems)
+                              + (hint if looks_like_head({}, unexpected) else ""))
+    check_not_offloaded(base, path_or_id)
+    return base
+
+
+def check_not_offloaded(base, name: str) -> None:
+    """Weights accelerate offloaded (to disk, or to the CPU beside GPUs) sit on the meta device between forwards;
+    the engine reads weights and their devices directly (the head's place and embedding, the caches, EAGLE-1's
+    lm_head), which fails mid-generation on them, or moves a head to meta, losing its weights."""
+    offloaded = sorted({key for key, p in list(base.named_parameters()) + list(base.named_buffers())
+                        if p.device.type == "meta"})
+    if offloaded:
+        raise CheckpointError(f"{name}: device_map left weights offloaded, on disk or unloaded "
+                              f"({short_list(offloaded)}); accelerate offloads a 'cpu' entry beside GPUs too. The "
+                              "engine needs every weight in the memory of the device that runs it (give max_memory "
+                              "more room, or another device_map)")
+
+
+def _check_local_weight_files(path_or_id, subfolder=None) -> None:
+    """A local folder's weight files that are LFS pointers or empty, named
+    before transformers fails on them with an unpickling error."""
+    folder = Path(path_or_id) / (subfolder or "")
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        if file.is_dir():
+            raise CheckpointError(f"{file}: a folder, not a weights file")
+        instead = not_weights(file)
+        if instead:
+            raise CheckpointError(f"{file}: {instead}")
+
+
+def _unreadable_safetensors(path_or_id: str, hub: dict) -> str:
+    """The first .safetensors file of the model's folder whose header does not read (else the folder)."""
+    from safetensors import safe_open
+
+    folder = resolve_file(path_or_id, "config.json", hub=hub).parent  # (read before: it exists)
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:  # SafetensorError, OSError: this is the file
+            return str(file)
+    return str(folder)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -118,7 +118,7 @@ def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     float16 base learned other features than the engine's --dtype auto then gave it."""
     import accelerate
 
-    from eagle_gto import checkpoint
+    from eagle_gto import loading
     from eagle_gto.train import trainer
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -132,7 +132,7 @@ def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
         def eval(self):
             return self
 
-    monkeypatch.setattr(checkpoint, "load_base", lambda path, dtype: loaded.append(dtype) or Base())
+    monkeypatch.setattr(loading, "load_base", lambda path, dtype: loaded.append(dtype) or Base())
     for saved in ("float16", "bfloat16"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": saved}))
         trainer.load_base(str(tmp_path))

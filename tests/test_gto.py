@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from tiny_pairs import VOCAB, trained_pair
 
 from eagle_gto import EaModel
-from eagle_gto.checkpoint import load_base
 from eagle_gto.demo import demo_paths, measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.gto import __main__ as gto_cli
@@ -35,6 +34,7 @@ from eagle_gto.gto.policy import (accepted_paths, clipped_surrogate, group_advan
 from eagle_gto.gto.reward import branch_values, tree_reward
 from eagle_gto.gto.trainer import GTOConfig, Models, export_head, gto_objective, load_models, train, training_loss
 from eagle_gto.gto.trees import Roots, draft_trees, head_pass, target_pass, verify_trees
+from eagle_gto.loading import load_base
 from eagle_gto.placement import attach_head
 from eagle_gto.target import TargetRunner
 from eagle_gto.train.checkpoints import CheckpointMismatch, checkpoint_dirs
@@ -1008,7 +1008,7 @@ def test_two_processes_train_as_one_on_their_global_batch_and_write_once(pair, t
     options = dict(base=str(tmp_path / "base"), head=str(tmp_path / "head"), steps=3, window_length=40,
                    groups_per_window=2, lr=1e-3, eval_every=2, eval_windows=2, **TREE)
     script = tmp_path / "run.py"  # train() on the saved pair, saying each file it writes
-    script.write_text("import pathlib, sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+    script.write_text("import pathlib, sys, torch\nfrom eagle_gto.loading import load_base\n"
                       "from eagle_gto.gto import trainer\n"
                       "write, export = pathlib.Path.write_text, trainer.export_head\n"
                       "def noted(path, *args):\n    print('wrote', path.name, flush=True)\n"
@@ -1059,7 +1059,7 @@ def test_an_error_of_one_process_alone_during_fine_tuning_is_said_once_and_stops
     stream = TokenStream(seqs.flatten(), torch.ones(seqs.numel(), dtype=torch.long))
     torch.save((stream, stream), tmp_path / "streams.pt")
     script = tmp_path / "run.py"  # the CLI on the saved pair; rank 1's second step fails
-    script.write_text("import os, sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+    script.write_text("import os, sys, torch\nfrom eagle_gto.loading import load_base\n"
                       "from eagle_gto.gto import __main__ as cli, trainer\n"
                       "cli.load_models = lambda cfg: trainer.load_models(cfg, trainer.Models(load_base(cfg.base), "
                       "None, None, None, None))\n"
@@ -1650,7 +1650,7 @@ def test_two_processes_resume_and_a_run_may_resume_with_another_number_of_proces
     options = dict(base=str(tmp_path / "base"), head=str(tmp_path / "head"), steps=4, window_length=40, lr=1e-3,
                    eval_every=2, eval_windows=2, **TREE)
     script = tmp_path / "run.py"  # train() on the saved pair; "stop": a KeyboardInterrupt in step 3
-    script.write_text("import sys, torch\nfrom eagle_gto.checkpoint import load_base\n"
+    script.write_text("import sys, torch\nfrom eagle_gto.loading import load_base\n"
                       "from eagle_gto.gto import trainer\nfrom eagle_gto.gto.checkpoints import Checkpointing\n"
                       "calls, loss = [], trainer.training_loss\n"
                       "def stopping(*args):\n    calls.append(1)\n"

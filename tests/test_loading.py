@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from eagle_gto import CheckpointError, EaModel, checkpoint, ea_model
 from eagle_gto.__main__ import main
-from eagle_gto.checkpoint import build_head, load_base, load_checkpoint, save_head
+from eagle_gto.checkpoint import build_head, load_checkpoint, save_head
+from eagle_gto.loading import load_base
 from eagle_gto.tiny import ARCHITECTURES, base_config, head_config, random_head
 
 TREE = dict(total_token=12, depth=3, top_k=3)

@@ -137,8 +137,8 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
     from .. import EaModel
     from ..chat import build_prompt, chat_format, encode_prompt
-    from ..checkpoint import resolve_file
     from ..demo import demo_paths
+    from ..model_files import resolve_file
 
     prompts = load_prompts(args)
     base_path, head_path = ((args.base_model_path, args.ea_model_path) if args.base_model_path

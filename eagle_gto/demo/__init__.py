@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..model_files import CheckpointError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 HEADS = ("eagle3", "gto")

@@ -219,7 +219,7 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
     heads are always read afresh). The heads are read first: they are small."""
     from transformers import AutoTokenizer
 
-    from ..checkpoint import load_base
+    from ..loading import load_base
 
     base_path, head_path = cfg.base, cfg.head
     if base_path is None or head_path is None:

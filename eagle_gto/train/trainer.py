@@ -740,7 +740,8 @@ def load_base_config(path: str):
     head's shape is known for --resume's check."""
     from transformers import AutoConfig
 
-    from ..checkpoint import expand_path, read_base_config
+    from ..loading import read_base_config
+    from ..model_files import expand_path
 
     path = expand_path(path)
     read_base_config(path)
@@ -750,7 +751,7 @@ def load_base_config(path: str):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    from ..checkpoint import expand_path
+    from ..model_files import expand_path
 
     return AutoTokenizer.from_pretrained(expand_path(path))
 
@@ -760,7 +761,7 @@ def base_eos_ids(path: str, base_config) -> set[int]:
     lists <|eot_id|> there), before its weights load."""
     from transformers import GenerationConfig
 
-    from ..checkpoint import expand_path
+    from ..model_files import expand_path
 
     try:
         return eos_ids(GenerationConfig.from_pretrained(expand_path(path)))
@@ -771,7 +772,7 @@ def base_eos_ids(path: str, base_config) -> set[int]:
 def load_base(path: str):
     """The base model; the engine's loader gives a clear error for a wrong
     path or a draft head given as the base."""
-    from ..checkpoint import load_base as load_checked_base
+    from ..loading import load_base as load_checked_base
 
     # As every command's --dtype auto loads it, so that the head learns the features the engine will give it.
     base = load_checked_base(path, dtype=pick_dtype("auto", torch.cuda.is_available(), path))
