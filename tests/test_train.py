@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import eagle_gto.train.__main__ as cli
 from eagle_gto import EaModel
 from eagle_gto.chat import build_prompt, encode_prompt
 from eagle_gto.checkpoint import save_head
@@ -26,6 +27,7 @@ from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
 from eagle_gto.train import (Sample, TrainConfig, errors, new_head, target_outputs, to_samples, token_counts, train,
                              trainer, ttt_loss)
+from eagle_gto.train.__main__ import main
 from eagle_gto.train.checkpoints import (CheckpointMismatch, check_same_options, checkpoint_dirs, checkpoint_path,
                                          complete_checkpoint, read_progress)
 from eagle_gto.train.data import collate, encode_conversation, read_records, to_messages
@@ -34,7 +36,6 @@ from eagle_gto.train.head_init import attach_target_embedding, head_config_for
 from eagle_gto.train.plot import plot_metrics
 from eagle_gto.train.resume import records_fingerprint, resumed_index, saved_window, window_file
 from eagle_gto.train.schedule import MicroBatches, lr_at
-from eagle_gto.train.trainer import main
 from eagle_gto.train.ttt import unroll
 from eagle_gto.vocab import build_vocab_mapping, target_to_draft
 
@@ -648,14 +649,15 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     base_dir, data = write_pair(tmp_path, tokenizer)
     script = tmp_path / "run.py"  # main(), saying each write of the regenerated data and each share regenerated
     # (each line in one os.write: the two processes share the pipe, and print's pieces interleaved there)
-    script.write_text("import os, pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
+    script.write_text("import os, pathlib, sys\nfrom eagle_gto.train import __main__ as cli\n"
+                      "write = pathlib.Path.write_text\n"
                       "def noted(path, *args):\n"
                       "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
                       "    return write(path, *args)\n"
-                      "pathlib.Path.write_text = noted\nregenerate = trainer.regenerate\n"
+                      "pathlib.Path.write_text = noted\nregenerate = cli.regenerate\n"
                       "def counted(records, *args):\n    os.write(1, f'regenerated {len(records)}\\n'.encode())\n"
                       "    return regenerate(records, *args)\n"
-                      "trainer.regenerate = counted\ntrainer.main(sys.argv[1:])\n")
+                      "cli.regenerate = counted\ncli.main(sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
@@ -666,8 +668,8 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
     assert sorted(re.findall(r"regenerated (\d+)", ran.stdout)) == ["7", "8"]  # 15 records, shared out
-    one_process = trainer.regenerate(read_records(str(data)), trainer.load_base(str(base_dir)),
-                                     trainer.load_tokenizer(str(base_dir)), "plain", 4)
+    one_process = cli.regenerate(read_records(str(data)), cli.load_base(str(base_dir)),
+                                 cli.load_tokenizer(str(base_dir)), "plain", 4)
     assert [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()] == one_process
 
 
@@ -700,7 +702,7 @@ def test_two_processes_say_a_diverged_run_once_by_rank_0(tmp_path, tokenizer):
     base_dir, data = write_pair(tmp_path, tokenizer)
     script = tmp_path / "run.py"
     script.write_text(
-        "import atexit, math, os, pathlib, sys, time\nfrom eagle_gto.train import trainer\n"
+        "import atexit, math, os, pathlib, sys, time\nfrom eagle_gto.train import __main__ as cli, trainer\n"
         f"gone = pathlib.Path({str(tmp_path / 'rank-1-gone')!r})\n"
         "if os.environ['RANK'] == '1':\n    atexit.register(gone.touch)\n"
         "check = trainer.check_gradient_norm\n"
@@ -708,7 +710,7 @@ def test_two_processes_say_a_diverged_run_once_by_rank_0(tmp_path, tokenizer):
         "    while os.environ['RANK'] == '0' and not math.isfinite(float(norm)) and not gone.exists():\n"
         "        time.sleep(0.05)\n"
         "    check(norm, step)\n"
-        "trainer.check_gradient_norm = after_rank_1\ntrainer.main(sys.argv[1:])\n")
+        "trainer.check_gradient_norm = after_rank_1\ncli.main(sys.argv[1:])\n")
     ran = launch_two([script], "--base-model-path", base_dir, "--data", data, "--out", tmp_path / "head",
                      "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "4", "--batch-size", "2",
                      "--ttt-steps", "1", "--lr", "1e30", log_dir=tmp_path / "logs")
@@ -1003,7 +1005,7 @@ def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, op
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=message):
         main(["--base-model-path", str(base), "--data", str(data), "--out", str(out), *options])
 
@@ -1046,12 +1048,12 @@ def test_records_the_chat_template_refuses_are_named_before_the_base_loads(tmp_p
     base_config(vocab_size=VOCAB).save_pretrained(base)
     tok = make_tokenizer()
     tok.chat_template = template
-    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tok)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: tok)
 
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=f"python -m eagle_gto.train: .*{message}"):
         main(["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out"), *options])
 
@@ -1063,14 +1065,14 @@ def test_errors_in_training_are_one_line(tmp_path, monkeypatch, tokenizer):
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     base = tmp_path / "base"
     base_config(vocab_size=VOCAB).save_pretrained(base)
-    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tokenizer)
-    monkeypatch.setattr(trainer, "load_base", lambda path: None)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer)
+    monkeypatch.setattr(cli, "load_base", lambda path: None)
     argv = ["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out")]
     for error, caught in [(ValueError("a problem with the base"), SystemExit), (RuntimeError("a bug"), RuntimeError)]:
         def failing_train(*args, error=error, **kwargs):
             raise error
 
-        monkeypatch.setattr(trainer, "train", failing_train)
+        monkeypatch.setattr(cli, "train", failing_train)
         with pytest.raises(caught, match=f"^(python -m eagle_gto.train: )?{error}$"):
             main(argv)
 
@@ -1277,7 +1279,7 @@ def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tok
     def load_tokenizer(path):
         raise Passed
 
-    monkeypatch.setattr(trainer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(cli, "load_tokenizer", load_tokenizer)
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default; the other options the run's)
@@ -1447,7 +1449,7 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, token
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=r"other options \(--lr 0.0001 then, 0.0003 now\)"):
         main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
               "--draft-vocab-size", "100", "--batch-size", "2", "--ttt-steps", "1", "--lr", "3e-4"])

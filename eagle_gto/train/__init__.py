@@ -8,14 +8,15 @@
 - config.py: `TrainConfig` (every option and default, and its checks);
 - head_init.py: a new head's config and first weights, from its base;
 - schedule.py: the learning rate of each step and each process's micro-batches;
-- trainer.py: the training loop (`train`) and the `python -m eagle_gto.train` CLI;
+- trainer.py: the training loop (`train`);
 - resume.py: what an EAGLE-3 run's checkpoints record, and the checks of a resumed run;
 - checkpoints.py: the checkpoint folders (completion, rotation, refusals)
   EAGLE-3 training and GTO fine-tuning share;
 - outputs.py: the files a run writes, checked before it starts;
 - errors.py: errors said once under several processes (both trainers);
 - processes.py: the processes `accelerate launch` started;
-- plot.py: training curves.
+- plot.py: training curves;
+- __main__.py: the `python -m eagle_gto.train` CLI.
 """
 
 from .config import TrainConfig
