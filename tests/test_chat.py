@@ -89,7 +89,7 @@ def _parsers():
     from eagle_gto.benchmarks.reference_parity import parse_args as parity
     from eagle_gto.evaluation.gen_answer import parse_args as answers
     from eagle_gto.gto.__main__ import config_parser
-    from eagle_gto.train.trainer import parse_args as train
+    from eagle_gto.train.__main__ import parse_args as train
 
     return {"servers": build_parser("test", "", 0).parse_args, "demo": demo, "gen_answer": answers,
             "train": lambda argv: train(["--data", "x.jsonl", "--base-model-path", "b", "--out", "o", *argv]),

@@ -119,7 +119,7 @@ def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     import accelerate
 
     from eagle_gto import loading
-    from eagle_gto.train import trainer
+    from eagle_gto.train import __main__ as cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(accelerate, "PartialState", lambda: SimpleNamespace(device="cuda"))
@@ -135,10 +135,10 @@ def test_training_loads_the_base_as_auto_does(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load_base", lambda path, dtype: loaded.append(dtype) or Base())
     for saved in ("float16", "bfloat16"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": saved}))
-        trainer.load_base(str(tmp_path))
+        cli.load_base(str(tmp_path))
         assert loaded.pop() == getattr(torch, saved)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    trainer.load_base(str(tmp_path))
+    cli.load_base(str(tmp_path))
     assert loaded.pop() == torch.float32
 
 

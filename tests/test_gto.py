@@ -943,7 +943,7 @@ def two_processes(monkeypatch, rank: int, others: str | None = None) -> None:
     (a failure, or None)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.setattr("eagle_gto.train.trainer.process_state",
+    monkeypatch.setattr("eagle_gto.train.errors.process_state",
                         lambda: SimpleNamespace(num_processes=2, is_main_process=rank == 0))
     monkeypatch.setattr("accelerate.utils.gather_object",
                         lambda mine: [*mine, others] if rank == 0 else [others, *mine])
@@ -1472,7 +1472,7 @@ def test_resume_refuses_another_runs_checkpoints_before_the_models_load(tmp_path
         gto_cli.main(["--out", str(out), "--lr", "1e-3", "--windows", "4", "--steps", "1", "--resume"])
     # Free to change: --steps (the rate is constant), --eval-every, --device, ...; --windows 2 under 2 processes.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("eagle_gto.train.trainer.process_state",
+    monkeypatch.setattr("eagle_gto.train.errors.process_state",
                         lambda: SimpleNamespace(num_processes=1, is_main_process=True))
     with pytest.raises(AssertionError, match="a model was loaded"):
         gto_cli.main(["--out", str(out), "--lr", "1e-3", "--steps", "500", "--eval-every", "5", "--resume"])

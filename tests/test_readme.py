@@ -16,7 +16,7 @@ COMMANDS = {
     "python -m eagle_gto": ("eagle_gto.__main__", "parse_args", []),
     "python -m application.webui": ("application.webui", "main", []),
     "python -m application.api_server": ("application.api_server", "main", []),
-    "python -m eagle_gto.train": ("eagle_gto.train.trainer", "parse_args", []),
+    "python -m eagle_gto.train": ("eagle_gto.train.__main__", "parse_args", []),
     "python -m eagle_gto.gto": ("eagle_gto.gto.__main__", "main", []),
     "python -m eagle_gto.gto experiment": ("eagle_gto.gto.__main__", "main", ["experiment"]),
     "python -m eagle_gto.gto sweep": ("eagle_gto.gto.__main__", "main", ["sweep"]),

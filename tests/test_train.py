@@ -18,19 +18,24 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import eagle_gto.train.__main__ as cli
 from eagle_gto import EaModel
 from eagle_gto.chat import build_prompt, encode_prompt
 from eagle_gto.checkpoint import save_head
 from eagle_gto.drafter import Drafter
 from eagle_gto.target import TargetRunner, eagle3_feature_layers
 from eagle_gto.tiny import base_config, head_config, random_head
-from eagle_gto.train import (Sample, TrainConfig, new_head, target_outputs, to_samples, token_counts, train, trainer,
-                             ttt_loss)
+from eagle_gto.train import (Sample, TrainConfig, errors, new_head, target_outputs, to_samples, token_counts, train,
+                             trainer, ttt_loss)
+from eagle_gto.train.__main__ import main
 from eagle_gto.train.checkpoints import (CheckpointMismatch, check_same_options, checkpoint_dirs, checkpoint_path,
                                          complete_checkpoint, read_progress)
 from eagle_gto.train.data import collate, encode_conversation, read_records, to_messages
+from eagle_gto.train.errors import TrainingDiverged
+from eagle_gto.train.head_init import attach_target_embedding, head_config_for
 from eagle_gto.train.plot import plot_metrics
-from eagle_gto.train.trainer import main
+from eagle_gto.train.resume import records_fingerprint, resumed_index, saved_window, window_file
+from eagle_gto.train.schedule import MicroBatches, lr_at
 from eagle_gto.train.ttt import unroll
 from eagle_gto.vocab import build_vocab_mapping, target_to_draft
 
@@ -476,18 +481,18 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
     cfg = TrainConfig(lr=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
     total, warmup = 100, 10
     for step in range(warmup):
-        assert trainer.lr_at(step, total, cfg) == pytest.approx(cfg.lr * (step + 1) / warmup)
+        assert lr_at(step, total, cfg) == pytest.approx(cfg.lr * (step + 1) / warmup)
     for step in range(warmup, total + 1):
         progress = (step - warmup) / (total - warmup)
         cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
-        assert trainer.lr_at(step, total, cfg) == pytest.approx(cfg.lr * cosine)
-    assert trainer.lr_at(total, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+        assert lr_at(step, total, cfg) == pytest.approx(cfg.lr * cosine)
+    assert lr_at(total, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
 
 
 def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes():
     """Each epoch visits every sample once, in its own order; with two
     processes each takes its own half of every global batch."""
-    per_rank = [trainer.MicroBatches(12, 3, world=2, rank=rank, seed=0) for rank in (0, 1)]
+    per_rank = [MicroBatches(12, 3, world=2, rank=rank, seed=0) for rank in (0, 1)]
     epochs = []
     for _ in range(3):
         batches = [[b.next() for b in per_rank] for _ in range(per_rank[0].per_epoch)]
@@ -496,7 +501,7 @@ def test_micro_batches_cover_each_epoch_once_in_a_new_order_split_over_processes
     for order in epochs:
         assert sorted(order) == list(range(12))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled every epoch
-    resumed = trainer.MicroBatches(12, 3, world=2, rank=1, seed=0, epoch=1, index=1)  # (epoch, index) suffice
+    resumed = MicroBatches(12, 3, world=2, rank=1, seed=0, epoch=1, index=1)  # (epoch, index) suffice
     assert resumed.next() == epochs[1][9:12]  # epoch 1, global batch 2, rank 1's half
 
 
@@ -511,9 +516,9 @@ def test_every_split_of_a_global_batch_takes_the_same_samples_across_epochs(coun
     def per_step(split: list, accum: int, steps: int = 8) -> list[list[int]]:
         return [sorted(i for _ in range(accum) for batches in split for i in batches.next()) for _ in range(steps)]
 
-    two = per_step([trainer.MicroBatches(count, 2, world=2, rank=rank, seed=0) for rank in (0, 1)], 1)
-    assert per_step([trainer.MicroBatches(count, 2, world=1, rank=0, seed=0, grad_accum=2)], 2) == two
-    assert per_step([trainer.MicroBatches(count, 4, world=1, rank=0, seed=0)], 1) == two
+    two = per_step([MicroBatches(count, 2, world=2, rank=rank, seed=0) for rank in (0, 1)], 1)
+    assert per_step([MicroBatches(count, 2, world=1, rank=0, seed=0, grad_accum=2)], 2) == two
+    assert per_step([MicroBatches(count, 4, world=1, rank=0, seed=0)], 1) == two
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -614,7 +619,7 @@ def test_cli_trains_exports_and_the_engine_loads_the_head(tmp_path, tokenizer):
     # (a resume on answers that differ by a token is then a warning, not a refusal)
     answered = [json.loads(line) for line in data.read_text().splitlines()]
     progress = json.loads((checkpoint_dirs(out)[-1] / "progress.json").read_text())
-    assert progress["regenerated_from"] == trainer.records_fingerprint(answered, "plain", None, 24)
+    assert progress["regenerated_from"] == records_fingerprint(answered, "plain", None, 24)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_logs = [m for m in metrics if "loss" in m]
     assert len(train_logs) == 40
@@ -644,14 +649,15 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     base_dir, data = write_pair(tmp_path, tokenizer)
     script = tmp_path / "run.py"  # main(), saying each write of the regenerated data and each share regenerated
     # (each line in one os.write: the two processes share the pipe, and print's pieces interleaved there)
-    script.write_text("import os, pathlib, sys\nfrom eagle_gto.train import trainer\nwrite = pathlib.Path.write_text\n"
+    script.write_text("import os, pathlib, sys\nfrom eagle_gto.train import __main__ as cli\n"
+                      "write = pathlib.Path.write_text\n"
                       "def noted(path, *args):\n"
                       "    if path.name == 'regen.jsonl':\n        print('regen.jsonl written', flush=True)\n"
                       "    return write(path, *args)\n"
-                      "pathlib.Path.write_text = noted\nregenerate = trainer.regenerate\n"
+                      "pathlib.Path.write_text = noted\nregenerate = cli.regenerate\n"
                       "def counted(records, *args):\n    os.write(1, f'regenerated {len(records)}\\n'.encode())\n"
                       "    return regenerate(records, *args)\n"
-                      "trainer.regenerate = counted\ntrainer.main(sys.argv[1:])\n")
+                      "cli.regenerate = counted\ncli.main(sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), "--base-model-path", str(base_dir), "--data", str(data), "--out",
@@ -662,8 +668,8 @@ def test_two_processes_share_the_regeneration_write_its_data_and_say_done_once(t
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.count("regen.jsonl written") == 1 and ran.stdout.count("head written to") == 1
     assert sorted(re.findall(r"regenerated (\d+)", ran.stdout)) == ["7", "8"]  # 15 records, shared out
-    one_process = trainer.regenerate(read_records(str(data)), trainer.load_base(str(base_dir)),
-                                     trainer.load_tokenizer(str(base_dir)), "plain", 4)
+    one_process = cli.regenerate(read_records(str(data)), cli.load_base(str(base_dir)),
+                                 cli.load_tokenizer(str(base_dir)), "plain", 4)
     assert [json.loads(line) for line in (tmp_path / "regen.jsonl").read_text().splitlines()] == one_process
 
 
@@ -696,7 +702,7 @@ def test_two_processes_say_a_diverged_run_once_by_rank_0(tmp_path, tokenizer):
     base_dir, data = write_pair(tmp_path, tokenizer)
     script = tmp_path / "run.py"
     script.write_text(
-        "import atexit, math, os, pathlib, sys, time\nfrom eagle_gto.train import trainer\n"
+        "import atexit, math, os, pathlib, sys, time\nfrom eagle_gto.train import __main__ as cli, trainer\n"
         f"gone = pathlib.Path({str(tmp_path / 'rank-1-gone')!r})\n"
         "if os.environ['RANK'] == '1':\n    atexit.register(gone.touch)\n"
         "check = trainer.check_gradient_norm\n"
@@ -704,7 +710,7 @@ def test_two_processes_say_a_diverged_run_once_by_rank_0(tmp_path, tokenizer):
         "    while os.environ['RANK'] == '0' and not math.isfinite(float(norm)) and not gone.exists():\n"
         "        time.sleep(0.05)\n"
         "    check(norm, step)\n"
-        "trainer.check_gradient_norm = after_rank_1\ntrainer.main(sys.argv[1:])\n")
+        "trainer.check_gradient_norm = after_rank_1\ncli.main(sys.argv[1:])\n")
     ran = launch_two([script], "--base-model-path", base_dir, "--data", data, "--out", tmp_path / "head",
                      "--model-type", "plain", "--draft-vocab-size", "100", "--max-steps", "4", "--batch-size", "2",
                      "--ttt-steps", "1", "--lr", "1e30", log_dir=tmp_path / "logs")
@@ -776,13 +782,13 @@ def test_a_run_resumed_with_another_split_of_its_global_batch_takes_the_next_sam
     and skipped samples. Here one process stands for two: the micro-batch
     over all processes is --batch-size x processes."""
     drawn = []
-    real_next = trainer.MicroBatches.next
+    real_next = MicroBatches.next
 
     def next_recorded(self):
         drawn.append(real_next(self))
         return drawn[-1]
 
-    monkeypatch.setattr(trainer.MicroBatches, "next", next_recorded)
+    monkeypatch.setattr(MicroBatches, "next", next_recorded)
     base = make_base()
     samples = to_samples([{"text": t * 2} for t in TEXTS * 4], tokenizer)
     split = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, save_every=2, ttt_steps=1)
@@ -800,9 +806,9 @@ def test_a_run_resumed_with_another_split_of_its_global_batch_takes_the_next_sam
         per_step = len(drawn) // 2
         assert [sorted(sum(drawn[i : i + per_step], [])) for i in range(0, len(drawn), per_step)] == straight[2:]
     # A position that is no whole number of the new micro-batches is refused; an older checkpoint's is kept.
-    with pytest.raises(trainer.CheckpointMismatch, match="6 sequences into its epoch, not a whole number of this "):
-        trainer.resumed_index({"index": 3, "micro_batch": 2}, 4)
-    assert trainer.resumed_index({"index": 3}, 4) == 3
+    with pytest.raises(CheckpointMismatch, match="6 sequences into its epoch, not a whole number of this "):
+        resumed_index({"index": 3, "micro_batch": 2}, 4)
+    assert resumed_index({"index": 3}, 4) == 3
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])  # (0: no clipping, still the check)
@@ -820,7 +826,7 @@ def test_a_diverged_run_stops_before_the_update_keeping_its_checkpoints(tmp_path
 
     real_batch = trainer.run_batch
     monkeypatch.setattr(trainer, "run_batch", nan_at_step_3)
-    with pytest.raises(trainer.TrainingDiverged, match="^step 3: the gradient norm is nan: training diverged"):
+    with pytest.raises(TrainingDiverged, match="^step 3: the gradient norm is nan: training diverged"):
         train(make_base(), samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002"]
     assert not (tmp_path / "model.safetensors").exists()  # no export
@@ -893,14 +899,14 @@ def test_a_run_resumed_with_another_number_of_processes_logs_the_same_averages(t
     train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
     checkpoint = tmp_path / "b" / "checkpoints" / "step-00000002"
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", checkpoint)
-    window = json.loads(trainer.window_file(checkpoint, 0).read_text())
+    window = json.loads(window_file(checkpoint, 0).read_text())
     for rank in (0, 1):  # as the two processes saved them: rank 0 the first micro-batch of each step
-        trainer.window_file(checkpoint, rank).write_text(json.dumps(window[rank::2]))
+        window_file(checkpoint, rank).write_text(json.dumps(window[rank::2]))
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert_same_logs(tmp_path / "a", tmp_path / "b", steps=[3, 4])
     # Resumed by more processes than saved them, some start with none.
-    trainer.window_file(checkpoint, 1).unlink()
-    assert trainer.saved_window(checkpoint, 0, 2) == window[0::2] and trainer.saved_window(checkpoint, 1, 2) == []
+    window_file(checkpoint, 1).unlink()
+    assert saved_window(checkpoint, 0, 2) == window[0::2] and saved_window(checkpoint, 1, 2) == []
 
 
 def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):
@@ -923,7 +929,7 @@ def test_evaluation_follows_eval_every_not_log_every(tmp_path, tokenizer):
     assert [(m["step"], "loss" in m, "eval_loss" in m) for m in metrics] == \
         [(2, True, False), (3, False, True), (4, True, True)]
     # A record's learning rate is the one its step was taken with (step N is the update at index N - 1).
-    assert [m["lr"] for m in metrics if "lr" in m] == [trainer.lr_at(1, 4, cfg), trainer.lr_at(3, 4, cfg)]
+    assert [m["lr"] for m in metrics if "lr" in m] == [lr_at(1, 4, cfg), lr_at(3, 4, cfg)]
 
 
 def test_checkpoints_of_another_run_are_refused(tmp_path, tokenizer):
@@ -999,7 +1005,7 @@ def test_cli_refuses_bad_options_before_the_base_loads(tmp_path, monkeypatch, op
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=message):
         main(["--base-model-path", str(base), "--data", str(data), "--out", str(out), *options])
 
@@ -1042,12 +1048,12 @@ def test_records_the_chat_template_refuses_are_named_before_the_base_loads(tmp_p
     base_config(vocab_size=VOCAB).save_pretrained(base)
     tok = make_tokenizer()
     tok.chat_template = template
-    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tok)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: tok)
 
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=f"python -m eagle_gto.train: .*{message}"):
         main(["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out"), *options])
 
@@ -1059,14 +1065,14 @@ def test_errors_in_training_are_one_line(tmp_path, monkeypatch, tokenizer):
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     base = tmp_path / "base"
     base_config(vocab_size=VOCAB).save_pretrained(base)
-    monkeypatch.setattr(trainer, "load_tokenizer", lambda path: tokenizer)
-    monkeypatch.setattr(trainer, "load_base", lambda path: None)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer)
+    monkeypatch.setattr(cli, "load_base", lambda path: None)
     argv = ["--base-model-path", str(base), "--data", str(data), "--out", str(tmp_path / "out")]
     for error, caught in [(ValueError("a problem with the base"), SystemExit), (RuntimeError("a bug"), RuntimeError)]:
         def failing_train(*args, error=error, **kwargs):
             raise error
 
-        monkeypatch.setattr(trainer, "train", failing_train)
+        monkeypatch.setattr(cli, "train", failing_train)
         with pytest.raises(caught, match=f"^(python -m eagle_gto.train: )?{error}$"):
             main(argv)
 
@@ -1145,7 +1151,7 @@ def test_the_head_config_copies_the_bases_settings():
 
     text = SimpleNamespace(hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, intermediate_size=96,
                            rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=512)
-    cfg = trainer.head_config_for(text, draft_vocab_size=32000)
+    cfg = head_config_for(text, draft_vocab_size=32000)
     assert (cfg["rms_norm_eps"], cfg["num_key_value_heads"], cfg["rope_theta"]) == (1e-5, 4, 50000.0)
     assert (cfg["draft_vocab_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (VOCAB, 96, VOCAB)
 
@@ -1154,7 +1160,7 @@ def test_a_base_whose_head_dim_is_not_hidden_over_heads(tmp_path):
     base = llama_base(hidden_size=90, num_attention_heads=2, head_dim=32)
     head = new_head(base, torch.arange(64), 32)
     assert head.config.head_dim == 32 and head.midlayer.self_attn.q_proj.weight.shape == (64, 2 * 90)
-    trainer.attach_target_embedding(head, base)
+    attach_target_embedding(head, base)
     ids = torch.randint(0, 64, (1, 12))
     target = target_outputs(base, ids)
     assert torch.isfinite(ttt_loss(head, target.features, ids, target.logits, torch.ones_like(ids), steps=2).loss)
@@ -1250,7 +1256,7 @@ def test_config_refuses_values_that_would_misdirect_training(options, message):
 def test_the_learning_rate_stays_within_its_range_at_the_ends_of_the_ratios():
     for min_lr_ratio, warmup_ratio in [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]:
         cfg = TrainConfig(lr=1e-3, min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio)
-        assert all(0 < trainer.lr_at(step, 50, cfg) <= cfg.lr for step in range(50))
+        assert all(0 < lr_at(step, 50, cfg) <= cfg.lr for step in range(50))
 
 
 def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tokenizer):
@@ -1273,7 +1279,7 @@ def test_resume_compares_the_head_options_as_resolved(tmp_path, monkeypatch, tok
     def load_tokenizer(path):
         raise Passed
 
-    monkeypatch.setattr(trainer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(cli, "load_tokenizer", load_tokenizer)
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     with pytest.raises(Passed):  # (--draft-vocab-size 32000 by default; the other options the run's)
@@ -1408,7 +1414,7 @@ def test_a_checkpoint_written_over_one_a_kill_cut_short_keeps_no_window_of_its_p
     train(base, samples, tmp_path / "a", cfg, draft_vocab_size=100, show_progress=False)
     cut_short = checkpoint_path(tmp_path / "b", 2)
     cut_short.mkdir(parents=True)
-    trainer.window_file(cut_short, 1).write_text(json.dumps([[100.0, [100.0, 100.0], [0.0, 0.0], [5, 5]]]))
+    window_file(cut_short, 1).write_text(json.dumps([[100.0, [100.0, 100.0], [0.0, 0.0], [5, 5]]]))
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
     shutil.rmtree(checkpoint_path(tmp_path / "b", 4))  # stopped after step 2's checkpoint, then resumed
     train(base, samples, tmp_path / "b", cfg, draft_vocab_size=100, resume=True, show_progress=False)
@@ -1427,8 +1433,8 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, token
     for changed, message in [
             (dict(ttt_steps=2, lr=2e-4), r"\(--ttt-steps 1 then, 2 now; --lr 0.0001 then, 0.0002 now\)"),
             (dict(batch_size=4), r"\(--batch-size x grad-accum x processes 2 then, 4 now\)")]:
-        with pytest.raises(trainer.CheckpointMismatch, match=f"^{checkpoint} was written by a run with other options "
-                                                             f"{message}: resume with the options that started"):
+        with pytest.raises(CheckpointMismatch, match=f"^{checkpoint} was written by a run with other options "
+                                                     f"{message}: resume with the options that started"):
             train(base, samples, tmp_path, dataclasses.replace(cfg, **changed), draft_vocab_size=100, resume=True,
                   show_progress=False)
     free = dict(max_steps=3, batch_size=1, grad_accum=2, save_every=1, keep_checkpoints=1, log_every=2, eval_every=1)
@@ -1443,7 +1449,7 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_options(tmp_path, token
     def load_base(path):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(trainer, "load_base", load_base)
+    monkeypatch.setattr(cli, "load_base", load_base)
     with pytest.raises(SystemExit, match=r"other options \(--lr 0.0001 then, 0.0003 now\)"):
         main(["--base-model-path", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path), "--resume",
               "--draft-vocab-size", "100", "--batch-size", "2", "--ttt-steps", "1", "--lr", "3e-4"])
@@ -1458,8 +1464,8 @@ def test_resume_refuses_a_checkpoint_of_a_run_on_other_data(tmp_path, tokenizer)
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False)
     shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
     for other in (samples[1:], to_samples([{"text": t} for t in TEXTS], tokenizer, max_length=8)):
-        with pytest.raises(trainer.CheckpointMismatch, match=f"^{re.escape(str(checkpoint_path(tmp_path, 2)))} was "
-                                                             "written by a run on other data: the training tokens"):
+        with pytest.raises(CheckpointMismatch, match=f"^{re.escape(str(checkpoint_path(tmp_path, 2)))} was "
+                                                     "written by a run on other data: the training tokens"):
             train(base, other, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False)
     assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
@@ -1560,7 +1566,7 @@ def test_ctrl_c_while_accelerate_is_first_imported_is_one_line_too(tmp_path, mon
             raise KeyboardInterrupt  # (in the import)
         raise ImportError("cannot import name 'dispatch_model' from partially initialized module")
 
-    monkeypatch.setattr(trainer, "process_state", process_state)
+    monkeypatch.setattr(errors, "process_state", process_state)
     out = tmp_path / "run"
     with pytest.raises((SystemExit, KeyboardInterrupt, ImportError)) as stopped:
         main(["--base-model-path", "base", "--data", "data.jsonl", "--out", str(out)])
@@ -1574,13 +1580,13 @@ def test_a_resume_on_regenerated_answers_that_differ_by_a_token_is_a_warning(tmp
     on at all (GTO warns for its generated data). Other records are still refused."""
     base = make_base()
     samples = to_samples([{"text": t} for t in TEXTS], tokenizer)
-    regenerated = trainer.records_fingerprint([{"text": t} for t in TEXTS], "plain", None, 512)
+    regenerated = records_fingerprint([{"text": t} for t in TEXTS], "plain", None, 512)
     cfg = TrainConfig(max_steps=4, batch_size=2, ttt_steps=1, save_every=2)
     train(base, samples, tmp_path, cfg, draft_vocab_size=100, show_progress=False, regenerated_from=regenerated)
     shutil.rmtree(checkpoint_path(tmp_path, 4))  # stopped after step 2
     other_answers = samples[:-1] + [to_samples([{"text": TEXTS[-1] + " x"}], tokenizer)[0]]
-    other_records = trainer.records_fingerprint([{"text": t} for t in TEXTS[1:]], "plain", None, 512)
-    with pytest.raises(trainer.CheckpointMismatch, match="was written by a run on other data"):
+    other_records = records_fingerprint([{"text": t} for t in TEXTS[1:]], "plain", None, 512)
+    with pytest.raises(CheckpointMismatch, match="was written by a run on other data"):
         train(base, other_answers, tmp_path, cfg, draft_vocab_size=100, resume=True, show_progress=False,
               regenerated_from=other_records)
     with pytest.warns(UserWarning, match="the base's regenerated answers differ from those of the run that wrote "
@@ -1589,8 +1595,8 @@ def test_a_resume_on_regenerated_answers_that_differ_by_a_token_is_a_warning(tmp
               regenerated_from=regenerated)
     assert checkpoint_dirs(tmp_path)[-1] == checkpoint_path(tmp_path, 4)
     # (the key order of a record is no other record)
-    assert trainer.records_fingerprint([{"a": 1, "b": 2}], "plain", None, 512) == \
-        trainer.records_fingerprint([{"b": 2, "a": 1}], "plain", None, 512)
+    assert records_fingerprint([{"a": 1, "b": 2}], "plain", None, 512) == \
+        records_fingerprint([{"b": 2, "a": 1}], "plain", None, 512)
 
 
 def test_the_base_runs_in_its_own_dtype_under_the_heads_autocast(tokenizer):

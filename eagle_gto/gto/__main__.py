@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from ..train.checkpoints import interrupted
-from ..train.errors import errors_said_once, main_process
-from ..train.trainer import checks_said_once, one_line_errors
+from ..train.errors import checks_said_once, errors_said_once, main_process, one_line_errors
 from .checkpoints import Checkpointing
 from .parallel import launched_processes
 from .trainer import STARTED_OUTPUTS, GTOConfig, check_data, check_out, load_models, load_streams, train

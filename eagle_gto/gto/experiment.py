@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from ..train.trainer import TrainingDiverged, check_new_out
+from ..train.errors import TrainingDiverged
+from ..train.outputs import check_new_out
 from ..tree import check_tree_params
 from .trainer import (BASE_OPTIONS, GTO_OPTIONS, RUN_OUTPUTS, STREAM_OPTIONS, VALIDATION_OPTIONS, GTOConfig, check_data,
                       load_models, load_streams, resolve_device, train)

@@ -27,7 +27,7 @@ def process_device() -> torch.device | None:
     """Under several processes: this process's own device (the GPU LOCAL_RANK, or the CPU); None in one process."""
     if launched_processes() == 1:
         return None
-    from ..train.trainer import process_state
+    from ..train.processes import process_state
 
     return process_state().device
 
@@ -45,7 +45,7 @@ class Share:
         """The processes of this launch; starts torch.distributed under several (accelerate's PartialState)."""
         if launched_processes() == 1:
             return cls()
-        from ..train.trainer import process_state
+        from ..train.processes import process_state
 
         state = process_state()
         return cls(state.process_index, state.num_processes, state.device)

@@ -33,8 +33,9 @@ from ..dtype_option import DTYPE_HELP, resolve_dtype
 from ..generation import TreeParams
 from ..heads import DraftHead
 from ..train.checkpoints import check_not_stopped, checkpoints_to_resume, read_progress
-from ..train.trainer import (DTYPES, TrainingDiverged, check_choice, check_gradient_norm, check_new_out,
-                             check_not_negative)
+from ..train.config import DTYPES, check_choice, check_not_negative
+from ..train.errors import TrainingDiverged, check_gradient_norm
+from ..train.outputs import check_new_out
 from ..tree import check_tree_params
 from .checkpoints import (Checkpointing, check_same_data, check_same_run_options, data_fingerprint, load_checkpoint,
                           run_options, save_checkpoint)

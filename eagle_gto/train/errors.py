@@ -14,10 +14,13 @@ training cannot be compared so: the other processes may be waiting for this one 
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 
 import torch
+
+from .processes import process_state
 
 FAILED = "eagle_gto/failed"  # the store's count of processes that stopped on an error they say (or left to another)
 
@@ -70,3 +73,49 @@ def _another_failed() -> bool:
         return store is not None and store.check([FAILED])
     except RuntimeError:  # the store is gone with the process that held it: nothing tells
         return False
+
+
+@contextmanager
+def one_line_errors(prog: str):
+    """Bad options, paths or data: `prog: message` and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{prog}: {err}") from None
+
+
+@contextmanager
+def checks_said_once(prog: str):
+    """`one_line_errors` for the checks every process makes alike before training (nothing inside may wait for
+    the other processes). Under several processes they then compare: rank 0 says the failure (that of the lowest
+    rank with one) and every process stops, none left waiting for one that stopped; the others say nothing and
+    leave with status 0 (a failed one would make the launcher stop rank 0 before it says why)."""
+    state = process_state()
+    failure = None
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        failure = f"{prog}: {err}"
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failure = next((f for f in gather_object([failure]) if f), None)
+    if failure:
+        raise SystemExit(failure if state.is_main_process else 0)
+
+
+class TrainingDiverged(ValueError):
+    """A step's gradients hold NaN or infinity."""
+
+    seen_by_all = True  # (the norm of the reduced gradients: every process stops at the same step)
+
+
+def check_gradient_norm(norm: torch.Tensor | float, step: int) -> None:
+    """Stop before a step with NaN or infinite gradients updates the head: the
+    run would go on for hours and export weights whose drafts are never
+    accepted. (Under DDP the norm is taken of the reduced gradients, so every
+    process stops at the same step.)"""
+    value = float(norm)
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"step {step}: the gradient norm is {value}: training diverged (or a batch's loss is "
+                               "not a number); the head was not updated with it. Lower --lr and start again")
