@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException
 
 from eagle_gto import GenerationStats
 
-from .common import (ChatRunner, ContextLengthError, GenerationOptions, StopStrings, build_parser, check_address,
-                     load_runner, model_name, until_stop)
+from .chat_runner import ChatRunner, ContextLengthError, GenerationOptions
+from .server_options import build_parser, check_address, load_runner, model_name
+from .text_stream import StopStrings, until_stop
 
 log = logging.getLogger("eagle_gto.api")
 

@@ -26,8 +26,9 @@ from markdown_it import MarkdownIt
 
 from eagle_gto import GenerationStats
 
-from .common import (ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError,
-                     StopStrings, build_parser, check_address, load_runner, model_name, until_stop)
+from .chat_runner import ChatRunner, ChatTemplateError, ContextLengthError, GenerationOptions, InvalidTextError
+from .server_options import build_parser, check_address, load_runner, model_name
+from .text_stream import StopStrings, until_stop
 
 log = logging.getLogger("eagle_gto.webui")
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 import torch
 
-from application.common import GenerationOptions
+from application.chat_runner import GenerationOptions
 from eagle_gto import EaModel
 from eagle_gto.chat import build_prompt, encode_prompt
 
@@ -313,14 +313,14 @@ def test_server_still_serves_after_bad_requests(client, name):
 
 def test_engine_switches_reach_the_model(monkeypatch):
     """--no-cuda-graphs and --torch-compile are passed to from_pretrained (defaults: graphs auto, no compile)."""
-    from application import common
+    from application import server_options
 
     seen = []
-    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
-    parser = common.build_parser("test", "", 0)
-    common.load_model(parser.parse_args([]))
-    common.load_model(parser.parse_args(["--no-cuda-graphs", "--torch-compile"]))
-    common.load_model(parser.parse_args(["--torch-compile", "max-autotune-no-cudagraphs"]))
+    monkeypatch.setattr(server_options.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    parser = server_options.build_parser("test", "", 0)
+    server_options.load_model(parser.parse_args([]))
+    server_options.load_model(parser.parse_args(["--no-cuda-graphs", "--torch-compile"]))
+    server_options.load_model(parser.parse_args(["--torch-compile", "max-autotune-no-cudagraphs"]))
     assert [(s["cuda_graphs"], s["torch_compile"]) for s in seen] == \
         [(None, False), (False, "default"), (None, "max-autotune-no-cudagraphs")]
 
@@ -328,16 +328,16 @@ def test_engine_switches_reach_the_model(monkeypatch):
 def test_the_reference_web_uis_command_line(monkeypatch):
     """The reference web UI's options and spellings: --model-type llama-3-instruct/llama-2-chat,
     --max-new-token, --load-in-8bit/--load-in-4bit (one of them), --no-eagle3."""
-    from application import common
+    from application import server_options
 
     seen = []
-    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
-    parser = common.build_parser("test", "", 0)
+    monkeypatch.setattr(server_options.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    parser = server_options.build_parser("test", "", 0)
     args = parser.parse_args(["--model-type", "llama-3-instruct", "--max-new-token", "300", "--load-in-8bit",
                               "--no-eagle3", "--total-token", "50"])
     assert (args.model_type, args.max_new_tokens) == ("llama3", 300)
-    common.load_model(args)
-    common.load_model(parser.parse_args(["--model-type", "llama-2-chat", "--load-in-4bit"]))
+    server_options.load_model(args)
+    server_options.load_model(parser.parse_args(["--model-type", "llama-2-chat", "--load-in-4bit"]))
     assert [(s["load_in_8bit"], s["load_in_4bit"], s["use_eagle3"], s["total_token"]) for s in seen] == \
         [(True, False, False, 50), (False, True, None, 60)]
     assert parser.parse_args(["--model-type", "llama-2-chat"]).model_type == "llama2-chat"
@@ -351,13 +351,13 @@ def test_the_reference_web_uis_command_line(monkeypatch):
 def test_auto_dtype_follows_the_device_map(monkeypatch, device_map, dtype):
     """The demo base's float16 where the device map puts the model on CUDA, float32 where it stays on the CPU,
     GPU or not."""
-    from application import common
+    from application import server_options
 
     seen = []
-    monkeypatch.setattr(common.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(server_options.EaModel, "from_pretrained", lambda *args, **kwargs: seen.append(kwargs))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    common.load_model(common.build_parser("test", "", 0).parse_args([] if device_map is None else
-                                                                     ["--device-map", device_map]))
+    parser = server_options.build_parser("test", "", 0)
+    server_options.load_model(parser.parse_args([] if device_map is None else ["--device-map", device_map]))
     assert seen[0]["dtype"] == dtype
 
 
@@ -420,39 +420,40 @@ def test_a_format_stop_token_past_the_model_vocabulary_stops_the_server_at_start
     """A tokenizer with Qwen's <|im_end|> added past the model's rows: the engine refused every request."""
     from transformers import AutoTokenizer
 
-    from application import common
+    from application import server_options
 
     base, head = save_tiny_pair(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     tokenizer.save_pretrained(base)
-    parser = common.build_parser("test", "", 0)
+    parser = server_options.build_parser("test", "", 0)
     options = ["--base-model-path", str(base), "--ea-model-path", str(head), "--total-token", "16", "--depth", "4",
                "--top-k", "4", "--max-length", "64"]
     with pytest.raises(SystemExit) as info:
-        common.load_runner(parser, parser.parse_args([*options, "--model-type", "qwen"]))
+        server_options.load_runner(parser, parser.parse_args([*options, "--model-type", "qwen"]))
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"test: error: the qwen format's stop token ids [{len(CHARS)}] lie outside the model's vocabulary "
         f"[0, {len(CHARS)}): is the tokenizer this model's?")
-    assert common.load_runner(parser, parser.parse_args([*options, "--model-type", "vicuna"])).stop_token_ids == []
+    vicuna = server_options.load_runner(parser, parser.parse_args([*options, "--model-type", "vicuna"]))
+    assert vicuna.stop_token_ids == []
 
 
 def test_caches_that_do_not_fit_are_one_line_of_the_first_line_of_the_error(pair, capsys, monkeypatch):
     """An out-of-memory error may go on over more lines (advice on allocator settings): the server's last word
     before exiting stays one line."""
-    from application import common
+    from application import server_options
 
     def out_of_memory(runner):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nIf reserved but unallocated "
                                      "memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
 
-    monkeypatch.setattr(common.ChatRunner, "make_caches", out_of_memory)
-    parser = common.build_parser("test", "", 0)
+    monkeypatch.setattr(server_options.ChatRunner, "make_caches", out_of_memory)
+    parser = server_options.build_parser("test", "", 0)
     args = parser.parse_args(["--base-model-path", str(pair[0]), "--ea-model-path", str(pair[1]),
                               "--total-token", "16", "--depth", "4", "--top-k", "4", "--max-length", "64"])
     with pytest.raises(SystemExit) as info:
-        common.load_runner(parser, args)
+        server_options.load_runner(parser, args)
     assert info.value.code == 2
     error = capsys.readouterr().err  # (after transformers' progress bar)
     assert error.splitlines()[-1] == ("test: error: the caches of a context of 64 tokens (--max-length) do not fit "
@@ -462,7 +463,7 @@ def test_caches_that_do_not_fit_are_one_line_of_the_first_line_of_the_error(pair
 
 @pytest.mark.parametrize("port", ["0", "65535"])
 def test_the_ends_of_the_port_range_are_ports(port):
-    from application.common import build_parser
+    from application.server_options import build_parser
 
     assert build_parser("test", "", 8000).parse_args(["--port", port]).port == int(port)
 
@@ -471,7 +472,7 @@ def test_the_ends_of_the_port_range_are_ports(port):
 def test_a_port_a_stopped_server_left_connections_waiting_on_is_free():
     """A restarted server finds its port's closed connections in TIME_WAIT for a minute; uvicorn binds over them
     (SO_REUSEADDR, set by the stopped server too), so the check before loading must not refuse the port."""
-    from application.common import build_parser, check_address
+    from application.server_options import build_parser, check_address
 
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
@@ -488,7 +489,7 @@ def test_a_port_a_stopped_server_left_connections_waiting_on_is_free():
 def test_a_sliding_window_model_serves_within_its_window(sliding_pair, max_length):
     """The startup check lets through a --max-length within the window; without
     one, the window is the context (not 2048), for the servers and for eagenerate."""
-    from application.common import build_parser, load_runner
+    from application.server_options import build_parser, load_runner
 
     parser = build_parser("test", "", 0)
     args = parser.parse_args(["--base-model-path", str(sliding_pair[0]), "--ea-model-path", str(sliding_pair[1]),
@@ -507,7 +508,7 @@ def test_the_servers_prepare_the_step_graphs_of_greedy_requests_at_startup(pair,
     the server starts: requests of any length, speculative or plain, record none."""
     import eagle_gto.ea_model as ea_model
     import eagle_gto.generation as generation
-    from application.common import build_parser, load_runner
+    from application.server_options import build_parser, load_runner
 
     keys = []
 

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from test_api import char_tokenizer
 
 from application.api_server import create_app
-from application.common import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions, TextStream, until_stop
+from application.chat_runner import TOO_LONG_CHARS_PER_TOKEN, ChatRunner, GenerationOptions
+from application.text_stream import TextStream, until_stop
 from eagle_gto.acceptance import SamplingParams, target_probs
 from eagle_gto.generation import GenerationStats, Step
 
@@ -145,21 +146,21 @@ def test_usage_after_a_stop_string_counts_tokens_not_steps(stop):
 def test_the_servers_system_prompt_opens_conversations_that_send_none(monkeypatch):
     """--system, as gen_answer's and the reference's scripts give one (its web UI always passes Llama-3 a long
     one); a system message a client sends wins."""
-    from application import common
+    from application import server_options
 
     class Loaded(ScriptedModel):  # what load_runner reads of a loaded model
         cuda_graphs, torch_compile = False, None
 
-    monkeypatch.setattr(common, "load_model", lambda args: Loaded())
-    monkeypatch.setattr(common.ChatRunner, "make_caches", lambda runner: None)
-    monkeypatch.setattr(common.ChatRunner, "warm_up", lambda runner: 0)
-    parser = common.build_parser("test", "", 0)
-    runner = common.load_runner(parser, parser.parse_args(["--model-type", "vicuna", "--system", "Be brief."]))
+    monkeypatch.setattr(server_options, "load_model", lambda args: Loaded())
+    monkeypatch.setattr(server_options.ChatRunner, "make_caches", lambda runner: None)
+    monkeypatch.setattr(server_options.ChatRunner, "warm_up", lambda runner: 0)
+    parser = server_options.build_parser("test", "", 0)
+    runner = server_options.load_runner(parser, parser.parse_args(["--model-type", "vicuna", "--system", "Be brief."]))
     asked = [{"role": "user", "content": "Hi?"}]
     assert runner.tokenizer.decode(runner.chat_prompt(asked)) == "Be brief. USER: Hi? ASSISTANT:"
     own = [{"role": "system", "content": "Be kind."}] + asked
     assert runner.tokenizer.decode(runner.chat_prompt(own)) == "Be kind. USER: Hi? ASSISTANT:"
-    default = common.load_runner(parser, parser.parse_args(["--model-type", "vicuna"]))
+    default = server_options.load_runner(parser, parser.parse_args(["--model-type", "vicuna"]))
     assert runner.tokenizer.decode(default.chat_prompt(asked)).startswith("A chat between a curious user")
 
 
@@ -703,14 +704,14 @@ def test_a_long_held_run_costs_work_linear_in_the_text():
     matched with work linear in the text. Work is counted as the Python lines the matcher runs (no clock):
     testing each possible start at the text's end ran about a hundred times more here (and took 15 s of the
     event loop every client shares with a stop string ten times as long)."""
-    from application import common
+    from application import text_stream
     from application.api_server import StopStrings
 
     lines = 0
 
     def count(frame, event, arg):
         nonlocal lines
-        if frame.f_code.co_filename != common.__file__:
+        if frame.f_code.co_filename != text_stream.__file__:
             return None
         lines += event == "line"
         return count

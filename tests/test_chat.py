@@ -84,7 +84,7 @@ def test_stop_token_ids_are_the_formats_stop_strings_in_the_vocabulary():
 
 
 def _parsers():
-    from application.common import build_parser
+    from application.server_options import build_parser
     from eagle_gto.__main__ import parse_args as demo
     from eagle_gto.benchmarks.reference_parity import parse_args as parity
     from eagle_gto.evaluation.gen_answer import parse_args as answers
@@ -131,7 +131,7 @@ def test_an_answer_goes_back_into_the_conversation_as_the_model_wrote_it(kind, a
     prompt text is the prompt and then exactly what the model wrote."""
     from test_api import char_tokenizer
 
-    from application.common import TextStream
+    from application.text_stream import TextStream
     from eagle_gto.chat import answer_lead, answer_text, encode_prompt
 
     tokenizer = char_tokenizer() if kind == "byte-level" else metaspace_tokenizer()
@@ -151,7 +151,7 @@ def test_an_answer_after_special_tokens_or_before_punctuation_keeps_its_first_ch
     space); and a clean-up of spaces before punctuation would reach across the seam into the answer."""
     from test_api import char_tokenizer
 
-    from application.common import TextStream
+    from application.text_stream import TextStream
     from eagle_gto.chat import answer_text
 
     tokenizer = metaspace_tokenizer()
@@ -242,7 +242,7 @@ def test_an_answer_is_cut_before_the_formats_stop_string():
 def test_an_answer_streamed_token_by_token_keeps_every_words_space():
     """Each text is decoded after the tokens before it: a SentencePiece decoder alone drops the space
     before a text's first word, so "▁yes" after "▁yes" must still be " yes"."""
-    from application.common import TextStream
+    from application.text_stream import TextStream
     from eagle_gto.chat import answer_text
 
     tokenizer = metaspace_tokenizer()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eagle_gto.__main__ as cli
-from application import common as servers
+from application import server_options as servers
 from eagle_gto import EaModel
 from eagle_gto.cli_help import show_defaults
 from eagle_gto.dtype_option import auto_dtype, pick_dtype, saved_dtype

@@ -23,7 +23,7 @@ from test_api import TREE, free_port, running_server, save_tiny_pair
 from test_api_scripted import ScriptedModel
 
 from application import webui
-from application.common import ChatRunner
+from application.chat_runner import ChatRunner
 from application.webui import CONTEXT_FULL, DONE, GENERATING, STOPPED, WAITING, answer_limit, build_ui
 from eagle_gto import EaModel
 

@@ -34,7 +34,7 @@ def timed(fn, device: torch.device) -> tuple[object, float]:
 
 def server_start_up(options: list[str], device: torch.device) -> dict:
     """What a server does before its first request (`load_runner`), timed."""
-    from application.common import build_parser, load_runner
+    from application.server_options import build_parser, load_runner
 
     parser = build_parser("start-up", "", 8000)
     runner, seconds = timed(lambda: load_runner(parser, parser.parse_args(options)), device)
