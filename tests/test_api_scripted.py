@@ -724,7 +724,7 @@ def test_a_long_held_run_costs_work_linear_in_the_text():
     finally:
         sys.settrace(None)
     assert sent == "" and last == "" and stopper.hit
-    assert lines < 20 * (200 * len(text) + 1)
+    assert 0 < lines < 20 * (200 * len(text) + 1)  # 0: the trace missed StopStrings' module (moved?)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
