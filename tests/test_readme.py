@@ -97,3 +97,17 @@ def test_the_readme_names_checkpoint_folders_as_training_writes_them(tmp_path):
     assert checkpoint_path(tmp_path, 2).name == "step-00000002"
     examples = re.findall(r"`(step-\d+)`", README)
     assert examples and all(checkpoint_path(tmp_path, int(name[5:])).name == name for name in examples)
+
+
+def test_the_code_layout_names_every_module():
+    """"Where the code is" lists every module by name (the demo's by its folder), so that a module added or renamed
+    shows up there; and each name it gives is a module that exists."""
+    root = Path(__file__).resolve().parents[1]
+    section = README[README.index("### Where the code is"):README.index("## Tests")]
+    named = {name.rstrip("/").split("/")[-1] for name in re.findall(r"`([\w/]+?)(?:\.py)?`", section)}
+    modules = [p for p in [*root.glob("eagle_gto/**/*.py"), *root.glob("application/*.py")]
+               if p.name != "__init__.py" and p.parent.name != "demo"]
+    assert modules
+    assert sorted(str(p.relative_to(root)) for p in modules if p.stem not in named) == []
+    stems = {p.stem for p in modules} | {"demo", "train", "gto", "evaluation", "benchmarks", "eagle_gto"}
+    assert sorted(named - stems - {"EaModel", "CheckpointError"}) == []
