@@ -854,6 +854,14 @@ def test_config_refuses_a_gpu_the_machine_lacks_naming_those_there_are(two_gpus)
         GTOConfig(device="cuda:2")
 
 
+def test_config_refuses_an_xpu_or_mps_device_the_machine_lacks_naming_those_there_are(two_xpus, an_mps):
+    """As every command refuses them (it said "there are 2 xpu devices", or "there are 1 mps devices", not which)."""
+    with pytest.raises(ValueError, match=re.escape(f"device 'xpu:2': there is no XPU 2 here; {two_xpus}")):
+        GTOConfig(device="xpu:2")
+    with pytest.raises(ValueError, match=re.escape(f"device 'mps:1': there is no MPS device 1 here; {an_mps}")):
+        GTOConfig(device="mps:1")
+
+
 def test_top_k_beyond_the_heads_vocabulary_and_a_head_as_the_base_are_refused(pair, tmp_path):
     export_head(pair.ea_layer, tmp_path / "head", "float32")
     draft_vocab = pair.ea_layer.config.draft_vocab_size

@@ -52,7 +52,7 @@ from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_fo
                     stop_token_ids)
 from ..cli_help import show_defaults
 from ..context_length import base_context
-from ..devices import cuda_device_problem
+from ..devices import device_problem
 from ..dtype_option import add_dtype_option, pick_dtype, resolve_dtype
 from ..ea_model import EaModel
 from ..tree import check_tree_params
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.max_length is not None and args.max_length - args.max_new_tokens - args.total_token < 1:
             refuse(f"--max-length {args.max_length} leaves no room for a prompt with --max-new-tokens "
                    f"{args.max_new_tokens} and a tree of {args.total_token}")
-    problem = cuda_device_problem(args.device)
+    problem = device_problem(args.device)
     if problem:
         refuse(f"--device {args.device}: {problem}")
     return args

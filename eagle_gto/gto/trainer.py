@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..chat import MODEL_TYPES, model_type_arg
-from ..devices import cuda_device_problem
+from ..devices import device_problem
 from ..dtype_option import DTYPE_HELP, resolve_dtype
 from ..generation import TreeParams
 from ..heads import DraftHead
@@ -165,7 +165,7 @@ def check_device(device: str | None) -> None:
     if not backend.is_available():
         raise ValueError(f"device {device!r}: {place.type} is not available (torch {torch.__version__}); "
                          "leave --device out, or use cpu")
-    problem = cuda_device_problem(place)  # a GPU this machine lacks: named as every command names them
+    problem = device_problem(place)  # a GPU, XPU or MPS device this machine lacks: named as every command does
     if problem:
         raise ValueError(f"device {device!r}: {problem}")
     count = getattr(backend, "device_count", None)
