@@ -28,6 +28,28 @@ def default_max_length(config) -> int:
     return min(MAX_LENGTH, sliding_window(config) or MAX_LENGTH, trained or MAX_LENGTH)
 
 
+def base_context(base_model_path: str | None) -> int | None:
+    """default_max_length of a base model from its config.json alone, before its weights load (None: the demo
+    base), read through the config class transformers builds for it, as the loaded model's is. None where
+    transformers has no class for its model_type (custom code): its context is known once it loads."""
+    from transformers import AutoConfig
+
+    from .loading import read_base_config
+
+    if base_model_path is None:
+        from .demo import demo_paths
+
+        base_model_path = demo_paths()[0]
+    config = read_base_config(base_model_path)  # (a clear error for a wrong path or a head given as the base)
+    if "model_type" not in config:
+        return None
+    try:
+        built = AutoConfig.for_model(**config)
+    except ValueError:  # a model_type transformers does not know
+        return None
+    return default_max_length(built)
+
+
 def check_max_length(target: TargetRunner, max_length: int, speculative: bool = True) -> None:
     """A ValueError when the base model `target` runs cannot decode with this context
     (`speculative`: with draft trees), a warning when it was not trained

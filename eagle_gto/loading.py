@@ -13,23 +13,24 @@ from pathlib import Path
 import torch
 
 from .checkpoint import looks_like_head
-from .devices import cuda_device_problem
+from .devices import ACCELERATORS, accelerator_place, device_problem
 from .model_files import CheckpointError, expand_path, hub_options, not_weights, read_config, resolve_file, short_list
 
 
 def check_device_map(device_map) -> None:
-    """A device map that names CUDA where there is none, or a GPU there is not, would fail deep in torch (an
-    AssertionError, or part-way through loading); one that offloads by name ("disk", "meta") was refused only
-    once the rest of the base had loaded (minutes for a large one)."""
+    """A device map that names CUDA, XPU or MPS where there is none, or a device there is not, would fail deep in
+    torch (an AssertionError, or part-way through loading); one that offloads by name ("disk", "meta") was
+    refused only once the rest of the base had loaded (minutes for a large one)."""
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
     offloaded = sorted({str(t) for t in targets if str(t) in ("disk", "meta")})
     if offloaded:
         raise ValueError(f"device_map places weights on {' and '.join(map(repr, offloaded))}: the engine needs every "
                          "weight in the memory of the device that runs it; map those modules to a device")
     for target in targets:
-        problem = cuda_device_problem(target)
+        problem = device_problem(target)
         if problem:
-            raise ValueError(f"device_map={device_map!r} places the model on CUDA, but {problem}")
+            name = ACCELERATORS[accelerator_place(target)[0]][0]
+            raise ValueError(f"device_map={device_map!r} places the model on {name}, but {problem}")
 
 
 def quantization_options(kwargs: dict) -> None:

@@ -90,15 +90,31 @@ def test_device_and_device_map_name_the_same_option_in_every_command(command):
 def test_a_gpu_the_machine_lacks_is_refused_before_the_model_loads(command, gpu, two_gpus, monkeypatch, capsys):
     """--device cuda:2 on a machine with two GPUs passed every check and failed part-way through loading, in
     torch's words; cuda:-1, which torch.device refuses, passed the check too."""
-    argv = ["--base-model-path", "base", "--ea-model-path", "head", "--device", f"cuda:{gpu}", "--dtype", "float16"]
+    assert load_on(command, f"cuda:{gpu}") == 2
+    assert f"there is no GPU {gpu} here; {two_gpus}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("device,machine,one", [("xpu:2", "two_xpus", "XPU"), ("mps:1", "an_mps", "MPS device")])
+def test_an_xpu_or_mps_device_the_machine_lacks_is_refused_before_the_model_loads(command, device, machine, one,
+                                                                                 request, capsys):
+    """Only a CUDA index was checked: xpu:2 beside two XPUs, or mps:1 (a Mac has mps:0 alone), failed part-way
+    through loading, in torch's words."""
+    there_are = request.getfixturevalue(machine)
+    assert load_on(command, device) == 2
+    assert f"there is no {one} {device[-1]} here; {there_are}" in capsys.readouterr().err
+
+
+def load_on(command: str, device: str) -> int:
+    """The exit status of `command` loading a model (base, head: paths that do not exist) on --device `device`."""
+    argv = ["--base-model-path", "base", "--ea-model-path", "head", "--device", device, "--dtype", "float16"]
     parser = servers.build_parser("server", "", 0)
     run = {"python -m eagle_gto": lambda: cli.main(argv), "gen_answer": lambda: gen_answer.cli(argv),
            "servers": lambda: servers.load_runner(parser, parser.parse_args(argv))}[command]
     try:
-        status = run()
+        return run()
     except SystemExit as exit:
-        status = exit.code
-    assert status == 2 and f"there is no GPU {gpu} here; {two_gpus}" in capsys.readouterr().err
+        return exit.code
 
 
 @pytest.mark.parametrize("command", ["python -m eagle_gto", "gen_answer"])

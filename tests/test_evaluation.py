@@ -428,9 +428,14 @@ def test_the_context_is_the_base_models_unless_given(short_context_pair, tmp_pat
     assert len(read_jsonl(tmp_path / "b.jsonl")) == 1
 
 
-def test_a_context_too_short_for_the_new_tokens_says_what_to_lower(short_context_pair, tmp_path):
+def test_a_context_too_short_for_the_new_tokens_says_what_to_lower(short_context_pair, tmp_path, monkeypatch):
     """The default --max-new-tokens 1024 leaves no room in the context of a base trained for 1024 tokens: the
-    refusal named a --max-length the command was not given, and not what to change."""
+    refusal named a --max-length the command was not given, and not what to change. It came once the model had
+    loaded; the base's context is read from its config.json first."""
+    def load_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gen_answer, "load_model", load_model)
     gsm8k, _ = two_benches(tmp_path)
     with pytest.raises(ValueError, match=r"^the base model's context, 512 tokens \(--max-length left out\), leaves "
                                          r"no room for a prompt with --max-new-tokens 512 and a tree of \d+: lower "
@@ -696,6 +701,32 @@ def answerer(model, *argv):
     return gen_answer.Answerer(model, gen_answer.parse_args(["--device", "cpu", "--warmup", "0", *argv]))
 
 
+def test_the_context_before_the_load_is_read_as_transformers_reads_the_config(tmp_path):
+    """config.json read through transformers' config class, as the loaded base's: a Qwen2 whose sliding window is
+    switched off (use_sliding_window) has none, whatever sliding_window says; a model_type transformers does not
+    know is left to the check after the load."""
+    from eagle_gto.context_length import base_context
+
+    qwen = {"model_type": "qwen2", "max_position_embeddings": 4096, "sliding_window": 256, "use_sliding_window": False}
+    for name, config in (("qwen", qwen), ("custom", {"model_type": "my-own-model", "max_position_embeddings": 64})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert base_context(str(tmp_path / "qwen")) == 2048
+    assert base_context(str(tmp_path / "custom")) is None
+    assert base_context(None) == 2048  # the demo base
+
+
+def test_a_context_the_loaded_model_leaves_no_room_in_is_refused():
+    """The refusal before the load reads config.json; the one after it (a tree picked by timing, or a config
+    transformers has no class for) reads the loaded base's context, with the same words."""
+    model = ScriptedModel(byte_tokenizer(), [])
+    with pytest.raises(ValueError, match=r"^the base model's context, 2048 tokens \(--max-length left out\), leaves "
+                                         r"no room for a prompt with --max-new-tokens 2038 and a tree of 10: lower "
+                                         r"--max-new-tokens$"):
+        answerer(model, "--max-new-tokens", "2038")
+    assert answerer(model, "--max-new-tokens", "2037").prompt_budget == 1
+
+
 def test_a_prompt_longer_than_its_budget_keeps_its_end():
     """The budget is the context less the answer's tokens and a draft tree's (the same in both modes); a
     longer prompt keeps its last tokens, the question's end and the generation prompt."""
@@ -931,7 +962,8 @@ def test_a_model_that_fails_to_load_leaves_no_answer_file_behind(tmp_path, monke
     questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}, {"question_id": 2, "turns": ["Q"]}])
     path = tmp_path / "runs" / "eval" / "a.jsonl"
     run = ["--question-file", questions, "--answer-file", str(path), "--model-id", "m", "--device", "cpu",
-           "--base-model-path", "missing-base", "--ea-model-path", "head", "--model-type", "plain"]
+           "--base-model-path", "missing-base", "--ea-model-path", "head", "--model-type", "plain",
+           "--max-length", "2048"]  # (given: the base's config.json, read for its context, is not read)
     assert cli_error(gen_answer.cli, run, capsys) == (2, "error: no such model: missing-base")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
     # an answer file of the same run, resumed: kept byte for byte

@@ -772,7 +772,7 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
         trained.append(cfg)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (out / "config.json").write_text(json.dumps(cfg.recorded_options()))
         result = summary(cfg) if summary else {"val_tau_start": 1.0, "val_tau_end": 1.5, "val_reward_end": 0.5}
         (out / "head").mkdir(exist_ok=True)
         (out / "summary.json").write_text(json.dumps(result))
@@ -852,6 +852,14 @@ def test_config_refuses_a_gpu_the_machine_lacks_naming_those_there_are(two_gpus)
     """As every command refuses it (it said "there are 2 cuda devices", not which)."""
     with pytest.raises(ValueError, match=re.escape(f"device 'cuda:2': there is no GPU 2 here; {two_gpus}")):
         GTOConfig(device="cuda:2")
+
+
+def test_config_refuses_an_xpu_or_mps_device_the_machine_lacks_naming_those_there_are(two_xpus, an_mps):
+    """As every command refuses them (it said "there are 2 xpu devices", or "there are 1 mps devices", not which)."""
+    with pytest.raises(ValueError, match=re.escape(f"device 'xpu:2': there is no XPU 2 here; {two_xpus}")):
+        GTOConfig(device="xpu:2")
+    with pytest.raises(ValueError, match=re.escape(f"device 'mps:1': there is no MPS device 1 here; {an_mps}")):
+        GTOConfig(device="mps:1")
 
 
 def test_top_k_beyond_the_heads_vocabulary_and_a_head_as_the_base_are_refused(pair, tmp_path):
@@ -1561,12 +1569,28 @@ def test_dtype_auto_is_the_default_and_a_resume_compares_the_dtype_it_loads(tmp_
     for dtype in ([], ["--dtype", "auto"]):
         with pytest.raises(AssertionError, match="a model was loaded"):
             gto_cli.main(["--out", str(tmp_path / "run"), "--data", "stdlib", "--resume", *dtype])
-    assert config_from(config_parser("").parse_args([])).dtype == "float32"
+    assert config_from(config_parser("").parse_args([])).base_dtype == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     on_gpu = GTOConfig(out=str(tmp_path / "run"), data="stdlib")
-    assert on_gpu.dtype == "float16" and GTOConfig(device="cpu").dtype == "float32"
+    assert on_gpu.base_dtype == "float16" and GTOConfig(device="cpu").base_dtype == "float32"
     with pytest.raises(CheckpointMismatch, match=r"other options \(--dtype float32 then, float16 now\)"):
         gto_checkpoints.check_same_run_options(checkpoint, run_options(started, 1), run_options(on_gpu, 1))
+
+
+def test_dtype_auto_is_resolved_for_the_device_of_a_replaced_config(tmp_path, monkeypatch):
+    """auto was resolved as the config was made, so dataclasses.replace(cfg, device=...) kept the dtype of the old
+    device (float16 for a CPU run, float32 for a GPU one). The config keeps what was asked; what it records (and a
+    resume compares) is the dtype the base loads in."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    on_gpu = GTOConfig(out=str(tmp_path / "run"))
+    on_cpu = dataclasses.replace(on_gpu, device="cpu")
+    assert (on_gpu.dtype, on_gpu.base_dtype) == ("auto", "float16")
+    assert (on_cpu.dtype, on_cpu.base_dtype) == ("auto", "float32")
+    assert dataclasses.replace(on_cpu, device="cuda").base_dtype == "float16"
+    assert dataclasses.replace(on_cpu, dtype="bfloat16").base_dtype == "bfloat16"
+    assert on_cpu.recorded_options()["dtype"] == run_options(on_cpu, 1)["dtype"] == "float32"
+    assert experiment.control_of(on_gpu) != experiment.control_of(on_cpu)
 
 
 def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass_resume(tmp_path, monkeypatch):

@@ -238,14 +238,29 @@ def test_device_map_naming_a_negative_gpu(device_map, two_gpus):
 
 
 @pytest.mark.parametrize("device_map", [0, {"": 1}, {"model": 0, "lm_head": "xpu:0"}])
-def test_a_plain_gpu_index_on_another_accelerator_is_not_refused_as_cuda(device_map, monkeypatch):
+def test_a_plain_gpu_index_on_another_accelerator_is_not_refused_as_cuda(device_map, two_xpus):
     """A device map's plain index names the machine's accelerator (torch.device(0)): an XPU or MPS one was
     refused as "CUDA is not available"."""
     from eagle_gto.loading import check_device_map
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     check_device_map(device_map)
+
+
+@pytest.mark.parametrize("device_map,machine,problem", [
+    ("xpu:3", "two_xpus", "XPU, but there is no XPU 3 here; {there_are}"),
+    ({"model": "xpu:0", "lm_head": "xpu:2"}, "two_xpus", "XPU, but there is no XPU 2 here; {there_are}"),
+    ("mps:1", "an_mps", "MPS, but there is no MPS device 1 here; {there_are}"),
+    ("xpu:0", "an_mps", "XPU, but XPU is not available here (torch {torch}); use cpu"),
+    ("mps", "two_xpus", "MPS, but MPS is not available here (torch {torch}); use cpu"),
+])
+def test_device_map_naming_an_xpu_or_mps_device_the_machine_lacks(device_map, machine, problem, request):
+    """Only CUDA devices were checked: xpu:3 beside two XPUs, or mps:1 (a Mac has mps:0 alone), failed part-way
+    through loading, in torch's words."""
+    there_are = request.getfixturevalue(machine)
+    with pytest.raises(ValueError) as info:
+        EaModel.from_pretrained("no-base", "no-head", device_map=device_map)
+    assert str(info.value) == (f"device_map={device_map!r} places the model on "
+                               + problem.format(there_are=there_are, torch=torch.__version__))
 
 
 def test_device_map_naming_gpus_the_machine_has(two_gpus):

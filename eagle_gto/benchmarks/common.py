@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import cuda_device_problem
+from ..devices import device_problem
 from ..dtype_option import add_dtype_option
 from ..tree import check_tree_params
 
@@ -101,7 +101,7 @@ def check_device(p: argparse.ArgumentParser, device: str) -> None:
         torch.device(device)
     except RuntimeError:
         p.error(f"--device {device}: not a device torch knows (cuda, cuda:1 or cpu)")
-    problem = cuda_device_problem(device)
+    problem = device_problem(device)
     if problem:
         p.error(f"--device {device}: {problem}")
 

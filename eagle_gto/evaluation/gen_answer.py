@@ -51,7 +51,8 @@ from tqdm import tqdm
 from ..chat import (MODEL_TYPES, answer_lead, answer_text, build_prompt, chat_format, encode_prompt, model_type_arg,
                     stop_token_ids)
 from ..cli_help import show_defaults
-from ..devices import cuda_device_problem
+from ..context_length import base_context
+from ..devices import device_problem
 from ..dtype_option import add_dtype_option, pick_dtype, resolve_dtype
 from ..ea_model import EaModel
 from ..tree import check_tree_params
@@ -121,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.max_length is not None and args.max_length - args.max_new_tokens - args.total_token < 1:
             refuse(f"--max-length {args.max_length} leaves no room for a prompt with --max-new-tokens "
                    f"{args.max_new_tokens} and a tree of {args.total_token}")
-    problem = cuda_device_problem(args.device)
+    problem = device_problem(args.device)
     if problem:
         refuse(f"--device {args.device}: {problem}")
     return args
@@ -141,6 +142,27 @@ def load_model(args: argparse.Namespace):
     return model
 
 
+def prompt_budget(max_length: int, args: argparse.Namespace, total_token: int) -> int:
+    """The tokens a prompt may take: what max_length leaves beside the new tokens and a tree (refused at none)."""
+    budget = max_length - args.max_new_tokens - total_token
+    if budget < 1:
+        context = f"--max-length {max_length}"
+        if args.max_length is None:  # (a base trained for 1024 tokens, at the default 1024 new ones)
+            context = f"the base model's context, {max_length} tokens (--max-length left out),"
+        raise ValueError(f"{context} leaves no room for a prompt with --max-new-tokens {args.max_new_tokens} and a "
+                         f"tree of {total_token}: lower --max-new-tokens")
+    return budget
+
+
+def check_room_before_loading(args: argparse.Namespace) -> None:
+    """Without --max-length, the refusal Answerer gives once the model has loaded, from the base's config.json
+    alone: before the slow load. (A given --max-length is checked with the options; a --total-token -1 tree is
+    picked, so checked, after the load.)"""
+    context = base_context(args.base_model_path) if args.max_length is None and args.total_token != -1 else None
+    if context is not None:
+        prompt_budget(context, args, args.total_token)
+
+
 class Answerer:
     """Generates turns with one model and one set of settings."""
 
@@ -157,13 +179,7 @@ class Answerer:
         # Same prompt budget in both modes, with a tree's width to spare: the two sides see
         # identical prompts, and answers end before a draft tree no longer fits (every
         # speculative iteration drafts, as in the reference's runs).
-        self.prompt_budget = self.max_length - args.max_new_tokens - model.tree.total_token
-        if self.prompt_budget < 1:
-            budget = f"--max-length {self.max_length}"
-            if args.max_length is None:  # (a base trained for 1024 tokens, at the default 1024 new ones)
-                budget = f"the base model's context, {self.max_length} tokens (--max-length left out),"
-            raise ValueError(f"{budget} leaves no room for a prompt with --max-new-tokens {args.max_new_tokens} "
-                             f"and a tree of {model.tree.total_token}: lower --max-new-tokens")
+        self.prompt_budget = prompt_budget(self.max_length, args, model.tree.total_token)
 
     def _sync(self) -> None:
         # Kernels run asynchronously on a GPU: wait for them so wall time is the turn's own.
@@ -290,6 +306,7 @@ def main(argv=None) -> Path:
         return answer_file
 
     check_writable(answer_file)
+    check_room_before_loading(args)
     model = load_model(args)
     answerer = Answerer(model, args)
     # Known now, one of each per file: the base's context (without --max-length; answer files made before it

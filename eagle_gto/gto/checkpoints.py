@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ class Checkpointing:
 
 def run_options(cfg, world: int) -> dict:
     """The options of `cfg` (a GTOConfig) that the run's result depends on, for `world` processes."""
-    options = {name: value for name, value in asdict(cfg).items() if name not in FREE_OPTIONS}
+    options = {name: value for name, value in cfg.recorded_options().items() if name not in FREE_OPTIONS}
     options[GLOBAL_WINDOWS] = cfg.windows * world
     return same_places(options)
 

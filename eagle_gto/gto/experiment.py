@@ -37,7 +37,6 @@ first trains; a rerun of an interrupted sweep resumes after its finished points.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import itertools
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         tree = eval_tree(args.eval_tree)
         humaneval = humaneval_file(args.humaneval)
-        options = dataclasses.asdict(config_from(args))
+        options = config_from(args).recorded_options()
         out = Path(options.pop("out"))
         check_new_out(out)
         check_data(GTOConfig(**options))  # before the models load
@@ -284,7 +283,7 @@ def training_device(cfg: GTOConfig) -> str:
         name = f"{torch.cuda.get_device_name(device)} ({device})"
     else:
         name = str(device)
-    return f"trained on {name}, base in {cfg.dtype}"
+    return f"trained on {name}, base in {cfg.base_dtype}"
 
 
 def eval_tree(text: str, draft_vocab_size: int | None = None) -> tuple[int, int, int]:
@@ -405,7 +404,7 @@ def control_points(grid: dict[str, list]) -> list[dict]:
 
 def control_of(cfg: GTOConfig) -> tuple:
     """What a run shares with its control: every option the control reads."""
-    return tuple((name, value) for name, value in dataclasses.asdict(cfg).items()
+    return tuple((name, value) for name, value in cfg.recorded_options().items()
                  if name not in GTO_OPTIONS and name != "out")
 
 
@@ -415,7 +414,7 @@ def finished(cfg: GTOConfig) -> dict | None:
     holds a run with other options is refused."""
     out = Path(cfg.out)
     config = out / "config.json"
-    options = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    options = json.loads(json.dumps(cfg.recorded_options()))
     if config.is_file():
         # (_differences: an option added since, absent from the file, matches its default None)
         changed = _differences(json.loads(config.read_text()), options)
@@ -447,7 +446,7 @@ def sweep_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Every point is checked before the first trains: options, folders, data files, heads, data sizes.
     with input_errors(" sweep"):
-        options = dataclasses.asdict(config_from(args))
+        options = config_from(args).recorded_options()
         out = Path(options.pop("out"))
         check_new_out(out, SWEEP_OUTPUTS)  # a finished sweep: its table would be replaced
         grid = parse_grid(args.grid, options)

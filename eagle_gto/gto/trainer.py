@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..chat import MODEL_TYPES, model_type_arg
-from ..devices import cuda_device_problem
+from ..devices import device_problem
 from ..dtype_option import DTYPE_HELP, resolve_dtype
 from ..generation import TreeParams
 from ..heads import DraftHead
@@ -131,10 +131,18 @@ class GTOConfig:
                              f"{EVAL_STRIDE}th position), got {self.window_length}")
         check_tree_params(self.total_token, self.depth, self.top_k)  # top_k against the head's vocabulary: load_models
         check_device(self.device)
-        # auto is resolved here, once: config.json, a checkpoint's options and an experiment's kept results record
-        # the dtype the base loads in, and a resume compares that, not the spelling. A run started with --dtype
-        # float32 (the default before auto) resumes with auto wherever auto loads float32 (on a CPU).
-        self.dtype = resolve_dtype(self.dtype, base_on_gpu(self.device), self.base)
+
+    @property
+    def base_dtype(self) -> str:
+        """The dtype the base loads in: --dtype, auto resolved for --device. Resolved where read, not kept: a
+        config made with dataclasses.replace(cfg, device=...) resolves auto for its own device."""
+        return resolve_dtype(self.dtype, base_on_gpu(self.device), self.base)
+
+    def recorded_options(self) -> dict:
+        """Every option as config.json, a checkpoint, a sweep point and an experiment's kept results record it:
+        --dtype as the dtype the base loads in, so a resume compares that, not the spelling (a run started with
+        --dtype float32, the default before auto, resumes with auto wherever auto loads float32: on a CPU)."""
+        return {**asdict(self), "dtype": self.base_dtype}
 
 
 def base_on_gpu(device: str | None) -> bool:
@@ -158,7 +166,7 @@ def check_device(device: str | None) -> None:
     if not backend.is_available():
         raise ValueError(f"device {device!r}: {place.type} is not available (torch {torch.__version__}); "
                          "leave --device out, or use cpu")
-    problem = cuda_device_problem(place)  # a GPU this machine lacks: named as every command names them
+    problem = device_problem(place)  # a GPU, XPU or MPS device this machine lacks: named as every command does
     if problem:
         raise ValueError(f"device {device!r}: {problem}")
     count = getattr(backend, "device_count", None)
@@ -236,7 +244,7 @@ def load_models(cfg: GTOConfig, reuse: Models | None = None) -> Models:
                          f"{head_path}: M0 must share M's draft vocabulary")
     if reuse is None:
         # load_base refuses a head given as the base
-        base = load_base(base_path, dtype=getattr(torch, cfg.dtype)).to(resolve_device(cfg))
+        base = load_base(base_path, dtype=getattr(torch, cfg.base_dtype)).to(resolve_device(cfg))
         base.eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(base_path)
     else:
@@ -514,7 +522,7 @@ def train(cfg: GTOConfig, models: Models | None = None, streams: tuple[TokenStre
     share.wait()  # (and only once every process has checked that --out holds no earlier run)
     if share.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(cfg.recorded_options(), indent=2) + "\n")
     params = [p for p in models.head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     generators = {"data": data_gen, "groups": group_gen}
