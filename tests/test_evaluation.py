@@ -279,6 +279,17 @@ def test_speedup_is_the_ratio_of_mean_tokens_per_second(tmp_path):
     assert everything["speedup_total"] == pytest.approx(9.1)
 
 
+def test_answers_that_end_at_their_prefill_have_no_tau_per_round(tmp_path, monkeypatch, capsys):
+    """Answers of one token a turn (--max-new-tokens 1) record only each turn's prefill step: there is no draft
+    round to divide their tokens by, and the table says "-"."""
+    monkeypatch.setattr(speed, "plot", lambda summary, out_dir: [])
+    ea = write(tmp_path / "ea.jsonl", [answer(1, "code", [1], [0.1], [0], [[1]])])
+    base = write(tmp_path / "base.jsonl", [answer(1, "code", [1], [0.2], [0])])
+    summary = speed.main(["--ea-file", ea, "--baseline-file", base])
+    assert summary["groups"]["all"]["tau_per_round"] is None and summary["acceptance_per_position"] == {}
+    assert capsys.readouterr().out.splitlines()[2].endswith("-")
+
+
 def test_speed_refuses_files_of_the_other_mode(tmp_path):
     ea_record = dict(answer(1, "c", [12], [1.0], [3]), mode="ea")
     base_record = dict(answer(1, "c", [12], [4.0], [11]), mode="baseline")

@@ -68,3 +68,20 @@ def test_windows_syncs_each_file_through_a_descriptor_open_for_writing(tmp_path,
     files.sync_files(tmp_path)
     assert synced == [7, 5]
     assert (tmp_path / "model.safetensors").read_bytes() == b"w" * 7  # (opened for writing, not rewritten)
+
+
+def test_every_folder_opened_to_be_synced_is_closed_again(tmp_path, monkeypatch):
+    """A checkpoint syncs each of its folders and every answer sort its folder: a descriptor left open each time
+    (also where the sync fails) would run a long run out of them."""
+    opened, closed = [], []
+    real_open, real_close = os.open, os.close
+    monkeypatch.setattr(os, "open", lambda *args, **kwargs: opened.append(real_open(*args, **kwargs)) or opened[-1])
+    monkeypatch.setattr(os, "close", lambda descriptor: closed.append(descriptor) or real_close(descriptor))
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "state.pt").write_bytes(b"s")
+    files.sync_files(tmp_path)
+    files.write_atomically(tmp_path / "progress.json", "{}\n")
+    monkeypatch.setattr(os, "fsync", refusing_folder_syncs(errno.EIO, []))
+    with pytest.raises(OSError):
+        files.sync_folder(tmp_path)
+    assert len(opened) == 4 and sorted(closed) == sorted(opened)

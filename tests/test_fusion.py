@@ -179,6 +179,15 @@ def test_gradients_reach_the_fused_weights():
     torch.testing.assert_close(parent.gate_up_proj.weight.grad, expected)
 
 
+def test_a_frozen_group_stays_frozen():
+    """The fused weights took requires_grad from nothing: a frozen pair came out trainable."""
+    parent = nn.Module()
+    parent.gate_proj, parent.up_proj = nn.Linear(8, 5), nn.Linear(8, 5)
+    parent.requires_grad_(False)
+    assert fuse_sibling_linears(parent) == 1
+    assert not any(p.requires_grad for p in parent.parameters())
+
+
 def test_what_is_not_fused():
     """Linears it cannot stand in for stay as they are: a subclass (e.g. a
     quantized linear), one with hooks (accelerate's offload, a user's), a

@@ -887,6 +887,17 @@ def test_a_validation_split_shorter_than_a_window_is_refused(pair, monkeypatch):
     assert (len(train_stream), len(val_stream)) == (96, 48)
 
 
+def test_windows_are_drawn_up_to_the_end_of_the_stream():
+    """The last window of a stream (or the one at its last sample start) must be drawn too: a stream of exactly
+    one window has no other."""
+    drawn = torch.Generator().manual_seed(0)
+    anywhere = TokenStream(torch.arange(6), torch.ones(6, dtype=torch.long))
+    assert set(anywhere.windows(32, 4, drawn)[0][:, 0].tolist()) == {0, 1, 2}
+    assert anywhere.windows(2, 6, drawn)[0].tolist() == [list(range(6))] * 2
+    at_samples = from_samples([Sample([0, 1], [1, 1]), Sample([2, 3, 4, 5], [1] * 4)], aligned=True)
+    assert set(at_samples.windows(32, 4, drawn)[0][:, 0].tolist()) == {0, 2}
+
+
 def test_fewer_validation_windows_than_asked_are_announced(pair, monkeypatch):
     """Generated validation continuations that end early at </s> are shorter:
     windows start at continuations, so the last ones may not fit a window."""
@@ -1777,6 +1788,9 @@ def test_a_generated_stream_carries_a_digest_of_its_prompts_not_of_the_continuat
         return generated_stream(None, Characters(), files, 4, 8, 5, seed)
 
     first = generated()
+    # each sample is its prompt, then its continuation, all of it trained
+    assert first.starts.tolist() == [0, 13, 26, 39] and bool(first.loss_mask.all())
+    assert first.ids.view(4, 13)[:, 8:].eq(1).all()
     shift[0] = 2
     continued = generated()
     assert first.prompts == continued.prompts and not torch.equal(first.ids, continued.ids)

@@ -221,6 +221,8 @@ def test_a_greedy_continuation_keeps_the_stop_token_it_ends_with():
 
     assert greedy_continue(Scripted(), [[1, 3], [4, 4]], 4, {2}) == [[5, 2], [5, 2]]
     assert greedy_continue(Scripted(), [[1, 3]], 4, {9}) == [[5, 2, 7, 7]]
+    # (batches of at most batch_size prompts: each is answered)
+    assert greedy_continue(Scripted(), [[1, 3], [4, 4], [6, 6]], 4, {2}, batch_size=2) == [[5, 2]] * 3
 
 
 def test_gto_jsonl_conversations_get_the_system_prompt_given(tokenizer, tmp_path):
