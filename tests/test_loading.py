@@ -273,20 +273,20 @@ def test_device_map_naming_gpus_the_machine_has(two_gpus):
 def test_a_plain_gpu_index_on_a_cuda_machine_is_checked_as_a_cuda_gpu(two_gpus, monkeypatch):
     """Where CUDA is the machine's accelerator (torch.accelerator has one there too), a device map's plain index
     is a CUDA GPU: one the machine lacks is refused before anything loads, not passed on as an XPU's or MPS's."""
-    from eagle_gto.devices import cuda_device_problem
+    from eagle_gto.devices import device_problem
 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-    assert cuda_device_problem(2) == f"there is no GPU 2 here; {two_gpus}"
-    assert cuda_device_problem(1) is None
+    assert device_problem(2) == f"there is no GPU 2 here; {two_gpus}"
+    assert device_problem(1) is None
 
 
 def test_a_gpu_the_machine_lacks_is_refused_naming_its_only_gpu(monkeypatch):
-    from eagle_gto.devices import cuda_device_problem
+    from eagle_gto.devices import device_problem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"Stand-in GPU {index}")
-    assert cuda_device_problem("cuda:1") == "there is no GPU 1 here; there is one: cuda:0 (Stand-in GPU 0)"
+    assert device_problem("cuda:1") == "there is no GPU 1 here; there is one: cuda:0 (Stand-in GPU 0)"
 
 
 def test_quantization_given_twice_is_refused_before_anything_loads():
