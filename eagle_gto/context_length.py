@@ -31,7 +31,8 @@ def default_max_length(config) -> int:
 def base_context(base_model_path: str | None) -> int | None:
     """default_max_length of a base model from its config.json alone, before its weights load (None: the demo
     base), read through the config class transformers builds for it, as the loaded model's is. None where
-    transformers has no class for its model_type (custom code): its context is known once it loads."""
+    transformers has no class for its model_type (custom code), or refuses its values: its context is known, or
+    the load says what is wrong, once it loads."""
     from transformers import AutoConfig
 
     from .loading import read_base_config
@@ -45,9 +46,20 @@ def base_context(base_model_path: str | None) -> int | None:
         return None
     try:
         built = AutoConfig.for_model(**config)
-    except ValueError:  # a model_type transformers does not know
+    except Exception:  # a model_type transformers does not know, or values it refuses: the load says which
         return None
-    return default_max_length(built)
+    return default_max_length(causal_lm_config(built))
+
+
+def causal_lm_config(config):
+    """The config a base loaded by AutoModelForCausalLM has: a multimodal model's text_config where its causal LM
+    class is the text model alone (Llama-4, Qwen3.5: their max_position_embeddings are in text_config)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if getattr(model_class, "config_class", type(config)) is type(config):
+        return config
+    return config.get_text_config()
 
 
 def check_max_length(target: TargetRunner, max_length: int, speculative: bool = True) -> None:

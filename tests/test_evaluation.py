@@ -727,6 +727,37 @@ def test_the_context_before_the_load_is_read_as_transformers_reads_the_config(tm
     assert base_context(None) == 2048  # the demo base
 
 
+def test_the_context_before_the_load_of_a_multimodal_base_is_its_text_models(tmp_path):
+    """Llama-4's and Qwen3.5's config.json nest the text model's context in text_config, and AutoModelForCausalLM
+    loads that text model alone, with that config: the check before the load read the outer config, which has no
+    context, so 2048 where the loaded base has 1024 (the refusal came only after the load)."""
+    from eagle_gto.context_length import base_context
+
+    for model_type in ("llama4", "qwen3_5"):
+        (tmp_path / model_type).mkdir()
+        config = {"model_type": model_type, "text_config": {"max_position_embeddings": 1024}}
+        (tmp_path / model_type / "config.json").write_text(json.dumps(config))
+        assert base_context(str(tmp_path / model_type)) == 1024
+
+
+def test_a_config_transformers_refuses_is_reported_by_the_load(tmp_path, monkeypatch, capsys):
+    """A config.json value transformers' config class refuses (hidden_size "64") raised its validation error,
+    a traceback, from the context check before the load; the load says it in one line, as before that check."""
+    from eagle_gto.context_length import base_context
+
+    def load_model(args):
+        raise ValueError("the load's own refusal")
+
+    monkeypatch.setattr(gen_answer, "load_model", load_model)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "64"}))
+    assert base_context(str(tmp_path / "base")) is None
+    questions = write(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["Q"]}])
+    run = ["--question-file", questions, "--answer-file", str(tmp_path / "a.jsonl"), "--device", "cpu",
+           "--base-model-path", str(tmp_path / "base"), "--ea-model-path", "head", "--model-type", "plain"]
+    assert cli_error(gen_answer.cli, run, capsys) == (2, "error: the load's own refusal")
+
+
 def test_a_context_the_loaded_model_leaves_no_room_in_is_refused():
     """The refusal before the load reads config.json; the one after it (a tree picked by timing, or a config
     transformers has no class for) reads the loaded base's context, with the same words."""
