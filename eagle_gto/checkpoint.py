@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .heads import EAGLE3_SWITCHES, HEAD_CLASSES, DraftHead, HeadConfig, config_section
+from .head_config import EAGLE3_SWITCHES, HeadConfig, config_section
+from .heads import HEAD_CLASSES, DraftHead
 from .model_files import CheckpointError, expand_path, not_weights, read_config, resolve_file, short_list
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .heads import HEAD_CLASSES, DraftHead, HeadConfig
+from .head_config import HeadConfig
+from .heads import HEAD_CLASSES, DraftHead
 from .vocab import build_vocab_mapping
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral")

@@ -24,7 +24,7 @@ from eagle_gto.demo import demo_paths, measure
 from eagle_gto.drafter import Drafter
 from eagle_gto.gto import __main__ as gto_cli
 from eagle_gto.gto import checkpoints as gto_checkpoints
-from eagle_gto.gto import experiment
+from eagle_gto.gto import experiment, sweep
 from eagle_gto.gto import trainer as gto_trainer
 from eagle_gto.gto.__main__ import config_from, config_parser
 from eagle_gto.gto.checkpoints import Checkpointing, load_checkpoint, run_options
@@ -754,13 +754,14 @@ def test_a_diverged_run_stops_before_the_update_and_exports_no_head(pair, tmp_pa
 
 
 def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
-    """experiment.py's models, data, training and tau measurement replaced by stubs that record their calls; the
-    training stub writes what train() writes (config.json first, the head and summary.json at the end);
-    `summary(cfg)` gives its summary. No HumanEval file by default."""
+    """experiment.py's and sweep.py's models, data, training and tau measurement replaced by stubs that record
+    their calls; the training stub writes what train() writes (config.json first, the head and summary.json at the
+    end); `summary(cfg)` gives its summary. No HumanEval file by default."""
     head = SimpleNamespace(config=SimpleNamespace(draft_vocab_size=64))
     models = SimpleNamespace(base=SimpleNamespace(name_or_path="base"), tokenizer=None, head=head)
-    monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse=None: models)
-    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: None)
+    for module in (experiment, sweep):
+        monkeypatch.setattr(module, "load_models", lambda cfg, reuse=None: models)
+        monkeypatch.setattr(module, "load_streams", lambda cfg, models: None)
     monkeypatch.setattr(experiment, "prompt_sets", lambda tokenizer, humaneval, limit: {"heldout": [[1, 2]] * limit})
     monkeypatch.setattr(measure, "DEFAULT_HUMANEVAL", Path("/nonexistent/humaneval/question.jsonl"))
 
@@ -779,19 +780,20 @@ def fake_experiment(monkeypatch, evaluated: list, trained: list, summary=None):
         return result
 
     monkeypatch.setattr(experiment, "evaluate", evaluate)
-    monkeypatch.setattr(experiment, "train", train)
+    for module in (experiment, sweep):
+        monkeypatch.setattr(module, "train", train)
 
 
 def test_sweep_parses_boolean_grid_values(tmp_path, monkeypatch):
     trained = []
     fake_experiment(monkeypatch, [], trained)
-    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "debias=False,TRUE", "omega=1"])
+    sweep.main(["--out", str(tmp_path / "a"), "--grid", "debias=False,TRUE", "omega=1"])
     assert [(cfg.debias, cfg.omega) for cfg in trained] == [(False, 1.0), (True, 1.0)]  # bool("False") is True
     trained.clear()
-    experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "debias=0,1"])
+    sweep.main(["--out", str(tmp_path / "b"), "--grid", "debias=0,1"])
     assert [cfg.debias for cfg in trained] == [False, True]
     with pytest.raises(SystemExit, match="--grid 'debias=yes': expected true, false, 1 or 0, got 'yes'"):
-        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "debias=yes"])
+        sweep.main(["--out", str(tmp_path / "c"), "--grid", "debias=yes"])
 
 
 def test_experiment_reuses_only_results_made_with_the_same_settings(tmp_path, monkeypatch):
@@ -943,8 +945,8 @@ def test_experiment_and_sweep_refuse_several_processes_once_before_anything_load
     def load_models(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(gto_cli, "load_models", load_models)
-    monkeypatch.setattr(experiment, "load_models", load_models)
+    for module in (gto_cli, experiment, sweep):
+        monkeypatch.setattr(module, "load_models", load_models)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match=rf"python -m eagle_gto.gto {command[0]}: 2 processes \(WORLD_SIZE\): "
@@ -1109,14 +1111,14 @@ def test_an_error_of_one_process_alone_during_fine_tuning_is_said_once_and_stops
 def test_sweep_points_get_their_own_data_and_cannot_vary_the_base(tmp_path, monkeypatch):
     trained, loaded = [], []
     fake_experiment(monkeypatch, [], trained)
-    monkeypatch.setattr(experiment, "load_streams", lambda cfg, models: loaded.append(cfg.generated) or cfg)
-    experiment.sweep_main(["--out", str(tmp_path / "a"), "--grid", "generated=8,16", "omega=1,3"])
+    monkeypatch.setattr(sweep, "load_streams", lambda cfg, models: loaded.append(cfg.generated) or cfg)
+    sweep.main(["--out", str(tmp_path / "a"), "--grid", "generated=8,16", "omega=1,3"])
     assert loaded == [8, 16]  # one stream per data setting, shared by the omega values
     assert [(cfg.generated, cfg.omega) for cfg in trained] == [(8, 1.0), (8, 3.0), (16, 1.0), (16, 3.0)]
     with pytest.raises(SystemExit, match="--grid 'dtype=float32,bfloat16': the base model is loaded once"):
-        experiment.sweep_main(["--out", str(tmp_path / "b"), "--grid", "dtype=float32,bfloat16"])
+        sweep.main(["--out", str(tmp_path / "b"), "--grid", "dtype=float32,bfloat16"])
     with pytest.raises(SystemExit, match="generated must be >= 1, got 0"):  # every point is checked first
-        experiment.sweep_main(["--out", str(tmp_path / "c"), "--grid", "generated=2,0"])
+        sweep.main(["--out", str(tmp_path / "c"), "--grid", "generated=2,0"])
     assert len(trained) == 4
 
 
@@ -1216,7 +1218,7 @@ def test_sweep_control_trains_like_the_points_it_is_compared_with(tmp_path, monk
     fake_experiment(monkeypatch, [], trained, summary=lambda cfg: {
         "val_tau_start": 1.0, "val_tau_end": 1 + cfg.lr * 1000 + cfg.ttt_steps / 100 + cfg.omega / 1e4,
         "val_reward_end": 0.5})
-    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,3e-4", "omega=1,4", "ttt_steps=3",
+    sweep.main(["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,3e-4", "omega=1,4", "ttt_steps=3",
                            "steps=5", "--control"])
     controls = [cfg for cfg in trained if cfg.objective == "token"]
     assert [(cfg.lr, cfg.ttt_steps, cfg.steps) for cfg in controls] == [(1e-4, 3, 5), (3e-4, 3, 5)]
@@ -1226,7 +1228,7 @@ def test_sweep_control_trains_like_the_points_it_is_compared_with(tmp_path, monk
         assert row["control_val_tau_end"] == pytest.approx(1 + row["lr"] * 1000 + 0.03 + 2 / 1e4)
     assert "control val tau end" in (tmp_path / "s" / "sweep.md").read_text()
     with pytest.raises(SystemExit, match="--control adds the token-only runs itself"):
-        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "objective=gto,token", "--control"])
+        sweep.main(["--out", str(tmp_path / "t"), "--grid", "objective=gto,token", "--control"])
 
 
 def test_validation_windows_do_not_depend_on_the_seed(monkeypatch):
@@ -1250,7 +1252,7 @@ def test_sweep_refuses_grids_over_the_validation_windows(monkeypatch, tmp_path):
     fake_experiment(monkeypatch, [], [])
     for option in ("window_length=96", "eval_windows=4,8", "data=stdlib", "validation_every=5", "new_tokens=64"):
         with pytest.raises(SystemExit, match="change the validation windows, so points would be ranked on different"):
-            experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", option])
+            sweep.main(["--out", str(tmp_path / "s"), "--grid", option])
 
 
 def test_sweep_checks_every_point_before_the_first_trains(pair, tmp_path, monkeypatch):
@@ -1260,20 +1262,20 @@ def test_sweep_checks_every_point_before_the_first_trains(pair, tmp_path, monkey
     fake_experiment(monkeypatch, [], trained)
     export_head(pair.ea_layer, tmp_path / "head", "float32")
     reuse = Models(pair.base_model, None, None, None, None)
-    monkeypatch.setattr(experiment, "load_models", lambda cfg, reuse_=None: load_models(cfg, reuse))
+    monkeypatch.setattr(sweep, "load_models", lambda cfg, reuse_=None: load_models(cfg, reuse))
     head = ["--head", str(tmp_path / "head"), "--total-token", "24", "--depth", "5", "--top-k", "4"]
     with pytest.raises(SystemExit, match="top_k=65 is larger than the draft head's vocabulary"):
-        experiment.sweep_main(["--out", str(tmp_path / "a"), *head, "--grid", "top_k=4,65"])
+        sweep.main(["--out", str(tmp_path / "a"), *head, "--grid", "top_k=4,65"])
     with pytest.raises(SystemExit, match="export_dtype must be one of float32, float16, bfloat16, got 'float8'"):
-        experiment.sweep_main(["--out", str(tmp_path / "b"), *head, "--grid", "export_dtype=float16,float8"])
+        sweep.main(["--out", str(tmp_path / "b"), *head, "--grid", "export_dtype=float16,float8"])
 
     def load_streams(cfg, models):
         if cfg.generated < 16:
             raise ValueError(f"the training data has {cfg.generated} tokens")
 
-    monkeypatch.setattr(experiment, "load_streams", load_streams)
+    monkeypatch.setattr(sweep, "load_streams", load_streams)
     with pytest.raises(SystemExit, match="the training data has 8 tokens"):
-        experiment.sweep_main(["--out", str(tmp_path / "c"), *head, "--grid", "generated=32,8"])
+        sweep.main(["--out", str(tmp_path / "c"), *head, "--grid", "generated=32,8"])
     assert not trained
 
 
@@ -1288,13 +1290,13 @@ def test_sweep_resumes_after_a_failure_and_never_overwrites_results(tmp_path, mo
     fake_experiment(monkeypatch, [], trained, summary)
     command = ["--out", str(tmp_path / "s"), "--grid", "omega=1,4", "--steps", "3"]
     with pytest.raises(RuntimeError):
-        experiment.sweep_main(command)
+        sweep.main(command)
     with pytest.raises(SystemExit, match=r"omega1.0 holds a run with other options \(steps \(3 then, 5 now\)\): rerun "
                                          "the sweep with them, or choose another --out"):
-        experiment.sweep_main(command[:-1] + ["5"])  # other settings: refused, naming them, not overwritten
+        sweep.main(command[:-1] + ["5"])  # other settings: refused, naming them, not overwritten
     made = tmp_path / "s" / "omega1.0" / "config.json"  # as a run made before the option --system existed
     made.write_text(json.dumps({k: v for k, v in json.loads(made.read_text()).items() if k != "system"}))
-    experiment.sweep_main(command)  # resumes: the finished point is kept, the failed one trains again
+    sweep.main(command)  # resumes: the finished point is kept, the failed one trains again
     assert [(Path(cfg.out).name) for cfg in trained] == ["omega1.0", "omega4.0", "omega4.0"]
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]) == 2
 
@@ -1305,14 +1307,14 @@ def test_a_sweep_made_before_dtype_auto_names_the_dtype_it_needs_on_a_gpu(tmp_pa
     trained = []
     fake_experiment(monkeypatch, [], trained)
     command = ["--out", str(tmp_path / "s"), "--grid", "omega=1", "--steps", "3"]
-    experiment.sweep_main([*command, "--dtype", "float32"])
+    sweep.main([*command, "--dtype", "float32"])
     (tmp_path / "s" / "sweep.json").unlink()  # (as if stopped before its table)
     (tmp_path / "s" / "sweep.md").unlink()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit, match=r"omega1.0 holds a run with other options \(dtype \('float32' then, "
                                          r"'float16' now\)\)"):
-        experiment.sweep_main(command)
-    experiment.sweep_main([*command, "--dtype", "float32"])
+        sweep.main(command)
+    sweep.main([*command, "--dtype", "float32"])
     assert len(trained) == 1
 
 
@@ -1329,7 +1331,7 @@ def test_a_sweep_point_that_diverges_is_a_row_of_its_own_and_the_others_train(tm
 
     fake_experiment(monkeypatch, [], trained, summary)
     command = ["--out", str(tmp_path / "s"), "--grid", "lr=1e-4,1,3e-4", "--control"]
-    experiment.sweep_main(command)
+    sweep.main(command)
     assert [cfg.lr for cfg in trained] == [1e-4, 1.0, 3e-4, 1e-4, 1.0, 3e-4]  # (each lr's control too)
     table = (tmp_path / "s" / "sweep.md").read_text().splitlines()
     assert table[2] == "| 0.0001 | gto | 1.000 | 1.500 | 0.500 | 1.500 |"
@@ -1343,11 +1345,11 @@ def test_sweep_refuses_points_that_share_a_folder_and_an_out_with_a_finished_swe
     trained = []
     fake_experiment(monkeypatch, [], trained)
     with pytest.raises(SystemExit, match=r"--grid gives several points the same settings \(lr0.0001\)"):
-        experiment.sweep_main(["--out", str(tmp_path / "t"), "--grid", "lr=1e-4,0.0001"])
+        sweep.main(["--out", str(tmp_path / "t"), "--grid", "lr=1e-4,0.0001"])
     assert not trained
-    experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=1"])
+    sweep.main(["--out", str(tmp_path / "s"), "--grid", "omega=1"])
     with pytest.raises(SystemExit, match=r"s already holds the output of an earlier run \(sweep.json, sweep.md\)"):
-        experiment.sweep_main(["--out", str(tmp_path / "s"), "--grid", "omega=2"])  # would replace its table
+        sweep.main(["--out", str(tmp_path / "s"), "--grid", "omega=2"])  # would replace its table
     assert len(trained) == 1
 
 
@@ -1601,7 +1603,7 @@ def test_dtype_auto_is_resolved_for_the_device_of_a_replaced_config(tmp_path, mo
     assert dataclasses.replace(on_cpu, device="cuda").base_dtype == "float16"
     assert dataclasses.replace(on_cpu, dtype="bfloat16").base_dtype == "bfloat16"
     assert on_cpu.recorded_options()["dtype"] == run_options(on_cpu, 1)["dtype"] == "float32"
-    assert experiment.control_of(on_gpu) != experiment.control_of(on_cpu)
+    assert sweep.control_of(on_gpu) != sweep.control_of(on_cpu)
 
 
 def test_a_fresh_run_over_a_run_stopped_before_its_first_checkpoint_says_to_pass_resume(tmp_path, monkeypatch):

@@ -316,7 +316,7 @@ def test_rotary_frequencies_stay_float32_in_a_half_precision_head():
                          "original_max_position_embeddings": 8192, "rope_theta": 500000.0}},
 ], ids=["top-level", "in-rope_scaling", "rope_parameters"])
 def test_rope_theta_is_read_where_each_writer_puts_it(written):
-    from eagle_gto.heads import HeadConfig
+    from eagle_gto.head_config import HeadConfig
 
     cfg = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 96,
            "draft_vocab_size": 64, **written}
@@ -327,7 +327,8 @@ def test_rope_theta_is_read_where_each_writer_puts_it(written):
 def test_config_fields_read_where_configs_put_them_and_defaulted_as_llama():
     """transformers 5 writes rope_theta under rope_parameters; head_dim need not be hidden / heads (Gemma);
     an absent rms_norm_eps is Llama's 1e-6; llama3 RoPE scaling without its optional numbers is Llama-3.1's."""
-    from eagle_gto.heads import Eagle3Head, HeadConfig, rope_inverse_frequencies
+    from eagle_gto.head_config import HeadConfig
+    from eagle_gto.heads import Eagle3Head, rope_inverse_frequencies
 
     plain = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB)
     cfg = HeadConfig.from_dict({**plain, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},

@@ -11,8 +11,8 @@
   L = L_token + omega * L_GTO, validation, logging and export;
 - checkpoints.py: what a checkpoint holds so that `--resume` continues a
   run as if it had never stopped, and the options a resumed run must share;
-- experiment.py: GTO vs continued token-level training with ablations, and
-  the option sweep;
+- experiment.py: GTO vs continued token-level training with ablations;
+- sweep.py: the option sweep, a grid of runs ranked on the validation slice;
 - __main__.py: `python -m eagle_gto.gto [experiment|sweep] ...`.
 """
 

@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] in (["experiment"], ["sweep"]):
         with said_once(), input_errors(f" {argv[0]}"):
             check_one_process(argv[0])
-        from . import experiment
+        from . import experiment, sweep
 
-        return (experiment.main if argv[0] == "experiment" else experiment.sweep_main)(argv[1:])
+        return (experiment if argv[0] == "experiment" else sweep).main(argv[1:])
     parser = config_parser("GTO fine-tuning of an EAGLE-3 draft head (Phase II).")
     checkpoint_options(parser)
     parser.usage = "%(prog)s [experiment | sweep] [options]"

@@ -26,7 +26,7 @@ import torch
 from ..chat import MODEL_TYPES, eos_ids, model_type_arg
 from ..cli_help import show_defaults
 from ..dtype_option import pick_dtype
-from ..heads import HeadConfig
+from ..head_config import HeadConfig
 from .checkpoints import interrupted
 from .config import DTYPES, TrainConfig
 from .data import Sample, check_prompts, read_numbered_records, regenerate, to_samples

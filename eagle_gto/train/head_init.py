@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-from ..heads import ROPE_TYPES, Eagle3Head, HeadConfig, rope_type
+from ..head_config import ROPE_TYPES, HeadConfig, rope_type
+from ..heads import Eagle3Head
 from ..vocab import build_vocab_mapping
 
 
